@@ -41,7 +41,9 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     files = []
     for path in root.rglob("*.py"):
         parts = path.relative_to(root).parts
-        if any(p in _EXCLUDED_PARTS or p.startswith("test") for p in parts[:-1]) or parts[-1].startswith("test"):
+        if any(p in _EXCLUDED_PARTS or p.startswith("test") for p in parts[:-1]) or parts[-1].startswith(
+            "test"
+        ):
             continue
         files.append(path)
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
@@ -60,7 +62,9 @@ def load_text_corpus(files: list[Path]) -> Corpus:
     for i, path in enumerate(files):
         data = path.read_bytes()
         digest.update(data)
-        is_validation = i % VALIDATION_EVERY == VALIDATION_EVERY - 1 or (len(files) < VALIDATION_EVERY and i == 0)
+        is_validation = i % VALIDATION_EVERY == VALIDATION_EVERY - 1 or (
+            len(files) < VALIDATION_EVERY and i == 0
+        )
         (val_parts if is_validation else train_parts).append(data)
     train = np.frombuffer(b"".join(train_parts), dtype=np.uint8)
     validation = np.frombuffer(b"".join(val_parts), dtype=np.uint8)
@@ -110,7 +114,9 @@ class BatchSampler:
         return windows[:, :-1], windows[:, 1:]
 
 
-def fixed_windows(data: np.ndarray, block_size: int, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_windows(
+    data: np.ndarray, block_size: int, count: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The same `count` evaluation windows on every peer: eval losses compare across the run."""
     sampler = BatchSampler(data, block_size, count, seed)
     return sampler.next()

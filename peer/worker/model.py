@@ -83,7 +83,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd)
         self.apply(self._init_weights)
-        # GPT-2's scaled init of the residual projections keeps the residual stream's variance flat with depth.
+        # GPT-2's scaled init of residual projections keeps the residual variance flat with depth.
         for name, param in self.named_parameters():
             if name.endswith(("proj.weight", "down.weight")):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -93,7 +93,9 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         positions = torch.arange(idx.shape[1], device=idx.device)
         x = self.token_embedding(idx) + self.position_embedding(positions)
         for block in self.blocks:

@@ -1,0 +1,103 @@
+"""The round protocol's rules, without I/O: who may swap with us in which round, and what we answer.
+
+Each round, the peer with the smaller id of a pair is the initiator: it sends an OFFER (round, its
+payload) and the responder answers with its own payload or a REFUSE with a reason. The responder may
+receive the offer before its own payload is ready; it holds it (the shell waits, under a deadline).
+A waiting responder asks its partner for a STATUS now and then, to stop waiting early when the
+partner is gone, has moved past the round, or paired with someone else.
+
+A round's exchange completes at most once: the first validated payload from the right partner wins,
+everything else for that round is refused. Nothing here touches weights: the shell hands a complete,
+validated payload to the worker, or nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+# Offers for rounds further ahead than this are refused: a peer that far ahead is not in step with us,
+# and holding them would let one peer pin our memory with payloads for rounds we may never reach.
+MAX_ROUNDS_AHEAD = 2
+
+
+class Verdict(enum.Enum):
+    HOLD = "hold"  # not ready for that round yet: wait, then ask again
+    ACCEPT = "accept"  # answer with our payload
+    REFUSE = "refuse"
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    reason: str = ""
+
+
+@dataclass
+class RoundSlot:
+    number: int
+    partner: str | None
+    payload: bytes
+    done: bool = False
+
+
+@dataclass
+class SwapBook:
+    """Per-peer state of the round protocol: the rounds we are ready for and those already swapped."""
+
+    peer_id: str
+    current: RoundSlot | None = None
+    last_finished: int = 0
+    completed: set[int] = field(default_factory=set)
+
+    def ready(self, number: int, partner: str | None, payload: bytes) -> None:
+        """Our payload for round `number` exists and our view of the run named `partner`."""
+        self.current = RoundSlot(number, partner, payload)
+
+    def finish(self, number: int) -> None:
+        self.last_finished = max(self.last_finished, number)
+        self.completed.discard(number)
+        if self.current and self.current.number == number:
+            self.current = None
+
+    def on_offer(self, sender: str, number: int) -> Decision:
+        if number <= self.last_finished:
+            return Decision(Verdict.REFUSE, f"round {number} is over here (at round {self.last_finished + 1})")
+        if self.current is None or self.current.number < number:
+            if number > self.last_finished + 1 + MAX_ROUNDS_AHEAD:
+                return Decision(Verdict.REFUSE, f"round {number} is too far ahead of {self.last_finished + 1}")
+            return Decision(Verdict.HOLD)
+        if self.current.number > number:
+            return Decision(Verdict.REFUSE, f"round {number} is over here")
+        if self.current.partner != sender:
+            return Decision(Verdict.REFUSE, f"my partner in round {number} is {self.current.partner}")
+        if number in self.completed:
+            return Decision(Verdict.REFUSE, f"round {number} was already swapped")
+        return Decision(Verdict.ACCEPT)
+
+    def complete(self, number: int) -> bool:
+        """Marks round `number` swapped; False if it already was (a second payload is never used)."""
+        if number in self.completed:
+            return False
+        self.completed.add(number)
+        return True
+
+    def status(self, number: int) -> dict:
+        """What a partner waiting for us in round `number` needs to know."""
+        ready = self.current is not None and self.current.number == number
+        return {
+            "round": self.current.number if self.current else self.last_finished + 1,
+            "finished": self.last_finished,
+            "partner": self.current.partner if ready else None,
+            "ready": ready,
+        }
+
+
+def should_stop_waiting(status: dict, me: str, number: int) -> str | None:
+    """Given a partner's STATUS while we wait for its offer in round `number`: a reason to give up, or None."""
+    finished = status.get("finished")
+    if isinstance(finished, int) and finished >= number:
+        return f"partner already finished round {number}"
+    if status.get("ready") and status.get("round") == number and status.get("partner") != me:
+        return f"partner paired with {status.get('partner')} in round {number}"
+    return None

@@ -1,0 +1,164 @@
+"""Daemon <-> worker plumbing: a control channel of framed msgpack, and shared memory for payloads.
+
+The worker owns the model; the daemon owns the network. Control messages (a few hundred bytes) travel
+over the worker's stdin/stdout pipes with the same framing as the wire protocols. Payloads (up to the
+model's size) never go through a pipe: the worker writes its payload into one shared-memory segment
+and reads its partner's from another, and the control message only says how many bytes are there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from multiprocessing import resource_tracker, shared_memory
+from typing import Any, BinaryIO
+
+from transport.messages import (
+    LENGTH_PREFIX,
+    MessageError,
+    check_length,
+    decode_body,
+    encode_message,
+    read_message,
+    write_message,
+)
+
+MAX_CONTROL_BYTES = 1 << 16  # control messages carry numbers and names only
+
+
+class SharedBuffer:
+    """A named shared-memory segment of fixed capacity; the creator unlinks it."""
+
+    def __init__(self, segment: shared_memory.SharedMemory, owner: bool):
+        self.segment = segment
+        self.owner = owner
+
+    @classmethod
+    def create(cls, capacity: int) -> SharedBuffer:
+        return cls(shared_memory.SharedMemory(create=True, size=max(capacity, 1)), owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> SharedBuffer:
+        segment = shared_memory.SharedMemory(name=name)
+        # Python 3.11 registers attached segments with this process's resource tracker, which would
+        # unlink the creator's segment when we exit; only the creator may do that.
+        resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
+        return cls(segment, owner=False)
+
+    @property
+    def name(self) -> str:
+        return self.segment.name
+
+    @property
+    def capacity(self) -> int:
+        return self.segment.size
+
+    def write(self, data: bytes | memoryview) -> int:
+        if len(data) > self.capacity:
+            raise ValueError(f"{len(data)} bytes do not fit the {self.capacity}-byte shared buffer")
+        self.segment.buf[: len(data)] = data
+        return len(data)
+
+    def read(self, nbytes: int) -> bytes:
+        if not 0 <= nbytes <= self.capacity:
+            raise ValueError(f"{nbytes} bytes are outside the {self.capacity}-byte shared buffer")
+        return bytes(self.segment.buf[:nbytes])
+
+    def close(self) -> None:
+        self.segment.close()
+        if self.owner:
+            with contextlib.suppress(FileNotFoundError):
+                self.segment.unlink()
+
+
+class ControlChannel:
+    """Blocking framed msgpack over two pipes; the worker's side of the control channel."""
+
+    def __init__(self, reader: BinaryIO, writer: BinaryIO):
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    def from_stdio(cls) -> ControlChannel:
+        """Takes over stdin/stdout for the protocol and points fd 1 at stderr, so that a stray print()
+        from any library cannot corrupt a frame."""
+        protocol_out = os.fdopen(os.dup(1), "wb", buffering=0)
+        os.dup2(2, 1)
+        return cls(os.fdopen(os.dup(0), "rb", buffering=0), protocol_out)
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.writer.write(encode_message(message))
+
+    def receive(self) -> dict[str, Any] | None:
+        """The next message, or None when the daemon closed the channel."""
+        prefix = self._read_exactly(LENGTH_PREFIX.size)
+        if prefix is None:
+            return None
+        (length,) = LENGTH_PREFIX.unpack(prefix)
+        check_length(length, MAX_CONTROL_BYTES)
+        body = self._read_exactly(length)
+        if body is None:
+            raise MessageError("control channel closed in the middle of a message")
+        return decode_body(body, MAX_CONTROL_BYTES)
+
+    def _read_exactly(self, n: int) -> bytes | None:
+        chunks, remaining = [], n
+        while remaining:
+            chunk = self.reader.read(remaining)
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+
+class WorkerProcess:
+    """The daemon's handle on its training worker: an asyncio subprocess running `python -m peer.worker`."""
+
+    def __init__(self, process: asyncio.subprocess.Process):
+        self.process = process
+        self.outbound: SharedBuffer | None = None  # the worker writes its payloads here
+        self.inbound: SharedBuffer | None = None  # we write the partner's payload here
+
+    @classmethod
+    async def start(cls) -> WorkerProcess:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "peer.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        return cls(process)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        await write_message(self.process.stdin, message)
+
+    async def receive(self) -> dict[str, Any] | None:
+        """The worker's next message, or None when it exited or closed its side."""
+        assert self.process.stdout is not None
+        try:
+            return await read_message(self.process.stdout, MAX_CONTROL_BYTES)
+        except asyncio.IncompleteReadError:
+            return None
+
+    def attach(self, hello: dict[str, Any]) -> None:
+        self.outbound = SharedBuffer.attach(hello["outbound"])
+        self.inbound = SharedBuffer.attach(hello["inbound"])
+
+    async def stop(self, grace: float = 10.0) -> int:
+        """Closes the control channel (the worker saves and exits), then waits; kills it past `grace`."""
+        for buffer in (self.outbound, self.inbound):
+            if buffer is not None:
+                buffer.close()
+        if self.process.returncode is None and self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            async with asyncio.timeout(grace):
+                return await self.process.wait()
+        except TimeoutError:
+            self.process.kill()
+            return await self.process.wait()

@@ -1,0 +1,5 @@
+import sys
+
+from peer.worker.process import main
+
+sys.exit(main())

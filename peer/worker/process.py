@@ -1,0 +1,111 @@
+"""The training worker's main loop: a separate process that owns the model (and the GPU, when there is one).
+
+It talks to its daemon over a control channel (stdin/stdout) and passes payloads through shared memory:
+    daemon -> worker: start {settings, start_round}
+    worker -> daemon: hello {spec, shared-memory names, parameters, corpus hash}
+    worker -> daemon: eval {round, eval_loss}; progress {round, inner_step, train_loss}
+    worker -> daemon: payload {round, nbytes}         (our fast weights are in the outbound segment)
+    daemon -> worker: partner {round, nbytes} | skip {round, reason}
+    worker -> daemon: done {round}                    (after the last round; also on a closed channel)
+The worker never touches the network: whatever the daemon hands it has already been validated, and is
+validated again here before it touches the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from gossip.rounds import payload as dense
+from peer.ipc import ControlChannel, SharedBuffer
+from peer.worker.train import Trainer, TrainSettings
+
+log = logging.getLogger("peer.worker")
+PROGRESS_EVERY_S = 1.0
+
+
+def run(channel: ControlChannel) -> int:
+    start = channel.receive()
+    if start is None or start.get("type") != "start":
+        log.error("worker: expected a start message, got %r", start)
+        return 2
+    settings = TrainSettings.from_dict(start["settings"])
+    checkpoint = Path(start["checkpoint"])
+    trainer = Trainer(settings)
+    trainer.round = start.get("start_round", 0)
+    spec = trainer.spec()
+    capacity = dense.max_payload_bytes(spec)
+    outbound, inbound = SharedBuffer.create(capacity), SharedBuffer.create(capacity)
+    try:
+        channel.send(
+            {
+                "type": "hello",
+                "spec": [[name, list(shape)] for name, shape in spec],
+                "outbound": outbound.name,
+                "inbound": inbound.name,
+                "capacity": capacity,
+                "parameters": trainer.parameter_count(),
+                "corpus_sha256": trainer.corpus_sha256,
+                "shard": list(trainer.shard),
+            }
+        )
+        channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate()})
+        return _train(channel, trainer, spec, outbound, inbound, checkpoint)
+    finally:
+        outbound.close()
+        inbound.close()
+
+
+def _train(
+    channel, trainer: Trainer, spec, outbound: SharedBuffer, inbound: SharedBuffer, checkpoint: Path
+) -> int:
+    settings = trainer.settings
+    while settings.rounds is None or trainer.round < settings.rounds:
+        number = trainer.round + 1
+        losses, last_report = [], time.monotonic()
+        for _ in range(settings.inner_steps):
+            losses.append(trainer.train_step())
+            if time.monotonic() - last_report > PROGRESS_EVERY_S:
+                last_report = time.monotonic()
+                channel.send(
+                    {
+                        "type": "progress",
+                        "round": number,
+                        "inner_step": trainer.inner_step,
+                        "train_loss": losses[-1],
+                    }
+                )
+        nbytes = outbound.write(dense.encode(spec, trainer.fast_vector()))
+        channel.send(
+            {
+                "type": "payload",
+                "round": number,
+                "nbytes": nbytes,
+                "inner_step": trainer.inner_step,
+                "train_loss": sum(losses) / len(losses),
+            }
+        )
+        reply = channel.receive()
+        if reply is None or reply.get("type") == "stop":
+            break
+        partner = None
+        if reply.get("type") == "partner" and reply.get("round") == number:
+            try:
+                partner = dense.decode(inbound.read(int(reply["nbytes"])), spec)
+            except (dense.PayloadError, ValueError) as error:
+                log.warning("round %d: partner payload refused by the worker: %s", number, error)
+        trainer.outer_step(partner)
+        channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate()})
+    trainer.save(checkpoint)
+    channel.send({"type": "done", "round": trainer.round, "checkpoint": str(checkpoint)})
+    return 0
+
+
+def main() -> int:
+    # Ctrl-C reaches the whole process group; the daemon decides when the worker stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    return run(ControlChannel.from_stdio())

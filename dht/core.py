@@ -1,0 +1,183 @@
+"""The sans-I/O DHT node: answers requests, and turns lookups into requests and answers into results.
+
+`DHTCore` owns the routing table and the record store; `Query` wraps one `Lookup` with what it is
+looking for and checks every record an answer carries before it counts. Both the asyncio node
+(`dht.node`) and the simulator (`dht.sim`) drive exactly this code: they only move the messages and
+keep the clocks.
+"""
+
+import logging
+import random
+from collections import deque
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from dht.errors import InvalidRecord, QuotaExceeded
+from dht.keys import as_int
+from dht.lookup import ALPHA, PATHS, Lookup
+from dht.protocol import (
+    ADD_PROVIDER,
+    FIND_NODE,
+    FIND_VALUE,
+    GET_PROVIDERS,
+    MAX_PROVIDERS_RETURNED,
+    MAX_RID,
+    PING,
+    STORE,
+    Request,
+    Response,
+)
+from dht.records import PROVIDER, VALUE, Record, RecordStore, public_bytes
+from dht.routing import K, Contact, RoutingTable
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_PINGS = 64  # ping-before-evict requests waiting for the driver; more are dropped (the
+# bucket just keeps its old contact, the conservative choice)
+VALUE_QUORUM = 1  # valid value answers that end a GET early; seq ordering picks the newest among them
+PROVIDER_QUORUM = 3  # holders whose provider lists a GET_PROVIDERS merges before it stops
+
+
+class DHTCore:
+    def __init__(
+        self, key: Ed25519PrivateKey, addrs: list[str] | tuple[str, ...] = (), *, k: int = K,
+        store: RecordStore | None = None, rng: random.Random | None = None,
+    ) -> None:
+        self.key = key
+        self.peer_id = public_bytes(key)
+        self.contact = Contact.of(self.peer_id, addrs)
+        self.table = RoutingTable(self.peer_id, k)
+        self.store = store if store is not None else RecordStore()
+        self.k = k
+        self.pings: deque[Contact] = deque(maxlen=MAX_PENDING_PINGS)
+        self._rng = rng or random.Random()
+        self._rid = self._rng.randrange(MAX_RID)
+        self.dropped = 0  # requests refused (bad records, quotas): for logs and tests
+
+    def set_addrs(self, addrs: list[str] | tuple[str, ...]) -> None:
+        self.contact = Contact.of(self.peer_id, addrs)
+
+    def observe(self, contact: Contact, now: float) -> None:
+        """`contact` showed it is alive; a full bucket may ask for a ping-before-evict."""
+        if contact.peer_id == self.peer_id:
+            return
+        to_ping = self.table.update(contact, now)
+        if to_ping is not None:
+            self.pings.append(to_ping)
+
+    def request(self, type_: int, key: bytes = b"", record: Record | None = None) -> Request:
+        self._rid = (self._rid + 1) & MAX_RID
+        return Request(type_, self._rid, self.contact, key, record)
+
+    def handle(self, req: Request, sender_ip: str, now: float) -> Response:
+        """Answer one request from a peer seen at `sender_ip` (its /24 is the quota unit)."""
+        self.observe(req.sender, now)
+        if req.type == PING:
+            return Response(req.rid)
+        key_int = as_int(req.key) if req.key else 0
+        if req.type == FIND_NODE:
+            return Response(req.rid, self.table.closest(key_int, self.k, exclude=req.sender.peer_id))
+        if req.type == FIND_VALUE:
+            rec = self.store.get_value(req.key, now)
+            nodes = [] if rec else self.table.closest(key_int, self.k, exclude=req.sender.peer_id)
+            return Response(req.rid, nodes, rec)
+        if req.type == GET_PROVIDERS:
+            provs = self.store.get_providers(req.key, now, MAX_PROVIDERS_RETURNED)
+            return Response(req.rid, self.table.closest(key_int, self.k, exclude=req.sender.peer_id),
+                            providers=provs)
+        return Response(req.rid, ok=self._store(req, sender_ip, now))
+
+    def _store(self, req: Request, sender_ip: str, now: float) -> bool:
+        rec = req.record
+        who = req.sender.peer_id.hex()[:16]
+        want_kind = VALUE if req.type == STORE else PROVIDER
+        if rec is None or rec.kind != want_kind:
+            log.info("DHT %s from %s carries the wrong record kind; dropped", req.type, who)
+            self.dropped += 1
+            return False
+        if rec.publisher != req.sender.peer_id:
+            # Publishers store their own records; a third party replaying them gains nothing and costs quota.
+            log.info("DHT record from %s published by someone else (%s); dropped", who, rec.publisher.hex()[:16])
+            self.dropped += 1
+            return False
+        try:
+            return self.store.put(rec, req.sender.peer_id, sender_ip, now)
+        except (InvalidRecord, QuotaExceeded) as e:
+            log.info("DHT store request from %s (%s) refused: %s", who, sender_ip, e)
+            self.dropped += 1
+            return False
+
+    def query(self, type_: int, key: bytes, *, alpha: int = ALPHA, paths: int = PATHS,
+              want: int | None = None) -> "Query":
+        if want is None:
+            want = {FIND_VALUE: VALUE_QUORUM, GET_PROVIDERS: PROVIDER_QUORUM}.get(type_, 0)
+        return Query(self, type_, key, alpha=alpha, paths=paths, want=want)
+
+
+class Query:
+    """One lookup of a kind (FIND_NODE, FIND_VALUE, GET_PROVIDERS) for a key, with its validated results."""
+
+    def __init__(self, core: DHTCore, type_: int, key: bytes, *, alpha: int, paths: int, want: int) -> None:
+        self.core = core
+        self.type = type_
+        self.key = key
+        target = as_int(key)
+        seeds = core.table.closest(target, core.k)
+        self.lookup = Lookup(target, seeds, own_peer_id=core.peer_id, k=core.k, alpha=alpha, paths=paths,
+                             want=want)
+        self.value: Record | None = None
+        self.providers: dict[bytes, Record] = {}
+        self.rejected = 0  # answers carrying records that failed verification
+
+    @property
+    def done(self) -> bool:
+        return self.lookup.done
+
+    def requests(self) -> list[tuple[Contact, Request]]:
+        return [(c, self.core.request(self.type, self.key)) for c in self.lookup.next_queries()]
+
+    def on_response(self, contact: Contact, resp: Response, now: float) -> None:
+        self.core.observe(contact, now)
+        found = False
+        if self.type == FIND_VALUE and resp.record is not None:
+            found = self._take_value(resp.record, contact, now)
+        elif self.type == GET_PROVIDERS:
+            for rec in resp.providers:
+                found = self._take_provider(rec, contact, now) or found
+        self.lookup.on_response(contact, resp.nodes, found)
+
+    def on_failure(self, contact: Contact) -> None:
+        self.core.table.failed(contact)
+        self.lookup.on_failure(contact)
+
+    def _valid(self, rec: Record, kind: int, contact: Contact, now: float) -> bool:
+        if rec.kind != kind or rec.key != self.key:
+            self.rejected += 1
+            log.info("DHT answer from %s holds a record for another key or kind; ignored",
+                     contact.peer_id.hex()[:16])
+            return False
+        try:
+            rec.verify(now)
+        except InvalidRecord as e:
+            self.rejected += 1
+            log.info("DHT answer from %s: %s", contact.peer_id.hex()[:16], e)
+            return False
+        return True
+
+    def _take_value(self, rec: Record, contact: Contact, now: float) -> bool:
+        if not self._valid(rec, VALUE, contact, now):
+            return False
+        if self.value is None or rec.seq > self.value.seq:
+            self.value = rec
+        return True
+
+    def _take_provider(self, rec: Record, contact: Contact, now: float) -> bool:
+        if not rec.addrs or not self._valid(rec, PROVIDER, contact, now):
+            return False
+        old = self.providers.get(rec.publisher)
+        if old is None or rec.seq > old.seq:
+            self.providers[rec.publisher] = rec
+        return True
+
+    def closest(self) -> list[Contact]:
+        return self.lookup.closest()

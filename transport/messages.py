@@ -89,9 +89,17 @@ def check_length(length: int, max_bytes: int) -> None:
 
 async def read_message(reader: _Readable, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:
     """Reads one frame. Raises MessageError on a bad frame, asyncio.IncompleteReadError on early EOF."""
+    message, _ = await read_frame(reader, max_bytes)
+    return message
+
+
+async def read_frame(
+    reader: _Readable, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> tuple[dict[str, Any], int]:
+    """Like read_message, and also returns the frame's size on the wire."""
     (length,) = LENGTH_PREFIX.unpack(await reader.readexactly(LENGTH_PREFIX.size))
     check_length(length, max_bytes)
-    return decode_body(await reader.readexactly(length), max_bytes)
+    return decode_body(await reader.readexactly(length), max_bytes), LENGTH_PREFIX.size + length
 
 
 async def write_message(writer: Any, message: dict[str, Any]) -> int:

@@ -91,12 +91,16 @@ def _train(
         reply = channel.receive()
         if reply is None or reply.get("type") == "stop":
             break
+        # The daemon may move us to the run's round when we joined late or fell behind.
+        number = max(number, int(reply.get("round", number)))
         partner = None
-        if reply.get("type") == "partner" and reply.get("round") == number:
+        if reply.get("type") == "partner":
             try:
                 partner = dense.decode(inbound.read(int(reply["nbytes"])), spec)
             except (dense.PayloadError, ValueError) as error:
                 log.warning("round %d: partner payload refused by the worker: %s", number, error)
+        trainer.round = number - 1
+        trainer.inner_step = max(trainer.inner_step, number * settings.inner_steps)  # the run's schedule
         trainer.outer_step(partner)
         channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate()})
     trainer.save(checkpoint)

@@ -1,0 +1,199 @@
+"""The `peer` command line: join a run, start a local swarm."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import click
+
+from kernels.errors import ShoalError
+from peer.config import ConfigError, load_config, parse_shard
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Shoal: train one model with peers anywhere, by swapping updates with one partner at a time.
+
+    Start a run with `peer join --run NAME`, join it from elsewhere with the `--bootstrap` address it
+    prints, or try everything on one machine with `peer swarm --peers 4`.
+    """
+
+
+@main.command()
+@click.option("--run", "run_id", required=False, help="The run to join (or start): letters, digits, . _ -")
+@click.option(
+    "--bootstrap",
+    multiple=True,
+    metavar="MULTIADDR",
+    help="Address of a peer already in the run, e.g. /ip4/1.2.3.4/tcp/4701/p2p/ID. Repeatable. "
+    "Without one, this peer starts the run and prints the address others join with.",
+)
+@click.option(
+    "--listen",
+    default=None,
+    metavar="ADDR",
+    help="Where to accept peers: /ip4/HOST/tcp/PORT or HOST:PORT. Default /ip4/0.0.0.0/tcp/0 (any port).",
+)
+@click.option(
+    "--data",
+    type=click.Path(exists=True),
+    default=None,
+    help="A text file or folder to train on. Default: the Python standard library's sources.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A TOML file whose [peer] table sets any option below; the command line wins.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where the peer writes its checkpoint. Default ./runs/RUN/PEER.",
+)
+@click.option(
+    "--rounds", type=int, default=None, help="Stop after this many outer rounds (default: run until stopped)."
+)
+@click.option(
+    "--wait-peers",
+    type=int,
+    default=None,
+    help="Start training once this many peers (self included) are known, or after 60 s.",
+)
+@click.option("--model", default=None, help="Model size: nano, tiny (default), small, base, gpt2-small.")
+@click.option("--inner-steps", type=int, default=None, help="Inner AdamW steps per round (H). Default 20.")
+@click.option("--batch-size", type=int, default=None, help="Sequences per inner step. Default 16.")
+@click.option("--lr", type=float, default=None, help="Peak inner learning rate. Default 3e-3.")
+@click.option(
+    "--shard", default=None, metavar="INDEX/COUNT", help="Train on this shard of the data, e.g. 0/4."
+)
+@click.option(
+    "--exchange-timeout", type=float, default=None, help="Seconds to wait for a partner each round."
+)
+@click.option(
+    "--threads", type=int, default=None, help="CPU threads for the worker's torch (default: torch's)."
+)
+@click.option("--json-events", is_flag=True, help="Print one JSON object per event on stdout (for tools).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def join(
+    run_id,
+    bootstrap,
+    listen,
+    data,
+    config_file,
+    state_dir,
+    rounds,
+    wait_peers,
+    model,
+    inner_steps,
+    batch_size,
+    lr,
+    shard,
+    exchange_timeout,
+    threads,
+    json_events,
+    verbose,
+) -> None:
+    """Join the run RUN (or start it) and train with its peers until stopped (Ctrl-C)."""
+    _setup_logging(verbose)
+    try:
+        config = load_config(
+            config_file,
+            {
+                "run_id": run_id,
+                "bootstrap": tuple(bootstrap),
+                "listen": listen,
+                "data": data,
+                "state_dir": state_dir,
+                "rounds": rounds,
+                "wait_peers": wait_peers,
+                "model": model,
+                "inner_steps": inner_steps,
+                "batch_size": batch_size,
+                "lr": lr,
+                "shard": parse_shard(shard) if shard else None,
+                "exchange_timeout": exchange_timeout,
+                "threads": threads,
+            },
+        )
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from error
+    sys.exit(_run_daemon(config, json_events))
+
+
+def _run_daemon(config, json_events: bool) -> int:
+    import uvloop
+
+    from peer.daemon import Daemon
+
+    daemon = Daemon(config, json_events=json_events)
+
+    async def run() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, daemon.stop)
+        return await daemon.run()
+
+    try:
+        return uvloop.run(run())
+    except ShoalError as error:
+        logging.getLogger("peer").error("%s", error)
+        return 1
+
+
+@main.command()
+@click.option(
+    "--peers",
+    "peer_count",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="How many peer processes to start on 127.0.0.1.",
+)
+@click.option("--run", "run_id", default="swarm", show_default=True, help="Run id of the local swarm.")
+@click.option(
+    "--rounds", type=click.IntRange(1), default=15, show_default=True, help="Outer rounds to train."
+)
+@click.option(
+    "--inner-steps", type=click.IntRange(1), default=20, show_default=True, help="Inner steps per round."
+)
+@click.option("--model", default="tiny", show_default=True, help="Model size (nano, tiny, small, ...).")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the summary as JSON to this file.",
+)
+@click.option(
+    "--dir",
+    "swarm_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where peers write logs and checkpoints. Default ./runs/RUN.",
+)
+@click.option("--threads", type=int, default=1, show_default=True, help="Torch threads per worker.")
+def swarm(peer_count, run_id, rounds, inner_steps, model, json_path, swarm_dir, threads) -> None:
+    """Start PEERS real `peer join` processes on this machine and show them training together.
+
+    The first peer starts the run and the others join through it. A live table shows each peer's
+    round, losses, partner and traffic; at the end a summary table (and --json) reports eval loss at
+    start and end, rounds done, bytes sent per peer per round and wall time. Ctrl-C stops them all.
+    """
+    from peer.swarm import SwarmOptions, run_swarm
+
+    options = SwarmOptions(peer_count, run_id, rounds, inner_steps, model, json_path, swarm_dir, threads)
+    sys.exit(run_swarm(options))

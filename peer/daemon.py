@@ -1,0 +1,485 @@
+"""The daemon: the composition root that wires membership, the round protocol and the worker together.
+
+One asyncio process per peer. It listens for other peers, keeps the run's membership by gossip, drives
+the training worker (a child process), and each round swaps the worker's payload with the round's
+partner under a deadline. A round applies a whole, validated partner payload or none at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import secrets
+import socket
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gossip.membership import Membership
+from gossip.rounds import payload as dense
+from gossip.rounds.pairing import partner_of
+from gossip.rounds.swap import SwapBook, Verdict, should_stop_waiting
+from kernels.errors import ShoalError
+from peer.config import PeerConfig
+from peer.events import Events
+from peer.ipc import WorkerProcess
+from peer.worker.train import peer_number
+from transport.messages import MessageError, read_frame, write_message
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+CONTROL_MESSAGE_LIMIT = 1 << 20  # members/status requests and answers
+PAYLOAD_SLACK = 64 * 1024  # message fields around a payload
+MAX_CONNECTIONS = 64  # inbound connections served at once; more wait in the kernel's backlog
+REQUEST_TIMEOUT = 10.0  # seconds a connecting peer has to send its request
+CONNECT_TIMEOUT = 5.0
+PROBE_INTERVAL = 0.5  # how often a waiting responder asks its partner how it is doing
+BOOTSTRAP_PATIENCE = 30.0  # seconds to keep trying the bootstrap addresses
+WAIT_PEERS_PATIENCE = 60.0
+
+
+class DaemonError(ShoalError):
+    """The daemon cannot start or go on (bad address, unreachable bootstrap, worker failure)."""
+
+
+@dataclass
+class RoundReport:
+    number: int
+    partner: str | None
+    outcome: str  # "swapped" or "skipped: <reason>"
+    bytes_sent: int
+    bytes_received: int
+    payload: bytes | None = None  # the partner's validated payload, when swapped
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """`/ip4/HOST/tcp/PORT[/p2p/ID]`, `/dns4/NAME/tcp/PORT[...]` or `HOST:PORT` -> (host, port)."""
+    match = re.fullmatch(r"/(?:ip4|ip6|dns4|dns6|dns)/([^/]+)/tcp/(\d+)(?:/p2p/[^/]+)?/?", text.strip())
+    if match is None:
+        match = re.fullmatch(r"\[?([^\[\]]+?)\]?:(\d+)", text.strip())
+    if match is None or not 0 <= int(match[2]) < 65536:
+        raise DaemonError(f"cannot read address {text!r}; expected /ip4/HOST/tcp/PORT/p2p/ID or HOST:PORT")
+    return match[1], int(match[2])
+
+
+def advertised_host(bound_host: str) -> str:
+    """The address others should dial when we listen on all interfaces."""
+    if bound_host not in ("0.0.0.0", "::", ""):
+        return bound_host
+    try:
+        candidates = socket.gethostbyname_ex(socket.gethostname())[2]
+    except OSError:
+        candidates = []
+    routable = [a for a in candidates if not a.startswith("127.")]
+    return routable[0] if routable else "127.0.0.1"
+
+
+class Daemon:
+    def __init__(self, config: PeerConfig, json_events: bool = False):
+        self.config = config
+        self.peer_id = "p" + secrets.token_hex(8)
+        self.events = Events(self.peer_id, json_events)
+        self.book = SwapBook(self.peer_id)
+        self.changed = asyncio.Condition()  # notified whenever the book changes
+        self.incoming: dict[int, asyncio.Future[bytes]] = {}
+        self.membership: Membership | None = None
+        self.worker: WorkerProcess | None = None
+        self.spec: list[tuple[str, tuple[int, ...]]] = []
+        self.max_offer_bytes = CONTROL_MESSAGE_LIMIT
+        self.address = ""
+        self.stopping = asyncio.Event()
+        self.reports: list[RoundReport] = []
+        self._connections = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._first_round = True
+
+    @property
+    def join_address(self) -> str:
+        host, port = parse_address(self.address)
+        return f"/ip4/{host}/tcp/{port}/p2p/{self.peer_id}"
+
+    def stop(self) -> None:
+        """Asks the daemon to stop: the worker finishes its inner steps, saves, and exits."""
+        if not self.stopping.is_set():
+            log.info("[%s] stopping", self.peer_id)
+            self.stopping.set()
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    async def run(self) -> int:
+        host, port = parse_address(self.config.listen)
+        server = await asyncio.start_server(self._serve, host, port, limit=1 << 16)
+        bound_port = server.sockets[0].getsockname()[1]
+        self.address = f"{advertised_host(host)}:{bound_port}"
+        loop = asyncio.get_running_loop()
+        self.membership = Membership(self.peer_id, self.address, loop.time(), self.config.fail_after)
+        self.events.emit("listening", address=self.join_address, run=self.config.run_id)
+        self.worker = await WorkerProcess.start()
+        try:
+            async with asyncio.TaskGroup() as group:
+                gossip = group.create_task(self._gossip_forever())
+                try:
+                    await self._bootstrap()
+                    await self._wait_for_peers()
+                    return await self._drive_worker()
+                finally:
+                    gossip.cancel()
+        finally:
+            await self._leave()
+            server.close()
+            await server.wait_closed()
+            await self.worker.stop()
+
+    async def _bootstrap(self) -> None:
+        if not self.config.bootstrap:
+            log.info(
+                "[%s] started run %s; others join with: peer join --run %s --bootstrap %s",
+                self.peer_id,
+                self.config.run_id,
+                self.config.run_id,
+                self.join_address,
+            )
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BOOTSTRAP_PATIENCE
+        delay = 0.2
+        while not self.stopping.is_set():
+            for address in self.config.bootstrap:
+                if await self._exchange_members(address):
+                    log.info("[%s] joined run %s through %s", self.peer_id, self.config.run_id, address)
+                    return
+            if loop.time() > deadline:
+                raise DaemonError(
+                    f"no bootstrap address answered within {BOOTSTRAP_PATIENCE:.0f}s: "
+                    f"{', '.join(self.config.bootstrap)}; check the address and that the peer is running"
+                )
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
+
+    async def _wait_for_peers(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_PEERS_PATIENCE
+        while len(self.membership.live(loop.time())) < self.config.wait_peers and loop.time() < deadline:
+            if self.stopping.is_set():
+                return
+            await asyncio.sleep(0.1)
+
+    async def _leave(self) -> None:
+        """Tells a few peers we are leaving, so that nobody pairs with us again."""
+        if self.membership is None:
+            return
+        self.membership.leave()
+        loop = asyncio.get_running_loop()
+        others = [p for p in self.membership.live(loop.time()) if p != self.peer_id]
+        for peer in random.sample(others, min(3, len(others))):
+            await self._exchange_members(self.membership.addr_of(peer), timeout=1.0)
+
+    # --- the worker -------------------------------------------------------------------------------
+    async def _drive_worker(self) -> int:
+        worker = self.worker
+        settings = self.config.worker_dict()
+        settings["init_seed"] = peer_number(f"{self.config.run_id}/{self.peer_id}", 2**31)
+        settings["peer_id"] = self.peer_id
+        state_dir = Path(self.config.state_dir or Path("runs") / self.config.run_id / self.peer_id)
+        await worker.send(
+            {"type": "start", "settings": settings, "checkpoint": str(state_dir / "checkpoint.pt")}
+        )
+        stop_watch = asyncio.create_task(self._close_worker_on_stop())
+        try:
+            while (message := await worker.receive()) is not None:
+                kind = message.get("type")
+                if kind == "hello":
+                    worker.attach(message)
+                    self.spec = [(name, tuple(shape)) for name, shape in message["spec"]]
+                    self.max_offer_bytes = dense.max_payload_bytes(self.spec) + PAYLOAD_SLACK
+                    fields = ("parameters", "corpus_sha256", "shard")
+                    self.events.emit("worker", **{k: message[k] for k in fields})
+                elif kind in ("progress", "eval"):
+                    self.events.emit(kind, **{k: v for k, v in message.items() if k != "type"})
+                elif kind == "payload":
+                    await self._round(message)
+                elif kind == "done":
+                    self.events.emit("done", round=message["round"], checkpoint=message["checkpoint"])
+                    return 0
+            if self.stopping.is_set():
+                return 0
+            raise DaemonError(
+                f"the training worker exited unexpectedly (exit code {worker.process.returncode})"
+            )
+        finally:
+            stop_watch.cancel()
+
+    async def _close_worker_on_stop(self) -> None:
+        await self.stopping.wait()
+        await self.worker.send({"type": "stop"})
+
+    async def _round(self, message: dict[str, Any]) -> None:
+        proposed = int(message["round"])
+        number = self._round_number(proposed)
+        payload = self.worker.outbound.read(int(message["nbytes"]))
+        report = await self._exchange(number, payload)
+        self.reports.append(report)
+        if report.outcome == "swapped":
+            nbytes = self.worker.inbound.write(report.payload)
+            report.payload = None  # the worker has it; keep no model-sized copies in the history
+        self.events.emit(
+            "round",
+            round=number,
+            partner=report.partner,
+            outcome=report.outcome,
+            bytes_sent=report.bytes_sent,
+            bytes_received=report.bytes_received,
+            inner_step=message.get("inner_step"),
+            train_loss=message.get("train_loss"),
+        )
+        if self.stopping.is_set():
+            return
+        if report.outcome == "swapped":
+            await self.worker.send({"type": "partner", "round": number, "nbytes": nbytes})
+        else:
+            await self.worker.send({"type": "skip", "round": number, "reason": report.outcome})
+
+    def _round_number(self, proposed: int) -> int:
+        """The worker's next round, unless we just joined or skipped and the run is ahead of us: then the
+        run's round (the median of what the others finished, plus one), so that we pair with someone."""
+        if not (self._first_round or (self.reports and self.reports[-1].outcome != "swapped")):
+            return proposed
+        self._first_round = False
+        loop = asyncio.get_running_loop()
+        finished = [
+            self.membership.members[p].round for p in self.membership.live(loop.time()) if p != self.peer_id
+        ]
+        return max(proposed, int(statistics.median(finished)) + 1) if finished else proposed
+
+    # --- one round's exchange ---------------------------------------------------------------------
+    async def _exchange(self, number: int, payload: bytes) -> RoundReport:
+        loop = asyncio.get_running_loop()
+        partner = partner_of(self.peer_id, self.membership.live(loop.time()), self.config.run_id, number)
+        self.incoming[number] = loop.create_future()
+        async with self.changed:
+            self.book.ready(number, partner, payload)
+            self.changed.notify_all()
+        report = RoundReport(number, partner, "skipped: no partner this round", 0, 0)
+        try:
+            if partner is not None:
+                async with asyncio.timeout(self.config.exchange_timeout):
+                    if self.peer_id < partner:
+                        swap = self._initiate(partner, number, payload, report)
+                    else:
+                        swap = self._await_offer(partner, number, report)
+                    if not await _unless_stopped(swap, self.stopping):
+                        report.outcome = "skipped: the peer is stopping"
+        except TimeoutError:
+            report.outcome = (
+                f"skipped: partner {partner} did not answer within {self.config.exchange_timeout:.0f}s"
+            )
+        except (OSError, asyncio.IncompleteReadError) as error:
+            report.outcome = f"skipped: connection to partner {partner} failed ({type(error).__name__})"
+        except (MessageError, dense.PayloadError) as error:
+            report.outcome = f"skipped: partner {partner} sent an invalid answer ({error})"
+            log.warning("[%s] round %d: %s", self.peer_id, number, report.outcome)
+        finally:
+            self.incoming.pop(number, None)
+            async with self.changed:
+                self.book.finish(number)
+                self.membership.beat(loop.time(), self.book.last_finished)
+                self.changed.notify_all()
+        return report
+
+    async def _initiate(self, partner: str, number: int, payload: bytes, report: RoundReport) -> None:
+        offer = self._message("offer", round=number, payload=payload)
+        reply, sent, received = await self._request(
+            self.membership.addr_of(partner), offer, self.max_offer_bytes
+        )
+        report.bytes_sent, report.bytes_received = sent, received
+        if reply.get("type") == "refuse":
+            report.outcome = f"skipped: partner refused ({str(reply.get('reason'))[:200]})"
+            return
+        if (
+            reply.get("type") != "accept"
+            or reply.get("round") != number
+            or not isinstance(reply.get("payload"), bytes)
+        ):
+            raise MessageError(f"unexpected answer to an offer: type {reply.get('type')!r}")
+        dense.decode(reply["payload"], self.spec)
+        report.payload = reply["payload"]
+        report.outcome = "swapped"
+
+    async def _await_offer(self, partner: str, number: int, report: RoundReport) -> None:
+        arrival = self.incoming[number]
+        while True:
+            try:
+                async with asyncio.timeout(PROBE_INTERVAL):
+                    payload, sent, received = await asyncio.shield(arrival)
+                break
+            except TimeoutError:
+                status, _, _ = await self._request(
+                    self.membership.addr_of(partner),
+                    self._message("status", round=number),
+                    CONTROL_MESSAGE_LIMIT,
+                )
+                reason = should_stop_waiting(status, self.peer_id, number)
+                if reason is not None and not arrival.done():
+                    report.outcome = f"skipped: {reason}"
+                    return
+        report.payload = payload
+        report.bytes_sent, report.bytes_received = sent, received
+        report.outcome = "swapped"
+
+    # --- talking to other peers -------------------------------------------------------------------
+    def _message(self, kind: str, **fields: Any) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "type": kind,
+            "run": self.config.run_id,
+            "from": self.peer_id,
+            **fields,
+        }
+
+    async def _request(self, address: str | None, message: dict, limit: int) -> tuple[dict, int, int]:
+        """One request on a fresh connection: returns the answer and the bytes sent and received."""
+        if address is None:
+            raise OSError("no known address")
+        host, port = parse_address(address)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            reader, writer = await asyncio.open_connection(host, port, limit=1 << 16)
+        try:
+            sent = await write_message(writer, message)
+            reply, received = await read_frame(reader, limit)
+            return reply, sent, received
+        finally:
+            writer.close()
+
+    async def _exchange_members(self, address: str | None, timeout: float = 2.0) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                reply, _, _ = await self._request(
+                    address, self._message("members", table=self.membership.table()), CONTROL_MESSAGE_LIMIT
+                )
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, MessageError, DaemonError):
+            return False
+        if reply.get("run") != self.config.run_id:
+            log.warning(
+                "[%s] %s belongs to run %r, not %r",
+                self.peer_id,
+                address,
+                reply.get("run"),
+                self.config.run_id,
+            )
+            return False
+        self._merge_members(reply.get("table"), loop.time())
+        return True
+
+    def _merge_members(self, table: Any, now: float) -> None:
+        for peer in self.membership.merge(table, now):
+            self.events.emit("peer_joined", partner=peer, address=self.membership.addr_of(peer))
+
+    async def _gossip_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        live_before: set[str] = set()
+        while True:
+            now = loop.time()
+            self.membership.beat(now, self.book.last_finished)
+            live = set(self.membership.live(now))
+            for gone in live_before - live:
+                self.events.emit("peer_lost", partner=gone)
+            live_before = live
+            others = sorted(live - {self.peer_id})
+            if others:
+                await self._exchange_members(self.membership.addr_of(random.choice(others)))
+            self.membership.forget_dead(now)
+            await asyncio.sleep(self.config.gossip_interval * random.uniform(0.8, 1.2))
+
+    # --- serving other peers ----------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        remote = writer.get_extra_info("peername")
+        async with self._connections:
+            try:
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    request, size = await read_frame(reader, self.max_offer_bytes)
+                await self._dispatch(request, size, writer)
+            except (MessageError, dense.PayloadError) as error:
+                log.warning("[%s] dropped a bad request from %s: %s", self.peer_id, remote, error)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as error:
+                log.info(
+                    "[%s] connection from %s ended early: %s", self.peer_id, remote, type(error).__name__
+                )
+            finally:
+                writer.close()
+
+    async def _dispatch(self, request: dict[str, Any], size: int, writer: asyncio.StreamWriter) -> None:
+        if request.get("v") != PROTOCOL_VERSION or request.get("run") != self.config.run_id:
+            raise MessageError(f"request for run {request.get('run')!r} version {request.get('v')!r}")
+        sender, kind = request.get("from"), request.get("type")
+        if not isinstance(sender, str) or not 0 < len(sender) <= 128:
+            raise MessageError("request without a valid sender id")
+        loop = asyncio.get_running_loop()
+        if kind == "members":
+            self._merge_members(request.get("table"), loop.time())
+            await write_message(writer, self._message("members", table=self.membership.table()))
+        elif kind == "status":
+            await write_message(writer, self._message("status", **self.book.status(_round_field(request))))
+        elif kind == "offer":
+            await self._answer_offer(sender, request, size, writer)
+        else:
+            raise MessageError(f"unknown request type {kind!r}")
+
+    async def _answer_offer(
+        self, sender: str, request: dict[str, Any], size: int, writer: asyncio.StreamWriter
+    ) -> None:
+        number, payload = _round_field(request), request.get("payload")
+        if not isinstance(payload, bytes):
+            raise MessageError("offer without a payload")
+        try:
+            dense.decode(payload, self.spec)
+        except dense.PayloadError as error:
+            log.warning("[%s] round %d: refused the payload of %s: %s", self.peer_id, number, sender, error)
+            await write_message(writer, self._message("refuse", reason=f"invalid payload: {error}"))
+            return
+        async with self.changed:
+            try:
+                async with asyncio.timeout(self.config.exchange_timeout):
+                    while (decision := self.book.on_offer(sender, number)).verdict is Verdict.HOLD:
+                        await self.changed.wait()
+            except TimeoutError:
+                decision = None
+            if decision is None or decision.verdict is Verdict.REFUSE or not self.book.complete(number):
+                reason = decision.reason if decision else f"not ready for round {number} in time"
+                await write_message(writer, self._message("refuse", reason=reason or "duplicate"))
+                return
+            ours = self.book.current.payload
+        sent = await write_message(writer, self._message("accept", round=number, payload=ours))
+        arrival = self.incoming.get(number)
+        if arrival is not None and not arrival.done():
+            arrival.set_result((payload, sent, size))
+
+
+def _round_field(request: dict[str, Any]) -> int:
+    number = request.get("round")
+    if not isinstance(number, int) or not 0 < number < 2**40:
+        raise MessageError(f"bad round number {number!r}")
+    return number
+
+
+async def _unless_stopped(coroutine: Any, stopping: asyncio.Event) -> bool:
+    """Runs `coroutine` until it ends or `stopping` is set; False if it was cut short.
+
+    Whatever way this returns or is cancelled (by a deadline around it), no task is left behind."""
+    task = asyncio.ensure_future(coroutine)
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return False
+    task.result()  # re-raise what the exchange raised
+    return True

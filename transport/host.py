@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 PING_PROTOCOL_ID = "/ipfs/ping/1.0.0"
 PING_SIZE = 32
+# Bytes encrypted per step of one write() before checking the socket's buffer: keeps the buffers in
+# flight few and hot in cache, and lets other tasks run between steps.
+WRITE_CHUNK = 1024 * 1024
 # How long a closing connection may take to flush its GO_AWAY before the socket is aborted.
 CLOSE_GRACE_S = 0.5
 
@@ -71,7 +74,7 @@ class HostLimits:
     # A connection with no open stream for this long is closed (the DHT redials cheaply).
     idle_timeout_s: float = 300.0
     # Bytes one socket may queue in user space before writers wait (on top of the kernel's buffer).
-    write_buffer_high: int = 4 * 1024 * 1024
+    write_buffer_high: int = 1024 * 1024
 
 
 @dataclass
@@ -135,29 +138,34 @@ class Stream:
     # ------------------------------------------------------------------ reading
 
     async def read(self, n: int = -1) -> bytes:
-        """Up to `n` bytes (all that is buffered when n < 0); b"" once the peer closed its side."""
+        """Up to `n` bytes, or for n < 0 the next chunk that arrived (at most one yamux frame, returned
+        without a copy); b"" once the peer closed its side and everything was read."""
         while not self._chunks:
             if self._error is not None:
                 raise self._error
             if self._eof or n == 0:
                 return b""
             await self._readable.wait()
-        if n < 0 or n >= self._buffered:
-            data = b"".join(self._chunks)
-            self._chunks.clear()
+        chunks = self._chunks
+        if n < 0:
+            first = chunks.popleft()
+            data = first if type(first) is bytes else bytes(first)
         else:
             parts: list[bytes | memoryview] = []
-            need = n
-            while need:
-                chunk = self._chunks[0]
+            size = 0
+            while chunks and size < n:
+                chunk = chunks[0]
+                need = n - size
                 if len(chunk) <= need:
-                    parts.append(self._chunks.popleft())
-                    need -= len(chunk)
+                    parts.append(chunks.popleft())
+                    size += len(chunk)
                 else:
-                    parts.append(chunk[:need])
-                    self._chunks[0] = chunk[need:]
-                    need = 0
-            data = b"".join(parts)
+                    view = memoryview(chunk)
+                    parts.append(view[:need])
+                    chunks[0] = view[need:]
+                    size = n
+            first = parts[0]
+            data = first if len(parts) == 1 and type(first) is bytes else b"".join(parts)
         self._buffered -= len(data)
         self._conn._consumed(self.stream_id, len(data))
         return data
@@ -184,7 +192,7 @@ class Stream:
                 raise self._error
             if self._write_closed:
                 raise StreamClosedError(f"stream {self.protocol} to {self.remote_peer_id.short()} was closed")
-            taken = self._conn._send_data(self.stream_id, view[sent:])
+            taken = self._conn._send_data(self.stream_id, view[sent : sent + WRITE_CHUNK])
             sent += taken
             if taken == 0:
                 await self._writable.wait()
@@ -330,7 +338,7 @@ class _Connection(asyncio.Protocol):
         while True:
             out = ms.data_to_send()
             if out:
-                self._write_raw(bytes(self._noise.encrypt(out)))
+                self._write_raw(self._noise.encrypt_frame(out))
             if ms.done:
                 break
             for plaintext in self._noise.receive_data(pending or await self._next_raw()):
@@ -395,7 +403,8 @@ class _Connection(asyncio.Protocol):
                 self.host._forget(self)
 
     def _flush(self) -> None:
-        """Encrypt and send what the session queued: small control frames share one Noise frame."""
+        """Encrypt and send what the session queued. Control frames and headers share Noise frames;
+        payload views are encrypted in place, 64 KiB at a time, and handed to writev without a copy."""
         if self.session is None or self._noise is None or self.transport is None:
             return
         frames = self.session.data_to_send()
@@ -403,17 +412,24 @@ class _Connection(asyncio.Protocol):
             return
         encrypt = self._noise.encrypt
         limit = noise.MAX_PLAINTEXT_LENGTH
-        out: list[bytes | bytearray] = []
-        batch: list[bytes] = []
-        size = 0
+        out: list[bytes] = []
+        small: list[bytes] = []
+        small_size = 0
         for frame in frames:
-            if size + len(frame) > limit and batch:
-                out.append(encrypt(batch[0] if len(batch) == 1 else b"".join(batch)))
-                batch, size = [], 0
-            batch.append(frame)
-            size += len(frame)
-        if batch:
-            out.append(encrypt(batch[0] if len(batch) == 1 else b"".join(batch)))
+            if type(frame) is memoryview:
+                if small:
+                    encrypt(b"".join(small), out)
+                    small, small_size = [], 0
+                for offset in range(0, len(frame), limit):
+                    encrypt(frame[offset : offset + limit], out)
+                continue
+            if small_size + len(frame) > limit:
+                encrypt(b"".join(small), out)
+                small, small_size = [], 0
+            small.append(frame)  # type: ignore[arg-type]
+            small_size += len(frame)
+        if small:
+            encrypt(b"".join(small), out)
         self.transport.writelines(out)
 
     def _protocol_error(self, exc: ProtocolError) -> None:

@@ -283,7 +283,7 @@ class NoiseHandshake:
 class NoiseTransport:
     """The session after the handshake: frames plaintext out, authenticates and decrypts frames in.
 
-    Hot path of every byte Shoal sends: one `encrypt_into` per 64 KiB frame, no other copy.
+    Hot path of every byte Shoal sends: one AEAD call per 64 KiB frame and no other copy.
     """
 
     def __init__(self, send_key: bytes, recv_key: bytes) -> None:
@@ -291,42 +291,73 @@ class NoiseTransport:
         self._recv = ChaCha20Poly1305(recv_key)
         self._send_n = 0
         self._recv_n = 0
-        self._pending = b""  # the start of a frame whose rest has not arrived yet
+        self._partial = bytearray()  # the start of a frame whose rest has not arrived yet
 
-    def encrypt(self, plaintext: bytes | bytearray | memoryview) -> bytearray:
-        """One framed, encrypted message: 2-byte length, ciphertext, tag."""
+    def encrypt(self, plaintext: bytes | bytearray | memoryview, out: list[bytes]) -> None:
+        """Append one framed, encrypted message to `out`: its 2-byte length, then ciphertext and tag.
+
+        Two list items rather than one joined buffer: the socket's writev gathers them, so the 64 KiB
+        ciphertext is never copied in Python.
+        """
         size = len(plaintext)
         if size > MAX_PLAINTEXT_LENGTH:
             raise ValueError(f"Noise frame plaintext of {size} bytes exceeds {MAX_PLAINTEXT_LENGTH}")
         if self._send_n >= MAX_NONCE:
             raise ProtocolError("Noise send nonce exhausted; the connection must be re-established")
-        frame = bytearray(2 + size + TAGLEN)
-        _LENGTH.pack_into(frame, 0, size + TAGLEN)
-        self._send.encrypt_into(_nonce(self._send_n), plaintext, None, memoryview(frame)[2:])
+        out.append(_LENGTH.pack(size + TAGLEN))
+        out.append(self._send.encrypt(_nonce(self._send_n), plaintext, None))
         self._send_n += 1
-        return frame
+
+    def encrypt_frame(self, plaintext: bytes) -> bytes:
+        """One framed message as a single bytes object (for the handshake-time negotiation)."""
+        out: list[bytes] = []
+        self.encrypt(plaintext, out)
+        return b"".join(out)
 
     def receive_data(self, data: bytes) -> list[bytes]:
-        """Decrypt every whole frame in the stream so far; keep the partial tail for next time."""
-        if self._pending:
-            data = self._pending + data
+        """Decrypt every whole frame received so far; keep a partial frame for the next call.
+
+        Only a frame split across two reads is copied (to join its halves); the rest is decrypted
+        straight from the received buffer.
+        """
+        out: list[bytes] = []
         view = memoryview(data)
         end = len(data)
         pos = 0
-        out: list[bytes] = []
+        partial = self._partial
+        if partial:
+            if len(partial) < 2:
+                take = min(2 - len(partial), end)
+                partial += view[:take]
+                pos = take
+                if len(partial) < 2:
+                    return out
+            (length,) = _LENGTH.unpack_from(partial)
+            take = min(2 + length - len(partial), end - pos)
+            partial += view[pos : pos + take]
+            pos += take
+            if len(partial) < 2 + length:
+                return out
+            self._partial = bytearray()
+            out.append(self._open(memoryview(partial)[2:], length))
         while end - pos >= 2:
             (length,) = _LENGTH.unpack_from(data, pos)
             if end - pos - 2 < length:
                 break
-            if length < TAGLEN:
-                raise DecryptError(f"Noise frame of {length} bytes is shorter than its tag")
-            try:
-                out.append(self._recv.decrypt(_nonce(self._recv_n), view[pos + 2 : pos + 2 + length], None))
-            except InvalidTag as exc:
-                raise DecryptError(
-                    f"Noise frame {self._recv_n} failed authentication: the bytes were altered in transit"
-                ) from exc
-            self._recv_n += 1
+            out.append(self._open(view[pos + 2 : pos + 2 + length], length))
             pos += 2 + length
-        self._pending = bytes(view[pos:]) if pos < end else b""
+        if pos < end:
+            self._partial = bytearray(view[pos:])
         return out
+
+    def _open(self, ciphertext: memoryview, length: int) -> bytes:
+        if length < TAGLEN:
+            raise DecryptError(f"Noise frame of {length} bytes is shorter than its tag")
+        try:
+            plaintext = self._recv.decrypt(_nonce(self._recv_n), ciphertext, None)
+        except InvalidTag as exc:
+            raise DecryptError(
+                f"Noise frame {self._recv_n} failed authentication: the bytes were altered in transit"
+            ) from exc
+        self._recv_n += 1
+        return plaintext

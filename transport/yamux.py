@@ -41,8 +41,8 @@ INITIAL_WINDOW = 256 * 1024
 # Largest window we accept to grant: 2**32 - 1 is the field's limit; 64 MiB already fills any link's BDP
 # that one Python process can drive, and bounds memory a peer can make us buffer on one stream.
 MAX_WINDOW = 64 * 1024 * 1024
-# Default payload per DATA frame: a frame plus its header fills one Noise frame (65535 - 16 byte tag).
-DEFAULT_MAX_DATA_FRAME = 65519 - HEADER_LENGTH
+# Default payload per DATA frame: the initial window, so one header covers four full Noise frames.
+DEFAULT_MAX_DATA_FRAME = INITIAL_WINDOW
 # How many streams one connection may hold open at once (both directions together), as go-yamux's
 # default accept backlog bounds its memory.
 DEFAULT_MAX_STREAMS = 256
@@ -59,7 +59,7 @@ class StreamOpened:
 @dataclass(slots=True)
 class DataReceived:
     stream_id: int
-    data: memoryview
+    data: bytes | memoryview
 
 
 @dataclass(slots=True)
@@ -123,16 +123,21 @@ class YamuxSession:
         self._max_data_frame = max_data_frame
         self._next_id = 1 if is_client else 2
         self._streams: dict[int, _StreamState] = {}
-        self._out: list[bytes] = []
+        # Control frames and headers are bytes; DATA payloads are memoryviews of the caller's buffer,
+        # valid until the driver's next flush (the driver encrypts them before returning to the caller).
+        self._out: list[bytes | memoryview] = []
         self._control_frames = 0
-        self._pending = b""
+        self._header_buf = bytearray()  # a frame header split across two reads
+        self._payload_left = 0  # payload bytes of the current DATA frame still to come
+        self._payload_stream: int | None = None  # None: skip the payload (stream unknown or reset)
+        self._payload_flags = 0
         self._ping_id = 0
         self.go_away_sent = False
         self.go_away_received = False
 
     # ------------------------------------------------------------------ sending side
 
-    def data_to_send(self) -> list[bytes]:
+    def data_to_send(self) -> list[bytes | memoryview]:
         out = self._out
         self._out = []
         self._control_frames = 0
@@ -171,7 +176,8 @@ class YamuxSession:
         taken = 0
         while taken < total:
             size = min(total - taken, self._max_data_frame)
-            self._out.append(HEADER.pack(VERSION, TYPE_DATA, 0, stream_id, size) + data[taken : taken + size])
+            self._out.append(HEADER.pack(VERSION, TYPE_DATA, 0, stream_id, size))
+            self._out.append(memoryview(data)[taken : taken + size])
             taken += size
         state.send_window -= taken
         return taken
@@ -213,43 +219,45 @@ class YamuxSession:
     # ------------------------------------------------------------------ receiving side
 
     def receive_data(self, data: bytes) -> list[Event]:
-        if self._pending:
-            data = self._pending + data
-        view = memoryview(data)
-        end = len(data)
-        pos = 0
+        """Parse frames from the decrypted byte stream. Payloads are handed out without copying: a chunk
+        that is all payload is passed on as the very object received."""
         events: list[Event] = []
-        while end - pos >= HEADER_LENGTH:
-            version, kind, flags, stream_id, length = HEADER.unpack_from(data, pos)
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if self._payload_left:
+                take = min(self._payload_left, end - pos)
+                chunk = data if take == end else memoryview(data)[pos : pos + take]
+                self._payload_left -= take
+                pos += take
+                if self._payload_stream is not None:
+                    events.append(DataReceived(self._payload_stream, chunk))
+                if not self._payload_left:
+                    self._end_payload(events)
+                continue
+            if self._header_buf or end - pos < HEADER_LENGTH:
+                take = min(HEADER_LENGTH - len(self._header_buf), end - pos)
+                self._header_buf += data[pos : pos + take]
+                pos += take
+                if len(self._header_buf) < HEADER_LENGTH:
+                    break
+                header: bytes | bytearray = self._header_buf
+                offset = 0
+                self._header_buf = bytearray()
+            else:
+                header, offset = data, pos
+                pos += HEADER_LENGTH
+            version, kind, flags, stream_id, length = HEADER.unpack_from(header, offset)
             if version != VERSION:
                 raise ProtocolError(f"yamux frame has version {version}, expected {VERSION}")
-            if kind == TYPE_DATA:
-                if length > MAX_WINDOW:  # checked before waiting for (and buffering) the payload
-                    raise ProtocolError(f"yamux DATA frame of {length} bytes exceeds any window we grant")
-                if end - pos - HEADER_LENGTH < length:
-                    break
-                payload = view[pos + HEADER_LENGTH : pos + HEADER_LENGTH + length]
-                pos += HEADER_LENGTH + length
-                self._on_frame(kind, flags, stream_id, length, payload, events)
-            elif kind <= TYPE_GO_AWAY:
-                pos += HEADER_LENGTH
-                self._on_frame(kind, flags, stream_id, length, None, events)
-            else:
+            if kind > TYPE_GO_AWAY:
                 raise ProtocolError(f"yamux frame has unknown type {kind}")
-        self._pending = bytes(view[pos:]) if pos < end else b""
+            self._on_header(kind, flags, stream_id, length, events)
         if len(self._out) > MAX_PENDING_CONTROL_FRAMES:
             raise ProtocolError(f"peer provoked more than {MAX_PENDING_CONTROL_FRAMES} unsent control frames")
         return events
 
-    def _on_frame(
-        self,
-        kind: int,
-        flags: int,
-        stream_id: int,
-        length: int,
-        payload: memoryview | None,
-        events: list[Event],
-    ) -> None:
+    def _on_header(self, kind: int, flags: int, stream_id: int, length: int, events: list[Event]) -> None:
         if kind == TYPE_PING:
             if flags & FLAG_SYN:
                 self._out.append(HEADER.pack(VERSION, TYPE_PING, FLAG_ACK, 0, length))
@@ -265,15 +273,30 @@ class YamuxSession:
         state = self._streams.get(stream_id)
         if flags & FLAG_SYN:
             state = self._accept(stream_id, state, events)
+        if kind == TYPE_DATA:
+            # Checked here, before any payload byte is buffered: a peer cannot make us hold more than
+            # the window we granted.
             if state is None:
-                return
-        elif state is None:
-            # A frame for a stream we already forgot (reset or fully closed): the peer may not have seen
-            # our RST yet. Drop it; it costs us nothing since we buffer nothing for it.
+                if length > self._window:
+                    raise ProtocolError(f"yamux DATA frame of {length} bytes exceeds any window we grant")
+            elif length > state.recv_window:
+                raise ProtocolError(
+                    f"yamux peer sent {length} bytes on stream {stream_id} with only {state.recv_window} "
+                    "granted: it ignores flow control"
+                )
+            elif length and state.remote_closed:
+                raise ProtocolError(f"yamux peer sent data on stream {stream_id} after closing it")
+        if state is None:
+            # A frame for a stream we refused or already forgot (reset, fully closed): the peer may not
+            # have seen our RST yet. Skip it; we buffer nothing for it.
+            if kind == TYPE_DATA and length:
+                self._payload_left, self._payload_stream, self._payload_flags = length, None, 0
             return
         if flags & FLAG_RST:
             del self._streams[stream_id]
             events.append(StreamReset(stream_id))
+            if kind == TYPE_DATA and length:
+                self._payload_left, self._payload_stream, self._payload_flags = length, None, 0
             return
         if kind == TYPE_WINDOW_UPDATE:
             if state.send_window + length > 0xFFFFFFFF:
@@ -281,20 +304,24 @@ class YamuxSession:
             state.send_window += length
             if length:
                 events.append(WindowUpdated(stream_id))
-        elif payload is not None and length:
-            if state.remote_closed:
-                raise ProtocolError(f"yamux peer sent data on stream {stream_id} after closing it")
-            if length > state.recv_window:
-                raise ProtocolError(
-                    f"yamux peer sent {length} bytes on stream {stream_id} with only {state.recv_window} "
-                    "granted: it ignores flow control"
-                )
+        elif length:
             state.recv_window -= length
-            events.append(DataReceived(stream_id, payload))
-        if flags & FLAG_FIN:
-            if not state.remote_closed:
-                state.remote_closed = True
-                events.append(StreamEnded(stream_id))
+            self._payload_left, self._payload_stream, self._payload_flags = length, stream_id, flags
+            return  # a FIN on this frame applies once its payload is through
+        self._apply_fin(stream_id, state, flags, events)
+
+    def _end_payload(self, events: list[Event]) -> None:
+        stream_id = self._payload_stream
+        if stream_id is None:
+            return
+        state = self._streams.get(stream_id)
+        if state is not None:
+            self._apply_fin(stream_id, state, self._payload_flags, events)
+
+    def _apply_fin(self, stream_id: int, state: _StreamState, flags: int, events: list[Event]) -> None:
+        if flags & FLAG_FIN and not state.remote_closed:
+            state.remote_closed = True
+            events.append(StreamEnded(stream_id))
             self._maybe_forget(stream_id, state)
 
     def _accept(self, stream_id: int, state: _StreamState | None, events: list[Event]) -> _StreamState | None:

@@ -1,0 +1,266 @@
+"""`python -m bench.convergence --quick --json PATH [--plot PATH.png]` (also `--sweep`, `--full`, `--smoke`).
+
+R simulated workers on the standard-library corpus, the same tokens (R·N·B·T) for every method; prints each
+method's final eval loss, its ratio to tuned fp32 DiLoCo measured in the same run, bytes each peer sends per
+round and that ratio, and picks the default composition by measured loss per byte. Communication is simulated
+(bytes are counted from real encoded messages); only compute takes wall-clock time. The CPU of the machine
+that runs it may be shared: tok/s is recorded so that a slow run can be told from a slow method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from bench.convergence.runs import OutOfTime, Result, run_outer, run_synchronous
+from bench.convergence.sim import Batches, SimConfig, initial_weights
+from gossip.outer.methods import OuterConfig
+from peer.worker.data import load_stdlib_corpus
+from peer.worker.model import GPTConfig
+
+# --quick must finish within 10 minutes on 2 idle cores (the issue); leave room for loading and the plot.
+QUICK_BUDGET_S = 560
+FULL_BUDGET_S = 3 * 3600
+SWEEP_BUDGET_S = 2 * 3600
+SYNC = ("single", "ddp")
+# The composition variants the default is chosen from (the product exchanges with one partner at a time).
+COMPOSITIONS = ("gossip-sparseloco", "pair-sparseloco", "compressed-noloco")
+# Run order: the reference and the candidates first, so a wall-clock guard cuts the least needed ones.
+QUICK_METHODS = (
+    "diloco",
+    "gossip-sparseloco",
+    "pair-sparseloco",
+    "compressed-noloco",
+    "sparseloco",
+    "noloco",
+    "ddp",
+    "single",
+)
+# A variant is "as good" as the best when its loss is within this fraction; among those the fewest bytes wins.
+LOSS_TOLERANCE = 0.01
+
+SWEEP: dict[str, list[dict]] = {
+    "diloco": [{"lr": v} for v in (0.2, 0.3, 0.4, 0.55, 0.7)],
+    "sparseloco": [{"lr": v} for v in (0.7, 1.0, 1.4)],
+    "noloco": [{"lr": v} for v in (0.5, 0.7, 0.9)],
+    "gossip-sparseloco": [{"lr": v} for v in (1.5, 2.5, 3.5)],
+    "pair-sparseloco": [{"lr": v, "consensus_every": f} for v in (1.0, 1.5) for f in (1, 2, 8)],
+    "compressed-noloco": [{"lr": v} for v in (0.5, 0.7, 0.9)],
+}
+
+
+def sim_config(mode: str, seed: int) -> SimConfig:
+    if mode == "full":  # notes 4.5: d=128, L=4, T=128, R=8, 3 seeds (30–60 min on an idle box)
+        return SimConfig(
+            model=GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128),
+            replicas=8,
+            inner_steps=16,
+            total_steps=1600,
+            seed=seed,
+        )
+    if mode == "smoke":  # seconds: exercises every code path, measures nothing
+        return SimConfig(
+            model=GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16),
+            replicas=4,
+            batch=2,
+            inner_steps=2,
+            total_steps=8,
+            eval_windows=4,
+            eval_every=2,
+            seed=seed,
+        )
+    return SimConfig(seed=seed)  # quick / sweep: the CI config of notes 4.5
+
+
+def run_method(
+    name: str, cfg: SimConfig, batches: Batches, init: dict, deadline: float, overrides: dict | None = None
+) -> Result:
+    if name in SYNC:
+        return run_synchronous(name, cfg, batches, init, deadline)
+    return run_outer(name, cfg, batches, init, OuterConfig.tuned(name, **(overrides or {})), deadline)
+
+
+def choose_default(results: dict[str, dict]) -> str | None:
+    """The composition variant that learns best per byte: lowest loss; within 1 % of it, fewest bytes."""
+    done = {m: results[m] for m in COMPOSITIONS if m in results}
+    if not done:
+        return None
+    best = min(v["eval_loss"] for v in done.values())
+    close = [m for m, v in done.items() if v["eval_loss"] <= best * (1 + LOSS_TOLERANCE)]
+    return min(close, key=lambda m: done[m]["bytes_per_peer_per_round"])
+
+
+def summarise(results: dict[str, dict]) -> None:
+    ref = results.get("diloco")
+    print(
+        f"{'method':20s} {'loss':>7s} {'avg-w':>7s} {'spread':>8s} {'bits/p':>7s} {'B/peer/round':>13s} "
+        f"{'loss/diloco':>11s} {'bytes/diloco':>12s} {'tok/s':>7s}"
+    )
+    for name, v in results.items():
+        lr = v["eval_loss"] / ref["eval_loss"] if ref else float("nan")
+        br = v["bytes_per_peer_per_round"] / ref["bytes_per_peer_per_round"] if ref else float("nan")
+        print(
+            f"{name:20s} {v['eval_loss']:7.4f} {v['eval_loss_avg_weights']:7.4f} {v['spread']:8.5f} "
+            f"{v['bits_per_param']:7.3f} {v['bytes_per_peer_per_round']:13.0f} {lr:11.4f} {br:12.5f} "
+            f"{v['tok_per_s']:7.0f}"
+        )
+
+
+def average_seeds(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for name in per_seed[0]:
+        runs = [s[name] for s in per_seed if name in s]
+        merged = dict(runs[0])
+        for key in (
+            "eval_loss",
+            "eval_loss_avg_weights",
+            "spread",
+            "bytes_per_peer_per_round",
+            "bits_per_param",
+            "seconds",
+            "tok_per_s",
+        ):
+            merged[key] = sum(r[key] for r in runs) / len(runs)
+        merged["seeds"] = len(runs)
+        merged["eval_loss_per_seed"] = [r["eval_loss"] for r in runs]
+        out[name] = merged
+    return out
+
+
+def plot(results: dict[str, dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return
+    fig, (ax_tok, ax_bytes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, v in results.items():
+        xs = [p["tokens"] for p in v["curve"]]
+        ys = [p["loss"] for p in v["curve"]]
+        ax_tok.plot(xs, ys, label=name)
+        if v["bytes_per_peer_per_round"] > 0:
+            ax_bytes.plot([max(p["bytes"], 1.0) for p in v["curve"]], ys, label=name)
+    ax_tok.set(xlabel="tokens (all workers)", ylabel="held-out loss (nats/byte)", title="loss vs tokens")
+    ax_bytes.set(xlabel="bytes sent per peer (cumulative)", xscale="log", title="loss vs bytes sent")
+    for ax in (ax_tok, ax_bytes):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.convergence", description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", dest="mode", const="quick", help="CI config (default)")
+    mode.add_argument("--full", action="store_const", dest="mode", const="full", help="larger model, 3 seeds")
+    mode.add_argument("--sweep", action="store_const", dest="mode", const="sweep", help="tune outer lrs")
+    mode.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="seconds-long check")
+    parser.add_argument("--json", type=Path, help="write results here")
+    parser.add_argument("--plot", type=Path, help="write loss-vs-tokens / loss-vs-bytes plot (PNG)")
+    parser.add_argument("--methods", help="comma-separated subset of methods")
+    parser.add_argument("--seeds", type=int, help="number of seeds (quick 1, full 3)")
+    parser.add_argument("--budget", type=float, help="wall-clock guard in seconds")
+    args = parser.parse_args(argv)
+    mode_name = args.mode or "quick"
+    budget = args.budget or {"full": FULL_BUDGET_S, "sweep": SWEEP_BUDGET_S}.get(mode_name, QUICK_BUDGET_S)
+    seeds = args.seeds or (3 if mode_name == "full" else 1)
+    methods = tuple(args.methods.split(",")) if args.methods else QUICK_METHODS
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    start = time.monotonic()
+    deadline = start + budget
+    corpus = load_stdlib_corpus()
+    print(
+        f"corpus: {corpus.files} files, {len(corpus.train)} train / {len(corpus.validation)} held-out bytes, "
+        f"sha256 {corpus.sha256[:16]}…"
+    )
+    if mode_name == "sweep":
+        return sweep(args, corpus, methods, deadline)
+    per_seed: list[dict[str, dict]] = []
+    skipped: list[str] = []
+    for seed in range(seeds):
+        cfg = sim_config(mode_name, seed)
+        batches = Batches(corpus, cfg)
+        init = initial_weights(cfg)
+        results: dict[str, dict] = {}
+        for name in methods:
+            try:
+                res = run_method(name, cfg, batches, init, deadline)
+            except OutOfTime:
+                skipped.append(f"{name}@seed{seed}")
+                print(f"  {name}: skipped, wall-clock guard ({budget:.0f} s) reached", flush=True)
+                continue
+            results[name] = res.to_json()
+            print(
+                f"  seed {seed} {name:18s} loss {res.eval_loss:.4f} (avg-w {res.eval_loss_avg_weights:.4f}) "
+                f"spread {res.spread:.5f} bits/param {res.bits_per_param:.3f} "
+                f"bytes/peer/round {res.bytes_per_peer_per_round:.0f} {res.seconds:.0f}s "
+                f"{res.tok_per_s:.0f} tok/s",
+                flush=True,
+            )
+        per_seed.append(results)
+    results = average_seeds([s for s in per_seed if s])
+    default = choose_default(results)
+    summarise(results)
+    cfg = sim_config(mode_name, 0)
+    print(
+        f"default (lowest loss among {', '.join(COMPOSITIONS)}, ties within {LOSS_TOLERANCE:.0%} to fewest "
+        f"bytes): {default}; wall {time.monotonic() - start:.0f} s (CPU may be shared with other jobs)"
+    )
+    out = {
+        "methods": results,
+        "default": default,
+        "config": {**asdict(cfg), "model": asdict(cfg.model), "mode": mode_name, "seeds": seeds},
+        "corpus_sha256": corpus.sha256,
+        "skipped": skipped,
+        "wall_s": time.monotonic() - start,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+        print(f"results written to {args.json}")
+    if args.plot and results:
+        plot(results, args.plot)
+    return 0
+
+
+def sweep(args: argparse.Namespace, corpus, methods: tuple[str, ...], deadline: float) -> int:
+    """Outer lr (and V-B's F) per method on seed 0; prints the best per method for methods.TUNED."""
+    cfg = sim_config("sweep", 0)
+    batches = Batches(corpus, cfg)
+    init = initial_weights(cfg)
+    table: dict[str, list[dict]] = {}
+    for name in methods:
+        for overrides in SWEEP.get(name, []):
+            try:
+                res = run_method(name, cfg, batches, init, deadline, overrides)
+            except OutOfTime:
+                print(f"  {name} {overrides}: skipped, wall-clock guard reached", flush=True)
+                continue
+            table.setdefault(name, []).append({**overrides, **res.to_json()})
+            print(
+                f"  {name:18s} {overrides} loss {res.eval_loss:.4f} avg-w {res.eval_loss_avg_weights:.4f} "
+                f"bytes/peer/round {res.bytes_per_peer_per_round:.0f} {res.tok_per_s:.0f} tok/s",
+                flush=True,
+            )
+    best = {m: min(rows, key=lambda r: r["eval_loss"]) for m, rows in table.items()}
+    for m, row in best.items():
+        print(f"best {m}: { ({k: row[k] for k in SWEEP[m][0]}) } loss {row['eval_loss']:.4f}")
+    if args.json:
+        args.json.write_text(
+            json.dumps({"sweep": table, "best": best, "corpus_sha256": corpus.sha256}, indent=1)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

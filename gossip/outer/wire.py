@@ -1,0 +1,102 @@
+"""The outer methods' message envelope: one msgpack map per peer per round, checked before use.
+
+Shape: {"v": 1, "k": method, "o": origin peer, "r": round, "u": codec payload (sparse methods),
+"t": [raw tensor bytes in sorted-name order] (dense methods), "c": consensus slice (V-B), "s": lattice steps
+(V-C)}. Tensor bytes travel as raw `bin`, never pickled; the receiver knows the layout (names, shapes) from
+its own slow weights, so sizes are checked against that before any buffer is interpreted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import msgpack
+
+from gossip.outer.tensors import OuterError
+
+log = logging.getLogger(__name__)
+
+WIRE_VERSION = 1
+# A GPT-2-small model in fp32 is ~0.35 GB; one dense message must fit, anything beyond is hostile.
+MAX_MESSAGE_BYTES = 1 << 30
+# Tensor lists are per named parameter; real models have at most a few thousand.
+MAX_TENSORS = 1 << 16
+# Peer ids are libp2p PeerIDs (~52 chars base58); method names are short.
+MAX_STR_LEN = 256
+
+
+class MessageError(OuterError):
+    """A received outer message is malformed, from another method or version, or does not fit the model."""
+
+
+@dataclass
+class Message:
+    kind: str
+    origin: str
+    round: int
+    update: bytes | None = None  # codec payload
+    tensors: list[bytes] = field(default_factory=list)  # dense tensors, sorted-name order
+    consensus: dict | None = None  # V-B consensus slice: {"i": slice index, "s": [scales], "q": [codes]}
+    steps: list[float] = field(default_factory=list)  # V-C lattice step per tensor
+
+    @property
+    def id(self) -> tuple[str, int]:
+        return (self.origin, self.round)
+
+
+def pack(message: Message) -> bytes:
+    body: dict = {"v": WIRE_VERSION, "k": message.kind, "o": message.origin, "r": message.round}
+    if message.update is not None:
+        body["u"] = message.update
+    if message.tensors:
+        body["t"] = message.tensors
+    if message.consensus is not None:
+        body["c"] = message.consensus
+    if message.steps:
+        body["s"] = message.steps
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def unpack(data: bytes, kind: str) -> Message:
+    """Parse one message of method `kind`; raise MessageError on anything unexpected."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError(
+            f"outer message of {len(data)} bytes exceeds MAX_MESSAGE_BYTES={MAX_MESSAGE_BYTES}"
+        )
+    try:
+        body = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_MESSAGE_BYTES,
+            max_str_len=MAX_STR_LEN,
+            max_array_len=MAX_TENSORS,
+            max_map_len=16,
+            max_ext_len=0,
+        )
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise MessageError(f"outer message is not a valid bounded msgpack map: {exc}") from exc
+    if not isinstance(body, dict) or body.get("v") != WIRE_VERSION:
+        raise MessageError(
+            f"outer message has version {body.get('v') if isinstance(body, dict) else None!r}, "
+            f"this peer speaks {WIRE_VERSION}; upgrade the older peer"
+        )
+    if body.get("k") != kind:
+        raise MessageError(f"outer message is for method {body.get('k')!r}, this run uses {kind!r}")
+    origin, round_ = body.get("o"), body.get("r")
+    if not isinstance(origin, str) or not isinstance(round_, int) or round_ < 0:
+        raise MessageError("outer message lacks a valid origin (str) and round (int >= 0)")
+    update = body.get("u")
+    tensors = body.get("t", [])
+    consensus = body.get("c")
+    steps = body.get("s", [])
+    if update is not None and not isinstance(update, bytes):
+        raise MessageError("outer message field 'u' must be bytes")
+    if not isinstance(tensors, list) or not all(isinstance(t, bytes) for t in tensors):
+        raise MessageError("outer message field 't' must be a list of bytes")
+    if consensus is not None and not isinstance(consensus, dict):
+        raise MessageError("outer message field 'c' must be a map")
+    if not isinstance(steps, list) or not all(isinstance(s, float) for s in steps):
+        raise MessageError("outer message field 's' must be a list of floats")
+    return Message(kind, origin, round_, update, tensors, consensus, steps)

@@ -1,0 +1,145 @@
+"""DiLoCo and NoLoCo invariances of research notes 4.6, through the entry point the worker calls."""
+
+import torch
+
+from gossip.outer import diloco, noloco
+from gossip.outer.methods import OuterConfig, OuterState, make_message, outer_step
+
+ATOL = 1e-6
+
+
+def test_diloco_with_one_worker_one_inner_step_lr_1_no_momentum_is_adamw(tools):
+    batches, make_model, train_step, weights, load = (
+        tools.batches,
+        tools.make_model,
+        tools.train_step,
+        tools.weights,
+        tools.load,
+    )
+    data = batches(12)
+    reference = make_model()
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    for b in data:
+        train_step(reference, ref_opt, b)
+
+    worker = make_model()
+    opt = torch.optim.AdamW(worker.parameters(), lr=1e-2, weight_decay=0.1)  # inner state persists (notes 1)
+    config = OuterConfig("diloco", lr=1.0, momentum=0.0)
+    state = OuterState.fresh("me", weights(worker))
+    for b in data:
+        train_step(worker, opt, b)
+        own = make_message(config, state, weights(worker))
+        load(worker, outer_step(config, state, own, []))
+    for name, w in weights(reference).items():
+        assert torch.allclose(state.slow[name], w, atol=ATOL, rtol=0)
+    assert state.round == len(data)
+
+
+def test_diloco_lr_1_no_momentum_is_fedavg_over_workers(tools):
+    batches, make_model, train_step, weights = (
+        tools.batches,
+        tools.make_model,
+        tools.train_step,
+        tools.weights,
+    )
+    init = weights(make_model())
+    workers = [make_model() for _ in range(3)]
+    opts = [torch.optim.SGD(w.parameters(), lr=0.1) for w in workers]
+    config = OuterConfig("diloco", lr=1.0, momentum=0.0)
+    states = [OuterState.fresh(str(i), init) for i in range(3)]
+    for i, (w, o) in enumerate(zip(workers, opts, strict=True)):
+        for b in batches(3, seed=10 + i):
+            train_step(w, o, b)
+    fast = [weights(w) for w in workers]
+    messages = [make_message(config, s, f) for s, f in zip(states, fast, strict=True)]
+    for i, s in enumerate(states):
+        new = outer_step(config, s, messages[i], [m for j, m in enumerate(messages) if j != i])
+        for name in init:
+            fedavg = sum(f[name] for f in fast) / 3
+            assert torch.allclose(new[name], fedavg, atol=ATOL, rtol=0)
+
+
+def test_diloco_outer_step_is_torch_nesterov_sgd():
+    torch.manual_seed(0)
+    phi = {"w": torch.randn(6, 5), "b": torch.randn(5)}
+    param = {k: torch.nn.Parameter(v.clone()) for k, v in phi.items()}
+    sgd = torch.optim.SGD(param.values(), lr=0.7, momentum=0.9, nesterov=True)
+    momentum = {k: torch.zeros_like(v) for k, v in phi.items()}
+    for _ in range(5):
+        delta = {k: torch.randn_like(v) for k, v in phi.items()}
+        phi, momentum = diloco.nesterov_step(phi, delta, momentum, lr=0.7, mu=0.9)
+        for k, p in param.items():
+            p.grad = delta[k].clone()
+        sgd.step()
+        for k in phi:
+            assert torch.allclose(phi[k], param[k].detach(), atol=ATOL, rtol=0)
+
+
+def test_noloco_with_two_peers_keeps_them_equal_and_is_heavy_ball_diloco():
+    torch.manual_seed(1)
+    init = {"w": torch.randn(4, 3), "b": torch.randn(3)}
+    config = OuterConfig("noloco", lr=0.7, momentum=0.5)
+    a, b = OuterState.fresh("a", init), OuterState.fresh("b", init)
+    phi = {k: v.clone() for k, v in init.items()}
+    m = {k: torch.zeros_like(v) for k, v in init.items()}
+    for _ in range(6):
+        fa = {k: v + 0.1 * torch.randn_like(v) for k, v in a.slow.items()}
+        fb = {k: v + 0.1 * torch.randn_like(v) for k, v in b.slow.items()}
+        ma, mb = make_message(config, a, fa), make_message(config, b, fb)
+        outer_step(config, a, ma, [mb])
+        outer_step(config, b, mb, [ma])
+        # Heavy-ball DiLoCo on the mean pseudo-gradient: m ← μ·m − η·Δ̄; φ ← φ + m.
+        mean_delta = {k: phi[k] - (fa[k] + fb[k]) / 2 for k in phi}
+        m = {k: 0.5 * m[k] - 0.7 * mean_delta[k] for k in phi}
+        phi = {k: phi[k] + m[k] for k in phi}
+        for k in init:
+            assert torch.allclose(a.slow[k], b.slow[k], atol=ATOL, rtol=0)
+            assert torch.allclose(a.slow[k], phi[k], atol=ATOL, rtol=0)
+
+
+def test_noloco_general_form_equals_fast_weight_form_when_beta_equals_gamma():
+    torch.manual_seed(2)
+    phi_i, phi_j = {"w": torch.randn(5, 5)}, {"w": torch.randn(5, 5)}
+    th_i = {"w": phi_i["w"] + 0.1 * torch.randn(5, 5)}
+    th_j = {"w": phi_j["w"] + 0.1 * torch.randn(5, 5)}
+    mom = {"w": torch.randn(5, 5)}
+    d_i = {"w": phi_i["w"] - th_i["w"]}
+    d_j = {"w": phi_j["w"] - th_j["w"]}
+    general = noloco.noloco_step(phi_i, d_i, mom, phi_j, d_j, alpha=0.5, beta=0.7, gamma=0.7)
+    fast = noloco.noloco_step_from_fast(phi_i, th_i, mom, th_j, alpha=0.5, beta=0.7)
+    assert torch.allclose(general[0]["w"], fast[0]["w"], atol=ATOL)
+    assert torch.allclose(general[1]["w"], fast[1]["w"], atol=ATOL)
+
+
+def test_noloco_pulls_two_different_replicas_together():
+    torch.manual_seed(3)
+    a = OuterState.fresh("a", {"w": torch.randn(50)})
+    b = OuterState.fresh("b", {"w": torch.randn(50)})
+    config = OuterConfig("noloco", lr=0.7, momentum=0.5)
+    gap0 = float((a.slow["w"] - b.slow["w"]).norm())
+    for _ in range(10):
+        ma, mb = make_message(config, a, a.slow), make_message(config, b, b.slow)  # no local progress
+        outer_step(config, a, ma, [mb])
+        outer_step(config, b, mb, [ma])
+    assert float((a.slow["w"] - b.slow["w"]).norm()) < 0.05 * gap0
+
+
+def test_compressed_noloco_tracks_fp32_noloco_closely():
+    torch.manual_seed(4)
+    init = {"w": 0.05 * torch.randn(64, 64)}
+    exact_cfg = OuterConfig("noloco", lr=0.7, momentum=0.5)
+    lattice_cfg = OuterConfig("compressed-noloco", lr=0.7, momentum=0.5, lattice_bits=8)
+    exact = [OuterState.fresh(p, init) for p in "ab"]
+    coded = [OuterState.fresh(p, init) for p in "ab"]
+    for _ in range(5):
+        steps = [{"w": 0.01 * torch.randn(64, 64)} for _ in range(2)]
+        for states, cfg in ((exact, exact_cfg), (coded, lattice_cfg)):
+            fast = [{"w": s.slow["w"] - d["w"]} for s, d in zip(states, steps, strict=True)]
+            msgs = [make_message(cfg, s, f) for s, f in zip(states, fast, strict=True)]
+            outer_step(cfg, states[0], msgs[0], [msgs[1]])
+            outer_step(cfg, states[1], msgs[1], [msgs[0]])
+    err = float((coded[0].slow["w"] - exact[0].slow["w"]).abs().max())
+    moved = float((exact[0].slow["w"] - init["w"]).abs().max())
+    # The lattice error is ≤ step/2 = 3·max|Δ|/256 per round: a few percent of how far the weights moved.
+    assert err < 0.1 * moved
+    assert err > 0  # it is a lossy code: this test would not notice if V-C silently sent fp32

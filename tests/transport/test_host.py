@@ -15,7 +15,6 @@ from transport.errors import (
 )
 from transport.host import Host, HostLimits
 from transport.identity import generate_key, peer_id_from_key
-from transport.multiaddr import Multiaddr
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -41,10 +40,12 @@ def full_addr(host):
 
 @contextlib.asynccontextmanager
 async def two_hosts(limits_a=None, limits_b=None):
-    async with await Host.create(generate_key(), [LOOPBACK], limits=limits_a) as a:
-        async with await Host.create(generate_key(), [LOOPBACK], limits=limits_b) as b:
-            b.set_stream_handler("/echo/1", echo)
-            yield a, b
+    async with (
+        await Host.create(generate_key(), [LOOPBACK], limits=limits_a) as a,
+        await Host.create(generate_key(), [LOOPBACK], limits=limits_b) as b,
+    ):
+        b.set_stream_handler("/echo/1", echo)
+        yield a, b
 
 
 async def test_connect_proves_the_peer_and_echoes_one_mebibyte():
@@ -205,12 +206,15 @@ async def test_stream_limit_per_connection():
 
 
 async def test_connection_limit_refuses_extra_inbound_connections():
-    async with await Host.create(generate_key(), [LOOPBACK], limits=HostLimits(max_connections=1)) as server:
-        async with await Host.create(generate_key()) as c1, await Host.create(generate_key()) as c2:
-            await c1.connect(full_addr(server))
-            with pytest.raises(TransportError):
-                await c2.connect(full_addr(server))
-            assert server.connected_peers == [c1.peer_id]
+    async with (
+        await Host.create(generate_key(), [LOOPBACK], limits=HostLimits(max_connections=1)) as server,
+        await Host.create(generate_key()) as c1,
+        await Host.create(generate_key()) as c2,
+    ):
+        await c1.connect(full_addr(server))
+        with pytest.raises(TransportError):
+            await c2.connect(full_addr(server))
+        assert server.connected_peers == [c1.peer_id]
 
 
 async def test_idle_connection_is_closed():

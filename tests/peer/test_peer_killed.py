@@ -1,0 +1,60 @@
+"""A peer killed with SIGKILL in the middle of a run: the others keep training and finish."""
+
+from __future__ import annotations
+
+import math
+import signal
+
+ROUNDS = 8
+
+
+def test_survivors_finish_after_a_peer_is_killed(start_peer):
+    common = [
+        "--run",
+        "kill",
+        "--listen",
+        "127.0.0.1:0",
+        "--rounds",
+        str(ROUNDS),
+        "--inner-steps",
+        "6",
+        "--threads",
+        "1",
+        "--wait-peers",
+        "3",
+        "--exchange-timeout",
+        "20",
+    ]
+    first = start_peer("a", *common, "--shard", "0/3")
+    address = first.wait_for(lambda e: e["event"] == "listening")["address"]
+    others = [
+        start_peer(name, *common, "--shard", f"{i}/3", "--bootstrap", address)
+        for i, name in ((1, "b"), (2, "c"))
+    ]
+    victim = others[1]
+    survivors = [first, others[0]]
+
+    # Kill the victim once it has swapped at least once: it is then part of everyone's pairing.
+    victim.wait_for(lambda e: e["event"] == "round" and e["outcome"] == "swapped", timeout=180)
+    killed_at = {id(p): len(p.of_kind("round")) for p in survivors}
+    victim.process.send_signal(signal.SIGKILL)
+    victim.process.wait(timeout=10)
+
+    for peer in survivors:
+        done = peer.wait_for(lambda e: e["event"] == "done", timeout=240)
+        assert done["round"] == ROUNDS
+        assert peer.wait(timeout=30) == 0, peer.log_tail()
+        rounds = peer.of_kind("round")
+        assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1)), rounds
+        # Every round either swapped a whole payload or skipped; a payload that reached the worker was whole.
+        assert all(r["outcome"] == "swapped" or r["outcome"].startswith("skipped") for r in rounds)
+        assert "refused by the worker" not in peer.log_path.read_text()
+        evals = [e["eval_loss"] for e in peer.of_kind("eval")]
+        assert all(math.isfinite(x) for x in evals) and evals[-1] < 0.9 * evals[0], evals
+        # The peers that are left keep swapping with each other after the kill.
+        after = rounds[killed_at[id(peer)] + 1 :]
+        assert any(r["outcome"] == "swapped" for r in after), rounds
+    # The victim is noticed and dropped from the survivors' membership.
+    victim_id = victim.of_kind("listening")[0]["peer"]
+    for peer in survivors:
+        assert any(e["partner"] == victim_id for e in peer.of_kind("peer_lost")), peer.of_kind("peer_lost")

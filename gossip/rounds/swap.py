@@ -61,11 +61,12 @@ class SwapBook:
             self.current = None
 
     def on_offer(self, sender: str, number: int) -> Decision:
+        here = self.last_finished + 1
         if number <= self.last_finished:
-            return Decision(Verdict.REFUSE, f"round {number} is over here (at round {self.last_finished + 1})")
+            return Decision(Verdict.REFUSE, f"round {number} is over here (at round {here})")
         if self.current is None or self.current.number < number:
-            if number > self.last_finished + 1 + MAX_ROUNDS_AHEAD:
-                return Decision(Verdict.REFUSE, f"round {number} is too far ahead of {self.last_finished + 1}")
+            if number > here + MAX_ROUNDS_AHEAD:
+                return Decision(Verdict.REFUSE, f"round {number} is too far ahead of {here}")
             return Decision(Verdict.HOLD)
         if self.current.number > number:
             return Decision(Verdict.REFUSE, f"round {number} is over here")
@@ -94,7 +95,7 @@ class SwapBook:
 
 
 def should_stop_waiting(status: dict, me: str, number: int) -> str | None:
-    """Given a partner's STATUS while we wait for its offer in round `number`: a reason to give up, or None."""
+    """Given our partner's STATUS while we wait for its offer in round `number`: a reason to give up."""
     finished = status.get("finished")
     if isinstance(finished, int) and finished >= number:
         return f"partner already finished round {number}"

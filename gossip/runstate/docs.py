@@ -160,12 +160,27 @@ class DocReplica:
         """Run one local transaction and sign its update as the next entry; None if nothing changed."""
         assert self.doc is not None, "only the owner's replica writes"
         self._captured.clear()
-        sub = self.doc.observe(lambda event: self._captured.append(event.update))
-        try:
-            with self.doc.transaction():
+        doc = self.doc
+        sub = doc.observe(lambda event: self._captured.append(event.update))
+
+        def transact() -> None:
+            with doc.transaction():
                 mutate(self.roots)
+
+        try:
+            guarded("write the document", transact)
+        except Rejected:
+            # Part of the transaction may be committed but is neither signed nor sent: rebuild the
+            # document from the chain (same client, same clocks) so that it never diverges from it.
+            self._captured.clear()
+            rebuilt = Doc(client_id=self.client)
+            for e in self.entries:
+                rebuilt.apply_update(e.update)
+            self._materialize(rebuilt)
+            self._cache = None
+            raise
         finally:
-            self.doc.unobserve(sub)
+            doc.unobserve(sub)
         if not self._captured or self._captured[0] == b"\x00\x00":
             return None
         self._cache = None

@@ -5,6 +5,9 @@ import random
 from collections import Counter
 from collections.abc import Iterable
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .envelope import public_bytes
 from .state import Outgoing, RunState
 
 
@@ -63,3 +66,59 @@ class SimNet:
         """Every replica holds the same chains, records and proofs."""
         digests = [s._digests() for s in self.nodes.values()]
         return all(d == digests[0] for d in digests)
+
+
+class Swarm:
+    """Replicas of one run on a `SimNet`, the first being the run's creator; keys come from `seed`."""
+
+    def __init__(
+        self,
+        n: int,
+        seed: int = 0,
+        *,
+        duplicate: float = 0.0,
+        run_id: bytes = b"sim-run",
+        start: float = 1_700_000_000.0,
+    ) -> None:
+        rng = random.Random(seed)
+        self.keys = [Ed25519PrivateKey.from_private_bytes(rng.randbytes(32)) for _ in range(n)]
+        self.creator = public_bytes(self.keys[0])
+        self.run_id = run_id
+        self.now = start
+        self.states = [
+            RunState(k, run_id, self.creator, self.now, rng=random.Random(seed * 1000 + i))
+            for i, k in enumerate(self.keys)
+        ]
+        self.net = SimNet(self.states, rng, duplicate=duplicate)
+
+    def do(self, i: int, outs: Iterable[Outgoing]) -> None:
+        self.net.send(self.states[i].me, outs)
+
+    def run(self, seconds: float, step: float = 1.0) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.now += step
+            self.net.tick(self.now)
+            self.net.deliver(self.now)
+
+    def settle(self, max_seconds: float = 300.0, step: float = 5.0) -> bool:
+        """Run anti-entropy until every replica holds the same state; False if it never does."""
+        end = self.now + max_seconds
+        while self.now < end:
+            self.run(step, step)
+            if self.net.converged():
+                return True
+        return False
+
+
+def fingerprint(state: RunState, now: float) -> tuple:
+    """Everything a user of the read API can see, plus the raw digests."""
+    return (
+        state._digests(),
+        {k: r.read() for k, r in sorted(state.docs.items())},
+        sorted(state.records.items()),
+        state.config(),
+        state.checkpoints(),
+        state.bans(),
+        [(m.key, m.addrs, m.caps, m.round, m.metrics) for m in state.members(now)],
+    )

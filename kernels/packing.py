@@ -1,0 +1,76 @@
+"""Bit packing of index and value streams (numpy, vectorised). Bit orders are fixed by docs/wire-format.md."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def pack12(values: np.ndarray) -> bytes:
+    """12-bit unsigned values, two per 3 bytes, big-endian bit order (``aaaaaaaa aaaabbbb bbbbbbbb``);
+    an odd count is padded with a zero value."""
+    v = np.asarray(values, dtype=np.uint16)
+    if v.size % 2:
+        v = np.concatenate([v, np.zeros(1, np.uint16)])
+    a, b = v[0::2], v[1::2]
+    out = np.empty((a.size, 3), np.uint8)
+    out[:, 0] = a >> 4
+    out[:, 1] = ((a & 0xF) << 4) | (b >> 8)
+    out[:, 2] = b & 0xFF
+    return out.tobytes()
+
+
+def packed12_len(n: int) -> int:
+    return 3 * ((n + 1) // 2)
+
+
+def unpack12(data: bytes | memoryview, n: int) -> np.ndarray:
+    """Inverse of :func:`pack12`: ``n`` values (int64) from exactly ``packed12_len(n)`` bytes."""
+    raw = np.frombuffer(data, np.uint8).reshape(-1, 3).astype(np.int64)
+    out = np.empty(raw.shape[0] * 2, np.int64)
+    out[0::2] = (raw[:, 0] << 4) | (raw[:, 1] >> 4)
+    out[1::2] = ((raw[:, 1] & 0xF) << 8) | raw[:, 2]
+    return out[:n]
+
+
+def pack2(codes: np.ndarray) -> bytes:
+    """2-bit codes, four per byte, first code in the lowest bits."""
+    c = np.asarray(codes, dtype=np.uint8)
+    pad = (-c.size) % 4
+    if pad:
+        c = np.concatenate([c, np.zeros(pad, np.uint8)])
+    c = c.reshape(-1, 4)
+    return (c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)).astype(np.uint8).tobytes()
+
+
+def packed2_len(n: int) -> int:
+    return (n + 3) // 4
+
+
+def unpack2(data: bytes | memoryview, n: int) -> np.ndarray:
+    raw = np.frombuffer(data, np.uint8)
+    out = np.empty((raw.size, 4), np.uint8)
+    for j in range(4):
+        out[:, j] = (raw >> (2 * j)) & 3
+    return out.reshape(-1)[:n]
+
+
+def pack_bits(values: np.ndarray, width: int) -> bytes:
+    """Fixed-width unsigned values, most significant bit first, concatenated and zero-padded to a byte."""
+    if width == 0 or values.size == 0:
+        return b""
+    v = np.asarray(values, dtype=np.int64)
+    shifts = np.arange(width - 1, -1, -1, dtype=np.int64)
+    bits = ((v[:, None] >> shifts) & 1).astype(np.uint8)
+    return np.packbits(bits.reshape(-1)).tobytes()
+
+
+def packed_bits_len(n: int, width: int) -> int:
+    return (n * width + 7) // 8
+
+
+def unpack_bits(data: bytes | memoryview, n: int, width: int) -> np.ndarray:
+    if width == 0 or n == 0:
+        return np.zeros(n, np.int64)
+    bits = np.unpackbits(np.frombuffer(data, np.uint8), count=n * width).reshape(n, width)
+    weights = 1 << np.arange(width - 1, -1, -1, dtype=np.int64)
+    return bits.astype(np.int64) @ weights

@@ -1,0 +1,216 @@
+"""The payload format (docs/wire-format.md): framing, header schema, section lengths, limits.
+
+    b"SHLC" | u32 little-endian header length | msgpack header | body
+
+The header is a msgpack map ``{"v": 1, "chunk": int, "topk": int, "bins": 4, "tensors": [entry, ...]}`` with
+one entry per tensor, ``[name, shape, dtype, coding, rice_r, quantized, side, unary_len]``. The body holds,
+for each tensor in header order, its index section then its value section; every section length follows
+from the header and the expected model, so the parser checks the body length exactly before decoding.
+
+Parsing is hostile-safe: every failure is one :class:`CodecError`, and no buffer is sized from a number in the
+payload before that number has been checked against the expected model.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import msgpack
+import torch
+
+from kernels import entropy
+from kernels.chunking import MAX_CHUNK, TileLayout, layout
+from kernels.errors import ShoalError
+from kernels.packing import packed2_len, packed12_len
+
+MAGIC = b"SHLC"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<4sI")
+
+CODING_FIXED12 = 0
+CODING_RICE = 1
+CODINGS = {"fixed12": CODING_FIXED12, "entropy": CODING_RICE}
+
+# Side information of a quantized tensor: shift and a 4-entry codebook, float32 each.
+SIDE_BYTES = 20
+# Longest tensor name accepted: parameter paths of real models are < 200 characters.
+MAX_NAME_LEN = 512
+# Highest tensor rank accepted: models use <= 5 (conv3d weights).
+MAX_RANK = 8
+# Header bytes allowed per expected tensor (a name, a shape, 20 bytes of side info, a few integers) plus a
+# fixed allowance for the map itself; anything larger is not a header this codec wrote.
+HEADER_BYTES_PER_TENSOR = MAX_NAME_LEN + 16 * MAX_RANK + 64
+HEADER_BYTES_FIXED = 256
+
+# dtypes a model tensor may have; the payload carries the name so the receiver can check it.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class CodecError(ShoalError):
+    """A payload could not be encoded or decoded; the message says which tensor and why."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor's header entry, checked."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    coding: int
+    rice_r: int
+    quantized: bool
+    side: bytes
+    unary_len: int
+
+    def pack(self) -> list:
+        return [
+            self.name,
+            list(self.shape),
+            self.dtype,
+            self.coding,
+            self.rice_r,
+            int(self.quantized),
+            self.side,
+            self.unary_len,
+        ]
+
+
+def index_section_len(entry: TensorEntry, lay: TileLayout) -> int:
+    if entry.coding == CODING_FIXED12:
+        return packed12_len(lay.n_kept)
+    return entry.unary_len + entropy.low_len(lay.n_kept, entry.rice_r)
+
+
+def value_section_len(entry: TensorEntry, lay: TileLayout) -> int:
+    return packed2_len(lay.n_kept) if entry.quantized else 4 * lay.n_kept
+
+
+def frame(chunk: int, topk: int, bins: int, entries: list[TensorEntry], body: list[bytes]) -> bytes:
+    header = msgpack.packb(
+        {
+            "v": FORMAT_VERSION,
+            "chunk": chunk,
+            "topk": topk,
+            "bins": bins,
+            "tensors": [e.pack() for e in entries],
+        },
+        use_bin_type=True,
+    )
+    return b"".join([_PREFIX.pack(MAGIC, len(header)), header, *body])
+
+
+@dataclass(frozen=True)
+class Parsed:
+    chunk: int
+    topk: int
+    entries: list[tuple[TensorEntry, TileLayout]]
+    body: memoryview
+
+
+def _fail(what: str) -> CodecError:
+    return CodecError(f"rejected codec payload: {what}; drop it and score its sender down")
+
+
+def _is_int(x: object, lo: int, hi: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+
+def parse(payload: bytes, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]], bins: int) -> Parsed:
+    """Check framing, header and section lengths of ``payload`` against the ``expected`` model."""
+    view = memoryview(payload)
+    if len(view) < _PREFIX.size:
+        raise _fail(f"{len(view)} bytes is shorter than the {_PREFIX.size}-byte prefix")
+    magic, header_len = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise _fail(f"magic {bytes(magic)!r} is not {MAGIC!r}")
+    max_header = HEADER_BYTES_FIXED + HEADER_BYTES_PER_TENSOR * len(expected)
+    if header_len > min(max_header, len(view) - _PREFIX.size):
+        raise _fail(f"header length {header_len} exceeds the payload or the limit {max_header}")
+    try:
+        header = msgpack.unpackb(
+            view[_PREFIX.size : _PREFIX.size + header_len],
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_NAME_LEN,
+            max_bin_len=SIDE_BYTES,
+            max_array_len=max(len(expected), MAX_RANK, 8),
+            max_map_len=8,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise _fail(f"header is not valid bounded msgpack ({exc})") from exc
+    if not isinstance(header, dict):
+        raise _fail("header is not a map")
+    if header.get("v") != FORMAT_VERSION:
+        raise _fail(f"format version {header.get('v')!r} is not {FORMAT_VERSION} (upgrade the older peer)")
+    chunk, topk = header.get("chunk"), header.get("topk")
+    if not _is_int(chunk, 1, MAX_CHUNK):
+        raise _fail(f"chunk {chunk!r} is not in [1, {MAX_CHUNK}]")
+    if not _is_int(topk, 1, chunk * chunk):
+        raise _fail(f"topk {topk!r} is not in [1, {chunk * chunk}]")
+    if header.get("bins") != bins:
+        raise _fail(f"bins {header.get('bins')!r} is not {bins}")
+    raw_entries = header.get("tensors")
+    if not isinstance(raw_entries, list):
+        raise _fail("tensor list missing")
+    entries: list[tuple[TensorEntry, TileLayout]] = []
+    seen: set[str] = set()
+    offset = _PREFIX.size + header_len
+    for raw in raw_entries:
+        entry, lay = _check_entry(raw, expected, seen, chunk, topk)
+        entries.append((entry, lay))
+        offset += index_section_len(entry, lay) + value_section_len(entry, lay)
+    missing = set(expected) - seen
+    if missing:
+        raise _fail(f"tensors {sorted(missing)[:5]} of the model are missing")
+    if offset != len(view):
+        raise _fail(
+            f"body is {len(view) - _PREFIX.size - header_len} bytes, the header declares "
+            f"{offset - _PREFIX.size - header_len}"
+        )
+    return Parsed(chunk, topk, entries, view[_PREFIX.size + header_len :])
+
+
+def _check_entry(
+    raw: object,
+    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    seen: set[str],
+    chunk: int,
+    topk: int,
+) -> tuple[TensorEntry, TileLayout]:
+    if not isinstance(raw, list) or len(raw) != 8:
+        raise _fail("a tensor entry is not an 8-element list")
+    name, shape, dtype, coding, rice_r, quantized, side, unary_len = raw
+    if not isinstance(name, str) or name not in expected:
+        raise _fail(f"tensor {str(name)[:80]!r} is not in the model")
+    if name in seen:
+        raise _fail(f"tensor {name!r} appears twice")
+    seen.add(name)
+    want_shape, want_dtype = expected[name]
+    if not isinstance(shape, list) or tuple(shape) != tuple(want_shape):
+        raise _fail(f"tensor {name!r} has shape {str(shape)[:80]}, the model has {tuple(want_shape)}")
+    if DTYPES.get(dtype) != want_dtype:
+        raise _fail(f"tensor {name!r} has dtype {str(dtype)[:20]!r}, the model has {want_dtype}")
+    if coding not in (CODING_FIXED12, CODING_RICE) or isinstance(coding, bool):
+        raise _fail(f"tensor {name!r}: unknown index coding {coding!r}")
+    if not _is_int(rice_r, 0, entropy.MAX_RICE) or (coding == CODING_FIXED12 and rice_r != 0):
+        raise _fail(f"tensor {name!r}: Rice parameter {rice_r!r} out of range")
+    if quantized not in (0, 1) or isinstance(quantized, bool):
+        raise _fail(f"tensor {name!r}: quantized flag {quantized!r} is not 0 or 1")
+    if not isinstance(side, bytes) or len(side) != (SIDE_BYTES if quantized else 0):
+        raise _fail(f"tensor {name!r}: side information has the wrong size")
+    lay = layout(tuple(want_shape), chunk, topk)
+    max_unary = entropy.max_unary_len(lay.n_kept, lay.numel, rice_r) if coding == CODING_RICE else 0
+    if not _is_int(unary_len, 0, max_unary):
+        raise _fail(f"tensor {name!r}: unary stream length {unary_len!r} is not in [0, {max_unary}]")
+    entry = TensorEntry(name, tuple(want_shape), dtype, coding, rice_r, bool(quantized), side, unary_len)
+    return entry, lay

@@ -124,6 +124,7 @@ class RunState:
         self._counter = 0
         self._run_version = 0  # bumped whenever a run document changes: keys the caches below
         self._run_cache: dict[str, Any] = {}
+        self._pruned_at = 0
         self._next_ae = now
         self._next_heartbeat = now
         self._start(KIND_PEER, {"member": {"joined": _ms(now)}}, _ms(now))
@@ -568,12 +569,25 @@ class RunState:
     # --- anti-entropy --------------------------------------------------------------------------------
 
     def _digests(self) -> tuple[list, list, list]:
+        # Only what this replica would serve: documents and records of keys that may write them.
         docs = sorted(
-            (k, o[:KEY_ID_BYTES], r.gen, r.seq, r.head[:8].ljust(8, b"\0")) for (k, o), r in self.docs.items()
+            (k, o[:KEY_ID_BYTES], r.gen, r.seq, r.head[:8].ljust(8, b"\0"))
+            for (k, o), r in self.docs.items()
+            if self._authorized(k, o)
         )
         proofs = sorted(o[:KEY_ID_BYTES] for o in self.proofs)
-        records = sorted((o[:KEY_ID_BYTES], r.counter) for o, r in self.records.items())
+        records = sorted((o[:KEY_ID_BYTES], r.counter) for o, r in self.records.items() if self.admitted(o))
         return docs, proofs, records
+
+    def _prune(self) -> None:
+        """After the admission rule or the delegates changed: forget what may no longer be written."""
+        self._pruned_at = self._run_version
+        for kind, owner in [k for k in self.docs if k[1] != self.me and not self._authorized(*k)]:
+            log.info("runstate: %s may no longer write its document; forgetting it", owner.hex()[:16])
+            del self.docs[(kind, owner)]
+            self.pending.pop((kind, owner), None)
+        for owner in [o for o in self.records if not self.admitted(o)]:
+            del self.records[owner]
 
     def _answer(self, sender: bytes, d: wire.Digest) -> list[Outgoing]:
         entries: list[Entry] = []
@@ -587,7 +601,7 @@ class RunState:
         if d.docs is not None:
             theirs_docs = {(k, o): (g, s, h) for k, o, g, s, h in d.docs}
             for (kind, owner), r in sorted(self.docs.items()):
-                if owner in self.proofs:
+                if owner in self.proofs or not self._authorized(kind, owner):
                     continue
                 have = theirs_docs.pop((kind, owner[:KEY_ID_BYTES]), None)
                 if have is None or have[0] < r.gen:
@@ -632,6 +646,8 @@ class RunState:
         """Time passes: heartbeat and anti-entropy when due. `candidates` limits whom to gossip with
         (for example the peers the daemon is connected to); by default, every known peer."""
         out: list[Outgoing] = []
+        if self._pruned_at != self._run_version:
+            self._prune()
         if now >= self._next_heartbeat:
             out += self.heartbeat(now)
         if now >= self._next_ae:

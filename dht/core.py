@@ -16,7 +16,6 @@ from dht.errors import InvalidRecord, QuotaExceeded
 from dht.keys import as_int
 from dht.lookup import ALPHA, PATHS, Lookup
 from dht.protocol import (
-    ADD_PROVIDER,
     FIND_NODE,
     FIND_VALUE,
     GET_PROVIDERS,
@@ -28,7 +27,7 @@ from dht.protocol import (
     Response,
 )
 from dht.records import PROVIDER, VALUE, Record, RecordStore, public_bytes
-from dht.routing import K, Contact, RoutingTable
+from dht.routing import Contact, K, RoutingTable
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,8 @@ class DHTCore:
             return False
         if rec.publisher != req.sender.peer_id:
             # Publishers store their own records; a third party replaying them gains nothing and costs quota.
-            log.info("DHT record from %s published by someone else (%s); dropped", who, rec.publisher.hex()[:16])
+            log.info("DHT record from %s published by someone else (%s); dropped",
+                     who, rec.publisher.hex()[:16])
             self.dropped += 1
             return False
         try:

@@ -10,7 +10,7 @@ path keeps `alpha` requests in flight and ends when its k closest live candidate
 import heapq
 from dataclasses import dataclass, field
 
-from dht.routing import K, Contact
+from dht.routing import Contact, K
 
 ALPHA = 3  # requests in flight per path: the paper's alpha (section 2.3)
 PATHS = 3  # disjoint paths: S/Kademlia's d; 3 keeps lookups succeeding with 20 % liars at ~3x the cost
@@ -83,8 +83,9 @@ class Lookup:
         return p.done
 
     def _next_for(self, p: _Path, n: int) -> list[Contact]:
-        best = heapq.nsmallest(self.k, p.candidates.values(), key=lambda c: c.id ^ self.target)
-        return [c for c in best if c.id not in p.queried][:n]
+        t = self.target
+        best = heapq.nsmallest(self.k, [(cid ^ t, cid) for cid in p.candidates])
+        return [p.candidates[cid] for _, cid in best if cid not in p.queried][:n]
 
     def next_queries(self) -> list[Contact]:
         """Contacts to send the request to now; each must later get `on_response` or `on_failure`."""

@@ -12,7 +12,7 @@ import msgpack
 from dht.errors import InvalidMessage, InvalidRecord
 from dht.keys import KEY_BYTES
 from dht.records import MAX_ADDR_LEN, MAX_ADDRS, Record
-from dht.routing import K, Contact
+from dht.routing import Contact, K
 
 PROTOCOL_ID = "/shoal/kad/1.0.0"  # Shoal's own protocol id: never mixes with the IPFS Amino DHT
 VERSION = 1

@@ -86,7 +86,7 @@ class Record:
 
     @staticmethod
     def from_wire(obj: object) -> "Record":
-        """Parse a record from decoded msgpack, checking every type and size; does not verify the signature."""
+        """Parse a record from decoded msgpack, checking every type and size (not the signature)."""
         if not isinstance(obj, list) or len(obj) != 9:
             raise InvalidRecord("DHT record is not a 9-field list; dropped")
         kind, key, pub, seq, expires, name, value, addrs, sig = obj

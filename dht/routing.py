@@ -51,16 +51,17 @@ class RoutingTable:
         self.own = as_int(node_id(own_peer_id))
         self.k = k
         self._buckets = [_Bucket() for _ in range(KEY_BITS)]
+        self._all: dict[int, Contact] = {}  # every live contact, flat: `closest` is the hot path
 
     def __len__(self) -> int:
-        return sum(len(b.live) for b in self._buckets)
+        return len(self._all)
 
     def __contains__(self, contact: Contact) -> bool:
         i = bucket_index(self.own, contact.id)
         return i >= 0 and contact.id in self._buckets[i].live
 
     def contacts(self) -> list[Contact]:
-        return [c for b in self._buckets for c in b.live.values()]
+        return list(self._all.values())
 
     def update(self, contact: Contact, now: float) -> Contact | None:
         """Record that `contact` was seen alive. Returns a contact the driver must ping, or None."""
@@ -73,9 +74,11 @@ class RoutingTable:
         if contact.id in b.live:
             b.live.pop(contact.id)
             b.live[contact.id] = contact  # move to the tail: most recently seen
+            self._all[contact.id] = contact
             return None
         if len(b.live) < self.k:
             b.live[contact.id] = contact
+            self._all[contact.id] = contact
             b.replacements.pop(contact.id, None)
             return None
         b.replacements.pop(contact.id, None)
@@ -119,18 +122,21 @@ class RoutingTable:
     def _evict(self, b: _Bucket, cid: int) -> None:
         if b.live.pop(cid, None) is None:
             return
+        del self._all[cid]
         b.fails.pop(cid, None)
         if b.pinging == cid:
             b.pinging = None
         if b.replacements:
             _, newest = b.replacements.popitem(last=True)
             b.live[newest.id] = newest
+            self._all[newest.id] = newest
 
     def closest(self, key: int, n: int | None = None, exclude: bytes | None = None) -> list[Contact]:
         """The `n` (default k) known contacts closest to `key` by XOR distance."""
         n = self.k if n is None else n
-        everyone = (c for b in self._buckets for c in b.live.values() if c.peer_id != exclude)
-        return heapq.nsmallest(n, everyone, key=lambda c: c.id ^ key)
+        best = heapq.nsmallest(n + 1, [(cid ^ key, cid) for cid in self._all])
+        out = [self._all[cid] for _, cid in best]
+        return [c for c in out if c.peer_id != exclude][:n]
 
     def touch(self, key: int, now: float) -> None:
         """A lookup for `key` ran: its bucket counts as refreshed (section 2.3)."""

@@ -9,7 +9,6 @@ The nodes are `dht.core.DHTCore` objects and the lookups `dht.core.Query`: the c
 code the asyncio node runs. With `wire=True` every message also goes through the msgpack codec.
 """
 
-import hashlib
 import heapq
 import logging
 import random
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dht.core import DHTCore, Query
 from dht.keys import as_int, run_key
+from dht.lookup import PATHS
 from dht.protocol import (
     ADD_PROVIDER,
     FIND_NODE,
@@ -57,6 +57,7 @@ class SimConfig:
     lookups: int = 1000  # GETs, provider lookups and node lookups, mixed
     window_s: float = 600.0  # simulated time over which lookups and churn events are spread
     wire: bool = False  # also push every message through the msgpack codec (slower)
+    paths: int = PATHS  # disjoint lookup paths; 1 is plain Kademlia (the benchmark's baseline)
     seed: int = 1
 
 
@@ -66,6 +67,7 @@ class SimNode:
     ip: str
     adversary: bool = False
     alive: bool = True
+    delay: float = 0.0  # half of this node's share of one-way latency, in seconds
 
 
 @dataclass
@@ -116,10 +118,8 @@ class Simulation:
             fn()
 
     def _latency(self, a: SimNode, b: SimNode) -> float:
-        # A stable per-pair latency, derived from both ips so it needs no n**2 table.
-        h = hashlib.blake2b((a.ip + b.ip if a.ip < b.ip else b.ip + a.ip).encode(), digest_size=4).digest()
-        lo, hi = self.cfg.latency_ms
-        return (lo + (hi - lo) * int.from_bytes(h, "big") / 2**32) / 1000.0
+        # Each node sits behind its own access delay; a pair's one-way latency is the sum of both.
+        return a.delay + b.delay
 
     # --- nodes ------------------------------------------------------------------------------------
 
@@ -129,7 +129,8 @@ class Simulation:
         ip = f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
         core = DHTCore(key, [f"/ip4/{ip}/tcp/4001"], rng=random.Random(self.rng.getrandbits(64)),
                        store=RecordStore())
-        node = SimNode(core, ip, adversary)
+        lo, hi = self.cfg.latency_ms
+        node = SimNode(core, ip, adversary, delay=self.rng.uniform(lo, hi) / 2000.0)
         self.nodes[core.peer_id] = node
         if adversary:
             self.adversaries.append(node)
@@ -142,7 +143,7 @@ class Simulation:
         """Kademlia join (section 2.3): learn the bootstrap node, then look up our own id."""
         if bootstrap is not None:
             node.core.observe(bootstrap.core.contact, self.now)
-        self.run_query(node, node.core.query(FIND_NODE, _own_key(node)),
+        self.run_query(node, self._query(node, FIND_NODE, _own_key(node)),
                        lambda q: done() if done else None)
 
     # --- RPC --------------------------------------------------------------------------------------
@@ -204,15 +205,19 @@ class Simulation:
                                 key=lambda a: a.core.contact.id ^ target)
         nodes = [a.core.contact for a in liars]
         if req.type == FIND_VALUE:
-            forged = Record(VALUE, req.key, node.core.peer_id, 2**40, self.now + 60, b"x", b"lie", (), bytes(64))
+            forged = Record(VALUE, req.key, node.core.peer_id, 2**40, self.now + 60, b"x", b"lie", (),
+                            bytes(64))
             return Response(req.rid, [], forged)
         if req.type == GET_PROVIDERS:
-            forged = Record(PROVIDER, req.key, node.core.peer_id, 2**40, self.now + 60, addrs=("/ip4/6.6.6.6",),
-                            sig=bytes(64))
+            forged = Record(PROVIDER, req.key, node.core.peer_id, 2**40, self.now + 60,
+                            addrs=("/ip4/6.6.6.6",), sig=bytes(64))
             return Response(req.rid, nodes, providers=[forged])
         return Response(req.rid, nodes)
 
     # --- queries ----------------------------------------------------------------------------------
+
+    def _query(self, node: SimNode, type_: int, key: bytes) -> Query:
+        return node.core.query(type_, key, paths=self.cfg.paths)
 
     def run_query(self, node: SimNode, q: Query, done: Callable[[Query], None]) -> None:
         finished = False
@@ -244,7 +249,7 @@ class Simulation:
                 self.rpc(node, c, node.core.request(type_, record=rec), lambda _r: None, lambda: None)
             done(len(targets))
 
-        self.run_query(node, node.core.query(FIND_NODE, rec.key), stored)
+        self.run_query(node, self._query(node, FIND_NODE, rec.key), stored)
 
     # --- the experiment ---------------------------------------------------------------------------
 
@@ -270,7 +275,7 @@ class Simulation:
         for node in members:
             for i in node.core.table.stale_buckets(self.now + 1.0, interval=0.0)[-3:]:
                 target = node.core.table.random_id_in_bucket(i, self.rng).to_bytes(32, "big")
-                self.run_query(node, node.core.query(FIND_NODE, target), lambda q: None)
+                self.run_query(node, self._query(node, FIND_NODE, target), lambda q: None)
             self.run_until_idle()
 
     def run(self) -> dict:
@@ -280,7 +285,8 @@ class Simulation:
         values: list[tuple[bytes, int]] = []  # (key, seq)
         for i in range(cfg.values):
             pub = self.rng.choice(honest)
-            rec = Record.value_record(pub.core.key, b"v%d" % i, b"value %d" % i, seq=1, expires=self.now + TTL_S)
+            rec = Record.value_record(pub.core.key, b"v%d" % i, b"value %d" % i, seq=1,
+                                      expires=self.now + TTL_S)
             values.append((rec.key, rec.seq))
             self.store_at_closest(pub, rec, STORE, lambda n: None)
         runs: list[tuple[bytes, set[bytes]]] = []
@@ -326,17 +332,18 @@ class Simulation:
         kind = self.rng.random()
         if kind < 0.5 and values:
             key, seq = self.rng.choice(values)
-            self.run_query(node, node.core.query(FIND_VALUE, key), lambda q: self.stats["get"].add(
+            self.run_query(node, self._query(node, FIND_VALUE, key), lambda q: self.stats["get"].add(
                 q.value is not None and q.value.seq == seq, q.lookup.hops(), q.lookup.messages))
         elif kind < 0.8 and runs:
             key, members = self.rng.choice(runs)
-            self.run_query(node, node.core.query(GET_PROVIDERS, key), lambda q: self.stats["providers"].add(
+            self.run_query(node, self._query(node, GET_PROVIDERS, key), lambda q: self.stats["providers"].add(
                 members <= set(q.providers), q.lookup.hops(), q.lookup.messages))
         else:
             target = self.rng.choice([n for n in self.alive_honest() if n is not node])
             tid = target.core.peer_id
-            self.run_query(node, node.core.query(FIND_NODE, _own_key(target)), lambda q: self.stats["node"].add(
-                any(c.peer_id == tid for c in q.closest()), q.lookup.hops(), q.lookup.messages))
+            self.run_query(node, self._query(node, FIND_NODE, _own_key(target)),
+                           lambda q: self.stats["node"].add(any(c.peer_id == tid for c in q.closest()),
+                                                            q.lookup.hops(), q.lookup.messages))
 
 
 def _own_key(node: SimNode) -> bytes:

@@ -1,0 +1,456 @@
+"""The asyncio DHT node: a thin driver around `dht.core` that moves its messages over streams.
+
+RPCs run over any stream with ``readexactly``/``write``/``close``: one length-prefixed msgpack request,
+one response, and the stream may carry the next request. Today `TCPTransport` provides plain asyncio TCP
+streams on loopback; once the secure Host lands, `DHTNode(dial=..., ...)` takes
+``lambda c: host.new_stream(c.peer_id, PROTOCOL_ID, c.addrs)`` and the Host's stream handler calls
+``node.serve_stream``: nothing else changes.
+
+Until then a peer's id in a request is what it claims (plain TCP authenticates nobody); records are
+still signed, so a liar can misroute lookups but not forge what they find.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from dht.core import DHTCore, Query
+from dht.errors import DHTError, InvalidMessage, RPCFailed
+from dht.keys import KEY_BYTES, run_key
+from dht.protocol import (
+    ADD_PROVIDER,
+    FIND_NODE,
+    FIND_VALUE,
+    GET_PROVIDERS,
+    MAX_MESSAGE_BYTES,
+    PING,
+    STORE,
+    Request,
+    Response,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+)
+from dht.records import MAX_TTL_S, Record
+from dht.routing import REFRESH_S, Contact
+from transport.messages import LENGTH_PREFIX
+
+log = logging.getLogger(__name__)
+
+RPC_TIMEOUT_S = 5.0  # one request/response; a live peer on any continent answers well within this
+IDLE_STREAM_S = 60.0  # an inbound stream with no request for this long is closed
+MAX_INBOUND_STREAMS = 512  # concurrent inbound DHT streams; more wait (bounded work per node)
+MAX_IDLE_PER_ADDR = 2  # pooled idle outbound streams per address (reused by the next RPC)
+RECORD_TTL_S = 3600.0  # our own records live an hour ...
+REPUBLISH_S = RECORD_TTL_S / 2  # ... and are republished every half hour, well before expiry
+MAINTENANCE_S = 30.0  # how often to sweep the store, refresh stale buckets and republish
+MAX_REFRESH_PER_PASS = 4  # bucket refresh lookups per maintenance pass: bounded background traffic
+MAX_TABLE_FILE = 1 << 20  # a routing table file bigger than this is not ours
+MAX_BOOT_CONTACTS = 64  # contacts from a saved table tried at start
+
+assert RECORD_TTL_S <= MAX_TTL_S
+
+
+class Stream(Protocol):
+    async def readexactly(self, n: int) -> bytes: ...
+    async def write(self, data: bytes) -> None: ...
+    async def close(self) -> None: ...
+
+
+Dial = Callable[[Contact], Awaitable[Stream]]
+
+
+async def read_frame(stream: Stream) -> bytes:
+    (n,) = LENGTH_PREFIX.unpack(await stream.readexactly(LENGTH_PREFIX.size))
+    if n > MAX_MESSAGE_BYTES:
+        raise InvalidMessage(f"DHT frame of {n} bytes exceeds {MAX_MESSAGE_BYTES}; stream closed")
+    return await stream.readexactly(n)
+
+
+def frame(body: bytes) -> bytes:
+    return LENGTH_PREFIX.pack(len(body)) + body
+
+
+def parse_tcp_addr(addr: str) -> tuple[str, int]:
+    """('/ip4/1.2.3.4/tcp/5' or '/ip6/::1/tcp/5') -> (host, port)."""
+    parts = addr.split("/")
+    if len(parts) < 5 or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp" or not parts[4].isdigit():
+        raise DHTError(f"address {addr!r} is not /ip4|ip6/<host>/tcp/<port>; give a TCP multiaddr")
+    return parts[2], int(parts[4])
+
+
+class TCPStream:
+    """An asyncio TCP connection as a DHT stream."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.remote_ip = (writer.get_extra_info("peername") or ("",))[0]
+
+    async def readexactly(self, n: int) -> bytes:
+        return await self._reader.readexactly(n)
+
+    async def write(self, data: bytes) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()
+
+
+class TCPTransport:
+    """Plain TCP: listens for inbound streams and dials contacts' /tcp addresses (stand-in for the Host)."""
+
+    def __init__(self) -> None:
+        self._server: asyncio.Server | None = None
+        self.listen_addrs: list[str] = []
+
+    async def listen(self, addr: str, handler: Callable[[TCPStream], Awaitable[None]]) -> list[str]:
+        host, port = parse_tcp_addr(addr)
+
+        async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            # The top of a per-connection task: a cancel at shutdown ends it here, nothing waits on it.
+            with contextlib.suppress(asyncio.CancelledError):
+                await handler(TCPStream(r, w))
+
+        self._server = await asyncio.start_server(on_conn, host, port, limit=MAX_MESSAGE_BYTES + 16)
+        proto = "ip6" if ":" in host else "ip4"
+        self.listen_addrs = [f"/{proto}/{s.getsockname()[0]}/tcp/{s.getsockname()[1]}"
+                             for s in self._server.sockets]
+        return self.listen_addrs
+
+    async def dial(self, contact: Contact) -> TCPStream:
+        err: Exception | None = None
+        for addr in contact.addrs:
+            try:
+                host, port = parse_tcp_addr(addr)
+                r, w = await asyncio.open_connection(host, port, limit=MAX_MESSAGE_BYTES + 16)
+                return TCPStream(r, w)
+            except (OSError, DHTError) as e:
+                err = e
+        raise RPCFailed(f"could not reach {contact.peer_id.hex()[:16]} at {list(contact.addrs)}: {err}")
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+
+class DHTNode:
+    """One DHT node: serve requests, run lookups, keep our records and run announcements alive."""
+
+    def __init__(self, key: Ed25519PrivateKey, dial: Dial, addrs: list[str], *,
+                 table_path: str | os.PathLike[str] | None = None) -> None:
+        self.core = DHTCore(key, addrs)
+        self._dial = dial
+        self.table_path = Path(table_path) if table_path else None
+        self._pool: dict[bytes, list[Stream]] = {}
+        self._inbound = asyncio.Semaphore(MAX_INBOUND_STREAMS)
+        self._published: dict[bytes, tuple[int, Record]] = {}  # (key, kind) -> own record to republish
+        self._runs: dict[str, list[str]] = {}
+        self._seq = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._main: asyncio.Task | None = None
+        self._transport: TCPTransport | None = None
+        self._rng = random.Random()
+
+    # --- construction ----------------------------------------------------------------------------
+
+    @classmethod
+    async def start(cls, key: Ed25519PrivateKey | None = None, listen: str = "/ip4/127.0.0.1/tcp/0",
+                    bootstrap: list[str] = (), table_path: str | os.PathLike[str] | None = None) -> "DHTNode":
+        """Listen on `listen` over plain TCP, join through `bootstrap` addresses and any saved table.
+
+        With no bootstrap address and no saved table the node starts a new network of its own.
+        """
+        key = key or Ed25519PrivateKey.generate()
+        transport = TCPTransport()
+        node = cls(key, transport.dial, [], table_path=table_path)
+        node._transport = transport
+        addrs = await transport.listen(listen, node.serve_stream)
+        node.core.set_addrs(addrs)
+        await node.join(list(bootstrap))
+        node._main = asyncio.create_task(node._maintain())
+        return node
+
+    @property
+    def peer_id(self) -> bytes:
+        return self.core.peer_id
+
+    @property
+    def addrs(self) -> list[str]:
+        return list(self.core.contact.addrs)
+
+    async def join(self, bootstrap: list[str]) -> int:
+        """Ping the bootstrap addresses and saved contacts, then look up our own id (paper, section 2.3).
+
+        Returns the number of contacts in the routing table afterwards.
+        """
+        seeds = [Contact(b"", (a,), 0) for a in bootstrap] + self._load_table()
+        async with asyncio.TaskGroup() as tg:
+            for c in seeds:
+                tg.create_task(self._ping_seed(c))
+        if len(self.core.table):
+            await self._run_query(self.core.query(FIND_NODE, self.core.contact.id.to_bytes(KEY_BYTES, "big")))
+        elif seeds:
+            log.warning("DHT node %s reached none of %d bootstrap contacts; starting alone",
+                        self.peer_id.hex()[:16], len(seeds))
+        return len(self.core.table)
+
+    async def _ping_seed(self, c: Contact) -> None:
+        try:
+            resp = await self.rpc(c, self.core.request(PING))
+        except RPCFailed as e:
+            log.info("DHT bootstrap contact %s unreachable: %s", list(c.addrs), e)
+            return
+        # A PING answer names its sender, which is how an address-only bootstrap entry becomes a contact.
+        for n in resp.nodes[:1]:
+            self.core.observe(n, time.time())
+
+    async def close(self) -> None:
+        if self._main is not None:
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for streams in self._pool.values():
+            for s in streams:
+                await s.close()
+        self._pool.clear()
+        if self._transport is not None:
+            await self._transport.close()
+        self.save_table()
+
+    # --- serving ---------------------------------------------------------------------------------
+
+    async def serve_stream(self, stream: Stream) -> None:
+        """Answer requests on one inbound stream until it ends, idles out or misbehaves."""
+        ip = getattr(stream, "remote_ip", "")
+        me = asyncio.current_task()
+        if me is not None:
+            self._tasks.add(me)  # so close() ends inbound streams too
+            me.add_done_callback(self._tasks.discard)
+        async with self._inbound:
+            try:
+                while True:
+                    async with asyncio.timeout(IDLE_STREAM_S):
+                        body = await read_frame(stream)
+                    req = decode_request(body)
+                    resp = self.core.handle(req, ip, time.time())
+                    if req.type == PING:
+                        resp = Response(resp.rid, [self.core.contact])
+                    await stream.write(frame(encode_response(resp)))
+                    self._drain_pings()
+            except InvalidMessage as e:
+                log.info("DHT node %s: bad message from %s: %s", self.peer_id.hex()[:16], ip, e)
+            except (asyncio.IncompleteReadError, TimeoutError, OSError):
+                pass  # peer closed, went idle or vanished: nothing to answer
+            finally:
+                await stream.close()
+
+    def _drain_pings(self) -> None:
+        while self.core.pings:
+            c = self.core.pings.popleft()
+            self._spawn(self._ping_evict(c))
+
+    async def _ping_evict(self, c: Contact) -> None:
+        try:
+            await self.rpc(c, self.core.request(PING))
+            alive = True
+        except RPCFailed:
+            alive = False
+        self.core.table.ping_result(c, alive, time.time())
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # --- calling ---------------------------------------------------------------------------------
+
+    async def rpc(self, contact: Contact, req: Request) -> Response:
+        """Send one request to `contact` and return its answer; raises RPCFailed on any failure."""
+        pooled = self._pool.get(contact.peer_id) if contact.peer_id else None
+        stream = pooled.pop() if pooled else None
+        try:
+            async with asyncio.timeout(RPC_TIMEOUT_S):
+                if stream is None:
+                    stream = await self._dial(contact)
+                await stream.write(frame(encode_request(req)))
+                resp = decode_response(await read_frame(stream))
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, InvalidMessage, RPCFailed) as e:
+            if stream is not None:
+                await stream.close()
+            raise RPCFailed(f"DHT {req.type} to {contact.peer_id.hex()[:16]} failed: {e!r}") from e
+        if resp.rid != req.rid:
+            await stream.close()
+            raise RPCFailed(f"DHT answer from {contact.peer_id.hex()[:16]} is for another request; dropped")
+        key = contact.peer_id or (resp.nodes[0].peer_id if resp.nodes else b"")
+        idle = self._pool.setdefault(key, [])
+        if key and len(idle) < MAX_IDLE_PER_ADDR:
+            idle.append(stream)
+        else:
+            await stream.close()
+        return resp
+
+    async def _call(self, q: Query, contact: Contact, req: Request) -> tuple[Contact, Response | None]:
+        try:
+            return contact, await self.rpc(contact, req)
+        except RPCFailed as e:
+            log.debug("%s", e)
+            return contact, None
+
+    async def _run_query(self, q: Query) -> Query:
+        """Drive one lookup: keep its requests in flight, feed answers back, stop when it is done."""
+        in_flight: set[asyncio.Task] = set()
+        try:
+            while True:
+                for contact, req in q.requests():
+                    in_flight.add(asyncio.create_task(self._call(q, contact, req)))
+                if q.done or not in_flight:
+                    break
+                finished, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                for t in finished:
+                    contact, resp = t.result()
+                    if resp is None:
+                        q.on_failure(contact)
+                    else:
+                        q.on_response(contact, resp, time.time())
+                self._drain_pings()
+        finally:
+            for t in in_flight:
+                t.cancel()
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
+        self.core.table.touch(q.lookup.target, time.time())
+        return q
+
+    async def _store_at_closest(self, rec: Record, type_: int) -> int:
+        q = await self._run_query(self.core.query(FIND_NODE, rec.key))
+        targets = q.closest()
+        calls = (self._call(q, c, self.core.request(type_, record=rec)) for c in targets)
+        results = await asyncio.gather(*calls)
+        stored = sum(1 for _, r in results if r is not None and r.ok)
+        # We hold a copy too when we are among the closest (small networks) or alone.
+        if len(targets) < self.core.k:
+            self.core.store.put(rec, self.peer_id, "127.0.0.1", time.time())
+            stored += 1
+        return stored
+
+    def _next_seq(self) -> int:
+        # Milliseconds since the epoch: a restarted node's records still replace its older ones.
+        self._seq = max(self._seq + 1, int(time.time() * 1000))
+        return self._seq
+
+    # --- the public API --------------------------------------------------------------------------
+
+    async def put(self, name: bytes, value: bytes) -> int:
+        """Publish `value` under our key for `name`; returns how many nodes stored it.
+
+        Republished before it expires, until the node closes.
+        """
+        rec = Record.value_record(self.core.key, name, value, self._next_seq(), time.time() + RECORD_TTL_S)
+        self._published[rec.key + b"v"] = (STORE, rec)
+        return await self._store_at_closest(rec, STORE)
+
+    async def get(self, publisher: bytes, name: bytes) -> bytes | None:
+        """The newest value `publisher` put under `name`, or None if the network holds none."""
+        from dht.keys import record_key
+
+        key = record_key(publisher, name)
+        local = self.core.store.get_value(key, time.time())
+        q = await self._run_query(self.core.query(FIND_VALUE, key))
+        best = q.value
+        if local is not None and (best is None or local.seq > best.seq):
+            best = local
+        return best.value if best is not None else None
+
+    async def announce_run(self, run_id: str, addrs: list[str]) -> int:
+        """Announce us as a peer of `run_id` reachable at `addrs`; republished until `withdraw_run`."""
+        self._runs[run_id] = list(addrs)
+        return await self._provide(run_id, addrs)
+
+    async def _provide(self, run_id: str, addrs: list[str]) -> int:
+        rec = Record.provider_record(self.core.key, run_key(run_id), addrs, self._next_seq(),
+                                     time.time() + RECORD_TTL_S)
+        return await self._store_at_closest(rec, ADD_PROVIDER)
+
+    async def find_run_peers(self, run_id: str) -> list[tuple[bytes, list[str]]]:
+        """The peers (peer id, addresses) that announced themselves in `run_id`, us excluded."""
+        key = run_key(run_id)
+        q = await self._run_query(self.core.query(GET_PROVIDERS, key))
+        provs = dict(q.providers)
+        for rec in self.core.store.get_providers(key, time.time(), limit=1 << 16):
+            if rec.publisher not in provs or rec.seq > provs[rec.publisher].seq:
+                provs[rec.publisher] = rec
+        return [(p, list(r.addrs)) for p, r in provs.items() if p != self.peer_id and r.addrs]
+
+    def withdraw_run(self, run_id: str) -> None:
+        """Stop announcing `run_id`, and tell the key's holders (in the background) that we left."""
+        if self._runs.pop(run_id, None) is not None:
+            self._spawn(self._provide(run_id, []))
+
+    # --- maintenance -----------------------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        last_publish = time.time()
+        while True:
+            await asyncio.sleep(MAINTENANCE_S)
+            now = time.time()
+            self.core.store.expire(now)
+            for i in self.core.table.stale_buckets(now, REFRESH_S)[:MAX_REFRESH_PER_PASS]:
+                target = self.core.table.random_id_in_bucket(i, self._rng).to_bytes(KEY_BYTES, "big")
+                await self._run_query(self.core.query(FIND_NODE, target))
+            if now - last_publish >= REPUBLISH_S:
+                last_publish = now
+                await self._republish()
+            self.save_table()
+
+    async def _republish(self) -> None:
+        for k, (type_, rec) in list(self._published.items()):
+            fresh = Record.value_record(self.core.key, rec.name, rec.value, self._next_seq(),
+                                        time.time() + RECORD_TTL_S)
+            self._published[k] = (type_, fresh)
+            await self._store_at_closest(fresh, type_)
+        for run_id, addrs in list(self._runs.items()):
+            await self._provide(run_id, addrs)
+
+    # --- persistence -----------------------------------------------------------------------------
+
+    def save_table(self) -> None:
+        """Write the routing table's contacts to `table_path` (atomically), if one was given."""
+        if self.table_path is None:
+            return
+        data = [{"peer_id": c.peer_id.hex(), "addrs": list(c.addrs)} for c in self.core.table.contacts()]
+        tmp = self.table_path.with_suffix(self.table_path.suffix + ".tmp")
+        tmp.write_text(json.dumps({"version": 1, "contacts": data}))
+        os.replace(tmp, self.table_path)
+
+    def _load_table(self) -> list[Contact]:
+        if self.table_path is None or not self.table_path.exists():
+            return []
+        try:
+            if self.table_path.stat().st_size > MAX_TABLE_FILE:
+                raise ValueError(f"larger than {MAX_TABLE_FILE} bytes")
+            doc = json.loads(self.table_path.read_text())
+            out = [Contact.of(bytes.fromhex(e["peer_id"]), [str(a) for a in e["addrs"]])
+                   for e in doc["contacts"][:MAX_BOOT_CONTACTS]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("DHT routing table file %s is unreadable (%s); ignoring it", self.table_path, e)
+            return []
+        return out

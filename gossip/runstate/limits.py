@@ -43,6 +43,10 @@ MAX_DOCUMENTS = 4096
 # replica refuses chains longer than the hard cap (an owner that never compacts is misbehaving).
 COMPACT_AFTER_ENTRIES = 64
 MAX_CHAIN_ENTRIES = 256
+# An owner also compacts once its chain outweighs this many times its snapshot (and this floor): a
+# replica then holds at most a few times each document's live content, however long the run.
+COMPACT_GROWTH = 4
+COMPACT_MIN_BYTES = 1024
 # Out-of-order entries held per owner while the missing ones are fetched, and in total.
 MAX_PENDING_PER_OWNER = 32
 MAX_PENDING_TOTAL = 4096

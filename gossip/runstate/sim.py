@@ -58,13 +58,17 @@ class SimNet:
         return n
 
     def tick(self, now: float) -> None:
-        for k, s in self.nodes.items():
-            peers = [p for p in self.nodes if p != k and self.reachable(k, p)]
+        for k, s in list(self.nodes.items()):
+            # Partitioned: gossip only within reach, as a daemon gossips only over open connections.
+            peers = (
+                None if self.groups is None else [p for p in self.nodes if p != k and self.reachable(k, p)]
+            )
             self.send(k, s.tick(now, peers))
 
-    def converged(self) -> bool:
-        """Every replica holds the same chains, records and proofs."""
-        digests = [s._digests() for s in self.nodes.values()]
+    def converged(self, records: bool = True) -> bool:
+        """Every replica holds the same chains and proofs (and, with `records`, the same records:
+        with 50 peers heartbeating every 10 s, some record is almost always still spreading)."""
+        digests = [s._digests() if records else s._digests()[:2] for s in self.nodes.values()]
         return all(d == digests[0] for d in digests)
 
 
@@ -111,14 +115,14 @@ class Swarm:
         return False
 
 
-def fingerprint(state: RunState, now: float) -> tuple:
-    """Everything a user of the read API can see, plus the raw digests."""
+def fingerprint(state: RunState, now: float, records: bool = True) -> tuple:
+    """Everything a user of the read API can see, plus the raw digests (records optional)."""
     return (
-        state._digests(),
+        state._digests() if records else state._digests()[:2],
         {k: r.read() for k, r in sorted(state.docs.items())},
-        sorted(state.records.items()),
+        sorted(state.records.items()) if records else None,
         state.config(),
         state.checkpoints(),
         state.bans(),
-        [(m.key, m.addrs, m.caps, m.round, m.metrics) for m in state.members(now)],
+        [(m.key, m.addrs, m.caps, m.round, m.metrics if records else None) for m in state.members(now)],
     )

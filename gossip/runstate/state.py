@@ -40,6 +40,8 @@ from .limits import (
     ANTI_ENTROPY_FANOUT,
     ANTI_ENTROPY_INTERVAL_S,
     COMPACT_AFTER_ENTRIES,
+    COMPACT_GROWTH,
+    COMPACT_MIN_BYTES,
     DEAD_AFTER_S,
     HEARTBEAT_INTERVAL_S,
     MAX_DOCUMENTS,
@@ -125,6 +127,11 @@ class RunState:
         self._run_version = 0  # bumped whenever a run document changes: keys the caches below
         self._run_cache: dict[str, Any] = {}
         self._pruned_at = 0
+        # Bumped on every change of documents/proofs and of records: key the digest and read caches,
+        # so that a steady-state replica does not re-sort a thousand entries for every exchange.
+        self._docs_version = 0
+        self._records_version = 0
+        self._cache: dict[str, tuple[Any, Any]] = {}
         self._next_ae = now
         self._next_heartbeat = now
         self._start(KIND_PEER, {"member": {"joined": _ms(now)}}, _ms(now))
@@ -141,6 +148,12 @@ class RunState:
         hit = self._run_cache.get(name)
         if hit is None or hit[0] != self._run_version:
             hit = self._run_cache[name] = (self._run_version, compute())
+        return hit[1]
+
+    def _memo(self, name: str, key: Any, compute: Callable[[], Any]) -> Any:
+        hit = self._cache.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._cache[name] = (key, compute())
         return hit[1]
 
     def delegates(self) -> set[bytes]:
@@ -199,6 +212,9 @@ class RunState:
 
     def bans(self) -> dict[bytes, str]:
         """Keys banned from the run, with the reason: run-writer bans, proven equivocation, majority vote."""
+        return dict(self._memo("bans", (self._docs_version, self._run_version), self._bans))
+
+    def _bans(self) -> dict[bytes, str]:
         out: dict[bytes, str] = {
             k: "equivocation: signed two different entries for one slot" for k in self.proofs
         }
@@ -337,6 +353,7 @@ class RunState:
         self._counter = max(self._counter + 1, _ms(now))
         rec = Record.sign(self.key, self.run_id, self._counter, dict(self._metrics))
         self.records[self.me] = rec
+        self._records_version += 1
         self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
         return self._push([], [rec], rumour=False)
 
@@ -362,8 +379,11 @@ class RunState:
         if entry is None:
             return []
         self._run_version += kind == KIND_RUN
+        self._docs_version += 1
         new = [entry]
-        if own.seq >= COMPACT_AFTER_ENTRIES:
+        if own.seq >= COMPACT_AFTER_ENTRIES or own.bytes > max(
+            COMPACT_MIN_BYTES, COMPACT_GROWTH * len(own.entries[0].encode())
+        ):
             new.append(self._start(kind, own.read(), own.gen + 1))
         return self._push(new, [], rumour=True)
 
@@ -374,6 +394,7 @@ class RunState:
         replica, snapshot = DocReplica.start(self.key, kind, self.me, gen, self.run_id, content)
         self.docs[(kind, self.me)] = replica
         self._run_version += kind == KIND_RUN
+        self._docs_version += 1
         self._by_id[self.me[:KEY_ID_BYTES]] = self.me
         return snapshot
 
@@ -392,7 +413,7 @@ class RunState:
             self.add_peers([sender])
         if isinstance(msg, wire.AntiEntropy):
             docs, proofs, records = self._digests()
-            dh, rh = _hash(docs, proofs), _hash(records)
+            dh, rh = self._hashes()
             if dh == msg.docs_hash and rh == msg.records_hash:
                 return []
             differ = dh != msg.docs_hash
@@ -453,6 +474,8 @@ class RunState:
                 self.pending.pop((kind, a.owner), None)
         self.records.pop(a.owner, None)
         self._run_version += 1
+        self._docs_version += 1
+        self._records_version += 1
 
     def _authorized(self, kind: int, owner: bytes) -> bool:
         if kind == KIND_RUN:
@@ -490,12 +513,14 @@ class RunState:
             fresh_replica.apply(entry)
             self.docs[key] = fresh_replica
             self._run_version += entry.kind == KIND_RUN
+            self._docs_version += 1
             self._by_id[entry.owner[:KEY_ID_BYTES]] = entry.owner
             self.heard[entry.owner] = now
             return [entry, *self._drain(key, now)]
         if r is not None and entry.gen == r.gen and entry.seq == r.seq:
             r.apply(entry)
             self._run_version += entry.kind == KIND_RUN
+            self._docs_version += 1
             self.heard[entry.owner] = now
             return [entry, *self._drain(key, now)]
         self._hold(key, entry)
@@ -563,12 +588,27 @@ class RunState:
         if old is None and len(self.records) >= MAX_DOCUMENTS:
             return
         self.records[rec.owner] = rec
+        self._records_version += 1
         self._by_id[rec.owner[:KEY_ID_BYTES]] = rec.owner
         self.heard[rec.owner] = now
 
     # --- anti-entropy --------------------------------------------------------------------------------
 
     def _digests(self) -> tuple[list, list, list]:
+        return self._memo(
+            "digests", (self._docs_version, self._records_version, self._run_version), self._compute_digests
+        )
+
+    def _hashes(self) -> tuple[bytes, bytes]:
+        """Hashes of my document and record digests, as sent in the first anti-entropy message."""
+
+        def compute() -> tuple[bytes, bytes]:
+            docs, proofs, records = self._digests()
+            return _hash(docs, proofs), _hash(records)
+
+        return self._memo("hashes", (self._docs_version, self._records_version, self._run_version), compute)
+
+    def _compute_digests(self) -> tuple[list, list, list]:
         # Only what this replica would serve: documents and records of keys that may write them.
         docs = sorted(
             (k, o[:KEY_ID_BYTES], r.gen, r.seq, r.head[:8].ljust(8, b"\0"))
@@ -588,6 +628,8 @@ class RunState:
             self.pending.pop((kind, owner), None)
         for owner in [o for o in self.records if not self.admitted(o)]:
             del self.records[owner]
+        self._docs_version += 1
+        self._records_version += 1
 
     def _answer(self, sender: bytes, d: wire.Digest) -> list[Outgoing]:
         entries: list[Entry] = []
@@ -652,17 +694,22 @@ class RunState:
             out += self.heartbeat(now)
         if now >= self._next_ae:
             self._next_ae = now + ANTI_ENTROPY_INTERVAL_S
-            docs, proofs, records = self._digests()
-            msg = wire.encode(wire.AntiEntropy(_hash(docs, proofs), _hash(records)))
+            msg = wire.encode(wire.AntiEntropy(*self._hashes()))
             out += [Outgoing(p, msg) for p in self._targets(ANTI_ENTROPY_FANOUT, candidates)]
         return out
 
     # --- sending -------------------------------------------------------------------------------------
 
     def gossip_peers(self) -> list[bytes]:
-        banned = self.bans()
-        known = self.peers | {o for (_, o) in self.docs} | set(self.records)
-        return sorted(k for k in known if k != self.me and k not in banned)
+        """Everyone known to be in the run (documents, records, seeds), banned keys excepted."""
+
+        def compute() -> list[bytes]:
+            banned = self.bans()
+            known = self.peers | {o for (_, o) in self.docs} | set(self.records)
+            return sorted(k for k in known if k != self.me and k not in banned)
+
+        key = (self._docs_version, self._run_version, len(self.peers), len(self.records))
+        return list(self._memo("peers", key, compute))
 
     def _targets(
         self, n: int, candidates: Sequence[bytes] | None, exclude: bytes | None = None
@@ -778,8 +825,14 @@ def _skip_bad(fn: Callable[[], Any]) -> Any:
 def _hash(*parts: list) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     for p in parts:
-        h.update(repr(p).encode())
-        h.update(b"\0")
+        for item in p:
+            h.update(
+                b"".join(
+                    x if isinstance(x, bytes) else x.to_bytes(8, "big")
+                    for x in (item if isinstance(item, tuple) else (item,))
+                )
+            )
+        h.update(b"\xff")
     return h.digest()
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
@@ -37,6 +38,8 @@ TAGLEN = 16
 # Noise caps every message at 65535 bytes (spec section 3); the 2-byte length prefix cannot say more.
 MAX_FRAME_LENGTH = 65535
 MAX_PLAINTEXT_LENGTH = MAX_FRAME_LENGTH - TAGLEN
+# Muxers kept from a peer's early-negotiation list; real peers offer one or two.
+MAX_MUXERS = 8
 # Noise's nonce is 64 bits and must never repeat; 2**64 - 1 is reserved (spec section 5.1).
 MAX_NONCE = 2**64 - 1
 
@@ -118,27 +121,46 @@ def _dh(private: x25519.X25519PrivateKey, public: bytes) -> bytes:
         raise HandshakeError("peer's Noise key yields a degenerate Diffie-Hellman result") from exc
 
 
-def encode_payload(identity_key: ed25519.Ed25519PrivateKey, static_public: bytes) -> bytes:
-    """libp2p NoiseHandshakePayload {identity_key = 1, identity_sig = 2}."""
+def encode_payload(
+    identity_key: ed25519.Ed25519PrivateKey, static_public: bytes, muxers: Sequence[str] = ()
+) -> bytes:
+    """libp2p NoiseHandshakePayload {identity_key = 1, identity_sig = 2, extensions = 4}.
+
+    The extensions carry our stream muxers (NoiseExtensions.stream_muxers = 2) for the early muxer
+    negotiation of libp2p's connections spec ("inlined muxer negotiation").
+    """
     signature = identity_key.sign(SIGNATURE_PREFIX + static_public)
-    return encode_len_field(1, encode_public_key(identity_key.public_key())) + encode_len_field(2, signature)
+    payload = encode_len_field(1, encode_public_key(identity_key.public_key())) + encode_len_field(
+        2, signature
+    )
+    if muxers:
+        payload += encode_len_field(4, b"".join(encode_len_field(2, m.encode()) for m in muxers))
+    return payload
 
 
-def verify_payload(payload: bytes, remote_static: bytes) -> PublicKey:
-    """Check the peer's payload: its identity key signed its Noise static key. Returns that identity."""
+def verify_payload(payload: bytes, remote_static: bytes) -> tuple[PublicKey, list[str]]:
+    """Check the peer's payload: its identity key signed its Noise static key.
+
+    Returns that identity and the stream muxers it offered (empty when it sent no extensions).
+    """
     key_bytes: bytes | None = None
     signature: bytes | None = None
+    muxers: list[str] = []
     for number, value in iter_fields(payload):
         if number == 1 and isinstance(value, bytes):
             key_bytes = value
         elif number == 2 and isinstance(value, bytes):
             signature = value
+        elif number == 4 and isinstance(value, bytes):
+            for ext_number, ext_value in iter_fields(value):
+                if ext_number == 2 and isinstance(ext_value, bytes) and len(muxers) < MAX_MUXERS:
+                    muxers.append(ext_value.decode(errors="replace"))
     if key_bytes is None or signature is None:
         raise HandshakeError("Noise handshake payload lacks the identity key or its signature")
     key = PublicKey.from_protobuf(key_bytes)
     if not key.verify(signature, SIGNATURE_PREFIX + remote_static):
         raise HandshakeError("peer's identity key did not sign its Noise static key: refusing the peer")
-    return key
+    return key, muxers
 
 
 class NoiseHandshake:
@@ -150,8 +172,11 @@ class NoiseHandshake:
         initiator: bool,
         identity_key: ed25519.Ed25519PrivateKey,
         expected_peer: PeerID | None = None,
+        muxers: Sequence[str] = (),
     ) -> None:
         self.initiator = initiator
+        self._muxers = list(muxers)
+        self.remote_muxers: list[str] = []
         self._identity_key = identity_key
         self._expected = expected_peer
         self._s = x25519.X25519PrivateKey.generate()
@@ -192,6 +217,20 @@ class NoiseHandshake:
         if self.done:
             self.unused_data = bytes(self._buffer)
             self._buffer.clear()
+
+    @property
+    def selected_muxer(self) -> str | None:
+        """The muxer agreed inside the handshake, or None to negotiate it with multistream-select.
+
+        Per libp2p's inlined muxer negotiation: the first muxer of the initiator's list that the
+        responder also offers; only when both sides sent a list.
+        """
+        if not self.done or not self._muxers or not self.remote_muxers:
+            return None
+        initiator_list, responder_list = (
+            (self._muxers, self.remote_muxers) if self.initiator else (self.remote_muxers, self._muxers)
+        )
+        return next((m for m in initiator_list if m in responder_list), None)
 
     def transport(self) -> NoiseTransport:
         if not self.done:
@@ -238,7 +277,7 @@ class NoiseHandshake:
         s_pub = _x25519_public(self._s)
         encrypted_s = self._sym.encrypt_and_hash(s_pub)
         self._sym.mix_key(_dh(self._s, self._re))
-        payload = self._sym.encrypt_and_hash(encode_payload(self._identity_key, s_pub))
+        payload = self._sym.encrypt_and_hash(encode_payload(self._identity_key, s_pub, self._muxers))
         self._emit(e_pub + encrypted_s + payload)
 
     def _read_message_2(self, message: bytes) -> None:  # initiator: <- e, ee, s, es, payload
@@ -250,14 +289,14 @@ class NoiseHandshake:
         self._rs = self._sym.decrypt_and_hash(message[DHLEN : 2 * DHLEN + TAGLEN])
         self._sym.mix_key(_dh(self._e, self._rs))
         payload = self._sym.decrypt_and_hash(message[2 * DHLEN + TAGLEN :])
-        self._accept_identity(verify_payload(payload, self._rs))
+        self._accept_identity(*verify_payload(payload, self._rs))
         self._step += 1
 
     def _write_message_3(self) -> None:  # initiator: -> s, se, payload
         s_pub = _x25519_public(self._s)
         encrypted_s = self._sym.encrypt_and_hash(s_pub)
         self._sym.mix_key(_dh(self._s, self._re))
-        payload = self._sym.encrypt_and_hash(encode_payload(self._identity_key, s_pub))
+        payload = self._sym.encrypt_and_hash(encode_payload(self._identity_key, s_pub, self._muxers))
         self._emit(encrypted_s + payload)
 
     def _read_message_3(self, message: bytes) -> None:  # responder: <- s, se, payload
@@ -266,10 +305,11 @@ class NoiseHandshake:
         self._rs = self._sym.decrypt_and_hash(message[: DHLEN + TAGLEN])
         self._sym.mix_key(_dh(self._e, self._rs))
         payload = self._sym.decrypt_and_hash(message[DHLEN + TAGLEN :])
-        self._accept_identity(verify_payload(payload, self._rs))
+        self._accept_identity(*verify_payload(payload, self._rs))
         self._step += 1
 
-    def _accept_identity(self, key: PublicKey) -> None:
+    def _accept_identity(self, key: PublicKey, muxers: list[str]) -> None:
+        self.remote_muxers = muxers
         peer_id = key.peer_id()
         if self._expected is not None and peer_id != self._expected:
             raise PeerIDMismatchError(

@@ -179,12 +179,14 @@ async def bench(addr_text, mib):
         await stream.close()
         stream = await host.new_stream(info.peer_id, [SINK])
         block = b"\0" * (256 * 1024)
+        cpu_start = time.process_time()
         start = time.perf_counter()
         for _ in range(mib * 4):
             await stream.write(block)
         await stream.close_write()
         reply = await read_all(stream)
         elapsed = time.perf_counter() - start
+        result["transfer_cpu_s"] = time.process_time() - cpu_start
         assert int(reply) == mib * MIB, reply
         result["throughput_mb_s"] = mib * MIB / elapsed / 1e6
     emit(result)

@@ -94,3 +94,18 @@ def test_oversized_plaintext_is_refused():
     _, _, init, _ = handshake()
     with pytest.raises(ValueError):
         init.transport().encrypt(b"x" * (MAX_PLAINTEXT_LENGTH + 1), [])
+
+
+def test_early_muxer_negotiation_picks_the_initiators_first_common_muxer():
+    def run(init_muxers, resp_muxers):
+        init = NoiseHandshake(initiator=True, identity_key=generate_key(), muxers=init_muxers)
+        resp = NoiseHandshake(initiator=False, identity_key=generate_key(), muxers=resp_muxers)
+        resp.receive_data(init.data_to_send())
+        init.receive_data(resp.data_to_send())
+        resp.receive_data(init.data_to_send())
+        assert init.selected_muxer == resp.selected_muxer
+        return init.selected_muxer
+
+    assert run(["/yamux/1.0.0", "/mplex/6.7.0"], ["/mplex/6.7.0", "/yamux/1.0.0"]) == "/yamux/1.0.0"
+    assert run(["/mplex/6.7.0"], ["/yamux/1.0.0"]) is None  # no overlap: fall back to multistream
+    assert run(["/yamux/1.0.0"], []) is None  # a peer without the extension (py-libp2p 0.8.1)

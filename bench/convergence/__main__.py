@@ -11,24 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from bench.convergence.runs import OutOfTime, Result, run_outer, run_synchronous
-from bench.convergence.sim import Batches, SimConfig, initial_weights
-from gossip.outer.methods import OuterConfig
+from bench.convergence.jobs import job, job_init, sim_config
 from peer.worker.data import load_stdlib_corpus
-from peer.worker.model import GPTConfig
 
 # --quick must finish within 10 minutes on 2 idle cores (the issue); leave room for loading and the plot.
 QUICK_BUDGET_S = 560
 FULL_BUDGET_S = 3 * 3600
 SWEEP_BUDGET_S = 2 * 3600
-SYNC = ("single", "ddp")
 # The composition variants the default is chosen from (the product exchanges with one partner at a time).
 COMPOSITIONS = ("gossip-sparseloco", "pair-sparseloco", "compressed-noloco")
 # Run order: the reference and the candidates first, so a wall-clock guard cuts the least needed ones.
@@ -47,7 +43,7 @@ LOSS_TOLERANCE = 0.01
 
 SWEEP: dict[str, list[dict]] = {
     "diloco": [{"lr": v} for v in (0.2, 0.3, 0.4, 0.55, 0.7)],
-    "sparseloco": [{"lr": v} for v in (0.7, 1.0, 1.4)],
+    "sparseloco": [{"lr": v, "topk": k} for v in (0.7, 1.0, 1.4) for k in (64, 128)],
     "noloco": [{"lr": v} for v in (0.5, 0.7, 0.9)],
     "gossip-sparseloco": [{"lr": v} for v in (1.5, 2.5, 3.5)],
     "pair-sparseloco": [{"lr": v, "consensus_every": f} for v in (1.0, 1.5) for f in (1, 2, 8)],
@@ -55,35 +51,32 @@ SWEEP: dict[str, list[dict]] = {
 }
 
 
-def sim_config(mode: str, seed: int) -> SimConfig:
-    if mode == "full":  # notes 4.5: d=128, L=4, T=128, R=8, 3 seeds (30–60 min on an idle box)
-        return SimConfig(
-            model=GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128),
-            replicas=8,
-            inner_steps=16,
-            total_steps=1600,
-            seed=seed,
-        )
-    if mode == "smoke":  # seconds: exercises every code path, measures nothing
-        return SimConfig(
-            model=GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16),
-            replicas=4,
-            batch=2,
-            inner_steps=2,
-            total_steps=8,
-            eval_windows=4,
-            eval_every=2,
-            seed=seed,
-        )
-    return SimConfig(seed=seed)  # quick / sweep: the CI config of notes 4.5
+def run_all(
+    mode: str, jobs: int, tasks: list[tuple[int, str, dict | None]], deadline: float
+) -> list[dict | None]:
+    """Run tasks (seed, method, overrides) on `jobs` processes, in order of submission; prints as they end."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=job_init) as pool:
+        futures = [pool.submit(job, mode, seed, name, ov, deadline) for seed, name, ov in tasks]
+        for (seed, name, ov), fut in zip(tasks, futures, strict=True):
+            fut.add_done_callback(
+                lambda f, seed=seed, name=name, ov=ov: _report(seed, name, ov, f.result()[1])
+            )
+        return [f.result()[1] for f in futures]
 
 
-def run_method(
-    name: str, cfg: SimConfig, batches: Batches, init: dict, deadline: float, overrides: dict | None = None
-) -> Result:
-    if name in SYNC:
-        return run_synchronous(name, cfg, batches, init, deadline)
-    return run_outer(name, cfg, batches, init, OuterConfig.tuned(name, **(overrides or {})), deadline)
+def _report(seed: int, name: str, overrides: dict | None, res: dict | None) -> None:
+    label = f"seed {seed} {name:18s}" + (f" {overrides}" if overrides else "")
+    if res is None:
+        print(f"  {label}: skipped, wall-clock guard reached", flush=True)
+        return
+    print(
+        f"  {label} loss {res['eval_loss']:.4f} (avg-w {res['eval_loss_avg_weights']:.4f}) "
+        f"spread {res['spread']:.5f} bits/param {res['bits_per_param']:.3f} "
+        f"bytes/peer/round {res['bytes_per_peer_per_round']:.0f} {res['seconds']:.0f}s "
+        f"{res['tok_per_s']:.0f} tok/s",
+        flush=True,
+    )
 
 
 def choose_default(results: dict[str, dict]) -> str | None:
@@ -171,51 +164,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", help="comma-separated subset of methods")
     parser.add_argument("--seeds", type=int, help="number of seeds (quick 1, full 3)")
     parser.add_argument("--budget", type=float, help="wall-clock guard in seconds")
+    parser.add_argument("--jobs", type=int, default=2, help="processes, one torch thread each (default 2)")
     args = parser.parse_args(argv)
     mode_name = args.mode or "quick"
     budget = args.budget or {"full": FULL_BUDGET_S, "sweep": SWEEP_BUDGET_S}.get(mode_name, QUICK_BUDGET_S)
     seeds = args.seeds or (3 if mode_name == "full" else 1)
-    methods = tuple(args.methods.split(",")) if args.methods else QUICK_METHODS
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    start = time.monotonic()
+    start = time.time()
     deadline = start + budget
     corpus = load_stdlib_corpus()
     print(
         f"corpus: {corpus.files} files, {len(corpus.train)} train / {len(corpus.validation)} held-out bytes, "
-        f"sha256 {corpus.sha256[:16]}…"
+        f"sha256 {corpus.sha256[:16]}…; {args.jobs} processes, guard {budget:.0f} s",
+        flush=True,
     )
     if mode_name == "sweep":
-        return sweep(args, corpus, methods, deadline)
-    per_seed: list[dict[str, dict]] = []
-    skipped: list[str] = []
-    for seed in range(seeds):
-        cfg = sim_config(mode_name, seed)
-        batches = Batches(corpus, cfg)
-        init = initial_weights(cfg)
-        results: dict[str, dict] = {}
-        for name in methods:
-            try:
-                res = run_method(name, cfg, batches, init, deadline)
-            except OutOfTime:
-                skipped.append(f"{name}@seed{seed}")
-                print(f"  {name}: skipped, wall-clock guard ({budget:.0f} s) reached", flush=True)
-                continue
-            results[name] = res.to_json()
-            print(
-                f"  seed {seed} {name:18s} loss {res.eval_loss:.4f} (avg-w {res.eval_loss_avg_weights:.4f}) "
-                f"spread {res.spread:.5f} bits/param {res.bits_per_param:.3f} "
-                f"bytes/peer/round {res.bytes_per_peer_per_round:.0f} {res.seconds:.0f}s "
-                f"{res.tok_per_s:.0f} tok/s",
-                flush=True,
+        methods = tuple(args.methods.split(",")) if args.methods else tuple(SWEEP)
+        tasks = [(0, name, ov) for name in methods for ov in SWEEP.get(name, [])]
+        rows = run_all("sweep", args.jobs, tasks, deadline)
+        table: dict[str, list[dict]] = {}
+        for (_, name, ov), row in zip(tasks, rows, strict=True):
+            if row is not None:
+                table.setdefault(name, []).append({**(ov or {}), **row})
+        best = {m: min(rows_, key=lambda r: r["eval_loss"]) for m, rows_ in table.items()}
+        for m, row in best.items():
+            print(f"best {m}: { ({k: row[k] for k in SWEEP[m][0]}) } loss {row['eval_loss']:.4f}")
+        if args.json:
+            args.json.write_text(
+                json.dumps({"sweep": table, "best": best, "corpus_sha256": corpus.sha256}, indent=1)
             )
-        per_seed.append(results)
-    results = average_seeds([s for s in per_seed if s])
+        return 0
+    methods = tuple(args.methods.split(",")) if args.methods else QUICK_METHODS
+    tasks = [(seed, name, None) for seed in range(seeds) for name in methods]
+    rows = run_all(mode_name, args.jobs, tasks, deadline)
+    per_seed: list[dict[str, dict]] = [{} for _ in range(seeds)]
+    skipped = []
+    for (seed, name, _), row in zip(tasks, rows, strict=True):
+        if row is None:
+            skipped.append(f"{name}@seed{seed}")
+        else:
+            per_seed[seed][name] = row
+    results = average_seeds([s for s in per_seed if s]) if any(per_seed) else {}
     default = choose_default(results)
     summarise(results)
     cfg = sim_config(mode_name, 0)
     print(
-        f"default (lowest loss among {', '.join(COMPOSITIONS)}, ties within {LOSS_TOLERANCE:.0%} to fewest "
-        f"bytes): {default}; wall {time.monotonic() - start:.0f} s (CPU may be shared with other jobs)"
+        f"default (lowest loss among {', '.join(COMPOSITIONS)}; within {LOSS_TOLERANCE:.0%} of it, fewest "
+        f"bytes): {default}; wall {time.time() - start:.0f} s (CPU may be shared with other jobs)"
     )
     out = {
         "methods": results,
@@ -223,42 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         "config": {**asdict(cfg), "model": asdict(cfg.model), "mode": mode_name, "seeds": seeds},
         "corpus_sha256": corpus.sha256,
         "skipped": skipped,
-        "wall_s": time.monotonic() - start,
+        "wall_s": time.time() - start,
     }
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
         print(f"results written to {args.json}")
     if args.plot and results:
         plot(results, args.plot)
-    return 0
-
-
-def sweep(args: argparse.Namespace, corpus, methods: tuple[str, ...], deadline: float) -> int:
-    """Outer lr (and V-B's F) per method on seed 0; prints the best per method for methods.TUNED."""
-    cfg = sim_config("sweep", 0)
-    batches = Batches(corpus, cfg)
-    init = initial_weights(cfg)
-    table: dict[str, list[dict]] = {}
-    for name in methods:
-        for overrides in SWEEP.get(name, []):
-            try:
-                res = run_method(name, cfg, batches, init, deadline, overrides)
-            except OutOfTime:
-                print(f"  {name} {overrides}: skipped, wall-clock guard reached", flush=True)
-                continue
-            table.setdefault(name, []).append({**overrides, **res.to_json()})
-            print(
-                f"  {name:18s} {overrides} loss {res.eval_loss:.4f} avg-w {res.eval_loss_avg_weights:.4f} "
-                f"bytes/peer/round {res.bytes_per_peer_per_round:.0f} {res.tok_per_s:.0f} tok/s",
-                flush=True,
-            )
-    best = {m: min(rows, key=lambda r: r["eval_loss"]) for m, rows in table.items()}
-    for m, row in best.items():
-        print(f"best {m}: { ({k: row[k] for k in SWEEP[m][0]}) } loss {row['eval_loss']:.4f}")
-    if args.json:
-        args.json.write_text(
-            json.dumps({"sweep": table, "best": best, "corpus_sha256": corpus.sha256}, indent=1)
-        )
     return 0
 
 

@@ -34,6 +34,7 @@ import torch
 from gossip.outer import diloco, noloco, quant, sparseloco
 from gossip.outer.tensors import Named, OuterError, all_finite, check_same_layout, pseudo_gradient, zeros_like
 from gossip.outer.wire import Message, MessageError, pack, unpack
+from kernels.codec import CodecConfig, CodecError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class OuterConfig:
     momentum: float = 0.0  # DiLoCo μ, NoLoCo α (outer momentum); unused by the sparse methods (P10)
     gamma: float = 0.7  # V-B consensus pull (NoLoCo's γ)
     ef_beta: float = sparseloco.DEFAULT_EF_BETA
-    codec: object = None  # kernels.codec.CodecConfig; None: the codec's defaults
+    codec: CodecConfig | None = None  # None: the codec's defaults
     n_peers: int = 2  # V-A: updates are applied at lr / n_peers (linear rule, P4)
     consensus_every: int = 8  # V-B: F, the slice of each tensor pulled together per round is 1/F
     consensus_bits: int = 8
@@ -244,7 +245,7 @@ def outer_step(config: OuterConfig, state: OuterState, own: bytes, received: Seq
             slow, fast, state.momentum, partner, config.momentum, config.lr
         )
     elif method == "sparseloco":
-        decoded = [sparseloco.decode_dense(m.update or b"", slow) for m in [mine, *theirs]]
+        decoded = [_decode_sparse(m, slow) for m in [mine, *theirs]]
         state.slow = sparseloco.apply(slow, sparseloco.contributor_mean(decoded), config.lr)
     elif method == "pair-sparseloco":
         state.slow = _pair_sparse_step(config, state, mine, theirs)
@@ -252,6 +253,16 @@ def outer_step(config: OuterConfig, state: OuterState, own: bytes, received: Seq
         state.slow = _gossip_step(config, state, mine, theirs, received)
     state.round += 1
     return state.slow
+
+
+def _decode_sparse(message: Message, slow: Mapping[str, torch.Tensor]) -> tuple[Named, Named]:
+    """The codec payload of a sparse method's message as dense (values, contributor mask)."""
+    if message.update is None:
+        raise MessageError(f"{message.kind} message from {message.origin} carries no codec payload")
+    try:
+        return sparseloco.decode_dense(message.update, slow)
+    except CodecError as exc:
+        raise MessageError(f"{message.kind} message from {message.origin}: {exc}") from exc
 
 
 def _read_lattice(message: Message, slow: Mapping[str, torch.Tensor], config: OuterConfig) -> Named:
@@ -275,7 +286,7 @@ def _pair_sparse_step(config: OuterConfig, state: OuterState, mine: Message, the
     if len(theirs) > 1:
         raise MessageError(f"pair-sparseloco pairs with one partner, got {len(theirs)} messages")
     slow = state.slow
-    decoded = [sparseloco.decode_dense(m.update or b"", slow) for m in [mine, *theirs]]
+    decoded = [_decode_sparse(m, slow) for m in [mine, *theirs]]
     partner_slices: dict[str, torch.Tensor] = {}
     if theirs:
         cons = theirs[0].consensus or {}
@@ -314,7 +325,7 @@ def _gossip_step(
         if msg.id in state.store or msg.round <= oldest or msg.round > state.round:
             continue  # seen, too old to dedup safely, or from the future: drop
         fresh.append((msg, packed))
-    decoded = [sparseloco.decode_dense(m.update or b"", slow)[0] for m in [mine] + [m for m, _ in fresh]]
+    decoded = [_decode_sparse(m, slow)[0] for m in [mine] + [m for m, _ in fresh]]
     scale = config.lr / config.n_peers
     new = {n: phi.float().clone() for n, phi in slow.items()}
     for values in decoded:

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from gossip.outer.tensors import Named, OuterError, check_same_layout
+from kernels import codec
 
 # Reference hyper-parameters: α = 1, β = 0.95 (hparams/512M/sweeps). Density: see methods.py's tuned codec.
 DEFAULT_LR = 1.0
@@ -27,12 +28,10 @@ def layout(slow: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...],
 def compress(
     delta: Mapping[str, torch.Tensor],
     error: Mapping[str, torch.Tensor],
-    config: object,
+    config: codec.CodecConfig | None,
     beta: float = DEFAULT_EF_BETA,
 ) -> tuple[bytes, Named]:
     """Fold Δ into a copy of the EF buffer, encode it; returns (payload, new EF buffer). Inputs untouched."""
-    from kernels import codec
-
     config = config or codec.CodecConfig()
     check_same_layout(delta, error, "error-feedback buffer")
     new_error = {name: t.float().clone() for name, t in error.items()}
@@ -42,13 +41,14 @@ def compress(
 
 def decode_dense(payload: bytes, slow: Mapping[str, torch.Tensor]) -> tuple[Named, Named]:
     """A payload as dense (values, contributor mask) tensors shaped like the slow weights."""
-    from kernels import codec
-
     update = codec.decode(payload, expected=layout(slow))
+    if update.keys() != slow.keys():
+        raise codec.CodecError(f"codec payload has {len(update)} tensors, the model {len(slow)}; dropped")
     values = {name: torch.zeros(t.shape, dtype=torch.float32) for name, t in slow.items()}
     codec.accumulate(update, values)
     mask = {name: torch.zeros(t.shape, dtype=torch.float32) for name, t in slow.items()}
-    codec.accumulate_mask(update, mask)
+    for name, sparse in update.items():  # which coordinates this sender selected (contributor count)
+        mask[name].view(-1)[sparse.indices] = 1.0
     return values, mask
 
 

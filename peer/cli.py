@@ -30,7 +30,7 @@ def main() -> None:
     """
 
 
-@main.command()
+@main.command(short_help="Join a run (or start one) and train with its peers.")
 @click.option("--run", "run_id", required=False, help="The run to join (or start): letters, digits, . _ -")
 @click.option(
     "--bootstrap",
@@ -154,7 +154,7 @@ def _run_daemon(config, json_events: bool) -> int:
         return 1
 
 
-@main.command()
+@main.command(short_help="Run N peers on this machine with a live table and a summary.")
 @click.option(
     "--peers",
     "peer_count",

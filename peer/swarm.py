@@ -78,7 +78,7 @@ class PeerView:
             self.round, self.rounds_done = event["round"], self.rounds_done + 1
             self.inner_step = event.get("inner_step") or self.inner_step
             self.train_loss = event.get("train_loss", self.train_loss)
-            self.partner = (event.get("partner") or "-")[:10]
+            self.partner = event.get("partner") or ""
             self.outcome = event["outcome"]
             self.rounds_swapped += event["outcome"] == "swapped"
             self.bytes_sent += event["bytes_sent"]
@@ -100,29 +100,29 @@ def _fmt_bytes(count: float) -> str:
 
 
 def live_table(views: list[PeerView], rounds: int) -> Table:
-    table = Table(title=f"Shoal swarm: {len(views)} peers, {rounds} rounds")
+    table = Table(title=f"Shoal swarm: {len(views)} peers, {rounds} rounds", pad_edge=False)
     for column in (
         "peer",
         "state",
         "round",
-        "inner step",
-        "train loss",
-        "eval loss",
+        "step",
+        "train",
+        "eval",
         "partner",
         "sent",
-        "received",
+        "recv",
         "last round",
     ):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column != "last round")
     for v in views:
         table.add_row(
-            f"{v.index} {v.peer_id[:10]}",
+            f"{v.index}:{v.peer_id[1:7]}",
             v.state,
             f"{v.round}/{rounds}",
             str(v.inner_step),
             _fmt_loss(v.train_loss),
             _fmt_loss(v.eval_loss),
-            v.partner or "-",
+            v.partner[1:7] or "-",
             _fmt_bytes(v.bytes_sent),
             _fmt_bytes(v.bytes_received),
             v.outcome[:40],
@@ -159,50 +159,38 @@ def summarize(views: list[PeerView], options: SwarmOptions, wall_s: float) -> di
 
 
 def summary_table(views: list[PeerView], summary: dict[str, Any]) -> Table:
-    table = Table(
-        title=f"Summary: {summary['peers']} peers, {summary['rounds']} rounds, {summary['wall_s']:.1f} s"
-    )
-    for column in (
-        "peer",
-        "eval loss start",
-        "eval loss end",
-        "change",
-        "rounds done",
-        "swapped",
-        "sent per round",
-        "exit",
-    ):
-        table.add_column(column)
+    title = f"Summary: {summary['peers']} peers, {summary['rounds']} rounds, {summary['wall_s']:.1f} s"
+    table = Table(title=title)
+    for column in ("peer", "eval start", "eval end", "change", "rounds", "swaps", "sent/round", "exit"):
+        table.add_column(column, no_wrap=True)
     for v in views:
-        change = (
-            f"{100 * (v.eval_loss - v.eval_start) / v.eval_start:+.1f}%"
-            if v.eval_start and v.eval_loss
-            else "-"
-        )
         per_round = v.bytes_sent / v.rounds_done if v.rounds_done else 0
         table.add_row(
-            f"{v.index} {v.peer_id[:10]}",
+            f"{v.index}:{v.peer_id[1:7]}",
             _fmt_loss(v.eval_start),
             _fmt_loss(v.eval_loss),
-            change,
+            _fmt_change(v.eval_start, v.eval_loss),
             str(v.rounds_done),
             str(v.rounds_swapped),
             _fmt_bytes(per_round),
             str(v.exit_code),
         )
-    start, end = summary["eval_loss_start"], summary["eval_loss_end"]
     table.add_section()
     table.add_row(
-        "all (mean)",
-        _fmt_loss(start),
-        _fmt_loss(end),
-        f"{100 * (end - start) / start:+.1f}%" if start and end else "-",
+        "mean",
+        _fmt_loss(summary["eval_loss_start"]),
+        _fmt_loss(summary["eval_loss_end"]),
+        _fmt_change(summary["eval_loss_start"], summary["eval_loss_end"]),
         str(sum(v.rounds_done for v in views)),
         str(sum(v.rounds_swapped for v in views)),
         _fmt_bytes(summary["bytes_per_peer_per_round"]),
         "",
     )
     return table
+
+
+def _fmt_change(start: float | None, end: float | None) -> str:
+    return f"{100 * (end - start) / start:+.1f}%" if start and end else "-"
 
 
 class Swarm:
@@ -341,7 +329,8 @@ class Swarm:
 def run_swarm(options: SwarmOptions) -> int:
     import uvloop
 
-    console = Console()
+    # Piped into a file or a CI log, rich would assume 80 columns and squeeze the tables.
+    console = Console() if sys.stdout.isatty() else Console(width=140)
     swarm = Swarm(options, console)
 
     async def main() -> int:

@@ -114,6 +114,36 @@ class OuterState:
         slow32 = {n: t.detach().float().clone() for n, t in slow.items()}
         return cls(origin, slow32, zeros_like(slow32), zeros_like(slow32), round_)
 
+    def state_dict(self) -> dict:
+        """Everything a resumed peer needs for its outer method (P20), as tensors and plain values."""
+        return {
+            "origin": self.origin,
+            "round": self.round,
+            "slow": {n: t.clone() for n, t in self.slow.items()},
+            "error": {n: t.clone() for n, t in self.error.items()},
+            "momentum": {n: t.clone() for n, t in self.momentum.items()},
+            "store": [[origin, rnd, msg] for (origin, rnd), msg in sorted(self.store.items())],
+        }
+
+    @classmethod
+    def from_state_dict(cls, saved: Mapping) -> OuterState:
+        """Inverse of `state_dict`; raises OuterError if the buffers do not match the slow weights."""
+        try:
+            slow = {n: t.clone() for n, t in saved["slow"].items()}
+            state = cls(
+                str(saved["origin"]),
+                slow,
+                {n: t.clone() for n, t in saved["error"].items()},
+                {n: t.clone() for n, t in saved["momentum"].items()},
+                int(saved["round"]),
+            )
+            state.store = {(str(o), int(r)): bytes(m) for o, r, m in saved.get("store", [])}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise OuterError(f"outer state in checkpoint is incomplete or malformed: {exc!r}") from exc
+        check_same_layout(state.slow, state.error, "checkpointed error feedback")
+        check_same_layout(state.slow, state.momentum, "checkpointed outer momentum")
+        return state
+
 
 def _dense_tensors(named: Mapping[str, torch.Tensor]) -> list[bytes]:
     return [named[n].detach().float().contiguous().numpy().tobytes() for n in sorted(named)]

@@ -1,0 +1,162 @@
+"""Real DHT nodes on loopback TCP: rendezvous, records, hostile bytes, persistence."""
+
+import asyncio
+import logging
+import random
+import struct
+import time
+
+import msgpack
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from dht.node import DHTNode, parse_tcp_addr
+from dht.protocol import STORE
+from dht.records import Record
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def swarm(n: int) -> list[DHTNode]:
+    boot = await DHTNode.start()
+    nodes = [boot]
+    for _ in range(n - 1):
+        nodes.append(await DHTNode.start(bootstrap=boot.addrs))
+    return nodes
+
+
+async def close_all(nodes: list[DHTNode]) -> None:
+    for n in nodes:
+        await n.close()
+
+
+def test_thirty_daemons_each_find_every_record_and_a_newcomer_finds_the_run() -> None:
+    async def main() -> None:
+        nodes = await swarm(30)
+        try:
+            for i, n in enumerate(nodes):
+                assert await n.put(b"hello", b"from %d" % i) > 0
+            misses = []
+            for i, n in enumerate(nodes):
+                for j, m in enumerate(nodes):
+                    if i != j and await n.get(m.peer_id, b"hello") != b"from %d" % j:
+                        misses.append((i, j))
+            assert misses == []
+            run = random.sample(nodes, 5)
+            for p in run:
+                await p.announce_run("run-x", p.addrs)
+            # `peer join --run run-x --bootstrap ADDR`: a fresh node, one bootstrap address.
+            newcomer = await DHTNode.start(bootstrap=nodes[-1].addrs)
+            nodes.append(newcomer)
+            found = dict(await newcomer.find_run_peers("run-x"))
+            assert found == {p.peer_id: p.addrs for p in run}
+            # A peer that leaves withdraws; the others still find the rest.
+            run[0].withdraw_run("run-x")
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if run[0].peer_id not in dict(await nodes[7].find_run_peers("run-x")):
+                    break
+            left = dict(await nodes[7].find_run_peers("run-x"))
+            assert set(left) == {p.peer_id for p in run[1:]} - {nodes[7].peer_id}
+        finally:
+            await close_all(nodes)
+
+    asyncio.run(main())
+
+
+def test_newer_value_replaces_older() -> None:
+    async def main() -> None:
+        nodes = await swarm(6)
+        try:
+            await nodes[1].put(b"k", b"one")
+            await nodes[1].put(b"k", b"two")
+            assert await nodes[4].get(nodes[1].peer_id, b"k") == b"two"
+            assert await nodes[4].get(nodes[1].peer_id, b"nothing") is None
+        finally:
+            await close_all(nodes)
+
+    asyncio.run(main())
+
+
+def test_hostile_bytes_and_unsigned_records_are_refused_logged_and_never_stored(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="dht")
+
+    async def main() -> None:
+        nodes = await swarm(3)
+        target = nodes[0]
+        host, port = parse_tcp_addr(target.addrs[0])
+        try:
+            # 1. A frame header announcing 1 GiB: refused before reading the body, stream closed.
+            r, w = await asyncio.open_connection(host, port)
+            w.write(struct.pack(">I", 1 << 30))
+            await w.drain()
+            assert await r.read() == b""
+            w.close()
+            # 2. Garbage msgpack, 3. a STORE with a record whose signature is zeros.
+            k = Ed25519PrivateKey.generate()
+            good = Record.value_record(k, b"n", b"v", 1, time.time() + 600)
+            forged = [*good.to_wire()[:8], bytes(64)]
+            store = {"v": 1, "t": STORE, "rid": 5, "from": [good.publisher, []], "rec": forged}
+            r, w = await asyncio.open_connection(host, port)
+            w.write(struct.pack(">I", 3) + b"\xc1\xc1\xc1")
+            await w.drain()
+            assert await r.read() == b""  # garbage: the node hangs up
+            w.close()
+            r, w = await asyncio.open_connection(host, port)
+            body = msgpack.packb(store, use_bin_type=True)
+            w.write(struct.pack(">I", len(body)) + body)
+            await w.drain()
+            (n,) = struct.unpack(">I", await r.readexactly(4))
+            answer = msgpack.unpackb(await r.readexactly(n))
+            assert answer["rid"] == 5 and answer["ok"] is False
+            w.close()
+            assert len(target.core.store) == 0
+            # The node still serves honest peers afterwards.
+            await nodes[1].put(b"after", b"ok")
+            assert await nodes[2].get(nodes[1].peer_id, b"after") == b"ok"
+        finally:
+            await close_all(nodes)
+
+    asyncio.run(main())
+    text = caplog.text
+    assert "exceeds" in text and "not bounded msgpack" in text and "not signed by its publisher" in text
+
+
+def test_routing_table_survives_a_restart(tmp_path) -> None:
+    async def main() -> None:
+        nodes = await swarm(8)
+        key = Ed25519PrivateKey.generate()
+        path = tmp_path / "table.json"
+        try:
+            me = await DHTNode.start(key, bootstrap=nodes[0].addrs, table_path=path)
+            known = len(me.core.table)
+            await me.close()
+            assert path.exists() and known >= 5
+            # Restart with no bootstrap address: the saved table is enough to rejoin.
+            again = await DHTNode.start(key, table_path=path)
+            nodes.append(again)
+            assert len(again.core.table) >= known - 1
+            await nodes[3].put(b"x", b"y")
+            assert await again.get(nodes[3].peer_id, b"x") == b"y"
+        finally:
+            await close_all(nodes)
+
+    asyncio.run(main())
+
+
+def test_a_node_without_bootstrap_starts_a_network_of_its_own() -> None:
+    async def main() -> None:
+        first = await DHTNode.start()
+        try:
+            assert len(first.core.table) == 0
+            assert await first.put(b"solo", b"v") >= 1
+            assert await first.get(first.peer_id, b"solo") == b"v"
+            second = await DHTNode.start(bootstrap=first.addrs)
+            try:
+                assert await second.get(first.peer_id, b"solo") == b"v"
+            finally:
+                await second.close()
+        finally:
+            await first.close()
+
+    asyncio.run(main())

@@ -1,0 +1,112 @@
+"""Wire messages: well-formed ones round-trip; malformed, oversized or mistyped ones are refused."""
+
+import contextlib
+import os
+
+import msgpack
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dht.core import DHTCore
+from dht.errors import InvalidMessage
+from dht.keys import run_key
+from dht.protocol import (
+    ADD_PROVIDER,
+    FIND_NODE,
+    GET_PROVIDERS,
+    MAX_MESSAGE_BYTES,
+    STORE,
+    Request,
+    Response,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+)
+from dht.records import Record
+from dht.routing import Contact
+
+NOW = 1_000_000.0
+
+
+def me() -> Contact:
+    return Contact.of(os.urandom(32), ["/ip4/127.0.0.1/tcp/9"])
+
+
+def test_requests_and_responses_roundtrip() -> None:
+    k = Ed25519PrivateKey.generate()
+    rec = Record.provider_record(k, run_key("r"), ["/ip4/1.2.3.4/tcp/5"], 3, NOW + 60)
+    req = Request(ADD_PROVIDER, 7, me(), record=rec)
+    assert decode_request(encode_request(req)) == req
+    resp = Response(7, [me() for _ in range(20)], providers=[rec])
+    assert decode_response(encode_response(resp)) == resp
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        {"v": 2, "t": FIND_NODE, "rid": 1, "from": [b"p", []], "key": bytes(32)},  # unknown version
+        {"v": 1, "t": 99, "rid": 1, "from": [b"p", []]},  # unknown type
+        {"v": 1, "t": FIND_NODE, "rid": -1, "from": [b"p", []], "key": bytes(32)},  # bad rid
+        {"v": 1, "t": FIND_NODE, "rid": 1, "from": [b"p", []], "key": b"short"},  # bad key
+        {"v": 1, "t": FIND_NODE, "rid": 1, "from": [b"", []], "key": bytes(32)},  # empty peer id
+        {"v": 1, "t": FIND_NODE, "rid": 1, "from": [b"p", [1, 2]], "key": bytes(32)},  # addrs not str
+        {"v": 1, "t": STORE, "rid": 1, "from": [b"p", []]},  # store without record
+        {"v": 1, "t": STORE, "rid": 1, "from": [b"p", []], "rec": [1, 2, 3]},  # malformed record
+        [1, 2, 3],  # not a map
+    ],
+)
+def test_malformed_requests_are_refused(msg) -> None:
+    with pytest.raises(InvalidMessage):
+        decode_request(msgpack.packb(msg, use_bin_type=True))
+
+
+def test_oversized_and_bomb_messages_are_refused_before_allocation() -> None:
+    with pytest.raises(InvalidMessage, match="exceeds"):
+        decode_request(b"\x80" * (MAX_MESSAGE_BYTES + 1))
+    # A 5-byte header claiming a 4 GiB array: msgpack's limits refuse it without allocating.
+    with pytest.raises(InvalidMessage):
+        decode_request(b"\xdd\xff\xff\xff\xff")
+    huge_list = {"v": 1, "t": FIND_NODE, "rid": 1, "from": [b"p", ["/a"] * 1000], "key": bytes(32)}
+    with pytest.raises(InvalidMessage):
+        decode_request(msgpack.packb(huge_list))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_random_bytes_never_crash_the_decoder(data: bytes) -> None:
+    for decode in (decode_request, decode_response):
+        with contextlib.suppress(InvalidMessage):
+            decode(data)
+
+
+def test_core_refuses_unsigned_wrongly_signed_and_foreign_records() -> None:
+    holder = DHTCore(Ed25519PrivateKey.generate())
+    k = Ed25519PrivateKey.generate()
+    sender = Contact.of(Record.value_record(k, b"n", b"v", 1, NOW + 60).publisher)
+    good = Record.value_record(k, b"n", b"v", 1, NOW + 60)
+    unsigned = Record(good.kind, good.key, good.publisher, 1, good.expires, b"n", b"v", (), bytes(64))
+    other = Record.value_record(Ed25519PrivateKey.generate(), b"n", b"v", 1, NOW + 60)
+    for bad in (unsigned, other):
+        assert not holder.handle(Request(STORE, 1, sender, record=bad), "10.0.0.1", NOW).ok
+    # The wrong kind for the request: a value record offered as a provider announcement.
+    assert not holder.handle(Request(ADD_PROVIDER, 2, sender, record=good), "10.0.0.1", NOW).ok
+    assert len(holder.store) == 0 and holder.dropped == 3
+    assert holder.handle(Request(STORE, 3, sender, record=good), "10.0.0.1", NOW).ok
+    assert len(holder.store) == 1
+
+
+def test_core_answers_provider_lookups_with_closer_nodes_and_providers() -> None:
+    holder = DHTCore(Ed25519PrivateKey.generate())
+    peers = [me() for _ in range(30)]
+    for p in peers:
+        holder.observe(p, NOW)
+    k = Ed25519PrivateKey.generate()
+    rec = Record.provider_record(k, run_key("r"), ["/ip4/1.2.3.4/tcp/5"], 1, NOW + 60)
+    assert holder.handle(Request(ADD_PROVIDER, 1, Contact.of(rec.publisher), record=rec), "1.2.3.4", NOW).ok
+    asker = peers[0]
+    resp = holder.handle(Request(GET_PROVIDERS, 2, asker, run_key("r")), "10.0.0.1", NOW)
+    assert [r.publisher for r in resp.providers] == [rec.publisher]
+    assert len(resp.nodes) == 20 and asker not in resp.nodes

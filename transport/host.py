@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from . import identify as identify_proto
 from . import multistream, noise, yamux
+from .allocator import keep_freed_memory
 from .errors import (
     ConnectionClosedError,
     DuplicateIdentityError,
@@ -549,6 +550,7 @@ class Host:
         *,
         limits: HostLimits | None = None,
     ) -> Host:
+        keep_freed_memory()  # see allocator.py: a third of the CPU per byte otherwise goes to page faults
         host = cls(key, limits or HostLimits())
         try:
             for addr in listen:

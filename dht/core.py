@@ -107,10 +107,18 @@ class DHTCore:
             self.dropped += 1
             return False
 
-    def query(self, type_: int, key: bytes, *, alpha: int = ALPHA, paths: int = PATHS,
+    def query(self, type_: int, key: bytes, *, alpha: int | None = None, paths: int = PATHS,
               want: int | None = None) -> "Query":
+        """A lookup of `type_` for `key`.
+
+        A GET stops at its first valid answer, so its alpha requests are shared by the paths: more
+        would be wasted. Lookups that converge on the k closest (FIND_NODE, GET_PROVIDERS) keep
+        alpha in flight on every path (S/Kademlia), which cuts their latency at the same message count.
+        """
         if want is None:
             want = {FIND_VALUE: VALUE_QUORUM, GET_PROVIDERS: PROVIDER_QUORUM}.get(type_, 0)
+        if alpha is None:
+            alpha = ALPHA if type_ == FIND_VALUE else ALPHA * paths
         return Query(self, type_, key, alpha=alpha, paths=paths, want=want)
 
 

@@ -3,8 +3,9 @@
 The driver (the asyncio node or the simulator) asks `next_queries()` for contacts to send a request
 to, and reports each answer with `on_response` or `on_failure` (timeouts are the driver's clock, not
 ours). The lookup runs `paths` independent walks; a node is queried by at most one path, so a path
-that meets a liar stays the liar's, and the others still reach the key's true neighbourhood. Each
-path keeps `alpha` requests in flight and ends when its k closest live candidates have all answered.
+that meets a liar stays the liar's, and the others still reach the key's true neighbourhood. The
+`alpha` requests in flight are shared out over the paths (at least one each), and a path ends when its
+k closest live candidates have all answered.
 """
 
 import heapq
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 from dht.routing import Contact, K
 
-ALPHA = 3  # requests in flight per path: the paper's alpha (section 2.3)
+ALPHA = 3  # requests in flight per lookup, shared by its paths: the paper's alpha (section 2.3)
 PATHS = 3  # disjoint paths: S/Kademlia's d; 3 keeps lookups succeeding with 20 % liars at ~3x the cost
 MAX_NODES_PER_ANSWER = K  # a responder's node list is cut to k before it can grow our state
 TRIES = 2  # a contact that times out is asked once more: one lost message must not hide the key's
@@ -49,6 +50,7 @@ class Lookup:
         self.target = target
         self.k = k
         self.alpha = alpha
+        self._per_path = 1  # set once the number of paths is known
         self.want = want
         self.found = 0
         self.messages = 0
@@ -59,6 +61,7 @@ class Lookup:
         self._fails: dict[int, int] = {}
         seeds = sorted((c for c in seeds if c.peer_id != own_peer_id), key=lambda c: c.id ^ target)
         self._paths = [_Path() for _ in range(max(1, min(paths, len(seeds))))]
+        self._per_path = max(1, -(-alpha // len(self._paths)))
         for i, c in enumerate(seeds):
             if c.id not in self._owner:
                 self._claim(i % len(self._paths), c, 1)
@@ -95,7 +98,7 @@ class Lookup:
         for p in self._paths:
             if p.done:
                 continue
-            for c in self._next_for(p, self.alpha - len(p.in_flight)):
+            for c in self._next_for(p, self._per_path - len(p.in_flight)):
                 p.queried.add(c.id)
                 p.in_flight.add(c.id)
                 out.append(c)

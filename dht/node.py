@@ -297,6 +297,10 @@ class DHTNode:
             if stream is not None:
                 await stream.close()
             raise RPCFailed(f"DHT {req.type} to {contact.peer_id.hex()[:16]} failed: {e!r}") from e
+        except asyncio.CancelledError:
+            if stream is not None:  # half a request is on it: it can never be reused
+                self._spawn(stream.close())
+            raise
         if resp.rid != req.rid:
             await stream.close()
             raise RPCFailed(f"DHT answer from {contact.peer_id.hex()[:16]} is for another request; dropped")
@@ -332,11 +336,17 @@ class DHTNode:
                     else:
                         q.on_response(contact, resp, time.time())
                 self._drain_pings()
-        finally:
+        except BaseException:
             for t in in_flight:
                 t.cancel()
             if in_flight:
                 await asyncio.gather(*in_flight, return_exceptions=True)
+            raise
+        # Done early (the value was found): the requests still out finish in the background, owned by
+        # the node (close() cancels them), so their connections go back to the pool instead of dying.
+        for t in in_flight:
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
         self.core.table.touch(q.lookup.target, time.time())
         return q
 

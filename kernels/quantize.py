@@ -65,4 +65,6 @@ def quantize(values: np.ndarray) -> Quantized:
 
 def dequantize(codes: np.ndarray, shift: np.float32, lut: np.ndarray) -> np.ndarray:
     """float32 values ``lut[codes] + shift`` (the same float32 addition the encoder subtracts from its EF)."""
-    return lut.astype(np.float32)[codes] + np.float32(shift)
+    # Overflow to Inf is possible with a hostile codebook; the decoder checks finiteness right after.
+    with np.errstate(over="ignore"):
+        return lut.astype(np.float32)[codes] + np.float32(shift)

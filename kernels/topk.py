@@ -10,10 +10,9 @@ it is used only where no tie crosses the k-th place (checked by asking for k + 1
 tie are redone with one int64 composite key, ``(magnitude << 12) | (4095 - position)``, which has no ties.
 
 Speed: a plain top-k over 4096-entry rows is the slow step of the codec. When a tile splits into groups of
-``GROUP`` entries we first rank the groups by their largest member (same rule, lower group first on ties) and
-keep the top ``k`` groups: the k largest entries always lie in them (the k group maxima are k entries >= the
-k-th group maximum, and ties resolve to lower groups, which hold the lower positions), so the exact selection
-then runs over ``k * GROUP`` candidates instead of the whole tile.
+``GROUP`` entries we first take the ``k`` groups with the largest maxima: when no tie crosses the k-th group,
+every entry outside them is below the k-th group maximum, itself <= the k-th largest entry, so the k largest
+entries lie among the ``k * GROUP`` candidates, and the second top-k runs over those instead of the tile.
 """
 
 from __future__ import annotations
@@ -23,6 +22,8 @@ import torch
 # Entries per prefilter group: balances the two top-k passes (L / GROUP groups, then k * GROUP candidates;
 # with L = 4096 and k = 64 both are 512).
 GROUP = 8
+# Whether to prefilter by groups at all (set from measurements: bench/codec.py --compare-select).
+USE_GROUPS = True
 # Position bits in the composite key: positions inside a tile are < 4096 (chunk <= 64).
 POS_BITS = 12
 POS_MASK = (1 << POS_BITS) - 1
@@ -34,44 +35,38 @@ def magnitude_keys(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     return mag.view(torch.int32)
 
 
-def _top_slots(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """Column numbers (unsorted) of the k largest keys per row, ties to the lower column."""
-    n_rows, n_cols = keys.shape
-    got = torch.topk(keys, k + 1, dim=1, sorted=False)
-    kth_next = got.values.amin(dim=1, keepdim=True)
-    # The (k+1)-th largest value equals the k-th exactly when it occurs twice among the k + 1 returned.
-    tied = (got.values == kth_next).sum(dim=1) >= 2
-    # Drop the (k+1)-th: the smallest returned value, the last such column if it repeats.
-    cols = got.indices
-    order = (got.values.to(torch.int64) << POS_BITS) | (POS_MASK - cols)
-    drop = order.argmin(dim=1, keepdim=True)
-    keep = torch.ones_like(cols, dtype=torch.bool).scatter_(1, drop, False)
-    slots = cols[keep].view(n_rows, k)
-    if bool(tied.any()):
-        rows = tied.nonzero().squeeze(1)
-        ids = torch.arange(n_cols, device=keys.device)
-        comp = (keys[rows].to(torch.int64) << POS_BITS) | (POS_MASK - ids)
-        picked = torch.topk(comp, k, dim=1, sorted=False).values
-        slots[rows] = POS_MASK - (picked & POS_MASK)
-    return slots
+def _top(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(columns of the k largest keys per row in any tie order, rows where a tie crosses the k-th place)."""
+    got = torch.topk(keys, k + 1, dim=1, sorted=True)
+    return got.indices[:, :k], got.values[:, k - 1] == got.values[:, k]
 
 
-def select(keys: torch.Tensor, k: int) -> torch.Tensor:
+def _exact(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Columns of the k largest keys per row, ties to the lower column (slow path: int64 composite keys)."""
+    ids = torch.arange(keys.shape[1], device=keys.device)
+    picked = torch.topk((keys.to(torch.int64) << POS_BITS) | (POS_MASK - ids), k, dim=1, sorted=False).values
+    return POS_MASK - (picked & POS_MASK)
+
+
+def select(keys: torch.Tensor, k: int, grouped: bool | None = None) -> torch.Tensor:
     """Positions (int64, ascending per row) of the ``k`` largest keys of each row of ``keys`` (T, L)."""
     n_tiles, tile_len = keys.shape
     if k >= tile_len:
         return torch.arange(tile_len, device=keys.device).expand(n_tiles, tile_len).clone()
     n_groups = tile_len // GROUP
-    if tile_len % GROUP == 0 and n_groups > k:
-        group_max = keys.view(n_tiles, n_groups, GROUP).amax(dim=2)
-        top_groups = _top_slots(group_max, k)
-        candidates = (top_groups.unsqueeze(2) * GROUP + torch.arange(GROUP, device=keys.device)).view(
-            n_tiles, -1
-        )
-        # Candidates must be in ascending position for the tie rule to map onto column order.
-        candidates = torch.sort(candidates, dim=1).values
-        slots = _top_slots(torch.gather(keys, 1, candidates), k)
+    if grouped is None:
+        grouped = USE_GROUPS
+    if grouped and tile_len % GROUP == 0 and n_groups > k:
+        top_groups, tied = _top(keys.view(n_tiles, n_groups, GROUP).amax(dim=2), k)
+        offsets = torch.arange(GROUP, device=keys.device)
+        candidates = (top_groups.unsqueeze(2) * GROUP + offsets).view(n_tiles, -1)
+        slots, tied_in_candidates = _top(torch.gather(keys, 1, candidates), k)
         positions = torch.gather(candidates, 1, slots)
+        # Without a tie at either boundary both selections are unique, so the group rule needs no tie order.
+        tied |= tied_in_candidates
     else:
-        positions = _top_slots(keys, k)
+        positions, tied = _top(keys, k)
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        positions[rows] = _exact(keys[rows], k)
     return torch.sort(positions, dim=1).values

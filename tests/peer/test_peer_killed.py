@@ -45,7 +45,9 @@ def test_survivors_finish_after_a_peer_is_killed(start_peer):
         assert done["round"] == ROUNDS
         assert peer.wait(timeout=30) == 0, peer.log_tail()
         rounds = peer.of_kind("round")
-        assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1)), rounds
+        # Rounds go up one by one; a peer whose worker started late may join the run at a later round.
+        numbers = [r["round"] for r in rounds]
+        assert numbers == list(range(numbers[0], ROUNDS + 1)), numbers
         # Every round either swapped a whole payload or skipped; a payload that reached the worker was whole.
         assert all(r["outcome"] == "swapped" or r["outcome"].startswith("skipped") for r in rounds)
         assert "refused by the worker" not in peer.log_path.read_text()

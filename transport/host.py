@@ -65,8 +65,9 @@ class HostLimits:
     max_pending_handshakes: int = 64
     # Streams open at once on one connection (both directions); above it SYNs are answered with RST.
     max_streams_per_connection: int = yamux.DEFAULT_MAX_STREAMS
-    # Per-stream receive window: the most a peer may send on one stream before our reader consumes it.
-    # 16 MiB keeps a 1 Gbit/s x 100 ms path full; worst case memory is this times the stream limit.
+    # Largest per-stream receive window: the most a peer may send on one stream before our reader
+    # consumes it. 16 MiB keeps a 1 Gbit/s x 100 ms path full. Windows start at 256 KiB and grow only
+    # while the reader keeps up, so a connection whose handlers do not read holds 256 KiB per stream.
     stream_window: int = 16 * 1024 * 1024
     # TCP connect plus Noise plus muxer negotiation; a peer slower than this is unusable for training.
     handshake_timeout_s: float = 10.0
@@ -172,15 +173,22 @@ class Stream:
         return data
 
     async def readexactly(self, n: int) -> bytes:
-        """Exactly `n` bytes; asyncio.IncompleteReadError if the stream ends first."""
-        while self._buffered < n:
-            if self._error is not None:
-                raise self._error
-            if self._eof:
-                partial = await self.read()
-                raise asyncio.IncompleteReadError(partial, n)
-            await self._readable.wait()
-        return await self.read(n)
+        """Exactly `n` bytes; asyncio.IncompleteReadError if the stream ends first.
+
+        Consumes as data arrives (not once all `n` are buffered), so `n` may exceed the flow-control
+        window without deadlocking the sender.
+        """
+        if self._buffered >= n:
+            return await self.read(n)
+        parts: list[bytes] = []
+        got = 0
+        while got < n:
+            chunk = await self.read(n - got)
+            if not chunk:
+                raise asyncio.IncompleteReadError(b"".join(parts), n)
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
 
     # ------------------------------------------------------------------ writing
 

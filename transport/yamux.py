@@ -6,8 +6,8 @@ https://github.com/libp2p/specs/blob/master/yamux/yamux.md). Every frame has a 1
 
 Flow control is per stream: a sender may have at most the receiver's window in flight. The receiver
 grants more (WINDOW_UPDATE) only as its application consumes data (`consumed()`), so a slow reader
-slows the writer and nothing is dropped or timed out. Each side starts at the spec's 256 KiB window and
-raises it to its configured size with the first frame of the stream.
+slows the writer and nothing is dropped or timed out. Each stream starts at the spec's 256 KiB window, which
+grows (up to the configured maximum) as its reader drains it.
 
 A frame that breaks the rules (more data than the window, unknown type, SYN for a live stream) raises
 `ProtocolError`; the driver then sends GO_AWAY(protocol error) and closes the connection.
@@ -93,15 +93,15 @@ Event = (
 
 
 class _StreamState:
-    __slots__ = ("local_closed", "recv_credit", "recv_window", "remote_closed", "send_window", "syn_pending")
+    __slots__ = ("local_closed", "recv_credit", "recv_window", "remote_closed", "send_window", "window")
 
-    def __init__(self, recv_window: int) -> None:
+    def __init__(self) -> None:
         self.send_window = INITIAL_WINDOW  # what the peer lets us send
-        self.recv_window = recv_window  # what we let the peer send, not yet consumed or granted
+        self.window = INITIAL_WINDOW  # our current receive window for this stream (grows, see consumed)
+        self.recv_window = INITIAL_WINDOW  # what the peer may still send before we grant more
         self.recv_credit = 0  # consumed by our application, not yet granted back
         self.local_closed = False
         self.remote_closed = False
-        self.syn_pending = False  # our SYN or ACK flag has not gone out yet
 
 
 class YamuxSession:
@@ -156,11 +156,8 @@ class YamuxSession:
         if stream_id > 0xFFFFFFFF:
             raise LimitError("stream ids exhausted on this connection; reconnect")
         self._next_id += 2
-        state = _StreamState(self._window)
-        self._streams[stream_id] = state
-        self._out.append(
-            HEADER.pack(VERSION, TYPE_WINDOW_UPDATE, FLAG_SYN, stream_id, self._window - INITIAL_WINDOW)
-        )
+        self._streams[stream_id] = _StreamState()
+        self._out.append(HEADER.pack(VERSION, TYPE_WINDOW_UPDATE, FLAG_SYN, stream_id, 0))
         return stream_id
 
     def send_window(self, stream_id: int) -> int:
@@ -195,16 +192,26 @@ class YamuxSession:
             self._out.append(HEADER.pack(VERSION, TYPE_WINDOW_UPDATE, FLAG_RST, stream_id, 0))
 
     def consumed(self, stream_id: int, size: int) -> None:
-        """The application read `size` bytes of the stream: grant them back once it is worth a frame."""
+        """The application read `size` bytes of the stream: grant them back once it is worth a frame.
+
+        The window starts at the spec's 256 KiB and doubles, up to the configured maximum, each time
+        the reader drains half of it: memory is committed only to streams whose reader keeps up, so a
+        peer cannot park the maximum window on every stream of a handler that does not read.
+        """
         state = self._streams.get(stream_id)
         if state is None or state.remote_closed:
             return
         state.recv_credit += size
         # Batch updates: one frame per half window consumed, as go-yamux does.
-        if state.recv_credit >= self._window // 2:
-            state.recv_window += state.recv_credit
-            self._out.append(HEADER.pack(VERSION, TYPE_WINDOW_UPDATE, 0, stream_id, state.recv_credit))
+        if state.recv_credit >= state.window // 2:
+            delta = state.recv_credit
+            if state.window < self._window:
+                growth = min(state.window, self._window - state.window)
+                state.window += growth
+                delta += growth
+            state.recv_window += delta
             state.recv_credit = 0
+            self._out.append(HEADER.pack(VERSION, TYPE_WINDOW_UPDATE, 0, stream_id, delta))
 
     def ping(self) -> int:
         self._ping_id = (self._ping_id + 1) & 0xFFFFFFFF
@@ -277,7 +284,7 @@ class YamuxSession:
             # Checked here, before any payload byte is buffered: a peer cannot make us hold more than
             # the window we granted.
             if state is None:
-                if length > self._window:
+                if length > self._window:  # we grant no stream more than the configured maximum
                     raise ProtocolError(f"yamux DATA frame of {length} bytes exceeds any window we grant")
             elif length > state.recv_window:
                 raise ProtocolError(
@@ -332,11 +339,9 @@ class YamuxSession:
         if self.go_away_sent or len(self._streams) >= self._max_streams:
             self._out.append(HEADER.pack(VERSION, TYPE_WINDOW_UPDATE, FLAG_RST, stream_id, 0))
             return None
-        state = _StreamState(self._window)
+        state = _StreamState()
         self._streams[stream_id] = state
-        self._out.append(
-            HEADER.pack(VERSION, TYPE_WINDOW_UPDATE, FLAG_ACK, stream_id, self._window - INITIAL_WINDOW)
-        )
+        self._out.append(HEADER.pack(VERSION, TYPE_WINDOW_UPDATE, FLAG_ACK, stream_id, 0))
         events.append(StreamOpened(stream_id))
         return state
 

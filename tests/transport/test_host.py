@@ -336,3 +336,14 @@ async def test_man_in_the_middle_altering_one_ciphertext_byte_gets_the_connectio
             assert len(received) < 300_000  # nothing after the altered frame was delivered
         finally:
             await proxy.close()
+
+
+async def test_readexactly_larger_than_the_window_does_not_deadlock():
+    limits = HostLimits(stream_window=256 * 1024)
+    async with two_hosts(limits, limits) as (a, b):
+        stream = await a.new_stream(b.peer_id, "/echo/1", [full_addr(b)])
+        payload = os.urandom(8 * 256 * 1024)
+        writer = asyncio.create_task(stream.write(payload))
+        assert await stream.readexactly(len(payload)) == payload
+        await writer
+        await stream.close()

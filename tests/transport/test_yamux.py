@@ -63,18 +63,36 @@ def test_sender_never_exceeds_the_window_and_reader_consumption_reopens_it():
     client, server = pair()
     sid = client.open_stream()
     pump(client, server)
-    pump(server, client)  # the ACK raises our send window to the server's configured one
-    assert client.send_window(sid) == WINDOW
-    assert client.send_data(sid, b"x" * (3 * WINDOW)) == WINDOW  # the rest must wait
+    pump(server, client)
+    assert client.send_window(sid) == INITIAL_WINDOW
+    assert client.send_data(sid, b"x" * (3 * WINDOW)) == INITIAL_WINDOW  # the rest must wait
     assert client.send_data(sid, b"more") == 0
     events = pump(client, server)
-    assert len(received(events, sid)) == WINDOW
+    assert len(received(events, sid)) == INITIAL_WINDOW
     # Nothing is granted back while the reader does not consume: a paused reader just pauses the writer.
     assert pump(server, client) == []
-    server.consumed(sid, WINDOW // 2)
+    server.consumed(sid, INITIAL_WINDOW // 2)
     events = pump(server, client)
     assert any(isinstance(e, WindowUpdated) for e in events)
-    assert client.send_window(sid) == WINDOW // 2
+    # Half the window came back, and the window doubled because the reader keeps up.
+    assert client.send_window(sid) == INITIAL_WINDOW // 2 + INITIAL_WINDOW
+
+
+def test_window_grows_to_the_maximum_only_while_the_reader_drains_it():
+    client, server = pair()
+    sid = client.open_stream()
+    pump(client, server)
+    total = 0
+    for _ in range(40):
+        sent = client.send_data(sid, b"y" * (4 * WINDOW))
+        total += sent
+        events = pump(client, server)
+        server.consumed(sid, len(received(events, sid)))
+        pump(server, client)
+        assert server._streams[sid].window <= WINDOW
+    assert server._streams[sid].window == WINDOW
+    assert client.send_window(sid) <= WINDOW
+    assert total > 4 * WINDOW
 
 
 def test_peer_ignoring_flow_control_is_a_protocol_error():

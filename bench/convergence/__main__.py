@@ -15,10 +15,11 @@ import multiprocessing
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from bench.convergence.jobs import job, job_init, sim_config
+from bench.convergence.jobs import SYNC, job, job_init, run_method, sim_config
+from bench.convergence.sim import Batches, initial_weights
 from peer.worker.data import load_stdlib_corpus
 
 # --quick must finish within 10 minutes on 2 idle cores (the issue); leave room for loading and the plot.
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_const", dest="mode", const="quick", help="CI config (default)")
     mode.add_argument("--full", action="store_const", dest="mode", const="full", help="larger model, 3 seeds")
     mode.add_argument("--sweep", action="store_const", dest="mode", const="sweep", help="tune outer lrs")
+    mode.add_argument("--scaling", action="store_const", dest="mode", const="scaling", help="bytes vs peers")
     mode.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="seconds-long check")
     parser.add_argument("--json", type=Path, help="write results here")
     parser.add_argument("--plot", type=Path, help="write loss-vs-tokens / loss-vs-bytes plot (PNG)")
@@ -177,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         f"sha256 {corpus.sha256[:16]}…; {args.jobs} processes, guard {budget:.0f} s",
         flush=True,
     )
+    if mode_name == "scaling":
+        return scaling(args, deadline)
     if mode_name == "sweep":
         methods = tuple(args.methods.split(",")) if args.methods else tuple(SWEEP)
         tasks = [(0, name, ov) for name in methods for ov in SWEEP.get(name, [])]
@@ -224,6 +228,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"results written to {args.json}")
     if args.plot and results:
         plot(results, args.plot)
+    return 0
+
+
+SCALING_PEERS = (4, 8, 16, 32)
+
+
+def scaling(args: argparse.Namespace, deadline: float) -> int:
+    """Bytes each peer sends per round as the run grows (the CI model, a few rounds: bytes, not loss)."""
+    methods = (
+        tuple(args.methods.split(",")) if args.methods else tuple(m for m in QUICK_METHODS if m not in SYNC)
+    )
+    table: dict[int, dict[str, float]] = {}
+    for peers in SCALING_PEERS:
+        # 8 one-step rounds of batch 1: gossip reaches its steady state at R <= 32 (log2 R rounds).
+        cfg = replace(
+            sim_config("quick", 0),
+            replicas=peers,
+            batch=1,
+            inner_steps=1,
+            total_steps=8,
+            eval_every=8,
+            eval_windows=2,
+        )
+        batches = Batches(load_stdlib_corpus(), cfg)
+        init = initial_weights(cfg)
+        n_params = sum(t.numel() for t in init.values())
+        table[peers] = {}
+        for name in methods:
+            res = run_method(name, cfg, batches, init, deadline)
+            table[peers][name] = res.bytes_per_peer_per_round
+        print(
+            f"R={peers:3d} bits/param sent per peer per round: "
+            + "  ".join(f"{m} {b * 8 / n_params:.3f}" for m, b in table[peers].items()),
+            flush=True,
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"bytes_per_peer_per_round": table}, indent=1))
     return 0
 
 

@@ -120,8 +120,9 @@ class Entry:
         return cls(kind, unsigned.owner, gen, seq, prev, update, key.sign(unsigned.signed_part(run_id)))
 
     @classmethod
-    def decode(cls, data: bytes, run_id: bytes) -> "Entry":
-        """Decode and verify the signature; the caller still checks authorization and the update."""
+    def decode(cls, data: bytes, run_id: bytes, *, verify: bool = True) -> "Entry":
+        """Decode and (unless `verify=False`, for a caller that checks for duplicates first and then
+        calls `verify`) check the signature; the caller still checks authorization and the update."""
         v = _unpack(data, MAX_ENTRY_BYTES, "document entry")
         if type(v) is not list or len(v) != 8 or v[0] != VERSION:
             raise Rejected("document entry is not an 8-field version-1 list; dropped")
@@ -137,8 +138,12 @@ class Entry:
             _check_bytes(update, None, "update"),
             _check_bytes(sig, SIG_BYTES, "entry signature"),
         )
-        _verify(owner, sig, entry.signed_part(run_id), "document entry")
+        if verify:
+            entry.verify(run_id)
         return entry
+
+    def verify(self, run_id: bytes) -> None:
+        _verify(self.owner, self.sig, self.signed_part(run_id), "document entry")
 
 
 def _check_value(v: Any, depth: int = 0) -> None:
@@ -184,7 +189,7 @@ class Record:
         return rec
 
     @classmethod
-    def decode(cls, data: bytes, run_id: bytes) -> "Record":
+    def decode(cls, data: bytes, run_id: bytes, *, verify: bool = True) -> "Record":
         v = _unpack(data, MAX_RECORD_BYTES, "record")
         if type(v) is not list or len(v) != 5 or v[0] != VERSION or type(v[3]) is not dict:
             raise Rejected("record is not a 5-field version-1 list with a map; dropped")
@@ -196,5 +201,9 @@ class Record:
             payload,
             _check_bytes(sig, SIG_BYTES, "record signature"),
         )
-        _verify(owner, sig, rec.signed_part(run_id), "record")
+        if verify:
+            rec.verify(run_id)
         return rec
+
+    def verify(self, run_id: bytes) -> None:
+        _verify(self.owner, self.sig, self.signed_part(run_id), "record")

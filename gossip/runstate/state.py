@@ -214,7 +214,8 @@ class RunState:
         """Keys banned from the run, with the reason: run-writer bans, proven equivocation, majority vote."""
         return dict(self._memo("bans", (self._docs_version, self._run_version), self._bans))
 
-    def _bans(self) -> dict[bytes, str]:
+    def _hard_bans(self) -> dict[bytes, str]:
+        """Bans that need no member document read: proven equivocation and run-writer bans."""
         out: dict[bytes, str] = {
             k: "equivocation: signed two different entries for one slot" for k in self.proofs
         }
@@ -222,6 +223,10 @@ class RunState:
             for h, reason in self._read(KIND_RUN, w).get("bans", {}).items():
                 if _is_key_hex(h):
                     out.setdefault(bytes.fromhex(h), f"banned by {w.hex()[:16]}: {reason}")
+        return out
+
+    def _bans(self) -> dict[bytes, str]:
+        out = self._hard_bans()
         voters = [o for (kind, o) in self.docs if kind == KIND_PEER and o not in out and self.admitted(o)]
         tally: dict[bytes, int] = {}
         for v in voters:
@@ -360,7 +365,7 @@ class RunState:
     def add_peers(self, keys: Iterable[bytes]) -> None:
         """Peers to gossip with besides known members (for example the DHT's providers for the run)."""
         for k in keys:
-            if len(k) == 32 and k != self.me:
+            if len(k) == 32 and k != self.me and (k in self.peers or len(self.peers) < MAX_DOCUMENTS):
                 self.peers.add(k)
                 self._by_id[k[:KEY_ID_BYTES]] = k
 
@@ -409,8 +414,6 @@ class RunState:
         except Rejected as exc:
             self.limiter.strike(sender, now, str(exc))
             return []
-        if len(sender) == 32 and sender != self.me:
-            self.add_peers([sender])
         if isinstance(msg, wire.AntiEntropy):
             docs, proofs, records = self._digests()
             dh, rh = self._hashes()
@@ -443,7 +446,11 @@ class RunState:
                 self.limiter.strike(sender, now, str(exc))
         for raw in msg.entries:
             try:
-                fresh.extend(self._accept(Entry.decode(raw, self.run_id), now))
+                entry = Entry.decode(raw, self.run_id, verify=False)
+                # Most of what gossip brings is already known: skip it before paying for the signature.
+                if not self._known(entry):
+                    entry.verify(self.run_id)
+                    fresh.extend(self._accept(entry, now))
             except Rejected as exc:
                 strikes += 1
                 self.limiter.strike(sender, now, str(exc))
@@ -451,13 +458,24 @@ class RunState:
                 break  # a message this bad is not worth finishing
         for raw in msg.records:
             try:
-                self._accept_record(Record.decode(raw, self.run_id), now)
+                rec = Record.decode(raw, self.run_id, verify=False)
+                old = self.records.get(rec.owner)
+                if old is None or old.counter < rec.counter:
+                    rec.verify(self.run_id)
+                    self._accept_record(rec, now)
             except Rejected as exc:
                 self.limiter.strike(sender, now, str(exc))
                 break
         if not (msg.rumour and fresh):
             return []
         return self._push(fresh, [], rumour=True, exclude=sender)
+
+    def _known(self, entry: Entry) -> bool:
+        """Already applied, or of a generation compacted away: nothing it could change."""
+        r = self.docs.get((entry.kind, entry.owner))
+        if r is None or entry.gen > r.gen:
+            return False
+        return entry.gen < r.gen or (entry.seq < r.seq and r.ids[entry.seq] == entry.id(self.run_id))
 
     def _accept_proof(self, a: Entry, b: Entry) -> None:
         if a.slot != b.slot or a.id(self.run_id) == b.id(self.run_id):
@@ -704,7 +722,8 @@ class RunState:
         """Everyone known to be in the run (documents, records, seeds), banned keys excepted."""
 
         def compute() -> list[bytes]:
-            banned = self.bans()
+            # Vote bans would need every member's document built; gossip with those peers is harmless.
+            banned = self._hard_bans()
             known = self.peers | {o for (_, o) in self.docs} | set(self.records)
             return sorted(k for k in known if k != self.me and k not in banned)
 

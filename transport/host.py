@@ -5,9 +5,10 @@ Noise XX handshake proves both identities, multistream-select (now encrypted) pi
 every yamux stream negotiates its own protocol with multistream-select again. The protocol logic lives in
 the sans-I/O cores (`multistream`, `noise`, `yamux`); this module only moves bytes and wakes tasks.
 
-The hot path runs in `asyncio.Protocol` callbacks, not in stream-reader tasks: `data_received` decrypts
-Noise frames, parses yamux frames and appends payload views to the streams' buffers without waking a task
-per frame. Writers encrypt in their own task and wait on yamux windows and on the socket's write buffer.
+The hot path runs in protocol callbacks, not in stream-reader tasks: the socket reads into the
+connection's buffer, and `buffer_updated` decrypts Noise frames there, parses yamux frames and appends
+payloads to the streams' buffers without waking a task per frame. Writers encrypt in their own task
+and wait on yamux windows and on the socket's write buffer.
 
 Tasks (handshakes, stream handlers) are tracked by the host and cancelled and awaited by `close()`: the
 host's lifetime is not one lexical block, so a TaskGroup cannot hold them.
@@ -51,6 +52,10 @@ PING_SIZE = 32
 # Bytes encrypted per step of one write() before checking the socket's buffer: keeps the buffers in
 # flight few and hot in cache, and lets other tasks run between steps.
 WRITE_CHUNK = 1024 * 1024
+# Receive buffer once the session runs: a read fills up to this much, minus a frame kept for a partial.
+RECV_BUFFER_SIZE = 1024 * 1024 + 2 * (noise.MAX_FRAME_LENGTH + 2)
+# Socket reads during the upgrade: handshake messages are small.
+RAW_READ_SIZE = 65536
 # How long a closing connection may take to flush its GO_AWAY before the socket is aborted.
 CLOSE_GRACE_S = 0.5
 
@@ -232,8 +237,12 @@ class Stream:
             await self.reset()
 
 
-class _Connection(asyncio.Protocol):
-    """One TCP connection: raw bytes during the upgrade, then Noise frames carrying a yamux session."""
+class _Connection(asyncio.BufferedProtocol):
+    """One TCP connection: raw bytes during the upgrade, then Noise frames carrying a yamux session.
+
+    A BufferedProtocol: the socket reads straight into our receive buffer and frames are decrypted
+    from there, which saves the event loop's copy of every received byte into a fresh bytes object.
+    """
 
     def __init__(self, host: Host, *, inbound: bool) -> None:
         self.host = host
@@ -243,6 +252,11 @@ class _Connection(asyncio.Protocol):
         self.remote_addr: Multiaddr | None = None
         self.local_addr: Multiaddr | None = None
         self._raw = bytearray()  # bytes received during the upgrade, before the session runs
+        self._raw_buffer = memoryview(bytearray(RAW_READ_SIZE))
+        self._rbuf = bytearray(RECV_BUFFER_SIZE)  # ciphertext received once the session runs
+        self._rview = memoryview(self._rbuf)
+        self._rstart = 0  # start of the first incomplete frame
+        self._rend = 0  # end of the received bytes
         self._raw_event = _Waiter()
         self._noise: noise.NoiseTransport | None = None
         self.session: yamux.YamuxSession | None = None
@@ -265,16 +279,32 @@ class _Connection(asyncio.Protocol):
             self.local_addr = Multiaddr.from_tcp(sock[0], sock[1])
         self.host._connection_made(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
         if self.session is None:
-            self._raw += data
+            return self._raw_buffer
+        if len(self._rbuf) - self._rend < noise.MAX_FRAME_LENGTH + 2:
+            # Move the incomplete frame (less than one frame) to the front to make room.
+            size = self._rend - self._rstart
+            self._rbuf[:size] = self._rbuf[self._rstart : self._rend]
+            self._rstart, self._rend = 0, size
+        return self._rview[self._rend :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.session is None:
+            self._raw += self._raw_buffer[:nbytes]
             if len(self._raw) > 4 * noise.MAX_FRAME_LENGTH:
                 self._abort("sent too much before the handshake finished")
                 return
             self._raw_event.wake()
             return
+        self._rend += nbytes
+        assert self._noise is not None
         try:
-            self._on_secure_data(data)
+            plaintexts, used = self._noise.decrypt_frames(self._rview[self._rstart : self._rend])
+            self._rstart += used
+            if self._rstart == self._rend:
+                self._rstart = self._rend = 0
+            self._on_plaintexts(plaintexts)
         except ProtocolError as exc:
             self._protocol_error(exc)
 
@@ -374,23 +404,23 @@ class _Connection(asyncio.Protocol):
             window=limits.stream_window,
             max_streams=limits.max_streams_per_connection,
         )
-        # From here on data_received feeds the session directly; replay what arrived meanwhile.
+        # From here on the socket feeds our receive buffer; replay what arrived meanwhile.
         if leftover:
             self._dispatch(self.session.receive_data(leftover))
-        if pending:
-            self._on_secure_data(pending)
-        if self._raw:
-            raw = bytes(self._raw)
-            self._raw.clear()
-            self._on_secure_data(raw)
-        self._flush()
+        tail = pending + bytes(self._raw)
+        self._raw.clear()
+        plaintexts = self._noise.receive_data(tail) if tail else []
+        partial = self._noise.take_partial()
+        self._rbuf[: len(partial)] = partial
+        self._rstart, self._rend = 0, len(partial)
+        self._on_plaintexts(plaintexts)
 
     # ------------------------------------------------------------------ running session
 
-    def _on_secure_data(self, data: bytes) -> None:
-        assert self._noise is not None and self.session is not None
+    def _on_plaintexts(self, plaintexts: list[bytes]) -> None:
+        assert self.session is not None
         session = self.session
-        for plaintext in self._noise.receive_data(data):
+        for plaintext in plaintexts:
             self._dispatch(session.receive_data(plaintext))
         self.last_active = time.monotonic()
         self._flush()

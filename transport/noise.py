@@ -390,6 +390,30 @@ class NoiseTransport:
             self._partial = bytearray(view[pos:])
         return out
 
+    def decrypt_frames(self, view: memoryview) -> tuple[list[bytes], int]:
+        """Decrypt the whole frames at the start of `view` (a driver's receive buffer).
+
+        Returns the plaintexts and how many bytes they used; the caller keeps the rest for later.
+        """
+        if self._partial:
+            raise RuntimeError("decrypt_frames after a partial receive_data: call take_partial() first")
+        out: list[bytes] = []
+        end = len(view)
+        pos = 0
+        while end - pos >= 2:
+            length = view[pos] << 8 | view[pos + 1]
+            if end - pos - 2 < length:
+                break
+            out.append(self._open(view[pos + 2 : pos + 2 + length], length))
+            pos += 2 + length
+        return out, pos
+
+    def take_partial(self) -> bytes:
+        """Hand the buffered start of an incomplete frame to a driver that buffers by itself."""
+        partial = bytes(self._partial)
+        self._partial = bytearray()
+        return partial
+
     def _open(self, ciphertext: memoryview, length: int) -> bytes:
         if length < TAGLEN:
             raise DecryptError(f"Noise frame of {length} bytes is shorter than its tag")

@@ -133,6 +133,13 @@ def _index_section(positions: np.ndarray, coding: str) -> tuple[int, int, bytes,
     return CODING_FIXED12, 0, packing.pack12(positions.reshape(-1)), 0
 
 
+def _value_planes(codes: np.ndarray) -> tuple[list[list[int]], bytes]:
+    """The two bit planes of the 2-bit codes, each raw or as exceptions (kernels.entropy)."""
+    hi_desc, hi = entropy.encode_plane(codes >> 1)
+    lo_desc, lo = entropy.encode_plane(codes & 1)
+    return [hi_desc, lo_desc], hi + lo
+
+
 def encode(
     deltas: Mapping[str, torch.Tensor],
     error_feedback: MutableMapping[str, torch.Tensor],
@@ -175,17 +182,24 @@ def encode(
                 "reset that buffer to zeros before the next round"
             )
         values_np = values.cpu().numpy()
+        planes = None
         if config.quantize:
             q = quantize(values_np)
             sent = dequantize(q.codes, q.shift, q.lut)
             value_bytes, side = packing.pack2(q.codes), q.side()
+            if config.index_coding != "fixed12":
+                planes, plane_bytes = _value_planes(q.codes)
+                if len(plane_bytes) < len(value_bytes):
+                    value_bytes = plane_bytes
+                else:  # skewed planes did not pay for their descriptors: plain 2-bit codes
+                    planes = None
         else:
             sent, value_bytes, side = values_np, values_np.astype("<f4").tobytes(), b""
         e_flat[flat] = values - torch.from_numpy(sent).to(e.device)
         coding, rice_r, index_bytes, unary_len = _index_section(positions.cpu().numpy(), config.index_coding)
         entries.append(
             TensorEntry(
-                name, tuple(delta.shape), dtype_name, coding, rice_r, config.quantize, side, unary_len
+                name, tuple(delta.shape), dtype_name, coding, rice_r, config.quantize, side, unary_len, planes
             )
         )
         body += [index_bytes, value_bytes]
@@ -252,7 +266,16 @@ def _decode_values(entry: TensorEntry, n: int, data: memoryview) -> np.ndarray:
     if entry.quantized:
         side = np.frombuffer(entry.side, "<f4")
         shift, lut = side[0], side[1:]
-        values = dequantize(packing.unpack2(data, n), shift, lut)
+        if entry.planes is None:
+            codes = packing.unpack2(data, n)
+        else:
+            hi_len = entropy.plane_len(entry.planes[0], n)
+            hi = entropy.decode_plane(entry.planes[0], data[:hi_len], n)
+            lo = entropy.decode_plane(entry.planes[1], data[hi_len:], n)
+            if hi is None or lo is None:
+                raise _reject(entry, "has a malformed value bit plane")
+            codes = (hi << 1) | lo
+        values = dequantize(codes, shift, lut)
     else:
         values = np.frombuffer(data, "<f4").astype(np.float32)
     if not bool(np.isfinite(values).all()):

@@ -74,3 +74,74 @@ def decode(unary: bytes | memoryview, low: bytes | memoryview, n: int, r: int) -
 def positions(g: np.ndarray, n_tiles: int, k: int) -> np.ndarray:
     """Sorted positions ``(T, k)`` from gaps (inverse of :func:`gaps`)."""
     return np.cumsum(g.reshape(n_tiles, k) + 1, axis=1) - 1
+
+
+# ---- bit planes of the 2-bit value codes ----
+#
+# The 2-bit codes of top-k values are far from uniform: kept values sit in the tails, so for Gaussian-like
+# deltas almost all codes are 1 or 3 (about one bit of information, two bits sent). Each bit plane of the
+# codes (high bits, low bits) is sent either raw (one bit per value) or, when it is skewed, as its majority
+# bit plus the sorted positions of the other bits, Rice-coded like the indices.
+
+# Rice parameter cap for plane exceptions: gaps span a whole tensor (< 2**40 entries accepted).
+MAX_PLANE_RICE = 40
+
+
+def encode_plane(bits: np.ndarray) -> tuple[list[int], bytes]:
+    """(descriptor, bytes) of one bit plane: ``[]`` and packed bits, or ``[majority, r, count, unary_len]``
+    and the exception positions' Rice streams, whichever is smaller."""
+    raw = np.packbits(bits).tobytes()
+    majority = int(2 * int(bits.sum()) > bits.size)
+    exceptions = np.flatnonzero(bits != majority)
+    if exceptions.size == 0:
+        return [majority, 0, 0, 0], b""
+    g = np.diff(exceptions, prepend=-1) - 1
+    costs = [int((g >> r).sum()) + g.size * (r + 1) for r in range(MAX_PLANE_RICE + 1)]
+    r = int(np.argmin(costs))
+    if costs[r] + 16 >= 8 * len(raw):
+        return [], raw
+    unary, low = encode(g, r)
+    return [majority, r, int(exceptions.size), len(unary)], unary + low
+
+
+def plane_len(descriptor: list[int], n: int) -> int:
+    if not descriptor:
+        return (n + 7) // 8
+    _, r, count, unary_len = descriptor
+    return unary_len + low_len(count, r)
+
+
+def check_plane(descriptor: object, n: int) -> bool:
+    """Whether a plane descriptor from the wire is well-formed for n values (before any allocation)."""
+    if descriptor == []:
+        return True
+    if not isinstance(descriptor, list) or len(descriptor) != 4:
+        return False
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in descriptor):
+        return False
+    majority, r, count, unary_len = descriptor
+    return (
+        majority in (0, 1)
+        and 0 <= r <= MAX_PLANE_RICE
+        and 0 <= count <= n
+        and 0 <= unary_len <= max_unary_len(count, n, r)
+    )
+
+
+def decode_plane(descriptor: list[int], data: bytes | memoryview, n: int) -> np.ndarray | None:
+    """The n bits of a plane (uint8), or None if its exception stream is malformed."""
+    if not descriptor:
+        return np.unpackbits(np.frombuffer(data, np.uint8), count=n)
+    majority, r, count, unary_len = descriptor
+    bits = np.full(n, majority, np.uint8)
+    if count == 0:
+        return bits if unary_len == 0 else None
+    unary, low = data[:unary_len], data[unary_len:]
+    g = decode(unary, low, count, r)
+    if g is None or unary[-1] == 0:
+        return None
+    where = np.cumsum(g + 1) - 1
+    if int(where[-1]) >= n:
+        return None
+    bits[where] = 1 - majority
+    return bits

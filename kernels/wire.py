@@ -3,9 +3,10 @@
     b"SHLC" | u32 little-endian header length | msgpack header | body
 
 The header is a msgpack map ``{"v": 1, "chunk": int, "topk": int, "bins": 4, "tensors": [entry, ...]}`` with
-one entry per tensor, ``[name, shape, dtype, coding, rice_r, quantized, side, unary_len]``. The body holds,
-for each tensor in header order, its index section then its value section; every section length follows
-from the header and the expected model, so the parser checks the body length exactly before decoding.
+one entry per tensor, ``[name, shape, dtype, coding, rice_r, quantized, side, unary_len, planes]``. The
+body holds, for each tensor in header order, its index section then its value section; every section length
+follows from the header and the expected model, so the parser checks the body length exactly before
+decoding.
 
 Parsing is hostile-safe: every failure is one :class:`CodecError`, and no buffer is sized from a number in the
 payload before that number has been checked against the expected model.
@@ -33,6 +34,8 @@ CODING_FIXED12 = 0
 CODING_RICE = 1
 CODINGS = {"fixed12": CODING_FIXED12, "entropy": CODING_RICE}
 
+# Fields of a tensor entry in the header (see the module docstring).
+ENTRY_FIELDS = 9
 # Side information of a quantized tensor: shift and a 4-entry codebook, float32 each.
 SIDE_BYTES = 20
 # Longest tensor name accepted: parameter paths of real models are < 200 characters.
@@ -70,6 +73,8 @@ class TensorEntry:
     quantized: bool
     side: bytes
     unary_len: int
+    # None: 2-bit codes packed four per byte; else [high plane, low plane] descriptors (kernels.entropy).
+    planes: list[list[int]] | None = None
 
     def pack(self) -> list:
         return [
@@ -81,6 +86,7 @@ class TensorEntry:
             int(self.quantized),
             self.side,
             self.unary_len,
+            self.planes,
         ]
 
 
@@ -91,7 +97,11 @@ def index_section_len(entry: TensorEntry, lay: TileLayout) -> int:
 
 
 def value_section_len(entry: TensorEntry, lay: TileLayout) -> int:
-    return packed2_len(lay.n_kept) if entry.quantized else 4 * lay.n_kept
+    if not entry.quantized:
+        return 4 * lay.n_kept
+    if entry.planes is None:
+        return packed2_len(lay.n_kept)
+    return sum(entropy.plane_len(p, lay.n_kept) for p in entry.planes)
 
 
 def frame(chunk: int, topk: int, bins: int, entries: list[TensorEntry], body: list[bytes]) -> bytes:
@@ -142,7 +152,7 @@ def parse(payload: bytes, expected: Mapping[str, tuple[tuple[int, ...], torch.dt
             strict_map_key=True,
             max_str_len=MAX_NAME_LEN,
             max_bin_len=SIDE_BYTES,
-            max_array_len=max(len(expected), MAX_RANK, 8),
+            max_array_len=max(len(expected), MAX_RANK, ENTRY_FIELDS),
             max_map_len=8,
             max_ext_len=0,
         )
@@ -187,9 +197,9 @@ def _check_entry(
     chunk: int,
     topk: int,
 ) -> tuple[TensorEntry, TileLayout]:
-    if not isinstance(raw, list) or len(raw) != 8:
-        raise _fail("a tensor entry is not an 8-element list")
-    name, shape, dtype, coding, rice_r, quantized, side, unary_len = raw
+    if not isinstance(raw, list) or len(raw) != ENTRY_FIELDS:
+        raise _fail(f"a tensor entry is not a {ENTRY_FIELDS}-element list")
+    name, shape, dtype, coding, rice_r, quantized, side, unary_len, planes = raw
     if not isinstance(name, str) or name not in expected:
         raise _fail(f"tensor {str(name)[:80]!r} is not in the model")
     if name in seen:
@@ -212,5 +222,13 @@ def _check_entry(
     max_unary = entropy.max_unary_len(lay.n_kept, lay.numel, rice_r) if coding == CODING_RICE else 0
     if not _is_int(unary_len, 0, max_unary):
         raise _fail(f"tensor {name!r}: unary stream length {unary_len!r} is not in [0, {max_unary}]")
-    entry = TensorEntry(name, tuple(want_shape), dtype, coding, rice_r, bool(quantized), side, unary_len)
+    if planes is not None and not (
+        quantized
+        and isinstance(planes, list)
+        and len(planes) == 2
+        and all(entropy.check_plane(p, lay.n_kept) for p in planes)
+    ):
+        raise _fail(f"tensor {name!r}: malformed value bit-plane descriptors")
+    shape_t = tuple(want_shape)
+    entry = TensorEntry(name, shape_t, dtype, coding, rice_r, bool(quantized), side, unary_len, planes)
     return entry, lay

@@ -93,7 +93,14 @@ def test_trailing_bytes_are_rejected() -> None:
         (lambda: _edit(_set_entry(6, b"\0" * 19)), "side"),
         (lambda: _edit(_set_entry(7, 2**62), coding="entropy"), "unary"),
         (lambda: _edit(_set_entry(7, -1), coding="entropy"), "unary"),
-        (lambda: _edit(lambda h: h["tensors"].__setitem__(0, ["w"])), "8-element"),
+        (lambda: _edit(lambda h: h["tensors"].__setitem__(0, ["w"])), "element list"),
+        (lambda: _edit(_set_entry(8, [[], [1, 0, 0, 0]]), coding="fixed12"), "body is"),
+        (lambda: _edit(_set_entry(8, [[0, 0, 0, 0]]), coding="entropy"), "bit-plane"),
+        (lambda: _edit(_set_entry(8, [[], [2, 0, 0, 0]]), coding="entropy"), "bit-plane"),
+        (lambda: _edit(_set_entry(8, [[], [1, 99, 0, 0]]), coding="entropy"), "bit-plane"),
+        (lambda: _edit(_set_entry(8, [[], [1, 0, 10**9, 0]]), coding="entropy"), "bit-plane"),
+        (lambda: _edit(_set_entry(8, [[], [1, 0, 1, 2**40]]), coding="entropy"), "bit-plane"),
+        (lambda: _edit(_set_entry(8, [[], [1, 0, 0, 0]]), quantize=False), "bit-plane"),
         (lambda: _edit(lambda h: h.update(tensors=[[1] * 8] * 5000)), r"header length|msgpack"),
         (lambda: _join([1, 2, 3], b""), "not a map"),  # type: ignore[arg-type]
         (lambda: b"SHLC" + struct.pack("<I", 5) + b"\xc1\xc1\xc1\xc1\xc1", "msgpack"),
@@ -153,6 +160,19 @@ def test_rice_stream_that_overruns_the_tile_is_rejected() -> None:
     # A unary stream of long zero runs and one 1: the gaps overrun the tile or codes are missing.
     bad = b"\x00" * (unary_len - 1) + b"\x01" + body[unary_len:]
     with pytest.raises(CodecError, match=r"unary|beyond"):
+        decode(_join(header, bad), EXPECTED)
+
+
+def test_plane_exceptions_beyond_the_tensor_are_rejected() -> None:
+    header, body = _split(_payload("entropy"))
+    planes = header["tensors"][0][8]
+    assert planes is not None and planes[1] == [1, 0, 0, 0]  # Gaussian deltas: the low plane is all ones
+    # Claim one exception at gap 2**20 (Rice r = 20, unary "1", low bits 0): far beyond the 1536 values.
+    header["tensors"][0][8] = [[], [1, 20, 1, 1]]
+    index_len = header["tensors"][0][7] + (1536 * header["tensors"][0][4] + 7) // 8
+    hi_len = (1536 + 7) // 8
+    bad = body[: index_len + hi_len] + b"\x80" + b"\xff\xff\xf0" + body[index_len + hi_len :]
+    with pytest.raises(CodecError, match="bit plane"):
         decode(_join(header, bad), EXPECTED)
 
 

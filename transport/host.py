@@ -719,6 +719,24 @@ class Host:
         log.debug("connected to %s", conn._who())
         return conn
 
+    async def ensure_unique_identity(self, addrs: Sequence[Multiaddr | str]) -> None:
+        """Refuse to run beside another live daemon with our key.
+
+        `addrs` are addresses the run knows for our own peer id (from the DHT or a peer list). Each is
+        dialed; one that completes a handshake as our peer id raises DuplicateIdentityError naming both
+        addresses. Dead addresses, and addresses now held by other peers, are fine.
+        """
+        for addr in addrs:
+            maddr = Multiaddr.parse(addr).without_peer_id()
+            if maddr in self.listen_addrs:
+                continue
+            try:
+                await self._dial(maddr, None)
+            except DuplicateIdentityError:
+                raise
+            except TransportError as exc:
+                log.debug("identity check: %s is not us (%s)", maddr, exc)
+
     async def new_stream(
         self, peer_id: PeerID, protocol: str, addrs: Sequence[Multiaddr | str] = ()
     ) -> Stream:

@@ -245,6 +245,18 @@ async def test_same_key_on_another_live_daemon_is_a_clear_error():
         assert str(first.listen_addrs[0]) in message and str(second.listen_addrs[0]) in message
 
 
+async def test_startup_identity_check_finds_a_twin_and_ignores_dead_addresses():
+    key = generate_key()
+    async with await Host.create(key, [LOOPBACK]) as twin, await Host.create(key, [LOOPBACK]) as me:
+        other = await Host.create(generate_key(), [LOOPBACK])
+        dead = other.listen_addrs[0]
+        await other.close()
+        async with await Host.create(generate_key(), [LOOPBACK]) as stranger:
+            await me.ensure_unique_identity([dead, stranger.listen_addrs[0], me.listen_addrs[0]])
+            with pytest.raises(DuplicateIdentityError, match=str(twin.listen_addrs[0])):
+                await me.ensure_unique_identity([dead, twin.listen_addrs[0].with_peer_id(me.peer_id)])
+
+
 async def test_close_leaves_no_listener_task_or_connection():
     a = await Host.create(generate_key(), [LOOPBACK])
     b = await Host.create(generate_key(), [LOOPBACK])

@@ -251,6 +251,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.remote_peer_id: PeerID | None = None
         self.remote_addr: Multiaddr | None = None
         self.local_addr: Multiaddr | None = None
+        self.path = "direct"  # how the bytes travel: direct TCP, or a NAT path (see transport/nat)
         self._raw = bytearray()  # bytes received during the upgrade, before the session runs
         self._raw_buffer = memoryview(bytearray(RAW_READ_SIZE))
         self._rbuf = bytearray(RECV_BUFFER_SIZE)  # ciphertext received once the session runs
@@ -307,6 +308,18 @@ class _Connection(asyncio.BufferedProtocol):
             self._on_plaintexts(plaintexts)
         except ProtocolError as exc:
             self._protocol_error(exc)
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes from a transport that is not a socket (a relayed stream, bytes replayed by a hole
+        punch): copied into the receive buffer and processed as a socket read would be."""
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view) and self._close_reason is None:
+            buffer = self.get_buffer(len(view) - pos)
+            size = min(len(buffer), len(view) - pos)
+            buffer[:size] = view[pos : pos + size]
+            self.buffer_updated(size)
+            pos += size
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = self._close_reason or (f"socket error: {exc}" if exc else "closed by the peer")

@@ -184,7 +184,7 @@ def encode(
         values_np = values.cpu().numpy()
         planes = None
         if config.quantize:
-            q = quantize(values_np)
+            q = quantize(values_np.reshape(-1, lay.k))
             sent = dequantize(q.codes, q.shift, q.lut)
             value_bytes, side = packing.pack2(q.codes), q.side()
             if config.index_coding != "fixed12":

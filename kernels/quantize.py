@@ -8,10 +8,11 @@ Per tensor, over the kept values ``v`` (tile order, ascending position): ``shift
 can move a value across a bin edge). The codebook ``lut[b]`` is the mean of the ``c`` that fell in bin ``b``
 (0 for an empty bin); a value decodes to ``lut[q] + shift`` in float32.
 
-The statistics are computed here, on the host, in float64 with numpy's fixed summation order, by every
-backend:
-a GPU reduction sums in an order of its own, and one ulp of difference in ``scale`` moves values between bins,
-which would break the byte-equality of the backends' payloads.
+Every sum is taken in float64 in one fixed order, so that every backend gets the same bits: sequentially
+over the k values of each tile, then sequentially over the tiles (``tile_sum`` then ``total``). A GPU
+reduction in an order of its own would differ in the last bits, and one ulp of ``scale`` moves values
+between bins, which would break the byte-equality of the backends' payloads. The CuPy backend computes the
+per-tile partial sums in its kernels and finishes them with the functions here.
 """
 
 from __future__ import annotations
@@ -38,29 +39,62 @@ class Quantized:
         return np.concatenate([[self.shift], self.lut]).astype("<f4").tobytes()
 
 
-def quantize(values: np.ndarray) -> Quantized:
-    """Quantize float32 ``values`` (finite; checked by the caller) to 2-bit codes with a 4-entry codebook."""
-    v = np.ascontiguousarray(values, dtype=np.float32)
-    n = v.size
-    if n == 0:
-        return Quantized(np.zeros(0, np.uint8), np.float32(0.0), np.zeros(BINS, np.float32))
-    shift = np.float32(v.astype(np.float64).sum() / n)
-    c = v - shift
-    c64 = c.astype(np.float64)
-    std = float(np.sqrt(np.square(c64).sum() / (n - 1))) if n > 1 else 0.0
+def tile_sum(x64: np.ndarray) -> np.ndarray:
+    """Sequential float64 sums of each row of ``x64`` (T, k), each started from +0.0."""
+    return np.cumsum(x64, axis=1)[:, -1] + 0.0
+
+
+def total(partials: np.ndarray) -> float:
+    """Sequential float64 sum of per-tile partials, started from +0.0."""
+    return float(np.cumsum(partials)[-1] + 0.0) if partials.size else 0.0
+
+
+def shift_of(sum_v: float, n: int) -> np.float32:
+    return np.float32(sum_v / n)
+
+
+def thresholds_of(sum_sq: float, n: int) -> np.ndarray:
+    """Bin edges (float32) from the sum of squared centred values."""
+    std = float(np.sqrt(sum_sq / (n - 1))) if n > 1 else 0.0
     scale = np.float32(RANGE_SIGMA / BINS * std)
     if not np.isfinite(scale) or scale == 0:
         scale = np.float32(1.0)
-    thresholds = EDGES * scale
+    return EDGES * scale
+
+
+def codes_of(c: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     codes = (c >= thresholds[0]).astype(np.uint8)
     codes += c >= thresholds[1]
     codes += c >= thresholds[2]
-    counts = np.bincount(codes, minlength=BINS)
-    sums = np.bincount(codes, weights=c64, minlength=BINS)
+    return codes
+
+
+def lut_of(bin_sums: np.ndarray, bin_counts: np.ndarray) -> np.ndarray:
+    """Codebook from per-tile per-bin partial sums (T, BINS) float64 and counts (T, BINS)."""
+    sums = np.array([total(bin_sums[:, b]) for b in range(BINS)])
+    counts = bin_counts.sum(axis=0)
     lut = np.zeros(BINS, np.float32)
     filled = counts > 0
     lut[filled] = (sums[filled] / counts[filled]).astype(np.float32)
-    return Quantized(codes, shift, lut)
+    return lut
+
+
+def quantize(values: np.ndarray) -> Quantized:
+    """Quantize float32 ``values`` (T, k) (finite; checked by the caller) to 2-bit codes and a codebook."""
+    v = np.ascontiguousarray(values, dtype=np.float32)
+    if v.ndim == 1:
+        v = v.reshape(1, -1)
+    n = v.size
+    if n == 0:
+        return Quantized(np.zeros(0, np.uint8), np.float32(0.0), np.zeros(BINS, np.float32))
+    shift = shift_of(total(tile_sum(v.astype(np.float64))), n)
+    c = v - shift
+    c64 = c.astype(np.float64)
+    thresholds = thresholds_of(total(tile_sum(c64 * c64)), n)
+    codes = codes_of(c, thresholds)
+    bin_sums = np.stack([tile_sum(np.where(codes == b, c64, 0.0)) for b in range(BINS)], axis=1)
+    bin_counts = np.stack([(codes == b).sum(axis=1) for b in range(BINS)], axis=1)
+    return Quantized(codes.reshape(-1), shift, lut_of(bin_sums, bin_counts))
 
 
 def dequantize(codes: np.ndarray, shift: np.float32, lut: np.ndarray) -> np.ndarray:

@@ -83,6 +83,19 @@ class HostLimits:
     # Bytes one socket may queue in user space before writers wait (on top of the kernel's buffer).
     write_buffer_high: int = 1024 * 1024
 
+    def __post_init__(self) -> None:
+        if not yamux.INITIAL_WINDOW <= self.stream_window <= yamux.MAX_WINDOW:
+            raise ValueError(
+                f"stream_window must be in {yamux.INITIAL_WINDOW}..{yamux.MAX_WINDOW} bytes, "
+                f"got {self.stream_window}"
+            )
+        for name in ("max_connections", "max_pending_handshakes", "max_streams_per_connection"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("handshake_timeout_s", "negotiate_timeout_s", "idle_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
 
 @dataclass
 class _Waiter:
@@ -685,9 +698,14 @@ class Host:
             conn = await self._dial_once(maddr, expected)
             future.set_result(conn)
             return conn
-        except BaseException as exc:
-            future.set_exception(exc)
+        except asyncio.CancelledError:
+            # Our caller was cancelled; callers sharing this dial were not, so they get an error.
+            future.set_exception(ConnectionClosedError(f"the dial to {maddr} was cancelled"))
             future.exception()  # mark retrieved: other waiters may not exist
+            raise
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()
             raise
         finally:
             if expected is not None and self._dials.get(expected) is future:

@@ -11,7 +11,7 @@ The wire format is in docs/wire-format.md. ``decode`` treats a payload as hostil
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 
 from kernels import entropy, packing, wire
 from kernels.chunking import MAX_CHUNK, TileLayout, layout
-from kernels.quantize import BINS, dequantize, quantize
+from kernels.quantize import BINS, Quantized, dequantize, quantize
 from kernels.topk import magnitude_keys, select
 from kernels.wire import CODING_FIXED12, CODING_RICE, CodecError, TensorEntry
 
@@ -140,17 +140,46 @@ def _value_planes(codes: np.ndarray) -> tuple[list[list[int]], bytes]:
     return [hi_desc, lo_desc], hi + lo
 
 
+# A backend's selection and quantization of one tensor (see torch_select for the contract).
+Selection = tuple[np.ndarray, torch.Tensor, torch.Tensor, Quantized | None]
+
+
+def torch_select(e: torch.Tensor, lay: TileLayout, quantized: bool) -> Selection:
+    """The torch backend's selection and quantization of one tensor's error feedback ``e``.
+
+    Returns (positions in tile (T, k) int64 on the host, flat indices and values on e's device, the
+    quantized values or None when not quantizing). Values may be non-finite; the caller checks.
+    """
+    if lay.n_kept == 0:
+        positions = torch.zeros((0, lay.k), dtype=torch.int64)
+        flat = torch.zeros(0, dtype=torch.int64, device=e.device)
+    else:
+        positions, flat = _select_tensor(e, lay)
+    values = e.view(-1)[flat]
+    q = None
+    if quantized and bool(torch.isfinite(values).all()):
+        q = quantize(values.cpu().numpy().reshape(-1, lay.k))
+    return positions.cpu().numpy(), flat, values, q
+
+
+SelectFn = Callable[[torch.Tensor, TileLayout, bool], Selection]
+
+
 def encode(
     deltas: Mapping[str, torch.Tensor],
     error_feedback: MutableMapping[str, torch.Tensor],
     config: CodecConfig,
     beta: float = 0.95,
+    *,
+    select_fn: SelectFn = torch_select,
 ) -> bytes:
     """Fold ``deltas`` into the error feedback, pack what to send, and take it out of the error feedback.
 
     ``e <- beta * e + delta; payload = pack(quantize(topk(e))); e <- e - decode(payload)``, per tensor, in
     place; a missing error-feedback entry starts as zeros (float32, contiguous, on the delta's device).
     Raises CodecError if a tensor's error feedback holds NaN or Inf (that tensor's buffer must then be reset).
+    ``select_fn`` is the backend's selection and quantization (kernels.cupy_backend passes its own); the
+    packing after it is shared, so backends that select and quantize alike write the same bytes.
     """
     entries: list[TensorEntry] = []
     body: list[bytes] = []
@@ -169,22 +198,14 @@ def encode(
             raise CodecError(f"tensor {name!r} has dtype {delta.dtype}; the codec sends {list(wire.DTYPES)}")
         torch.add(delta, e, alpha=beta, out=e)  # one pass: e = delta + beta * e
         lay = layout(tuple(delta.shape), config.chunk, config.topk_per_tile)
-        if lay.n_kept == 0:
-            positions = torch.zeros((0, lay.k), dtype=torch.int64)
-            flat = torch.zeros(0, dtype=torch.int64, device=e.device)
-        else:
-            positions, flat = _select_tensor(e, lay)
-        e_flat = e.view(-1)
-        values = e_flat[flat]
+        positions, flat, values, q = select_fn(e, lay, config.quantize)
         if not bool(torch.isfinite(values).all()):
             raise CodecError(
                 f"error feedback of {name!r} holds NaN or Inf (a non-finite delta?); "
                 "reset that buffer to zeros before the next round"
             )
-        values_np = values.cpu().numpy()
         planes = None
-        if config.quantize:
-            q = quantize(values_np.reshape(-1, lay.k))
+        if q is not None:
             sent = dequantize(q.codes, q.shift, q.lut)
             value_bytes, side = packing.pack2(q.codes), q.side()
             if config.index_coding != "fixed12":
@@ -194,9 +215,11 @@ def encode(
                 else:  # skewed planes did not pay for their descriptors: plain 2-bit codes
                     planes = None
         else:
-            sent, value_bytes, side = values_np, values_np.astype("<f4").tobytes(), b""
+            sent = values.cpu().numpy()
+            value_bytes, side = sent.astype("<f4").tobytes(), b""
+        e_flat = e.view(-1)
         e_flat[flat] = values - torch.from_numpy(sent).to(e.device)
-        coding, rice_r, index_bytes, unary_len = _index_section(positions.cpu().numpy(), config.index_coding)
+        coding, rice_r, index_bytes, unary_len = _index_section(positions, config.index_coding)
         entries.append(
             TensorEntry(
                 name, tuple(delta.shape), dtype_name, coding, rice_r, config.quantize, side, unary_len, planes

@@ -197,3 +197,55 @@ def swarm(peer_count, run_id, rounds, inner_steps, model, json_path, swarm_dir, 
 
     options = SwarmOptions(peer_count, run_id, rounds, inner_steps, model, json_path, swarm_dir, threads)
     sys.exit(run_swarm(options))
+
+
+_state_dir_option = click.option(
+    "--state-dir", type=click.Path(file_okay=False), default=None,
+    help="The peer's state directory (holds control.sock). Default: the only running peer under ./runs.",
+)  # fmt: skip
+_run_option = click.option(
+    "--run", "run_id", default=None, help="Look for the peer of this run under ./runs."
+)
+
+
+def _control_socket(state_dir: str | None, run_id: str | None):
+    from peer.control import ControlError, find_socket
+
+    try:
+        return find_socket(state_dir, run_id)
+    except ControlError as error:
+        raise click.ClickException(str(error)) from error
+
+
+@main.command(short_help="One screen on a running peer: round, losses, partner, traffic, peers.")
+@_state_dir_option
+@_run_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(state_dir, run_id, as_json) -> None:
+    """Show what a running peer is doing: identity and addresses, run and round, inner step and throughput,
+    train/eval loss, current partner and path, bytes per round, bits per parameter, peers known and live,
+    bans, what it is waiting for, and its last error."""
+    from peer.control import ControlError
+    from peer.repl import show_status
+
+    path = _control_socket(state_dir, run_id)
+    try:
+        sys.exit(asyncio.run(show_status(path, as_json)))
+    except ControlError as error:
+        raise click.ClickException(str(error)) from error
+
+
+@main.command(short_help="An interactive prompt on a running peer.")
+@_state_dir_option
+@_run_option
+def repl(state_dir, run_id) -> None:
+    """Open an interactive prompt on a running peer (completion and history). Commands: status, peers,
+    links, rounds [N], loss [N], config, dht, state, why, log [N], ban PEER, unban PEER, help, quit."""
+    from peer.control import ControlError
+    from peer.repl import repl as run_repl
+
+    path = _control_socket(state_dir, run_id)
+    try:
+        sys.exit(asyncio.run(run_repl(path)))
+    except ControlError as error:
+        raise click.ClickException(str(error)) from error

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kernels.errors import ShoalError
-from peer.worker.model import PRESETS
+from peer.worker.presets import PRESETS
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

@@ -15,6 +15,7 @@ import re
 import secrets
 import socket
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,13 @@ from gossip.rounds import payload as dense
 from gossip.rounds.pairing import partner_of
 from gossip.rounds.swap import SwapBook, Verdict, should_stop_waiting
 from kernels.errors import ShoalError
+from peer.commands import handlers as control_handlers
 from peer.config import PeerConfig
+from peer.control import SOCKET_NAME, ControlServer
 from peer.events import Events
 from peer.ipc import WorkerProcess
-from peer.worker.train import peer_number
+from peer.status import LogTail, StatusBoard
+from peer.worker.presets import peer_number
 from transport.messages import MessageError, read_frame, write_message
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,7 @@ CONNECT_TIMEOUT = 5.0
 PROBE_INTERVAL = 0.5  # how often a waiting responder asks its partner how it is doing
 BOOTSTRAP_PATIENCE = 30.0  # seconds to keep trying the bootstrap addresses
 WAIT_PEERS_PATIENCE = 60.0
+ROUND_REPORTS_KEPT = 100
 
 
 class DaemonError(ShoalError):
@@ -83,7 +88,13 @@ class Daemon:
     def __init__(self, config: PeerConfig, json_events: bool = False):
         self.config = config
         self.peer_id = "p" + secrets.token_hex(8)
+        self.state_dir = Path(config.state_dir or Path("runs") / config.run_id / self.peer_id)
         self.events = Events(self.peer_id, json_events)
+        self.board = StatusBoard(self.peer_id, config.run_id)
+        self.events.listeners.append(self.board.on_event)
+        self.banned: set[str] = set()
+        self.parameters = 0
+        self.log_tail = LogTail()
         self.book = SwapBook(self.peer_id)
         self.changed = asyncio.Condition()  # notified whenever the book changes
         self.incoming: dict[int, asyncio.Future[bytes]] = {}
@@ -116,6 +127,13 @@ class Daemon:
         self.address = f"{advertised_host(host)}:{bound_port}"
         loop = asyncio.get_running_loop()
         self.membership = Membership(self.peer_id, self.address, loop.time(), self.config.fail_after)
+        logging.getLogger().addHandler(self.log_tail)
+        control = ControlServer(self.state_dir / SOCKET_NAME, control_handlers(self))
+        try:
+            await control.start()
+        except BaseException:
+            server.close()
+            raise
         self.events.emit("listening", address=self.join_address, run=self.config.run_id)
         self.worker = await WorkerProcess.start()
         try:
@@ -128,10 +146,13 @@ class Daemon:
                 finally:
                     gossip.cancel()
         finally:
+            self.board.set_activity("stopping", "leaving the run and stopping the worker")
             await self._leave()
             server.close()
             await server.wait_closed()
             await self.worker.stop()
+            await control.close()
+            logging.getLogger().removeHandler(self.log_tail)
 
     async def _bootstrap(self) -> None:
         if not self.config.bootstrap:
@@ -146,6 +167,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + BOOTSTRAP_PATIENCE
         delay = 0.2
+        self.board.set_activity("joining", f"contacting the bootstrap peer {self.config.bootstrap[0]}")
         while not self.stopping.is_set():
             for address in self.config.bootstrap:
                 if await self._exchange_members(address):
@@ -162,6 +184,8 @@ class Daemon:
     async def _wait_for_peers(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + WAIT_PEERS_PATIENCE
+        wanted = self.config.wait_peers
+        self.board.set_activity("waiting", f"waiting for {wanted} peers to be known before the first round")
         while len(self.membership.live(loop.time())) < self.config.wait_peers and loop.time() < deadline:
             if self.stopping.is_set():
                 return
@@ -183,10 +207,9 @@ class Daemon:
         settings = self.config.worker_dict()
         settings["init_seed"] = peer_number(f"{self.config.run_id}/{self.peer_id}", 2**31)
         settings["peer_id"] = self.peer_id
-        state_dir = Path(self.config.state_dir or Path("runs") / self.config.run_id / self.peer_id)
-        await worker.send(
-            {"type": "start", "settings": settings, "checkpoint": str(state_dir / "checkpoint.pt")}
-        )
+        self.board.set_activity("starting", "loading the model and data in the worker")
+        checkpoint = str(self.state_dir / "checkpoint.pt")
+        await worker.send({"type": "start", "settings": settings, "checkpoint": checkpoint})
         stop_watch = asyncio.create_task(self._close_worker_on_stop())
         try:
             while (message := await worker.receive()) is not None:
@@ -195,6 +218,7 @@ class Daemon:
                     worker.attach(message)
                     self.spec = [(name, tuple(shape)) for name, shape in message["spec"]]
                     self.max_offer_bytes = dense.max_payload_bytes(self.spec) + PAYLOAD_SLACK
+                    self.parameters = int(message["parameters"])
                     fields = ("parameters", "corpus_sha256", "shard")
                     self.events.emit("worker", **{k: message[k] for k in fields})
                 elif kind in ("progress", "eval"):
@@ -220,8 +244,10 @@ class Daemon:
         proposed = int(message["round"])
         number = self._round_number(proposed)
         payload = self.worker.outbound.read(int(message["nbytes"]))
+        started = time.monotonic()
         report = await self._exchange(number, payload)
-        self.reports.append(report)
+        seconds = time.monotonic() - started
+        self.reports = [*self.reports[-ROUND_REPORTS_KEPT:], report]
         if report.outcome == "swapped":
             nbytes = self.worker.inbound.write(report.payload)
             report.payload = None  # the worker has it; keep no model-sized copies in the history
@@ -234,7 +260,15 @@ class Daemon:
             bytes_received=report.bytes_received,
             inner_step=message.get("inner_step"),
             train_loss=message.get("train_loss"),
+            seconds=round(seconds, 3),
+            bits_per_param=round(8 * len(payload) / max(1, self.parameters), 3),
         )
+        if report.outcome == "swapped" or self.stopping.is_set():
+            self.board.set_activity("training", f"training round {number + 1}")
+        else:
+            self.board.set_activity("training", f"training round {number + 1} (round {number} was skipped)")
+            if report.partner is not None:
+                self.board.error(f"round {number}: {report.outcome}")
         if self.stopping.is_set():
             return
         if report.outcome == "swapped":
@@ -257,7 +291,7 @@ class Daemon:
     # --- one round's exchange ---------------------------------------------------------------------
     async def _exchange(self, number: int, payload: bytes) -> RoundReport:
         loop = asyncio.get_running_loop()
-        partner = partner_of(self.peer_id, self.membership.live(loop.time()), self.config.run_id, number)
+        partner = partner_of(self.peer_id, self.eligible(loop.time()), self.config.run_id, number)
         self.incoming[number] = loop.create_future()
         async with self.changed:
             self.book.ready(number, partner, payload)
@@ -267,9 +301,12 @@ class Daemon:
             if partner is not None:
                 async with asyncio.timeout(self.config.exchange_timeout):
                     if self.peer_id < partner:
+                        waiting = f"sent round {number} to partner {partner}, waiting for its answer"
                         swap = self._initiate(partner, number, payload, report)
                     else:
+                        waiting = f"waiting for partner {partner} to send its round {number}"
                         swap = self._await_offer(partner, number, report)
+                    self.board.set_activity("waiting", waiting)
                     if not await _unless_stopped(swap, self.stopping):
                         report.outcome = "skipped: the peer is stopping"
         except TimeoutError:
@@ -328,6 +365,10 @@ class Daemon:
         report.payload = payload
         report.bytes_sent, report.bytes_received = sent, received
         report.outcome = "swapped"
+
+    def eligible(self, now: float) -> list[str]:
+        """The members we would pair with: live and not banned by us."""
+        return [p for p in self.membership.live(now) if p not in self.banned]
 
     # --- talking to other peers -------------------------------------------------------------------
     def _message(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -417,6 +458,9 @@ class Daemon:
         sender, kind = request.get("from"), request.get("type")
         if not isinstance(sender, str) or not 0 < len(sender) <= 128:
             raise MessageError("request without a valid sender id")
+        if sender in self.banned and kind == "offer":
+            await write_message(writer, self._message("refuse", reason="you are banned by this peer"))
+            return
         loop = asyncio.get_running_loop()
         if kind == "members":
             self._merge_members(request.get("table"), loop.time())

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 log = logging.getLogger("peer")
@@ -16,8 +17,11 @@ class Events:
         self.peer_id = peer_id
         self.json_lines = json_lines
         self.stream = stream or sys.stdout
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     def emit(self, kind: str, **fields: Any) -> None:
+        for listener in self.listeners:
+            listener(kind, fields)
         if self.json_lines:
             record = {"event": kind, "peer": self.peer_id, "t": round(time.time(), 3), **fields}
             self.stream.write(json.dumps(record) + "\n")

@@ -14,7 +14,6 @@ Averaging with the partner is what pulls replicas together; momentum carries pro
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import tempfile
@@ -34,6 +33,7 @@ from peer.worker.data import (
     text_files_under,
 )
 from peer.worker.model import GPT, PRESETS
+from peer.worker.presets import peer_number
 
 EVAL_SEED = 1234  # the same evaluation windows on every peer of every run on this corpus
 DEFAULT_SHARDS = 16
@@ -62,10 +62,6 @@ class TrainSettings:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainSettings:
         return cls(**values)
-
-
-def peer_number(peer_id: str, modulo: int) -> int:
-    return int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:8], "big") % modulo
 
 
 class Trainer:

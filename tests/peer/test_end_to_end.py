@@ -10,7 +10,7 @@ import sys
 import torch
 
 from peer.worker.model import GPT, PRESETS
-from peer.worker.train import peer_number
+from peer.worker.presets import peer_number
 
 from .conftest import REPO
 

@@ -1,0 +1,164 @@
+"""The control socket's commands: what `peer status` and the REPL can ask a running daemon.
+
+Each handler takes the command's arguments and returns plain data (msgpack-able). They read the
+daemon's state and never block; `ban` and `unban` are the only ones that change anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any
+
+from peer.control import ControlError
+
+if TYPE_CHECKING:
+    from peer.daemon import Daemon
+
+DEFAULT_TAIL = 20
+MAX_TAIL = 500
+
+HELP = {
+    "status": "one screen: identity, run, round, losses, partner, traffic, peers, bans, last error",
+    "peers": "the run's members as this peer sees them",
+    "links": "per partner: path, round-trip estimate, throughput, last exchange",
+    "rounds": "recent rounds: partner, bytes, time, swapped or skipped and why  [N]",
+    "loss": "recent train and eval losses  [N]",
+    "config": "this peer's configuration",
+    "dht": "the DHT's routing table and records held",
+    "state": "the run's shared state as this peer sees it",
+    "why": "why the peer is idle or slow right now, in one sentence",
+    "log": "the last lines of this peer's log  [N]",
+    "ban": "stop pairing with a peer and refuse its offers  PEER",
+    "unban": "pair with a banned peer again  PEER",
+    "help": "this list",
+}
+
+
+def handlers(daemon: Daemon) -> dict[str, Any]:
+    def status(_: list[Any]) -> dict[str, Any]:
+        now = asyncio.get_running_loop().time()
+        board = daemon.board.snapshot()
+        members = daemon.membership.members if daemon.membership else {}
+        live = daemon.membership.live(now) if daemon.membership else []
+        current = daemon.book.current
+        last = daemon.reports[-1] if daemon.reports else None
+        return {
+            **board,
+            # No NAT detection yet (transport/nat): a peer reports the address it listens on.
+            "reachability": "direct (listening on its own address; NAT detection not available yet)",
+            "partner": current.partner if current else (last.partner if last else None),
+            "path": "direct TCP" if (current and current.partner) or (last and last.partner) else None,
+            "bits_per_param": _bits_per_param(daemon),
+            "peers_known": len(members),
+            "peers_live": len(live),
+            "bans": sorted(daemon.banned),
+        }
+
+    def peers(_: list[Any]) -> list[dict[str, Any]]:
+        if daemon.membership is None:
+            return []
+        now = asyncio.get_running_loop().time()
+        return [
+            {
+                "peer_id": m.peer_id,
+                "address": m.addr,
+                "live": daemon.membership.is_live(m.peer_id, now),
+                "left": m.left,
+                "finished_round": m.round,
+                "heard_s_ago": round(now - m.changed_at, 1),
+                "banned": m.peer_id in daemon.banned,
+                "self": m.peer_id == daemon.peer_id,
+            }
+            for m in sorted(daemon.membership.members.values(), key=lambda m: m.peer_id)
+        ]
+
+    def links(_: list[Any]) -> list[dict[str, Any]]:
+        return [
+            {
+                "partner": link.partner,
+                "path": "direct TCP",
+                "exchanges": link.exchanges,
+                "last_outcome": link.last_outcome,
+                "last_exchange_s_ago": round(time.time() - link.last_exchange_at, 1),
+                "last_exchange_s": round(link.last_seconds, 3),
+                "throughput_mb_s": round(link.throughput_mb_s, 2),
+            }
+            for link in daemon.board.links.values()
+        ]
+
+    def rounds(args: list[Any]) -> list[dict[str, Any]]:
+        return list(daemon.board.rounds)[-_count(args) :]
+
+    def loss(args: list[Any]) -> list[dict[str, Any]]:
+        return list(daemon.board.losses)[-_count(args) :]
+
+    def config(_: list[Any]) -> dict[str, Any]:
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(daemon.config).items()
+        }
+
+    def dht(_: list[Any]) -> dict[str, Any]:
+        members = daemon.membership.members if daemon.membership else {}
+        return {
+            "available": False,
+            "note": "this build finds peers through its bootstrap peer and gossiped membership, not a DHT",
+            "routing_table_size": len(members),
+            "records_held": 0,
+        }
+
+    def state(_: list[Any]) -> dict[str, Any]:
+        return {
+            "run": daemon.config.run_id,
+            "members": peers([]),
+            "bans": sorted(daemon.banned),
+            "round": daemon.book.last_finished,
+        }
+
+    def why(_: list[Any]) -> str:
+        return daemon.board.why()
+
+    def log(args: list[Any]) -> list[str]:
+        return list(daemon.log_tail.lines)[-_count(args) :] if daemon.log_tail else []
+
+    def ban(args: list[Any]) -> str:
+        peer = _peer_arg(args)
+        daemon.banned.add(peer)
+        return f"banned {peer}: no pairing with it, its offers refused"
+
+    def unban(args: list[Any]) -> str:
+        peer = _peer_arg(args)
+        if peer not in daemon.banned:
+            raise ControlError(f"{peer} is not banned")
+        daemon.banned.discard(peer)
+        return f"unbanned {peer}"
+
+    def help_(_: list[Any]) -> dict[str, str]:
+        return HELP
+
+    return {
+        "status": status, "peers": peers, "links": links, "rounds": rounds, "loss": loss, "config": config,
+        "dht": dht, "state": state, "why": why, "log": log, "ban": ban, "unban": unban, "help": help_,
+    }  # fmt: skip
+
+
+def _bits_per_param(daemon: Daemon) -> float | None:
+    if not daemon.reports or not daemon.parameters:
+        return None
+    return daemon.board.values.get("bits_per_param")
+
+
+def _count(args: list[Any]) -> int:
+    if not args:
+        return DEFAULT_TAIL
+    try:
+        return max(1, min(MAX_TAIL, int(args[0])))
+    except (TypeError, ValueError) as error:
+        raise ControlError(f"expected a number of lines, got {args[0]!r}") from error
+
+
+def _peer_arg(args: list[Any]) -> str:
+    if len(args) != 1 or not isinstance(args[0], str) or not 0 < len(args[0]) <= 128:
+        raise ControlError("expected one peer id")
+    return args[0]

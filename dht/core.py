@@ -13,7 +13,7 @@ from collections import deque
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dht.errors import InvalidRecord, QuotaExceeded
-from dht.keys import as_int
+from dht.keys import as_int, short
 from dht.lookup import ALPHA, PATHS, Lookup
 from dht.protocol import (
     FIND_NODE,
@@ -88,7 +88,7 @@ class DHTCore:
 
     def _store(self, req: Request, sender_ip: str, now: float) -> bool:
         rec = req.record
-        who = req.sender.peer_id.hex()[:16]
+        who = short(req.sender.peer_id)
         want_kind = VALUE if req.type == STORE else PROVIDER
         if rec is None or rec.kind != want_kind:
             log.info("DHT %s from %s carries the wrong record kind; dropped", req.type, who)
@@ -97,7 +97,7 @@ class DHTCore:
         if rec.publisher != req.sender.peer_id:
             # Publishers store their own records; a third party replaying them gains nothing and costs quota.
             log.info("DHT record from %s published by someone else (%s); dropped",
-                     who, rec.publisher.hex()[:16])
+                     who, short(rec.publisher))
             self.dropped += 1
             return False
         try:
@@ -162,13 +162,13 @@ class Query:
         if rec.kind != kind or rec.key != self.key:
             self.rejected += 1
             log.info("DHT answer from %s holds a record for another key or kind; ignored",
-                     contact.peer_id.hex()[:16])
+                     short(contact.peer_id))
             return False
         try:
             rec.verify(now)
         except InvalidRecord as e:
             self.rejected += 1
-            log.info("DHT answer from %s: %s", contact.peer_id.hex()[:16], e)
+            log.info("DHT answer from %s: %s", short(contact.peer_id), e)
             return False
         return True
 

@@ -7,6 +7,8 @@ wire and in records; the routing and lookup code work on the ``int`` form for ch
 
 import hashlib
 
+from transport.identity import b58encode
+
 KEY_BYTES = 32  # SHA-256 output: the key space is 2**256 as in the issue
 KEY_BITS = KEY_BYTES * 8
 
@@ -45,3 +47,8 @@ def bucket_index(own: int, other: int) -> int:
     Bucket i holds ids at distance [2**i, 2**(i+1)); -1 means `other` is `own`.
     """
     return (own ^ other).bit_length() - 1
+
+
+def short(peer_id: bytes) -> str:
+    """A peer id for log lines: the tail of its base58 form (every Ed25519 id shares the head)."""
+    return b58encode(peer_id)[-8:] if peer_id else "?"

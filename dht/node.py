@@ -1,13 +1,11 @@
 """The asyncio DHT node: a thin driver around `dht.core` that moves its messages over streams.
 
 RPCs run over any stream with ``readexactly``/``write``/``close``: one length-prefixed msgpack request,
-one response, and the stream may carry the next request. Today `TCPTransport` provides plain asyncio TCP
-streams on loopback; once the secure Host lands, `DHTNode(dial=..., ...)` takes
-``lambda c: host.new_stream(c.peer_id, PROTOCOL_ID, c.addrs)`` and the Host's stream handler calls
-``node.serve_stream``: nothing else changes.
-
-Until then a peer's id in a request is what it claims (plain TCP authenticates nobody); records are
-still signed, so a liar can misroute lookups but not forge what they find.
+one response, and the stream may carry the next request. `DHTNode.on_host` runs the DHT on the secure
+transport Host (Noise-authenticated yamux streams on PROTOCOL_ID): a request's sender must be the peer
+the connection proved. `DHTNode.start(secure=False)` runs it over plain asyncio TCP instead, where a
+peer's id is only what it claims (records stay signed, so a liar can misroute lookups but not forge
+what they find): the baseline of `bench.dht` and a fallback for tests.
 """
 
 import asyncio
@@ -17,6 +15,7 @@ import logging
 import os
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dht.core import DHTCore, Query
 from dht.errors import DHTError, InvalidMessage, RPCFailed
-from dht.keys import KEY_BYTES, run_key
+from dht.keys import KEY_BYTES, run_key, short
 from dht.protocol import (
     ADD_PROVIDER,
     FIND_NODE,
@@ -33,6 +32,7 @@ from dht.protocol import (
     GET_PROVIDERS,
     MAX_MESSAGE_BYTES,
     PING,
+    PROTOCOL_ID,
     STORE,
     Request,
     Response,
@@ -43,6 +43,9 @@ from dht.protocol import (
 )
 from dht.records import MAX_TTL_S, Record
 from dht.routing import REFRESH_S, Contact
+from kernels.errors import ShoalError
+from transport.host import Host
+from transport.identity import PeerID
 from transport.messages import LENGTH_PREFIX
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,8 @@ log = logging.getLogger(__name__)
 RPC_TIMEOUT_S = 5.0  # one request/response; a live peer on any continent answers well within this
 IDLE_STREAM_S = 60.0  # an inbound stream with no request for this long is closed
 MAX_INBOUND_STREAMS = 512  # concurrent inbound DHT streams; more wait (bounded work per node)
-MAX_IDLE_PER_ADDR = 2  # pooled idle outbound streams per address (reused by the next RPC)
+MAX_IDLE_PER_PEER = 2  # pooled idle outbound streams per peer (reused by the next RPC) ...
+MAX_IDLE_STREAMS = 64  # ... and in all: each holds a connection open, and the Host caps connections
 RECORD_TTL_S = 3600.0  # our own records live an hour ...
 REPUBLISH_S = RECORD_TTL_S / 2  # ... and are republished every half hour, well before expiry
 MAINTENANCE_S = 30.0  # how often to sweep the store, refresh stale buckets and republish
@@ -140,7 +144,7 @@ class TCPTransport:
                 return TCPStream(r, w)
             except (OSError, DHTError) as e:
                 err = e
-        raise RPCFailed(f"could not reach {contact.peer_id.hex()[:16]} at {list(contact.addrs)}: {err}")
+        raise RPCFailed(f"could not reach {short(contact.peer_id)} at {list(contact.addrs)}: {err}")
 
     async def close(self) -> None:
         if self._server is not None:
@@ -157,33 +161,65 @@ class DHTNode:
         self.core = DHTCore(key, addrs)
         self._dial = dial
         self.table_path = Path(table_path) if table_path else None
-        self._pool: dict[bytes, list[Stream]] = {}
+        self._pool: OrderedDict[bytes, list[Stream]] = OrderedDict()  # least recently used first
+        self._pooled = 0
         self._inbound = asyncio.Semaphore(MAX_INBOUND_STREAMS)
         self._published: dict[bytes, tuple[int, Record]] = {}  # (key, kind) -> own record to republish
         self._runs: dict[str, list[str]] = {}
         self._seq = 0
         self._tasks: set[asyncio.Task] = set()
         self._main: asyncio.Task | None = None
+        self._join_task: asyncio.Task | None = None
         self._transport: TCPTransport | None = None
+        self._host: Host | None = None  # closed with the node only when the node created it
         self._rng = random.Random()
 
     # --- construction ----------------------------------------------------------------------------
 
     @classmethod
     async def start(cls, key: Ed25519PrivateKey | None = None, listen: str = "/ip4/127.0.0.1/tcp/0",
-                    bootstrap: list[str] = (), table_path: str | os.PathLike[str] | None = None) -> "DHTNode":
-        """Listen on `listen` over plain TCP, join through `bootstrap` addresses and any saved table.
+                    bootstrap: list[str] = (), table_path: str | os.PathLike[str] | None = None, *,
+                    secure: bool = True) -> "DHTNode":
+        """A node of its own listening on `listen`, joined through `bootstrap` addresses and any saved table.
 
+        `secure` runs it on a transport Host of its own (closed with the node); otherwise on plain TCP.
         With no bootstrap address and no saved table the node starts a new network of its own.
         """
         key = key or Ed25519PrivateKey.generate()
+        if secure:
+            host = await Host.create(key, [listen])
+            try:
+                node = await cls.on_host(host, key, bootstrap=bootstrap, table_path=table_path)
+            except BaseException:
+                await host.close()
+                raise
+            node._host = host
+            return node
         transport = TCPTransport()
         node = cls(key, transport.dial, [], table_path=table_path)
         node._transport = transport
         addrs = await transport.listen(listen, node.serve_stream)
         node.core.set_addrs(addrs)
-        await node.join(list(bootstrap))
-        node._main = asyncio.create_task(node._maintain())
+        await node._begin(list(bootstrap))
+        return node
+
+    @classmethod
+    async def on_host(cls, host: Host, key: Ed25519PrivateKey, *, bootstrap: list[str] = (),
+                      table_path: str | os.PathLike[str] | None = None,
+                      addrs: list[str] | None = None) -> "DHTNode":
+        """Run the DHT on the daemon's Host (whose identity `key` is); `addrs` default to its listen addrs."""
+        if PeerID.from_public_key(key.public_key()) != host.peer_id:
+            raise DHTError("the DHT key is not the Host's identity; pass the key the Host was created with")
+
+        async def dial(c: Contact) -> Stream:
+            if c.peer_id:
+                return await host.new_stream(PeerID.from_bytes(c.peer_id), PROTOCOL_ID, list(c.addrs))
+            return await host.new_stream(await host.connect(c.addrs[0]), PROTOCOL_ID)  # bootstrap address
+
+        node = cls(key, dial, addrs if addrs is not None else [str(a) for a in host.listen_addrs],
+                   table_path=table_path)
+        host.set_stream_handler(PROTOCOL_ID, node.serve_stream)
+        await node._begin(list(bootstrap))
         return node
 
     @property
@@ -194,21 +230,40 @@ class DHTNode:
     def addrs(self) -> list[str]:
         return list(self.core.contact.addrs)
 
+    async def _begin(self, bootstrap: list[str]) -> None:
+        """Reach the seeds, then finish joining in the background: the node serves and routes (through
+        its seeds) as soon as one answered; the self-lookup fills its table meanwhile (`joined()`)."""
+        await self._ping_seeds(bootstrap)
+        self._join_task = asyncio.create_task(self._self_lookup())
+        self._main = asyncio.create_task(self._maintain())
+
+    async def joined(self) -> int:
+        """Wait until the background self-lookup of start-up is done; returns the routing table's size."""
+        if self._join_task is not None:
+            await asyncio.shield(self._join_task)
+        return len(self.core.table)
+
     async def join(self, bootstrap: list[str]) -> int:
         """Ping the bootstrap addresses and saved contacts, then look up our own id (paper, section 2.3).
 
         Returns the number of contacts in the routing table afterwards.
         """
+        await self._ping_seeds(bootstrap)
+        await self._self_lookup()
+        return len(self.core.table)
+
+    async def _ping_seeds(self, bootstrap: list[str]) -> None:
         seeds = [Contact(b"", (a,), 0) for a in bootstrap] + self._load_table()
         async with asyncio.TaskGroup() as tg:
             for c in seeds:
                 tg.create_task(self._ping_seed(c))
+        if seeds and not len(self.core.table):
+            log.warning("DHT node %s reached none of %d bootstrap contacts; starting alone",
+                        short(self.peer_id), len(seeds))
+
+    async def _self_lookup(self) -> None:
         if len(self.core.table):
             await self._run_query(self.core.query(FIND_NODE, self.core.contact.id.to_bytes(KEY_BYTES, "big")))
-        elif seeds:
-            log.warning("DHT node %s reached none of %d bootstrap contacts; starting alone",
-                        self.peer_id.hex()[:16], len(seeds))
-        return len(self.core.table)
 
     async def _ping_seed(self, c: Contact) -> None:
         try:
@@ -221,10 +276,11 @@ class DHTNode:
             self.core.observe(n, time.time())
 
     async def close(self) -> None:
-        if self._main is not None:
-            self._main.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._main
+        for t in (self._main, self._join_task):
+            if t is not None:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -232,15 +288,19 @@ class DHTNode:
             for s in streams:
                 await s.close()
         self._pool.clear()
+        self._pooled = 0
         if self._transport is not None:
             await self._transport.close()
+        if self._host is not None:
+            await self._host.close()
         self.save_table()
 
     # --- serving ---------------------------------------------------------------------------------
 
     async def serve_stream(self, stream: Stream) -> None:
         """Answer requests on one inbound stream until it ends, idles out or misbehaves."""
-        ip = getattr(stream, "remote_ip", "")
+        ip = _remote_ip(stream)
+        remote = getattr(stream, "remote_peer_id", None)  # proven by the Host's Noise handshake
         me = asyncio.current_task()
         if me is not None:
             self._tasks.add(me)  # so close() ends inbound streams too
@@ -251,15 +311,18 @@ class DHTNode:
                     async with asyncio.timeout(IDLE_STREAM_S):
                         body = await read_frame(stream)
                     req = decode_request(body)
+                    if remote is not None and req.sender.peer_id != remote.multihash:
+                        raise InvalidMessage(f"request claims to come from {short(req.sender.peer_id)} but "
+                                             f"the connection proved {remote.short()}; stream closed")
                     resp = self.core.handle(req, ip, time.time())
                     if req.type == PING:
                         resp = Response(resp.rid, [self.core.contact])
                     await stream.write(frame(encode_response(resp)))
                     self._drain_pings()
             except InvalidMessage as e:
-                log.info("DHT node %s: bad message from %s: %s", self.peer_id.hex()[:16], ip, e)
-            except (asyncio.IncompleteReadError, TimeoutError, OSError):
-                pass  # peer closed, went idle or vanished: nothing to answer
+                log.info("DHT node %s: bad message from %s: %s", short(self.peer_id), ip, e)
+            except (asyncio.IncompleteReadError, TimeoutError, OSError, ShoalError):
+                pass  # peer closed, went idle, vanished or reset the stream: nothing to answer
             finally:
                 await stream.close()
 
@@ -287,30 +350,42 @@ class DHTNode:
         """Send one request to `contact` and return its answer; raises RPCFailed on any failure."""
         pooled = self._pool.get(contact.peer_id) if contact.peer_id else None
         stream = pooled.pop() if pooled else None
+        if stream is not None:
+            self._pooled -= 1
         try:
             async with asyncio.timeout(RPC_TIMEOUT_S):
                 if stream is None:
                     stream = await self._dial(contact)
                 await stream.write(frame(encode_request(req)))
                 resp = decode_response(await read_frame(stream))
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, InvalidMessage, RPCFailed) as e:
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ShoalError) as e:
             if stream is not None:
                 await stream.close()
-            raise RPCFailed(f"DHT {req.type} to {contact.peer_id.hex()[:16]} failed: {e!r}") from e
+            raise RPCFailed(f"DHT {req.type} to {short(contact.peer_id)} failed: {e!r}") from e
         except asyncio.CancelledError:
             if stream is not None:  # half a request is on it: it can never be reused
                 self._spawn(stream.close())
             raise
         if resp.rid != req.rid:
             await stream.close()
-            raise RPCFailed(f"DHT answer from {contact.peer_id.hex()[:16]} is for another request; dropped")
-        key = contact.peer_id or (resp.nodes[0].peer_id if resp.nodes else b"")
-        idle = self._pool.setdefault(key, [])
-        if key and len(idle) < MAX_IDLE_PER_ADDR:
-            idle.append(stream)
-        else:
-            await stream.close()
+            raise RPCFailed(f"DHT answer from {short(contact.peer_id)} is for another request; dropped")
+        await self._release(contact.peer_id or (resp.nodes[0].peer_id if resp.nodes else b""), stream)
         return resp
+
+    async def _release(self, peer: bytes, stream: Stream) -> None:
+        """Keep a finished stream for the next RPC to `peer`, within the per-peer and total bounds."""
+        idle = self._pool.setdefault(peer, []) if peer else []
+        if not peer or len(idle) >= MAX_IDLE_PER_PEER:
+            await stream.close()
+            return
+        idle.append(stream)
+        self._pool.move_to_end(peer)
+        self._pooled += 1
+        while self._pooled > MAX_IDLE_STREAMS:
+            _, oldest = self._pool.popitem(last=False)
+            self._pooled -= len(oldest)
+            for s in oldest:
+                await s.close()
 
     async def _call(self, q: Query, contact: Contact, req: Request) -> tuple[Contact, Response | None]:
         try:
@@ -464,3 +539,16 @@ class DHTNode:
             log.warning("DHT routing table file %s is unreadable (%s); ignoring it", self.table_path, e)
             return []
         return out
+
+
+def _remote_ip(stream: Stream) -> str:
+    """The IP a stream comes from (the quota unit); '' when the stream cannot tell."""
+    ip = getattr(stream, "remote_ip", None)
+    if ip is not None:
+        return ip
+    # transport.host.Stream keeps its connection's observed address there (no public accessor yet).
+    addr = getattr(getattr(stream, "_conn", None), "remote_addr", None)
+    try:
+        return addr.tcp_endpoint()[0] if addr is not None else ""
+    except (ShoalError, AttributeError, ValueError):
+        return ""

@@ -6,7 +6,9 @@ peers of a run announce themselves that way under ``run_key(run_id)``, and an em
 is a signed withdrawal. Every record carries its publisher's Ed25519 signature, a sequence number
 (higher replaces lower, so an old copy cannot be replayed over a newer one) and an expiry.
 
-Until transport.identity offers PeerIDs, a publisher is its raw 32-byte Ed25519 public key.
+A publisher is named by its libp2p PeerID (the multihash bytes, `transport.identity`); its public key
+is inlined there (identity multihash, as for every Ed25519 key), so a record carries all it needs to be
+checked.
 """
 
 import ipaddress
@@ -15,19 +17,19 @@ from collections import Counter
 from dataclasses import dataclass
 
 import msgpack
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dht.errors import InvalidRecord, QuotaExceeded
-from dht.keys import KEY_BYTES, record_key
+from dht.keys import KEY_BYTES, record_key, short
+from transport.errors import ProtocolError
+from transport.identity import PeerID, peer_id_from_key
 
 log = logging.getLogger(__name__)
 
 VALUE = 0
 PROVIDER = 1
 
-PUBLISHER_BYTES = 32  # raw Ed25519 public key (becomes a PeerID once transport.identity lands)
+MAX_PUBLISHER = 64  # a PeerID multihash: 38 bytes for Ed25519, 34 for a hashed key
 SIG_BYTES = 64  # Ed25519 signature
 MAX_NAME = 128  # a record name is a label, not data
 MAX_VALUE = 4096  # DHT values are small pointers (addresses, hashes); bulk data travels point to point
@@ -46,8 +48,8 @@ _SIG_TAG = b"shoal/dht/record-sig/v1\x00"
 
 
 def public_bytes(key: Ed25519PrivateKey) -> bytes:
-    """The publisher id of a private key (its raw public key)."""
-    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    """The publisher id of a private key: its PeerID's multihash bytes."""
+    return peer_id_from_key(key).multihash
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +95,7 @@ class Record:
         ok = (
             kind in (VALUE, PROVIDER)
             and _is_bytes(key, KEY_BYTES, KEY_BYTES)
-            and _is_bytes(pub, PUBLISHER_BYTES, PUBLISHER_BYTES)
+            and _is_bytes(pub, 2, MAX_PUBLISHER)
             and isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq <= MAX_SEQ
             and isinstance(expires, (int, float)) and not isinstance(expires, bool)
             and _is_bytes(name, 0, MAX_NAME)
@@ -109,9 +111,9 @@ class Record:
     def verify(self, now: float) -> None:
         """Raise InvalidRecord unless the record is well-bound, unexpired, not too long-lived and signed."""
         if self.expires <= now:
-            raise InvalidRecord(f"DHT record from {self.publisher.hex()[:16]} expired; dropped")
+            raise InvalidRecord(f"DHT record from {short(self.publisher)} expired; dropped")
         if self.expires > now + MAX_TTL_S + CLOCK_SKEW_S:
-            raise InvalidRecord(f"DHT record from {self.publisher.hex()[:16]} lives longer than "
+            raise InvalidRecord(f"DHT record from {short(self.publisher)} lives longer than "
                                 f"{MAX_TTL_S:.0f} s; dropped")
         if self.kind == VALUE and self.key != record_key(self.publisher, self.name):
             raise InvalidRecord("DHT value record's key is not bound to its publisher and name; dropped")
@@ -120,10 +122,14 @@ class Record:
         if self.kind == VALUE and self.addrs:
             raise InvalidRecord("DHT value record carries addresses; dropped")
         try:
-            Ed25519PublicKey.from_public_bytes(self.publisher).verify(self.sig, self._signed_bytes())
-        except (InvalidSignature, ValueError) as e:
-            raise InvalidRecord(f"DHT record from {self.publisher.hex()[:16]} is not signed by its "
-                                "publisher; dropped") from e
+            key = PeerID.from_bytes(self.publisher).public_key()
+        except (ProtocolError, ValueError) as e:
+            raise InvalidRecord(f"DHT record's publisher id is not a valid PeerID ({e}); dropped") from e
+        if key is None:
+            raise InvalidRecord("DHT record's publisher id does not inline its public key; dropped")
+        if not key.verify(self.sig, self._signed_bytes()):
+            raise InvalidRecord(f"DHT record from {short(self.publisher)} is not signed by its "
+                                "publisher; dropped")
 
 
 def _signed(r: Record, key: Ed25519PrivateKey) -> Record:
@@ -175,9 +181,9 @@ class RecordStore:
                 self.expire(now)  # only when full: a sweep is O(n), the driver sweeps periodically too
             if len(self._records) >= self.capacity:
                 raise QuotaExceeded(f"DHT store is full ({self.capacity} records); record from "
-                                    f"{sender.hex()[:16]} refused, retry elsewhere")
+                                    f"{short(sender)} refused, retry elsewhere")
             if self._by_peer[sender] >= int(self.capacity * PEER_SHARE):
-                raise QuotaExceeded(f"peer {sender.hex()[:16]} already holds {PEER_SHARE:.0%} of this "
+                raise QuotaExceeded(f"peer {short(sender)} already holds {PEER_SHARE:.0%} of this "
                                     "DHT store; record refused")
             if self._by_subnet[subnet] >= int(self.capacity * SUBNET_SHARE):
                 raise QuotaExceeded(f"subnet {subnet} already holds {SUBNET_SHARE:.0%} of this DHT "

@@ -10,18 +10,21 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dht.node import DHTNode, parse_tcp_addr
-from dht.protocol import STORE
+from dht.node import DHTNode
+from dht.protocol import PROTOCOL_ID, STORE
 from dht.records import Record
+from transport.host import Host
+from transport.identity import PeerID
 
 pytestmark = pytest.mark.timeout(120)
 
 
-async def swarm(n: int) -> list[DHTNode]:
-    boot = await DHTNode.start()
+async def swarm(n: int, secure: bool = True) -> list[DHTNode]:
+    boot = await DHTNode.start(secure=secure)
     nodes = [boot]
     for _ in range(n - 1):
-        nodes.append(await DHTNode.start(bootstrap=boot.addrs))
+        nodes.append(await DHTNode.start(bootstrap=boot.addrs, secure=secure))
+        await nodes[-1].joined()
     return nodes
 
 
@@ -64,9 +67,9 @@ def test_thirty_daemons_each_find_every_record_and_a_newcomer_finds_the_run() ->
     asyncio.run(main())
 
 
-def test_newer_value_replaces_older() -> None:
+def test_newer_value_replaces_older_over_plain_tcp_too() -> None:
     async def main() -> None:
-        nodes = await swarm(6)
+        nodes = await swarm(6, secure=False)
         try:
             await nodes[1].put(b"k", b"one")
             await nodes[1].put(b"k", b"two")
@@ -84,42 +87,53 @@ def test_hostile_bytes_and_unsigned_records_are_refused_logged_and_never_stored(
     async def main() -> None:
         nodes = await swarm(3)
         target = nodes[0]
-        host, port = parse_tcp_addr(target.addrs[0])
+        attacker_key = Ed25519PrivateKey.generate()
+        attacker = await Host.create(attacker_key, ["/ip4/127.0.0.1/tcp/0"])
+
+        async def raw_stream():
+            return await attacker.new_stream(PeerID.from_bytes(target.peer_id), PROTOCOL_ID, target.addrs)
+
+        async def exchange(body: bytes) -> dict | None:
+            s = await raw_stream()
+            await s.write(struct.pack(">I", len(body)) + body)
+            try:
+                (n,) = struct.unpack(">I", await s.readexactly(4))
+                return msgpack.unpackb(await s.readexactly(n))
+            except asyncio.IncompleteReadError:
+                return None  # the node hung up on us
+            finally:
+                await s.close()
+
         try:
             # 1. A frame header announcing 1 GiB: refused before reading the body, stream closed.
-            r, w = await asyncio.open_connection(host, port)
-            w.write(struct.pack(">I", 1 << 30))
-            await w.drain()
-            assert await r.read() == b""
-            w.close()
-            # 2. Garbage msgpack, 3. a STORE with a record whose signature is zeros.
-            k = Ed25519PrivateKey.generate()
-            good = Record.value_record(k, b"n", b"v", 1, time.time() + 600)
+            s = await raw_stream()
+            await s.write(struct.pack(">I", 1 << 30))
+            with pytest.raises(asyncio.IncompleteReadError):
+                await s.readexactly(1)
+            # 2. Garbage msgpack: the node hangs up.
+            assert await exchange(b"\xc1\xc1\xc1") is None
+            me = PeerID.from_public_key(attacker_key.public_key()).multihash
+            # 3. A STORE whose record's signature is zeros: answered "not stored".
+            good = Record.value_record(attacker_key, b"n", b"v", 1, time.time() + 600)
             forged = [*good.to_wire()[:8], bytes(64)]
-            store = {"v": 1, "t": STORE, "rid": 5, "from": [good.publisher, []], "rec": forged}
-            r, w = await asyncio.open_connection(host, port)
-            w.write(struct.pack(">I", 3) + b"\xc1\xc1\xc1")
-            await w.drain()
-            assert await r.read() == b""  # garbage: the node hangs up
-            w.close()
-            r, w = await asyncio.open_connection(host, port)
-            body = msgpack.packb(store, use_bin_type=True)
-            w.write(struct.pack(">I", len(body)) + body)
-            await w.drain()
-            (n,) = struct.unpack(">I", await r.readexactly(4))
-            answer = msgpack.unpackb(await r.readexactly(n))
-            assert answer["rid"] == 5 and answer["ok"] is False
-            w.close()
+            answer = await exchange(msgpack.packb(
+                {"v": 1, "t": STORE, "rid": 5, "from": [me, []], "rec": forged}, use_bin_type=True))
+            assert answer is not None and answer["rid"] == 5 and answer["ok"] is False
+            # 4. A request that claims to come from another peer than the connection proved: hung up on.
+            spoof = {"v": 1, "t": STORE, "rid": 6, "from": [nodes[1].peer_id, []], "rec": good.to_wire()}
+            assert await exchange(msgpack.packb(spoof, use_bin_type=True)) is None
             assert len(target.core.store) == 0
             # The node still serves honest peers afterwards.
             await nodes[1].put(b"after", b"ok")
             assert await nodes[2].get(nodes[1].peer_id, b"after") == b"ok"
         finally:
+            await attacker.close()
             await close_all(nodes)
 
     asyncio.run(main())
     text = caplog.text
-    assert "exceeds" in text and "not bounded msgpack" in text and "not signed by its publisher" in text
+    for what in ("exceeds", "not bounded msgpack", "not signed by its publisher", "the connection proved"):
+        assert what in text
 
 
 def test_routing_table_survives_a_restart(tmp_path) -> None:
@@ -129,6 +143,7 @@ def test_routing_table_survives_a_restart(tmp_path) -> None:
         path = tmp_path / "table.json"
         try:
             me = await DHTNode.start(key, bootstrap=nodes[0].addrs, table_path=path)
+            await me.joined()
             known = len(me.core.table)
             await me.close()
             assert path.exists() and known >= 5

@@ -109,7 +109,7 @@ class _Waiter:
         self.future = None
 
     async def wait(self) -> None:
-        if self.future is None:
+        if self.future is None or self.future.done():  # done: a previous waiter was cancelled
             self.future = asyncio.get_running_loop().create_future()
         await self.future
 
@@ -160,10 +160,12 @@ class Stream:
     async def read(self, n: int = -1) -> bytes:
         """Up to `n` bytes, or for n < 0 the next chunk that arrived (at most one yamux frame, returned
         without a copy); b"" once the peer closed its side and everything was read."""
+        if n == 0:
+            return b""
         while not self._chunks:
             if self._error is not None:
                 raise self._error
-            if self._eof or n == 0:
+            if self._eof:
                 return b""
             await self._readable.wait()
         chunks = self._chunks
@@ -473,6 +475,7 @@ class _Connection(asyncio.BufferedProtocol):
                 stream = streams.get(event.stream_id)  # type: ignore[union-attr]
                 if stream is not None:
                     stream._feed_eof()
+                    self._forget_if_closed(event.stream_id)  # type: ignore[union-attr]
             elif kind is yamux.StreamReset:
                 stream = streams.pop(event.stream_id, None)  # type: ignore[union-attr]
                 if stream is not None:
@@ -547,7 +550,13 @@ class _Connection(asyncio.BufferedProtocol):
     def _send_fin(self, stream_id: int) -> None:
         if self.session is not None and not self.closed.done():
             self.session.send_fin(stream_id)
+            self._forget_if_closed(stream_id)
             self._flush()
+
+    def _forget_if_closed(self, stream_id: int) -> None:
+        """Both sides sent FIN: no more events will come for the stream (its reader keeps its data)."""
+        if self.session is not None and not self.session.is_open(stream_id):
+            self.streams.pop(stream_id, None)
 
     def _reset_stream(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)

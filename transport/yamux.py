@@ -160,6 +160,10 @@ class YamuxSession:
         self._out.append(HEADER.pack(VERSION, TYPE_WINDOW_UPDATE, FLAG_SYN, stream_id, 0))
         return stream_id
 
+    def is_open(self, stream_id: int) -> bool:
+        """False once the stream was reset or closed by both sides."""
+        return stream_id in self._streams
+
     def send_window(self, stream_id: int) -> int:
         state = self._streams.get(stream_id)
         return state.send_window if state is not None else 0

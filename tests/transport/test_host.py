@@ -146,6 +146,7 @@ async def test_half_close_lets_the_other_side_answer():
         await stream.close()
         assert await stream.readexactly(11) == b"HELLO WORLD"
         assert await stream.read() == b""
+        assert await stream.read(0) == b""
         with pytest.raises(asyncio.IncompleteReadError):
             await stream.readexactly(1)
 
@@ -217,9 +218,16 @@ async def test_connection_limit_refuses_extra_inbound_connections():
         assert server.connected_peers == [c1.peer_id]
 
 
-async def test_idle_connection_is_closed():
+async def test_idle_connection_is_closed_once_its_streams_are_done():
     async with two_hosts(HostLimits(idle_timeout_s=0.2)) as (a, b):
-        await a.connect(full_addr(b))
+        stream = await a.new_stream(b.peer_id, "/echo/1", [full_addr(b)])
+        await stream.write(b"ping")
+        await stream.close()
+        assert await stream.readexactly(4) == b"ping"
+        assert await stream.read() == b""
+        await wait_for(
+            lambda: not a._all_conns or not next(iter(a._all_conns)).streams, "closed streams forgotten"
+        )
         await wait_for(lambda: not a.is_connected(b.peer_id), "the idle connection closes")
         await wait_for(lambda: not b.is_connected(a.peer_id), "the peer sees it close")
 
@@ -358,4 +366,14 @@ async def test_readexactly_larger_than_the_window_does_not_deadlock():
         writer = asyncio.create_task(stream.write(payload))
         assert await stream.readexactly(len(payload)) == payload
         await writer
+        await stream.close()
+
+
+async def test_a_read_cancelled_by_a_timeout_leaves_the_stream_usable():
+    async with two_hosts() as (a, b):
+        stream = await a.new_stream(b.peer_id, "/echo/1", [full_addr(b)])
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(stream.read(), 0.05)
+        await stream.write(b"still here")
+        assert await stream.readexactly(10) == b"still here"
         await stream.close()

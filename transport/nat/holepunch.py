@@ -1,0 +1,227 @@
+"""TCP hole punching coordinated over a relayed connection, in the manner of libp2p DCUtR.
+
+Two peers joined by a relay each bind a TCP socket to a fresh local port (SO_REUSEPORT), learn what
+their NAT maps that port to from a STUN responder over TCP, swap those addresses over the relayed
+connection, and connect to each other at the same moment. Each SYN opens its own NAT for the other's;
+whichever arrives second finds the mapping open, and the kernels complete a simultaneous open. The
+Host's secure upgrade then runs on the punched socket, with the side that started the punch as the
+Noise initiator.
+
+Timing follows DCUtR: the initiator measures the relayed round trip, sends SYNC, and starts connecting
+half a round trip later, when SYNC reaches the responder and it starts too. Every attempt has its own
+deadline, and the whole punch has one; a NAT that maps each destination to a new port (symmetric)
+makes the punch fail fast, and the relayed connection stays.
+
+Wire: length-prefixed msgpack on `/shoal/holepunch/1.0.0`:
+    initiator -> {v, type: "connect", addrs: [mapped ip4/tcp multiaddr bytes]}
+    responder -> {v, type: "connect", addrs: [...]}
+    initiator -> {v, type: "sync"}
+
+Connection reversal, for an initiator that is itself publicly reachable (DCUtR's "unilateral upgrade"):
+    initiator -> {v, type: "reverse", addrs: [its public addresses]}
+    responder dials one of them directly -> {v, type: "reversed", ok: bool}
+This turns every pair with one endpoint-independent-filtering NAT into a direct connection, whatever
+the other NAT does, where a simultaneous open against a symmetric NAT would fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from typing import Any
+
+from ..errors import TransportError
+from ..host import Host, Stream
+from ..identity import PeerID
+from ..messages import MessageError, read_message, write_message
+from ..multiaddr import Multiaddr
+from . import stun
+from .conduit import Holding, attach
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "/shoal/holepunch/1.0.0"
+VERSION = 1
+MAX_MESSAGE = 4096
+MAX_ADDRS = 4
+# The whole punch, from the first message to a secure connection: after this the relay stays in use.
+# Across the internet a punch needs a few RTTs (each at most ~300 ms) plus one SYN retransmit (1 s).
+PUNCH_DEADLINE_S = 5.0
+# One connect() attempt; a SYN that found the peer's NAT still closed is resent on a new attempt.
+ATTEMPT_TIMEOUT_S = 1.0
+# Pause after an attempt was refused (an RST), so the peer's socket gets time to exist.
+RETRY_PAUSE_S = 0.05
+
+
+class PunchError(TransportError):
+    """A hole punch failed; the relayed connection is still there."""
+
+
+async def _mapping(stun_servers: list[tuple[str, int]]) -> tuple[Multiaddr, int]:
+    """A fresh local port and the public address our NAT maps it to (from the first server answering)."""
+    errors = []
+    for server in stun_servers:
+        try:
+            (ip, port), local_port = await stun.query_tcp(server)
+        except stun.StunError as exc:
+            errors.append(str(exc))
+            continue
+        return Multiaddr.from_tcp(ip, port), local_port
+    raise PunchError(f"no STUN server told us our TCP mapping: {'; '.join(errors) or 'none configured'}")
+
+
+async def _connect_from(local_port: int, targets: list[Multiaddr], deadline: float) -> Any:
+    """Connect from `local_port` to one of `targets`, retrying until `deadline`; returns the transport."""
+    loop = asyncio.get_running_loop()
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        for target in targets:
+            sock = stun.reusable_tcp_socket(local_port)
+            try:
+                budget = min(ATTEMPT_TIMEOUT_S, deadline - time.monotonic())
+                async with asyncio.timeout(max(budget, 0.01)):
+                    await loop.sock_connect(sock, target.tcp_endpoint())
+            except (TimeoutError, OSError) as exc:
+                sock.close()
+                last = exc
+                if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+                    raise PunchError(f"local port {local_port} is taken: {exc}") from exc
+                if not isinstance(exc, TimeoutError):
+                    await asyncio.sleep(RETRY_PAUSE_S)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            transport, _ = await loop.create_connection(Holding, sock=sock)
+            return transport
+    raise PunchError(f"no TCP simultaneous open with {', '.join(map(str, targets))}: {last or 'deadline'}")
+
+
+def _addrs(message: dict[str, Any]) -> list[Multiaddr]:
+    out = []
+    raw = message.get("addrs")
+    for item in raw[:MAX_ADDRS] if isinstance(raw, list) else []:
+        try:
+            addr = Multiaddr.from_bytes(item)
+            addr.tcp_endpoint()
+        except (TransportError, TypeError, ValueError):
+            continue
+        out.append(addr)
+    return out
+
+
+async def punch(host: Host, peer: PeerID, stun_servers: list[tuple[str, int]]) -> Any:
+    """Punch a direct TCP connection to `peer`, coordinated over the (relayed) connection we have to it.
+
+    Returns the new secure connection (path "tcp-punch"); PunchError when it fails within
+    PUNCH_DEADLINE_S. The caller decides which connection new streams use.
+    """
+    deadline = time.monotonic() + PUNCH_DEADLINE_S
+    try:
+        async with asyncio.timeout(PUNCH_DEADLINE_S):
+            mapped, local_port = await _mapping(stun_servers)
+            stream = await host.new_stream(peer, PROTOCOL)
+            try:
+                sent = time.monotonic()
+                await write_message(stream, {"v": VERSION, "type": "connect", "addrs": [mapped.to_bytes()]})
+                reply = await read_message(stream, MAX_MESSAGE)
+                rtt = time.monotonic() - sent
+                targets = _addrs(reply)
+                if reply.get("type") != "connect" or not targets:
+                    raise PunchError(f"{peer.short()} sent no address to punch to")
+                await write_message(stream, {"v": VERSION, "type": "sync"})
+                # The responder's STUN query sat inside `rtt`; half of the rest is our head start.
+                await asyncio.sleep(min(rtt / 2, ATTEMPT_TIMEOUT_S))
+                transport = await _connect_from(local_port, targets, deadline)
+            finally:
+                await stream.close()
+            return await attach(host, transport, initiator=True, expected=peer, path="tcp-punch")
+    except TimeoutError as exc:
+        raise PunchError(f"hole punch to {peer.short()} passed its {PUNCH_DEADLINE_S} s deadline") from exc
+    except (MessageError, asyncio.IncompleteReadError) as exc:
+        raise PunchError(f"hole punch to {peer.short()} broke off: {exc}") from exc
+
+
+async def reverse(host: Host, peer: PeerID, my_addrs: list[Multiaddr]) -> Any:
+    """Ask `peer` (reached through a relay) to dial us at `my_addrs`; returns that direct connection."""
+    try:
+        async with asyncio.timeout(PUNCH_DEADLINE_S):
+            stream = await host.new_stream(peer, PROTOCOL)
+            try:
+                addrs = [a.without_peer_id().to_bytes() for a in my_addrs][:MAX_ADDRS]
+                await write_message(stream, {"v": VERSION, "type": "reverse", "addrs": addrs})
+                reply = await read_message(stream, MAX_MESSAGE)
+            finally:
+                await stream.close()
+    except TimeoutError as exc:
+        raise PunchError(f"{peer.short()} did not dial us back within {PUNCH_DEADLINE_S} s") from exc
+    except (MessageError, asyncio.IncompleteReadError) as exc:
+        raise PunchError(f"connection reversal with {peer.short()} broke off: {exc}") from exc
+    if reply.get("type") != "reversed" or reply.get("ok") is not True:
+        raise PunchError(f"{peer.short()} could not dial us directly: {reply.get('reason')!r}")
+    # Its "reversed" came over the relay and may overtake the last handshake message on the direct path.
+    end = time.monotonic() + ATTEMPT_TIMEOUT_S
+    while time.monotonic() < end:
+        for conn in list(host._all_conns):  # hook wanted: Host.connections(peer)
+            ready = conn.remote_peer_id == peer and conn.session is not None and not conn.closed.done()
+            if ready and conn.inbound and getattr(conn, "path", "direct") == "direct":
+                return conn
+        await asyncio.sleep(0.01)
+    raise PunchError(f"{peer.short()} says it dialed us, but no direct connection from it is open")
+
+
+class PunchResponder:
+    """Answers punches started by peers; `on_connection(conn)` gets each punched connection."""
+
+    def __init__(self, host: Host, stun_servers: list[tuple[str, int]], on_connection: Any = None) -> None:
+        self.host = host
+        self.stun_servers = stun_servers
+        self.on_connection = on_connection
+        host.set_stream_handler(PROTOCOL, self._serve)
+
+    async def _serve(self, stream: Stream) -> None:
+        peer = stream.remote_peer_id
+        deadline = time.monotonic() + PUNCH_DEADLINE_S
+        try:
+            async with asyncio.timeout(PUNCH_DEADLINE_S):
+                request = await read_message(stream, MAX_MESSAGE)
+                targets = _addrs(request)
+                if request.get("v") == VERSION and request.get("type") == "reverse" and targets:
+                    await self._dial_back(stream, peer, targets)
+                    return
+                if request.get("v") != VERSION or request.get("type") != "connect" or not targets:
+                    raise PunchError(f"{peer.short()} sent a malformed punch request")
+                mapped, local_port = await _mapping(self.stun_servers)
+                await write_message(stream, {"v": VERSION, "type": "connect", "addrs": [mapped.to_bytes()]})
+                sync = await read_message(stream, MAX_MESSAGE)
+                if sync.get("type") != "sync":
+                    raise PunchError(f"{peer.short()} sent {sync.get('type')!r} where SYNC belongs")
+                transport = await _connect_from(local_port, targets, deadline)
+                conn = await attach(self.host, transport, initiator=False, expected=peer, path="tcp-punch")
+        except (TimeoutError, TransportError, MessageError, asyncio.IncompleteReadError) as exc:
+            log.info("hole punch from %s failed: %s", peer.short(), exc or "deadline")
+            await stream.reset()
+            return
+        log.info("hole punched to %s: %s", peer.short(), conn.remote_addr)
+        if self.on_connection is not None:
+            self.on_connection(conn)
+
+    async def _dial_back(self, stream: Stream, peer: PeerID, targets: list[Multiaddr]) -> None:
+        errors = []
+        for target in targets:
+            try:
+                async with asyncio.timeout(ATTEMPT_TIMEOUT_S * 2):
+                    conn = await self.host._dial(target, peer)  # a new connection beside the relayed one
+            except (TimeoutError, TransportError) as exc:
+                errors.append(f"{target}: {exc or 'timed out'}")
+                continue
+            conn.path = "direct"
+            await write_message(stream, {"v": VERSION, "type": "reversed", "ok": True})
+            log.info("dialed %s directly at its request: %s", peer.short(), target)
+            if self.on_connection is not None:
+                self.on_connection(conn)
+            return
+        reason = "; ".join(errors)[:1000]
+        await write_message(stream, {"v": VERSION, "type": "reversed", "ok": False, "reason": reason})

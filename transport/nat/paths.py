@@ -1,0 +1,249 @@
+"""Which path reaches a partner, and why: direct, then punched, then relayed; and what each one measures.
+
+`NatService` is the NAT layer a daemon runs beside its Host:
+
+- `start()` serves STUN (public peers), dial-backs, relaying (public peers) and the stop and punch
+  sides; connects to the configured relays, learns its reachability from them, and when it is not public
+  reserves a slot on every relay (two or more in production). `addrs()` is what to publish in the DHT:
+  public addresses when reachable, relayed (`/p2p-circuit`) addresses otherwise.
+- `connect(peer, addrs)` tries each direct address under its own deadline, then a relayed address; over
+  a relayed connection it punches at once, and keeps the relay only when the punch fails. `upgrade(peer)`
+  retries the punch later. Bulk transfers therefore use a relay only when no direct path exists, and the
+  relay's own limits cut a circuit that carries more than it offered.
+- `report()` lists, per partner, the path in use, why, its round-trip time and its measured throughput
+  (`record_transfer` feeds it), for the daemon's logs and status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import TransportError
+from ..host import Host
+from ..identity import PeerID
+from ..multiaddr import Multiaddr
+from . import conduit, holepunch, reachability, relay, stun
+
+log = logging.getLogger(__name__)
+
+DIRECT, TCP_PUNCH, ICE, RELAY = "direct", "tcp-punch", "ice", "relay"
+# One direct dial: a reachable peer answers within a few RTTs; an unreachable one silently drops our SYN,
+# and the next path should start long before the Host's own 10 s handshake timeout.
+DIRECT_DIAL_TIMEOUT_S = 2.0
+# How long a replaced relayed connection may finish what it carries before it is closed.
+RELAY_GRACE_S = 1.0
+# Throughput is a moving average over recent transfers: a new sample weighs this much.
+THROUGHPUT_EWMA = 0.3
+# Transfers shorter than this say more about latency than about throughput; they are not sampled.
+MIN_SAMPLE_BYTES = 256 * 1024
+DOCUMENTATION_NETS = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")
+
+
+@dataclass(frozen=True)
+class NatConfig:
+    """How a peer meets NATs. `relays` name their /p2p/ ids; `stun_servers` are (ip, port)."""
+
+    relays: tuple[Multiaddr, ...] = ()
+    stun_servers: tuple[tuple[str, int], ...] = ()
+    # Public peers serve STUN on this port (UDP and TCP), and relaying.
+    serve_stun_port: int | None = None
+    serve_relay: bool = False
+    relay_limits: relay.RelayLimits = field(default_factory=relay.RelayLimits)
+    punch: bool = True
+
+
+@dataclass
+class PathInfo:
+    peer: PeerID
+    path: str
+    reason: str
+    since: float = field(default_factory=time.monotonic)
+    rtt_s: float | None = None
+    mb_s: float | None = None
+    connect_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"peer": str(self.peer), "path": self.path, "reason": self.reason, "rtt_s": self.rtt_s,
+                "mb_s": self.mb_s, "connect_s": self.connect_s}
+
+
+class NatService:
+    def __init__(self, host: Host, config: NatConfig) -> None:
+        self.host = host
+        self.config = config
+        self.reachability = reachability.Reachability()
+        self.reservations: list[relay.Reservation] = []
+        self.paths: dict[PeerID, PathInfo] = {}
+        self._stun: stun.StunResponder | None = None
+        self.relay_service: relay.RelayService | None = None
+        self._stop = relay.StopHandler(host)
+        self._autonat = reachability.AutoNatServer(host)
+        stun_servers = list(config.stun_servers)
+        self._punch = holepunch.PunchResponder(host, stun_servers, self._punched_by_peer)
+        self._closers: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ start-up
+
+    async def start(self) -> None:
+        config = self.config
+        if config.serve_stun_port is not None:
+            self._stun = await stun.StunResponder.start("0.0.0.0", config.serve_stun_port)
+        if config.serve_relay:
+            announce = [a for a in self.host.listen_addrs if _is_public(a)]
+            self.relay_service = relay.RelayService(self.host, config.relay_limits, announce)
+        relays = []
+        for addr in config.relays:
+            try:
+                relays.append(await self.host.connect(addr))
+            except TransportError as exc:
+                log.warning("cannot reach relay %s: %s", addr, exc)
+        if relays:
+            self.reachability = await reachability.check(self.host, relays)
+        if self.reachability.status != reachability.PUBLIC:
+            for addr in config.relays:
+                try:
+                    reservation = await relay.reserve(self.host, addr)
+                except TransportError as exc:
+                    log.warning("no reservation at relay %s: %s", addr, exc)
+                    continue
+                self._stop.relays.add(reservation.relay)
+                self.reservations.append(reservation)
+
+    def addrs(self) -> list[Multiaddr]:
+        """The addresses to publish for this peer: reachable ones first, then relayed ones."""
+        me = self.host.peer_id
+        out = [a.with_peer_id(me) for a in self.reachability.public_addrs]
+        if self.reachability.status == reachability.PUBLIC or not self.config.relays:
+            listening = [a.with_peer_id(me) for a in self.host.listen_addrs if _is_public(a)]
+            out += [a for a in listening if a not in out]
+        for reservation in self.reservations:
+            out += reservation.relayed_addrs(me)
+        return out
+
+    # ------------------------------------------------------------------ connecting
+
+    async def connect(self, peer: PeerID, addrs: list[Multiaddr | str]) -> PathInfo:
+        """The best path to `peer` among `addrs` (its published addresses); TransportError if none works."""
+        started = time.monotonic()
+        current = conduit.connection_to(self.host, peer)
+        if current is not None and peer in self.paths:
+            return self.paths[peer]
+        parsed = [Multiaddr.parse(a) for a in addrs]
+        direct = [a for a in parsed if relay.split_circuit_addr(a) is None]
+        relayed = [a for a in parsed if relay.split_circuit_addr(a) is not None]
+        errors = []
+        for addr in direct:
+            try:
+                async with asyncio.timeout(DIRECT_DIAL_TIMEOUT_S):
+                    await self.host.connect(addr.with_peer_id(peer))
+            except (TimeoutError, TransportError) as exc:
+                errors.append(f"{addr}: {exc or 'timed out'}")
+                continue
+            return self._set(peer, DIRECT, f"dialed {addr}", started)
+        for addr in relayed:
+            try:
+                await relay.dial_relayed(self.host, addr)
+            except TransportError as exc:
+                errors.append(f"{addr}: {exc}")
+                continue
+            info = self._set(peer, RELAY, f"no direct address answered; relayed via {addr}", started)
+            if self.config.punch:
+                await self.upgrade(peer, started)
+            return self.paths.get(peer, info)
+        raise TransportError(f"no path to {peer.short()}: {'; '.join(errors) or 'no address given'}")
+
+    async def upgrade(self, peer: PeerID, started: float | None = None) -> PathInfo | None:
+        """Replace the relay to `peer` by a direct path: the peer dials us when we are reachable
+        (connection reversal), else a TCP hole punch. The relay stays when neither works."""
+        info = self.paths.get(peer)
+        if info is None or info.path != RELAY:
+            return info
+        if self.reachability.status == reachability.PUBLIC and self.reachability.public_addrs:
+            try:
+                conn = await holepunch.reverse(self.host, peer, self.reachability.public_addrs)
+            except TransportError as exc:
+                log.info("connection reversal with %s failed: %s; punching", peer.short(), exc)
+            else:
+                self._switch(peer, conn, started)
+                return self.paths[peer]
+        try:
+            conn = await holepunch.punch(self.host, peer, list(self.config.stun_servers))
+        except TransportError as exc:
+            info.reason = f"hole punch failed ({exc}); staying relayed"
+            log.info("path to %s stays relayed: %s", peer.short(), exc)
+            return info
+        self._switch(peer, conn, started)
+        return self.paths[peer]
+
+    def _punched_by_peer(self, conn: Any) -> None:
+        self._switch(conn.remote_peer_id, conn, None)
+
+    def _switch(self, peer: PeerID, conn: Any, started: float | None) -> None:
+        old = conduit.connection_to(self.host, peer)
+        conduit.prefer(self.host, conn)
+        path = conduit.path_of(conn)
+        how = "TCP hole punch" if path == TCP_PUNCH else "a direct dial (connection reversal)"
+        info = PathInfo(peer, path, f"{how} to {conn.remote_addr} replaced the relay")
+        if started is not None:
+            info.connect_s = time.monotonic() - started
+        self.paths[peer] = info
+        log.info("path to %s: %s (%s)", peer.short(), info.path, info.reason)
+        if old is not None and old is not conn and conduit.path_of(old) == RELAY:
+            task = asyncio.get_running_loop().create_task(self._close_later(old))
+            self._closers.add(task)
+            task.add_done_callback(self._closers.discard)
+
+    async def _close_later(self, conn: Any) -> None:
+        await asyncio.sleep(RELAY_GRACE_S)
+        await conn.close()
+
+    def _set(self, peer: PeerID, path: str, reason: str, started: float) -> PathInfo:
+        info = PathInfo(peer, path, reason, connect_s=time.monotonic() - started)
+        self.paths[peer] = info
+        log.info("path to %s: %s (%s)", peer.short(), path, reason)
+        return info
+
+    # ------------------------------------------------------------------ measuring
+
+    async def measure_rtt(self, peer: PeerID) -> float:
+        rtt = await self.host.ping(peer)
+        info = self.paths.get(peer)
+        if info is not None:
+            info.rtt_s = rtt
+        return rtt
+
+    def record_transfer(self, peer: PeerID, nbytes: int, seconds: float) -> None:
+        info = self.paths.get(peer)
+        if info is None or nbytes < MIN_SAMPLE_BYTES or seconds <= 0:
+            return
+        sample = nbytes / seconds / 1e6
+        old = info.mb_s
+        info.mb_s = sample if old is None else (1 - THROUGHPUT_EWMA) * old + THROUGHPUT_EWMA * sample
+
+    def report(self) -> list[dict[str, Any]]:
+        return [info.as_dict() for info in self.paths.values()]
+
+    async def close(self) -> None:
+        for task in list(self._closers):
+            task.cancel()
+        await asyncio.gather(*self._closers, return_exceptions=True)
+        if self._stun is not None:
+            self._stun.close()
+
+
+def _is_public(addr: Multiaddr) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr.parts[0][1])
+    except ValueError:
+        return True  # a DNS name: someone published it to be dialed
+    return not (ip.is_private and not _is_documentation(ip)) and not ip.is_unspecified and not ip.is_loopback
+
+
+def _is_documentation(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """The lab's "internet" uses the documentation ranges (RFC 5737), which Python files as private."""
+    return any(ip in ipaddress.ip_network(net) for net in DOCUMENTATION_NETS)

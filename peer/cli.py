@@ -13,12 +13,17 @@ from kernels.errors import ShoalError
 from peer.config import ConfigError, load_config, parse_shard
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, as_json: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if as_json:
+        from peer.metrics import JsonLogFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,6 +92,10 @@ def main() -> None:
     "--threads", type=int, default=None, help="CPU threads for the worker's torch (default: torch's)."
 )
 @click.option("--json-events", is_flag=True, help="Print one JSON object per event on stdout (for tools).")
+@click.option(
+    "--metrics", default=None, metavar="HOST:PORT", help="Serve Prometheus metrics here (off by default)."
+)
+@click.option("--log-json", is_flag=True, help="Write log lines as JSON objects.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def join(
     run_id,
@@ -105,10 +114,12 @@ def join(
     exchange_timeout,
     threads,
     json_events,
+    metrics,
+    log_json,
     verbose,
 ) -> None:
     """Join the run RUN (or start it) and train with its peers until stopped (Ctrl-C)."""
-    _setup_logging(verbose)
+    _setup_logging(verbose, log_json)
     try:
         config = load_config(
             config_file,
@@ -127,6 +138,7 @@ def join(
                 "shard": parse_shard(shard) if shard else None,
                 "exchange_timeout": exchange_timeout,
                 "threads": threads,
+                "metrics": metrics,
             },
         )
     except ConfigError as error:

@@ -51,6 +51,7 @@ class PeerConfig:
     exchange_timeout: float = 30.0  # seconds a peer waits for its partner in one round
     gossip_interval: float = 1.0
     fail_after: float = 5.0  # a member silent this long is presumed dead
+    metrics: str | None = None  # HOST:PORT of the Prometheus endpoint; None: off
 
     def __post_init__(self) -> None:
         if not RUN_ID_PATTERN.match(self.run_id):

@@ -30,6 +30,7 @@ from peer.config import PeerConfig
 from peer.control import SOCKET_NAME, ControlServer
 from peer.events import Events
 from peer.ipc import WorkerProcess
+from peer.metrics import MetricsServer
 from peer.status import LogTail, StatusBoard
 from peer.worker.presets import peer_number
 from transport.messages import MessageError, read_frame, write_message
@@ -128,12 +129,17 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.membership = Membership(self.peer_id, self.address, loop.time(), self.config.fail_after)
         logging.getLogger().addHandler(self.log_tail)
-        control = ControlServer(self.state_dir / SOCKET_NAME, control_handlers(self))
+        self._handlers = control_handlers(self)
+        control = ControlServer(self.state_dir / SOCKET_NAME, self._handlers)
         try:
             await control.start()
         except BaseException:
             server.close()
             raise
+        metrics = None
+        if self.config.metrics:
+            metrics = MetricsServer(*parse_address(self.config.metrics), status=self.status)
+            await metrics.start()
         self.events.emit("listening", address=self.join_address, run=self.config.run_id)
         self.worker = await WorkerProcess.start()
         try:
@@ -152,6 +158,8 @@ class Daemon:
             await server.wait_closed()
             await self.worker.stop()
             await control.close()
+            if metrics is not None:
+                await metrics.close()
             logging.getLogger().removeHandler(self.log_tail)
 
     async def _bootstrap(self) -> None:
@@ -365,6 +373,10 @@ class Daemon:
         report.payload = payload
         report.bytes_sent, report.bytes_received = sent, received
         report.outcome = "swapped"
+
+    def status(self) -> dict[str, Any]:
+        """What `peer status` shows; also the metrics endpoint's source."""
+        return self._handlers["status"]([])
 
     def eligible(self, now: float) -> list[str]:
         """The members we would pair with: live and not banned by us."""

@@ -10,6 +10,7 @@ import select
 import subprocess
 import sys
 import time
+import urllib.request
 
 from .conftest import REPO
 
@@ -105,6 +106,13 @@ def test_status_and_every_repl_command_answer_while_the_peer_trains(start_peer, 
     assert status["run"] == "watch" and status["round"] >= 1 and status["peers_live"] == 1
     assert status["why"].endswith(".")
     assert (state_dir / "control.sock").stat().st_mode & 0o777 == 0o600
+
+    # The same figures for Prometheus.
+    port = re.search(r"metrics at http://127.0.0.1:(\d+)/metrics", peer.log_path.read_text())[1]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    assert f'shoal_eval_loss{{peer="{status["peer_id"]}",run="watch"}}' in metrics
+    assert "# TYPE shoal_rounds_total counter" in metrics
 
     env = {
         **os.environ,

@@ -83,9 +83,10 @@ def naive_round(
         shift = v.mean()
         c = v - shift
         std = c.norm() / math.sqrt(max(1, c.numel() - 1))
-        scale = 1.5 * std if std > 0 else torch.tensor(1.0)
+        scale = 1.5 * std if std > 0 else torch.ones((), device=c.device)
         q = torch.clamp(torch.round(c / scale + 2), 0, 3).to(torch.uint8)
-        lut = torch.stack([c[q == b].mean() if (q == b).any() else torch.tensor(0.0) for b in range(4)])
+        zero = torch.zeros((), device=c.device)
+        lut = torch.stack([c[q == b].mean() if (q == b).any() else zero for b in range(4)])
         # wire: 12-bit indices (pairs in 3 bytes), 2-bit codes (4 per byte)
         flat_idx = idx.reshape(-1).to(torch.int32)
         if flat_idx.numel() % 2:
@@ -204,11 +205,13 @@ def bench_size(
             flush=True,
         )
     if gpu_backends:
-        result["cupy"] = bench_cupy(deltas, cfg, repeats, guard)
+        result["cupy"] = bench_cupy(deltas, cfg, repeats, guard, result.get("memcpy_gb_s"))
     return result
 
 
-def bench_cupy(deltas: dict[str, torch.Tensor], cfg: CodecConfig, repeats: int, guard: Guard) -> dict:
+def bench_cupy(
+    deltas: dict[str, torch.Tensor], cfg: CodecConfig, repeats: int, guard: Guard, copy_gb_s: float | None
+) -> dict:
     """CuPy backend on CUDA: byte-equality with the torch path, throughput and achieved GB/s."""
     try:
         from kernels import cupy_backend
@@ -237,6 +240,10 @@ def bench_cupy(deltas: dict[str, torch.Tensor], cfg: CodecConfig, repeats: int, 
             encode_mb_s={"torch": 4 * n / 1e6 / min(t_torch), "cupy": 4 * n / 1e6 / min(t_cupy)},
             achieved_gb_s={"torch": 12 * n / 1e9 / min(t_torch), "cupy": 12 * n / 1e9 / min(t_cupy)},
         )
+        if copy_gb_s:
+            # A device copy of n bytes moves 2n bytes (read + write): the card's usable bandwidth.
+            card = 2 * copy_gb_s
+            out["fraction_of_bandwidth"] = {k: v / card for k, v in out["achieved_gb_s"].items()}
     print(f"[cupy] {out}", flush=True)
     return out
 

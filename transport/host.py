@@ -52,8 +52,10 @@ PING_SIZE = 32
 # Bytes encrypted per step of one write() before checking the socket's buffer: keeps the buffers in
 # flight few and hot in cache, and lets other tasks run between steps.
 WRITE_CHUNK = 1024 * 1024
-# Receive buffer once the session runs: a read fills up to this much, minus a frame kept for a partial.
-RECV_BUFFER_SIZE = 1024 * 1024 + 2 * (noise.MAX_FRAME_LENGTH + 2)
+# Receive buffer once the session runs: room for a partial frame plus at least one whole frame per read;
+# bulk transfers get the large one (fewer, bigger reads: ~16 frames per read).
+RECV_BUFFER_SMALL = 3 * (noise.MAX_FRAME_LENGTH + 2)
+RECV_BUFFER_LARGE = 1024 * 1024 + 2 * (noise.MAX_FRAME_LENGTH + 2)
 # Socket reads during the upgrade: handshake messages are small.
 RAW_READ_SIZE = 65536
 # How long a closing connection may take to flush its GO_AWAY before the socket is aborted.
@@ -269,10 +271,13 @@ class _Connection(asyncio.BufferedProtocol):
         self.path = "direct"  # how the bytes travel: direct TCP, or a NAT path (see transport/nat)
         self._raw = bytearray()  # bytes received during the upgrade, before the session runs
         self._raw_buffer = memoryview(bytearray(RAW_READ_SIZE))
-        self._rbuf = bytearray(RECV_BUFFER_SIZE)  # ciphertext received once the session runs
+        # Ciphertext received once the session runs. Small while the connection carries little (a DHT
+        # neighbour costs ~200 KiB, not a megabyte); grown once a read fills it, i.e. on bulk transfer.
+        self._rbuf = bytearray(RECV_BUFFER_SMALL)
         self._rview = memoryview(self._rbuf)
         self._rstart = 0  # start of the first incomplete frame
         self._rend = 0  # end of the received bytes
+        self._read_filled = False  # the last read filled all the room we offered
         self._raw_event = _Waiter()
         self._noise: noise.NoiseTransport | None = None
         self.session: yamux.YamuxSession | None = None
@@ -298,6 +303,13 @@ class _Connection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.session is None:
             return self._raw_buffer
+        if self._read_filled and len(self._rbuf) < RECV_BUFFER_LARGE:
+            size = self._rend - self._rstart
+            bigger = bytearray(RECV_BUFFER_LARGE)
+            bigger[:size] = self._rview[self._rstart : self._rend]
+            self._rview.release()
+            self._rbuf, self._rview = bigger, memoryview(bigger)
+            self._rstart, self._rend = 0, size
         if len(self._rbuf) - self._rend < noise.MAX_FRAME_LENGTH + 2:
             # Move the incomplete frame (less than one frame) to the front to make room.
             size = self._rend - self._rstart
@@ -313,6 +325,7 @@ class _Connection(asyncio.BufferedProtocol):
                 return
             self._raw_event.wake()
             return
+        self._read_filled = self._rend + nbytes == len(self._rbuf)
         self._rend += nbytes
         assert self._noise is not None
         try:
@@ -439,6 +452,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._raw.clear()
         plaintexts = self._noise.receive_data(tail) if tail else []
         partial = self._noise.take_partial()
+        self._raw_buffer = memoryview(b"")  # the handshake's read buffer is not needed any more
         self._rbuf[: len(partial)] = partial
         self._rstart, self._rend = 0, len(partial)
         self._on_plaintexts(plaintexts)

@@ -59,17 +59,29 @@ class PunchError(TransportError):
     """A hole punch failed; the relayed connection is still there."""
 
 
-async def _mapping(stun_servers: list[tuple[str, int]]) -> tuple[Multiaddr, int]:
-    """A fresh local port and the public address our NAT maps it to (from the first server answering)."""
+async def _mapping(stun_servers: list[tuple[str, int]]) -> tuple[Multiaddr, int, bool]:
+    """A fresh local port, the public address our NAT maps it to, and whether that mapping depends on
+    the destination (a symmetric NAT: two STUN servers at different addresses see different ports)."""
     errors = []
+    seen: list[tuple[str, int]] = []
+    local_port = 0
+    distinct: list[tuple[str, int]] = []
     for server in stun_servers:
+        if server[0] not in {other[0] for other in distinct}:
+            distinct.append(server)
+    for server in distinct:
+        if len(seen) == 2:
+            break
         try:
-            (ip, port), local_port = await stun.query_tcp(server)
+            mapped, local_port = await stun.query_tcp(server, local_port)
         except stun.StunError as exc:
             errors.append(str(exc))
             continue
-        return Multiaddr.from_tcp(ip, port), local_port
-    raise PunchError(f"no STUN server told us our TCP mapping: {'; '.join(errors) or 'none configured'}")
+        seen.append(mapped)
+    if not seen:
+        raise PunchError(f"no STUN server told us our TCP mapping: {'; '.join(errors) or 'none configured'}")
+    ip, port = seen[0]
+    return Multiaddr.from_tcp(ip, port), local_port, len(set(seen)) > 1
 
 
 async def _connect_from(local_port: int, targets: list[Multiaddr], deadline: float) -> Any:
@@ -121,7 +133,9 @@ async def punch(host: Host, peer: PeerID, stun_servers: list[tuple[str, int]]) -
     deadline = time.monotonic() + PUNCH_DEADLINE_S
     try:
         async with asyncio.timeout(PUNCH_DEADLINE_S):
-            mapped, local_port = await _mapping(stun_servers)
+            mapped, local_port, symmetric = await _mapping(stun_servers)
+            if symmetric:
+                raise PunchError("our NAT maps every destination to a new port (symmetric): no punch")
             stream = await host.new_stream(peer, PROTOCOL)
             try:
                 sent = time.monotonic()
@@ -130,7 +144,7 @@ async def punch(host: Host, peer: PeerID, stun_servers: list[tuple[str, int]]) -
                 rtt = time.monotonic() - sent
                 targets = _addrs(reply)
                 if reply.get("type") != "connect" or not targets:
-                    raise PunchError(f"{peer.short()} sent no address to punch to")
+                    raise PunchError(f"{peer.short()} sent no address to punch to ({reply.get('reason')})")
                 await write_message(stream, {"v": VERSION, "type": "sync"})
                 # The responder's STUN query sat inside `rtt`; half of the rest is our head start.
                 await asyncio.sleep(min(rtt / 2, ATTEMPT_TIMEOUT_S))
@@ -193,7 +207,11 @@ class PunchResponder:
                     return
                 if request.get("v") != VERSION or request.get("type") != "connect" or not targets:
                     raise PunchError(f"{peer.short()} sent a malformed punch request")
-                mapped, local_port = await _mapping(self.stun_servers)
+                mapped, local_port, symmetric = await _mapping(self.stun_servers)
+                if symmetric:
+                    await write_message(stream, {"v": VERSION, "type": "connect", "addrs": [],
+                                                 "reason": "symmetric NAT"})
+                    raise PunchError("our NAT maps every destination to a new port (symmetric): no punch")
                 await write_message(stream, {"v": VERSION, "type": "connect", "addrs": [mapped.to_bytes()]})
                 sync = await read_message(stream, MAX_MESSAGE)
                 if sync.get("type") != "sync":

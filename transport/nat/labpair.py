@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .lab import PUBLIC_IP, LabError, NatLab
+from .lab import PUBLIC_IP, PUBLIC_IP_2, LabError, NatLab
 
 RELAY_PORT = 4001
 STUN_PORT = 3478
@@ -30,17 +30,23 @@ SEND_TIMEOUT_S = 120.0
 class Agent:
     """One `transport.nat.labagent` process: send a command, read its one-line answer."""
 
-    def __init__(self, lab: NatLab, ns: str, args: list[str], name: str) -> None:
+    def __init__(self, lab: NatLab, ns: str, args: list[str], name: str, *, wait: bool = True) -> None:
         self.name = name
         self.lab = lab
         self._buffer = b""
+        self.ready: dict[str, Any] = {}
         self.proc = lab.spawn_python(
             ns, ["-m", "transport.nat.labagent", *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> Agent:
         self.ready = self.read(AGENT_START_TIMEOUT_S)
         if self.ready.get("event") != "ready":
-            raise LabError(f"agent {name} did not start: {self.ready}")
+            raise LabError(f"agent {self.name} did not start: {self.ready}")
+        return self
 
     def read(self, timeout_s: float) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -103,20 +109,24 @@ def start_relay(lab: NatLab) -> Agent:
     ], "relay")
 
 
-def start_private(lab: NatLab, index: int, relay: Agent, *, punch: bool = True) -> Agent:
+def start_private(lab: NatLab, index: int, relay: Agent, *, punch: bool = True, wait: bool = True) -> Agent:
     relay_addr = f"/ip4/{PUBLIC_IP}/tcp/{RELAY_PORT}/p2p/{relay.peer}"
-    args = ["--relay", relay_addr, "--stun", f"{PUBLIC_IP}:{STUN_PORT}"]
+    # Two STUN addresses (one responder on both): a symmetric NAT shows itself by two different ports.
+    args = ["--relay", relay_addr, "--stun", f"{PUBLIC_IP}:{STUN_PORT}",
+            "--stun", f"{PUBLIC_IP_2}:{STUN_PORT}"]
     if not punch:
         args.append("--no-punch")
-    return Agent(lab, lab.sites[index].host_ns, args, f"site{index}")
+    return Agent(lab, lab.sites[index].host_ns, args, f"site{index}", wait=wait)
 
 
 def run_pair(lab: NatLab, relay: Agent, transfer_bytes: int) -> PairResult:
     """Peers behind sites 0 and 1 of `lab`: site 0 connects to site 1 and sends `transfer_bytes`."""
     a_type, b_type = lab.sites[0].nat_type, lab.sites[1].nat_type
-    a = start_private(lab, 0, relay)
-    b = start_private(lab, 1, relay)
+    a = start_private(lab, 0, relay, wait=False)
+    b = start_private(lab, 1, relay, wait=False)
     try:
+        a.wait_ready()  # both start at once: their reachability checks overlap
+        b.wait_ready()
         reach = (str(a.ready["reachability"]), str(b.ready["reachability"]))
         answer = a.call({"cmd": "connect", "peer": b.peer, "addrs": b.addrs}, CONNECT_TIMEOUT_S)
         if answer.get("event") != "connected":

@@ -32,9 +32,10 @@ VERSION = 1
 MAX_MESSAGE = 4096
 # Candidates a server dials per request: a peer has a handful of listen ports, not dozens.
 MAX_CANDIDATES = 8
-# One dial-back (TCP connect + Noise + muxer); a peer slower than this is not usefully reachable.
-DIAL_BACK_TIMEOUT_S = 3.0
-# Dial-backs one server runs at once for everybody; more requests wait (bounded work per server).
+# One dial-back (TCP connect + Noise + muxer: about 3 RTTs, under 1 s across the internet); a peer slower
+# than this is not usefully reachable.
+DIAL_BACK_TIMEOUT_S = 2.0
+# Requests one server serves at once (each dials up to MAX_CANDIDATES); more wait: bounded work.
 MAX_CONCURRENT_DIAL_BACKS = 8
 # A client waits this long for the server's verdict: the dial-back deadlines plus a margin.
 REQUEST_TIMEOUT_S = DIAL_BACK_TIMEOUT_S * 2 + 2.0
@@ -75,24 +76,28 @@ class AutoNatServer:
                                          "reason": "no candidate on the IP your request came from"})
             await stream.close()
             return
-        errors = []
-        async with self._slots:
-            for addr in candidates:
-                try:
-                    await self._dial_back(addr, peer)
-                except (TimeoutError, TransportError, OSError) as exc:
-                    errors.append(f"{addr}: {exc or 'timed out'}")
-                    continue
+        async with self._slots:  # all candidates at once: a filtering NAT costs one timeout, not several
+            outcomes = await asyncio.gather(*(self._dial_back(addr, peer) for addr in candidates))
+        for addr, error in zip(candidates, outcomes, strict=True):
+            if error is None:
                 await write_message(stream, {"v": VERSION, "status": "ok", "addr": addr.to_bytes()})
                 await stream.close()
                 return
-        await write_message(stream, {"v": VERSION, "status": "failed", "reason": "; ".join(errors)[:1000]})
+        reason = "; ".join(f"{addr}: {error}" for addr, error in zip(candidates, outcomes, strict=True))
+        await write_message(stream, {"v": VERSION, "status": "failed", "reason": reason[:1000]})
         await stream.close()
 
-    async def _dial_back(self, addr: Multiaddr, peer: PeerID) -> None:
-        async with asyncio.timeout(DIAL_BACK_TIMEOUT_S):
-            conn = await self.host._dial(addr, peer)  # a new connection, whatever is open: hook wanted
+    async def _dial_back(self, addr: Multiaddr, peer: PeerID) -> str | None:
+        """None when `addr` reached `peer`, else why not."""
+        try:
+            async with asyncio.timeout(DIAL_BACK_TIMEOUT_S):
+                # A new connection whatever is open, without the Host's per-peer dial sharing (which would
+                # fold the candidates into one dial): hook wanted, Host.dial_new(addr, peer).
+                conn = await self.host._dial_once(addr, peer)
+        except (TimeoutError, TransportError, OSError) as exc:
+            return str(exc) or "timed out"
         await conn.close()
+        return None
 
 
 def _candidates(request: dict[str, object], source: Multiaddr | None) -> list[Multiaddr]:

@@ -55,19 +55,8 @@ class Terminal:
 
 
 def test_status_and_every_repl_command_answer_while_the_peer_trains(start_peer, tmp_path):
-    peer = start_peer(
-        "watched",
-        "--run",
-        "watch",
-        "--listen",
-        "127.0.0.1:0",
-        "--rounds",
-        "1000",
-        "--inner-steps",
-        "4",
-        "--threads",
-        "1",
-    )
+    args = "--run watch --listen 127.0.0.1:0 --rounds 1000 --inner-steps 4 --threads 1 --metrics 127.0.0.1:0"
+    peer = start_peer("watched", *args.split())
     peer.wait_for(lambda e: e["event"] == "round", timeout=120)
     state_dir = tmp_path / "watched"
     out = subprocess.run(

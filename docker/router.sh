@@ -32,7 +32,7 @@ table ip shoal_nat {
 	}
 	chain postrouting {
 		type nat hook postrouting priority srcnat;
-		oifname "$WAN" $MASQ
+		oifname "$WAN" counter $MASQ
 	}
 }
 NFT

@@ -48,6 +48,8 @@ from .multiaddr import Multiaddr
 log = logging.getLogger(__name__)
 
 PING_PROTOCOL_ID = "/ipfs/ping/1.0.0"
+# Offered inside the Noise handshake (libp2p's inlined muxer negotiation); yamux is the only one we speak.
+MUXERS = [yamux.PROTOCOL_ID]
 PING_SIZE = 32
 # Bytes encrypted per step of one write() before checking the socket's buffer: keeps the buffers in
 # flight few and hot in cache, and lets other tasks run between steps.
@@ -402,7 +404,11 @@ class _Connection(asyncio.BufferedProtocol):
         """
         key = self.host._key
         handshake = noise.NoiseHandshake(
-            initiator=not self.inbound, identity_key=key, expected_peer=expected, muxers=[yamux.PROTOCOL_ID]
+            initiator=not self.inbound,
+            identity_key=key,
+            expected_peer=expected,
+            muxers=MUXERS,
+            static=self.host._noise_static,
         )
         if self.inbound:
             rest = await self._negotiate_raw(multistream.MultistreamListener([noise.PROTOCOL_ID]))
@@ -613,6 +619,7 @@ class Host:
     def __init__(self, key: ed25519.Ed25519PrivateKey, limits: HostLimits) -> None:
         self._key = key
         self.peer_id = peer_id_from_key(key)
+        self._noise_static = noise.NoiseStatic(key, MUXERS)
         self.limits = limits
         self.listen_addrs: list[Multiaddr] = []
         self._servers: list[asyncio.Server] = []

@@ -163,6 +163,21 @@ def verify_payload(payload: bytes, remote_static: bytes) -> tuple[PublicKey, lis
     return key, muxers
 
 
+class NoiseStatic:
+    """A host's long-lived Noise static key with its signed handshake payload, computed once.
+
+    libp2p lets a host keep one static key for all its connections; signing it once saves a key
+    generation and a signature per connection. Fresh ephemeral keys still give every session new keys.
+    """
+
+    def __init__(self, identity_key: ed25519.Ed25519PrivateKey, muxers: Sequence[str] = ()) -> None:
+        self.identity_key = identity_key
+        self.muxers = list(muxers)
+        self.key = x25519.X25519PrivateKey.generate()
+        self.public = _x25519_public(self.key)
+        self.payload = encode_payload(identity_key, self.public, self.muxers)
+
+
 class NoiseHandshake:
     """The XX handshake for one connection. Feed bytes with `receive_data`, send `data_to_send()`."""
 
@@ -173,13 +188,16 @@ class NoiseHandshake:
         identity_key: ed25519.Ed25519PrivateKey,
         expected_peer: PeerID | None = None,
         muxers: Sequence[str] = (),
+        static: NoiseStatic | None = None,
     ) -> None:
         self.initiator = initiator
-        self._muxers = list(muxers)
+        if static is None or static.identity_key is not identity_key or static.muxers != list(muxers):
+            static = NoiseStatic(identity_key, muxers)
+        self._static = static
+        self._muxers = static.muxers
         self.remote_muxers: list[str] = []
-        self._identity_key = identity_key
         self._expected = expected_peer
-        self._s = x25519.X25519PrivateKey.generate()
+        self._s = static.key
         self._e = x25519.X25519PrivateKey.generate()
         self._re = b""
         self._rs = b""
@@ -274,10 +292,9 @@ class NoiseHandshake:
         e_pub = _x25519_public(self._e)
         self._sym.mix_hash(e_pub)
         self._sym.mix_key(_dh(self._e, self._re))
-        s_pub = _x25519_public(self._s)
-        encrypted_s = self._sym.encrypt_and_hash(s_pub)
+        encrypted_s = self._sym.encrypt_and_hash(self._static.public)
         self._sym.mix_key(_dh(self._s, self._re))
-        payload = self._sym.encrypt_and_hash(encode_payload(self._identity_key, s_pub, self._muxers))
+        payload = self._sym.encrypt_and_hash(self._static.payload)
         self._emit(e_pub + encrypted_s + payload)
 
     def _read_message_2(self, message: bytes) -> None:  # initiator: <- e, ee, s, es, payload
@@ -293,10 +310,9 @@ class NoiseHandshake:
         self._step += 1
 
     def _write_message_3(self) -> None:  # initiator: -> s, se, payload
-        s_pub = _x25519_public(self._s)
-        encrypted_s = self._sym.encrypt_and_hash(s_pub)
+        encrypted_s = self._sym.encrypt_and_hash(self._static.public)
         self._sym.mix_key(_dh(self._s, self._re))
-        payload = self._sym.encrypt_and_hash(encode_payload(self._identity_key, s_pub, self._muxers))
+        payload = self._sym.encrypt_and_hash(self._static.payload)
         self._emit(encrypted_s + payload)
 
     def _read_message_3(self, message: bytes) -> None:  # responder: <- s, se, payload

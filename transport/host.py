@@ -665,7 +665,12 @@ class Host:
         maddr = Multiaddr.parse(addr)
         host, port = maddr.tcp_endpoint()
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _Connection(self, inbound=True), host, port)
+        try:
+            server = await loop.create_server(lambda: _Connection(self, inbound=True), host, port)
+        except OSError as exc:
+            raise TransportError(
+                f"cannot listen on {maddr}: {exc.strerror or exc}; is the port taken by another daemon?"
+            ) from exc
         self._servers.append(server)
         bound: Multiaddr | None = None
         for sock in server.sockets:

@@ -85,6 +85,12 @@ async def test_dial_to_the_wrong_peer_id_is_refused():
         await wait_for(lambda: not a._all_conns, "the refused connection is gone")
 
 
+async def test_listening_on_a_taken_port_says_so():
+    async with await Host.create(generate_key(), [LOOPBACK]) as a:
+        with pytest.raises(TransportError, match="cannot listen"):
+            await Host.create(generate_key(), [str(a.listen_addrs[0])])
+
+
 async def test_unreachable_address_says_so():
     async with await Host.create(generate_key(), [LOOPBACK]) as a:
         probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
@@ -377,3 +383,14 @@ async def test_a_read_cancelled_by_a_timeout_leaves_the_stream_usable():
         await stream.write(b"still here")
         assert await stream.readexactly(10) == b"still here"
         await stream.close()
+
+
+async def test_ipv6_loopback():
+    try:
+        a = await Host.create(generate_key(), ["/ip6/::1/tcp/0"])
+    except TransportError as exc:  # pragma: no cover - hosts without IPv6
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    async with a, await Host.create(generate_key()) as b:
+        assert str(a.listen_addrs[0]).startswith("/ip6/::1/tcp/")
+        assert await b.connect(a.listen_addrs[0].with_peer_id(a.peer_id)) == a.peer_id
+        assert await b.ping(a.peer_id) > 0

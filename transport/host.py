@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -60,6 +61,11 @@ RECV_BUFFER_SMALL = 3 * (noise.MAX_FRAME_LENGTH + 2)
 RECV_BUFFER_LARGE = 1024 * 1024 + 2 * (noise.MAX_FRAME_LENGTH + 2)
 # Socket reads during the upgrade: handshake messages are small.
 RAW_READ_SIZE = 65536
+# TCP keepalive: a silent peer is probed after 60 s and dropped after 3 unanswered probes 15 s apart,
+# well inside a training round's deadline scale but far above a healthy peer's quiet periods.
+KEEPALIVE_IDLE_S = 60
+KEEPALIVE_INTERVAL_S = 15
+KEEPALIVE_PROBES = 3
 # How long a closing connection may take to flush its GO_AWAY before the socket is aborted.
 CLOSE_GRACE_S = 0.5
 
@@ -295,6 +301,7 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
         transport.set_write_buffer_limits(high=self.host.limits.write_buffer_high)
+        _enable_keepalive(transport.get_extra_info("socket"))
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("sockname")
         with contextlib.suppress(Exception):
@@ -1049,6 +1056,17 @@ class Host:
             await server.wait_closed()
         self._servers.clear()
         self._conns.clear()
+
+
+def _enable_keepalive(sock: socket.socket | None) -> None:
+    """Let the kernel notice a peer that vanished without a FIN (power loss, a NAT that forgot us)."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
 
 
 async def _serve_ping(stream: Stream) -> None:

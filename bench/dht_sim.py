@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     if base is not None:
         print(f"  baseline (1 path, plain Kademlia): success {base['success']:.4f}  median hops "
               f"{base['median_hops']}  messages/lookup {base['messages_per_lookup']:.1f}")
-        fail = (1 - res["success"], 1 - base["success"])
-        print(f"  ratio vs baseline: failures x{fail[0] / fail[1] if fail[1] else float('nan'):.2f}, "
+        fails = [r["attempts"] - round(r["success"] * r["attempts"]) for r in (res, base)]
+        print(f"  vs baseline: failed lookups {fails[0]} vs {fails[1]}, "
               f"messages x{res['messages_per_lookup'] / base['messages_per_lookup']:.2f}")
     if args.json:
         doc = {"success": res["success"], "median_hops": res["median_hops"],

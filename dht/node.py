@@ -16,7 +16,7 @@ import os
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dht.core import DHTCore, Query
 from dht.errors import DHTError, InvalidMessage, RPCFailed
-from dht.keys import KEY_BYTES, run_key, short
+from dht.keys import KEY_BYTES, record_key, run_key, short
 from dht.protocol import (
     ADD_PROVIDER,
     FIND_NODE,
@@ -164,7 +164,7 @@ class DHTNode:
         self._pool: OrderedDict[bytes, list[Stream]] = OrderedDict()  # least recently used first
         self._pooled = 0
         self._inbound = asyncio.Semaphore(MAX_INBOUND_STREAMS)
-        self._published: dict[bytes, tuple[int, Record]] = {}  # (key, kind) -> own record to republish
+        self._values: dict[bytes, Record] = {}  # our own value records, by key: republished until close
         self._runs: dict[str, list[str]] = {}
         self._seq = 0
         self._tasks: set[asyncio.Task] = set()
@@ -178,7 +178,7 @@ class DHTNode:
 
     @classmethod
     async def start(cls, key: Ed25519PrivateKey | None = None, listen: str = "/ip4/127.0.0.1/tcp/0",
-                    bootstrap: list[str] = (), table_path: str | os.PathLike[str] | None = None, *,
+                    bootstrap: Sequence[str] = (), table_path: str | os.PathLike[str] | None = None, *,
                     secure: bool = True) -> "DHTNode":
         """A node of its own listening on `listen`, joined through `bootstrap` addresses and any saved table.
 
@@ -204,7 +204,7 @@ class DHTNode:
         return node
 
     @classmethod
-    async def on_host(cls, host: Host, key: Ed25519PrivateKey, *, bootstrap: list[str] = (),
+    async def on_host(cls, host: Host, key: Ed25519PrivateKey, *, bootstrap: Sequence[str] = (),
                       table_path: str | os.PathLike[str] | None = None,
                       addrs: list[str] | None = None) -> "DHTNode":
         """Run the DHT on the daemon's Host (whose identity `key` is); `addrs` default to its listen addrs."""
@@ -387,7 +387,7 @@ class DHTNode:
             for s in oldest:
                 await s.close()
 
-    async def _call(self, q: Query, contact: Contact, req: Request) -> tuple[Contact, Response | None]:
+    async def _call(self, contact: Contact, req: Request) -> tuple[Contact, Response | None]:
         try:
             return contact, await self.rpc(contact, req)
         except RPCFailed as e:
@@ -400,7 +400,7 @@ class DHTNode:
         try:
             while True:
                 for contact, req in q.requests():
-                    in_flight.add(asyncio.create_task(self._call(q, contact, req)))
+                    in_flight.add(asyncio.create_task(self._call(contact, req)))
                 if q.done or not in_flight:
                     break
                 finished, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
@@ -428,12 +428,12 @@ class DHTNode:
     async def _store_at_closest(self, rec: Record, type_: int) -> int:
         q = await self._run_query(self.core.query(FIND_NODE, rec.key))
         targets = q.closest()
-        calls = (self._call(q, c, self.core.request(type_, record=rec)) for c in targets)
+        calls = (self._call(c, self.core.request(type_, record=rec)) for c in targets)
         results = await asyncio.gather(*calls)
         stored = sum(1 for _, r in results if r is not None and r.ok)
         # We hold a copy too when we are among the closest (small networks) or alone.
         if len(targets) < self.core.k:
-            self.core.store.put(rec, self.peer_id, "127.0.0.1", time.time())
+            self.core.store.put(rec, self.peer_id, "self", time.time())
             stored += 1
         return stored
 
@@ -450,13 +450,11 @@ class DHTNode:
         Republished before it expires, until the node closes.
         """
         rec = Record.value_record(self.core.key, name, value, self._next_seq(), time.time() + RECORD_TTL_S)
-        self._published[rec.key + b"v"] = (STORE, rec)
+        self._values[rec.key] = rec
         return await self._store_at_closest(rec, STORE)
 
     async def get(self, publisher: bytes, name: bytes) -> bytes | None:
         """The newest value `publisher` put under `name`, or None if the network holds none."""
-        from dht.keys import record_key
-
         key = record_key(publisher, name)
         local = self.core.store.get_value(key, time.time())
         q = await self._run_query(self.core.query(FIND_VALUE, key))
@@ -507,11 +505,11 @@ class DHTNode:
             self.save_table()
 
     async def _republish(self) -> None:
-        for k, (type_, rec) in list(self._published.items()):
+        for key, rec in list(self._values.items()):
             fresh = Record.value_record(self.core.key, rec.name, rec.value, self._next_seq(),
                                         time.time() + RECORD_TTL_S)
-            self._published[k] = (type_, fresh)
-            await self._store_at_closest(fresh, type_)
+            self._values[key] = fresh
+            await self._store_at_closest(fresh, STORE)
         for run_id, addrs in list(self._runs.items()):
             await self._provide(run_id, addrs)
 
@@ -523,8 +521,11 @@ class DHTNode:
             return
         data = [{"peer_id": c.peer_id.hex(), "addrs": list(c.addrs)} for c in self.core.table.contacts()]
         tmp = self.table_path.with_suffix(self.table_path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"version": 1, "contacts": data}))
-        os.replace(tmp, self.table_path)
+        try:
+            tmp.write_text(json.dumps({"version": 1, "contacts": data}))
+            os.replace(tmp, self.table_path)
+        except OSError as e:  # a full disk must not stop the DHT; the next save retries
+            log.warning("DHT routing table not saved to %s: %s", self.table_path, e)
 
     def _load_table(self) -> list[Contact]:
         if self.table_path is None or not self.table_path.exists():

@@ -145,9 +145,12 @@ class RoutingTable:
             self._buckets[i].touched = now
 
     def stale_buckets(self, now: float, interval: float = REFRESH_S) -> list[int]:
-        """Buckets, up to the farthest non-empty one, that saw no lookup within `interval` seconds."""
-        top = max((i for i, b in enumerate(self._buckets) if b.live), default=-1)
-        return [i for i in range(top + 1) if now - self._buckets[i].touched >= interval]
+        """Buckets from our nearest neighbour's out to the farthest non-empty one that saw no lookup
+        within `interval` seconds (section 2.3; buckets nearer than any node are empty by nature)."""
+        used = [i for i, b in enumerate(self._buckets) if b.live]
+        if not used:
+            return []
+        return [i for i in range(used[0], used[-1] + 1) if now - self._buckets[i].touched >= interval]
 
     def random_id_in_bucket(self, i: int, rng: random.Random) -> int:
         """A random id at distance [2**i, 2**(i+1)) from ours: the target of a bucket refresh."""

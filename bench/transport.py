@@ -7,7 +7,8 @@ Everything runs in one invocation on loopback, so the ratios compare runs made s
 client in this one:
 
 - throughput: one stream (one socket for raw TCP) carries `--mib` MiB to a sink that answers with the
-  count once it has read everything; best of `--repeats` (the least disturbed by other load),
+  count once it has read everything; best of `--repeats` (the least disturbed by other load). TCP and
+  Shoal transfers alternate; ratio_vs_tcp is the median of the paired ratios,
 - rtt: 64-byte echo round trips on one open stream, p50 over 200,
 - cpu: sender plus receiver CPU seconds for the transfers, reported as MB per CPU-second,
 - connect: a fresh connection each time (TCP for raw; TCP + multistream + Noise XX + yamux for Shoal and
@@ -22,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import uvloop
@@ -42,6 +45,8 @@ WALL_CLOCK_GUARD_S = 600
 SERVER_START_S = 60
 RTT_ROUNDS = 200
 CONNECT_ROUNDS = 20
+# py-libp2p is 20x slower per transfer and starts a trio process per run: three runs bound the time.
+LIBP2P_REPEATS = 3
 PEER_SCRIPT = Path(__file__).resolve().parent.parent / "tests" / "transport" / "libp2p_peer.py"
 
 
@@ -104,66 +109,87 @@ async def serve(kind: str) -> None:
 # ---------------------------------------------------------------------------------------------- clients
 
 
-async def bench_shoal(addr: str, mib: int, repeats: int, server_pid: int) -> dict:
-    async with await Host.create(generate_key()) as host:
-        connect_ms = []
-        for _ in range(CONNECT_ROUNDS):
-            start = time.perf_counter()
-            peer = await host.connect(addr)
-            connect_ms.append((time.perf_counter() - start) * 1e3)
-            await host.disconnect(peer)
-        peer = await host.connect(addr)
-        stream = await host.new_stream(peer, "/echo/1.0.0")
-        rtt_us = []
+class ShoalClient:
+    def __init__(self, addr: str, server_pid: int) -> None:
+        self.addr, self.server_pid = addr, server_pid
+
+    async def __aenter__(self) -> ShoalClient:
+        self.host = await Host.create(generate_key())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.host.close()
+
+    async def connect_ms(self) -> float:
+        start = time.perf_counter()
+        peer = await self.host.connect(self.addr)
+        elapsed = (time.perf_counter() - start) * 1e3
+        await self.host.disconnect(peer)
+        return elapsed
+
+    async def rtts_us(self, rounds: int) -> list[float]:
+        peer = await self.host.connect(self.addr)
+        stream = await self.host.new_stream(peer, "/echo/1.0.0")
+        out = []
         message = b"x" * 64
-        for _ in range(RTT_ROUNDS):
+        for _ in range(rounds):
             start = time.perf_counter()
             await stream.write(message)
             await stream.readexactly(64)
-            rtt_us.append((time.perf_counter() - start) * 1e6)
+            out.append((time.perf_counter() - start) * 1e6)
         await stream.close()
-        payload = b"\0" * (mib * MIB)
-        rates = []
-        cpu = 0.0
-        for _ in range(repeats):
-            stream = await host.new_stream(peer, "/sink/1.0.0")
-            cpu_start = time.process_time() + process_cpu_s(server_pid)
-            start = time.perf_counter()
-            await stream.write(payload)
-            await stream.close()
-            reply = await stream.read()
-            elapsed = time.perf_counter() - start
-            cpu += time.process_time() + process_cpu_s(server_pid) - cpu_start
-            assert int(reply) == len(payload), f"sink counted {reply!r}"
-            rates.append(len(payload) / elapsed / 1e6)
-    return {"connect_ms": connect_ms, "rtt_us": rtt_us, "rates": rates, "cpu_s": cpu}
+        return out
 
-
-async def bench_tcp(addr: str, mib: int, repeats: int, server_pid: int) -> dict:
-    host, port = addr.split(":")
-    connect_ms = []
-    for _ in range(CONNECT_ROUNDS):
+    async def transfer(self, payload: bytes) -> tuple[float, float]:
+        """(MB/s, CPU seconds of both processes) for one one-stream transfer of `payload`."""
+        peer = await self.host.connect(self.addr)
+        stream = await self.host.new_stream(peer, "/sink/1.0.0")
+        cpu_start = time.process_time() + process_cpu_s(self.server_pid)
         start = time.perf_counter()
-        _, writer = await asyncio.open_connection(host, int(port))
-        connect_ms.append((time.perf_counter() - start) * 1e3)
+        await stream.write(payload)
+        await stream.close()
+        reply = await stream.read()
+        elapsed = time.perf_counter() - start
+        cpu = time.process_time() + process_cpu_s(self.server_pid) - cpu_start
+        assert int(reply) == len(payload), f"sink counted {reply!r}"
+        return len(payload) / elapsed / 1e6, cpu
+
+
+class TcpClient:
+    def __init__(self, addr: str, server_pid: int) -> None:
+        host, port = addr.split(":")
+        self.host, self.port, self.server_pid = host, int(port), server_pid
+
+    async def __aenter__(self) -> TcpClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        pass
+
+    async def connect_ms(self) -> float:
+        start = time.perf_counter()
+        _, writer = await asyncio.open_connection(self.host, self.port)
+        elapsed = (time.perf_counter() - start) * 1e3
         writer.close()
         await writer.wait_closed()
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"e")
-    rtt_us = []
-    message = b"x" * 64
-    for _ in range(RTT_ROUNDS):
-        start = time.perf_counter()
-        writer.write(message)
-        await reader.readexactly(64)
-        rtt_us.append((time.perf_counter() - start) * 1e6)
-    writer.close()
-    payload = b"\0" * (mib * MIB)
-    rates = []
-    cpu = 0.0
-    for _ in range(repeats):
-        reader, writer = await asyncio.open_connection(host, int(port))
-        cpu_start = time.process_time() + process_cpu_s(server_pid)
+        return elapsed
+
+    async def rtts_us(self, rounds: int) -> list[float]:
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        writer.write(b"e")
+        out = []
+        message = b"x" * 64
+        for _ in range(rounds):
+            start = time.perf_counter()
+            writer.write(message)
+            await reader.readexactly(64)
+            out.append((time.perf_counter() - start) * 1e6)
+        writer.close()
+        return out
+
+    async def transfer(self, payload: bytes) -> tuple[float, float]:
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        cpu_start = time.process_time() + process_cpu_s(self.server_pid)
         start = time.perf_counter()
         writer.write(b"s")
         writer.write(payload)
@@ -171,11 +197,56 @@ async def bench_tcp(addr: str, mib: int, repeats: int, server_pid: int) -> dict:
         writer.write_eof()
         reply = await reader.read()
         elapsed = time.perf_counter() - start
-        cpu += time.process_time() + process_cpu_s(server_pid) - cpu_start
+        cpu = time.process_time() + process_cpu_s(self.server_pid) - cpu_start
         assert int(reply) == len(payload), f"sink counted {reply!r}"
-        rates.append(len(payload) / elapsed / 1e6)
         writer.close()
-    return {"connect_ms": connect_ms, "rtt_us": rtt_us, "rates": rates, "cpu_s": cpu}
+        return len(payload) / elapsed / 1e6, cpu
+
+
+@contextlib.asynccontextmanager
+async def server_process(argv: list[str]) -> AsyncIterator[tuple[str, int]]:
+    """Start a variant's server; yields (its address, its pid); stops it by closing its stdin."""
+    server = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        line = await asyncio.wait_for(server.stdout.readline(), SERVER_START_S)  # type: ignore[union-attr]
+        yield json.loads(line)["addr"], server.pid
+    finally:
+        server.stdin.close()  # type: ignore[union-attr]
+        try:
+            await asyncio.wait_for(server.wait(), 10)
+        except TimeoutError:
+            server.kill()
+            await server.wait()
+
+
+async def bench_tcp_and_shoal(mib: int, repeats: int) -> dict[str, dict]:
+    """Both variants' servers run at once and their measurements alternate, so a burst of load from
+    other jobs hits both alike; each shoal transfer is paired with the tcp transfer just before it."""
+    serve = [sys.executable, "-m", "bench.transport", "--serve"]
+    payload = b"\0" * (mib * MIB)
+    async with (
+        server_process([*serve, "tcp"]) as (tcp_addr, tcp_pid),
+        server_process([*serve, "shoal"]) as (shoal_addr, shoal_pid),
+        TcpClient(tcp_addr, tcp_pid) as tcp,
+        ShoalClient(shoal_addr, shoal_pid) as shoal,
+    ):
+        clients = {"tcp": tcp, "shoal": shoal}
+        raw: dict[str, dict] = {
+            k: {"connect_ms": [], "rtt_us": [], "rates": [], "cpu_s": 0.0} for k in clients
+        }
+        for _ in range(CONNECT_ROUNDS):
+            for kind, client in clients.items():
+                raw[kind]["connect_ms"].append(await client.connect_ms())
+        for kind, client in clients.items():
+            raw[kind]["rtt_us"] = await client.rtts_us(RTT_ROUNDS)
+        for _ in range(repeats):
+            for kind, client in clients.items():
+                rate, cpu = await client.transfer(payload)
+                raw[kind]["rates"].append(rate)
+                raw[kind]["cpu_s"] += cpu
+    return raw
 
 
 async def bench_libp2p(addr: str, mib: int, repeats: int, server_pid: int) -> dict:
@@ -201,45 +272,31 @@ async def bench_libp2p(addr: str, mib: int, repeats: int, server_pid: int) -> di
     return {"connect_ms": connect_ms, "rtt_us": rtt_us, "rates": rates, "cpu_s": cpu}
 
 
-async def run_variant(kind: str, mib: int, repeats: int) -> dict:
-    if kind == "libp2p":
-        argv = [sys.executable, str(PEER_SCRIPT), "serve"]
-    else:
-        argv = [sys.executable, "-m", "bench.transport", "--serve", kind]
-    server = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
-    )
-    try:
-        line = await asyncio.wait_for(server.stdout.readline(), SERVER_START_S)  # type: ignore[union-attr]
-        addr = json.loads(line)["addr"]
-        client = {"shoal": bench_shoal, "tcp": bench_tcp, "libp2p": bench_libp2p}[kind]
-        return await client(addr, mib, repeats, server.pid)
-    finally:
-        server.stdin.close()  # type: ignore[union-attr]
-        try:
-            await asyncio.wait_for(server.wait(), 10)
-        except TimeoutError:
-            server.kill()
-            await server.wait()
+async def run_libp2p(mib: int, repeats: int) -> dict:
+    async with server_process([sys.executable, str(PEER_SCRIPT), "serve"]) as (addr, pid):
+        return await bench_libp2p(addr, mib, min(repeats, LIBP2P_REPEATS), pid)
 
 
 async def main(args: argparse.Namespace) -> dict:
-    kinds = ["tcp", "shoal"]
-    if importlib.util.find_spec("libp2p") is not None:
-        kinds.append("libp2p")
-    else:
+    have_libp2p = importlib.util.find_spec("libp2p") is not None
+    if not have_libp2p:
         print("py-libp2p not installed: skipping its variant (pip install libp2p==0.8.1)", file=sys.stderr)
-    raw: dict[str, dict] = {}
     async with asyncio.timeout(WALL_CLOCK_GUARD_S):
-        for kind in kinds:
-            print(f"running {kind} ...", file=sys.stderr, flush=True)
-            raw[kind] = await run_variant(kind, args.mib, args.repeats)
+        print("running tcp and shoal, interleaved ...", file=sys.stderr, flush=True)
+        raw = await bench_tcp_and_shoal(args.mib, args.repeats)
+        if have_libp2p:
+            print("running py-libp2p ...", file=sys.stderr, flush=True)
+            raw["libp2p"] = await run_libp2p(args.mib, args.repeats)
+    paired = [s / t for s, t in zip(raw["shoal"]["rates"], raw["tcp"]["rates"], strict=True)]
     throughput = {k: round(max(v["rates"]), 1) for k, v in raw.items()}
     result = {
         "throughput_mb_s": throughput,
         "rtt_us": {k: round(statistics.median(v["rtt_us"]), 1) for k, v in raw.items()},
         "connect_ms": {k: round(statistics.median(v["connect_ms"]), 2) for k, v in raw.items()},
-        "ratio_vs_tcp": round(throughput["shoal"] / throughput["tcp"], 3),
+        # Median over paired transfers (each shoal run against the tcp run just before it): robust to
+        # load swings. The ratio of the two best runs is given beside it.
+        "ratio_vs_tcp": round(statistics.median(paired), 3),
+        "ratio_vs_tcp_best": round(throughput["shoal"] / throughput["tcp"], 3),
         "ratio_vs_libp2p": round(throughput["shoal"] / throughput["libp2p"], 2)
         if "libp2p" in throughput
         else None,
@@ -263,7 +320,7 @@ def cli() -> None:
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--mib", type=int, default=64, help="MiB per throughput transfer (default 64)")
-    parser.add_argument("--repeats", type=int, default=3, help="throughput transfers per variant (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="throughput transfers per variant (default 5)")
     parser.add_argument("--serve", choices=["shoal", "tcp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:

@@ -10,6 +10,7 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from dht.errors import DHTError
 from dht.node import DHTNode
 from dht.protocol import PROTOCOL_ID, STORE
 from dht.records import Record
@@ -173,5 +174,17 @@ def test_a_node_without_bootstrap_starts_a_network_of_its_own() -> None:
                 await second.close()
         finally:
             await first.close()
+
+    asyncio.run(main())
+
+
+def test_on_host_refuses_a_key_that_is_not_the_hosts() -> None:
+    async def main() -> None:
+        host = await Host.create(Ed25519PrivateKey.generate(), ["/ip4/127.0.0.1/tcp/0"])
+        try:
+            with pytest.raises(DHTError, match="not the Host's identity"):
+                await DHTNode.on_host(host, Ed25519PrivateKey.generate())
+        finally:
+            await host.close()
 
     asyncio.run(main())

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 import time
 from typing import Any
 
@@ -53,6 +54,8 @@ PUNCH_DEADLINE_S = 5.0
 ATTEMPT_TIMEOUT_S = 1.0
 # Pause after an attempt was refused (an RST), so the peer's socket gets time to exist.
 RETRY_PAUSE_S = 0.05
+# Pending connections on the responder's punch port: one peer, plus strays that are closed at once.
+PUNCH_BACKLOG = 4
 
 
 class PunchError(TransportError):
@@ -84,8 +87,8 @@ async def _mapping(stun_servers: list[tuple[str, int]]) -> tuple[Multiaddr, int,
     return Multiaddr.from_tcp(ip, port), local_port, len(set(seen)) > 1
 
 
-async def _connect_from(local_port: int, targets: list[Multiaddr], deadline: float) -> Any:
-    """Connect from `local_port` to one of `targets`, retrying until `deadline`; returns the transport."""
+async def _connect_from(local_port: int, targets: list[Multiaddr], deadline: float) -> socket.socket:
+    """Connect from `local_port` to one of `targets`, retrying until `deadline`; the connected socket."""
     loop = asyncio.get_running_loop()
     last: Exception | None = None
     while time.monotonic() < deadline:
@@ -106,9 +109,66 @@ async def _connect_from(local_port: int, targets: list[Multiaddr], deadline: flo
             except BaseException:
                 sock.close()
                 raise
-            transport, _ = await loop.create_connection(Holding, sock=sock)
-            return transport
+            return sock
     raise PunchError(f"no TCP simultaneous open with {', '.join(map(str, targets))}: {last or 'deadline'}")
+
+
+async def _accept_on(local_port: int, targets: list[Multiaddr]) -> socket.socket:
+    """Accept on `local_port` a connection from one of `targets` (anyone else is closed at once)."""
+    loop = asyncio.get_running_loop()
+    wanted = {target.tcp_endpoint() for target in targets}
+    listener = stun.reusable_tcp_socket(local_port)
+    try:
+        listener.listen(PUNCH_BACKLOG)
+        while True:
+            sock, source = await loop.sock_accept(listener)
+            if tuple(source[:2]) in wanted:
+                sock.setblocking(False)
+                return sock
+            log.info("hole punch: closing a stray connection from %s:%d", source[0], source[1])
+            sock.close()
+    finally:
+        listener.close()
+
+
+async def _open(local_port: int, targets: list[Multiaddr], deadline: float, *, listen: bool) -> Any:
+    """A TCP connection between our `local_port` and the peer's mapped address, as a transport.
+
+    Both sides connect (a simultaneous open through the NATs). The responder also listens on its port:
+    where no NAT filters (loopback, a full cone) the peer's SYN can reach it before its own connect()
+    started and would otherwise be answered with an RST. Either way there is one 4-tuple, so at most
+    one of the two ways yields a socket.
+    """
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(_connect_from(local_port, targets, deadline))]
+    if listen:
+        tasks.append(loop.create_task(_accept_on(local_port, targets)))
+    sock: socket.socket | None = None
+    error: BaseException | None = None
+    try:
+        pending = set(tasks)
+        while pending and sock is None:
+            done, pending = await asyncio.wait(pending, timeout=max(deadline - time.monotonic(), 0.01),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break
+            for task in done:
+                if task.exception() is None:
+                    sock = task.result()
+                    break
+                error = task.exception()
+    finally:
+        for task in tasks:
+            task.cancel()
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(outcome, socket.socket) and outcome is not sock:
+                outcome.close()
+    if sock is None:
+        if isinstance(error, PunchError):
+            raise error
+        raise PunchError(f"no TCP connection with {', '.join(map(str, targets))}: {error or 'deadline'}")
+    transport, _ = await loop.create_connection(Holding, sock=sock)
+    return transport
 
 
 def _addrs(message: dict[str, Any]) -> list[Multiaddr]:
@@ -148,7 +208,7 @@ async def punch(host: Host, peer: PeerID, stun_servers: list[tuple[str, int]]) -
                 await write_message(stream, {"v": VERSION, "type": "sync"})
                 # The responder's STUN query sat inside `rtt`; half of the rest is our head start.
                 await asyncio.sleep(min(rtt / 2, ATTEMPT_TIMEOUT_S))
-                transport = await _connect_from(local_port, targets, deadline)
+                transport = await _open(local_port, targets, deadline, listen=False)
             finally:
                 await stream.close()
             return await attach(host, transport, initiator=True, expected=peer, path="tcp-punch")
@@ -216,7 +276,7 @@ class PunchResponder:
                 sync = await read_message(stream, MAX_MESSAGE)
                 if sync.get("type") != "sync":
                     raise PunchError(f"{peer.short()} sent {sync.get('type')!r} where SYNC belongs")
-                transport = await _connect_from(local_port, targets, deadline)
+                transport = await _open(local_port, targets, deadline, listen=True)
                 conn = await attach(self.host, transport, initiator=False, expected=peer, path="tcp-punch")
         except (TimeoutError, TransportError, MessageError, asyncio.IncompleteReadError) as exc:
             log.info("hole punch from %s failed: %s", peer.short(), exc or "deadline")

@@ -50,6 +50,9 @@ PUBLIC_PREFIX = 24
 STOP_GRACE_S = 3.0
 # Commands that build the lab are local kernel calls; one that takes longer is stuck.
 COMMAND_TIMEOUT_S = 20.0
+# coturn listens beside Shoal's own STUN responder (3478), with a lab-only user.
+TURN_PORT = 3479
+TURN_USER, TURN_PASSWORD = "lab", "labpass"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ("ip", "nft", "tc")
 
@@ -261,6 +264,18 @@ class NatLab:
 
     def spawn_python(self, ns: str, args: Sequence[str], **popen: object) -> subprocess.Popen[bytes]:
         return self.spawn(ns, [sys.executable, *args], **popen)
+
+    def start_coturn(self, port: int = TURN_PORT) -> subprocess.Popen[bytes]:
+        """coturn (STUN and TURN over UDP and TCP) on the public addresses, user lab/labpass."""
+        if shutil.which("turnserver") is None:
+            raise LabError("coturn is not installed: apt-get install -y coturn")
+        return self.spawn(self.pub_ns, [
+            "turnserver", "-n", "--no-cli", "--no-tls", "--no-dtls", "--listening-ip", PUBLIC_IP,
+            "--listening-ip", PUBLIC_IP_2, "--relay-ip", PUBLIC_IP, "--listening-port", str(port),
+            "--lt-cred-mech", "--user", f"{TURN_USER}:{TURN_PASSWORD}", "--realm", "shoal.lab",
+            "--min-port", "49152", "--max-port", "49999", "--no-stdout-log", "--log-file", "/dev/null",
+            "--pidfile", f"/tmp/{self.prefix}-turnserver.pid",
+        ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
         _stop(proc)

@@ -52,6 +52,7 @@ class NatConfig:
     stun_servers: tuple[tuple[str, int], ...] = ()
     # Public peers serve STUN on this port (UDP and TCP), and relaying.
     serve_stun_port: int | None = None
+    serve_stun_host: str = "0.0.0.0"
     serve_relay: bool = False
     relay_limits: relay.RelayLimits = field(default_factory=relay.RelayLimits)
     punch: bool = True
@@ -92,7 +93,7 @@ class NatService:
     async def start(self) -> None:
         config = self.config
         if config.serve_stun_port is not None:
-            self._stun = await stun.StunResponder.start("0.0.0.0", config.serve_stun_port)
+            self._stun = await stun.StunResponder.start(config.serve_stun_host, config.serve_stun_port)
         if config.serve_relay:
             announce = [a for a in self.host.listen_addrs if _is_public(a)]
             self.relay_service = relay.RelayService(self.host, config.relay_limits, announce)
@@ -227,6 +228,10 @@ class NatService:
 
     def report(self) -> list[dict[str, Any]]:
         return [info.as_dict() for info in self.paths.values()]
+
+    @property
+    def stun_port(self) -> int | None:
+        return self._stun.port if self._stun is not None else None
 
     async def close(self) -> None:
         for task in list(self._closers):

@@ -789,7 +789,8 @@ class Host:
                 "stop one of them or give it its own key with `peer keygen`"
             )
         self._register(conn)
-        log.debug("connected to %s", conn._who())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connected to %s", conn._who())
         return conn
 
     async def ensure_unique_identity(self, addrs: Sequence[Multiaddr | str]) -> None:

@@ -10,6 +10,7 @@ Shoal's own keys are Ed25519. Verification also accepts the other key types libp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import stat
@@ -187,6 +188,11 @@ class PeerID:
         return key.peer_id() == self
 
     def __str__(self) -> str:
+        return self.text
+
+    @functools.cached_property
+    def text(self) -> str:
+        """The base58btc form, computed once (peer ids are printed in every log line about a peer)."""
         return b58encode(self.multihash)
 
     def __repr__(self) -> str:

@@ -69,6 +69,10 @@ class OuterConfig:
     n_peers: int = 2  # V-A: updates are applied at lr / n_peers (linear rule, P4)
     consensus_every: int = 8  # V-B: F, the slice of each tensor pulled together per round is 1/F
     consensus_bits: int = 8
+    # V-B consensus code: "absmax" (block absmax of φ: error ∝ the weights) or "lattice" (modulo code of φ
+    # read against the receiver's own φ: error ∝ the step, sized to cover consensus_range · max|Δ|).
+    consensus_code: str = "absmax"
+    consensus_range: float = 1.5
     lattice_bits: int = 8  # V-C
     lattice_range: float = 3.0  # V-C: the lattice covers ± lattice_range · max|Δ| around the receiver's φ
     gossip_ttl: int = DEFAULT_GOSSIP_TTL
@@ -76,6 +80,8 @@ class OuterConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise OuterError(f"unknown outer method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.consensus_code not in ("absmax", "lattice"):
+            raise OuterError(f"consensus_code must be 'absmax' or 'lattice', got {self.consensus_code!r}")
         if self.n_peers < 1 or self.consensus_every < 1 or self.gossip_ttl < 1:
             raise OuterError("n_peers, consensus_every and gossip_ttl must be >= 1")
 
@@ -191,7 +197,16 @@ def make_message(config: OuterConfig, state: OuterState, fast: Mapping[str, torc
                 part = state.slow[name].reshape(-1)[
                     _consensus_slice(state.slow[name].numel(), state.round, config.consensus_every)
                 ]
-                s, q = quant.absmax_encode(part, config.consensus_bits)
+                if config.consensus_code == "lattice":
+                    d = delta[name].reshape(-1)[
+                        _consensus_slice(delta[name].numel(), state.round, config.consensus_every)
+                    ]
+                    reach = config.consensus_range * (float(d.abs().max()) if d.numel() else 0.0) + 1e-12
+                    step = reach / 2 ** (config.consensus_bits - 1)
+                    s = torch.tensor([step], dtype=torch.float32)
+                    q = quant.lattice_encode(part, step, config.consensus_bits)
+                else:
+                    s, q = quant.absmax_encode(part, config.consensus_bits)
                 scales.append(s.numpy().tobytes())
                 codes.append(q.numpy().tobytes())
             msg.consensus = {"s": scales, "q": codes}
@@ -327,11 +342,23 @@ def _pair_sparse_step(config: OuterConfig, state: OuterState, mine: Message, the
         for name, s_raw, q_raw in zip(names, scales, codes, strict=True):
             sl = _consensus_slice(slow[name].numel(), state.round, config.consensus_every)
             n = len(range(*sl.indices(slow[name].numel())))
-            if len(q_raw) != n or len(s_raw) != 4 * ((n + quant.BLOCK - 1) // quant.BLOCK):
+            lattice = config.consensus_code == "lattice"
+            n_scales = 1 if lattice else (n + quant.BLOCK - 1) // quant.BLOCK
+            if len(q_raw) != n or len(s_raw) != 4 * n_scales:
                 raise MessageError(f"pair-sparseloco consensus for {name!r} has the wrong size")
             s = torch.from_numpy(np.frombuffer(s_raw, dtype=np.float32).copy())
             q = torch.from_numpy(np.frombuffer(q_raw, dtype=np.uint8).copy())
-            partner_slices[name] = quant.absmax_decode(s, q, config.consensus_bits)
+            if not lattice:
+                partner_slices[name] = quant.absmax_decode(s, q, config.consensus_bits)
+                continue
+            step = float(s[0])
+            if not (step > 0 and np.isfinite(step)):
+                raise MessageError(f"pair-sparseloco consensus for {name!r} has step {step}")
+            own = slow[name].reshape(-1)[sl].float()
+            other = quant.lattice_decode(q, step, own, config.consensus_bits)
+            # Near the edge of the lattice's reach a value may have wrapped: pull only where it cannot have.
+            trusted = (other - own).abs() < 0.75 * step * 2 ** (config.consensus_bits - 1)
+            partner_slices[name] = torch.where(trusted, other, own)
         if not all_finite(partner_slices):
             raise MessageError(f"pair-sparseloco consensus from {theirs[0].origin} is not finite")
     new = sparseloco.apply(slow, sparseloco.contributor_mean(decoded), config.lr)

@@ -149,3 +149,19 @@ def test_checkpointed_outer_state_resumes_bit_exactly(tmp_path, method):
             assert torch.equal(a.slow[k], b.slow[k]) and torch.equal(a.error[k], b.error[k])
             assert torch.equal(a.momentum[k], b.momentum[k])
     assert any(not torch.equal(a.slow[k], model_weights(9)[k]) for a in straight for k in a.slow)
+
+
+def test_lattice_consensus_pulls_partners_together_with_fewer_bits():
+    pull = OuterConfig(
+        "pair-sparseloco", lr=1.0, gamma=0.7, consensus_every=1, consensus_code="lattice", consensus_bits=4
+    )
+    base = model_weights(6)
+    a = OuterState.fresh("a", base)
+    b = OuterState.fresh("b", {k: v + 0.003 * torch.randn_like(v) for k, v in base.items()})
+    gap0 = sum(float((a.slow[k] - b.slow[k]).norm()) for k in a.slow)
+    for t in range(4):
+        ma, mb = make_message(pull, a, nudged(a.slow, t)), make_message(pull, b, nudged(b.slow, 20 + t))
+        outer_step(pull, a, ma, [mb])
+        outer_step(pull, b, mb, [ma])
+    gap = sum(float((a.slow[k] - b.slow[k]).norm()) for k in a.slow)
+    assert gap < 0.5 * gap0

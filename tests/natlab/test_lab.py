@@ -107,6 +107,14 @@ def test_pair_connects_on_the_expected_path_and_moves_data(lab, relay, a, b, pat
     assert result.mb_s and result.mb_s > 0
 
 
+def test_ice_alone_gets_through_two_port_restricted_nats_with_the_secure_channel_on_top(lab, relay):
+    lab.set_nat(0, "eim-apdf")
+    lab.set_nat(1, "eim-apdf")
+    result = run_pair(lab, relay, transfer_bytes=1 << 20, methods="ice")
+    assert result.connected and result.path == "ice", result.reason
+    assert result.mb_s and result.mb_s > 0
+
+
 def test_lab_leaves_no_namespace_behind():
     with NatLab(["eim-apdf"], prefix="nlgone") as lab:
         assert lab.sites and lab.pub_ns

@@ -213,8 +213,8 @@ async def attach(
     conn.transport = transport  # type: ignore[assignment]
     conn.path = path  # type: ignore[attr-defined]
     host._all_conns.add(conn)
-    if isinstance(transport, StreamTransport):
-        transport.start(conn)
+    if isinstance(transport, StreamTransport) or hasattr(transport, "start"):  # our own transports
+        transport.start(conn)  # type: ignore[attr-defined]
     else:
         transport.set_write_buffer_limits(high=host.limits.write_buffer_high)  # type: ignore[attr-defined]
         with contextlib.suppress(Exception):

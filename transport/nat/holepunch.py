@@ -38,14 +38,16 @@ from ..host import Host, Stream
 from ..identity import PeerID
 from ..messages import MessageError, read_message, write_message
 from ..multiaddr import Multiaddr
-from . import stun
+from . import ice, stun
 from .conduit import Holding, attach
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = "/shoal/holepunch/1.0.0"
 VERSION = 1
-MAX_MESSAGE = 4096
+# Addresses fit in a few hundred bytes; an ICE offer or answer (SDP with candidates) in a few KiB.
+MAX_MESSAGE = 16 * 1024
+MAX_SDP_CHARS = 12 * 1024
 MAX_ADDRS = 4
 # The whole punch, from the first message to a secure connection: after this the relay stays in use.
 # Across the internet a punch needs a few RTTs (each at most ~300 ms) plus one SYN retransmit (1 s).
@@ -59,7 +61,12 @@ PUNCH_BACKLOG = 4
 
 
 class PunchError(TransportError):
-    """A hole punch failed; the relayed connection is still there."""
+    """A hole punch failed; the relayed connection is still there. `symmetric` says a NAT on the way maps
+    each destination to a new port, which no punch without port prediction gets through."""
+
+    def __init__(self, message: str, *, symmetric: bool = False) -> None:
+        super().__init__(message)
+        self.symmetric = symmetric
 
 
 async def _mapping(stun_servers: list[tuple[str, int]]) -> tuple[Multiaddr, int, bool]:
@@ -195,7 +202,8 @@ async def punch(host: Host, peer: PeerID, stun_servers: list[tuple[str, int]]) -
         async with asyncio.timeout(PUNCH_DEADLINE_S):
             mapped, local_port, symmetric = await _mapping(stun_servers)
             if symmetric:
-                raise PunchError("our NAT maps every destination to a new port (symmetric): no punch")
+                raise PunchError("our NAT maps every destination to a new port (symmetric): no punch",
+                                 symmetric=True)
             stream = await host.new_stream(peer, PROTOCOL)
             try:
                 sent = time.monotonic()
@@ -204,7 +212,9 @@ async def punch(host: Host, peer: PeerID, stun_servers: list[tuple[str, int]]) -
                 rtt = time.monotonic() - sent
                 targets = _addrs(reply)
                 if reply.get("type") != "connect" or not targets:
-                    raise PunchError(f"{peer.short()} sent no address to punch to ({reply.get('reason')})")
+                    reason = reply.get("reason")
+                    raise PunchError(f"{peer.short()} sent no address to punch to ({reason})",
+                                     symmetric=reason == "symmetric NAT")
                 await write_message(stream, {"v": VERSION, "type": "sync"})
                 # The responder's STUN query sat inside `rtt`; half of the rest is our head start.
                 await asyncio.sleep(min(rtt / 2, ATTEMPT_TIMEOUT_S))
@@ -246,12 +256,44 @@ async def reverse(host: Host, peer: PeerID, my_addrs: list[Multiaddr]) -> Any:
     raise PunchError(f"{peer.short()} says it dialed us, but no direct connection from it is open")
 
 
+async def ice_punch(host: Host, peer: PeerID, servers: ice.IceServers) -> Any:
+    """An ICE (UDP) connection to `peer`, signalled over the (relayed) connection we have to it, with the
+    secure channel on top; PunchError within ICE_DEADLINE_S when no candidate pair works."""
+    pc = None
+    try:
+        async with asyncio.timeout(ice.ICE_DEADLINE_S):
+            pc, channel, offer_sdp = await ice.offer(servers)
+            stream = await host.new_stream(peer, PROTOCOL)
+            try:
+                await write_message(stream, {"v": VERSION, "type": "ice-offer", "sdp": offer_sdp})
+                reply = await read_message(stream, MAX_MESSAGE)
+            finally:
+                await stream.close()
+            sdp = reply.get("sdp")
+            if reply.get("type") != "ice-answer" or not isinstance(sdp, str) or len(sdp) > MAX_SDP_CHARS:
+                raise PunchError(f"{peer.short()} gave no ICE answer: {reply.get('reason')!r}")
+            transport = await ice.finish_offer(pc, channel, sdp)
+            return await attach(host, transport, initiator=True, expected=peer, path="ice")
+    except TimeoutError as exc:
+        if pc is not None:
+            await pc.close()
+        raise PunchError(f"ICE with {peer.short()} found no working pair in {ice.ICE_DEADLINE_S} s") from exc
+    except BaseException:
+        if pc is not None:
+            await pc.close()
+        raise
+
+
 class PunchResponder:
     """Answers punches started by peers; `on_connection(conn)` gets each punched connection."""
 
-    def __init__(self, host: Host, stun_servers: list[tuple[str, int]], on_connection: Any = None) -> None:
+    def __init__(
+        self, host: Host, stun_servers: list[tuple[str, int]], on_connection: Any = None,
+        ice_servers: ice.IceServers | None = None,
+    ) -> None:
         self.host = host
         self.stun_servers = stun_servers
+        self.ice_servers = ice_servers
         self.on_connection = on_connection
         host.set_stream_handler(PROTOCOL, self._serve)
 
@@ -264,6 +306,9 @@ class PunchResponder:
                 targets = _addrs(request)
                 if request.get("v") == VERSION and request.get("type") == "reverse" and targets:
                     await self._dial_back(stream, peer, targets)
+                    return
+                if request.get("v") == VERSION and request.get("type") == "ice-offer":
+                    await self._ice_answer(stream, peer, request)
                     return
                 if request.get("v") != VERSION or request.get("type") != "connect" or not targets:
                     raise PunchError(f"{peer.short()} sent a malformed punch request")
@@ -283,6 +328,27 @@ class PunchResponder:
             await stream.reset()
             return
         log.info("hole punched to %s: %s", peer.short(), conn.remote_addr)
+        if self.on_connection is not None:
+            self.on_connection(conn)
+
+    async def _ice_answer(self, stream: Stream, peer: PeerID, request: dict[str, Any]) -> None:
+        sdp = request.get("sdp")
+        if self.ice_servers is None or not isinstance(sdp, str) or len(sdp) > MAX_SDP_CHARS:
+            await write_message(stream, {"v": VERSION, "type": "ice-answer", "sdp": None,
+                                         "reason": "ICE is not configured here" if sdp else "bad offer"})
+            return
+        pc = None
+        try:
+            async with asyncio.timeout(ice.ICE_DEADLINE_S):
+                pc, answer_sdp, arrived = await ice.answer(self.ice_servers, sdp)
+                await write_message(stream, {"v": VERSION, "type": "ice-answer", "sdp": answer_sdp})
+                transport = await arrived
+                conn = await attach(self.host, transport, initiator=False, expected=peer, path="ice")
+        except BaseException:
+            if pc is not None:
+                await pc.close()
+            raise
+        log.info("ICE connection from %s", peer.short())
         if self.on_connection is not None:
             self.on_connection(conn)
 

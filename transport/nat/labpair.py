@@ -109,21 +109,25 @@ def start_relay(lab: NatLab) -> Agent:
     ], "relay")
 
 
-def start_private(lab: NatLab, index: int, relay: Agent, *, punch: bool = True, wait: bool = True) -> Agent:
+def start_private(
+    lab: NatLab, index: int, relay: Agent, *, punch: bool = True, wait: bool = True,
+    methods: str = "tcp,ice",
+) -> Agent:
     relay_addr = f"/ip4/{PUBLIC_IP}/tcp/{RELAY_PORT}/p2p/{relay.peer}"
     # Two STUN addresses (one responder on both): a symmetric NAT shows itself by two different ports.
     args = ["--relay", relay_addr, "--stun", f"{PUBLIC_IP}:{STUN_PORT}",
             "--stun", f"{PUBLIC_IP_2}:{STUN_PORT}"]
     if not punch:
         args.append("--no-punch")
+    args += ["--punch-methods", methods]
     return Agent(lab, lab.sites[index].host_ns, args, f"site{index}", wait=wait)
 
 
-def run_pair(lab: NatLab, relay: Agent, transfer_bytes: int) -> PairResult:
+def run_pair(lab: NatLab, relay: Agent, transfer_bytes: int, methods: str = "tcp,ice") -> PairResult:
     """Peers behind sites 0 and 1 of `lab`: site 0 connects to site 1 and sends `transfer_bytes`."""
     a_type, b_type = lab.sites[0].nat_type, lab.sites[1].nat_type
-    a = start_private(lab, 0, relay, wait=False)
-    b = start_private(lab, 1, relay, wait=False)
+    a = start_private(lab, 0, relay, wait=False, methods=methods)
+    b = start_private(lab, 1, relay, wait=False, methods=methods)
     try:
         a.wait_ready()  # both start at once: their reachability checks overlap
         b.wait_ready()

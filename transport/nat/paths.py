@@ -27,7 +27,7 @@ from ..errors import TransportError
 from ..host import Host
 from ..identity import PeerID
 from ..multiaddr import Multiaddr
-from . import conduit, holepunch, reachability, relay, stun
+from . import conduit, holepunch, ice, reachability, relay, stun
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,15 @@ class NatConfig:
     serve_relay: bool = False
     relay_limits: relay.RelayLimits = field(default_factory=relay.RelayLimits)
     punch: bool = True
+    # Ways to replace a relay, tried in this order: "tcp" (simultaneous open), "ice" (UDP via aiortc).
+    punch_methods: tuple[str, ...] = ("tcp", "ice")
+    # TURN servers for ICE as (ip, port, user, password); STUN for ICE comes from `stun_servers`.
+    turn_servers: tuple[tuple[str, int, str, str], ...] = ()
+
+    def ice_servers(self) -> ice.IceServers | None:
+        if "ice" not in self.punch_methods or not (self.stun_servers or self.turn_servers):
+            return None
+        return ice.IceServers(self.stun_servers, self.turn_servers)
 
 
 @dataclass
@@ -85,7 +94,9 @@ class NatService:
         self._stop = relay.StopHandler(host)
         self._autonat = reachability.AutoNatServer(host)
         stun_servers = list(config.stun_servers)
-        self._punch = holepunch.PunchResponder(host, stun_servers, self._punched_by_peer)
+        self._punch = holepunch.PunchResponder(
+            host, stun_servers, self._punched_by_peer, config.ice_servers()
+        )
         self._closers: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ start-up
@@ -160,7 +171,9 @@ class NatService:
 
     async def upgrade(self, peer: PeerID, started: float | None = None) -> PathInfo | None:
         """Replace the relay to `peer` by a direct path: the peer dials us when we are reachable
-        (connection reversal), else a TCP hole punch. The relay stays when neither works."""
+        (connection reversal), else a TCP hole punch, else ICE over UDP; each under its own deadline.
+        The relay stays when none works. ICE is skipped behind a symmetric NAT: without TURN it cannot
+        get through either, and through TURN it is just another relay."""
         info = self.paths.get(peer)
         if info is None or info.path != RELAY:
             return info
@@ -172,14 +185,26 @@ class NatService:
             else:
                 self._switch(peer, conn, started)
                 return self.paths[peer]
-        try:
-            conn = await holepunch.punch(self.host, peer, list(self.config.stun_servers))
-        except TransportError as exc:
-            info.reason = f"hole punch failed ({exc}); staying relayed"
-            log.info("path to %s stays relayed: %s", peer.short(), exc)
-            return info
-        self._switch(peer, conn, started)
-        return self.paths[peer]
+        failures = []
+        symmetric = False
+        for method in self.config.punch_methods:
+            ice_servers = self.config.ice_servers()
+            try:
+                if method == "tcp":
+                    conn = await holepunch.punch(self.host, peer, list(self.config.stun_servers))
+                elif method == "ice" and ice_servers is not None and not symmetric:
+                    conn = await holepunch.ice_punch(self.host, peer, ice_servers)
+                else:
+                    continue
+            except TransportError as exc:
+                symmetric = symmetric or getattr(exc, "symmetric", False)
+                failures.append(f"{method}: {exc}")
+                continue
+            self._switch(peer, conn, started)
+            return self.paths[peer]
+        info.reason = f"no punch worked ({'; '.join(failures) or 'none enabled'}); staying relayed"
+        log.info("path to %s stays relayed: %s", peer.short(), info.reason)
+        return info
 
     def _punched_by_peer(self, conn: Any) -> None:
         self._switch(conn.remote_peer_id, conn, None)
@@ -188,8 +213,8 @@ class NatService:
         old = conduit.connection_to(self.host, peer)
         conduit.prefer(self.host, conn)
         path = conduit.path_of(conn)
-        how = "TCP hole punch" if path == TCP_PUNCH else "a direct dial (connection reversal)"
-        info = PathInfo(peer, path, f"{how} to {conn.remote_addr} replaced the relay")
+        how = {TCP_PUNCH: "TCP hole punch", ICE: "ICE (UDP)"}.get(path, "a direct dial (connection reversal)")
+        info = PathInfo(peer, path, f"{how} to {conn.remote_addr or 'the peer'} replaced the relay")
         if started is not None:
             info.connect_s = time.monotonic() - started
         self.paths[peer] = info

@@ -315,4 +315,8 @@ def accumulate(update: SparseUpdate, into: MutableMapping[str, torch.Tensor], sc
         values = sparse.values.to(device=target.device, dtype=target.dtype)
         if scale != 1.0:
             values = values * scale
-        target.put_(sparse.indices.to(target.device), values, accumulate=True)
+        indices = sparse.indices.to(target.device)
+        if target.is_contiguous():
+            target.view(-1).index_add_(0, indices, values)
+        else:
+            target.put_(indices, values, accumulate=True)

@@ -31,8 +31,10 @@ def best_rice_parameter(g: np.ndarray) -> int:
     """The r in [0, MAX_RICE] that minimises the coded size of gaps ``g``."""
     if g.size == 0:
         return 0
-    costs = [int((g >> r).sum()) + g.size * (r + 1) for r in range(MAX_RICE + 1)]
-    return int(np.argmin(costs))
+    # The size is convex in r with its minimum near log2(mean gap): try the neighbourhood only.
+    guess = int(np.log2(max(1.0, float(g.mean())))) if g.size else 0
+    candidates = range(max(0, guess - 2), min(MAX_RICE, guess + 1) + 1)
+    return min(candidates, key=lambda r: rice_size_bits(g, r))
 
 
 def rice_size_bits(g: np.ndarray, r: int) -> int:

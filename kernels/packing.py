@@ -55,13 +55,15 @@ def unpack2(data: bytes | memoryview, n: int) -> np.ndarray:
 
 
 def pack_bits(values: np.ndarray, width: int) -> bytes:
-    """Fixed-width unsigned values, most significant bit first, concatenated and zero-padded to a byte."""
+    """Fixed-width unsigned values (< 2**width, width <= 63), most significant bit first, concatenated and
+    zero-padded to a byte."""
     if width == 0 or values.size == 0:
         return b""
-    v = np.asarray(values, dtype=np.int64)
-    shifts = np.arange(width - 1, -1, -1, dtype=np.int64)
-    bits = ((v[:, None] >> shifts) & 1).astype(np.uint8)
-    return np.packbits(bits.reshape(-1)).tobytes()
+    # Big-endian bytes of each value, as bits; keep the low `width` bit columns. All uint8 work.
+    container = 8 if width > 32 else 4 if width > 16 else 2 if width > 8 else 1
+    raw = np.asarray(values).astype(f">u{container}").view(np.uint8).reshape(-1, container)
+    bits = np.unpackbits(raw, axis=1)[:, 8 * container - width :]
+    return np.packbits(bits).tobytes()
 
 
 def packed_bits_len(n: int, width: int) -> int:
@@ -69,8 +71,11 @@ def packed_bits_len(n: int, width: int) -> int:
 
 
 def unpack_bits(data: bytes | memoryview, n: int, width: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: ``n`` values (int64) from exactly ``packed_bits_len(n, width)`` bytes."""
     if width == 0 or n == 0:
         return np.zeros(n, np.int64)
     bits = np.unpackbits(np.frombuffer(data, np.uint8), count=n * width).reshape(n, width)
-    weights = 1 << np.arange(width - 1, -1, -1, dtype=np.int64)
-    return bits.astype(np.int64) @ weights
+    container = 8 if width > 32 else 4 if width > 16 else 2 if width > 8 else 1
+    padded = np.zeros((n, 8 * container), np.uint8)
+    padded[:, 8 * container - width :] = bits
+    return np.packbits(padded, axis=1).view(f">u{container}").reshape(n).astype(np.int64)

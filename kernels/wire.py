@@ -42,9 +42,10 @@ SIDE_BYTES = 20
 MAX_NAME_LEN = 512
 # Highest tensor rank accepted: models use <= 5 (conv3d weights).
 MAX_RANK = 8
-# Header bytes allowed per expected tensor (a name, a shape, 20 bytes of side info, a few integers) plus a
-# fixed allowance for the map itself; anything larger is not a header this codec wrote.
-HEADER_BYTES_PER_TENSOR = MAX_NAME_LEN + 16 * MAX_RANK + 64
+# Header bytes allowed per expected tensor: an entry's worst case is a 512-byte name, 8 dimensions and two
+# plane descriptors of 9-byte integers, 20 bytes of side information and a few integers (< 800 bytes);
+# anything larger is not a header this codec wrote.
+HEADER_BYTES_PER_TENSOR = 1024
 HEADER_BYTES_FIXED = 256
 
 # dtypes a model tensor may have; the payload carries the name so the receiver can check it.

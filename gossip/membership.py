@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # what would hurt to hold.
 MAX_MEMBERS = 4096
 MAX_FIELD_CHARS = 256
+MAX_SELF_CLAIMS = 16  # addresses of would-be twins we bother to check
 
 
 @dataclass
@@ -33,12 +34,17 @@ class Member:
 
 
 class Membership:
-    def __init__(self, peer_id: str, addr: str, now: float, fail_after: float = 5.0):
+    def __init__(self, peer_id: str, addr: str, now: float, fail_after: float = 5.0, incarnation: int = 0):
         self.peer_id = peer_id
         self.fail_after = fail_after
+        # A restarted peer must out-count the heartbeats its previous life left in others' tables, or they
+        # would keep its old address: start from a number that only grows across restarts (the caller
+        # passes the wall clock in milliseconds).
         self.members: dict[str, Member] = {
-            peer_id: Member(peer_id, addr, heartbeat=1, round=0, left=False, changed_at=now)
+            peer_id: Member(peer_id, addr, heartbeat=incarnation + 1, round=0, left=False, changed_at=now)
         }
+        # Addresses others gossip for our own id: a previous life of ours, or another daemon with our key.
+        self.claims_of_self: set[str] = set()
 
     @property
     def me(self) -> Member:
@@ -76,6 +82,8 @@ class Membership:
                 continue
             peer_id, addr, heartbeat, round_number, left = parsed
             if peer_id == self.peer_id:
+                if addr != self.me.addr and not left and len(self.claims_of_self) < MAX_SELF_CLAIMS:
+                    self.claims_of_self.add(addr)
                 continue  # only we speak for ourselves
             known = self.members.get(peer_id)
             if known is None:

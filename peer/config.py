@@ -29,7 +29,8 @@ class PeerConfig:
     bootstrap: tuple[str, ...] = ()
     listen: str = "/ip4/0.0.0.0/tcp/0"
     data: str | None = None  # a text file or folder to train on; None: the Python standard library
-    state_dir: str | None = None  # where the final checkpoint goes; None: ./runs/<run>/<peer>
+    state_dir: str | None = None  # key, checkpoint and control socket; None: ./runs/<run>/<peer>
+    key: str | None = None  # the peer's key file (peer keygen); None: the state dir's, or a new one
     rounds: int | None = None  # stop after this many outer rounds; None: train until stopped
     wait_peers: int = 1  # start round 1 only once this many peers (self included) are known, or after 60 s
     # Training (the worker)

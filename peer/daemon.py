@@ -1,8 +1,9 @@
 """The daemon: the composition root that wires membership, the round protocol and the worker together.
 
-One asyncio process per peer. It listens for other peers, keeps the run's membership by gossip, drives
-the training worker (a child process), and each round swaps the worker's payload with the round's
-partner under a deadline. A round applies a whole, validated partner payload or none at all.
+One asyncio process per peer. It listens for other peers on the secure transport (Noise + yamux; every
+request arrives on a stream whose remote peer id the handshake proved), keeps the run's membership by
+gossip, drives the training worker (a child process), and each round swaps the worker's payload with
+the round's partner under a deadline. A round applies a whole, validated partner payload or none.
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ import contextlib
 import logging
 import random
 import re
-import secrets
 import socket
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from gossip.membership import Membership
@@ -30,18 +29,24 @@ from peer.config import PeerConfig
 from peer.control import SOCKET_NAME, ControlServer
 from peer.events import Events
 from peer.ipc import WorkerProcess
+from peer.keys import resolve_identity
 from peer.metrics import MetricsServer
 from peer.status import LogTail, StatusBoard
 from peer.worker.presets import peer_number
+from transport.errors import TransportError
+from transport.host import Host, HostLimits, Stream
+from transport.identity import PeerID
 from transport.messages import MessageError, read_frame, write_message
+from transport.multiaddr import Multiaddr
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
+RUN_PROTOCOL = "/shoal/run/1.0.0"  # membership, status and the round swap, one request per stream
 CONTROL_MESSAGE_LIMIT = 1 << 20  # members/status requests and answers
 PAYLOAD_SLACK = 64 * 1024  # message fields around a payload
-MAX_CONNECTIONS = 64  # inbound connections served at once; more wait in the kernel's backlog
-REQUEST_TIMEOUT = 10.0  # seconds a connecting peer has to send its request
+MAX_REQUESTS = 64  # inbound requests served at once; more wait for a slot
+REQUEST_TIMEOUT = 10.0  # seconds a peer has to send its request once the stream is open
 CONNECT_TIMEOUT = 5.0
 PROBE_INTERVAL = 0.5  # how often a waiting responder asks its partner how it is doing
 BOOTSTRAP_PATIENCE = 30.0  # seconds to keep trying the bootstrap addresses
@@ -61,6 +66,12 @@ class RoundReport:
     bytes_sent: int
     bytes_received: int
     payload: bytes | None = None  # the partner's validated payload, when swapped
+
+
+def listen_multiaddr(text: str) -> str:
+    """`HOST:PORT` or a multiaddr -> the multiaddr to listen on."""
+    host, port = parse_address(text)
+    return str(Multiaddr.from_tcp(host, port)) if not text.startswith("/") else text
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -88,8 +99,8 @@ def advertised_host(bound_host: str) -> str:
 class Daemon:
     def __init__(self, config: PeerConfig, json_events: bool = False):
         self.config = config
-        self.peer_id = "p" + secrets.token_hex(8)
-        self.state_dir = Path(config.state_dir or Path("runs") / config.run_id / self.peer_id)
+        self.key, self.peer_id, self.state_dir = resolve_identity(config)
+        self.host: Host | None = None
         self.events = Events(self.peer_id, json_events)
         self.board = StatusBoard(self.peer_id, config.run_id)
         self.events.listeners.append(self.board.on_event)
@@ -106,13 +117,12 @@ class Daemon:
         self.address = ""
         self.stopping = asyncio.Event()
         self.reports: list[RoundReport] = []
-        self._connections = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._requests = asyncio.Semaphore(MAX_REQUESTS)
         self._first_round = True
 
     @property
     def join_address(self) -> str:
-        host, port = parse_address(self.address)
-        return f"/ip4/{host}/tcp/{port}/p2p/{self.peer_id}"
+        return self.address
 
     def stop(self) -> None:
         """Asks the daemon to stop: the worker finishes its inner steps, saves, and exits."""
@@ -122,27 +132,41 @@ class Daemon:
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def run(self) -> int:
-        host, port = parse_address(self.config.listen)
-        server = await asyncio.start_server(self._serve, host, port, limit=1 << 16)
-        bound_port = server.sockets[0].getsockname()[1]
-        self.address = f"{advertised_host(host)}:{bound_port}"
-        loop = asyncio.get_running_loop()
-        self.membership = Membership(self.peer_id, self.address, loop.time(), self.config.fail_after)
-        logging.getLogger().addHandler(self.log_tail)
-        self._handlers = control_handlers(self)
-        control = ControlServer(self.state_dir / SOCKET_NAME, self._handlers)
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            self.host = await Host.create(
+                self.key, [listen_multiaddr(self.config.listen)], limits=HostLimits()
+            )
+            stack.push_async_callback(self.host.close)
+            self.host.set_stream_handler(RUN_PROTOCOL, self._serve)
+            bound = self.host.listen_addrs[0]
+            host, port = bound.tcp_endpoint()
+            self.address = str(
+                Multiaddr.from_tcp(advertised_host(host), port, PeerID.from_string(self.peer_id))
+            )
+            loop = asyncio.get_running_loop()
+            self.membership = Membership(
+                self.peer_id,
+                self.address,
+                loop.time(),
+                self.config.fail_after,
+                incarnation=time.time_ns() // 10**6,
+            )
+
+            logging.getLogger().addHandler(self.log_tail)
+            stack.callback(logging.getLogger().removeHandler, self.log_tail)
+            self._handlers = control_handlers(self)
+            control = ControlServer(self.state_dir / SOCKET_NAME, self._handlers)
             await control.start()
-        except BaseException:
-            server.close()
-            raise
-        metrics = None
-        if self.config.metrics:
-            metrics = MetricsServer(*parse_address(self.config.metrics), status=self.status)
-            await metrics.start()
-        self.events.emit("listening", address=self.join_address, run=self.config.run_id)
-        self.worker = await WorkerProcess.start()
-        try:
+            stack.push_async_callback(control.close)
+            if self.config.metrics:
+                metrics = MetricsServer(*parse_address(self.config.metrics), status=self.status)
+                await metrics.start()
+                stack.push_async_callback(metrics.close)
+
+            self.events.emit("listening", address=self.join_address, run=self.config.run_id)
+            self.worker = await WorkerProcess.start()
+            stack.push_async_callback(self.worker.stop)
+            stack.push_async_callback(self._leave)
             async with asyncio.TaskGroup() as group:
                 gossip = group.create_task(self._gossip_forever())
                 try:
@@ -151,16 +175,7 @@ class Daemon:
                     return await self._drive_worker()
                 finally:
                     gossip.cancel()
-        finally:
-            self.board.set_activity("stopping", "leaving the run and stopping the worker")
-            await self._leave()
-            server.close()
-            await server.wait_closed()
-            await self.worker.stop()
-            await control.close()
-            if metrics is not None:
-                await metrics.close()
-            logging.getLogger().removeHandler(self.log_tail)
+        return 1  # not reached: the task group returns or raises
 
     async def _bootstrap(self) -> None:
         if not self.config.bootstrap:
@@ -180,6 +195,7 @@ class Daemon:
             for address in self.config.bootstrap:
                 if await self._exchange_members(address):
                     log.info("[%s] joined run %s through %s", self.peer_id, self.config.run_id, address)
+                    await self._refuse_a_twin()
                     return
             if loop.time() > deadline:
                 raise DaemonError(
@@ -199,8 +215,18 @@ class Daemon:
                 return
             await asyncio.sleep(0.1)
 
+    async def _refuse_a_twin(self) -> None:
+        """Refuses to run beside another live daemon of the run that uses our key (a copied key file)."""
+        twins = self.membership.claims_of_self
+        if twins:
+            try:
+                await self.host.ensure_unique_identity(sorted(twins))
+            except TransportError as error:
+                raise DaemonError(str(error)) from error
+
     async def _leave(self) -> None:
         """Tells a few peers we are leaving, so that nobody pairs with us again."""
+        self.board.set_activity("stopping", "leaving the run and stopping the worker")
         if self.membership is None:
             return
         self.membership.leave()
@@ -321,7 +347,7 @@ class Daemon:
             report.outcome = (
                 f"skipped: partner {partner} did not answer within {self.config.exchange_timeout:.0f}s"
             )
-        except (OSError, asyncio.IncompleteReadError) as error:
+        except (OSError, asyncio.IncompleteReadError, TransportError) as error:
             report.outcome = f"skipped: connection to partner {partner} failed ({type(error).__name__})"
         except (MessageError, dense.PayloadError) as error:
             report.outcome = f"skipped: partner {partner} sent an invalid answer ({error})"
@@ -393,18 +419,21 @@ class Daemon:
         }
 
     async def _request(self, address: str | None, message: dict, limit: int) -> tuple[dict, int, int]:
-        """One request on a fresh connection: returns the answer and the bytes sent and received."""
+        """One request on a fresh stream: returns the answer and the bytes sent and received."""
         if address is None:
-            raise OSError("no known address")
-        host, port = parse_address(address)
+            raise TransportError("no known address")
+        target = Multiaddr.parse(address)
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            reader, writer = await asyncio.open_connection(host, port, limit=1 << 16)
+            peer = target.peer_id or await self.host.connect(target)
+            stream = await self.host.new_stream(peer, RUN_PROTOCOL, [target])
         try:
-            sent = await write_message(writer, message)
-            reply, received = await read_frame(reader, limit)
-            return reply, sent, received
-        finally:
-            writer.close()
+            sent = await write_message(stream, message)
+            await stream.close()  # our side is done: half-close
+            reply, received = await read_frame(stream, limit)
+        except BaseException:
+            await stream.reset()
+            raise
+        return reply, sent, received
 
     async def _exchange_members(self, address: str | None, timeout: float = 2.0) -> bool:
         loop = asyncio.get_running_loop()
@@ -413,7 +442,14 @@ class Daemon:
                 reply, _, _ = await self._request(
                     address, self._message("members", table=self.membership.table()), CONTROL_MESSAGE_LIMIT
                 )
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, MessageError, DaemonError):
+        except (
+            OSError,
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            MessageError,
+            DaemonError,
+            TransportError,
+        ):
             return False
         if reply.get("run") != self.config.run_id:
             log.warning(
@@ -448,28 +484,27 @@ class Daemon:
             await asyncio.sleep(self.config.gossip_interval * random.uniform(0.8, 1.2))
 
     # --- serving other peers ----------------------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        remote = writer.get_extra_info("peername")
-        async with self._connections:
+    async def _serve(self, stream: Stream) -> None:
+        sender = str(stream.remote_peer_id)  # proven by the Noise handshake
+        async with self._requests:
             try:
                 async with asyncio.timeout(REQUEST_TIMEOUT):
-                    request, size = await read_frame(reader, self.max_offer_bytes)
-                await self._dispatch(request, size, writer)
+                    request, size = await read_frame(stream, self.max_offer_bytes)
+                await self._dispatch(sender, request, size, stream)
+                await stream.close()
             except (MessageError, dense.PayloadError) as error:
-                log.warning("[%s] dropped a bad request from %s: %s", self.peer_id, remote, error)
-            except (OSError, TimeoutError, asyncio.IncompleteReadError) as error:
-                log.info(
-                    "[%s] connection from %s ended early: %s", self.peer_id, remote, type(error).__name__
-                )
-            finally:
-                writer.close()
+                log.warning("[%s] dropped a bad request from %s: %s", self.peer_id, sender, error)
+                await stream.reset()
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, TransportError) as error:
+                log.info("[%s] request from %s ended early: %s", self.peer_id, sender, type(error).__name__)
+                await stream.reset()
 
-    async def _dispatch(self, request: dict[str, Any], size: int, writer: asyncio.StreamWriter) -> None:
+    async def _dispatch(self, sender: str, request: dict[str, Any], size: int, writer: Stream) -> None:
         if request.get("v") != PROTOCOL_VERSION or request.get("run") != self.config.run_id:
             raise MessageError(f"request for run {request.get('run')!r} version {request.get('v')!r}")
-        sender, kind = request.get("from"), request.get("type")
-        if not isinstance(sender, str) or not 0 < len(sender) <= 128:
-            raise MessageError("request without a valid sender id")
+        kind = request.get("type")
+        if request.get("from") != sender:
+            raise MessageError(f"request claims to come from {str(request.get('from'))[:60]!r}")
         if sender in self.banned and kind == "offer":
             await write_message(writer, self._message("refuse", reason="you are banned by this peer"))
             return
@@ -484,9 +519,7 @@ class Daemon:
         else:
             raise MessageError(f"unknown request type {kind!r}")
 
-    async def _answer_offer(
-        self, sender: str, request: dict[str, Any], size: int, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _answer_offer(self, sender: str, request: dict[str, Any], size: int, writer: Stream) -> None:
         number, payload = _round_field(request), request.get("payload")
         if not isinstance(payload, bytes):
             raise MessageError("offer without a payload")

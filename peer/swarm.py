@@ -116,13 +116,13 @@ def live_table(views: list[PeerView], rounds: int) -> Table:
         table.add_column(column, no_wrap=column != "last round")
     for v in views:
         table.add_row(
-            f"{v.index}:{v.peer_id[1:7]}",
+            f"{v.index}:{v.peer_id[-6:]}",
             v.state,
             f"{v.round}/{rounds}",
             str(v.inner_step),
             _fmt_loss(v.train_loss),
             _fmt_loss(v.eval_loss),
-            v.partner[1:7] or "-",
+            v.partner[-6:] or "-",
             _fmt_bytes(v.bytes_sent),
             _fmt_bytes(v.bytes_received),
             v.outcome[:40],
@@ -166,7 +166,7 @@ def summary_table(views: list[PeerView], summary: dict[str, Any]) -> Table:
     for v in views:
         per_round = v.bytes_sent / v.rounds_done if v.rounds_done else 0
         table.add_row(
-            f"{v.index}:{v.peer_id[1:7]}",
+            f"{v.index}:{v.peer_id[-6:]}",
             _fmt_loss(v.eval_start),
             _fmt_loss(v.eval_loss),
             _fmt_change(v.eval_start, v.eval_loss),

@@ -105,3 +105,33 @@ async def test_without_punching_the_relay_carries_data_and_reports_rtt_and_throu
         nat_a.record_transfer(b_id, 4 << 20, 0.5)
         (row,) = nat_a.report()
         assert row["path"] == RELAY and row["rtt_s"] == rtt and row["mb_s"] == 4 * 1.048576 / 0.5
+
+
+async def test_maintenance_upgrades_a_relayed_partner_later_and_forgets_dead_paths():
+    async with nat_peers(punch=False) as (nat_a, nat_b):
+        b_id = nat_b.host.peer_id
+        assert (await nat_a.connect(b_id, nat_b.addrs())).path == RELAY
+        await nat_a.maintain_once()
+        assert nat_a.paths[b_id].path == TCP_PUNCH
+        assert await echo_through(nat_a.host, b_id)
+        await nat_a.host.disconnect(b_id)
+        await nat_a.maintain_once()
+        assert b_id not in nat_a.paths
+
+
+async def test_a_private_peer_reserves_on_every_relay_and_publishes_each():
+    async with (
+        await Host.create(generate_key(), [LOOPBACK]) as r1,
+        await Host.create(generate_key(), [LOOPBACK]) as r2,
+        await Host.create(generate_key(), []) as b,
+    ):
+        relays = [NatService(r, NatConfig(serve_relay=True)) for r in (r1, r2)]
+        for service in relays:
+            await service.start()
+        addrs = tuple(r.listen_addrs[0].with_peer_id(r.peer_id) for r in (r1, r2))
+        nat_b = NatService(b, NatConfig(relays=addrs))
+        await nat_b.start()
+        published = {str(a).split("/p2p-circuit")[0] for a in nat_b.addrs()}
+        assert published == {str(a) for a in addrs}
+        for service in (*relays, nat_b):
+            await service.close()

@@ -37,6 +37,14 @@ DIRECT, TCP_PUNCH, ICE, RELAY = "direct", "tcp-punch", "ice", "relay"
 DIRECT_DIAL_TIMEOUT_S = 2.0
 # How long a replaced relayed connection may finish what it carries before it is closed.
 RELAY_GRACE_S = 1.0
+# How often `maintain()` runs: keeps connections to relays alive (the Host closes connections idle for
+# 300 s, which would drop a reservation), renews reservations at half their lifetime, forgets paths whose
+# connection died, and retries punches for partners still on a relay.
+MAINTAIN_INTERVAL_S = 30.0
+# A relayed partner is punched again at most this often: a punch costs a few RTTs and two STUN queries.
+UPGRADE_RETRY_S = 60.0
+# A reservation is renewed when less than this is left of it: several maintenance rounds of slack.
+RENEW_MARGIN_S = 4 * MAINTAIN_INTERVAL_S
 # Throughput is a moving average over recent transfers: a new sample weighs this much.
 THROUGHPUT_EWMA = 0.3
 # Transfers shorter than this say more about latency than about throughput; they are not sampled.
@@ -55,6 +63,7 @@ class NatConfig:
     serve_stun_host: str = "0.0.0.0"
     serve_relay: bool = False
     relay_limits: relay.RelayLimits = field(default_factory=relay.RelayLimits)
+    # Punch right away when a connection comes up relayed; `maintain()` retries later either way.
     punch: bool = True
     # Ways to replace a relay, tried in this order: "tcp" (simultaneous open), "ice" (UDP via aiortc).
     punch_methods: tuple[str, ...] = ("tcp", "ice")
@@ -76,6 +85,7 @@ class PathInfo:
     rtt_s: float | None = None
     mb_s: float | None = None
     connect_s: float | None = None
+    last_attempt: float = field(default=float("-inf"))
 
     def as_dict(self) -> dict[str, Any]:
         return {"peer": str(self.peer), "path": self.path, "reason": self.reason, "rtt_s": self.rtt_s,
@@ -165,6 +175,7 @@ class NatService:
                 continue
             info = self._set(peer, RELAY, f"no direct address answered; relayed via {addr}", started)
             if self.config.punch:
+                info.last_attempt = time.monotonic()
                 await self.upgrade(peer, started)
             return self.paths.get(peer, info)
         raise TransportError(f"no path to {peer.short()}: {'; '.join(errors) or 'no address given'}")
@@ -257,6 +268,40 @@ class NatService:
     @property
     def stun_port(self) -> int | None:
         return self._stun.port if self._stun is not None else None
+
+    async def maintain(self, interval_s: float = MAINTAIN_INTERVAL_S) -> None:
+        """Run `maintain_once()` forever (the daemon runs this as one task of its TaskGroup)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.maintain_once()
+
+    async def maintain_once(self) -> None:
+        now = time.monotonic()
+        for peer, info in list(self.paths.items()):
+            if conduit.connection_to(self.host, peer) is None:
+                log.info("path to %s (%s) is gone; the next connect chooses again", peer.short(), info.path)
+                del self.paths[peer]
+        for addr in self.config.relays:
+            relay_id = addr.peer_id
+            if relay_id is None:
+                continue
+            try:
+                # A slot lives with its connection: one that was lost (and is redialed by the ping,
+                # which also keeps it from idling out) needs a new reservation.
+                was_connected = self.host.is_connected(relay_id)
+                await self.host.ping(relay_id, [addr])
+                held = next((r for r in self.reservations if r.relay == relay_id), None)
+                stale = held is None or held.expires_at - now < RENEW_MARGIN_S or not was_connected
+                if self.reachability.status != reachability.PUBLIC and stale:
+                    fresh = await relay.reserve(self.host, addr)
+                    self.reservations = [r for r in self.reservations if r.relay != relay_id] + [fresh]
+                    self._stop.relays.add(fresh.relay)
+            except TransportError as exc:
+                log.warning("relay %s: %s", addr, exc)
+        for peer, info in list(self.paths.items()):
+            if info.path == RELAY and now - info.last_attempt >= UPGRADE_RETRY_S:
+                info.last_attempt = now
+                await self.upgrade(peer)
 
     async def close(self) -> None:
         for task in list(self._closers):

@@ -955,10 +955,14 @@ class Host:
             )
             conn._abort("duplicate identity")
             return
-        self._register(conn)
+        with contextlib.suppress(ConnectionClosedError):  # the host closed meanwhile
+            self._register(conn)
 
     def _register(self, conn: _Connection) -> None:
         assert conn.remote_peer_id is not None
+        if self._closing:  # a dial that finished while close() ran: leave nothing behind
+            conn._abort("host is closing")
+            raise ConnectionClosedError(f"the host closed while connecting to {conn._who()}")
         # Keep the first live connection to a peer; a second one (simultaneous dial) still serves its
         # own streams until it idles out.
         current = self._conns.get(conn.remote_peer_id)

@@ -91,6 +91,12 @@ def main() -> None:
 @click.option(
     "--threads", type=int, default=None, help="CPU threads for the worker's torch (default: torch's)."
 )
+@click.option(
+    "--key",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The peer's key file (from `peer keygen`). Default: DIR/key in --state-dir, else a new key.",
+)
 @click.option("--json-events", is_flag=True, help="Print one JSON object per event on stdout (for tools).")
 @click.option(
     "--metrics", default=None, metavar="HOST:PORT", help="Serve Prometheus metrics here (off by default)."
@@ -113,6 +119,7 @@ def join(
     shard,
     exchange_timeout,
     threads,
+    key,
     json_events,
     metrics,
     log_json,
@@ -139,6 +146,7 @@ def join(
                 "exchange_timeout": exchange_timeout,
                 "threads": threads,
                 "metrics": metrics,
+                "key": key,
             },
         )
     except ConfigError as error:
@@ -151,7 +159,11 @@ def _run_daemon(config, json_events: bool) -> int:
 
     from peer.daemon import Daemon
 
-    daemon = Daemon(config, json_events=json_events)
+    try:
+        daemon = Daemon(config, json_events=json_events)
+    except ShoalError as error:
+        logging.getLogger("peer").error("%s", error)
+        return 1
 
     async def run() -> int:
         loop = asyncio.get_running_loop()
@@ -261,3 +273,19 @@ def repl(state_dir, run_id) -> None:
         sys.exit(asyncio.run(run_repl(path)))
     except ControlError as error:
         raise click.ClickException(str(error)) from error
+
+
+@main.command(short_help="Create a peer identity key file (readable by its owner only).")
+@click.argument("path", type=click.Path(dir_okay=False), default="peer.key")
+@click.option("--force", is_flag=True, help="Overwrite an existing key file (the old identity is lost).")
+def keygen(path, force) -> None:
+    """Write a new Ed25519 identity key to PATH (default ./peer.key, mode 0600) and print its peer id.
+    Use it with `peer join --key PATH`."""
+    from transport.identity import generate_key, peer_id_from_key, write_key_file
+
+    key = generate_key()
+    try:
+        write_key_file(path, key, overwrite=force)
+    except ShoalError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"wrote {path}; peer id {peer_id_from_key(key)}")

@@ -191,11 +191,14 @@ class Daemon:
         deadline = loop.time() + BOOTSTRAP_PATIENCE
         delay = 0.2
         self.board.set_activity("joining", f"contacting the bootstrap peer {self.config.bootstrap[0]}")
+        ours = [a for a in self.config.bootstrap if f"/p2p/{self.peer_id}" in a]
+        if ours:  # a bootstrap address with our own id: a copy of our key runs there, or nothing does
+            await self._refuse_a_twin(ours)
         while not self.stopping.is_set():
             for address in self.config.bootstrap:
                 if await self._exchange_members(address):
                     log.info("[%s] joined run %s through %s", self.peer_id, self.config.run_id, address)
-                    await self._refuse_a_twin()
+                    await self._refuse_a_twin(sorted(self.membership.claims_of_self))
                     return
             if loop.time() > deadline:
                 raise DaemonError(
@@ -215,12 +218,11 @@ class Daemon:
                 return
             await asyncio.sleep(0.1)
 
-    async def _refuse_a_twin(self) -> None:
+    async def _refuse_a_twin(self, addresses: list[str]) -> None:
         """Refuses to run beside another live daemon of the run that uses our key (a copied key file)."""
-        twins = self.membership.claims_of_self
-        if twins:
+        if addresses:
             try:
-                await self.host.ensure_unique_identity(sorted(twins))
+                await self.host.ensure_unique_identity(addresses)
             except TransportError as error:
                 raise DaemonError(str(error)) from error
 

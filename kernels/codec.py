@@ -235,6 +235,14 @@ def decode(payload: bytes, expected: Mapping[str, tuple[tuple[int, ...], torch.d
     Hostile-safe: anything wrong (framing, version, header, lengths, indices, non-finite values, shapes or
     dtypes other than ``expected``) raises CodecError; buffers are sized only from ``expected`` shapes.
     """
+    try:
+        return _decode(payload, expected)
+    except CodecError as exc:
+        log.debug("codec payload of %d bytes rejected: %s", len(payload), exc)
+        raise
+
+
+def _decode(payload: bytes, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> SparseUpdate:
     parsed = wire.parse(payload, expected, BINS)
     body, offset = parsed.body, 0
     update: SparseUpdate = {}

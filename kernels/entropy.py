@@ -27,13 +27,13 @@ def gaps(positions: np.ndarray) -> np.ndarray:
     return g.reshape(-1)
 
 
-def best_rice_parameter(g: np.ndarray) -> int:
-    """The r in [0, MAX_RICE] that minimises the coded size of gaps ``g``."""
+def best_rice_parameter(g: np.ndarray, max_r: int = MAX_RICE) -> int:
+    """The r in [0, max_r] that minimises the coded size of gaps ``g``."""
     if g.size == 0:
         return 0
     # The size is convex in r with its minimum near log2(mean gap): try the neighbourhood only.
     guess = int(np.log2(max(1.0, float(g.mean())))) if g.size else 0
-    candidates = range(max(0, guess - 2), min(MAX_RICE, guess + 1) + 1)
+    candidates = range(max(0, min(max_r, guess - 2)), min(max_r, guess + 1) + 1)
     return min(candidates, key=lambda r: rice_size_bits(g, r))
 
 
@@ -98,9 +98,8 @@ def encode_plane(bits: np.ndarray) -> tuple[list[int], bytes]:
     if exceptions.size == 0:
         return [majority, 0, 0, 0], b""
     g = np.diff(exceptions, prepend=-1) - 1
-    costs = [int((g >> r).sum()) + g.size * (r + 1) for r in range(MAX_PLANE_RICE + 1)]
-    r = int(np.argmin(costs))
-    if costs[r] + 16 >= 8 * len(raw):
+    r = best_rice_parameter(g, MAX_PLANE_RICE)
+    if rice_size_bits(g, r) + 16 >= 8 * len(raw):
         return [], raw
     unary, low = encode(g, r)
     return [majority, r, int(exceptions.size), len(unary)], unary + low

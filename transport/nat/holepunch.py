@@ -299,44 +299,54 @@ class PunchResponder:
 
     async def _serve(self, stream: Stream) -> None:
         peer = stream.remote_peer_id
-        deadline = time.monotonic() + PUNCH_DEADLINE_S
         try:
-            async with asyncio.timeout(PUNCH_DEADLINE_S):
-                request = await read_message(stream, MAX_MESSAGE)
-                targets = _addrs(request)
-                if request.get("v") == VERSION and request.get("type") == "reverse" and targets:
-                    await self._dial_back(stream, peer, targets)
-                    return
-                if request.get("v") == VERSION and request.get("type") == "ice-offer":
-                    await self._ice_answer(stream, peer, request)
-                    return
-                if request.get("v") != VERSION or request.get("type") != "connect" or not targets:
-                    raise PunchError(f"{peer.short()} sent a malformed punch request")
-                mapped, local_port, symmetric = await _mapping(self.stun_servers)
-                if symmetric:
-                    await write_message(stream, {"v": VERSION, "type": "connect", "addrs": [],
-                                                 "reason": "symmetric NAT"})
-                    raise PunchError("our NAT maps every destination to a new port (symmetric): no punch")
-                await write_message(stream, {"v": VERSION, "type": "connect", "addrs": [mapped.to_bytes()]})
-                sync = await read_message(stream, MAX_MESSAGE)
-                if sync.get("type") != "sync":
-                    raise PunchError(f"{peer.short()} sent {sync.get('type')!r} where SYNC belongs")
-                transport = await _open(local_port, targets, deadline, listen=True)
-                conn = await attach(self.host, transport, initiator=False, expected=peer, path="tcp-punch")
-        except (TimeoutError, TransportError, MessageError, asyncio.IncompleteReadError) as exc:
-            log.info("hole punch from %s failed: %s", peer.short(), exc or "deadline")
-            await stream.reset()
-            return
-        log.info("hole punched to %s: %s", peer.short(), conn.remote_addr)
-        if self.on_connection is not None:
+            try:
+                async with asyncio.timeout(PUNCH_DEADLINE_S):
+                    request = await read_message(stream, MAX_MESSAGE)
+                kind = request.get("type") if request.get("v") == VERSION else None
+                if kind == "ice-offer":
+                    conn = await self._ice_answer(stream, peer, request)
+                elif kind == "reverse":
+                    conn = await self._dial_back(stream, peer, _addrs(request))
+                elif kind == "connect":
+                    conn = await self._punch_back(stream, peer, _addrs(request))
+                else:
+                    raise PunchError(f"{peer.short()} sent an unknown punch request {kind!r}")
+            except (TimeoutError, TransportError, MessageError, asyncio.IncompleteReadError) as exc:
+                log.info("hole punch from %s failed: %s", peer.short(), exc or "deadline")
+                await stream.reset()
+                return
+            await stream.close()
+        except TransportError:
+            return  # the relayed connection went away meanwhile: nothing left to tell the peer
+        if conn is not None and self.on_connection is not None:
             self.on_connection(conn)
 
-    async def _ice_answer(self, stream: Stream, peer: PeerID, request: dict[str, Any]) -> None:
+    async def _punch_back(self, stream: Stream, peer: PeerID, targets: list[Multiaddr]) -> Any:
+        deadline = time.monotonic() + PUNCH_DEADLINE_S
+        if not targets:
+            raise PunchError(f"{peer.short()} sent no address to punch to")
+        async with asyncio.timeout(PUNCH_DEADLINE_S):
+            mapped, local_port, symmetric = await _mapping(self.stun_servers)
+            if symmetric:
+                await write_message(stream, {"v": VERSION, "type": "connect", "addrs": [],
+                                             "reason": "symmetric NAT"})
+                raise PunchError("our NAT maps every destination to a new port (symmetric): no punch")
+            await write_message(stream, {"v": VERSION, "type": "connect", "addrs": [mapped.to_bytes()]})
+            sync = await read_message(stream, MAX_MESSAGE)
+            if sync.get("type") != "sync":
+                raise PunchError(f"{peer.short()} sent {sync.get('type')!r} where SYNC belongs")
+            transport = await _open(local_port, targets, deadline, listen=True)
+            conn = await attach(self.host, transport, initiator=False, expected=peer, path="tcp-punch")
+        log.info("hole punched to %s: %s", peer.short(), conn.remote_addr)
+        return conn
+
+    async def _ice_answer(self, stream: Stream, peer: PeerID, request: dict[str, Any]) -> Any:
         sdp = request.get("sdp")
         if self.ice_servers is None or not isinstance(sdp, str) or len(sdp) > MAX_SDP_CHARS:
-            await write_message(stream, {"v": VERSION, "type": "ice-answer", "sdp": None,
-                                         "reason": "ICE is not configured here" if sdp else "bad offer"})
-            return
+            reason = "ICE is not configured here" if self.ice_servers is None else "malformed offer"
+            await write_message(stream, {"v": VERSION, "type": "ice-answer", "sdp": None, "reason": reason})
+            return None
         pc = None
         try:
             async with asyncio.timeout(ice.ICE_DEADLINE_S):
@@ -349,10 +359,11 @@ class PunchResponder:
                 await pc.close()
             raise
         log.info("ICE connection from %s", peer.short())
-        if self.on_connection is not None:
-            self.on_connection(conn)
+        return conn
 
-    async def _dial_back(self, stream: Stream, peer: PeerID, targets: list[Multiaddr]) -> None:
+    async def _dial_back(self, stream: Stream, peer: PeerID, targets: list[Multiaddr]) -> Any:
+        """Dial the peer at the addresses it gave (at most MAX_ADDRS, as DCUtR does); the handshake must
+        prove the requester's own identity, so these dials cannot open sessions with anyone else."""
         errors = []
         for target in targets:
             try:
@@ -364,8 +375,7 @@ class PunchResponder:
             conn.path = "direct"
             await write_message(stream, {"v": VERSION, "type": "reversed", "ok": True})
             log.info("dialed %s directly at its request: %s", peer.short(), target)
-            if self.on_connection is not None:
-                self.on_connection(conn)
-            return
-        reason = "; ".join(errors)[:1000]
+            return conn
+        reason = "; ".join(errors)[:1000] or "no address given"
         await write_message(stream, {"v": VERSION, "type": "reversed", "ok": False, "reason": reason})
+        return None

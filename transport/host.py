@@ -392,15 +392,6 @@ class _Connection(asyncio.BufferedProtocol):
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    async def _negotiate_raw(
-        self, ms: multistream.MultistreamDialer | multistream.MultistreamListener
-    ) -> bytes:
-        while True:
-            self._write_raw(ms.data_to_send())
-            if ms.done:
-                return ms.unused_data
-            ms.receive_data(await self._next_raw())
-
     async def upgrade(self, expected: PeerID | None) -> None:
         """multistream(/noise) -> Noise XX -> yamux, agreed inside Noise or by multistream-select.
 
@@ -417,8 +408,18 @@ class _Connection(asyncio.BufferedProtocol):
             muxers=MUXERS,
             static=self.host._noise_static,
         )
+        held = b""  # the listener's last multistream answer, sent together with Noise message 2
         if self.inbound:
-            rest = await self._negotiate_raw(multistream.MultistreamListener([noise.PROTOCOL_ID]))
+            listen = multistream.MultistreamListener([noise.PROTOCOL_ID])
+            self._write_raw(listen.data_to_send())  # our header at once: some dialers wait for it
+            while not listen.done:
+                listen.receive_data(await self._next_raw())
+                out = listen.data_to_send()
+                if listen.done:
+                    held = out
+                else:
+                    self._write_raw(out)
+            rest = listen.unused_data
         else:
             select = multistream.MultistreamDialer([noise.PROTOCOL_ID])
             self._write_raw(select.data_to_send() + handshake.data_to_send())
@@ -428,7 +429,8 @@ class _Connection(asyncio.BufferedProtocol):
         if rest:
             handshake.receive_data(rest)
         while True:
-            self._write_raw(handshake.data_to_send())
+            self._write_raw(held + handshake.data_to_send())
+            held = b""
             if handshake.done:
                 break
             handshake.receive_data(await self._next_raw())

@@ -255,6 +255,8 @@ class Daemon:
                     self.spec = [(name, tuple(shape)) for name, shape in message["spec"]]
                     self.max_offer_bytes = dense.max_payload_bytes(self.spec) + PAYLOAD_SLACK
                     self.parameters = int(message["parameters"])
+                    if message.get("round"):  # resumed from a checkpoint
+                        self.book.last_finished = int(message["round"])
                     fields = ("parameters", "corpus_sha256", "shard")
                     self.events.emit("worker", **{k: message[k] for k in fields})
                 elif kind in ("progress", "eval"):

@@ -1,7 +1,7 @@
 """The training worker's main loop: a separate process that owns the model (and the GPU, when there is one).
 
 It talks to its daemon over a control channel (stdin/stdout) and passes payloads through shared memory:
-    daemon -> worker: start {settings, start_round}
+    daemon -> worker: start {settings, checkpoint path (resumed from when it exists)}
     worker -> daemon: hello {spec, shared-memory names, parameters, corpus hash}
     worker -> daemon: eval {round, eval_loss}; progress {round, inner_step, train_loss}
     worker -> daemon: payload {round, nbytes}         (our fast weights are in the outbound segment)
@@ -25,6 +25,7 @@ from peer.worker.train import Trainer, TrainSettings
 
 log = logging.getLogger("peer.worker")
 PROGRESS_EVERY_S = 1.0
+CHECKPOINT_EVERY = 10  # rounds; and always when the worker stops
 
 
 def run(channel: ControlChannel) -> int:
@@ -35,7 +36,9 @@ def run(channel: ControlChannel) -> int:
     settings = TrainSettings.from_dict(start["settings"])
     checkpoint = Path(start["checkpoint"])
     trainer = Trainer(settings)
-    trainer.round = start.get("start_round", 0)
+    if checkpoint.exists():
+        trainer.load(checkpoint)  # a restarted peer continues exactly where it stopped
+        log.info("resumed from %s at round %d", checkpoint, trainer.round)
     spec = trainer.spec()
     capacity = dense.max_payload_bytes(spec)
     outbound, inbound = SharedBuffer.create(capacity), SharedBuffer.create(capacity)
@@ -50,6 +53,8 @@ def run(channel: ControlChannel) -> int:
                 "parameters": trainer.parameter_count(),
                 "corpus_sha256": trainer.corpus_sha256,
                 "shard": list(trainer.shard),
+                "round": trainer.round,
+                "inner_step": trainer.inner_step,
             }
         )
         channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate()})
@@ -103,6 +108,8 @@ def _train(
         trainer.inner_step = max(trainer.inner_step, number * settings.inner_steps)  # the run's schedule
         trainer.outer_step(partner)
         channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate()})
+        if trainer.round % CHECKPOINT_EVERY == 0:
+            trainer.save(checkpoint)
     trainer.save(checkpoint)
     channel.send({"type": "done", "round": trainer.round, "checkpoint": str(checkpoint)})
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kernels.errors import ShoalError
 from peer.worker.data import (
     BatchSampler,
     fixed_windows,
@@ -35,8 +37,13 @@ from peer.worker.data import (
 from peer.worker.model import GPT, PRESETS
 from peer.worker.presets import peer_number
 
+CHECKPOINT_FORMAT = 1
 EVAL_SEED = 1234  # the same evaluation windows on every peer of every run on this corpus
 DEFAULT_SHARDS = 16
+
+
+class CheckpointError(ShoalError):
+    """A checkpoint cannot be read, or belongs to another model."""
 
 
 @dataclass(frozen=True)
@@ -177,26 +184,61 @@ class Trainer:
         for p, w in zip(self.model.parameters(), weights, strict=True):
             p.copy_(w)
 
-    # --- checkpoint -------------------------------------------------------------------------------
-    def save(self, path: Path) -> None:
-        """Writes the slow weights and counters atomically (a temporary file, then rename)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
+    # --- checkpoint ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed peer needs to continue exactly where it stopped (research notes, P20)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
             "round": self.round,
             "inner_step": self.inner_step,
             "names": self.names,
-            "slow": [t.clone() for t in self.slow],
-            "momentum": [t.clone() for t in self.momentum],
             "model": self.settings.model,
             "corpus_sha256": self.corpus_sha256,
+            "shard": list(self.shard),
+            "slow": [t.clone() for t in self.slow],
+            "fast": [p.detach().clone() for p in self.model.parameters()],
+            "momentum": [t.clone() for t in self.momentum],
+            "optimizer": self.optimizer.state_dict(),
+            "sampler_rng": self.sampler.generator.get_state(),
         }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"checkpoint format {state.get('format')!r}, this worker reads {CHECKPOINT_FORMAT}"
+            )
+        if state["names"] != self.names or state["model"] != self.settings.model:
+            raise CheckpointError(
+                f"the checkpoint holds model {state['model']!r}, not {self.settings.model!r}; "
+                "start with another --state-dir or the same --model"
+            )
+        with torch.no_grad():
+            for target, source in zip(self.slow, state["slow"], strict=True):
+                target.copy_(source)
+            for target, source in zip(self.momentum, state["momentum"], strict=True):
+                target.copy_(source)
+            self._load(state["fast"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.generator.set_state(state["sampler_rng"])
+        self.round, self.inner_step = int(state["round"]), int(state["inner_step"])
+
+    def save(self, path: Path) -> None:
+        """Writes the checkpoint atomically: a temporary file in the same folder, fsync, then rename."""
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as file:
-                torch.save(state, file)
+                torch.save(self.state_dict(), file)
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def load(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+            raise CheckpointError(f"cannot read checkpoint {path}: {str(error)[:200]}") from error
+        self.load_state_dict(state)

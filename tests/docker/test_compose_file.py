@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from peer.cli import join
+from peer.config import load_config
 from peer.daemon import parse_address
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,11 +103,18 @@ def test_natted_peers_route_through_their_router_to_the_public_subnet():
 
 def test_peer_commands_parse_and_join_the_bootstraps_fixed_address():
     compose = _compose()
+    mounts = {}  # path in the container -> file here, for --config
+    for volume in compose["x-peer"]["volumes"]:
+        source, target, *_ = volume.split(":")
+        mounts[target] = str((DOCKER / source).resolve())
     bootstrap_address = _address_on(compose["services"]["bootstrap"], "public")
     for name, service in _peer_services(compose).items():
         command = service["command"]
         assert command[0] == "join"
-        params = join.make_context("join", command[1:]).params  # raises on an unknown option
+        args = [re.sub(r"^--config=(.*)$", lambda m: f"--config={mounts[m[1]]}", a) for a in command[1:]]
+        params = join.make_context("join", args).params  # raises on an unknown option
+        config = load_config(params["config_file"], {"run_id": params["run_id"]})
+        assert config.fail_after > config.gossip_interval * 10  # a loaded machine must not split the run
         assert params["json_events"], f"{name}: the swarm test reads --json-events"
         if name == "bootstrap":
             assert params["bootstrap"] == ()

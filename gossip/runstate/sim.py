@@ -98,6 +98,14 @@ class Swarm:
     def do(self, i: int, outs: Iterable[Outgoing]) -> None:
         self.net.send(self.states[i].me, outs)
 
+    def restart(self, i: int) -> RunState:
+        """Replica i restarts from what it saved (in memory here; `store` does the same with a file)."""
+        old = self.states[i]
+        new = RunState.restore(old.export(), self.keys[i], self.run_id, self.creator, self.now, rng=old.rng)
+        new.add_peers(self.net.nodes)
+        self.states[i] = self.net.nodes[new.me] = new
+        return new
+
     def run(self, seconds: float, step: float = 1.0) -> None:
         end = self.now + seconds
         while self.now < end:

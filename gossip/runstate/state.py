@@ -520,7 +520,7 @@ class RunState:
                 self._accept_proof(r.entries[entry.seq], entry)
             return []
         if (r is None or entry.gen > r.gen) and entry.seq == 0:
-            if r is None and sum(1 for _ in self.docs) >= MAX_DOCUMENTS:
+            if r is None and len(self.docs) >= MAX_DOCUMENTS:
                 log.warning(
                     "runstate: %d documents held; document of %s refused",
                     MAX_DOCUMENTS,
@@ -548,6 +548,8 @@ class RunState:
         """An entry signed with my key came back: if it is not one I hold, my state was lost or my clock
         ran backwards; start a generation above it so nobody keeps the stale one."""
         own = self.docs.get((entry.kind, self.me))
+        if own is None and not self._authorized(entry.kind, self.me):
+            return []  # a run document from when I was a delegate: not mine to write any more
         if own is not None and (
             entry.gen < own.gen
             or (entry.gen == own.gen and entry.seq < own.seq and own.ids[entry.seq] == entry.id(self.run_id))

@@ -8,7 +8,9 @@ from gossip.runstate.sim import Swarm, fingerprint
 # (writer, operation, argument): operations every peer can do, plus the creator's run changes.
 OPS = st.tuples(
     st.integers(0, 4),
-    st.sampled_from(["addrs", "round", "vote", "refuse", "metrics", "config", "checkpoint", "ban"]),
+    st.sampled_from(
+        ["addrs", "round", "vote", "refuse", "metrics", "config", "checkpoint", "ban", "burst", "restart"]
+    ),
     st.integers(0, 1000),
 )
 
@@ -26,6 +28,11 @@ def apply_op(s: Swarm, writer: int, op: str, arg: int) -> None:
         s.do(writer, st_.vote_ban(other, f"slow {arg}") if arg % 2 else st_.withdraw_vote(other))
     elif op == "refuse":
         s.do(writer, st_.refuse_peer(other, "unreachable"))
+    elif op == "burst":  # enough writes in a row to make the owner compact into a new generation
+        for r in range(12):
+            s.do(writer, st_.set_round(arg + r))
+    elif op == "restart":  # a new process: new generation, new Yjs client id, same content
+        s.restart(writer)
     elif op == "metrics":
         st_.set_metrics(loss=arg / 100, tput=float(arg))
         s.do(writer, st_.heartbeat(s.now))

@@ -1,0 +1,581 @@
+"""One secure connection: Noise-encrypted yamux over a TCP socket, and the streams riding on it.
+
+`_Connection` is the asyncio protocol of one socket. During the upgrade it collects raw bytes for the
+handshake task (multistream-select, Noise XX, muxer choice); afterwards the socket reads straight into
+its receive buffer and `buffer_updated` decrypts Noise frames there, parses yamux frames and appends
+payloads to the streams' buffers without waking a task per frame. `Stream` is what applications hold:
+reads take from those buffers and grant the window back; writes encrypt in the writer's task and wait
+on yamux windows and on the socket's write buffer. The `Host` (host.py) creates and owns connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import multistream, noise, yamux
+from .errors import (
+    ConnectionClosedError,
+    ProtocolError,
+    StreamClosedError,
+    StreamResetError,
+    TransportError,
+)
+from .identity import PeerID
+from .multiaddr import Multiaddr
+
+if TYPE_CHECKING:
+    from .host import Host
+
+log = logging.getLogger(__name__)
+
+# Offered inside the Noise handshake (libp2p's inlined muxer negotiation); yamux is the only one we speak.
+MUXERS = [yamux.PROTOCOL_ID]
+# Bytes encrypted per step of one write() before checking the socket's buffer: keeps the buffers in
+# flight few and hot in cache, and lets other tasks run between steps.
+WRITE_CHUNK = 1024 * 1024
+# Receive buffer once the session runs: room for a partial frame plus at least one whole frame per read;
+# bulk transfers get the large one (fewer, bigger reads: ~16 frames per read).
+RECV_BUFFER_SMALL = 3 * (noise.MAX_FRAME_LENGTH + 2)
+RECV_BUFFER_LARGE = 1024 * 1024 + 2 * (noise.MAX_FRAME_LENGTH + 2)
+# Socket reads during the upgrade: handshake messages are small.
+RAW_READ_SIZE = 65536
+# TCP keepalive: a silent peer is probed after 60 s and dropped after 3 unanswered probes 15 s apart,
+# well inside a training round's deadline scale but far above a healthy peer's quiet periods.
+KEEPALIVE_IDLE_S = 60
+KEEPALIVE_INTERVAL_S = 15
+KEEPALIVE_PROBES = 3
+# How long a closing connection may take to flush its GO_AWAY before the socket is aborted.
+CLOSE_GRACE_S = 0.5
+
+
+@dataclass
+class _Waiter:
+    """One future at a time for 'something changed' wake-ups (data arrived, window opened, drained)."""
+
+    future: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_result(None)
+        self.future = None
+
+    async def wait(self) -> None:
+        if self.future is None or self.future.done():  # done: a previous waiter was cancelled
+            self.future = asyncio.get_running_loop().create_future()
+        await self.future
+
+
+class Stream:
+    """One yamux stream after protocol negotiation: a bidirectional, flow-controlled byte stream."""
+
+    def __init__(self, conn: _Connection, stream_id: int) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        self.protocol = ""
+        self.remote_peer_id: PeerID = conn.remote_peer_id  # type: ignore[assignment]
+        self._chunks: deque[bytes | memoryview] = deque()
+        self._buffered = 0
+        self._eof = False
+        self._error: TransportError | None = None
+        self._write_closed = False
+        self._readable = _Waiter()
+        self._writable = _Waiter()
+
+    # ------------------------------------------------------------------ fed by the connection
+
+    def _feed(self, data: memoryview) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._readable.wake()
+
+    def _feed_eof(self) -> None:
+        self._eof = True
+        self._readable.wake()
+
+    def _fail(self, error: TransportError) -> None:
+        if self._error is None:
+            self._error = error
+        self._readable.wake()
+        self._writable.wake()
+
+    def _window_opened(self) -> None:
+        self._writable.wake()
+
+    def _unread(self, data: bytes) -> None:
+        if data:
+            self._chunks.appendleft(data)
+            self._buffered += len(data)
+
+    # ------------------------------------------------------------------ reading
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to `n` bytes, or for n < 0 the next chunk that arrived (at most one yamux frame, returned
+        without a copy); b"" once the peer closed its side and everything was read."""
+        if n == 0:
+            return b""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            await self._readable.wait()
+        chunks = self._chunks
+        if n < 0:
+            first = chunks.popleft()
+            data = first if type(first) is bytes else bytes(first)
+        else:
+            parts: list[bytes | memoryview] = []
+            size = 0
+            while chunks and size < n:
+                chunk = chunks[0]
+                need = n - size
+                if len(chunk) <= need:
+                    parts.append(chunks.popleft())
+                    size += len(chunk)
+                else:
+                    view = memoryview(chunk)
+                    parts.append(view[:need])
+                    chunks[0] = view[need:]
+                    size = n
+            first = parts[0]
+            data = first if len(parts) == 1 and type(first) is bytes else b"".join(parts)
+        self._buffered -= len(data)
+        self._conn._consumed(self.stream_id, len(data))
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        """Exactly `n` bytes; asyncio.IncompleteReadError if the stream ends first.
+
+        Consumes as data arrives (not once all `n` are buffered), so `n` may exceed the flow-control
+        window without deadlocking the sender.
+        """
+        if self._buffered >= n:
+            return await self.read(n)
+        parts: list[bytes] = []
+        got = 0
+        while got < n:
+            chunk = await self.read(n - got)
+            if not chunk:
+                raise asyncio.IncompleteReadError(b"".join(parts), n)
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
+    # ------------------------------------------------------------------ writing
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send `data`, waiting whenever the peer's window is full (its reader is slower than us)."""
+        view = memoryview(data).cast("B")  # slices of a view copy nothing
+        sent = 0
+        while sent < len(view):
+            if self._error is not None:
+                raise self._error
+            if self._write_closed:
+                raise StreamClosedError(f"stream {self.protocol} to {self.remote_peer_id.short()} was closed")
+            taken = self._conn._send_data(self.stream_id, view[sent : sent + WRITE_CHUNK])
+            sent += taken
+            if taken == 0:
+                await self._writable.wait()
+            else:
+                await self._conn._drain()
+
+    async def close(self) -> None:
+        """Half-close: we send no more; the peer may still send until it closes too."""
+        if not self._write_closed and self._error is None:
+            self._write_closed = True
+            self._conn._send_fin(self.stream_id)
+
+    async def reset(self) -> None:
+        """Abort both directions at once; the peer's reads and writes fail with StreamResetError."""
+        if self._error is None:
+            self._conn._reset_stream(self.stream_id)
+            self._fail(
+                StreamResetError(f"stream {self.protocol} to {self.remote_peer_id.short()} was reset by us")
+            )
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            await self.close()
+        else:
+            await self.reset()
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One TCP connection: raw bytes during the upgrade, then Noise frames carrying a yamux session.
+
+    A BufferedProtocol: the socket reads straight into our receive buffer and frames are decrypted
+    from there, which saves the event loop's copy of every received byte into a fresh bytes object.
+    """
+
+    def __init__(self, host: Host, *, inbound: bool) -> None:
+        self.host = host
+        self.inbound = inbound
+        self.transport: asyncio.Transport | None = None
+        self.remote_peer_id: PeerID | None = None
+        self.remote_addr: Multiaddr | None = None
+        self.local_addr: Multiaddr | None = None
+        self.path = "direct"  # how the bytes travel: direct TCP, or a NAT path (see transport/nat)
+        self._raw = bytearray()  # bytes received during the upgrade, before the session runs
+        self._raw_buffer = memoryview(bytearray(RAW_READ_SIZE))
+        # Ciphertext received once the session runs. Small while the connection carries little (a DHT
+        # neighbour costs ~200 KiB, not a megabyte); grown once a read fills it, i.e. on bulk transfer.
+        self._rbuf = bytearray(RECV_BUFFER_SMALL)
+        self._rview = memoryview(self._rbuf)
+        self._rstart = 0  # start of the first incomplete frame
+        self._rend = 0  # end of the received bytes
+        self._read_filled = False  # the last read filled all the room we offered
+        self._raw_event = _Waiter()
+        self._noise: noise.NoiseTransport | None = None
+        self.session: yamux.YamuxSession | None = None
+        self.streams: dict[int, Stream] = {}
+        self._paused = False
+        self._drained = _Waiter()
+        self.closed = asyncio.get_running_loop().create_future()
+        self._close_reason: str | None = None
+        self.last_active = time.monotonic()
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        transport.set_write_buffer_limits(high=self.host.limits.write_buffer_high)
+        _enable_keepalive(transport.get_extra_info("socket"))
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        with contextlib.suppress(Exception):
+            self.remote_addr = Multiaddr.from_tcp(peer[0], peer[1])
+            self.local_addr = Multiaddr.from_tcp(sock[0], sock[1])
+        self.host._connection_made(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.session is None:
+            return self._raw_buffer
+        if self._read_filled and len(self._rbuf) < RECV_BUFFER_LARGE:
+            size = self._rend - self._rstart
+            bigger = bytearray(RECV_BUFFER_LARGE)
+            bigger[:size] = self._rview[self._rstart : self._rend]
+            self._rview.release()
+            self._rbuf, self._rview = bigger, memoryview(bigger)
+            self._rstart, self._rend = 0, size
+        if len(self._rbuf) - self._rend < noise.MAX_FRAME_LENGTH + 2:
+            # Move the incomplete frame (less than one frame) to the front to make room.
+            size = self._rend - self._rstart
+            self._rbuf[:size] = self._rbuf[self._rstart : self._rend]
+            self._rstart, self._rend = 0, size
+        return self._rview[self._rend :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.session is None:
+            self._raw += self._raw_buffer[:nbytes]
+            if len(self._raw) > 4 * noise.MAX_FRAME_LENGTH:
+                self._abort("sent too much before the handshake finished")
+                return
+            self._raw_event.wake()
+            return
+        self._read_filled = self._rend + nbytes == len(self._rbuf)
+        self._rend += nbytes
+        assert self._noise is not None
+        try:
+            plaintexts, used = self._noise.decrypt_frames(self._rview[self._rstart : self._rend])
+            self._rstart += used
+            if self._rstart == self._rend:
+                self._rstart = self._rend = 0
+            self._on_plaintexts(plaintexts)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes from a transport that is not a socket (a relayed stream, bytes replayed by a hole
+        punch): copied into the receive buffer and processed as a socket read would be."""
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view) and self._close_reason is None:
+            buffer = self.get_buffer(len(view) - pos)
+            size = min(len(buffer), len(view) - pos)
+            buffer[:size] = view[pos : pos + size]
+            self.buffer_updated(size)
+            pos += size
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = self._close_reason or (f"socket error: {exc}" if exc else "closed by the peer")
+        error = ConnectionClosedError(f"connection to {self._who()} closed ({reason})")
+        for stream in list(self.streams.values()):
+            stream._fail(StreamResetError(f"stream {stream.protocol} reset: {error}"))
+        self.streams.clear()
+        self._raw_event.wake()
+        self._drained.wake()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.host._connection_lost(self)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._drained.wake()
+
+    # ------------------------------------------------------------------ upgrade (runs in a task)
+
+    async def _next_raw(self) -> bytes:
+        while not self._raw:
+            if self.closed.done():
+                raise ConnectionClosedError(f"connection to {self._who()} closed during the handshake")
+            await self._raw_event.wait()
+        data = bytes(self._raw)
+        self._raw.clear()
+        return data
+
+    def _write_raw(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def upgrade(self, expected: PeerID | None) -> None:
+        """multistream(/noise) -> Noise XX -> yamux, agreed inside Noise or by multistream-select.
+
+        Round trips saved, both within the specs: the dialer sends Noise message 1 right behind its
+        only proposal (multistream's optimistic "lazy" select), and both sides offer yamux in the Noise
+        handshake's extensions (libp2p's inlined muxer negotiation), falling back to a multistream
+        exchange when the peer does not (py-libp2p 0.8.1 does not).
+        """
+        key = self.host._key
+        handshake = noise.NoiseHandshake(
+            initiator=not self.inbound,
+            identity_key=key,
+            expected_peer=expected,
+            muxers=MUXERS,
+            static=self.host._noise_static,
+        )
+        held = b""  # the listener's last multistream answer, sent together with Noise message 2
+        if self.inbound:
+            listen = multistream.MultistreamListener([noise.PROTOCOL_ID])
+            self._write_raw(listen.data_to_send())  # our header at once: some dialers wait for it
+            while not listen.done:
+                listen.receive_data(await self._next_raw())
+                out = listen.data_to_send()
+                if listen.done:
+                    held = out
+                else:
+                    self._write_raw(out)
+            rest = listen.unused_data
+        else:
+            select = multistream.MultistreamDialer([noise.PROTOCOL_ID])
+            self._write_raw(select.data_to_send() + handshake.data_to_send())
+            while not select.done:
+                select.receive_data(await self._next_raw())
+            rest = select.unused_data
+        if rest:
+            handshake.receive_data(rest)
+        while True:
+            self._write_raw(held + handshake.data_to_send())
+            held = b""
+            if handshake.done:
+                break
+            handshake.receive_data(await self._next_raw())
+        self._noise = handshake.transport()
+        self.remote_peer_id = handshake.remote_peer_id
+        pending = handshake.unused_data
+        leftover = b""
+        if handshake.selected_muxer != yamux.PROTOCOL_ID:
+            ms: multistream.MultistreamDialer | multistream.MultistreamListener
+            if self.inbound:
+                ms = multistream.MultistreamListener([yamux.PROTOCOL_ID])
+            else:
+                ms = multistream.MultistreamDialer([yamux.PROTOCOL_ID])
+            while True:
+                out = ms.data_to_send()
+                if out:
+                    self._write_raw(self._noise.encrypt_frame(out))
+                if ms.done:
+                    break
+                for plaintext in self._noise.receive_data(pending or await self._next_raw()):
+                    ms.receive_data(plaintext)
+                pending = b""
+            leftover = ms.unused_data
+        limits = self.host.limits
+        self.session = yamux.YamuxSession(
+            is_client=not self.inbound,
+            window=limits.stream_window,
+            max_streams=limits.max_streams_per_connection,
+        )
+        # From here on the socket feeds our receive buffer; replay what arrived meanwhile.
+        if leftover:
+            self._dispatch(self.session.receive_data(leftover))
+        tail = pending + bytes(self._raw)
+        self._raw.clear()
+        plaintexts = self._noise.receive_data(tail) if tail else []
+        partial = self._noise.take_partial()
+        self._raw_buffer = memoryview(b"")  # the handshake's read buffer is not needed any more
+        self._rbuf[: len(partial)] = partial
+        self._rstart, self._rend = 0, len(partial)
+        self._on_plaintexts(plaintexts)
+
+    # ------------------------------------------------------------------ running session
+
+    def _on_plaintexts(self, plaintexts: list[bytes]) -> None:
+        assert self.session is not None
+        session = self.session
+        for plaintext in plaintexts:
+            self._dispatch(session.receive_data(plaintext))
+        self.last_active = time.monotonic()
+        self._flush()
+
+    def _dispatch(self, events: list[yamux.Event]) -> None:
+        streams = self.streams
+        for event in events:
+            kind = type(event)
+            if kind is yamux.DataReceived:
+                stream = streams.get(event.stream_id)  # type: ignore[union-attr]
+                if stream is not None:
+                    stream._feed(event.data)  # type: ignore[union-attr]
+            elif kind is yamux.WindowUpdated:
+                stream = streams.get(event.stream_id)  # type: ignore[union-attr]
+                if stream is not None:
+                    stream._window_opened()
+            elif kind is yamux.StreamOpened:
+                stream = Stream(self, event.stream_id)  # type: ignore[union-attr]
+                streams[event.stream_id] = stream  # type: ignore[union-attr]
+                self.host._spawn(
+                    self.host._serve_stream(stream), f"stream {event.stream_id} from {self._who()}"
+                )  # type: ignore[union-attr]
+            elif kind is yamux.StreamEnded:
+                stream = streams.get(event.stream_id)  # type: ignore[union-attr]
+                if stream is not None:
+                    stream._feed_eof()
+                    self._forget_if_closed(event.stream_id)  # type: ignore[union-attr]
+            elif kind is yamux.StreamReset:
+                stream = streams.pop(event.stream_id, None)  # type: ignore[union-attr]
+                if stream is not None:
+                    stream._fail(StreamResetError(f"stream {stream.protocol} reset by {self._who()}"))
+            elif kind is yamux.GoAwayReceived:
+                log.info("peer %s is going away (code %d)", self._who(), event.code)  # type: ignore[union-attr]
+                self.host._forget(self)
+
+    def _flush(self) -> None:
+        """Encrypt and send what the session queued. Control frames and headers share Noise frames;
+        payload views are encrypted in place, 64 KiB at a time, and handed to writev without a copy."""
+        if self.session is None or self._noise is None or self.transport is None:
+            return
+        frames = self.session.data_to_send()
+        if not frames or self.transport.is_closing():
+            return
+        encrypt = self._noise.encrypt
+        limit = noise.MAX_PLAINTEXT_LENGTH
+        out: list[bytes] = []
+        small: list[bytes] = []
+        small_size = 0
+        for frame in frames:
+            if type(frame) is memoryview:
+                if small:
+                    encrypt(b"".join(small), out)
+                    small, small_size = [], 0
+                for offset in range(0, len(frame), limit):
+                    encrypt(frame[offset : offset + limit], out)
+                continue
+            if small_size + len(frame) > limit:
+                encrypt(b"".join(small), out)
+                small, small_size = [], 0
+            small.append(frame)  # type: ignore[arg-type]
+            small_size += len(frame)
+        if small:
+            encrypt(b"".join(small), out)
+        self.transport.writelines(out)
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        log.warning("closing connection to %s: %s", self._who(), exc)
+        if self.session is not None:
+            self.session.go_away(yamux.GO_AWAY_PROTOCOL_ERROR)
+            with contextlib.suppress(ProtocolError):
+                self._flush()
+        self._abort(str(exc))
+
+    def _abort(self, reason: str) -> None:
+        self._close_reason = reason
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ------------------------------------------------------------------ used by Stream
+
+    def _consumed(self, stream_id: int, size: int) -> None:
+        if self.session is not None:
+            self.session.consumed(stream_id, size)
+            self._flush()
+
+    def _send_data(self, stream_id: int, data: bytes | memoryview) -> int:
+        if self.closed.done():
+            raise ConnectionClosedError(f"connection to {self._who()} is closed")
+        assert self.session is not None
+        taken = self.session.send_data(stream_id, data)
+        self._flush()
+        self.last_active = time.monotonic()
+        return taken
+
+    async def _drain(self) -> None:
+        while self._paused and not self.closed.done():
+            await self._drained.wait()
+
+    def _send_fin(self, stream_id: int) -> None:
+        if self.session is not None and not self.closed.done():
+            self.session.send_fin(stream_id)
+            self._forget_if_closed(stream_id)
+            self._flush()
+
+    def _forget_if_closed(self, stream_id: int) -> None:
+        """Both sides sent FIN: no more events will come for the stream (its reader keeps its data)."""
+        if self.session is not None and not self.session.is_open(stream_id):
+            self.streams.pop(stream_id, None)
+
+    def _reset_stream(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+        if self.session is not None and not self.closed.done():
+            self.session.reset_stream(stream_id)
+            self._flush()
+
+    def open_stream(self) -> Stream:
+        if self.session is None or self.closed.done():
+            raise ConnectionClosedError(f"connection to {self._who()} is closed")
+        stream_id = self.session.open_stream()
+        stream = Stream(self, stream_id)
+        self.streams[stream_id] = stream
+        self._flush()
+        return stream
+
+    async def close(self) -> None:
+        if self.closed.done() or self.transport is None:
+            return
+        self._close_reason = "closed by us"
+        if self.session is not None:
+            self.session.go_away(yamux.GO_AWAY_NORMAL)
+            self._flush()
+        self.transport.close()
+        try:
+            async with asyncio.timeout(CLOSE_GRACE_S):
+                await asyncio.shield(self.closed)
+        except TimeoutError:
+            self.transport.abort()
+            await asyncio.shield(self.closed)
+
+    def _who(self) -> str:
+        peer = self.remote_peer_id.short() if self.remote_peer_id else "?"
+        return f"{peer}@{self.remote_addr}"
+
+
+def _enable_keepalive(sock: socket.socket | None) -> None:
+    """Let the kernel notice a peer that vanished without a FIN (power loss, a NAT that forgot us)."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)

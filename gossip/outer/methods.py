@@ -52,6 +52,10 @@ SPARSE = {"sparseloco", "gossip-sparseloco", "pair-sparseloco"}
 # Gossip keeps messages this many rounds for relaying: ≥ log2(R) rounds reach every peer of a random matching
 # schedule with high probability at R ≤ 64 (notes 2.4 used 6); older ones are dropped, and refused on arrival.
 DEFAULT_GOSSIP_TTL = 6
+# Partners on the same data distribution and schedule move by similar amounts per round: a lattice step
+# (V-C) more than this many times this peer's own is refused (pitfall P17: norm checks on what arrives).
+MAX_STEP_RATIO = 16.0
+MIN_STEP_ALLOWANCE = 1e-6  # tensors this peer did not move (zero Δ) still accept a small partner step
 # Bound on the gossip store (messages kept for relaying): TTL rounds of up to this many origins each.
 MAX_GOSSIP_ORIGINS = 1024
 
@@ -285,6 +289,8 @@ def outer_step(config: OuterConfig, state: OuterState, own: bytes, received: Seq
         if len(theirs) > 1:
             raise MessageError(f"compressed-noloco pairs with one partner, got {len(theirs)} messages")
         fast = _read_lattice(mine, slow, config)
+        if theirs:
+            _check_steps(theirs[0], mine.steps)
         partner = _read_lattice(theirs[0], slow, config) if theirs else None
         state.slow, state.momentum = noloco.noloco_step_from_fast(
             slow, fast, state.momentum, partner, config.momentum, config.lr
@@ -308,6 +314,20 @@ def _decode_sparse(message: Message, slow: Mapping[str, torch.Tensor]) -> tuple[
         return sparseloco.decode_dense(message.update, slow)
     except CodecError as exc:
         raise MessageError(f"{message.kind} message from {message.origin}: {exc}") from exc
+
+
+def _check_steps(message: Message, own_steps: Sequence[float]) -> None:
+    """Refuse lattice steps far above this peer's own (pitfall P17).
+
+    A step is the sender's claim of how far it moved; a decoded value lands within 2^(b-1) steps of the
+    receiver's φ, so the step bounds how far one message can pull.
+    """
+    for name_index, (theirs, ours) in enumerate(zip(message.steps, own_steps, strict=False)):
+        if theirs > MAX_STEP_RATIO * ours + MIN_STEP_ALLOWANCE:
+            raise MessageError(
+                f"{message.kind} message from {message.origin}: lattice step {theirs:.3g} of tensor "
+                f"#{name_index} is over {MAX_STEP_RATIO}x this peer's {ours:.3g}; dropped as implausible"
+            )
 
 
 def _read_lattice(message: Message, slow: Mapping[str, torch.Tensor], config: OuterConfig) -> Named:

@@ -57,3 +57,13 @@ def test_a_bad_partner_message_is_refused_before_anything_changes(method):
 def test_random_bytes_never_parse_into_a_message(data):
     with pytest.raises(MessageError):
         unpack(data, "diloco")
+
+
+def test_a_partner_claiming_a_huge_lattice_step_is_refused():
+    config = OuterConfig.tuned("compressed-noloco")
+    me, other = OuterState.fresh("me", weights()), OuterState.fresh("other", weights())
+    fast = {k: v + 0.01 for k, v in me.slow.items()}
+    own = make_message(config, me, fast)
+    body = msgpack.unpackb(make_message(config, other, fast), raw=False)
+    with pytest.raises(MessageError, match="implausible"):
+        outer_step(config, me, own, [msgpack.packb({**body, "s": [1e3 * s for s in body["s"]]})])

@@ -103,7 +103,8 @@ class Simulation:
         self.nodes: dict[bytes, SimNode] = {}
         self.adversaries: list[SimNode] = []
         self.messages = 0
-        self.stats = {k: LookupStats() for k in ("get", "providers", "node")}
+        self.stats = {k: LookupStats() for k in ("put", "get", "providers", "node")}
+        self.replicas: list[int] = []  # STOREs acknowledged per PUT
 
     # --- event loop -------------------------------------------------------------------------------
 
@@ -241,13 +242,27 @@ class Simulation:
 
         pump()
 
-    def store_at_closest(self, node: SimNode, rec: Record, type_: int, done: Callable[[int], None]) -> None:
-        """PUT: find the k closest nodes to the record's key, then STORE at each."""
+    def store_at_closest(self, node: SimNode, rec: Record, type_: int) -> None:
+        """PUT: find the k closest nodes to the record's key, then STORE at each; counted in stats["put"]
+        (success: at least one node acknowledged; `replicas`: how many did)."""
         def stored(q: Query) -> None:
             targets = q.closest()
+            pending = len(targets)
+            acked = 0
+
+            def settle(ok: bool) -> None:
+                nonlocal pending, acked
+                pending -= 1
+                acked += ok
+                if pending == 0:
+                    self.stats["put"].add(acked > 0, q.lookup.hops(), q.lookup.messages + len(targets))
+                    self.replicas.append(acked)
+
             for c in targets:
-                self.rpc(node, c, node.core.request(type_, record=rec), lambda _r: None, lambda: None)
-            done(len(targets))
+                self.rpc(node, c, node.core.request(type_, record=rec), lambda r: settle(r.ok),
+                         lambda: settle(False))
+            if not targets:
+                self.stats["put"].add(False, 0, q.lookup.messages)
 
         self.run_query(node, self._query(node, FIND_NODE, rec.key), stored)
 
@@ -288,14 +303,14 @@ class Simulation:
             rec = Record.value_record(pub.core.key, b"v%d" % i, b"value %d" % i, seq=1,
                                       expires=self.now + TTL_S)
             values.append((rec.key, rec.seq))
-            self.store_at_closest(pub, rec, STORE, lambda n: None)
+            self.store_at_closest(pub, rec, STORE)
         runs: list[tuple[bytes, set[bytes]]] = []
         for r in range(cfg.runs):
             key = run_key(f"run-{r}")
             members = self.rng.sample(honest, cfg.providers_per_run)
             for m in members:
                 rec = Record.provider_record(m.core.key, key, list(m.core.contact.addrs), 1, self.now + TTL_S)
-                self.store_at_closest(m, rec, ADD_PROVIDER, lambda n: None)
+                self.store_at_closest(m, rec, ADD_PROVIDER)
             runs.append((key, {m.core.peer_id for m in members}))
         self.run_until_idle()
         self.messages = 0
@@ -310,8 +325,9 @@ class Simulation:
             self.at(start + self.rng.uniform(0, cfg.window_s), lambda: self._random_lookup(values, runs))
         self.run_until_idle()
         out = {k: s.summary() for k, s in self.stats.items()}
-        total = LookupStats()
-        for s in self.stats.values():
+        out["put"]["median_replicas"] = statistics.median(self.replicas) if self.replicas else 0
+        total = LookupStats()  # the judged figure: lookups during the run (PUTs happen before it)
+        for s in (self.stats[k] for k in ("get", "providers", "node")):
             total.attempts += s.attempts
             total.successes += s.successes
             total.hops += s.hops

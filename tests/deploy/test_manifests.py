@@ -52,7 +52,10 @@ def _containers(workload: dict) -> list[dict]:
 
 
 def _exposed_ports(dockerfile: Path) -> set[int]:
-    return {int(p) for p in re.findall(r"^EXPOSE\s+(\d+)", dockerfile.read_text(), re.M)}
+    ports = set()
+    for line in re.findall(r"^EXPOSE\s+(.+)$", dockerfile.read_text(), re.M):
+        ports |= {int(port.split("/")[0]) for port in line.split()}
+    return ports
 
 
 def _secret_keys() -> dict[str, set[str]]:
@@ -113,6 +116,18 @@ def test_ports_are_exposed_by_the_image_and_services_point_at_pods_that_have_the
         assert targets, f"service {service['metadata']['name']} selects no pod"
         for port in service["spec"]["ports"]:
             assert all(port["targetPort"] in names for names in targets), port
+
+
+def test_metrics_are_served_on_the_port_prometheus_is_told_to_scrape(tmp_path):
+    for workload in _workloads():
+        template = workload["spec"]["template"]
+        (peer,) = template["spec"]["containers"]
+        env = {"POD_NAME": f"{workload['metadata']['name']}-0"}
+        params = _parse_join(_join_args(peer, env, tmp_path), tmp_path)
+        assert params["metrics"], f"{workload['metadata']['name']} serves no metrics"
+        port = int(params["metrics"].rsplit(":", 1)[1])
+        assert template["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+        assert port in {p["containerPort"] for p in peer["ports"]}
 
 
 def test_configmap_and_secret_keys_that_pods_mount_exist():
@@ -183,6 +198,11 @@ def test_bootstrap_pod_zero_starts_the_run_and_the_others_join_it(tmp_path):
     second = _parse_join(_join_args(peer, {"POD_NAME": "shoal-bootstrap-1"}, tmp_path), tmp_path)
     assert first["bootstrap"] == ()
     assert len(second["bootstrap"]) == 1
+    # the key the init container installs is the one the daemon is told to use
+    (init,) = statefulset["spec"]["template"]["spec"]["initContainers"]
+    assert init["args"][0].split()[-1] == first["key"] == second["key"]
+    mounts = {m["mountPath"] for m in peer["volumeMounts"]}
+    assert str(Path(first["key"]).parent) in mounts and first["state_dir"] in mounts
     host, port = parse_address(second["bootstrap"][0])
     assert host == f"shoal-bootstrap-0.{statefulset['spec']['serviceName']}"
     assert port in _exposed_ports(IMAGES[peer["image"]])
@@ -222,7 +242,7 @@ def test_identity_init_container_leaves_a_key_the_daemon_accepts(tmp_path):
     )
     env = {"POD_NAME": "shoal-bootstrap-1", "PATH": "/usr/bin:/bin"}
     subprocess.run(["sh", "-c", script], env=env, check=True)
-    copied = state / "identity.key"
+    copied = state / "key"
     assert stat.S_IMODE(copied.stat().st_mode) == 0o600
     load_key_file(copied)  # refuses group/world-readable or malformed keys
     assert copied.read_bytes() == (keys_dir / "shoal-bootstrap-1.key").read_bytes()

@@ -1,8 +1,8 @@
 """A py-libp2p 0.8.1 peer (trio, in its own process) for Shoal's interop tests and benchmark.
 
 Usage, one JSON object per line on stdout:
-    python libp2p_peer.py serve           -> {"addr": "/ip4/127.0.0.1/tcp/N/p2p/12D3..."}, serves until stdin
-                                             closes
+    python libp2p_peer.py serve [KEYTYPE] -> {"addr": "/ip4/127.0.0.1/tcp/N/p2p/12D3..."}, serves until stdin
+                                             closes; KEYTYPE is ed25519 (default) or secp256k1
     python libp2p_peer.py dial ADDR       -> {"peer": ..., "ping_ms": ..., "identify": {...}, "echo_ok": ...,
                                               "mismatch_refused": ...}
     python libp2p_peer.py bench ADDR MiB  -> {"connect_ms": [...], "rtt_us": [...], "throughput_mb_s": x}
@@ -40,8 +40,13 @@ IDENTIFY = TProtocol("/ipfs/id/1.0.0")
 MIB = 1 << 20
 
 
-def make_host():
-    key_pair = create_new_key_pair()
+def make_host(key_type="ed25519"):
+    if key_type == "secp256k1":
+        from libp2p.crypto.secp256k1 import create_new_key_pair as create_secp256k1_key_pair
+
+        key_pair = create_secp256k1_key_pair()
+    else:
+        key_pair = create_new_key_pair()
     return new_host(
         key_pair=key_pair,
         sec_opt={NOISE_ID: NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)},
@@ -92,8 +97,8 @@ async def read_all(stream, limit=64 * MIB):
     return bytes(out)
 
 
-async def serve():
-    host = make_host()
+async def serve(key_type="ed25519"):
+    host = make_host(key_type)
     host.set_stream_handler(ECHO, echo_handler)
     host.set_stream_handler(SINK, sink_handler)
     async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
@@ -196,7 +201,7 @@ def main():
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     mode = sys.argv[1]
     if mode == "serve":
-        trio.run(serve)
+        trio.run(serve, *sys.argv[2:3])
     elif mode == "dial":
         trio.run(dial, sys.argv[2])
     elif mode == "bench":

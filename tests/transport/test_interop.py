@@ -6,6 +6,7 @@ which builds fastecdsa against libgmp-dev).
 """
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -30,47 +31,20 @@ PEER_SCRIPT = Path(__file__).with_name("libp2p_peer.py")
 PEER_DEADLINE_S = 50
 
 
-async def echo(stream):
-    while data := await stream.read():
-        await stream.write(data)
-    await stream.close()
-
-
-async def test_shoal_dials_py_libp2p():
+@contextlib.asynccontextmanager
+async def libp2p_server(key_type="ed25519"):
+    """A py-libp2p peer serving /echo/1.0.0 in a subprocess; yields its full multiaddr."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(PEER_SCRIPT),
         "serve",
+        key_type,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), PEER_DEADLINE_S)
-        addr = Multiaddr.parse(json.loads(line)["addr"])
-        async with await Host.create(generate_key(), ["/ip4/127.0.0.1/tcp/0"]) as host:
-            # A dial naming another peer id at that address is refused by the Noise handshake.
-            impostor = peer_id_from_key(generate_key())
-            with pytest.raises(PeerIDMismatchError):
-                await host.connect(addr.with_peer_id(impostor))
-
-            peer = await host.connect(addr)
-            assert peer == addr.peer_id
-            assert await host.ping(peer) > 0
-
-            info = await host.identify(peer)
-            assert info.public_key is not None and info.public_key.peer_id() == peer
-            assert info.agent_version.startswith("py-libp2p")
-            assert "/echo/1.0.0" in info.protocols and "/ipfs/ping/1.0.0" in info.protocols
-            assert addr.without_peer_id() in info.listen_addrs
-            assert info.observed_addr is not None and info.observed_addr.tcp_endpoint()[0] == "127.0.0.1"
-
-            stream = await host.new_stream(peer, "/echo/1.0.0")
-            payload = os.urandom(1 << 20)
-            writer = asyncio.create_task(stream.write(payload))
-            assert await stream.readexactly(len(payload)) == payload
-            await writer
-            await stream.close()
-            assert await stream.read() == b""
+        yield Multiaddr.parse(json.loads(line)["addr"])
     finally:
         proc.stdin.close()
         try:
@@ -78,6 +52,51 @@ async def test_shoal_dials_py_libp2p():
         except TimeoutError:
             proc.kill()
             await proc.wait()
+
+
+async def echo(stream):
+    while data := await stream.read():
+        await stream.write(data)
+    await stream.close()
+
+
+async def test_shoal_dials_py_libp2p():
+    async with (
+        libp2p_server() as addr,
+        await Host.create(generate_key(), ["/ip4/127.0.0.1/tcp/0"]) as host,
+    ):
+        # A dial naming another peer id at that address is refused by the Noise handshake.
+        impostor = peer_id_from_key(generate_key())
+        with pytest.raises(PeerIDMismatchError):
+            await host.connect(addr.with_peer_id(impostor))
+
+        peer = await host.connect(addr)
+        assert peer == addr.peer_id
+        assert await host.ping(peer) > 0
+
+        info = await host.identify(peer)
+        assert info.public_key is not None and info.public_key.peer_id() == peer
+        assert info.agent_version.startswith("py-libp2p")
+        assert "/echo/1.0.0" in info.protocols and "/ipfs/ping/1.0.0" in info.protocols
+        assert addr.without_peer_id() in info.listen_addrs
+        assert info.observed_addr is not None and info.observed_addr.tcp_endpoint()[0] == "127.0.0.1"
+
+        stream = await host.new_stream(peer, "/echo/1.0.0")
+        payload = os.urandom(1 << 20)
+        writer = asyncio.create_task(stream.write(payload))
+        assert await stream.readexactly(len(payload)) == payload
+        await writer
+        await stream.close()
+        assert await stream.read() == b""
+
+
+async def test_shoal_verifies_a_secp256k1_identity():
+    # libp2p peers may use secp256k1 keys: the Noise payload's signature is ECDSA over SHA-256.
+    async with libp2p_server("secp256k1") as addr:
+        assert not str(addr.peer_id).startswith("12D3KooW")  # not an Ed25519 id
+        async with await Host.create(generate_key()) as host:
+            assert await host.connect(addr) == addr.peer_id
+            assert await host.ping(addr.peer_id) > 0
 
 
 async def test_py_libp2p_dials_shoal():

@@ -5,8 +5,10 @@
 Builds the lab (`transport/nat/lab.py`: network namespaces, a public segment with a relay/STUN peer, two
 private networks behind nftables NAT routers), then for every ordered pair of NAT types (a initiates to
 b) starts one peer process behind each router, connects a to b through the path policy (direct, then
-connection reversal or TCP hole punch over a relayed connection, else the relay) and sends `--bytes` over
-the path that won. `connect_s` is the time from the connect call to a working connection on that path.
+connection reversal or a TCP hole punch over a relayed connection: simultaneous open, or port prediction
+when one NAT is symmetric; then ICE; else the relay) and sends `--bytes` over the path that won.
+`connect_s` is the time from the connect call to a working connection on that path. A pair still relayed
+gets one more punch (the daemon retries a minute later); `upgraded_later` marks where that won.
 
 Baseline in the same run: kernel TCP with no Shoal layer (no Noise, no yamux, no relay) from the private
 host behind router 0 to the public segment, through the same NAT, same size; each pair's `ratio_vs_tcp`
@@ -81,7 +83,7 @@ def run(size: int, repeats: int, rate: str | None) -> dict[str, Any]:
                 lab.set_nat(0, a)
                 lab.set_nat(1, b)
                 for _ in range(repeats):
-                    result = run_pair(lab, relay, size).as_dict()
+                    result = run_pair(lab, relay, size, retry_upgrade=True).as_dict()
                     result["ratio_vs_tcp"] = round(result["mb_s"] / baseline, 3) if result["mb_s"] else None
                     pairs.append(result)
                     mb_s = f"{result['mb_s']:.1f}" if result["mb_s"] else "-"

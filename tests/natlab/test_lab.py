@@ -93,6 +93,7 @@ def test_coturn_answers_stun_from_behind_a_nat(lab):
     ("a", "b", "paths"),
     [
         ("eim-apdf", "eim-apdf", {"tcp-punch"}),
+        ("eim-apdf", "symmetric", {"tcp-punch"}),  # port prediction
         ("eim-eif", "symmetric", {"direct"}),
         ("symmetric", "eim-eif", {"direct"}),
         ("symmetric", "symmetric", {"relay"}),

@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import random
+import resource
 import socket
 import time
 from typing import Any
@@ -58,6 +60,19 @@ ATTEMPT_TIMEOUT_S = 1.0
 RETRY_PAUSE_S = 0.05
 # Pending connections on the responder's punch port: one peer, plus strays that are closed at once.
 PUNCH_BACKLOG = 4
+# Port prediction for one symmetric NAT (the birthday paradox, as Tailscale does it for UDP): the easy
+# side sends SYNs from its one mapped port to EASY_PROBES random ports of the hard side's address, the
+# hard side sends HARD_PROBES SYNs from fresh ports (so fresh random mappings) to the easy side's
+# mapping. Some pair meets with probability 1 - exp(-EASY * HARD / ports): 98 % for 1024 x 256 over
+# the 64512 ports a random NAT picks from. Beyond that the cost (SYNs, sockets) buys little.
+EASY_PROBES = 1024
+HARD_PROBES = 256
+PROBE_PORT_RANGE = (1024, 65536)
+# The hard side starts this much later, so most of the easy side's SYNs have opened its NAT already.
+HARD_SIDE_DELAY_S = 0.1
+# File descriptors left for everything else while probes are open.
+FD_RESERVE = 256
+BOTH_SYMMETRIC = "both NATs symmetric"
 
 
 class PunchError(TransportError):
@@ -198,34 +213,132 @@ async def punch(host: Host, peer: PeerID, stun_servers: list[tuple[str, int]]) -
     PUNCH_DEADLINE_S. The caller decides which connection new streams use.
     """
     deadline = time.monotonic() + PUNCH_DEADLINE_S
+    symmetric = False
     try:
         async with asyncio.timeout(PUNCH_DEADLINE_S):
             mapped, local_port, symmetric = await _mapping(stun_servers)
-            if symmetric:
-                raise PunchError("our NAT maps every destination to a new port (symmetric): no punch",
-                                 symmetric=True)
             stream = await host.new_stream(peer, PROTOCOL)
             try:
                 sent = time.monotonic()
-                await write_message(stream, {"v": VERSION, "type": "connect", "addrs": [mapped.to_bytes()]})
+                await write_message(stream, {"v": VERSION, "type": "connect", "addrs": [mapped.to_bytes()],
+                                             "symmetric": symmetric})
                 reply = await read_message(stream, MAX_MESSAGE)
                 rtt = time.monotonic() - sent
                 targets = _addrs(reply)
                 if reply.get("type") != "connect" or not targets:
                     reason = reply.get("reason")
                     raise PunchError(f"{peer.short()} sent no address to punch to ({reason})",
-                                     symmetric=reason == "symmetric NAT")
+                                     symmetric=reason == BOTH_SYMMETRIC)
                 await write_message(stream, {"v": VERSION, "type": "sync"})
-                # The responder's STUN query sat inside `rtt`; half of the rest is our head start.
+                # The responder's STUN queries sat inside `rtt`; half of the rest is our head start.
                 await asyncio.sleep(min(rtt / 2, ATTEMPT_TIMEOUT_S))
-                transport = await _open(local_port, targets, deadline, listen=False)
+                peer_symmetric = reply.get("symmetric") is True
+                transport = await _establish(local_port, symmetric, peer_symmetric, targets, deadline,
+                                             listen=False)
             finally:
                 await stream.close()
-            return await attach(host, transport, initiator=True, expected=peer, path="tcp-punch")
+            conn = await attach(host, transport, initiator=True, expected=peer, path="tcp-punch")
+            conn.punch_mode = _mode(symmetric, peer_symmetric)
+            return conn
     except TimeoutError as exc:
-        raise PunchError(f"hole punch to {peer.short()} passed its {PUNCH_DEADLINE_S} s deadline") from exc
+        raise PunchError(f"hole punch to {peer.short()} passed its {PUNCH_DEADLINE_S} s deadline",
+                         symmetric=symmetric) from exc
     except (MessageError, asyncio.IncompleteReadError) as exc:
         raise PunchError(f"hole punch to {peer.short()} broke off: {exc}") from exc
+
+
+async def _establish(
+    local_port: int, symmetric: bool, peer_symmetric: bool, targets: list[Multiaddr], deadline: float,
+    *, listen: bool,
+) -> Any:
+    """The TCP connection of a punch: a simultaneous open when neither NAT is symmetric, else port
+    prediction with the symmetric side as the hard one."""
+    if not symmetric and not peer_symmetric:
+        return await _open(local_port, targets, deadline, listen=listen)
+    if symmetric:
+        await asyncio.sleep(HARD_SIDE_DELAY_S)  # let the easy side's probes open its NAT first
+        target = targets[0].tcp_endpoint()
+        pairs = [(stun.reusable_tcp_socket(0), target) for _ in range(_budget(HARD_PROBES))]
+    else:
+        ip = targets[0].tcp_endpoint()[0]
+        ports = random.sample(range(*PROBE_PORT_RANGE), _budget(EASY_PROBES))
+        pairs = [(stun.reusable_tcp_socket(local_port), (ip, port)) for port in ports]
+    sock = await _first_connected(pairs, deadline, wait_for_data=listen)
+    transport, _ = await asyncio.get_running_loop().create_connection(Holding, sock=sock)
+    return transport
+
+
+def _mode(symmetric: bool, peer_symmetric: bool) -> str:
+    return "port prediction" if symmetric or peer_symmetric else "simultaneous open"
+
+
+def _budget(wanted: int) -> int:
+    """Probe sockets we may open: `wanted`, or fewer when the file-descriptor limit is low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted + FD_RESERVE and soft < hard:
+        soft = min(hard, wanted + FD_RESERVE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return max(1, min(wanted, soft - FD_RESERVE))
+
+
+async def _first_connected(
+    pairs: list[tuple[socket.socket, tuple[str, int]]], deadline: float, *, wait_for_data: bool
+) -> socket.socket:
+    """Connect every socket to its destination at once and pick one connection; the rest close.
+
+    Several probe pairs may meet (about four with the default counts), and the two sides must pick the
+    same one: the Noise initiator takes the first that connects and speaks first on it, and the
+    responder (`wait_for_data`) takes the first connection on which data arrives, skipping those the
+    initiator closed.
+    """
+    loop = asyncio.get_running_loop()
+    tasks = {loop.create_task(loop.sock_connect(sock, dest)): sock for sock, dest in pairs}
+    spoken: asyncio.Future[socket.socket] = loop.create_future()
+    watched: list[socket.socket] = []
+    winner: socket.socket | None = None
+
+    def on_readable(sock: socket.socket) -> None:
+        loop.remove_reader(sock.fileno())
+        try:
+            has_data = bool(sock.recv(1, socket.MSG_PEEK))
+        except OSError:
+            has_data = False
+        if has_data and not spoken.done():
+            spoken.set_result(sock)
+
+    try:
+        pending: set[asyncio.Future[Any]] = set(tasks)
+        if wait_for_data:
+            pending.add(spoken)
+        while pending and winner is None:
+            done, pending = await asyncio.wait(pending, timeout=max(deadline - time.monotonic(), 0.01),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break
+            for task in done:
+                if task is spoken:
+                    winner = spoken.result()
+                elif not task.cancelled() and task.exception() is None:
+                    if not wait_for_data:
+                        winner = tasks[task]  # type: ignore[index]
+                        break
+                    sock = tasks[task]  # type: ignore[index]
+                    watched.append(sock)
+                    loop.add_reader(sock.fileno(), on_readable, sock)
+    finally:
+        for sock in watched:
+            loop.remove_reader(sock.fileno())
+        spoken.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for sock in tasks.values():
+            if sock is not winner:
+                sock.close()
+    if winner is None:
+        raise PunchError(f"port prediction found no open pair among {len(pairs)} probes", symmetric=True)
+    log.info("port prediction: connected %s -> %s", winner.getsockname(), winner.getpeername())
+    return winner
 
 
 async def reverse(host: Host, peer: PeerID, my_addrs: list[Multiaddr]) -> Any:
@@ -309,7 +422,8 @@ class PunchResponder:
                 elif kind == "reverse":
                     conn = await self._dial_back(stream, peer, _addrs(request))
                 elif kind == "connect":
-                    conn = await self._punch_back(stream, peer, _addrs(request))
+                    hard = request.get("symmetric") is True
+                    conn = await self._punch_back(stream, peer, _addrs(request), hard)
                 else:
                     raise PunchError(f"{peer.short()} sent an unknown punch request {kind!r}")
             except (TimeoutError, TransportError, MessageError, asyncio.IncompleteReadError) as exc:
@@ -322,23 +436,29 @@ class PunchResponder:
         if conn is not None and self.on_connection is not None:
             self.on_connection(conn)
 
-    async def _punch_back(self, stream: Stream, peer: PeerID, targets: list[Multiaddr]) -> Any:
+    async def _punch_back(
+        self, stream: Stream, peer: PeerID, targets: list[Multiaddr], peer_symmetric: bool
+    ) -> Any:
         deadline = time.monotonic() + PUNCH_DEADLINE_S
         if not targets:
             raise PunchError(f"{peer.short()} sent no address to punch to")
         async with asyncio.timeout(PUNCH_DEADLINE_S):
             mapped, local_port, symmetric = await _mapping(self.stun_servers)
-            if symmetric:
+            if symmetric and peer_symmetric:
                 await write_message(stream, {"v": VERSION, "type": "connect", "addrs": [],
-                                             "reason": "symmetric NAT"})
-                raise PunchError("our NAT maps every destination to a new port (symmetric): no punch")
-            await write_message(stream, {"v": VERSION, "type": "connect", "addrs": [mapped.to_bytes()]})
+                                             "reason": BOTH_SYMMETRIC})
+                raise PunchError("both NATs map every destination to a new port: no punch", symmetric=True)
+            await write_message(stream, {"v": VERSION, "type": "connect", "addrs": [mapped.to_bytes()],
+                                         "symmetric": symmetric})
             sync = await read_message(stream, MAX_MESSAGE)
             if sync.get("type") != "sync":
                 raise PunchError(f"{peer.short()} sent {sync.get('type')!r} where SYNC belongs")
-            transport = await _open(local_port, targets, deadline, listen=True)
+            transport = await _establish(
+                local_port, symmetric, peer_symmetric, targets, deadline, listen=True
+            )
             conn = await attach(self.host, transport, initiator=False, expected=peer, path="tcp-punch")
-        log.info("hole punched to %s: %s", peer.short(), conn.remote_addr)
+        conn.punch_mode = _mode(symmetric, peer_symmetric)
+        log.info("hole punched to %s (%s): %s", peer.short(), conn.punch_mode, conn.remote_addr)
         return conn
 
     async def _ice_answer(self, stream: Stream, peer: PeerID, request: dict[str, Any]) -> Any:

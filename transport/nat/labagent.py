@@ -4,6 +4,7 @@ Run inside a lab namespace (`NatLab.spawn_python(ns, ["-m", "transport.nat.labag
 `{"event": "ready", ...}` once started, then answers one line per command:
 
     {"cmd": "connect", "peer": ID, "addrs": [...]}   -> {"event": "connected", "path", "connect_s", ...}
+    {"cmd": "upgrade", "peer": ID}                   -> the same, after one more punch if still relayed
     {"cmd": "send", "peer": ID, "bytes": N}          -> {"event": "sent", "mb_s", "path"}
     {"cmd": "report"}                                -> {"event": "report", "paths": [...]}
     {"cmd": "quit"}
@@ -83,6 +84,10 @@ async def _command(nat: NatService, line: str) -> bool:
             rtt = await nat.measure_rtt(peer)
             _emit({"event": "connected", **nat.paths[peer].as_dict(), "rtt_s": rtt,
                    "connect_s": info.connect_s})
+        elif kind == "upgrade":  # what the daemon's maintenance does for a partner still relayed
+            peer = PeerID.from_string(command["peer"])
+            info = await nat.upgrade(peer)
+            _emit({"event": "connected", **(info.as_dict() if info else {"path": None})})
         elif kind == "send":
             _emit(await _send(nat, PeerID.from_string(command["peer"]), int(command["bytes"])))
         elif kind == "report":

@@ -225,6 +225,8 @@ class NatService:
         conduit.prefer(self.host, conn)
         path = conduit.path_of(conn)
         how = {TCP_PUNCH: "TCP hole punch", ICE: "ICE (UDP)"}.get(path, "a direct dial (connection reversal)")
+        if getattr(conn, "punch_mode", None):
+            how += f" ({conn.punch_mode})"
         info = PathInfo(peer, path, f"{how} to {conn.remote_addr or 'the peer'} replaced the relay")
         if started is not None:
             info.connect_s = time.monotonic() - started

@@ -26,6 +26,7 @@ netem, so links can be rate-limited (`tc tbf`) but not delayed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -70,6 +71,23 @@ def unavailable_reason() -> str | None:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         return f"the NAT lab needs {', '.join(missing)}: apt-get install -y iproute2 nftables"
+    return _probe_namespaces()
+
+
+@functools.cache
+def _probe_namespaces() -> str | None:
+    """Root is not enough in some containers (no CAP_SYS_ADMIN, no nf_tables): try once, for real."""
+    name = f"nlprobe{os.getpid() % 100000}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot create a network namespace here: {made.stderr.strip()}"
+    try:
+        nft = subprocess.run(["ip", "netns", "exec", name, "nft", "-f", "-"], input="table ip probe {}\n",
+                             capture_output=True, text=True)
+        if nft.returncode != 0:
+            return f"nftables does not work in a namespace here: {nft.stderr.strip()}"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
     return None
 
 
@@ -188,7 +206,8 @@ class NatLab:
             self._ip(site.router_ns, "addr", "add", f"{site.gateway_ip}/24", "dev", "lan")
             self._ip(site.host_ns, "addr", "add", f"{site.host_ip}/24", "dev", "eth0")
             self._ip(site.host_ns, "route", "add", "default", "via", site.gateway_ip)
-            self.exec(site.router_ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            # /proc/sys of the router's namespace, through sh: slim images lack the sysctl tool.
+            self.exec(site.router_ns, ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
             self.sites.append(site)
             self.set_nat(index, nat_type)
         log.info("NAT lab %s up: %s", self.prefix, ", ".join(self.nat_types))

@@ -185,13 +185,23 @@ class RunState:
         return {k: v[2] for k, v in sorted(best.items())}
 
     def admitted(self, key: bytes) -> bool:
-        """Admission rule from the config: {"open": true} (the default) or {"keys": [hex, ...]}."""
-        if key == self.creator or key in self.delegates():
-            return True
-        rule = self._cached("admission", lambda: self._config().get("admission") or {"open": True})
+        """Admission rule from the config: {"open": true} (the default) or {"keys": [hex, ...]}.
+        The creator and its delegates are always admitted."""
+        open_, allowed = self._cached("admission", self._admission)
+        return open_ or key in allowed
+
+    def _admission(self) -> tuple[bool, frozenset[bytes]]:
+        rule = self._config().get("admission") or {"open": True}
+        writers = {self.creator, *self.delegates()}
         if not isinstance(rule, dict):
-            return False
-        return rule.get("open") is True or key.hex() in (rule.get("keys") or [])
+            return False, frozenset(writers)
+        keys = rule.get("keys") or []
+        listed = (
+            {bytes.fromhex(h) for h in keys if isinstance(h, str) and _is_key_hex(h)}
+            if isinstance(keys, list)
+            else set()
+        )
+        return rule.get("open") is True, frozenset(writers | listed)
 
     def checkpoints(self) -> list[Checkpoint]:
         out = []
@@ -415,8 +425,8 @@ class RunState:
             self.limiter.strike(sender, now, str(exc))
             return []
         if isinstance(msg, wire.AntiEntropy):
-            docs, proofs, records = self._digests()
-            dh, rh = self._hashes()
+            _, _, dh, d_blob, p_blob = self._doc_digest()
+            _, rh, r_blob, _ = self._record_digest()
             if dh == msg.docs_hash and rh == msg.records_hash:
                 return []
             differ = dh != msg.docs_hash
@@ -424,9 +434,9 @@ class RunState:
                 self._send(
                     sender,
                     wire.Digest(
-                        docs if differ else None,
-                        proofs if differ else None,
-                        records if rh != msg.records_hash else None,
+                        d_blob if differ else None,
+                        p_blob if differ else None,
+                        r_blob if rh != msg.records_hash else None,
                         True,
                     ),
                 )
@@ -615,29 +625,41 @@ class RunState:
     # --- anti-entropy --------------------------------------------------------------------------------
 
     def _digests(self) -> tuple[list, list, list]:
-        return self._memo(
-            "digests", (self._docs_version, self._records_version, self._run_version), self._compute_digests
-        )
+        """(documents, proofs, records): the state vector of this replica, as compared by anti-entropy."""
+        docs, proofs = self._doc_digest()[:2]
+        return docs, proofs, self._record_digest()[0]
 
     def _hashes(self) -> tuple[bytes, bytes]:
         """Hashes of my document and record digests, as sent in the first anti-entropy message."""
+        return self._doc_digest()[2], self._record_digest()[1]
 
-        def compute() -> tuple[bytes, bytes]:
-            docs, proofs, records = self._digests()
-            return _hash(docs, proofs), _hash(records)
+    def _doc_digest(self) -> tuple[list, list, bytes, bytes, bytes]:
+        """Documents and proofs, their hash and their packed blobs; cached until they change."""
 
-        return self._memo("hashes", (self._docs_version, self._records_version, self._run_version), compute)
+        def compute() -> tuple[list, list, bytes, bytes, bytes]:
+            # Only what this replica would serve: documents of keys that may write them.
+            docs = sorted(
+                (k, o[:KEY_ID_BYTES], r.gen, r.seq, r.head[:8].ljust(8, b"\0"))
+                for (k, o), r in self.docs.items()
+                if self._authorized(k, o)
+            )
+            proofs = sorted(o[:KEY_ID_BYTES] for o in self.proofs)
+            d_blob, p_blob = wire._pack(docs, wire.DOC_ITEM), wire._pack(proofs, wire.PROOF_ITEM)
+            h = hashlib.blake2b(d_blob + b"|" + p_blob, digest_size=16).digest()
+            return docs, proofs, h, d_blob, p_blob
 
-    def _compute_digests(self) -> tuple[list, list, list]:
-        # Only what this replica would serve: documents and records of keys that may write them.
-        docs = sorted(
-            (k, o[:KEY_ID_BYTES], r.gen, r.seq, r.head[:8].ljust(8, b"\0"))
-            for (k, o), r in self.docs.items()
-            if self._authorized(k, o)
-        )
-        proofs = sorted(o[:KEY_ID_BYTES] for o in self.proofs)
-        records = sorted((o[:KEY_ID_BYTES], r.counter) for o, r in self.records.items() if self.admitted(o))
-        return docs, proofs, records
+        return self._memo("doc_digest", (self._docs_version, self._run_version), compute)
+
+    def _record_digest(self) -> tuple[list, bytes, bytes, dict[bytes, int]]:
+        """Records (key id, counter), their hash, packed blob and a lookup; cached until they change."""
+
+        def compute() -> tuple[list, bytes, bytes, dict[bytes, int]]:
+            mine = {o[:KEY_ID_BYTES]: r.counter for o, r in self.records.items() if self.admitted(o)}
+            records = sorted(mine.items())
+            blob = wire._pack(records, wire.REC_ITEM)
+            return records, hashlib.blake2b(blob, digest_size=16).digest(), blob, mine
+
+        return self._memo("record_digest", (self._records_version, self._run_version), compute)
 
     def _prune(self) -> None:
         """After the admission rule or the delegates changed: forget what may no longer be written."""
@@ -683,21 +705,20 @@ class RunState:
             )
         if d.records is not None:
             theirs_rec = dict(d.records)
-            for owner, rec in sorted(self.records.items()):
-                if theirs_rec.get(owner[:KEY_ID_BYTES], -1) < rec.counter:
-                    records.append(rec)
-            mine = {o[:KEY_ID_BYTES]: r.counter for o, r in self.records.items()}
+            records = [r for o, r in self.records.items() if theirs_rec.get(o[:KEY_ID_BYTES], -1) < r.counter]
+            mine = self._record_digest()[3]
             lacking = lacking or any(mine.get(o, -1) < c for o, c in theirs_rec.items())
         out = self._push_to(sender, entries, records, proofs, rumour=False)
         if d.want_reply and lacking:
-            docs, own_proofs, recs = self._digests()
+            _, _, _, d_blob, p_blob = self._doc_digest()
+            r_blob = self._record_digest()[2]
             out.append(
                 self._send(
                     sender,
                     wire.Digest(
-                        docs if d.docs is not None else None,
-                        own_proofs if d.docs is not None else None,
-                        recs if d.records is not None else None,
+                        d_blob if d.docs is not None else None,
+                        p_blob if d.docs is not None else None,
+                        r_blob if d.records is not None else None,
                         False,
                     ),
                 )
@@ -841,20 +862,6 @@ def _skip_bad(fn: Callable[[], Any]) -> Any:
         log.warning("runstate: skipped a damaged item of the saved state: %s", exc)
         return False
     return True if result is None else result
-
-
-def _hash(*parts: list) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    for p in parts:
-        for item in p:
-            h.update(
-                b"".join(
-                    x if isinstance(x, bytes) else x.to_bytes(8, "big")
-                    for x in (item if isinstance(item, tuple) else (item,))
-                )
-            )
-        h.update(b"\xff")
-    return h.digest()
 
 
 def _is_key_hex(h: str) -> bool:

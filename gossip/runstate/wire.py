@@ -35,9 +35,10 @@ class AntiEntropy:
 
 @dataclass(frozen=True, slots=True)
 class Digest:
-    docs: list[tuple[int, bytes, int, int, bytes]] | None
-    proofs: list[bytes] | None
-    records: list[tuple[bytes, int]] | None
+    # Decoded: lists; to encode, lists or the packed blobs themselves.
+    docs: list[tuple[int, bytes, int, int, bytes]] | bytes | None
+    proofs: list[bytes] | bytes | None
+    records: list[tuple[bytes, int]] | bytes | None
     want_reply: bool
 
 
@@ -58,9 +59,9 @@ def encode(msg: Message) -> bytes:
     elif isinstance(msg, Digest):
         body = {
             "t": "sv",
-            "d": None if msg.docs is None else b"".join(DOC_ITEM.pack(*d) for d in msg.docs),
-            "p": None if msg.proofs is None else b"".join(msg.proofs),
-            "r": None if msg.records is None else b"".join(REC_ITEM.pack(*r) for r in msg.records),
+            "d": _pack(msg.docs, DOC_ITEM),
+            "p": _pack(msg.proofs, PROOF_ITEM),
+            "r": _pack(msg.records, REC_ITEM),
             "x": msg.want_reply,
         }
     else:
@@ -73,6 +74,13 @@ def encode(msg: Message) -> bytes:
         }
     body["v"] = VERSION
     return msgpack.packb(body)
+
+
+def _pack(items: Any, item: struct.Struct) -> bytes | None:
+    """A digest as sent: None, an already packed blob (a sender caches its own), or a list of tuples."""
+    if items is None or isinstance(items, bytes):
+        return items
+    return b"".join(item.pack(*(x if isinstance(x, tuple) else (x,))) for x in items)
 
 
 def _blob(v: Any, item: struct.Struct, what: str) -> list[tuple] | None:

@@ -19,6 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from bench.convergence.jobs import SYNC, job, job_init, run_method, sim_config
+from bench.convergence.runs import OutOfTime
 from bench.convergence.sim import Batches, initial_weights
 from peer.worker.data import load_stdlib_corpus
 
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="processes, one torch thread each (default 2)")
     args = parser.parse_args(argv)
     mode_name = args.mode or "quick"
-    budget = args.budget or {"full": FULL_BUDGET_S, "sweep": SWEEP_BUDGET_S}.get(mode_name, QUICK_BUDGET_S)
+    budgets = {"full": FULL_BUDGET_S, "sweep": SWEEP_BUDGET_S, "scaling": SWEEP_BUDGET_S}
+    budget = args.budget or budgets.get(mode_name, QUICK_BUDGET_S)
     seeds = args.seeds or (3 if mode_name == "full" else 1)
     start = time.time()
     deadline = start + budget
@@ -239,6 +241,7 @@ def scaling(args: argparse.Namespace, deadline: float) -> int:
     methods = (
         tuple(args.methods.split(",")) if args.methods else tuple(m for m in QUICK_METHODS if m not in SYNC)
     )
+    job_init()
     table: dict[int, dict[str, float]] = {}
     for peers in SCALING_PEERS:
         # 8 one-step rounds of batch 1: gossip reaches its steady state at R <= 32 (log2 R rounds).
@@ -256,13 +259,21 @@ def scaling(args: argparse.Namespace, deadline: float) -> int:
         n_params = sum(t.numel() for t in init.values())
         table[peers] = {}
         for name in methods:
-            res = run_method(name, cfg, batches, init, deadline)
+            try:
+                res = run_method(name, cfg, batches, init, deadline)
+            except OutOfTime:
+                print(f"R={peers}: wall-clock guard reached; stopping here", flush=True)
+                return _write_scaling(args, table)
             table[peers][name] = res.bytes_per_peer_per_round
         print(
             f"R={peers:3d} bits/param sent per peer per round: "
             + "  ".join(f"{m} {b * 8 / n_params:.3f}" for m, b in table[peers].items()),
             flush=True,
         )
+    return _write_scaling(args, table)
+
+
+def _write_scaling(args: argparse.Namespace, table: dict) -> int:
     if args.json:
         args.json.write_text(json.dumps({"bytes_per_peer_per_round": table}, indent=1))
     return 0

@@ -372,6 +372,12 @@ class RunState:
         self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
         return self._push([], [rec], rumour=False)
 
+    def announce(self) -> list[Outgoing]:
+        """Push my documents to a few peers at once (after joining or restarting) instead of waiting
+        for anti-entropy to carry them."""
+        mine = [e for (_, o), r in sorted(self.docs.items()) if o == self.me for e in r.entries]
+        return self._push(mine, [], rumour=True)
+
     def add_peers(self, keys: Iterable[bytes]) -> None:
         """Peers to gossip with besides known members (for example the DHT's providers for the run)."""
         for k in keys:

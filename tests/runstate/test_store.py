@@ -36,6 +36,9 @@ def test_restart_keeps_state_and_keeps_writing(tmp_path):
     assert own.read()["member"]["round"] == 41
     assert new.config() == {"lr": 0.1}
     assert {m.key for m in new.members(s.now)} == {x.me for x in s.states}
+    announced = new.announce()
+    assert announced and all(o.dest != new.me for o in announced)
+    s.do(2, announced)
     s.do(2, new.set_round(42))
     assert s.settle()
     for x in s.states:

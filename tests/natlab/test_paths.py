@@ -135,3 +135,18 @@ async def test_a_private_peer_reserves_on_every_relay_and_publishes_each():
         assert published == {str(a) for a in addrs}
         for service in (*relays, nat_b):
             await service.close()
+
+
+async def test_connecting_to_a_peer_that_already_reached_us_reuses_its_connection():
+    async with nat_peers(punch=False) as (nat_a, nat_b):
+        a_id, b_id = nat_a.host.peer_id, nat_b.host.peer_id
+        assert (await nat_b.connect(a_id, nat_a.addrs())).path == RELAY
+        for _ in range(300):  # the stop side registers the circuit as its handshake completes
+            if a_id in nat_b.paths and b_id in nat_a.paths:
+                break
+            await asyncio.sleep(0.01)
+        assert nat_a.paths[b_id].path == RELAY and "through a relay" in nat_a.paths[b_id].reason
+        info = await nat_a.connect(b_id, nat_b.addrs())
+        assert info.path == RELAY
+        assert len([c for c in nat_a.host._all_conns if path_of(c) == RELAY]) == 1
+        assert await echo_through(nat_a.host, b_id)

@@ -101,7 +101,8 @@ class NatService:
         self.paths: dict[PeerID, PathInfo] = {}
         self._stun: stun.StunResponder | None = None
         self.relay_service: relay.RelayService | None = None
-        self._stop = relay.StopHandler(host)
+        self._stop = relay.StopHandler(host, self._relayed_by_peer)
+        self._locks: dict[PeerID, asyncio.Lock] = {}
         self._autonat = reachability.AutoNatServer(host)
         stun_servers = list(config.stun_servers)
         self._punch = holepunch.PunchResponder(
@@ -150,11 +151,25 @@ class NatService:
     # ------------------------------------------------------------------ connecting
 
     async def connect(self, peer: PeerID, addrs: list[Multiaddr | str]) -> PathInfo:
-        """The best path to `peer` among `addrs` (its published addresses); TransportError if none works."""
+        """The best path to `peer` among `addrs` (its published addresses); TransportError if none works.
+
+        Calls for one peer run one at a time, and a connection that already exists (the peer may have
+        dialed us first, as both partners of a round do) is kept rather than duplicated."""
+        lock = self._locks.setdefault(peer, asyncio.Lock())
+        async with lock:
+            return await self._connect(peer, addrs)
+
+    async def _connect(self, peer: PeerID, addrs: list[Multiaddr | str]) -> PathInfo:
         started = time.monotonic()
         current = conduit.connection_to(self.host, peer)
-        if current is not None and peer in self.paths:
-            return self.paths[peer]
+        if current is not None:
+            info = self.paths.get(peer)
+            if info is None or info.path != conduit.path_of(current):
+                info = self._set(peer, conduit.path_of(current), "already connected", started)
+            if info.path == RELAY and self.config.punch and info.last_attempt == float("-inf"):
+                info.last_attempt = time.monotonic()
+                await self.upgrade(peer, started)
+            return self.paths.get(peer, info)
         parsed = [Multiaddr.parse(a) for a in addrs]
         direct = [a for a in parsed if relay.split_circuit_addr(a) is None]
         relayed = [a for a in parsed if relay.split_circuit_addr(a) is not None]
@@ -216,6 +231,11 @@ class NatService:
         info.reason = f"no punch worked ({'; '.join(failures) or 'none enabled'}); staying relayed"
         log.info("path to %s stays relayed: %s", peer.short(), info.reason)
         return info
+
+    def _relayed_by_peer(self, conn: Any) -> None:
+        peer = conn.remote_peer_id
+        if conduit.connection_to(self.host, peer) is conn:  # no better path to this peer yet
+            self._set(peer, RELAY, "the peer reached us through a relay", time.monotonic()).connect_s = None
 
     def _punched_by_peer(self, conn: Any) -> None:
         self._switch(conn.remote_peer_id, conn, None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -302,9 +303,10 @@ async def dial_relayed(host: Host, addr: Multiaddr | str) -> Any:
 class StopHandler:
     """Accepts circuits from the relays this peer holds reservations at (others are refused)."""
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, on_connection: Callable[[Any], None] | None = None) -> None:
         self.host = host
         self.relays: set[PeerID] = set()
+        self.on_connection = on_connection
         host.set_stream_handler(STOP_PROTOCOL, self._serve)
 
     async def _serve(self, stream: Stream) -> None:
@@ -326,4 +328,6 @@ class StopHandler:
             self.host, StreamTransport(stream, "relay"), initiator=False, expected=source, path="relay"
         )
         log.info("accepted a relayed connection from %s via %s", source.short(), relay.short())
+        if self.on_connection is not None:
+            self.on_connection(conn)
         await conn.closed  # the circuit lives as long as this handler: Host.close() cancels both

@@ -5,6 +5,7 @@
 #   docker/engine.sh start     # prints `export DOCKER_HOST=...` and `export COMPOSE=...` lines to eval
 #   docker/engine.sh stop      # stops the engine by its PID and restores the host as it was at start
 #   docker/engine.sh env       # prints the export lines again
+#   docker/engine.sh purge     # stop, then delete SHOAL_DOCKER_WORK: cached images, compose, logs
 #
 # SHOAL_DOCKER_WORK (default /var/lib/shoal-docker) holds the engine's data root (images stay cached
 # between runs), its socket, its PID file, its log and the host baseline taken at start.
@@ -161,9 +162,19 @@ stop() {
 	say "stopped; host restored"
 }
 
+purge() {
+	stop
+	if grep -q " $WORK/" /proc/mounts; then
+		die "something is still mounted under $WORK; not deleting it"
+	fi
+	rm -rf "$WORK"
+	say "deleted $WORK"
+}
+
 case ${1:-} in
 start) start ;;
 stop) stop ;;
 env) print_env ;;
-*) die "usage: $0 start|stop|env" ;;
+purge) purge ;;
+*) die "usage: $0 start|stop|env|purge" ;;
 esac

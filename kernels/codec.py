@@ -165,6 +165,7 @@ def torch_select(e: torch.Tensor, lay: TileLayout, quantized: bool) -> Selection
 SelectFn = Callable[[torch.Tensor, TileLayout, bool], Selection]
 
 
+@torch.no_grad()  # deltas may come straight from parameters that require grad
 def encode(
     deltas: Mapping[str, torch.Tensor],
     error_feedback: MutableMapping[str, torch.Tensor],

@@ -154,6 +154,12 @@ def test_non_finite_delta_is_refused() -> None:
         encode(delta, {}, CodecConfig())
 
 
+def test_deltas_that_require_grad_are_accepted() -> None:
+    delta = torch.randn(64, 64, requires_grad=True)
+    update = decode(encode({"w": delta}, {}, EXACT), expected_of({"w": delta}))
+    assert torch.equal(update["w"].dense(), delta.detach())
+
+
 def test_half_precision_deltas_are_accepted() -> None:
     deltas = {"w": torch.randn(64, 128).to(torch.bfloat16)}
     ef: dict[str, torch.Tensor] = {}

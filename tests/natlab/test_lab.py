@@ -10,7 +10,16 @@ import time
 
 import pytest
 
-from transport.nat.lab import NAT_TYPES, PUBLIC_IP, PUBLIC_IP_2, TURN_PORT, NatLab, unavailable_reason
+from transport.nat.lab import (
+    NAT_TYPES,
+    PUBLIC_IP,
+    PUBLIC_IP_2,
+    TURN_PASSWORD,
+    TURN_PORT,
+    TURN_USER,
+    NatLab,
+    unavailable_reason,
+)
 from transport.nat.labpair import STUN_PORT, run_pair, start_relay
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
@@ -114,6 +123,17 @@ def test_ice_alone_gets_through_two_port_restricted_nats_with_the_secure_channel
     result = run_pair(lab, relay, transfer_bytes=1 << 20, methods="ice")
     assert result.connected and result.path == "ice", result.reason
     assert result.mb_s and result.mb_s > 0
+
+
+def test_ice_through_coturn_joins_two_symmetric_nats(lab, relay):
+    if subprocess.run(["which", "turnserver"], capture_output=True).returncode:
+        pytest.skip("coturn is not installed (apt-get install -y coturn)")
+    lab.start_coturn()  # a second coturn fails to bind and exits; the first keeps serving
+    lab.set_nat(0, "symmetric")
+    lab.set_nat(1, "symmetric")
+    turn = f"{PUBLIC_IP}:{TURN_PORT}:{TURN_USER}:{TURN_PASSWORD}"
+    result = run_pair(lab, relay, transfer_bytes=256 << 10, methods="ice", turn=turn, retry_upgrade=False)
+    assert result.connected and result.path == "ice", result.reason
 
 
 def test_lab_leaves_no_namespace_behind():

@@ -108,6 +108,7 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--serve-relay", action="store_true")
     parser.add_argument("--no-punch", action="store_true")
     parser.add_argument("--punch-methods", default="tcp,ice", help="comma-separated, tried in order")
+    parser.add_argument("--turn", action="append", default=[], help="TURN server ip:port:user:password")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
@@ -117,6 +118,8 @@ async def main(argv: list[str] | None = None) -> None:
         relays=tuple(Multiaddr.parse(r) for r in args.relay), stun_servers=stun_servers,
         serve_stun_port=args.serve_stun, serve_relay=args.serve_relay, punch=not args.no_punch,
         punch_methods=tuple(m for m in args.punch_methods.split(",") if m),
+        turn_servers=tuple((ip, int(port), user, password)
+                           for ip, port, user, password in (t.split(":", 3) for t in args.turn)),
     )
     async with await Host.create(generate_key(), [args.listen]) as host:
         host.set_stream_handler(SINK_PROTOCOL, _sink)

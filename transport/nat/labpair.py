@@ -112,7 +112,7 @@ def start_relay(lab: NatLab) -> Agent:
 
 def start_private(
     lab: NatLab, index: int, relay: Agent, *, punch: bool = True, wait: bool = True,
-    methods: str = "tcp,ice",
+    methods: str = "tcp,ice", turn: str | None = None,
 ) -> Agent:
     relay_addr = f"/ip4/{PUBLIC_IP}/tcp/{RELAY_PORT}/p2p/{relay.peer}"
     # Two STUN addresses (one responder on both): a symmetric NAT shows itself by two different ports.
@@ -121,19 +121,22 @@ def start_private(
     if not punch:
         args.append("--no-punch")
     args += ["--punch-methods", methods]
+    if turn:
+        args += ["--turn", turn]
     return Agent(lab, lab.sites[index].host_ns, args, f"site{index}", wait=wait)
 
 
 def run_pair(
-    lab: NatLab, relay: Agent, transfer_bytes: int, methods: str = "tcp,ice", *, retry_upgrade: bool = True
+    lab: NatLab, relay: Agent, transfer_bytes: int, methods: str = "tcp,ice", *, retry_upgrade: bool = True,
+    turn: str | None = None,
 ) -> PairResult:
     """Peers behind sites 0 and 1 of `lab`: site 0 connects to site 1 and sends `transfer_bytes`.
 
     With `retry_upgrade`, a pair still relayed after connecting gets one more punch, as the daemon's
     maintenance would give it a minute later (port prediction misses about one time in fifty)."""
     a_type, b_type = lab.sites[0].nat_type, lab.sites[1].nat_type
-    a = start_private(lab, 0, relay, wait=False, methods=methods)
-    b = start_private(lab, 1, relay, wait=False, methods=methods)
+    a = start_private(lab, 0, relay, wait=False, methods=methods, turn=turn)
+    b = start_private(lab, 1, relay, wait=False, methods=methods, turn=turn)
     try:
         a.wait_ready()  # both start at once: their reachability checks overlap
         b.wait_ready()

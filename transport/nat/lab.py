@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -225,6 +226,7 @@ class NatLab:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self._namespaces.clear()
         self.sites.clear()
+        self._coturn_pidfile.unlink(missing_ok=True)
 
     def _existing_namespaces(self) -> list[str]:
         out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -293,8 +295,12 @@ class NatLab:
             "--listening-ip", PUBLIC_IP_2, "--relay-ip", PUBLIC_IP, "--listening-port", str(port),
             "--lt-cred-mech", "--user", f"{TURN_USER}:{TURN_PASSWORD}", "--realm", "shoal.lab",
             "--min-port", "49152", "--max-port", "49999", "--no-stdout-log", "--log-file", "/dev/null",
-            "--pidfile", f"/tmp/{self.prefix}-turnserver.pid",
+            "--pidfile", str(self._coturn_pidfile),
         ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    @property
+    def _coturn_pidfile(self) -> Path:
+        return Path(tempfile.gettempdir()) / f"{self.prefix}-turnserver.pid"
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
         _stop(proc)

@@ -66,9 +66,10 @@ def decode(unary: bytes | memoryview, low: bytes | memoryview, n: int, r: int) -
     """Gaps from the two streams, or None when the unary stream does not hold exactly n codes
     (or has bits set after the last one). Lengths must have been checked by the caller."""
     bits = np.unpackbits(np.frombuffer(unary, np.uint8))
-    ones = np.flatnonzero(bits)
-    if ones.size != n:
+    # Count before listing: a hostile all-ones stream must not make a position array 8x its size.
+    if np.count_nonzero(bits) != n:
         return None
+    ones = np.flatnonzero(bits)
     q = np.diff(ones, prepend=-1) - 1
     return (q << r) | unpack_bits(low, n, r)
 

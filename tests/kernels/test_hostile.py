@@ -217,3 +217,21 @@ def test_hostile_lengths_do_not_allocate() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20
+
+
+def test_all_ones_unary_stream_is_rejected_within_the_model_size() -> None:
+    header, body = _split(_payload("entropy"))
+    entry = header["tensors"][0]
+    n, numel = 24 * 64, 128 * 192
+    old_index_len = entry[7] + (n * entry[4] + 7) // 8
+    longest = (n + numel + 7) // 8  # the largest unary stream the parser accepts for r = 0
+    entry[4], entry[7] = 0, longest
+    payload = _join(header, b"\xff" * longest + body[old_index_len:])
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match="unary"):
+            decode(payload, EXPECTED)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * numel  # less than the model tensor's own fp32 bytes

@@ -7,6 +7,7 @@ without root; `test_lab.py` repeats it through real NAT routers.
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 
 from transport.host import Host
@@ -35,7 +36,9 @@ async def nat_peers(*, a_listens=False, punch=True):
         relay = NatService(relay_host, serving)
         await relay.start()
         relay_addr = relay_host.listen_addrs[0].with_peer_id(relay_host.peer_id)
-        config = NatConfig(relays=(relay_addr,), stun_servers=(("127.0.0.1", relay.stun_port),), punch=punch)
+        # ICE stays off on loopback: its host candidates would be this machine's own interfaces.
+        config = NatConfig(relays=(relay_addr,), stun_servers=(("127.0.0.1", relay.stun_port),), punch=punch,
+                           punch_methods=("tcp",))
         nat_a, nat_b = NatService(a, config), NatService(b, config)
         await asyncio.gather(nat_a.start(), nat_b.start())
         b.set_stream_handler("/echo/1", echo)
@@ -149,4 +152,16 @@ async def test_connecting_to_a_peer_that_already_reached_us_reuses_its_connectio
         info = await nat_a.connect(b_id, nat_b.addrs())
         assert info.path == RELAY
         assert len([c for c in nat_a.host._all_conns if path_of(c) == RELAY]) == 1
+        assert await echo_through(nat_a.host, b_id)
+
+
+async def test_a_failed_punch_falls_back_to_the_relay_without_hanging():
+    async with nat_peers() as (nat_a, nat_b):
+        # No STUN server answers: neither side can learn its mapping, so the punch fails fast.
+        for nat in (nat_a, nat_b):
+            nat.config = dataclasses.replace(nat.config, stun_servers=(("127.0.0.1", 9),))
+            nat._punch.stun_servers = [("127.0.0.1", 9)]
+        b_id = nat_b.host.peer_id
+        info = await nat_a.connect(b_id, nat_b.addrs())
+        assert info.path == RELAY and "no punch worked" in info.reason
         assert await echo_through(nat_a.host, b_id)

@@ -114,3 +114,11 @@ async def test_stop_side_refuses_circuits_from_relays_it_did_not_reserve_at():
         addr = circuit_addr(service.host.listen_addrs[0], service.host.peer_id, b.peer_id)
         with pytest.raises(RelayError, match="refused the circuit"):
             await dial_relayed(a, addr)
+
+
+async def test_circuit_is_cut_when_its_duration_is_over():
+    async with relay_and_two(RelayLimits(circuit_duration_s=0.5)) as (service, a, b, stop):
+        addr = await reserved_addr(b, stop, service.host)
+        conn = await dial_relayed(a, addr)
+        await asyncio.wait_for(conn.closed, 10)  # the relay resets the circuit; the connection ends
+        assert service.circuits_cut == 1

@@ -140,7 +140,7 @@ def test_non_finite_raw_values_are_rejected() -> None:
 
 def test_fixed12_indices_beyond_the_tile_are_rejected() -> None:
     header, body = _split(_payload("fixed12"))
-    # "w" is first: 24 tiles of 64x64, k = 64; its first 3 bytes hold its first two positions.
+    # "w" is first: 6 tiles of 64x64, k = 64; its first 3 bytes hold its first two positions.
     bad = bytes([0xFF, 0xFF, 0xFF]) + body[3:]
     with pytest.raises(CodecError, match=r"strictly increasing|beyond"):
         decode(_join(header, bad), EXPECTED)
@@ -167,10 +167,10 @@ def test_plane_exceptions_beyond_the_tensor_are_rejected() -> None:
     header, body = _split(_payload("entropy"))
     planes = header["tensors"][0][8]
     assert planes is not None and planes[1] == [1, 0, 0, 0]  # Gaussian deltas: the low plane is all ones
-    # Claim one exception at gap 2**20 (Rice r = 20, unary "1", low bits 0): far beyond the 1536 values.
+    # Claim one exception at gap 2**20 (Rice r = 20, unary "1", low bits 0): far beyond the 384 values.
     header["tensors"][0][8] = [[], [1, 20, 1, 1]]
-    index_len = header["tensors"][0][7] + (1536 * header["tensors"][0][4] + 7) // 8
-    hi_len = (1536 + 7) // 8
+    index_len = header["tensors"][0][7] + (384 * header["tensors"][0][4] + 7) // 8
+    hi_len = (384 + 7) // 8
     bad = body[: index_len + hi_len] + b"\x80" + b"\xff\xff\xf0" + body[index_len + hi_len :]
     with pytest.raises(CodecError, match="bit plane"):
         decode(_join(header, bad), EXPECTED)
@@ -222,7 +222,7 @@ def test_hostile_lengths_do_not_allocate() -> None:
 def test_all_ones_unary_stream_is_rejected_within_the_model_size() -> None:
     header, body = _split(_payload("entropy"))
     entry = header["tensors"][0]
-    n, numel = 24 * 64, 128 * 192
+    n, numel = 6 * 64, 128 * 192  # "w": 2 x 3 tiles of 64 x 64, 64 kept in each
     old_index_len = entry[7] + (n * entry[4] + 7) // 8
     longest = (n + numel + 7) // 8  # the largest unary stream the parser accepts for r = 0
     entry[4], entry[7] = 0, longest

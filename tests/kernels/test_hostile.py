@@ -132,7 +132,7 @@ def test_non_finite_codebooks_are_rejected(side: bytes) -> None:
 
 def test_non_finite_raw_values_are_rejected() -> None:
     header, body = _split(_payload("fixed12", quantize=False))
-    # The value section of the last tensor ("b": one 67-entry tile, k = 1) ends the body: 4 bytes of fp32.
+    # The value section of the last tensor ("b", 67 = prime: 67 one-entry tiles) ends the body in fp32.
     bad = body[:-4] + np.array([np.nan], "<f4").tobytes()
     with pytest.raises(CodecError, match="NaN or Inf"):
         decode(_join(header, bad), EXPECTED)

@@ -123,6 +123,68 @@ class Swarm:
         return events
 
 
+PROBE_PORT = 4800  # a throwaway listener in the bootstrap container, beside the peer's 4701
+PROBE_SOURCE_PORT = 40001  # NATed peers dial from this port; EIM keeps it, symmetric replaces it
+# argv: how many connections, port
+OBSERVER = """
+import socket, sys
+server = socket.create_server(("0.0.0.0", int(sys.argv[2])))
+server.settimeout(60)
+for _ in range(int(sys.argv[1])):
+    connection, (host, port) = server.accept()
+    print(host, port, connection.recv(64).decode(), flush=True)
+    connection.close()
+"""
+# argv: target host, target port, source port, a name to send
+DIALER = """
+import socket, sys, time
+for attempt in range(30):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(sys.argv[3])))
+    try:
+        s.connect((sys.argv[1], int(sys.argv[2])))
+        s.sendall(sys.argv[4].encode())
+        break
+    except OSError:  # the listener may not be up yet
+        s.close()
+        time.sleep(0.5)
+"""
+
+
+def _address_on(swarm: Swarm, container: str, network: str) -> str:
+    template = '{{(index .NetworkSettings.Networks "' + f"{PROJECT}_{network}" + '").IPAddress}}'
+    return _sh("docker", "inspect", "--format", template, container, env=swarm.env).strip()
+
+
+def _observed_sources(swarm: Swarm, observer: str, dialers: list[str]) -> dict[str, tuple[str, int]]:
+    """Each dialer connects from PROBE_SOURCE_PORT to a listener in `observer`; returns the source
+    address the listener saw for each: what the dialer's NAT mapped it to."""
+    target = _address_on(swarm, observer, "public")
+    env = {**os.environ, **swarm.env}
+    listener = subprocess.Popen(
+        ["docker", "exec", observer, "python3", "-c", OBSERVER, str(len(dialers)), str(PROBE_PORT)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        for dialer in dialers:
+            args = (target, str(PROBE_PORT), str(PROBE_SOURCE_PORT), dialer)
+            _sh("docker", "exec", dialer, "python3", "-c", DIALER, *args, env=swarm.env, timeout=60)
+        out, err = listener.communicate(timeout=60)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+    seen = {}
+    for line in out.splitlines():
+        host, port, name = line.split()
+        seen[name] = (host, int(port))
+    assert set(seen) == set(dialers), f"listener saw {out!r} {err!r}"
+    return seen
+
+
 def _rounds(events: list[dict]) -> list[dict]:
     return [e for e in events if e.get("event") == "round"]
 
@@ -203,6 +265,17 @@ def test_compose_swarm_with_nat_routers_trains_and_tears_down_cleanly():
             table = _sh("docker", "exec", router, "nft", "list", "table", "ip", "shoal_nat", env=env)
             masquerade = next(line for line in table.splitlines() if "masquerade" in line)
             assert " packets 0 " not in masquerade, f"{router}: nothing was NATed: {masquerade}"
+        # the routers map as their kind says: one keeps the source port, the other picks a random one
+        mapped = _observed_sources(
+            swarm, bootstrap, [c for c, s in peers.items() if s in ("peer-eim", "peer-sym")]
+        )
+        routers = {s: _address_on(swarm, c, "public") for c, s in names.items() if s.startswith("router-")}
+        for container, (host, port) in mapped.items():
+            kind = peers[container].removeprefix("peer-")
+            assert host == routers[f"router-{kind}"], f"{container} reached the public side as {host}"
+            assert (port == PROBE_SOURCE_PORT) == (kind == "eim"), (
+                f"{kind} NAT mapped port {PROBE_SOURCE_PORT}->{port}"
+            )
         # public peers swap with each other
         outcomes = {c: Counter(r["outcome"].split(":")[0] for r in _rounds(swarm.events(c))) for c in peers}
         assert any(outcomes[c]["swapped"] for c, s in peers.items() if s in ("bootstrap", "peer"))
@@ -224,6 +297,13 @@ def test_compose_swarm_with_nat_routers_trains_and_tears_down_cleanly():
             "setup_s": round(setup_seconds, 1),
             "total_s": round(time.monotonic() - started, 1),
             "outcomes": {peers[c] + "/" + c: dict(v) for c, v in outcomes.items()},
+            "nat_mapping": {peers[c]: f"{PROBE_SOURCE_PORT}->{p}" for c, (_, p) in mapped.items()},
+            "skips": Counter(
+                re.sub(r"12D3\w+", "PEER", r["outcome"])
+                for c in peers
+                for r in _rounds(swarm.events(c))
+                if r["outcome"] != "swapped"
+            ),
         }
         print("compose swarm:", json.dumps(summary))
     finally:

@@ -155,7 +155,7 @@ def torch_select(e: torch.Tensor, lay: TileLayout, quantized: bool) -> Selection
         flat = torch.zeros(0, dtype=torch.int64, device=e.device)
     else:
         positions, flat = _select_tensor(e, lay)
-    values = e.view(-1)[flat]
+    values = e.view(-1).index_select(0, flat)
     q = None
     if quantized and bool(torch.isfinite(values).all()):
         q = quantize(values.cpu().numpy().reshape(-1, lay.k))
@@ -219,7 +219,7 @@ def encode(
             sent = values.cpu().numpy()
             value_bytes, side = sent.astype("<f4").tobytes(), b""
         e_flat = e.view(-1)
-        e_flat[flat] = values - torch.from_numpy(sent).to(e.device)
+        e_flat.index_copy_(0, flat, values - torch.from_numpy(sent).to(e.device))
         coding, rice_r, index_bytes, unary_len = _index_section(positions, config.index_coding)
         entries.append(
             TensorEntry(

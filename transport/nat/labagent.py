@@ -26,6 +26,7 @@ from typing import Any
 from ..host import Host, Stream
 from ..identity import PeerID, generate_key
 from ..multiaddr import Multiaddr
+from .conduit import connection_to, path_of
 from .paths import NatConfig, NatService
 
 SINK_PROTOCOL = "/shoal/natlab/sink/1.0.0"
@@ -54,7 +55,7 @@ async def _send(nat: NatService, peer: PeerID, nbytes: int) -> dict[str, Any]:
     if not 0 < nbytes <= MAX_SEND_BYTES:
         raise ValueError(f"send size {nbytes} outside 1..{MAX_SEND_BYTES}")
     stream = await nat.host.new_stream(peer, SINK_PROTOCOL)
-    path = getattr(stream._conn, "path", "direct")
+    path = path_of(connection_to(nat.host, peer))  # the connection new streams to `peer` use
     chunk = bytes(SEND_CHUNK)
     started = time.perf_counter()
     left = nbytes

@@ -134,6 +134,7 @@ def test_ice_through_coturn_joins_two_symmetric_nats(lab, relay):
     turn = f"{PUBLIC_IP}:{TURN_PORT}:{TURN_USER}:{TURN_PASSWORD}"
     result = run_pair(lab, relay, transfer_bytes=256 << 10, methods="ice", turn=turn, retry_upgrade=False)
     assert result.connected and result.path == "ice", result.reason
+    assert "through TURN" in result.reason  # two symmetric NATs: only a TURN relay candidate can work
 
 
 def test_lab_leaves_no_namespace_behind():

@@ -149,7 +149,24 @@ class DataChannelTransport(asyncio.Transport):
         self._connection_lost(None)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return "ice" if name == "shoal_path" else default
+        if name == "shoal_path":
+            return "ice"
+        if name == "ice_pair":
+            return selected_pair(self._pc)
+        return default
+
+
+def selected_pair(pc: Any) -> str | None:
+    """"local-type -> remote-type (remote address)" of the pair ICE nominated, e.g. "host -> srflx
+    (203.0.113.12:40000)"; a "relay" on either side means the path runs through TURN. Read from aioice's
+    internals (aiortc does not expose it), so None when they change."""
+    try:
+        connection = pc.sctp.transport.transport._connection
+        pair = connection._nominated.get(1)
+        local, remote = pair.local_candidate, pair.remote_candidate
+        return f"{local.type} -> {remote.type} ({remote.host}:{remote.port})"
+    except (AttributeError, TypeError):
+        return None
 
 
 async def offer(servers: IceServers) -> tuple[Any, Any, str]:

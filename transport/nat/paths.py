@@ -247,6 +247,9 @@ class NatService:
         how = {TCP_PUNCH: "TCP hole punch", ICE: "ICE (UDP)"}.get(path, "a direct dial (connection reversal)")
         if getattr(conn, "punch_mode", None):
             how += f" ({conn.punch_mode})"
+        pair = conn.transport.get_extra_info("ice_pair") if conn.transport is not None else None
+        if pair:
+            how += f" (pair {pair}{', through TURN' if 'relay' in pair else ''})"
         info = PathInfo(peer, path, f"{how} to {conn.remote_addr or 'the peer'} replaced the relay")
         if started is not None:
             info.connect_s = time.monotonic() - started

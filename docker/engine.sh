@@ -171,10 +171,13 @@ purge() {
 	say "deleted $WORK"
 }
 
-case ${1:-} in
-start) start ;;
-stop) stop ;;
-env) print_env ;;
-purge) purge ;;
-*) die "usage: $0 start|stop|env|purge" ;;
-esac
+# sourced (tests/docker drives save_baseline and stop in a scratch network namespace): functions only
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+	case ${1:-} in
+	start) start ;;
+	stop) stop ;;
+	env) print_env ;;
+	purge) purge ;;
+	*) die "usage: $0 start|stop|env|purge" ;;
+	esac
+fi

@@ -1,6 +1,6 @@
 """NAT traversal in the NAT lab: every pair of NAT types, the path that won, time to connect, throughput.
 
-    sudo python -m bench.natlab --json PATH [--bytes 16777216] [--repeats 1] [--rate 20mbit]
+    sudo python -m bench.natlab --json PATH [--bytes 16777216] [--repeats 1] [--rate 20mbit] [--delay-ms 12.5]
 
 Builds the lab (`transport/nat/lab.py`: network namespaces, a public segment with a relay/STUN peer, two
 private networks behind nftables NAT routers), then for every ordered pair of NAT types (a initiates to
@@ -12,7 +12,9 @@ gets one more punch (the daemon retries a minute later); `upgraded_later` marks 
 
 Baseline in the same run: kernel TCP with no Shoal layer (no Noise, no yamux, no relay) from the private
 host behind router 0 to the public segment, through the same NAT, same size; each pair's `ratio_vs_tcp`
-is its throughput over that. Needs root; prints why and exits 2 otherwise.
+is its throughput over that. `--delay-ms D` puts a delay line on each router's uplink (this kernel has no
+netem; `transport/nat/labdelay.py` copies frames in Python, so it also caps throughput at a few MB/s):
+private-to-private RTT 4D, private-to-relay 2D. Needs root; prints why and exits 2 otherwise.
 """
 
 from __future__ import annotations
@@ -69,9 +71,9 @@ def tcp_baseline(lab: NatLab, size: int) -> float:
         lab.stop(sink)
 
 
-def run(size: int, repeats: int, rate: str | None) -> dict[str, Any]:
+def run(size: int, repeats: int, rate: str | None, delay_ms: float) -> dict[str, Any]:
     pairs: list[dict[str, Any]] = []
-    with NatLab(list(NAT_TYPES[:2])) as lab:
+    with NatLab(list(NAT_TYPES[:2]), delay_ms=delay_ms) as lab:
         if rate:
             for index in range(len(lab.sites)):
                 lab.shape(index, rate)
@@ -97,6 +99,7 @@ def run(size: int, repeats: int, rate: str | None) -> dict[str, Any]:
         "pairs": pairs,
         "bytes": size,
         "rate": rate,
+        "delay_ms_per_uplink": delay_ms,
         "baseline_tcp_mb_s": round(baseline, 1),
         "connect_s_p50": round(statistics.median(connect_times), 3) if connect_times else None,
         "all_connected": all(p["connected"] for p in pairs),
@@ -111,6 +114,7 @@ def main() -> None:
     parser.add_argument("--bytes", type=int, default=16 << 20, help="transfer size per pair (16 MiB)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per pair (for the connect-time p50)")
     parser.add_argument("--rate", default=None, help="tbf rate limit at each router, e.g. 20mbit")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay on each router's uplink")
     args = parser.parse_args()
     reason = unavailable_reason()
     if reason:
@@ -123,7 +127,7 @@ def main() -> None:
     signal.signal(signal.SIGALRM, _guard)
     signal.alarm(WALL_CLOCK_GUARD_S)
     started = time.monotonic()
-    result = run(args.bytes, args.repeats, args.rate)
+    result = run(args.bytes, args.repeats, args.rate, args.delay_ms)
     signal.alarm(0)
     result["wall_s"] = round(time.monotonic() - started, 1)
     print(f"connected: {result['all_connected']}, relayed only where allowed: "

@@ -4,6 +4,8 @@ The lab's NAT types are checked first (so a broken lab cannot pass for working N
 peers in separate processes behind them connect the way the path policy says they should.
 """
 
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -135,6 +137,17 @@ def test_ice_through_coturn_joins_two_symmetric_nats(lab, relay):
     result = run_pair(lab, relay, transfer_bytes=256 << 10, methods="ice", turn=turn, retry_upgrade=False)
     assert result.connected and result.path == "ice", result.reason
     assert "through TURN" in result.reason  # two symmetric NATs: only a TURN relay candidate can work
+
+
+@pytest.mark.skipif(shutil.which("ethtool") is None, reason="a delayed lab needs ethtool (apt-get)")
+def test_punches_time_their_syns_across_a_50_ms_round_trip():
+    with NatLab(["eim-apdf", "symmetric"], delay_ms=12.5, prefix=f"nd{os.getpid() % 10000}") as slow:
+        relay = start_relay(slow)
+        for b in ("symmetric", "eim-apdf"):
+            slow.set_nat(1, b)
+            result = run_pair(slow, relay, transfer_bytes=256 << 10)
+            assert result.connected and result.path == "tcp-punch", result.reason
+            assert result.rtt_s is not None and result.rtt_s >= 0.05  # the delay line really delays
 
 
 def test_lab_leaves_no_namespace_behind():

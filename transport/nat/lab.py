@@ -29,6 +29,7 @@ import contextlib
 import functools
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -156,6 +157,9 @@ class NatLab:
     """Builds the lab on `up()` and removes every namespace and process it made on `down()`."""
 
     nat_types: Sequence[str]
+    # One-way delay on each router's uplink (a `labdelay` process per site): two private peers see an
+    # RTT of 4x this, a private peer and the relay 2x.
+    delay_ms: float = 0.0
     prefix: str = field(default_factory=lambda: f"nl{os.getpid() % 100000}")
     sites: list[Site] = field(default_factory=list)
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -201,8 +205,11 @@ class NatLab:
             self._add_ns(site.host_ns)
             port = f"r{index}"
             self._veth("wan", site.router_ns, port, pub)
-            self._ip(pub, "link", "set", port, "master", "br0")
             self._veth("lan", site.router_ns, "eth0", site.host_ns)
+            if self.delay_ms > 0:
+                self._delay_line(index, port)
+            else:
+                self._ip(pub, "link", "set", port, "master", "br0")
             self._ip(site.router_ns, "addr", "add", f"{site.wan_ip}/{PUBLIC_PREFIX}", "dev", "wan")
             self._ip(site.router_ns, "addr", "add", f"{site.gateway_ip}/24", "dev", "lan")
             self._ip(site.host_ns, "addr", "add", f"{site.host_ip}/24", "dev", "eth0")
@@ -212,6 +219,31 @@ class NatLab:
             self.sites.append(site)
             self.set_nat(index, nat_type)
         log.info("NAT lab %s up: %s", self.prefix, ", ".join(self.nat_types))
+
+    def _delay_line(self, index: int, port: str) -> None:
+        """router wan <-> `port` ~ labdelay ~ q<i> <-> b<i> on the bridge, with segmentation and checksum
+        offload off: the delay line copies frames one by one, so it cannot send a 64 KiB GSO frame out
+        again, and a frame whose checksum the sender left to "hardware" would arrive with a bad one."""
+        if shutil.which("ethtool") is None:
+            raise LabError("a delayed lab needs ethtool (apt-get install -y ethtool) to turn offloads off")
+        pub = self.pub_ns
+        near, far = f"q{index}", f"b{index}"
+        self._veth(near, pub, far, pub)
+        self._ip(pub, "link", "set", far, "master", "br0")
+        for ns, dev in ((pub, port), (pub, near), (pub, far), (pub, "br0"),
+                        (self.sites_ns(index)[0], "wan"), (self.sites_ns(index)[0], "lan")):
+            self._ip(ns, "link", "set", dev, "gso_max_segs", "1")
+            self.exec(ns, ["ethtool", "-K", dev, "tx", "off", "gso", "off", "tso", "off"], check=False)
+        for dev in (port, near):
+            self._ip(pub, "link", "set", dev, "promisc", "on")
+        line = self.spawn_python(pub, ["-m", "transport.nat.labdelay", port, near, str(self.delay_ms)],
+                                 stdout=subprocess.PIPE)
+        ready, _, _ = select.select([line.stdout], [], [], COMMAND_TIMEOUT_S)
+        if not ready or not line.stdout.readline().startswith(b"ready"):  # type: ignore[union-attr]
+            raise LabError(f"the delay line on {port} did not start")
+
+    def sites_ns(self, index: int) -> tuple[str, str]:
+        return f"{self.prefix}-r{index}", f"{self.prefix}-h{index}"
 
     def down(self) -> None:
         """Stop our processes, then any left in our namespaces, then delete the namespaces."""

@@ -74,8 +74,18 @@ def unpack_bits(data: bytes | memoryview, n: int, width: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`: ``n`` values (int64) from exactly ``packed_bits_len(n, width)`` bytes."""
     if width == 0 or n == 0:
         return np.zeros(n, np.int64)
-    bits = np.unpackbits(np.frombuffer(data, np.uint8), count=n * width).reshape(n, width)
+    raw = np.frombuffer(data, np.uint8)
+    if width <= 9:
+        # Common case (Rice remainders): each value lies within the two bytes at its bit offset.
+        offsets = np.arange(n, dtype=np.int64) * width
+        first = offsets >> 3
+        padded = np.concatenate([raw, np.zeros(2, np.uint8)])
+        word = (padded[first].astype(np.int64) << 8) | padded[first + 1]
+        return (word >> (16 - width - (offsets & 7))) & ((1 << width) - 1)
+    bits = np.unpackbits(raw, count=n * width).reshape(n, width)
+    # Each value's bits, left-aligned in whole bytes, read as one big-endian integer and shifted down.
+    packed = np.packbits(bits, axis=1)
     container = 8 if width > 32 else 4 if width > 16 else 2 if width > 8 else 1
-    padded = np.zeros((n, 8 * container), np.uint8)
-    padded[:, 8 * container - width :] = bits
-    return np.packbits(padded, axis=1).view(f">u{container}").reshape(n).astype(np.int64)
+    if packed.shape[1] != container:
+        packed = np.concatenate([packed, np.zeros((n, container - packed.shape[1]), np.uint8)], axis=1)
+    return (packed.view(f">u{container}").reshape(n) >> (8 * container - width)).astype(np.int64)

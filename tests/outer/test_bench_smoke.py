@@ -2,6 +2,8 @@
 
 import time
 
+import pytest
+
 from bench.convergence.__main__ import choose_default
 from bench.convergence.jobs import run_method, sim_config
 from bench.convergence.sim import Batches, initial_weights
@@ -10,6 +12,7 @@ from peer.worker.data import load_stdlib_corpus
 KEYS = {"eval_loss", "spread", "bytes_per_peer_per_round", "bits_per_param"}
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's SDPA fallback (see sim.py)
 def test_smoke_run_reports_every_key_and_sparse_gossip_sends_far_fewer_bytes_than_diloco():
     cfg = sim_config("smoke", 0)
     batches = Batches(load_stdlib_corpus(), cfg)

@@ -31,6 +31,7 @@ from peer.events import Events
 from peer.ipc import WorkerProcess
 from peer.keys import resolve_identity
 from peer.metrics import MetricsServer
+from peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of
 from peer.status import LogTail, StatusBoard
 from peer.worker.presets import peer_number
 from transport.errors import TransportError
@@ -101,6 +102,8 @@ class Daemon:
         self.config = config
         self.key, self.peer_id, self.state_dir = resolve_identity(config)
         self.host: Host | None = None
+        self.creator: str | None = None if config.bootstrap else self.peer_id  # the run's creator key
+        self.runstate: RunStateLink | None = None
         self.events = Events(self.peer_id, json_events)
         self.board = StatusBoard(self.peer_id, config.run_id)
         self.events.listeners.append(self.board.on_event)
@@ -168,13 +171,16 @@ class Daemon:
             stack.push_async_callback(self.worker.stop)
             stack.push_async_callback(self._leave)
             async with asyncio.TaskGroup() as group:
-                gossip = group.create_task(self._gossip_forever())
+                background = [group.create_task(self._gossip_forever())]
                 try:
                     await self._bootstrap()
+                    await self._start_runstate(stack)
+                    background.append(group.create_task(self.runstate.run_forever()))
                     await self._wait_for_peers()
                     return await self._drive_worker()
                 finally:
-                    gossip.cancel()
+                    for task in background:
+                        task.cancel()
         return 1  # not reached: the task group returns or raises
 
     async def _bootstrap(self) -> None:
@@ -217,6 +223,22 @@ class Daemon:
             if self.stopping.is_set():
                 return
             await asyncio.sleep(0.1)
+
+    async def _start_runstate(self, stack: contextlib.AsyncExitStack) -> None:
+        """The run's signed CRDT state: config (written by the creator), members, bans, checkpoints."""
+        if self.creator is None:
+            raise DaemonError("the bootstrap peer did not say who created the run; is it an older Shoal?")
+        self.runstate = RunStateLink(
+            self.host, self.key, self.config.run_id, self.creator, self.state_dir / "runstate",
+            self.membership.addr_of,
+        )  # fmt: skip
+        stack.push_async_callback(self.runstate.close)
+        self.host.set_stream_handler(RUNSTATE_PROTOCOL, self.runstate.serve)
+        self.runstate.add_peers([p for p in self.membership.live(asyncio.get_running_loop().time())])
+        self.runstate.change("set_member", addrs=[self.address], caps={"worker": "cpu"})
+        if self.creator == self.peer_id and not self.runstate.state.config():
+            self.runstate.change("set_config", {"run": self.config.run_id, **self.config.worker_dict()})
+        self.runstate.apply(self.runstate.state.announce())
 
     async def _refuse_a_twin(self, addresses: list[str]) -> None:
         """Refuses to run beside another live daemon of the run that uses our key (a copied key file)."""
@@ -301,6 +323,9 @@ class Daemon:
             seconds=round(seconds, 3),
             bits_per_param=round(8 * len(payload) / max(1, self.parameters), 3),
         )
+        if self.runstate is not None:
+            self.runstate.change("set_round", number)
+            self.runstate.state.set_metrics(train_loss=message.get("train_loss"), outcome=report.outcome[:40])
         if report.outcome == "swapped" or self.stopping.is_set():
             self.board.set_activity("training", f"training round {number + 1}")
         else:
@@ -465,11 +490,17 @@ class Daemon:
             )
             return False
         self._merge_members(reply.get("table"), loop.time())
+        creator = reply.get("creator")
+        if self.creator is None and isinstance(creator, str) and len(creator) < 128 and _is_peer_id(creator):
+            self.creator = creator
         return True
 
     def _merge_members(self, table: Any, now: float) -> None:
-        for peer in self.membership.merge(table, now):
+        new = self.membership.merge(table, now)
+        for peer in new:
             self.events.emit("peer_joined", partner=peer, address=self.membership.addr_of(peer))
+        if new and self.runstate is not None:
+            self.runstate.add_peers(new)
 
     async def _gossip_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -515,7 +546,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         if kind == "members":
             self._merge_members(request.get("table"), loop.time())
-            await write_message(writer, self._message("members", table=self.membership.table()))
+            reply = self._message("members", table=self.membership.table(), creator=self.creator)
+            await write_message(writer, reply)
         elif kind == "status":
             await write_message(writer, self._message("status", **self.book.status(_round_field(request))))
         elif kind == "offer":
@@ -576,3 +608,10 @@ async def _unless_stopped(coroutine: Any, stopping: asyncio.Event) -> bool:
         return False
     task.result()  # re-raise what the exchange raised
     return True
+
+
+def _is_peer_id(text: str) -> bool:
+    try:
+        return key_of(text) is not None
+    except ValueError:
+        return False

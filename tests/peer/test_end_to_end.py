@@ -6,11 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import torch
 
+from gossip.runstate import public_bytes
+from gossip.runstate import store as runstate_store
 from peer.worker.model import GPT, PRESETS
 from peer.worker.presets import peer_number
+from transport.identity import load_key_file
 
 from .conftest import REPO
 
@@ -74,3 +78,13 @@ def test_three_peers_learn_and_their_replicas_converge(tmp_path):
     # Each peer starts from its own random init; pairwise averaging pulls the replicas together.
     # (Trained apart, they would drift further from each other than they started.)
     assert spread_end < 0.7 * spread_start, (spread_start, spread_end)
+
+    # The run's signed CRDT state spread by gossip: every peer holds the creator's config and all members.
+    creator = public_bytes(load_key_file(tmp_path / "swarm" / "peer-0" / "key"))
+    for index in range(3):
+        folder = tmp_path / "swarm" / f"peer-{index}"
+        key = load_key_file(folder / "key")
+        state = runstate_store.load(folder / "runstate", key, b"e2e", creator, time.time())
+        assert state.config().get("run") == "e2e", (index, state.config())
+        members = state.members(time.time())
+        assert len(members) == 3 and all(m.round >= 1 for m in members), (index, members)

@@ -31,6 +31,7 @@ from peer.events import Events
 from peer.ipc import WorkerProcess
 from peer.keys import resolve_identity
 from peer.metrics import MetricsServer
+from peer.progress import progress_bar
 from peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of
 from peer.status import LogTail, StatusBoard
 from peer.worker.presets import peer_number
@@ -219,10 +220,13 @@ class Daemon:
         deadline = loop.time() + WAIT_PEERS_PATIENCE
         wanted = self.config.wait_peers
         self.board.set_activity("waiting", f"waiting for {wanted} peers to be known before the first round")
-        while len(self.membership.live(loop.time())) < self.config.wait_peers and loop.time() < deadline:
-            if self.stopping.is_set():
-                return
-            await asyncio.sleep(0.1)
+        with progress_bar("finding peers", wanted, enabled=not self.events.json_lines) as advance:
+            while (known := len(self.membership.live(loop.time()))) < wanted and loop.time() < deadline:
+                advance(known)
+                if self.stopping.is_set():
+                    return
+                await asyncio.sleep(0.1)
+            advance(known)
 
     async def _start_runstate(self, stack: contextlib.AsyncExitStack) -> None:
         """The run's signed CRDT state: config (written by the creator), members, bans, checkpoints."""

@@ -114,6 +114,8 @@ def test_pair_connects_on_the_expected_path_and_moves_data(lab, relay, a, b, pat
     lab.set_nat(0, a)
     lab.set_nat(1, b)
     result = run_pair(lab, relay, transfer_bytes=2 << 20)
+    # Dial-back verdicts: only a full-cone NAT forwards the relay's unsolicited dial to the peer.
+    assert result.reachability == tuple("public" if t == "eim-eif" else "private" for t in (a, b))
     assert result.connected, result.reason
     assert result.path in paths, f"{a}/{b} ended on {result.path}: {result.reason}"
     assert result.mb_s and result.mb_s > 0

@@ -20,6 +20,10 @@ Methods (research notes 2.1–2.4):
 * `pair-sparseloco`    V-B: partners apply the same contributor-mean of their two sparse messages, then pull
                        φ toward the pair mean on a rotating 1/F slice sent in `consensus_bits`.
 * `compressed-noloco`  V-C: NoLoCo with θ sent as a modulo-lattice code relative to the receiver's φ.
+                       The default (DEFAULT_METHOD): lowest loss of the three compositions at 4 bits/param,
+                       O(1) bytes in the number of peers. Its code only decodes against a nearby φ, so a peer
+                       that joins must first copy φ (and δ) from a partner (pitfall P13); a partner's step far
+                       above this peer's own is refused (MAX_STEP_RATIO).
 """
 
 from __future__ import annotations

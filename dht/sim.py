@@ -125,7 +125,7 @@ class Simulation:
     # --- nodes ------------------------------------------------------------------------------------
 
     def add_node(self, adversary: bool = False) -> SimNode:
-        key = Ed25519PrivateKey.generate()
+        key = Ed25519PrivateKey.from_private_bytes(self.rng.randbytes(32))  # seeded: runs repeat exactly
         n = len(self.nodes)
         ip = f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
         core = DHTCore(key, [f"/ip4/{ip}/tcp/4001"], rng=random.Random(self.rng.getrandbits(64)),

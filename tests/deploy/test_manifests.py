@@ -8,6 +8,7 @@ import os
 import re
 import stat
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -228,7 +229,7 @@ def test_identity_init_container_leaves_a_key_the_daemon_accepts(tmp_path):
     (tmp_path / "k8s").mkdir()
     (tmp_path / "k8s" / "kustomization.yaml").write_text((K8S / "kustomization.yaml").read_text())
     made = subprocess.run(
-        ["python", str(K8S / "make_keys.py"), "--dir", str(tmp_path / "k8s")],
+        [sys.executable, str(K8S / "make_keys.py"), "--dir", str(tmp_path / "k8s")],
         capture_output=True,
         text=True,
         check=True,
@@ -248,7 +249,7 @@ def test_identity_init_container_leaves_a_key_the_daemon_accepts(tmp_path):
     assert copied.read_bytes() == (keys_dir / "shoal-bootstrap-1.key").read_bytes()
     # a second run keeps the identities it made
     again = subprocess.run(
-        ["python", str(K8S / "make_keys.py"), "--dir", str(tmp_path / "k8s")],
+        [sys.executable, str(K8S / "make_keys.py"), "--dir", str(tmp_path / "k8s")],
         capture_output=True,
         text=True,
         check=True,

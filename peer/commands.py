@@ -100,12 +100,15 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
         }
 
     def dht(_: list[Any]) -> dict[str, Any]:
-        members = daemon.membership.members if daemon.membership else {}
+        node = daemon.dht
+        if node is None:
+            return {"note": "the DHT starts with the daemon"}
         return {
-            "available": False,
-            "note": "this build finds peers through its bootstrap peer and gossiped membership, not a DHT",
-            "routing_table_size": len(members),
-            "records_held": 0,
+            "node_id": node.core.contact.id.to_bytes(32, "big").hex()[:16],
+            "routing_table_size": len(node.core.table),
+            "records_held": len(node.core.store),
+            "run_announced": daemon.config.run_id,
+            "addresses": node.addrs,
         }
 
     def state(_: list[Any]) -> dict[str, Any]:

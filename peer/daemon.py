@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from dht.node import DHTNode
 from gossip.membership import Membership
 from gossip.rounds import payload as dense
 from gossip.rounds.pairing import partner_of
@@ -54,6 +55,9 @@ PROBE_INTERVAL = 0.5  # how often a waiting responder asks its partner how it is
 BOOTSTRAP_PATIENCE = 30.0  # seconds to keep trying the bootstrap addresses
 WAIT_PEERS_PATIENCE = 60.0
 ROUND_REPORTS_KEPT = 100
+DHT_TABLE_FILE = "dht-table.json"
+DHT_LOOKUP_TIMEOUT = 10.0
+DHT_LOOKUPS_BEFORE_STARTING = 2  # empty run lookups in a live DHT before a joiner starts the run itself
 
 
 class DaemonError(ShoalError):
@@ -105,6 +109,7 @@ class Daemon:
         self.host: Host | None = None
         self.creator: str | None = None if config.bootstrap else self.peer_id  # the run's creator key
         self.runstate: RunStateLink | None = None
+        self.dht: DHTNode | None = None
         self.events = Events(self.peer_id, json_events)
         self.board = StatusBoard(self.peer_id, config.run_id)
         self.events.listeners.append(self.board.on_event)
@@ -147,6 +152,11 @@ class Daemon:
             self.address = str(
                 Multiaddr.from_tcp(advertised_host(host), port, PeerID.from_string(self.peer_id))
             )
+            self.dht = await DHTNode.on_host(
+                self.host, self.key, bootstrap=list(self.config.bootstrap),
+                table_path=self.state_dir / DHT_TABLE_FILE, addrs=[self.address],
+            )  # fmt: skip
+            stack.push_async_callback(self.dht.close)
             loop = asyncio.get_running_loop()
             self.membership = Membership(
                 self.peer_id,
@@ -185,28 +195,37 @@ class Daemon:
         return 1  # not reached: the task group returns or raises
 
     async def _bootstrap(self) -> None:
+        """Finds the run's peers: through the bootstrap address itself when it is a peer of the run, else
+        through the DHT's provider records for the run. Without any address, this peer starts the run."""
+        run = self.config.run_id
         if not self.config.bootstrap:
-            log.info(
-                "[%s] started run %s; others join with: peer join --run %s --bootstrap %s",
-                self.peer_id,
-                self.config.run_id,
-                self.config.run_id,
-                self.join_address,
-            )
+            await self._announce()
+            log.info("[%s] started run %s; others join with: peer join --run %s --bootstrap %s",
+                     self.peer_id, run, run, self.join_address)  # fmt: skip
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + BOOTSTRAP_PATIENCE
-        delay = 0.2
-        self.board.set_activity("joining", f"contacting the bootstrap peer {self.config.bootstrap[0]}")
         ours = [a for a in self.config.bootstrap if f"/p2p/{self.peer_id}" in a]
         if ours:  # a bootstrap address with our own id: a copy of our key runs there, or nothing does
             await self._refuse_a_twin(ours)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BOOTSTRAP_PATIENCE
+        delay, lookups_without_peers = 0.2, 0
+        self.board.set_activity("joining", f"finding the peers of run {run} from {self.config.bootstrap[0]}")
         while not self.stopping.is_set():
-            for address in self.config.bootstrap:
+            found = await self._run_peers_in_dht()
+            lookups_without_peers = 0 if found else lookups_without_peers + 1
+            for address in [*self.config.bootstrap, *found]:
                 if await self._exchange_members(address):
-                    log.info("[%s] joined run %s through %s", self.peer_id, self.config.run_id, address)
+                    log.info("[%s] joined run %s through %s", self.peer_id, run, address)
                     await self._refuse_a_twin(sorted(self.membership.claims_of_self))
+                    await self._announce()
                     return
+            if len(self.dht.core.table) and lookups_without_peers >= DHT_LOOKUPS_BEFORE_STARTING:
+                # The network answers, and nobody announced this run in it: we are its first peer.
+                self.creator = self.peer_id
+                await self._announce()
+                log.info("[%s] no peer of run %s in the DHT; started it, others join with --bootstrap %s",
+                         self.peer_id, run, self.join_address)  # fmt: skip
+                return
             if loop.time() > deadline:
                 raise DaemonError(
                     f"no bootstrap address answered within {BOOTSTRAP_PATIENCE:.0f}s: "
@@ -214,6 +233,28 @@ class Daemon:
                 )
             await asyncio.sleep(delay)
             delay = min(2.0, delay * 2)
+
+    async def _run_peers_in_dht(self) -> list[str]:
+        """Addresses of the run's peers from the DHT's provider records (ours excluded)."""
+        try:
+            async with asyncio.timeout(DHT_LOOKUP_TIMEOUT):
+                providers = await self.dht.find_run_peers(self.config.run_id)
+        except (TimeoutError, ShoalError) as error:
+            log.info("[%s] DHT lookup of run %s failed: %s", self.peer_id, self.config.run_id, error)
+            return []
+        return [addrs[0] for _, addrs in providers if addrs]
+
+    async def _announce(self) -> None:
+        """Provider record for the run in the DHT, republished by the DHT node until we leave."""
+        try:
+            async with asyncio.timeout(DHT_LOOKUP_TIMEOUT):
+                stored = await self.dht.announce_run(self.config.run_id, [self.address])
+        except (TimeoutError, ShoalError) as error:
+            log.warning(
+                "[%s] could not announce run %s in the DHT yet: %s", self.peer_id, self.config.run_id, error
+            )
+            return
+        log.info("[%s] announced in the DHT (%d nodes hold the record)", self.peer_id, stored)
 
     async def _wait_for_peers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -255,6 +296,8 @@ class Daemon:
     async def _leave(self) -> None:
         """Tells a few peers we are leaving, so that nobody pairs with us again."""
         self.board.set_activity("stopping", "leaving the run and stopping the worker")
+        if self.dht is not None:
+            self.dht.withdraw_run(self.config.run_id)
         if self.membership is None:
             return
         self.membership.leave()

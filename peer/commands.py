@@ -46,8 +46,8 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
         last = daemon.reports[-1] if daemon.reports else None
         return {
             **board,
-            # No NAT detection yet (transport/nat): a peer reports the address it listens on.
-            "reachability": "direct (listening on its own address; NAT detection not available yet)",
+            # The NAT layer (transport/nat) is not wired into the daemon yet: say so rather than guess.
+            "reachability": "unknown (no NAT detection in this daemon yet): others dial " + daemon.address,
             "partner": current.partner if current else (last.partner if last else None),
             "path": "direct TCP" if (current and current.partner) or (last and last.partner) else None,
             "bits_per_param": _bits_per_param(daemon),

@@ -562,6 +562,13 @@ class Daemon:
             others = sorted(live - {self.peer_id})
             if others:
                 await self._exchange_members(self.membership.addr_of(random.choice(others)))
+            else:
+                # Alone: everyone may have been presumed dead while we (or they) were busy, e.g. loading
+                # torch. Knock on the bootstrap peers and the members we gave up on, so a split heals.
+                known = [m.addr for m in self.membership.members.values() if m.peer_id != self.peer_id]
+                candidates = [*self.config.bootstrap, *known]
+                if candidates:
+                    await self._exchange_members(random.choice(candidates))
             self.membership.forget_dead(now)
             await asyncio.sleep(self.config.gossip_interval * random.uniform(0.8, 1.2))
 
@@ -606,6 +613,11 @@ class Daemon:
         number, payload = _round_field(request), request.get("payload")
         if not isinstance(payload, bytes):
             raise MessageError("offer without a payload")
+        if not self.spec:  # our worker has not said what the model looks like yet
+            await write_message(
+                writer, self._message("refuse", reason="not ready: the model is still loading")
+            )
+            return
         try:
             dense.decode(payload, self.spec)
         except dense.PayloadError as error:

@@ -170,6 +170,7 @@ class DHTNode:
         self._tasks: set[asyncio.Task] = set()
         self._main: asyncio.Task | None = None
         self._join_task: asyncio.Task | None = None
+        self._bootstrap: list[str] = []  # configured addresses, tried again whenever no contact answers
         self._transport: TCPTransport | None = None
         self._host: Host | None = None  # closed with the node only when the node created it
         self._rng = random.Random()
@@ -233,6 +234,7 @@ class DHTNode:
     async def _begin(self, bootstrap: list[str]) -> None:
         """Reach the seeds, then finish joining in the background: the node serves and routes (through
         its seeds) as soon as one answered; the self-lookup fills its table meanwhile (`joined()`)."""
+        self._bootstrap = list(bootstrap)
         await self._ping_seeds(bootstrap)
         self._join_task = asyncio.create_task(self._self_lookup())
         self._main = asyncio.create_task(self._maintain())
@@ -496,6 +498,8 @@ class DHTNode:
             await asyncio.sleep(MAINTENANCE_S)
             now = time.time()
             self.core.store.expire(now)
+            if self._bootstrap and not any(self.core.table.is_fresh(c) for c in self.core.table.contacts()):
+                await self.join(self._bootstrap)  # cut off (our link, or every contact left): start over
             for i in self.core.table.stale_buckets(now, REFRESH_S)[:MAX_REFRESH_PER_PASS]:
                 target = self.core.table.random_id_in_bucket(i, self._rng).to_bytes(KEY_BYTES, "big")
                 await self._run_query(self.core.query(FIND_NODE, target))

@@ -17,7 +17,9 @@ K = 20  # bucket size and replication factor, the paper's k (section 2.2)
 REPLACEMENTS = K  # per-bucket replacement cache, bounded like the bucket (section 4.1)
 MAX_ADDRS = 8  # addresses kept per contact: enough for direct + relayed, not a memory sink
 MAX_ADDR_LEN = 256  # a multiaddr with a relay hop fits in well under this
-FAILS_TO_EVICT = 2  # one lost datagram must not evict a good contact; two failures in a row do
+FAILS_TO_EVICT = 2  # one lost message must not evict a good contact; two failures in a row do, when a
+# replacement is waiting (paper, section 4.1: otherwise stale contacts are only flagged, so that a node
+# whose own link went down, or whose only contact is its bootstrap node, does not void its table)
 REFRESH_S = 3600.0  # bucket refresh interval, the paper's hour (section 2.3)
 
 
@@ -105,8 +107,13 @@ class RoutingTable:
             return
         self._evict(b, contact.id)
 
+    def is_fresh(self, contact: Contact) -> bool:
+        """Whether `contact`'s last RPC did not fail (a stale one is kept only for want of a replacement)."""
+        i = bucket_index(self.own, contact.id)
+        return i >= 0 and contact.id in self._buckets[i].live and not self._buckets[i].fails.get(contact.id)
+
     def failed(self, contact: Contact) -> None:
-        """An RPC to `contact` failed; evict it after FAILS_TO_EVICT failures in a row."""
+        """An RPC to `contact` failed; after FAILS_TO_EVICT in a row it makes way for a replacement."""
         i = bucket_index(self.own, contact.id)
         if i < 0:
             return
@@ -116,7 +123,7 @@ class RoutingTable:
             return
         n = b.fails.get(contact.id, 0) + 1
         b.fails[contact.id] = n
-        if n >= FAILS_TO_EVICT:
+        if n >= FAILS_TO_EVICT and b.replacements:
             self._evict(b, contact.id)
 
     def _evict(self, b: _Bucket, cid: int) -> None:

@@ -340,8 +340,9 @@ class Simulation:
         node.alive = False
 
     def _churn_join(self) -> None:
+        bootstrap = self.rng.choice(self.alive_honest())  # chosen before the newcomer exists
         node = self.add_node(adversary=self.rng.random() < self.cfg.adversarial)
-        self.join(node, self.rng.choice(self.alive_honest()))
+        self.join(node, bootstrap)
 
     def _random_lookup(self, values: list[tuple[bytes, int]], runs: list[tuple[bytes, set[bytes]]]) -> None:
         node = self.rng.choice(self.alive_honest())

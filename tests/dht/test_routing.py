@@ -75,6 +75,16 @@ def test_repeated_failures_evict_and_promote_replacement() -> None:
     assert victim not in table and cs[K] in table
 
 
+def test_a_failing_contact_without_replacement_is_kept() -> None:
+    # Paper 4.1: a node whose link went down, or whose only contact is its bootstrap, keeps its table.
+    table = RoutingTable(b"me")
+    only = contact()
+    table.update(only, 0.0)
+    for _ in range(5):
+        table.failed(only)
+    assert only in table and len(table) == 1
+
+
 def test_stale_buckets_and_refresh_targets() -> None:
     table = RoutingTable(b"me")
     for c in same_bucket_contacts(table, 254, 3):

@@ -20,7 +20,7 @@ Methods (research notes 2.1–2.4):
 * `pair-sparseloco`    V-B: partners apply the same contributor-mean of their two sparse messages, then pull
                        φ toward the pair mean on a rotating 1/F slice sent in `consensus_bits`.
 * `compressed-noloco`  V-C: NoLoCo with θ sent as a modulo-lattice code relative to the receiver's φ.
-                       The default (DEFAULT_METHOD): lowest loss of the three compositions at 4 bits/param,
+                       The default (DEFAULT_METHOD): lowest loss of the three compositions at 3 bits/param,
                        O(1) bytes in the number of peers. Its code only decodes against a nearby φ, so a peer
                        that joins must first copy φ (and δ) from a partner (pitfall P13); a partner's step far
                        above this peer's own is refused (MAX_STEP_RATIO).
@@ -111,8 +111,8 @@ TUNED: dict[str, dict] = {
     "gossip-sparseloco": {"lr": 1.75},  # 1.75: 2.443; 2.5: 2.474; 3.5: 2.546
     # F=2: 2.369 (4.5 bits/param); F=1: 2.369 (8.7); F=8: 2.425 (1.3); 4-bit lattice consensus F=2: 2.507
     "pair-sparseloco": {"lr": 1.0, "consensus_every": 2},
-    # 8-bit lattice: 2.289; 4-bit: 2.293 (half the bytes for the same loss)
-    "compressed-noloco": {"lr": noloco.DEFAULT_BETA, "momentum": noloco.DEFAULT_ALPHA, "lattice_bits": 4},
+    # lattice bits/range: 8/3: 2.289; 4/3: 2.293; 3/3: 2.298; 4/1.5: 2.367; 3/1.5: 2.368; 2/3: 2.518 (wraps)
+    "compressed-noloco": {"lr": noloco.DEFAULT_BETA, "momentum": noloco.DEFAULT_ALPHA, "lattice_bits": 3},
 }
 # The composition with the lowest measured loss, ties within 1 % to the fewest bytes (bench.convergence).
 DEFAULT_METHOD = "compressed-noloco"

@@ -86,6 +86,12 @@ def main() -> None:
     "--shard", default=None, metavar="INDEX/COUNT", help="Train on this shard of the data, e.g. 0/4."
 )
 @click.option(
+    "--method",
+    default=None,
+    help="Outer method: default (the convergence benchmark's choice), compressed-noloco, noloco, "
+    "pair-sparseloco. Every peer of a run must use the same one.",
+)
+@click.option(
     "--exchange-timeout", type=float, default=None, help="Seconds to wait for a partner each round."
 )
 @click.option(
@@ -117,6 +123,7 @@ def join(
     batch_size,
     lr,
     shard,
+    method,
     exchange_timeout,
     threads,
     key,
@@ -144,6 +151,7 @@ def join(
                 "lr": lr,
                 "shard": parse_shard(shard) if shard else None,
                 "exchange_timeout": exchange_timeout,
+                "method": method,
                 "threads": threads,
                 "metrics": metrics,
                 "key": key,

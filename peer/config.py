@@ -45,9 +45,8 @@ class PeerConfig:
     eval_windows: int = 64
     seed: int = 0
     threads: int = 0  # torch CPU threads in the worker; 0: torch's default
-    # Outer step (NoLoCo on the fast weights: the partner's and ours are averaged)
-    outer_momentum: float = 0.5
-    outer_lr: float = 0.7
+    # The outer method (gossip/outer): "default" is the one bench/convergence chose; its tuned values apply.
+    method: str = "default"
     # Network
     exchange_timeout: float = 30.0  # seconds a peer waits for its partner in one round
     gossip_interval: float = 1.0
@@ -78,7 +77,7 @@ class PeerConfig:
         """The fields the training worker needs, as plain values for the control channel."""
         names = (
             *("model", "inner_steps", "batch_size", "lr", "warmup_steps", "total_steps", "weight_decay"),
-            *("eval_windows", "seed", "threads", "outer_momentum", "outer_lr", "data", "rounds"),
+            *("eval_windows", "seed", "threads", "method", "data", "rounds"),
         )
         values = {name: getattr(self, name) for name in names}
         values["shard"] = list(self.shard) if self.shard else None

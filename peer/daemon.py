@@ -122,6 +122,7 @@ class Daemon:
         self.membership: Membership | None = None
         self.worker: WorkerProcess | None = None
         self.spec: list[tuple[str, tuple[int, ...]]] = []
+        self.method = ""  # the outer method, as the worker resolved it
         self.max_offer_bytes = CONTROL_MESSAGE_LIMIT
         self.address = ""
         self.stopping = asyncio.Event()
@@ -310,7 +311,9 @@ class Daemon:
     async def _drive_worker(self) -> int:
         worker = self.worker
         settings = self.config.worker_dict()
-        settings["init_seed"] = peer_number(f"{self.config.run_id}/{self.peer_id}", 2**31)
+        # Every replica starts from the same weights (the run's seed); each reads its own data order.
+        settings["init_seed"] = peer_number(f"{self.config.run_id}/init", 2**31)
+        settings["data_seed"] = peer_number(f"{self.config.run_id}/{self.peer_id}", 2**31)
         settings["peer_id"] = self.peer_id
         self.board.set_activity("starting", "loading the model and data in the worker")
         checkpoint = str(self.state_dir / "checkpoint.pt")
@@ -322,6 +325,7 @@ class Daemon:
                 if kind == "hello":
                     worker.attach(message)
                     self.spec = [(name, tuple(shape)) for name, shape in message["spec"]]
+                    self.method = str(message["method"])
                     self.max_offer_bytes = dense.max_payload_bytes(self.spec) + PAYLOAD_SLACK
                     self.parameters = int(message["parameters"])
                     if message.get("round"):  # resumed from a checkpoint
@@ -451,7 +455,7 @@ class Daemon:
             or not isinstance(reply.get("payload"), bytes)
         ):
             raise MessageError(f"unexpected answer to an offer: type {reply.get('type')!r}")
-        dense.decode(reply["payload"], self.spec)
+        dense.check_message(reply["payload"], self.method, self.spec)
         report.payload = reply["payload"]
         report.outcome = "swapped"
 
@@ -619,7 +623,7 @@ class Daemon:
             )
             return
         try:
-            dense.decode(payload, self.spec)
+            dense.check_message(payload, self.method, self.spec)
         except dense.PayloadError as error:
             log.warning("[%s] round %d: refused the payload of %s: %s", self.peer_id, number, sender, error)
             await write_message(writer, self._message("refuse", reason=f"invalid payload: {error}"))

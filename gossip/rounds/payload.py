@@ -1,114 +1,75 @@
-"""The walking skeleton's round payload: every tensor dense, little-endian float32.
+"""What the daemon checks in a partner's round message before it reaches the worker.
 
-Layout: a 4-byte big-endian header length, a msgpack header `{"v": 1, "format": "dense-f32",
-"tensors": [[name, [dims...]], ...]}`, then the tensors' values back to back. The SparseLoCo codec
-(kernels/codec.py) replaces this on the wire; the validation rules below (shape against the model,
-exact length, finite values) stay the same for any payload: nothing reaches the weights unchecked.
+A message is the outer method's envelope (gossip/outer/wire.py). The daemon knows the model's tensor
+names and shapes (from its worker) and the run's method, so it can refuse, with a log line and before
+anything is copied into the worker's shared memory: an oversized or undecodable envelope, another
+method or version, a tensor list that does not match the model, byte counts that do not fit the
+shapes, non-finite values or steps, and codec payloads that fail the codec's own hostile-safe decoder.
+What only the weights can tell (a lattice code decoded against our own slow weights) the worker checks.
 """
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Sequence
 
-import msgpack
 import numpy as np
+import torch
 
+from gossip.outer.wire import MessageError, unpack
+from kernels.codec import CodecError
+from kernels.codec import decode as decode_sparse
 from kernels.errors import ShoalError
 
-VERSION = 1
-FORMAT = "dense-f32"
-HEADER_LENGTH = struct.Struct(">I")
-MAX_HEADER_BYTES = 1 << 20  # names and shapes of a model: far below a megabyte
-MAX_TENSORS = 10_000
-MAX_DIMS = 8
-
-TensorSpec = Sequence[tuple[str, tuple[int, ...]]]  # the model's tensors, in a fixed order
+TensorSpec = Sequence[tuple[str, tuple[int, ...]]]  # the model's tensors
+DENSE_METHODS = ("diloco", "noloco")
+LATTICE_METHODS = ("compressed-noloco",)
+ENVELOPE_SLACK = 1 << 20  # msgpack framing, names and side information around the tensor bytes
 
 
 class PayloadError(ShoalError):
-    """A round payload is malformed, does not match the model, or carries non-finite values."""
+    """A round message is malformed, belongs to another method, or does not fit the model."""
 
 
 def spec_size(spec: TensorSpec) -> int:
-    return sum(int(np.prod(shape, dtype=np.int64)) for _, shape in spec)
+    return sum(math.prod(shape) for _, shape in spec)
 
 
 def max_payload_bytes(spec: TensorSpec) -> int:
-    return HEADER_LENGTH.size + MAX_HEADER_BYTES + 4 * spec_size(spec)
+    """No method's message is larger than the model in fp32 plus its envelope."""
+    return 4 * spec_size(spec) + ENVELOPE_SLACK
 
 
-def encode(spec: TensorSpec, values: np.ndarray) -> bytes:
-    """`values`: all tensors flattened and concatenated in spec order, float32."""
-    if values.dtype != np.float32 or values.size != spec_size(spec):
-        raise PayloadError(f"expected {spec_size(spec)} float32 values, got {values.size} {values.dtype}")
-    header = msgpack.packb(
-        {"v": VERSION, "format": FORMAT, "tensors": [[name, list(shape)] for name, shape in spec]},
-        use_bin_type=True,
-    )
-    return HEADER_LENGTH.pack(len(header)) + header + values.astype("<f4", copy=False).tobytes()
-
-
-def decode(payload: bytes | memoryview, spec: TensorSpec) -> np.ndarray:
-    """Checks everything about a payload against the model's spec; returns the flat float32 values.
-
-    Raises PayloadError before allocating anything larger than the model itself.
-    """
-    payload = memoryview(payload)
-    if len(payload) < HEADER_LENGTH.size:
-        raise PayloadError(f"payload of {len(payload)} bytes is too short to hold a header")
-    (header_length,) = HEADER_LENGTH.unpack_from(payload)
-    if header_length > MAX_HEADER_BYTES or HEADER_LENGTH.size + header_length > len(payload):
-        raise PayloadError(f"payload header length {header_length} is out of bounds ({len(payload)} bytes)")
-    header = _decode_header(payload[HEADER_LENGTH.size : HEADER_LENGTH.size + header_length])
-    if header.get("v") != VERSION or header.get("format") != FORMAT:
-        raise PayloadError(f"unsupported payload version/format {header.get('v')!r}/{header.get('format')!r}")
-    _check_tensors(header.get("tensors"), spec)
-    data = payload[HEADER_LENGTH.size + header_length :]
-    expected_bytes = 4 * spec_size(spec)
-    if len(data) != expected_bytes:
-        raise PayloadError(f"payload carries {len(data)} bytes of values, the model needs {expected_bytes}")
-    values = np.frombuffer(data, dtype="<f4").astype(np.float32, copy=True)
-    if not np.isfinite(values).all():
-        bad = int((~np.isfinite(values)).sum())
-        raise PayloadError(f"payload carries {bad} non-finite values")
-    return values
-
-
-def _decode_header(raw: memoryview) -> Mapping:
-    try:
-        header = msgpack.unpackb(
-            raw,
-            raw=False,
-            max_str_len=1024,
-            max_bin_len=0,
-            max_array_len=MAX_TENSORS,
-            max_map_len=16,
-            max_ext_len=0,
+def check_message(payload: bytes, method: str, spec: TensorSpec) -> None:
+    """Raises PayloadError for anything wrong with a partner's message that the model's shapes reveal."""
+    if len(payload) > max_payload_bytes(spec):
+        raise PayloadError(
+            f"message of {len(payload)} bytes exceeds the model's bound {max_payload_bytes(spec)}"
         )
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as error:
-        raise PayloadError(f"undecodable payload header: {error}") from error
-    if not isinstance(header, dict):
-        raise PayloadError("payload header is not a map")
-    return header
-
-
-def _check_tensors(tensors: object, spec: TensorSpec) -> None:
-    if not isinstance(tensors, list) or len(tensors) != len(spec):
-        raise PayloadError(f"payload lists {_count(tensors)} tensors, the model has {len(spec)}")
-    for entry, (name, shape) in zip(tensors, spec, strict=True):
-        if (
-            not isinstance(entry, list)
-            or len(entry) != 2
-            or entry[0] != name
-            or not isinstance(entry[1], list)
-            or len(entry[1]) > MAX_DIMS
-            or tuple(entry[1]) != tuple(shape)
+    try:
+        message = unpack(payload, method)
+    except MessageError as error:
+        raise PayloadError(str(error)) from error
+    layout = sorted(spec)  # the outer methods list tensors in sorted-name order
+    if method in DENSE_METHODS or method in LATTICE_METHODS:
+        if len(message.tensors) != len(layout):
+            raise PayloadError(f"message lists {len(message.tensors)} tensors, the model has {len(layout)}")
+        width = 4 if method in DENSE_METHODS else 1
+        for (name, shape), raw in zip(layout, message.tensors, strict=True):
+            if len(raw) != width * math.prod(shape):
+                raise PayloadError(
+                    f"tensor {name} carries {len(raw)} bytes; it does not match the model's {list(shape)}"
+                )
+            if width == 4 and not np.isfinite(np.frombuffer(raw, dtype="<f4")).all():
+                raise PayloadError(f"tensor {name} carries non-finite values")
+        if method in LATTICE_METHODS and (
+            len(message.steps) != len(layout) or not all(math.isfinite(s) and s > 0 for s in message.steps)
         ):
-            raise PayloadError(
-                f"payload tensor {entry!r:.120} does not match the model's {name} {list(shape)}"
-            )
-
-
-def _count(tensors: object) -> str:
-    return str(len(tensors)) if isinstance(tensors, list) else "no list of"
+            raise PayloadError("lattice steps are missing, non-finite or not positive")
+    elif message.update is None:
+        raise PayloadError(f"a {method} message must carry a codec payload")
+    else:
+        try:
+            decode_sparse(message.update, {name: (shape, torch.float32) for name, shape in layout})
+        except CodecError as error:
+            raise PayloadError(f"codec payload: {error}") from error

@@ -40,7 +40,7 @@ def run(channel: ControlChannel) -> int:
         trainer.load(checkpoint)  # a restarted peer continues exactly where it stopped
         log.info("resumed from %s at round %d", checkpoint, trainer.round)
     spec = trainer.spec()
-    capacity = dense.max_payload_bytes(spec)
+    capacity = dense.max_payload_bytes(spec)  # a dense fp32 message bounds every method's
     outbound, inbound = SharedBuffer.create(capacity), SharedBuffer.create(capacity)
     try:
         channel.send(
@@ -55,18 +55,17 @@ def run(channel: ControlChannel) -> int:
                 "shard": list(trainer.shard),
                 "round": trainer.round,
                 "inner_step": trainer.inner_step,
+                "method": trainer.outer_config.method,
             }
         )
         channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate()})
-        return _train(channel, trainer, spec, outbound, inbound, checkpoint)
+        return _train(channel, trainer, outbound, inbound, checkpoint)
     finally:
         outbound.close()
         inbound.close()
 
 
-def _train(
-    channel, trainer: Trainer, spec, outbound: SharedBuffer, inbound: SharedBuffer, checkpoint: Path
-) -> int:
+def _train(channel, trainer: Trainer, outbound: SharedBuffer, inbound: SharedBuffer, checkpoint: Path) -> int:
     settings = trainer.settings
     while settings.rounds is None or trainer.round < settings.rounds:
         number = trainer.round + 1
@@ -83,7 +82,8 @@ def _train(
                         "train_loss": losses[-1],
                     }
                 )
-        nbytes = outbound.write(dense.encode(spec, trainer.fast_vector()))
+        own = trainer.message()
+        nbytes = outbound.write(own)
         channel.send(
             {
                 "type": "payload",
@@ -98,15 +98,12 @@ def _train(
             break
         # The daemon may move us to the run's round when we joined late or fell behind.
         number = max(number, int(reply.get("round", number)))
-        partner = None
-        if reply.get("type") == "partner":
-            try:
-                partner = dense.decode(inbound.read(int(reply["nbytes"])), spec)
-            except (dense.PayloadError, ValueError) as error:
-                log.warning("round %d: partner payload refused by the worker: %s", number, error)
+        partner = inbound.read(int(reply["nbytes"])) if reply.get("type") == "partner" else None
         trainer.round = number - 1
         trainer.inner_step = max(trainer.inner_step, number * settings.inner_steps)  # the run's schedule
-        trainer.outer_step(partner)
+        outcome = trainer.outer_step(own, partner)
+        if outcome.startswith("partner message refused"):
+            log.warning("round %d: %s", number, outcome)
         channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate()})
         if trainer.round % CHECKPOINT_EVERY == 0:
             trainer.save(checkpoint)

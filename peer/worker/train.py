@@ -1,15 +1,12 @@
 """The worker's training state and its two loops: H inner AdamW steps, then one outer step.
 
 Read top to bottom, as nanoGPT's train.py: build model and data, step the inner optimizer on local
-batches (warmup + cosine driven by the global inner-step count), and at each round boundary combine
-our fast weights with the partner's and move the slow weights.
+batches (warmup + cosine driven by the global inner-step count), and at each round boundary turn our
+fast weights into this round's message and combine it with the partner's to move the slow weights.
 
-The walking skeleton's outer step is NoLoCo's (research-algorithms.md section 2.3) with beta == gamma,
-which needs only the partner's fast weights theta_j:
-    theta_bar = (theta_i + theta_j) / 2            (theta_i alone when the round had no partner)
-    delta     = alpha * delta + beta * (theta_bar - phi)
-    phi       = phi + delta;  theta = phi
-Averaging with the partner is what pulls replicas together; momentum carries progress across rounds.
+What the message is and how the two combine is the outer method's business (gossip/outer): the run's
+default is chosen by bench/convergence. A partner message that fails validation never touches the
+weights: the round then counts as one without a partner.
 """
 
 from __future__ import annotations
@@ -25,6 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from gossip.outer import (
+    DEFAULT_METHOD,
+    METHODS,
+    TOPOLOGY,
+    OuterConfig,
+    OuterError,
+    OuterState,
+    make_message,
+    outer_step,
+)
 from kernels.errors import ShoalError
 from peer.worker.data import (
     BatchSampler,
@@ -37,13 +44,17 @@ from peer.worker.data import (
 from peer.worker.model import GPT, PRESETS
 from peer.worker.presets import peer_number
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the outer method's whole state (phi, error feedback, momentum)
 EVAL_SEED = 1234  # the same evaluation windows on every peer of every run on this corpus
 DEFAULT_SHARDS = 16
 
 
 class CheckpointError(ShoalError):
     """A checkpoint cannot be read, or belongs to another model."""
+
+
+class ConfigError(ShoalError):
+    """The worker was asked for something it cannot do."""
 
 
 @dataclass(frozen=True)
@@ -58,12 +69,12 @@ class TrainSettings:
     eval_windows: int
     seed: int
     threads: int
-    outer_momentum: float
-    outer_lr: float
+    method: str
     data: str | None
     rounds: int | None
     shard: list[int] | None
-    init_seed: int
+    init_seed: int  # the model's initial weights: the same for every peer of a run
+    data_seed: int  # this peer's batch order
     peer_id: str
 
     @classmethod
@@ -86,7 +97,7 @@ class Trainer:
         index, count = settings.shard or (peer_number(settings.peer_id, DEFAULT_SHARDS), DEFAULT_SHARDS)
         self.shard = (index, count)
         self.sampler = BatchSampler(
-            shard(corpus.train, index, count, block + 2), block, settings.batch_size, settings.init_seed
+            shard(corpus.train, index, count, block + 2), block, settings.batch_size, settings.data_seed
         )
         self.eval_x, self.eval_y = fixed_windows(corpus.validation, block, settings.eval_windows, EVAL_SEED)
 
@@ -103,21 +114,35 @@ class Trainer:
             lr=settings.lr,
             betas=(0.9, 0.95),
         )
-        self.slow = [p.detach().clone() for p in params.values()]  # phi
-        self.momentum = [torch.zeros_like(p) for p in self.slow]  # delta, NoLoCo's outer momentum
+        method = DEFAULT_METHOD if settings.method == "default" else settings.method
+        pairwise = [m for m in METHODS if TOPOLOGY[m] == "pair"]
+        if method not in pairwise:  # the daemon swaps with one partner a round: no all-gather, no relaying
+            raise ConfigError(f"outer method {method!r} cannot run here; choose one of {', '.join(pairwise)}")
+        self.outer_config = OuterConfig.tuned(method)
+        self.outer = OuterState.fresh(settings.peer_id, params)  # phi, error feedback, outer momentum
         self.inner_step = 0
-        self.round = 0
 
-    # --- shapes and flat views, for payloads -------------------------------------------------------
+    @property
+    def round(self) -> int:
+        return self.outer.round
+
+    @round.setter
+    def round(self, value: int) -> None:
+        self.outer.round = value
+
+    @property
+    def slow(self) -> list[torch.Tensor]:
+        return [self.outer.slow[name] for name in self.names]
+
+    # --- shapes, for the daemon's checks --------------------------------------------------------------
     def spec(self) -> list[tuple[str, tuple[int, ...]]]:
         return [(name, tuple(p.shape)) for name, p in self.model.named_parameters()]
 
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.slow)
+        return sum(p.numel() for p in self.model.parameters())
 
-    def fast_vector(self) -> np.ndarray:
-        with torch.no_grad():
-            return torch.cat([p.detach().reshape(-1) for p in self.model.parameters()]).numpy()
+    def fast(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.model.named_parameters()}
 
     # --- inner loop -------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -156,28 +181,25 @@ class Trainer:
         return float(np.mean(losses))
 
     # --- outer step -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def outer_step(self, partner_fast: np.ndarray | None) -> None:
-        own = [p.detach().clone() for p in self.model.parameters()]
-        if partner_fast is None:
-            target = own
-        else:
-            theirs = self._unflatten(partner_fast)
-            target = [(a + b) / 2 for a, b in zip(own, theirs, strict=True)]
-        alpha, beta = self.settings.outer_momentum, self.settings.outer_lr
-        for phi, delta, theta_bar in zip(self.slow, self.momentum, target, strict=True):
-            delta.mul_(alpha).add_(theta_bar - phi, alpha=beta)
-            phi.add_(delta)
-        self._load(self.slow)
-        self.round += 1
+    def message(self) -> bytes:
+        """This round's message for the partner (sparse methods also fold it into error feedback)."""
+        with torch.no_grad():
+            return make_message(self.outer_config, self.outer, self.fast())
 
-    def _unflatten(self, flat: np.ndarray) -> list[torch.Tensor]:
-        tensor = torch.from_numpy(flat)
-        out, offset = [], 0
-        for p in self.slow:
-            out.append(tensor[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-        return out
+    @torch.no_grad()
+    def outer_step(self, own: bytes, partner: bytes | None) -> str:
+        """Moves the slow weights with our message and the partner's; returns what happened.
+
+        The partner's message is validated in full before anything changes; if it fails, the round
+        proceeds as one without a partner, and the reason is returned."""
+        outcome = "swapped" if partner is not None else "alone"
+        try:
+            outer_step(self.outer_config, self.outer, own, [partner] if partner is not None else [])
+        except OuterError as error:
+            outcome = f"partner message refused by the worker: {error}"
+            outer_step(self.outer_config, self.outer, own, [])
+        self._load(self.slow)
+        return outcome
 
     @torch.no_grad()
     def _load(self, weights: list[torch.Tensor]) -> None:
@@ -195,9 +217,8 @@ class Trainer:
             "model": self.settings.model,
             "corpus_sha256": self.corpus_sha256,
             "shard": list(self.shard),
-            "slow": [t.clone() for t in self.slow],
+            "outer": self.outer.state_dict(),
             "fast": [p.detach().clone() for p in self.model.parameters()],
-            "momentum": [t.clone() for t in self.momentum],
             "optimizer": self.optimizer.state_dict(),
             "sampler_rng": self.sampler.generator.get_state(),
         }
@@ -212,15 +233,15 @@ class Trainer:
                 f"the checkpoint holds model {state['model']!r}, not {self.settings.model!r}; "
                 "start with another --state-dir or the same --model"
             )
+        try:
+            self.outer = OuterState.from_state_dict(state["outer"])
+        except OuterError as error:
+            raise CheckpointError(str(error)) from error
         with torch.no_grad():
-            for target, source in zip(self.slow, state["slow"], strict=True):
-                target.copy_(source)
-            for target, source in zip(self.momentum, state["momentum"], strict=True):
-                target.copy_(source)
             self._load(state["fast"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.generator.set_state(state["sampler_rng"])
-        self.round, self.inner_step = int(state["round"]), int(state["inner_step"])
+        self.inner_step = int(state["inner_step"])
 
     def save(self, path: Path) -> None:
         """Writes the checkpoint atomically: a temporary file in the same folder, fsync, then rename."""

@@ -1,15 +1,18 @@
-"""Round protocol pieces without I/O: pairing, membership, the swap rules, the dense payload."""
+"""Round protocol pieces without I/O: pairing, membership, the swap rules, the daemon's message checks."""
 
 from __future__ import annotations
 
-import struct
+import contextlib
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gossip.membership import Membership
+from gossip.outer import OuterConfig, OuterState, make_message
+from gossip.outer.wire import Message, pack
 from gossip.rounds import payload as dense
 from gossip.rounds.pairing import pairing, partner_of
 from gossip.rounds.swap import SwapBook, Verdict, should_stop_waiting
@@ -109,33 +112,55 @@ def test_a_waiting_responder_gives_up_when_its_partner_moved_on_or_paired_elsewh
 
 
 SPEC = [("w", (3, 4)), ("b", (4,))]
+LAYOUT = {"w": torch.zeros(3, 4), "b": torch.zeros(4)}
 
 
-def test_dense_payload_round_trip_and_hostile_variants():
-    values = np.arange(16, dtype=np.float32)
-    payload = dense.encode(SPEC, values)
-    assert np.array_equal(dense.decode(payload, SPEC), values)
-    bad = values.copy()
-    bad[3] = np.inf
-    cases = [
-        b"",
-        payload[:3],
-        payload[:-1],
-        payload + b"\0",
-        struct.pack(">I", 2**31) + payload[4:],
-        dense.encode([("w", (4, 3)), ("b", (4,))], values),
-        dense.encode([("w", (3, 4))], values[:12]),
-        dense.encode(SPEC, bad),
-    ]
-    for case in cases:
+def lattice_message(**changes) -> bytes:
+    """A well-formed compressed-noloco message for SPEC, with `changes` applied to its fields."""
+    fields = {"tensors": [bytes(4), bytes(12)], "steps": [0.1, 0.1], "kind": "compressed-noloco"}
+    fields.update(changes)
+    return pack(Message(fields["kind"], "peer-a", 3, tensors=fields["tensors"], steps=fields["steps"]))
+
+
+def test_a_well_formed_message_passes_every_check():
+    dense.check_message(lattice_message(), "compressed-noloco", SPEC)
+    state = OuterState.fresh("peer-a", LAYOUT)
+    sparse = make_message(OuterConfig.tuned("pair-sparseloco"), state, {n: t + 1 for n, t in LAYOUT.items()})
+    dense.check_message(sparse, "pair-sparseloco", SPEC)
+    noloco = make_message(OuterConfig.tuned("noloco"), OuterState.fresh("p", LAYOUT), LAYOUT)
+    dense.check_message(noloco, "noloco", SPEC)
+
+
+def test_messages_that_do_not_fit_the_model_are_refused():
+    good = lattice_message()
+    cases = {
+        "empty": b"",
+        "truncated": good[: len(good) // 2],
+        "trailing bytes": good + b"\0",
+        "another method": lattice_message(kind="noloco"),
+        "a tensor missing": lattice_message(tensors=[bytes(4)]),
+        "wrong shape": lattice_message(tensors=[bytes(5), bytes(12)]),
+        "NaN step": lattice_message(steps=[float("nan"), 0.1]),
+        "negative step": lattice_message(steps=[-1.0, 0.1]),
+        "no steps": lattice_message(steps=[]),
+    }
+    for payload in cases.values():
         with pytest.raises(dense.PayloadError):
-            dense.decode(case, SPEC)
+            dense.check_message(payload, "compressed-noloco", SPEC)
+    with_nan = np.zeros(4, dtype=np.float32)
+    with_nan[1] = np.nan
+    bad_dense = pack(
+        Message("noloco", "p", 1, tensors=[with_nan.tobytes(), np.zeros(12, np.float32).tobytes()])
+    )
+    with pytest.raises(dense.PayloadError, match="non-finite"):
+        dense.check_message(bad_dense, "noloco", SPEC)
+    no_update = pack(Message("pair-sparseloco", "p", 1))
+    with pytest.raises(dense.PayloadError):
+        dense.check_message(no_update, "pair-sparseloco", SPEC)
 
 
 @given(st.binary(max_size=300))
 @settings(max_examples=300, deadline=None)
-def test_dense_decoder_raises_only_its_error(data):
-    try:
-        dense.decode(data, SPEC)
-    except dense.PayloadError:
-        pass
+def test_the_message_check_raises_only_its_error(data):
+    with contextlib.suppress(dense.PayloadError):
+        dense.check_message(data, "compressed-noloco", SPEC)

@@ -7,11 +7,10 @@ run protocol, then sends malformed frames and payloads on them.
 from __future__ import annotations
 
 import asyncio
+import math
 import struct
 
-import numpy as np
-
-from gossip.rounds import payload as dense
+from gossip.outer.wire import Message, pack
 from peer.daemon import RUN_PROTOCOL
 from peer.worker.model import GPT, PRESETS
 from transport.errors import TransportError
@@ -20,8 +19,13 @@ from transport.identity import generate_key
 from transport.messages import encode_message, read_frame
 from transport.multiaddr import Multiaddr
 
-SPEC = [(name, tuple(p.shape)) for name, p in GPT(PRESETS["tiny"]).named_parameters()]
-SIZE = dense.spec_size(SPEC)
+SPEC = sorted((name, tuple(p.shape)) for name, p in GPT(PRESETS["tiny"]).named_parameters())
+
+
+def lattice_message(origin: str, kind: str = "compressed-noloco", grow: int = 0, step: float = 0.01) -> bytes:
+    """A message of the run's default method for the tiny model, optionally bent out of shape."""
+    tensors = [bytes(math.prod(shape) + grow) for _, shape in SPEC]
+    return pack(Message(kind, origin, 1, tensors=tensors, steps=[step] * len(SPEC)))
 
 
 async def request(host: Host, address: str, raw: bytes) -> dict | None:
@@ -55,16 +59,12 @@ async def attack(address: str) -> dict[str, dict | None]:
         answers["other run"] = await request(host, address, offer(me, b"", run="other"))
         answers["forged sender"] = await request(host, address, offer("12D3KooWsomeoneelse", b""))
 
-        values = np.zeros(SIZE, dtype=np.float32)
-        wrong_shapes = [(name, (shape[0] + 1, *shape[1:])) for name, shape in SPEC]
-        with_nan = values.copy()
-        with_nan[12345] = np.nan
-        good = dense.encode(SPEC, values)
+        good = lattice_message(me)
         hostile = {
-            "wrong shapes": dense.encode(wrong_shapes, np.zeros(dense.spec_size(wrong_shapes), np.float32)),
-            "NaN values": dense.encode(SPEC, with_nan),
+            "wrong shapes": lattice_message(me, grow=1),
+            "NaN steps": lattice_message(me, step=float("nan")),
+            "another method": lattice_message(me, kind="noloco"),
             "truncated payload": good[: len(good) // 2],
-            "lying header length": struct.pack(">I", 1 << 30) + good[4:],
         }
         for what, payload in hostile.items():
             answers[what] = await request(host, address, offer(me, payload))
@@ -84,7 +84,7 @@ def test_malformed_requests_are_refused_and_the_daemon_keeps_running(start_peer)
 
     for what in ("oversized length prefix", "truncated frame", "not msgpack", "other run", "forged sender"):
         assert answers[what] is None, (what, answers[what])
-    for what in ("wrong shapes", "NaN values", "truncated payload", "lying header length"):
+    for what in ("wrong shapes", "NaN steps", "another method", "truncated payload"):
         reply = answers[what]
         assert reply["type"] == "refuse" and "invalid payload" in reply["reason"], (what, reply)
     # Still alive and answering: a well-formed membership request gets the daemon's table back.
@@ -97,7 +97,7 @@ def test_malformed_requests_are_refused_and_the_daemon_keeps_running(start_peer)
     assert "ended early" in log  # the truncated frame
     assert "claims to come from" in log
     assert "refused the payload of" in log
-    assert "non-finite" in log and "does not match the model" in log
+    assert "non-finite" in log and "does not match the model" in log and "this run uses" in log
 
 
 def test_frame_reader_refuses_oversized_frames_before_reading_them():

@@ -12,13 +12,14 @@ import torch
 
 from gossip.runstate import public_bytes
 from gossip.runstate import store as runstate_store
-from peer.worker.model import GPT, PRESETS
 from peer.worker.presets import peer_number
+from peer.worker.train import Trainer, TrainSettings
 from transport.identity import load_key_file
 
 from .conftest import REPO
 
 ROUNDS = 5
+INNER_STEPS = 10
 
 
 def replica_spread(weights: list[list[torch.Tensor]]) -> float:
@@ -27,9 +28,18 @@ def replica_spread(weights: list[list[torch.Tensor]]) -> float:
     return (flat - flat.mean(dim=0)).pow(2).mean().sqrt().item()
 
 
-def initial_weights(run_id: str, peer_id: str, model: str) -> list[torch.Tensor]:
-    torch.manual_seed(peer_number(f"{run_id}/{peer_id}", 2**31))  # as the daemon seeds its worker
-    return [p.detach().clone() for p in GPT(PRESETS[model]).parameters()]
+def trained_alone(peer_id: str, index: int) -> list[torch.Tensor]:
+    """The weights replica `index` would have after the run's inner steps without ever talking to anyone."""
+    settings = TrainSettings(
+        model="tiny", inner_steps=INNER_STEPS, batch_size=16, lr=3e-3, warmup_steps=20, total_steps=2000,
+        weight_decay=0.1, eval_windows=8, seed=0, threads=1, method="default", data=None, rounds=ROUNDS,
+        shard=[index, 3], init_seed=peer_number("e2e/init", 2**31), peer_id=peer_id,
+        data_seed=peer_number(f"e2e/{peer_id}", 2**31),
+    )  # fmt: skip
+    trainer = Trainer(settings)
+    for _ in range(ROUNDS * INNER_STEPS):
+        trainer.train_step()
+    return [p.detach().clone() for p in trainer.model.parameters()]
 
 
 def test_three_peers_learn_and_their_replicas_converge(tmp_path):
@@ -66,18 +76,21 @@ def test_three_peers_learn_and_their_replicas_converge(tmp_path):
     assert summary["eval_loss_end"] < 0.8 * summary["eval_loss_start"], summary
 
     peers = summary["per_peer"]
-    assert all(p["rounds_done"] == ROUNDS for p in peers), peers
+    # A peer whose worker started late joins at the run's round, so it may do a round or two fewer.
+    assert all(ROUNDS - 2 <= p["rounds_done"] <= ROUNDS and p["exit_code"] == 0 for p in peers), peers
     # With three peers one sits out each round; the other two swap.
     assert sum(p["rounds_swapped"] for p in peers) >= ROUNDS, peers
     assert summary["bytes_per_peer_per_round"] > 0
 
-    start = [initial_weights("e2e", p["peer"], "tiny") for p in peers]
-    end = [torch.load(tmp_path / "swarm" / f"peer-{i}" / "checkpoint.pt")["slow"] for i in range(3)]
-    spread_start, spread_end = replica_spread(start), replica_spread(end)
-    print(f"replica spread: start {spread_start:.5f}, end {spread_end:.5f}")
-    # Each peer starts from its own random init; pairwise averaging pulls the replicas together.
-    # (Trained apart, they would drift further from each other than they started.)
-    assert spread_end < 0.7 * spread_start, (spread_start, spread_end)
+    checkpoints = [torch.load(tmp_path / "swarm" / f"peer-{i}" / "checkpoint.pt") for i in range(3)]
+    end = [[c["outer"]["slow"][name] for name in c["names"]] for c in checkpoints]
+    spread = replica_spread(end)
+    alone = replica_spread([trained_alone(p["peer"], index) for index, p in enumerate(peers)])
+    print(f"replica spread {spread:.5f}; the same replicas trained alone for as many steps: {alone:.5f}")
+    # Every replica starts from the run's weights and trains on its own shard. Swapping with partners
+    # pulls them closer together than replicas that never talk (0.65-0.70x in two runs here); a broken
+    # exchange (e.g. a lattice code decoded against weights too far away) blows them apart instead.
+    assert spread < 0.9 * alone, (spread, alone)
 
     # The run's signed CRDT state spread by gossip: every peer holds the creator's config and all members.
     creator = public_bytes(load_key_file(tmp_path / "swarm" / "peer-0" / "key"))

@@ -56,6 +56,8 @@ BOOTSTRAP_PATIENCE = 30.0  # seconds to keep trying the bootstrap addresses
 WAIT_PEERS_PATIENCE = 60.0
 ROUND_REPORTS_KEPT = 100
 DHT_TABLE_FILE = "dht-table.json"
+WEIGHT_SOURCES = 3  # members a joiner asks for the run's weights, most advanced first
+WEIGHTS_TIMEOUT = 60.0
 DHT_LOOKUP_TIMEOUT = 10.0
 DHT_LOOKUPS_BEFORE_STARTING = 2  # empty run lookups in a live DHT before a joiner starts the run itself
 
@@ -123,6 +125,7 @@ class Daemon:
         self.worker: WorkerProcess | None = None
         self.spec: list[tuple[str, tuple[int, ...]]] = []
         self.method = ""  # the outer method, as the worker resolved it
+        self.snapshot: tuple[int, bytes] | None = None  # (round, our slow weights) for joiners
         self.max_offer_bytes = CONTROL_MESSAGE_LIMIT
         self.address = ""
         self.stopping = asyncio.Event()
@@ -332,6 +335,9 @@ class Daemon:
                         self.book.last_finished = int(message["round"])
                     fields = ("parameters", "corpus_sha256", "shard")
                     self.events.emit("worker", **{k: message[k] for k in fields})
+                    await worker.send(await self._begin(resumed=bool(message.get("round"))))
+                elif kind == "snapshot":  # kept so that a joining peer can start from our weights
+                    self.snapshot = (int(message["round"]), worker.snapshot.read(int(message["nbytes"])))
                 elif kind in ("progress", "eval"):
                     self.events.emit(kind, **{k: v for k, v in message.items() if k != "type"})
                 elif kind == "payload":
@@ -346,6 +352,38 @@ class Daemon:
             )
         finally:
             stop_watch.cancel()
+
+    async def _begin(self, resumed: bool) -> dict[str, Any]:
+        """The worker's go: from a member's current weights when we join a run in progress."""
+        loop = asyncio.get_running_loop()
+        others = [p for p in self.membership.live(loop.time()) if p != self.peer_id]
+        if resumed or not others or max(self.membership.members[p].round for p in others) == 0:
+            return {"type": "begin", "weights_nbytes": 0}
+        self.board.set_activity("joining", "fetching the run's current weights from a member")
+        for peer in sorted(others, key=lambda p: -self.membership.members[p].round)[:WEIGHT_SOURCES]:
+            try:
+                async with asyncio.timeout(WEIGHTS_TIMEOUT):
+                    reply, _, received = await self._request(
+                        self.membership.addr_of(peer), self._message("weights"), self.max_offer_bytes
+                    )
+                weights, number = reply.get("data"), reply.get("round")
+                if (
+                    reply.get("type") != "weights"
+                    or not isinstance(weights, bytes)
+                    or not isinstance(number, int)
+                ):
+                    raise MessageError(f"unexpected answer to a weights request: {reply.get('type')!r}")
+                dense.check_weights(weights, self.spec)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, TransportError, MessageError,
+                    dense.PayloadError) as error:  # fmt: skip
+                log.warning("[%s] could not fetch weights from %s: %s", self.peer_id, peer, error)
+                continue
+            nbytes = self.worker.inbound.write(weights)
+            self.book.last_finished = number
+            self.events.emit("weights", source=peer, round=number, bytes_received=received)
+            return {"type": "begin", "weights_nbytes": nbytes, "round": number}
+        log.warning("[%s] no member sent its weights; starting from the run's initial weights", self.peer_id)
+        return {"type": "begin", "weights_nbytes": 0}
 
     async def _close_worker_on_stop(self) -> None:
         await self.stopping.wait()
@@ -608,6 +646,12 @@ class Daemon:
             await write_message(writer, reply)
         elif kind == "status":
             await write_message(writer, self._message("status", **self.book.status(_round_field(request))))
+        elif kind == "weights":
+            if self.snapshot is None:
+                reply = self._message("refuse", reason="no weights yet: the first round is not over")
+            else:
+                reply = self._message("weights", round=self.snapshot[0], data=self.snapshot[1])
+            await write_message(writer, reply)
         elif kind == "offer":
             await self._answer_offer(sender, request, size, writer)
         else:

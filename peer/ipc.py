@@ -121,6 +121,7 @@ class WorkerProcess:
         self.process = process
         self.outbound: SharedBuffer | None = None  # the worker writes its payloads here
         self.inbound: SharedBuffer | None = None  # we write the partner's payload here
+        self.snapshot: SharedBuffer | None = None  # the worker's slow weights after each round
 
     @classmethod
     async def start(cls) -> WorkerProcess:
@@ -148,10 +149,11 @@ class WorkerProcess:
     def attach(self, hello: dict[str, Any]) -> None:
         self.outbound = SharedBuffer.attach(hello["outbound"])
         self.inbound = SharedBuffer.attach(hello["inbound"])
+        self.snapshot = SharedBuffer.attach(hello["snapshot"])
 
     async def stop(self, grace: float = 10.0) -> int:
         """Closes the control channel (the worker saves and exits), then waits; kills it past `grace`."""
-        for buffer in (self.outbound, self.inbound):
+        for buffer in (self.outbound, self.inbound, self.snapshot):
             if buffer is not None:
                 buffer.close()
         if self.process.returncode is None and self.process.stdin is not None:

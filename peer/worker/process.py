@@ -42,6 +42,7 @@ def run(channel: ControlChannel) -> int:
     spec = trainer.spec()
     capacity = dense.max_payload_bytes(spec)  # a dense fp32 message bounds every method's
     outbound, inbound = SharedBuffer.create(capacity), SharedBuffer.create(capacity)
+    snapshot = SharedBuffer.create(4 * trainer.parameter_count())  # phi, for peers that join the run
     try:
         channel.send(
             {
@@ -49,6 +50,7 @@ def run(channel: ControlChannel) -> int:
                 "spec": [[name, list(shape)] for name, shape in spec],
                 "outbound": outbound.name,
                 "inbound": inbound.name,
+                "snapshot": snapshot.name,
                 "capacity": capacity,
                 "parameters": trainer.parameter_count(),
                 "corpus_sha256": trainer.corpus_sha256,
@@ -58,14 +60,27 @@ def run(channel: ControlChannel) -> int:
                 "method": trainer.outer_config.method,
             }
         )
+        begin = channel.receive()
+        if begin is None or begin.get("type") != "begin":
+            return 0
+        if begin.get("weights_nbytes"):  # a peer joining a run in progress starts from a member's weights
+            trainer.adopt(inbound.read(int(begin["weights_nbytes"])), int(begin["round"]))
+            log.info("starting from a member's weights of round %d", trainer.round)
         channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate()})
-        return _train(channel, trainer, outbound, inbound, checkpoint)
+        return _train(channel, trainer, outbound, inbound, snapshot, checkpoint)
     finally:
-        outbound.close()
-        inbound.close()
+        for buffer in (outbound, inbound, snapshot):
+            buffer.close()
 
 
-def _train(channel, trainer: Trainer, outbound: SharedBuffer, inbound: SharedBuffer, checkpoint: Path) -> int:
+def _train(
+    channel,
+    trainer: Trainer,
+    outbound: SharedBuffer,
+    inbound: SharedBuffer,
+    snapshot: SharedBuffer,
+    checkpoint: Path,
+) -> int:
     settings = trainer.settings
     while settings.rounds is None or trainer.round < settings.rounds:
         number = trainer.round + 1
@@ -104,6 +119,9 @@ def _train(channel, trainer: Trainer, outbound: SharedBuffer, inbound: SharedBuf
         outcome = trainer.outer_step(own, partner)
         if outcome.startswith("partner message refused"):
             log.warning("round %d: %s", number, outcome)
+        channel.send(
+            {"type": "snapshot", "round": trainer.round, "nbytes": snapshot.write(trainer.slow_bytes())}
+        )
         channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate()})
         if trainer.round % CHECKPOINT_EVERY == 0:
             trainer.save(checkpoint)

@@ -180,6 +180,23 @@ class Trainer:
         self._load(backup)
         return float(np.mean(losses))
 
+    # --- the run's weights, for joiners --------------------------------------------------------------
+    def slow_bytes(self) -> bytes:
+        """phi as little-endian fp32, tensors in model order: what a joining peer starts from."""
+        return torch.cat([self.outer.slow[name].reshape(-1).float() for name in self.names]).numpy().tobytes()
+
+    @torch.no_grad()
+    def adopt(self, values: bytes, round_: int) -> None:
+        """Starts from a member's slow weights at `round_` (its outer buffers start empty, P12/P13)."""
+        flat = torch.from_numpy(np.frombuffer(values, dtype="<f4").copy())
+        if flat.numel() != self.parameter_count() or not torch.isfinite(flat).all():
+            raise CheckpointError("a member's weights do not fit this model or are not finite")
+        fresh = dict(zip(self.names, flat.split([p.numel() for p in self.model.parameters()]), strict=True))
+        shaped = {name: fresh[name].view_as(param) for name, param in self.model.named_parameters()}
+        self.outer = OuterState.fresh(self.settings.peer_id, shaped, round_)
+        self._load(self.slow)
+        self.inner_step = max(self.inner_step, round_ * self.settings.inner_steps)
+
     # --- outer step -------------------------------------------------------------------------------
     def message(self) -> bytes:
         """This round's message for the partner (sparse methods also fold it into error feedback)."""

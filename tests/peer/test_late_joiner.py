@@ -1,0 +1,39 @@
+"""A peer that joins a run in progress starts from a member's current weights, not from scratch."""
+
+from __future__ import annotations
+
+
+def test_a_late_joiner_starts_from_the_runs_weights_and_swaps(start_peer):
+    common = [
+        "--run",
+        "late",
+        "--listen",
+        "127.0.0.1:0",
+        "--rounds",
+        "1000",
+        "--inner-steps",
+        "5",
+        "--threads",
+        "1",
+    ]
+    first = start_peer("first", *common)
+    address = first.wait_for(lambda e: e["event"] == "listening")["address"]
+    second = start_peer("second", *common, "--bootstrap", address)
+    # Let the two train together for a while.
+    first.wait_for(
+        lambda e: e["event"] == "round" and e["round"] >= 4 and e["outcome"] == "swapped", timeout=240
+    )
+    initial_loss = first.of_kind("eval")[0]["eval_loss"]
+
+    late = start_peer("late", *common, "--bootstrap", address)
+    fetched = late.wait_for(lambda e: e["event"] == "weights", timeout=180)
+    assert fetched["round"] >= 4 and fetched["bytes_received"] > 4 * 100_000
+    # Its first evaluation is of the run's weights: far below the loss of an untrained model.
+    first_eval = late.wait_for(lambda e: e["event"] == "eval", timeout=60)
+    assert first_eval["round"] == fetched["round"]
+    assert first_eval["eval_loss"] < 0.9 * initial_loss, (first_eval, initial_loss)
+    # It joins the rounds in step with the others, and swaps with them.
+    swap = late.wait_for(lambda e: e["event"] == "round" and e["outcome"] == "swapped", timeout=180)
+    assert swap["round"] > fetched["round"]
+    assert "refused by the worker" not in late.log_path.read_text()
+    assert second.process.poll() is None

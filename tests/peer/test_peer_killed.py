@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import signal
 
-ROUNDS = 8
+ROUNDS = 10
 
 
 def test_survivors_finish_after_a_peer_is_killed(start_peer):

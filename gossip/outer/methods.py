@@ -231,9 +231,8 @@ def make_message(config: OuterConfig, state: OuterState, fast: Mapping[str, torc
             reach = config.lattice_range * float(delta[name].abs().max()) + 1e-12
             step = 2 * reach / 2**config.lattice_bits
             steps.append(step)
-            codes.append(
-                quant.lattice_encode(fast[name].float(), step, config.lattice_bits).numpy().tobytes()
-            )
+            code = quant.lattice_encode(fast[name].float(), step, config.lattice_bits)
+            codes.append(quant.pack_codes(code, config.lattice_bits))  # b bits per value on the wire
         msg.tensors, msg.steps = codes, steps
     packed = pack(msg)
     if method == "gossip-sparseloco":
@@ -244,17 +243,13 @@ def make_message(config: OuterConfig, state: OuterState, fast: Mapping[str, torc
 def wire_bytes(config: OuterConfig, message: bytes) -> int:
     """Bytes this message would take with codes bit-packed: the figure a real link carries.
 
-    Dense quantized codes (V-B consensus, V-C lattice) are held one per byte in the message for simplicity;
-    the wire size counts them at their bit width. Everything else is counted as is.
+    V-B's consensus codes are held one per byte in the message; the wire size counts them at their bit
+    width. Everything else (V-C's lattice codes are packed already) is counted as is.
     """
     if config.method == "pair-sparseloco" and config.consensus_bits < 8:
         msg = unpack(message, config.method)
         n = sum(len(q) for q in (msg.consensus or {}).get("q", []))
         return len(message) - n + quant.packed_bits(n, config.consensus_bits)
-    if config.method == "compressed-noloco" and config.lattice_bits < 8:
-        msg = unpack(message, config.method)
-        n = sum(len(t) for t in msg.tensors)
-        return len(message) - n + quant.packed_bits(n, config.lattice_bits)
     return len(message)
 
 
@@ -350,9 +345,10 @@ def _read_lattice(message: Message, slow: Mapping[str, torch.Tensor], config: Ou
         )
     out: Named = {}
     for name, raw, step in zip(names, message.tensors, message.steps, strict=True):
-        if len(raw) != slow[name].numel() or not step > 0 or not np.isfinite(step):
+        count = slow[name].numel()
+        if len(raw) != quant.packed_bits(count, config.lattice_bits) or not step > 0 or not np.isfinite(step):
             raise MessageError(f"compressed-noloco message from {message.origin}: bad code for {name!r}")
-        codes = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy())
+        codes = quant.unpack_codes(raw, count, config.lattice_bits)
         out[name] = quant.lattice_decode(codes, step, slow[name].float(), config.lattice_bits)
     return out
 

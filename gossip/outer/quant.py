@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from gossip.outer.tensors import OuterError
@@ -25,6 +26,25 @@ def _check_bits(bits: int) -> None:
 def packed_bits(count: int, bits: int) -> int:
     """Wire size in bytes of `count` codes of `bits` bits each when bit-packed (what a peer would send)."""
     return (count * bits + 7) // 8
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> bytes:
+    """uint8 codes < 2^bits -> bits-wide fields, most significant bit first, packed back to back."""
+    _check_bits(bits)
+    flat = codes.reshape(-1).numpy().astype(np.uint8)
+    fields = np.unpackbits(flat.reshape(-1, 1), axis=1)[:, 8 - bits :]
+    return np.packbits(fields.reshape(-1)).tobytes()
+
+
+def unpack_codes(raw: bytes, count: int, bits: int) -> torch.Tensor:
+    """Inverse of `pack_codes`; `raw` must be exactly `packed_bits(count, bits)` bytes."""
+    _check_bits(bits)
+    if len(raw) != packed_bits(count, bits):
+        raise OuterError(f"{len(raw)} bytes cannot hold {count} codes of {bits} bits")
+    fields = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[: count * bits].reshape(count, bits)
+    padded = np.zeros((count, 8), dtype=np.uint8)
+    padded[:, 8 - bits :] = fields
+    return torch.from_numpy(np.packbits(padded, axis=1).reshape(-1))
 
 
 def absmax_encode(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from gossip.outer import OuterConfig
+from gossip.outer.quant import packed_bits
 from gossip.outer.wire import MessageError, unpack
 from kernels.codec import CodecError
 from kernels.codec import decode as decode_sparse
@@ -54,13 +56,13 @@ def check_message(payload: bytes, method: str, spec: TensorSpec) -> None:
     if method in DENSE_METHODS or method in LATTICE_METHODS:
         if len(message.tensors) != len(layout):
             raise PayloadError(f"message lists {len(message.tensors)} tensors, the model has {len(layout)}")
-        width = 4 if method in DENSE_METHODS else 1
+        bits = 32 if method in DENSE_METHODS else OuterConfig.tuned(method).lattice_bits
         for (name, shape), raw in zip(layout, message.tensors, strict=True):
-            if len(raw) != width * math.prod(shape):
+            if len(raw) != packed_bits(math.prod(shape), bits):
                 raise PayloadError(
                     f"tensor {name} carries {len(raw)} bytes; it does not match the model's {list(shape)}"
                 )
-            if width == 4 and not np.isfinite(np.frombuffer(raw, dtype="<f4")).all():
+            if bits == 32 and not np.isfinite(np.frombuffer(raw, dtype="<f4")).all():
                 raise PayloadError(f"tensor {name} carries non-finite values")
         if method in LATTICE_METHODS and (
             len(message.steps) != len(layout) or not all(math.isfinite(s) and s > 0 for s in message.steps)

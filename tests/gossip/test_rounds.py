@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from gossip.membership import Membership
 from gossip.outer import OuterConfig, OuterState, make_message
+from gossip.outer.quant import pack_codes, unpack_codes
 from gossip.outer.wire import Message, pack
 from gossip.rounds import payload as dense
 from gossip.rounds.pairing import pairing, partner_of
@@ -117,7 +118,8 @@ LAYOUT = {"w": torch.zeros(3, 4), "b": torch.zeros(4)}
 
 def lattice_message(**changes) -> bytes:
     """A well-formed compressed-noloco message for SPEC, with `changes` applied to its fields."""
-    fields = {"tensors": [bytes(4), bytes(12)], "steps": [0.1, 0.1], "kind": "compressed-noloco"}
+    # Sorted names: b (4 values) then w (12 values), 3-bit lattice codes packed: 2 and 5 bytes.
+    fields = {"tensors": [bytes(2), bytes(5)], "steps": [0.1, 0.1], "kind": "compressed-noloco"}
     fields.update(changes)
     return pack(Message(fields["kind"], "peer-a", 3, tensors=fields["tensors"], steps=fields["steps"]))
 
@@ -138,8 +140,8 @@ def test_messages_that_do_not_fit_the_model_are_refused():
         "truncated": good[: len(good) // 2],
         "trailing bytes": good + b"\0",
         "another method": lattice_message(kind="noloco"),
-        "a tensor missing": lattice_message(tensors=[bytes(4)]),
-        "wrong shape": lattice_message(tensors=[bytes(5), bytes(12)]),
+        "a tensor missing": lattice_message(tensors=[bytes(2)]),
+        "wrong shape": lattice_message(tensors=[bytes(3), bytes(5)]),
         "NaN step": lattice_message(steps=[float("nan"), 0.1]),
         "negative step": lattice_message(steps=[-1.0, 0.1]),
         "no steps": lattice_message(steps=[]),
@@ -164,3 +166,11 @@ def test_messages_that_do_not_fit_the_model_are_refused():
 def test_the_message_check_raises_only_its_error(data):
     with contextlib.suppress(dense.PayloadError):
         dense.check_message(data, "compressed-noloco", SPEC)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_lattice_codes_travel_at_their_bit_width(bits):
+    codes = torch.randint(0, 2**bits, (1001,), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert len(packed) == (1001 * bits + 7) // 8
+    assert torch.equal(unpack_codes(packed, 1001, bits), codes)

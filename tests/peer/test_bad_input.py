@@ -10,6 +10,8 @@ import asyncio
 import math
 import struct
 
+from gossip.outer import OuterConfig
+from gossip.outer.quant import packed_bits
 from gossip.outer.wire import Message, pack
 from peer.daemon import RUN_PROTOCOL
 from peer.worker.model import GPT, PRESETS
@@ -19,12 +21,13 @@ from transport.identity import generate_key
 from transport.messages import encode_message, read_frame
 from transport.multiaddr import Multiaddr
 
+BITS = OuterConfig.tuned("compressed-noloco").lattice_bits
 SPEC = sorted((name, tuple(p.shape)) for name, p in GPT(PRESETS["tiny"]).named_parameters())
 
 
 def lattice_message(origin: str, kind: str = "compressed-noloco", grow: int = 0, step: float = 0.01) -> bytes:
     """A message of the run's default method for the tiny model, optionally bent out of shape."""
-    tensors = [bytes(math.prod(shape) + grow) for _, shape in SPEC]
+    tensors = [bytes(packed_bits(math.prod(shape), BITS) + grow) for _, shape in SPEC]
     return pack(Message(kind, origin, 1, tensors=tensors, steps=[step] * len(SPEC)))
 
 

@@ -55,6 +55,7 @@ class PeerView:
     rounds_done: int = 0
     rounds_swapped: int = 0
     parameters: int = 0
+    bits_per_param: float | None = None  # of the last payload sent
     state: str = "starting"
     exit_code: int | None = None
     log_path: Path | None = None
@@ -82,6 +83,8 @@ class PeerView:
             self.outcome = event["outcome"]
             self.rounds_swapped += event["outcome"] == "swapped"
             self.bytes_sent += event["bytes_sent"]
+            if event.get("bits_per_param") is not None:
+                self.bits_per_param = event["bits_per_param"]
             self.bytes_received += event["bytes_received"]
         elif kind == "done":
             self.state = "done"
@@ -140,6 +143,7 @@ def summarize(views: list[PeerView], options: SwarmOptions, wall_s: float) -> di
         "eval_loss_start": statistics.mean(starts) if starts else None,
         "eval_loss_end": statistics.mean(ends) if ends else None,
         "bytes_per_peer_per_round": sum(v.bytes_sent for v in views) / rounds_done if rounds_done else 0,
+        "bits_per_param": max((v.bits_per_param or 0.0 for v in views), default=0.0),
         "wall_s": round(wall_s, 2),
         "per_peer": [
             {
@@ -152,6 +156,7 @@ def summarize(views: list[PeerView], options: SwarmOptions, wall_s: float) -> di
                 "bytes_received": v.bytes_received,
                 "exit_code": v.exit_code,
                 "parameters": v.parameters,
+                "bits_per_param": v.bits_per_param,
             }
             for v in views
         ],
@@ -161,7 +166,17 @@ def summarize(views: list[PeerView], options: SwarmOptions, wall_s: float) -> di
 def summary_table(views: list[PeerView], summary: dict[str, Any]) -> Table:
     title = f"Summary: {summary['peers']} peers, {summary['rounds']} rounds, {summary['wall_s']:.1f} s"
     table = Table(title=title)
-    for column in ("peer", "eval start", "eval end", "change", "rounds", "swaps", "sent/round", "exit"):
+    for column in (
+        "peer",
+        "eval start",
+        "eval end",
+        "change",
+        "rounds",
+        "swaps",
+        "sent/round",
+        "bits/param",
+        "exit",
+    ):
         table.add_column(column, no_wrap=True)
     for v in views:
         per_round = v.bytes_sent / v.rounds_done if v.rounds_done else 0
@@ -173,6 +188,7 @@ def summary_table(views: list[PeerView], summary: dict[str, Any]) -> Table:
             str(v.rounds_done),
             str(v.rounds_swapped),
             _fmt_bytes(per_round),
+            "-" if v.bits_per_param is None else f"{v.bits_per_param:.2f}",
             str(v.exit_code),
         )
     table.add_section()
@@ -184,6 +200,7 @@ def summary_table(views: list[PeerView], summary: dict[str, Any]) -> Table:
         str(sum(v.rounds_done for v in views)),
         str(sum(v.rounds_swapped for v in views)),
         _fmt_bytes(summary["bytes_per_peer_per_round"]),
+        f"{summary['bits_per_param']:.2f}",
         "",
     )
     return table

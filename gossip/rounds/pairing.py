@@ -1,9 +1,7 @@
-"""The seeded pairing: every peer computes the same partners for a round with no traffic at all.
+"""This round's partner: the run's seeded pairing (gossip/outer/pairing.py) over the live members.
 
-As in NoLoCo's reference code, a permutation of the sorted member list is drawn from a generator
-seeded by the round, and position i is paired with position i + n/2: a perfect matching each round,
-different from round to round. Shoal seeds with the run id too, so two runs never share a schedule.
-With an odd number of members, the last one of the permutation sits the round out.
+Every peer computes the same matching with no traffic at all, from the sorted member list, the round
+number and a seed derived from the run id, so two runs with the same members pair differently.
 """
 
 from __future__ import annotations
@@ -11,30 +9,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-import numpy as np
+from gossip.outer.pairing import pairing
 
 
-def round_seed(run_id: str, round_number: int) -> int:
-    digest = hashlib.sha256(f"shoal-pairing/{run_id}/{round_number}".encode()).digest()
-    return int.from_bytes(digest[:8], "big")
-
-
-def pairing(members: Iterable[str], run_id: str, round_number: int) -> dict[str, str | None]:
-    """Maps every member to its partner for this round, or to None when it sits out."""
-    ordered = sorted(set(members))
-    order = np.random.default_rng(round_seed(run_id, round_number)).permutation(len(ordered))
-    shuffled = [ordered[i] for i in order]
-    half = len(shuffled) // 2
-    partners: dict[str, str | None] = {}
-    for i in range(half):
-        a, b = shuffled[i], shuffled[i + half]
-        partners[a], partners[b] = b, a
-    if len(shuffled) % 2:
-        partners[shuffled[-1]] = None
-    return partners
+def run_seed(run_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"shoal-pairing/{run_id}".encode()).digest()[:8], "big")
 
 
 def partner_of(peer_id: str, members: Iterable[str], run_id: str, round_number: int) -> str | None:
-    members = set(members)
-    members.add(peer_id)
-    return pairing(members, run_id, round_number)[peer_id]
+    """Our partner in round `round_number` among `members` (we are added if missing), or None: sit out."""
+    view = sorted({*members, peer_id})
+    return pairing(view, round_number, run_seed(run_id))[peer_id]

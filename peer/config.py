@@ -58,8 +58,11 @@ class PeerConfig:
             raise ConfigError(
                 f"run id {self.run_id!r} must be 1-64 letters, digits, '.', '_' or '-', starting alphanumeric"
             )
-        if self.model not in PRESETS:
-            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(PRESETS)}")
+        if self.model not in PRESETS and not (self.model.startswith("hf:") and Path(self.model[3:]).is_dir()):
+            raise ConfigError(
+                f"unknown model {self.model!r}; choose one of {', '.join(PRESETS)}, "
+                "or hf:PATH for a Hugging Face causal LM saved in a local folder"
+            )
         for name in ("inner_steps", "batch_size", "eval_windows", "wait_peers", "total_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -1,9 +1,10 @@
-"""The embedded training corpus: the Python standard library's own `.py` sources, read as bytes.
+"""Training data: the embedded corpus (the Python standard library's own `.py` sources, as bytes), text
+files or folders (as bytes), or token files as nanoGPT writes them (`train.bin` / `val.bin`, uint16).
 
-Every machine with Python has it, so the default run needs no download. The file list is sorted and
-split by file (every 20th file is held out for validation) so that near-duplicate text never leaks
-from training into evaluation. Runs compare only when their corpus hash matches: another Python
-version ships another standard library.
+The standard library is on every machine with Python, so the default run needs no download. Text is split
+by file (every 20th file is held out for validation) so that near-duplicate text never leaks from training
+into evaluation. Runs compare only when their corpus hash matches: another Python version ships another
+standard library. Token files are memory-mapped, never read whole.
 """
 
 from __future__ import annotations
@@ -29,10 +30,45 @@ class DataError(ShoalError):
 
 @dataclass(frozen=True)
 class Corpus:
-    train: np.ndarray  # uint8 bytes of the training files, concatenated
-    validation: np.ndarray  # uint8 bytes of the held-out files
-    sha256: str  # of train + validation, to tell runs on different corpora apart
+    train: np.ndarray  # uint8 bytes of the training files, or uint16 tokens
+    validation: np.ndarray  # the held-out bytes or tokens
+    sha256: (
+        str  # of train + validation (token files: of their first and last megabyte), to tell corpora apart
+    )
     files: int
+    vocab_size: int = 256  # bytes; token files: the largest token + 1
+
+
+TOKEN_FILE_SUFFIX = ".bin"
+HASHED_TOKEN_BYTES = 1 << 20  # token files can be many GB: hash their ends and their size
+
+
+def load_token_files(path: Path) -> Corpus:
+    """nanoGPT's layout: a folder with train.bin and val.bin, or one .bin whose last 1/20 is held out."""
+    path = Path(path)
+    if path.is_dir():
+        train = np.memmap(path / "train.bin", dtype=np.uint16, mode="r")
+        validation = np.memmap(path / "val.bin", dtype=np.uint16, mode="r")
+    else:
+        tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        cut = len(tokens) - len(tokens) // VALIDATION_EVERY
+        train, validation = tokens[:cut], tokens[cut:]
+    if len(validation) < 2 or len(train) < 2:
+        raise DataError(
+            f"token files under {path} hold too few tokens ({len(train)} train, {len(validation)} val)"
+        )
+    digest = hashlib.sha256()
+    for part in (train, validation):
+        digest.update(str(len(part)).encode())
+        digest.update(part[: HASHED_TOKEN_BYTES // 2].tobytes())
+        digest.update(part[-HASHED_TOKEN_BYTES // 2 :].tobytes())
+    vocab = int(max(train.max(), validation.max())) + 1
+    return Corpus(train, validation, digest.hexdigest(), files=1, vocab_size=vocab)
+
+
+def is_token_data(path: Path) -> bool:
+    path = Path(path)
+    return (path.is_dir() and (path / "train.bin").exists()) or path.suffix == TOKEN_FILE_SUFFIX
 
 
 def stdlib_files(root: Path | None = None) -> list[Path]:
@@ -100,8 +136,8 @@ class BatchSampler:
 
     def __init__(self, data: np.ndarray, block_size: int, batch_size: int, seed: int):
         if len(data) <= block_size + 1:
-            raise DataError(f"{len(data)} bytes are too few for windows of {block_size + 1}")
-        self.data = torch.from_numpy(data.astype(np.int64))
+            raise DataError(f"{len(data)} tokens are too few for windows of {block_size + 1}")
+        self.data = data  # bytes or a memory-mapped token file: only the sampled windows are read
         self.block_size = block_size
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -110,7 +146,8 @@ class BatchSampler:
         starts = torch.randint(
             len(self.data) - self.block_size - 1, (self.batch_size,), generator=self.generator
         )
-        windows = torch.stack([self.data[s : s + self.block_size + 1] for s in starts.tolist()])
+        rows = [self.data[s : s + self.block_size + 1] for s in starts.tolist()]
+        windows = torch.from_numpy(np.stack(rows).astype(np.int64))
         return windows[:, :-1], windows[:, 1:]
 
 
@@ -120,3 +157,12 @@ def fixed_windows(
     """The same `count` evaluation windows on every peer: eval losses compare across the run."""
     sampler = BatchSampler(data, block_size, count, seed)
     return sampler.next()
+
+
+def load_corpus(data: str | None) -> Corpus:
+    """The run's data: None for the standard library, token files, or a text file or folder."""
+    if data is None:
+        return load_stdlib_corpus()
+    if is_token_data(Path(data)):
+        return load_token_files(Path(data))
+    return load_text_corpus(text_files_under(Path(data)))

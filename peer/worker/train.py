@@ -11,11 +11,12 @@ weights: the round then counts as one without a partner.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +34,8 @@ from gossip.outer import (
     outer_step,
 )
 from kernels.errors import ShoalError
-from peer.worker.data import (
-    BatchSampler,
-    fixed_windows,
-    load_stdlib_corpus,
-    load_text_corpus,
-    shard,
-    text_files_under,
-)
+from peer.worker.data import BatchSampler, fixed_windows, is_token_data, load_corpus, shard
+from peer.worker.hf import HFCausalLM, tokenize_text
 from peer.worker.model import GPT, PRESETS
 from peer.worker.presets import peer_number
 
@@ -87,12 +82,22 @@ class Trainer:
         self.settings = settings
         if settings.threads:
             torch.set_num_threads(settings.threads)
+        # The GPU when there is one: bf16 autocast for the inner steps, fp32 weights and outer state.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        corpus = load_corpus(settings.data)
         torch.manual_seed(settings.init_seed)
-        self.model = GPT(PRESETS[settings.model])
+        if settings.model.startswith("hf:"):
+            self.model = HFCausalLM(settings.model[3:])
+            if not is_token_data(Path(settings.data or "")):
+                corpus = replace(
+                    corpus,
+                    train=tokenize_text(settings.model[3:], corpus.train),
+                    validation=tokenize_text(settings.model[3:], corpus.validation),
+                )
+        else:
+            self.model = GPT(replace(PRESETS[settings.model], vocab_size=corpus.vocab_size))
+        self.model.to(self.device)
         block = self.model.config.block_size
-
-        files = text_files_under(Path(settings.data)) if settings.data else None
-        corpus = load_text_corpus(files) if files else load_stdlib_corpus()
         self.corpus_sha256 = corpus.sha256
         index, count = settings.shard or (peer_number(settings.peer_id, DEFAULT_SHARDS), DEFAULT_SHARDS)
         self.shard = (index, count)
@@ -119,7 +124,7 @@ class Trainer:
         if method not in pairwise:  # the daemon swaps with one partner a round: no all-gather, no relaying
             raise ConfigError(f"outer method {method!r} cannot run here; choose one of {', '.join(pairwise)}")
         self.outer_config = OuterConfig.tuned(method)
-        self.outer = OuterState.fresh(settings.peer_id, params)  # phi, error feedback, outer momentum
+        self.outer = OuterState.fresh(settings.peer_id, self.fast())  # phi, error feedback, momentum (CPU)
         self.inner_step = 0
 
     @property
@@ -142,7 +147,13 @@ class Trainer:
         return sum(p.numel() for p in self.model.parameters())
 
     def fast(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.model.named_parameters()}
+        """The fast weights on the CPU, where the outer state lives (messages are built from host memory)."""
+        return {name: p.detach().to("cpu", torch.float32) for name, p in self.model.named_parameters()}
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     # --- inner loop -------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -159,7 +170,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.inner_step)
         x, y = self.sampler.next()
-        _, loss = self.model(x, y)
+        with self._autocast():
+            _, loss = self.model(x.to(self.device), y.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -173,10 +185,11 @@ class Trainer:
         self.model.eval()
         backup = [p.detach().clone() for p in self.model.parameters()]
         self._load(weights if weights is not None else self.slow)
-        losses = [
-            self.model(x, y)[1].item()
-            for x, y in zip(self.eval_x.split(16), self.eval_y.split(16), strict=True)
-        ]
+        with self._autocast():
+            losses = [
+                self.model(x.to(self.device), y.to(self.device))[1].item()
+                for x, y in zip(self.eval_x.split(16), self.eval_y.split(16), strict=True)
+            ]
         self._load(backup)
         return float(np.mean(losses))
 

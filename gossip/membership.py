@@ -31,6 +31,7 @@ class Member:
     round: int
     left: bool
     changed_at: float  # local time the heartbeat last grew
+    ready: bool = False  # its worker has loaded the model and can train
 
 
 class Membership:
@@ -62,7 +63,14 @@ class Membership:
     def table(self) -> list[dict[str, Any]]:
         """What we tell others: every member we still believe in, and those that left (so it spreads)."""
         return [
-            {"peer_id": m.peer_id, "addr": m.addr, "heartbeat": m.heartbeat, "round": m.round, "left": m.left}
+            {
+                "peer_id": m.peer_id,
+                "addr": m.addr,
+                "heartbeat": m.heartbeat,
+                "round": m.round,
+                "left": m.left,
+                "ready": m.ready,
+            }
             for m in self.members.values()
         ]
 
@@ -80,7 +88,7 @@ class Membership:
             if parsed is None:
                 log.warning("dropped a malformed membership entry: %.200r", entry)
                 continue
-            peer_id, addr, heartbeat, round_number, left = parsed
+            peer_id, addr, heartbeat, round_number, left, ready = parsed
             if peer_id == self.peer_id:
                 if addr != self.me.addr and not left and len(self.claims_of_self) < MAX_SELF_CLAIMS:
                     self.claims_of_self.add(addr)
@@ -89,11 +97,12 @@ class Membership:
             if known is None:
                 if len(self.members) >= MAX_MEMBERS:
                     continue
-                self.members[peer_id] = Member(peer_id, addr, heartbeat, round_number, left, now)
+                self.members[peer_id] = Member(peer_id, addr, heartbeat, round_number, left, now, ready)
                 if not left:
                     new.append(peer_id)
             elif heartbeat > known.heartbeat:
                 known.addr, known.heartbeat, known.round, known.left = addr, heartbeat, round_number, left
+                known.ready = ready
                 known.changed_at = now
         return new
 
@@ -116,11 +125,15 @@ class Membership:
         member = self.members.get(peer_id)
         return member.addr if member else None
 
+    def ready(self, now: float) -> list[str]:
+        """Live members whose workers can train."""
+        return [p for p in self.live(now) if self.members[p].ready]
+
     def highest_round(self, now: float) -> int:
         return max((self.members[p].round for p in self.live(now)), default=0)
 
 
-def _parse_entry(entry: Any) -> tuple[str, str, int, int, bool] | None:
+def _parse_entry(entry: Any) -> tuple[str, str, int, int, bool, bool] | None:
     if not isinstance(entry, dict):
         return None
     peer_id, addr = entry.get("peer_id"), entry.get("addr")
@@ -133,4 +146,4 @@ def _parse_entry(entry: Any) -> tuple[str, str, int, int, bool] | None:
         return None
     if heartbeat < 0 or round_number < 0:
         return None
-    return peer_id, addr, heartbeat, round_number, left
+    return peer_id, addr, heartbeat, round_number, left, entry.get("ready") is True

@@ -191,7 +191,6 @@ class Daemon:
                     await self._bootstrap()
                     await self._start_runstate(stack)
                     background.append(group.create_task(self.runstate.run_forever()))
-                    await self._wait_for_peers()
                     return await self._drive_worker()
                 finally:
                     for task in background:
@@ -261,17 +260,18 @@ class Daemon:
         log.info("[%s] announced in the DHT (%d nodes hold the record)", self.peer_id, stored)
 
     async def _wait_for_peers(self) -> None:
+        """Waits (at most WAIT_PEERS_PATIENCE) until `wait_peers` members, us included, can train."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + WAIT_PEERS_PATIENCE
         wanted = self.config.wait_peers
-        self.board.set_activity("waiting", f"waiting for {wanted} peers to be known before the first round")
+        self.board.set_activity("waiting", f"waiting for {wanted} peers to be ready before the first round")
         with progress_bar("finding peers", wanted, enabled=not self.events.json_lines) as advance:
-            while (known := len(self.membership.live(loop.time()))) < wanted and loop.time() < deadline:
-                advance(known)
+            while (ready := len(self.membership.ready(loop.time()))) < wanted and loop.time() < deadline:
+                advance(ready)
                 if self.stopping.is_set():
                     return
                 await asyncio.sleep(0.1)
-            advance(known)
+            advance(ready)
 
     async def _start_runstate(self, stack: contextlib.AsyncExitStack) -> None:
         """The run's signed CRDT state: config (written by the creator), members, bans, checkpoints."""
@@ -354,7 +354,10 @@ class Daemon:
             stop_watch.cancel()
 
     async def _begin(self, resumed: bool) -> dict[str, Any]:
-        """The worker's go: from a member's current weights when we join a run in progress."""
+        """The worker's go, once enough peers are ready: from a member's current weights when we join a run
+        in progress."""
+        self.membership.me.ready = True
+        await self._wait_for_peers()
         loop = asyncio.get_running_loop()
         others = [p for p in self.membership.live(loop.time()) if p != self.peer_id]
         if resumed or not others or max(self.membership.members[p].round for p in others) == 0:

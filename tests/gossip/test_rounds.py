@@ -50,7 +50,11 @@ def test_membership_spreads_by_gossip_and_detects_the_dead():
     c = Membership("c", "127.0.0.1:3", now=0.0, fail_after=5.0)
     assert b.merge(a.table(), now=0.0) == ["a"]
     assert set(c.merge(b.table(), now=0.0)) == {"a", "b"}
-    assert c.live(0.0) == ["a", "b", "c"]
+    assert c.live(0.0) == ["a", "b", "c"] and c.ready(0.0) == []
+    a.me.ready = True  # a's worker has loaded its model: that spreads too
+    a.beat(0.5, round_number=0)
+    c.merge(a.table(), now=0.5)
+    assert c.ready(0.5) == ["a"]
     # a keeps beating (through b); b goes silent.
     for t in range(1, 10):
         a.beat(float(t), round_number=t)

@@ -29,7 +29,7 @@ from peer.commands import handlers as control_handlers
 from peer.config import PeerConfig
 from peer.control import SOCKET_NAME, ControlServer
 from peer.events import Events
-from peer.ipc import WorkerProcess
+from peer.ipc import WorkerGone, WorkerProcess
 from peer.keys import resolve_identity
 from peer.metrics import MetricsServer
 from peer.progress import progress_bar
@@ -335,7 +335,9 @@ class Daemon:
                         self.book.last_finished = int(message["round"])
                     fields = ("parameters", "corpus_sha256", "shard")
                     self.events.emit("worker", **{k: message[k] for k in fields})
-                    await worker.send(await self._begin(resumed=bool(message.get("round"))))
+                    begin = await self._begin(resumed=bool(message.get("round")))
+                    if not self.stopping.is_set():  # a stopping worker was told so and no longer listens
+                        await worker.send(begin)
                 elif kind == "snapshot":  # kept so that a joining peer can start from our weights
                     self.snapshot = (int(message["round"]), worker.snapshot.read(int(message["nbytes"])))
                 elif kind in ("progress", "eval"):
@@ -390,7 +392,8 @@ class Daemon:
 
     async def _close_worker_on_stop(self) -> None:
         await self.stopping.wait()
-        await self.worker.send({"type": "stop"})
+        with contextlib.suppress(WorkerGone):
+            await self.worker.send({"type": "stop"})
 
     async def _round(self, message: dict[str, Any]) -> None:
         proposed = int(message["round"])

@@ -15,6 +15,7 @@ import sys
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any, BinaryIO
 
+from kernels.errors import ShoalError
 from transport.messages import (
     LENGTH_PREFIX,
     MessageError,
@@ -26,6 +27,10 @@ from transport.messages import (
 )
 
 MAX_CONTROL_BYTES = 1 << 16  # control messages carry numbers and names only
+
+
+class WorkerGone(ShoalError):
+    """The training worker exited while the daemon still had something to tell it."""
 
 
 class SharedBuffer:
@@ -136,7 +141,10 @@ class WorkerProcess:
 
     async def send(self, message: dict[str, Any]) -> None:
         assert self.process.stdin is not None
-        await write_message(self.process.stdin, message)
+        try:
+            await write_message(self.process.stdin, message)
+        except (BrokenPipeError, ConnectionResetError) as error:
+            raise WorkerGone(f"the training worker is gone (exit code {self.process.returncode})") from error
 
     async def receive(self) -> dict[str, Any] | None:
         """The worker's next message, or None when it exited or closed its side."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ def render(console: Console, command: str, result: Any) -> None:
         for column in columns:
             table.add_column(column)
         for record in result:
-            table.add_row(*(_cell(record.get(c)) for c in columns))
+            table.add_row(*(_cell(record.get(c), c) for c in columns))
         console.print(table)
     elif isinstance(result, dict):
         table = Table(title=command, show_header=False)
@@ -47,9 +48,11 @@ def render(console: Console, command: str, result: Any) -> None:
         console.print(str(result), markup=False)
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, key: str = "") -> str:
+    if key == "at" and isinstance(value, float):  # a wall-clock timestamp
+        return time.strftime("%H:%M:%S", time.localtime(value))
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     if isinstance(value, list | dict):
         return json.dumps(value)[:200]
     return "-" if value is None else str(value)

@@ -41,8 +41,8 @@ def main() -> None:
     "--bootstrap",
     multiple=True,
     metavar="MULTIADDR",
-    help="Address of a peer already in the run, e.g. /ip4/1.2.3.4/tcp/4701/p2p/ID. Repeatable. "
-    "Without one, this peer starts the run and prints the address others join with.",
+    help="Address of any Shoal peer, e.g. /ip4/1.2.3.4/tcp/4701/p2p/ID (the run's peers are found through "
+    "the DHT). Repeatable. Without one, this peer starts the run and prints the address others join with.",
 )
 @click.option(
     "--listen",
@@ -54,7 +54,8 @@ def main() -> None:
     "--data",
     type=click.Path(exists=True),
     default=None,
-    help="A text file or folder to train on. Default: the Python standard library's sources.",
+    help="A text file or folder, or nanoGPT token files (a folder with train.bin/val.bin, or one .bin). "
+    "Default: the Python standard library's sources.",
 )
 @click.option(
     "--config",
@@ -67,7 +68,7 @@ def main() -> None:
     "--state-dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="Where the peer writes its checkpoint. Default ./runs/RUN/PEER.",
+    help="The peer's key, checkpoint and control socket. Default ./runs/RUN/PEER-ID.",
 )
 @click.option(
     "--rounds", type=int, default=None, help="Stop after this many outer rounds (default: run until stopped)."
@@ -76,9 +77,13 @@ def main() -> None:
     "--wait-peers",
     type=int,
     default=None,
-    help="Start training once this many peers (self included) are known, or after 60 s.",
+    help="Start training once this many peers (self included) are ready, or after 60 s.",
 )
-@click.option("--model", default=None, help="Model size: nano, tiny (default), small, base, gpt2-small.")
+@click.option(
+    "--model",
+    default=None,
+    help="Model: nano, tiny (default), small, base, gpt2-small, or hf:PATH (a Hugging Face LM in a folder).",
+)
 @click.option("--inner-steps", type=int, default=None, help="Inner AdamW steps per round (H). Default 20.")
 @click.option("--batch-size", type=int, default=None, help="Sequences per inner step. Default 16.")
 @click.option("--lr", type=float, default=None, help="Peak inner learning rate. Default 3e-3.")

@@ -55,6 +55,7 @@ PROBE_INTERVAL = 0.5  # how often a waiting responder asks its partner how it is
 BOOTSTRAP_PATIENCE = 30.0  # seconds to keep trying the bootstrap addresses
 WAIT_PEERS_PATIENCE = 60.0
 ROUND_REPORTS_KEPT = 100
+MAX_STRIKES = 3  # invalid round messages before a peer is banned here (an honest peer sends none)
 DHT_TABLE_FILE = "dht-table.json"
 WEIGHT_SOURCES = 3  # members a joiner asks for the run's weights, most advanced first
 WEIGHTS_TIMEOUT = 60.0
@@ -116,6 +117,7 @@ class Daemon:
         self.board = StatusBoard(self.peer_id, config.run_id)
         self.events.listeners.append(self.board.on_event)
         self.banned: set[str] = set()
+        self.strikes: dict[str, int] = {}  # invalid messages per peer
         self.parameters = 0
         self.log_tail = LogTail()
         self.book = SwapBook(self.peer_id)
@@ -476,6 +478,7 @@ class Daemon:
         except (MessageError, dense.PayloadError) as error:
             report.outcome = f"skipped: partner {partner} sent an invalid answer ({error})"
             log.warning("[%s] round %d: %s", self.peer_id, number, report.outcome)
+            self._strike(partner, str(error))
         finally:
             self.incoming.pop(number, None)
             async with self.changed:
@@ -527,6 +530,18 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         """What `peer status` shows; also the metrics endpoint's source."""
         return self._handlers["status"]([])
+
+    def _strike(self, peer: str, why: str) -> None:
+        """Scores a peer down for an invalid message; one that keeps sending them is banned here."""
+        self.strikes[peer] = self.strikes.get(peer, 0) + 1
+        if self.strikes[peer] >= MAX_STRIKES and peer not in self.banned:
+            self.banned.add(peer)
+            log.warning(
+                "[%s] banned %s after %d invalid messages (last: %s)", self.peer_id, peer, MAX_STRIKES, why
+            )
+            key = key_of(peer) if _is_peer_id(peer) else None
+            if self.runstate is not None and key is not None:
+                self.runstate.change("refuse_peer", key, f"{MAX_STRIKES} invalid round messages")
 
     def eligible(self, now: float) -> list[str]:
         """The members we would pair with: live and not banned by us."""
@@ -677,6 +692,7 @@ class Daemon:
         except dense.PayloadError as error:
             log.warning("[%s] round %d: refused the payload of %s: %s", self.peer_id, number, sender, error)
             await write_message(writer, self._message("refuse", reason=f"invalid payload: {error}"))
+            self._strike(sender, str(error))
             return
         async with self.changed:
             try:

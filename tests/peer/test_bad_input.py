@@ -87,9 +87,12 @@ def test_malformed_requests_are_refused_and_the_daemon_keeps_running(start_peer)
 
     for what in ("oversized length prefix", "truncated frame", "not msgpack", "other run", "forged sender"):
         assert answers[what] is None, (what, answers[what])
-    for what in ("wrong shapes", "NaN steps", "another method", "truncated payload"):
+    for what in ("wrong shapes", "NaN steps", "another method"):
         reply = answers[what]
         assert reply["type"] == "refuse" and "invalid payload" in reply["reason"], (what, reply)
+    # Three invalid messages and the attacker is banned: its next offer is refused as such.
+    reply = answers["truncated payload"]
+    assert reply["type"] == "refuse" and "banned" in reply["reason"], reply
     # Still alive and answering: a well-formed membership request gets the daemon's table back.
     reply = answers["members"]
     assert reply["type"] == "members" and any(m["peer_id"] == peer.events[0]["peer"] for m in reply["table"])
@@ -99,7 +102,7 @@ def test_malformed_requests_are_refused_and_the_daemon_keeps_running(start_peer)
     assert log.count("dropped a bad request") >= 4, peer.log_tail()  # oversized, msgpack, run, sender
     assert "ended early" in log  # the truncated frame
     assert "claims to come from" in log
-    assert "refused the payload of" in log
+    assert "refused the payload of" in log and "after 3 invalid messages" in log
     assert "non-finite" in log and "does not match the model" in log and "this run uses" in log
 
 

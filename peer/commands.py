@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from peer.daemon import Daemon
 
 DEFAULT_TAIL = 20
+DIRECT_PATH = "direct (Noise + yamux over TCP)"  # the only path until transport/nat is wired in
 MAX_TAIL = 500
 
 HELP = {
@@ -49,8 +50,8 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
             # The NAT layer (transport/nat) is not wired into the daemon yet: say so rather than guess.
             "reachability": "unknown (no NAT detection in this daemon yet): others dial " + daemon.address,
             "partner": current.partner if current else (last.partner if last else None),
-            "path": "direct TCP" if (current and current.partner) or (last and last.partner) else None,
-            "bits_per_param": _bits_per_param(daemon),
+            "path": DIRECT_PATH if (current and current.partner) or (last and last.partner) else None,
+            "bits_per_param": daemon.board.values.get("bits_per_param"),
             "peers_known": len(members),
             "peers_live": len(live),
             "bans": sorted(daemon.banned),
@@ -78,7 +79,7 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
         return [
             {
                 "partner": link.partner,
-                "path": "direct TCP",
+                "path": DIRECT_PATH,
                 "exchanges": link.exchanges,
                 "last_outcome": link.last_outcome,
                 "last_exchange_s_ago": round(time.time() - link.last_exchange_at, 1),
@@ -145,12 +146,6 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
         "status": status, "peers": peers, "links": links, "rounds": rounds, "loss": loss, "config": config,
         "dht": dht, "state": state, "why": why, "log": log, "ban": ban, "unban": unban, "help": help_,
     }  # fmt: skip
-
-
-def _bits_per_param(daemon: Daemon) -> float | None:
-    if not daemon.reports or not daemon.parameters:
-        return None
-    return daemon.board.values.get("bits_per_param")
 
 
 def _count(args: list[Any]) -> int:

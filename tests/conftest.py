@@ -1,4 +1,4 @@
-"""Run `async def` tests of this folder on uvloop, each with a deadline and a check that no task leaks."""
+"""Run `async def` tests on uvloop, each with a deadline and a check that no task leaks."""
 
 import asyncio
 import inspect

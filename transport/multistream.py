@@ -67,90 +67,79 @@ class _MessageReader:
         return rest
 
 
-class MultistreamDialer:
+class _Negotiation:
+    """What both sides share: the header exchange, buffered output, and the bytes after agreement."""
+
+    def __init__(self, first_output: bytes) -> None:
+        self._reader = _MessageReader()
+        self._out = bytearray(first_output)
+        self._header_seen = False
+        self.selected: str | None = None
+        self.unused_data = b""
+
+    @property
+    def done(self) -> bool:
+        return self.selected is not None
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def receive_data(self, data: bytes) -> None:
+        if self.done:
+            self.unused_data += data
+            return
+        self._reader.feed(data)
+        while not self.done and (message := self._reader.next_message()) is not None:
+            if not self._header_seen:
+                if message != PROTOCOL_ID:
+                    raise NegotiationError(f"peer speaks {message[:64]!r}, not {PROTOCOL_ID}")
+                self._header_seen = True
+            else:
+                self._on_message(message)
+
+    def _on_message(self, message: str) -> None:
+        raise NotImplementedError
+
+
+class MultistreamDialer(_Negotiation):
     """The initiating side: proposes `protocols` in order until the listener accepts one."""
 
     def __init__(self, protocols: Sequence[str]) -> None:
         if not protocols:
             raise ValueError("a multistream dialer needs at least one protocol to propose")
         self._proposals = list(protocols)
-        self._reader = _MessageReader()
-        self._out = bytearray(encode_message(PROTOCOL_ID) + encode_message(self._proposals[0]))
-        self._header_seen = False
-        self.selected: str | None = None
-        self.unused_data = b""
+        super().__init__(encode_message(PROTOCOL_ID) + encode_message(self._proposals[0]))
 
-    @property
-    def done(self) -> bool:
-        return self.selected is not None
-
-    def data_to_send(self) -> bytes:
-        out = bytes(self._out)
-        self._out.clear()
-        return out
-
-    def receive_data(self, data: bytes) -> None:
-        if self.done:
-            self.unused_data += data
-            return
-        self._reader.feed(data)
-        while not self.done and (message := self._reader.next_message()) is not None:
-            if not self._header_seen:
-                if message != PROTOCOL_ID:
-                    raise NegotiationError(f"peer speaks {message[:64]!r}, not {PROTOCOL_ID}")
-                self._header_seen = True
-            elif message == self._proposals[0]:
-                self.selected = message
-                self.unused_data = self._reader.take_rest()
-            elif message == NA:
-                self._proposals.pop(0)
-                if not self._proposals:
-                    raise NegotiationError("peer supports none of the protocols we proposed")
-                self._out += encode_message(self._proposals[0])
-            else:
-                raise NegotiationError(
-                    f"peer answered {message[:64]!r} to our proposal {self._proposals[0]!r}"
-                )
+    def _on_message(self, message: str) -> None:
+        if message == self._proposals[0]:
+            self.selected = message
+            self.unused_data = self._reader.take_rest()
+        elif message == NA:
+            self._proposals.pop(0)
+            if not self._proposals:
+                raise NegotiationError("peer supports none of the protocols we proposed")
+            self._out += encode_message(self._proposals[0])
+        else:
+            raise NegotiationError(f"peer answered {message[:64]!r} to our proposal {self._proposals[0]!r}")
 
 
-class MultistreamListener:
+class MultistreamListener(_Negotiation):
     """The accepting side: answers proposals with the first one found in `supported`."""
 
     def __init__(self, supported: Iterable[str]) -> None:
         self._supported = frozenset(supported)
-        self._reader = _MessageReader()
-        self._out = bytearray(encode_message(PROTOCOL_ID))
-        self._header_seen = False
         self._proposals_seen = 0
-        self.selected: str | None = None
-        self.unused_data = b""
+        super().__init__(encode_message(PROTOCOL_ID))
 
-    @property
-    def done(self) -> bool:
-        return self.selected is not None
-
-    def data_to_send(self) -> bytes:
-        out = bytes(self._out)
-        self._out.clear()
-        return out
-
-    def receive_data(self, data: bytes) -> None:
-        if self.done:
-            self.unused_data += data
-            return
-        self._reader.feed(data)
-        while not self.done and (message := self._reader.next_message()) is not None:
-            if not self._header_seen:
-                if message != PROTOCOL_ID:
-                    raise NegotiationError(f"peer speaks {message[:64]!r}, not {PROTOCOL_ID}")
-                self._header_seen = True
-                continue
-            self._proposals_seen += 1
-            if self._proposals_seen > MAX_PROPOSALS:
-                raise NegotiationError(f"peer proposed more than {MAX_PROPOSALS} protocols without a match")
-            if message in self._supported:
-                self.selected = message
-                self._out += encode_message(message)
-                self.unused_data = self._reader.take_rest()
-            else:
-                self._out += encode_message(NA)  # also the answer to "ls": we do not list
+    def _on_message(self, message: str) -> None:
+        self._proposals_seen += 1
+        if self._proposals_seen > MAX_PROPOSALS:
+            raise NegotiationError(f"peer proposed more than {MAX_PROPOSALS} protocols without a match")
+        if message in self._supported:
+            self.selected = message
+            self._out += encode_message(message)
+            self.unused_data = self._reader.take_rest()
+        else:
+            self._out += encode_message(NA)  # also the answer to "ls": we do not list

@@ -207,14 +207,21 @@ class DHTNode:
     @classmethod
     async def on_host(cls, host: Host, key: Ed25519PrivateKey, *, bootstrap: Sequence[str] = (),
                       table_path: str | os.PathLike[str] | None = None,
-                      addrs: list[str] | None = None) -> "DHTNode":
-        """Run the DHT on the daemon's Host (whose identity `key` is); `addrs` default to its listen addrs."""
+                      addrs: list[str] | None = None,
+                      reach: Callable[[PeerID, list[str]], Awaitable[object]] | None = None) -> "DHTNode":
+        """Run the DHT on the daemon's Host (whose identity `key` is); `addrs` default to its listen addrs.
+
+        `reach(peer, addrs)`, when given, connects to a contact first by whatever path works (the NAT
+        layer: direct, punched or relayed); without it contacts are dialed directly."""
         if PeerID.from_public_key(key.public_key()) != host.peer_id:
             raise DHTError("the DHT key is not the Host's identity; pass the key the Host was created with")
 
         async def dial(c: Contact) -> Stream:
             if c.peer_id:
-                return await host.new_stream(PeerID.from_bytes(c.peer_id), PROTOCOL_ID, list(c.addrs))
+                peer = PeerID.from_bytes(c.peer_id)
+                if reach is not None:
+                    await reach(peer, list(c.addrs))
+                return await host.new_stream(peer, PROTOCOL_ID, list(c.addrs))
             return await host.new_stream(await host.connect(c.addrs[0]), PROTOCOL_ID)  # bootstrap address
 
         node = cls(key, dial, addrs if addrs is not None else [str(a) for a in host.listen_addrs],

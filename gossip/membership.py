@@ -21,28 +21,38 @@ log = logging.getLogger(__name__)
 MAX_MEMBERS = 4096
 MAX_FIELD_CHARS = 256
 MAX_SELF_CLAIMS = 16  # addresses of would-be twins we bother to check
+# Addresses one member may publish: its direct ones (LAN, public, observed) and one per relay it holds.
+MAX_ADDRS = 8
 
 
 @dataclass
 class Member:
     peer_id: str
-    addr: str
+    addrs: tuple[str, ...]  # best first: direct addresses, then relayed (/p2p-circuit) ones
     heartbeat: int
     round: int
     left: bool
     changed_at: float  # local time the heartbeat last grew
     ready: bool = False  # its worker has loaded the model and can train
 
+    @property
+    def addr(self) -> str:
+        return self.addrs[0]
+
 
 class Membership:
-    def __init__(self, peer_id: str, addr: str, now: float, fail_after: float = 5.0, incarnation: int = 0):
+    def __init__(
+        self, peer_id: str, addrs: str | list[str], now: float, fail_after: float = 5.0, incarnation: int = 0
+    ):
         self.peer_id = peer_id
         self.fail_after = fail_after
         # A restarted peer must out-count the heartbeats its previous life left in others' tables, or they
         # would keep its old address: start from a number that only grows across restarts (the caller
         # passes the wall clock in milliseconds).
         self.members: dict[str, Member] = {
-            peer_id: Member(peer_id, addr, heartbeat=incarnation + 1, round=0, left=False, changed_at=now)
+            peer_id: Member(
+                peer_id, _as_tuple(addrs), heartbeat=incarnation + 1, round=0, left=False, changed_at=now
+            )
         }
         # Addresses others gossip for our own id: a previous life of ours, or another daemon with our key.
         self.claims_of_self: set[str] = set()
@@ -56,6 +66,11 @@ class Membership:
         self.me.round = round_number
         self.me.changed_at = now
 
+    def set_addrs(self, addrs: list[str]) -> None:
+        """Our addresses changed (a relay reservation came or went): the next heartbeat carries them."""
+        self.me.addrs = _as_tuple(addrs)
+        self.me.heartbeat += 1
+
     def leave(self) -> None:
         self.me.left = True
         self.me.heartbeat += 1
@@ -65,7 +80,8 @@ class Membership:
         return [
             {
                 "peer_id": m.peer_id,
-                "addr": m.addr,
+                "addr": m.addr,  # for peers that read one address only
+                "addrs": list(m.addrs),
                 "heartbeat": m.heartbeat,
                 "round": m.round,
                 "left": m.left,
@@ -88,23 +104,30 @@ class Membership:
             if parsed is None:
                 log.warning("dropped a malformed membership entry: %.200r", entry)
                 continue
-            peer_id, addr, heartbeat, round_number, left, ready = parsed
+            peer_id, addrs, heartbeat, round_number, left, ready = parsed
             if peer_id == self.peer_id:
-                if addr != self.me.addr and not left and len(self.claims_of_self) < MAX_SELF_CLAIMS:
-                    self.claims_of_self.add(addr)
+                if not left:
+                    self._note_claims(addrs)
                 continue  # only we speak for ourselves
             known = self.members.get(peer_id)
             if known is None:
                 if len(self.members) >= MAX_MEMBERS:
                     continue
-                self.members[peer_id] = Member(peer_id, addr, heartbeat, round_number, left, now, ready)
+                self.members[peer_id] = Member(peer_id, addrs, heartbeat, round_number, left, now, ready)
                 if not left:
                     new.append(peer_id)
             elif heartbeat > known.heartbeat:
-                known.addr, known.heartbeat, known.round, known.left = addr, heartbeat, round_number, left
+                known.addrs, known.heartbeat, known.round, known.left = addrs, heartbeat, round_number, left
                 known.ready = ready
                 known.changed_at = now
         return new
+
+    def _note_claims(self, addrs: tuple[str, ...]) -> None:
+        """Direct addresses gossiped for our id that are not ours: a twin may listen there."""
+        for addr in addrs:
+            if addr in self.me.addrs or "/p2p-circuit" in addr or len(self.claims_of_self) >= MAX_SELF_CLAIMS:
+                continue
+            self.claims_of_self.add(addr)
 
     def is_live(self, peer_id: str, now: float) -> bool:
         member = self.members.get(peer_id)
@@ -125,6 +148,10 @@ class Membership:
         member = self.members.get(peer_id)
         return member.addr if member else None
 
+    def addrs_of(self, peer_id: str) -> list[str]:
+        member = self.members.get(peer_id)
+        return list(member.addrs) if member else []
+
     def ready(self, now: float) -> list[str]:
         """Live members whose workers can train."""
         return [p for p in self.live(now) if self.members[p].ready]
@@ -133,17 +160,27 @@ class Membership:
         return max((self.members[p].round for p in self.live(now)), default=0)
 
 
-def _parse_entry(entry: Any) -> tuple[str, str, int, int, bool, bool] | None:
+def _as_tuple(addrs: str | list[str]) -> tuple[str, ...]:
+    addrs = (addrs,) if isinstance(addrs, str) else tuple(addrs)
+    if not addrs:
+        raise ValueError("a member needs at least one address")
+    return addrs[:MAX_ADDRS]
+
+
+def _parse_entry(entry: Any) -> tuple[str, tuple[str, ...], int, int, bool, bool] | None:
     if not isinstance(entry, dict):
         return None
     peer_id, addr = entry.get("peer_id"), entry.get("addr")
+    addrs = entry.get("addrs", [addr])
     heartbeat, round_number, left = entry.get("heartbeat"), entry.get("round"), entry.get("left")
     if not (isinstance(peer_id, str) and 0 < len(peer_id) <= MAX_FIELD_CHARS):
         return None
-    if not (isinstance(addr, str) and 0 < len(addr) <= MAX_FIELD_CHARS):
+    if not isinstance(addrs, list) or not 0 < len(addrs) <= MAX_ADDRS:
+        return None
+    if not all(isinstance(a, str) and 0 < len(a) <= MAX_FIELD_CHARS for a in addrs):
         return None
     if not (isinstance(heartbeat, int) and isinstance(round_number, int) and isinstance(left, bool)):
         return None
     if heartbeat < 0 or round_number < 0:
         return None
-    return peer_id, addr, heartbeat, round_number, left, entry.get("ready") is True
+    return peer_id, tuple(addrs), heartbeat, round_number, left, entry.get("ready") is True

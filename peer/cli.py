@@ -108,6 +108,27 @@ def main() -> None:
     default=None,
     help="The peer's key file (from `peer keygen`). Default: DIR/key in --state-dir, else a new key.",
 )
+@click.option(
+    "--relay",
+    "relays",
+    multiple=True,
+    metavar="MULTIADDR",
+    help="A relay to reserve a slot on when this peer is behind a NAT (a public peer started with "
+    "--serve-relay, e.g. the bootstrap peer); /p2p/ID may be left out. Repeatable: use two or more.",
+)
+@click.option(
+    "--stun",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="A STUN server for hole punching (e.g. a public peer started with --serve-stun). Repeatable; two "
+    "at different addresses tell a symmetric NAT apart.",
+)
+@click.option(
+    "--turn", multiple=True, metavar="HOST:PORT:USER:PASSWORD", help="A TURN server for ICE. Repeatable."
+)
+@click.option("--serve-relay", is_flag=True, default=None, help="Relay for NATed peers (public peers).")
+@click.option("--serve-stun", type=int, default=None, metavar="PORT", help="Answer STUN on this port.")
+@click.option("--no-punch", "no_punch", is_flag=True, help="Keep relayed paths; never try to punch a hole.")
 @click.option("--json-events", is_flag=True, help="Print one JSON object per event on stdout (for tools).")
 @click.option(
     "--metrics", default=None, metavar="HOST:PORT", help="Serve Prometheus metrics here (off by default)."
@@ -132,6 +153,12 @@ def join(
     exchange_timeout,
     threads,
     key,
+    relays,
+    stun,
+    turn,
+    serve_relay,
+    serve_stun,
+    no_punch,
     json_events,
     metrics,
     log_json,
@@ -160,6 +187,12 @@ def join(
                 "threads": threads,
                 "metrics": metrics,
                 "key": key,
+                "relays": tuple(relays),
+                "stun": tuple(stun),
+                "turn": tuple(turn),
+                "serve_relay": serve_relay,
+                "serve_stun": serve_stun,
+                "punch": False if no_punch else None,
             },
         )
     except ConfigError as error:

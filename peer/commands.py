@@ -17,8 +17,13 @@ if TYPE_CHECKING:
     from peer.daemon import Daemon
 
 DEFAULT_TAIL = 20
-DIRECT_PATH = "direct (Noise + yamux over TCP)"  # the only path until transport/nat is wired in
 MAX_TAIL = 500
+REACHABILITY = {
+    "public": "public: others dial {addrs}",
+    "private": "behind a NAT: others reach it through {addrs}",
+    "firewalled": "firewalled: nobody can dial it; it swaps only with peers it dials itself",
+    "unknown": "not checked (no relay and no bootstrap peer to dial it back): others dial {addrs}",
+}
 
 HELP = {
     "status": "one screen: identity, run, round, losses, partner, traffic, peers, bans, last error",
@@ -45,12 +50,14 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
         live = daemon.membership.live(now) if daemon.membership else []
         current = daemon.book.current
         last = daemon.reports[-1] if daemon.reports else None
+        partner = current.partner if current else (last.partner if last else None)
         return {
             **board,
-            # The NAT layer (transport/nat) is not wired into the daemon yet: say so rather than guess.
-            "reachability": "unknown (no NAT detection in this daemon yet): others dial " + daemon.address,
-            "partner": current.partner if current else (last.partner if last else None),
-            "path": DIRECT_PATH if (current and current.partner) or (last and last.partner) else None,
+            "reachability": _reachability(daemon),
+            "addresses": daemon.published_addrs(),
+            "relay_reservations": len(daemon.nat.reservations) if daemon.nat else 0,
+            "partner": partner,
+            "path": _path_to(daemon, partner)["path"] if partner else None,
             "bits_per_param": daemon.board.values.get("bits_per_param"),
             "peers_known": len(members),
             "peers_live": len(live),
@@ -65,6 +72,7 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
             {
                 "peer_id": m.peer_id,
                 "address": m.addr,
+                "addresses": list(m.addrs),
                 "live": daemon.membership.is_live(m.peer_id, now),
                 "left": m.left,
                 "finished_round": m.round,
@@ -76,15 +84,16 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
         ]
 
     def links(_: list[Any]) -> list[dict[str, Any]]:
+        """Per partner: the NAT layer's path (and why), its RTT and payload throughput, and the rounds."""
         return [
             {
                 "partner": link.partner,
-                "path": DIRECT_PATH,
+                **_path_to(daemon, link.partner),
                 "exchanges": link.exchanges,
                 "last_outcome": link.last_outcome,
                 "last_exchange_s_ago": round(time.time() - link.last_exchange_at, 1),
                 "last_exchange_s": round(link.last_seconds, 3),
-                "throughput_mb_s": round(link.throughput_mb_s, 2),
+                "round_mb_s": round(link.throughput_mb_s, 2),
             }
             for link in daemon.board.links.values()
         ]
@@ -146,6 +155,32 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
         "status": status, "peers": peers, "links": links, "rounds": rounds, "loss": loss, "config": config,
         "dht": dht, "state": state, "why": why, "log": log, "ban": ban, "unban": unban, "help": help_,
     }  # fmt: skip
+
+
+def _reachability(daemon: Daemon) -> str:
+    if daemon.nat is None:
+        return "unknown: the peer is starting"
+    status = daemon.nat.reachability.status
+    addrs = ", ".join(daemon.published_addrs()) or "no address"
+    return REACHABILITY.get(status, status).format(addrs=addrs)
+
+
+def _path_to(daemon: Daemon, partner: str) -> dict[str, Any]:
+    """What the NAT layer knows of the path to `partner`: which, why, RTT, payload throughput."""
+    from transport.identity import PeerID
+
+    try:
+        info = daemon.nat.paths.get(PeerID.from_string(partner)) if daemon.nat else None
+    except ValueError:
+        info = None
+    if info is None:
+        return {"path": "not connected", "path_reason": None, "rtt_ms": None, "payload_mb_s": None}
+    return {
+        "path": info.path,
+        "path_reason": info.reason,
+        "rtt_ms": round(info.rtt_s * 1e3, 2) if info.rtt_s is not None else None,
+        "payload_mb_s": round(info.mb_s, 2) if info.mb_s is not None else None,
+    }
 
 
 def _count(args: list[Any]) -> int:

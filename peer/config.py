@@ -52,6 +52,14 @@ class PeerConfig:
     gossip_interval: float = 1.0
     fail_after: float = 5.0  # a member silent this long is presumed dead
     metrics: str | None = None  # HOST:PORT of the Prometheus endpoint; None: off
+    # NATs (transport/nat). A public peer may serve relaying and STUN for NATed ones; a NATed peer
+    # reserves a slot on each relay and punches holes with the help of STUN (and TURN for ICE).
+    relays: tuple[str, ...] = ()  # multiaddrs of relays; /p2p/ID may be left out
+    stun: tuple[str, ...] = ()  # HOST:PORT of STUN servers (two at different IPs spot a symmetric NAT)
+    turn: tuple[str, ...] = ()  # HOST:PORT:USER:PASSWORD of TURN servers, for ICE
+    serve_relay: bool = False
+    serve_stun: int | None = None  # a port: answer STUN over UDP and TCP there
+    punch: bool = True  # replace a relayed path by a punched one when possible
 
     def __post_init__(self) -> None:
         if not RUN_ID_PATTERN.match(self.run_id):
@@ -75,6 +83,18 @@ class PeerConfig:
             raise ConfigError(f"shard {self.shard[0]}/{self.shard[1]} must satisfy 0 <= index < count")
         if self.data is not None and not Path(self.data).exists():
             raise ConfigError(f"data path {self.data} does not exist")
+        for relay in self.relays:
+            if not re.fullmatch(r"/(ip4|ip6|dns4|dns6|dns)/[^/]+/tcp/\d+(/p2p/[^/]+)?/?", relay):
+                raise ConfigError(f"relay {relay!r} must look like /ip4/HOST/tcp/PORT[/p2p/ID]")
+        for server in self.stun:
+            _host_port(server, "STUN server")
+        for server in self.turn:
+            parts = server.split(":", 3)
+            if len(parts) != 4 or not all(parts):
+                raise ConfigError(f"TURN server {server!r} must look like HOST:PORT:USER:PASSWORD")
+            _host_port(":".join(parts[:2]), "TURN server")
+        if self.serve_stun is not None and not 0 <= self.serve_stun < 65536:
+            raise ConfigError(f"serve_stun must be a port number, got {self.serve_stun}")
 
     def worker_dict(self) -> dict[str, Any]:
         """The fields the training worker needs, as plain values for the control channel."""
@@ -85,6 +105,29 @@ class PeerConfig:
         values = {name: getattr(self, name) for name in names}
         values["shard"] = list(self.shard) if self.shard else None
         return values
+
+    def nat_config(self, relays: tuple[Any, ...]) -> Any:
+        """The NAT layer's settings; `relays` are the relay multiaddrs with their peer ids resolved."""
+        from transport.nat.paths import NatConfig
+
+        return NatConfig(
+            relays=relays,
+            stun_servers=tuple(_host_port(s, "STUN server") for s in self.stun),
+            serve_stun_port=self.serve_stun,
+            serve_relay=self.serve_relay,
+            punch=self.punch,
+            turn_servers=tuple(
+                (*_host_port(":".join(t.split(":", 3)[:2]), "TURN server"), *t.split(":", 3)[2:])
+                for t in self.turn
+            ),
+        )
+
+
+def _host_port(text: str, what: str) -> tuple[str, int]:
+    match = re.fullmatch(r"([^:\s]+):(\d+)", text.strip())
+    if match is None or not 0 < int(match[2]) < 65536:
+        raise ConfigError(f"{what} {text!r} must look like HOST:PORT")
+    return match[1], int(match[2])
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -113,10 +156,9 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> PeerConfig:
         raise ConfigError("a run id is required: --run ID or run_id in the [peer] table")
     if isinstance(values.get("shard"), str):
         values["shard"] = parse_shard(values["shard"])
-    if isinstance(values.get("bootstrap"), list | str):
-        values["bootstrap"] = tuple(
-            [values["bootstrap"]] if isinstance(values["bootstrap"], str) else values["bootstrap"]
-        )
+    for name in ("bootstrap", "relays", "stun", "turn"):  # TOML gives a list or one string
+        if isinstance(values.get(name), list | str):
+            values[name] = tuple([values[name]] if isinstance(values[name], str) else values[name])
     try:
         return PeerConfig(**values)
     except TypeError as error:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import re
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dht.node import DHTNode
-from gossip.membership import Membership
+from gossip.membership import MAX_ADDRS, Membership
 from gossip.rounds import payload as dense
 from gossip.rounds.pairing import partner_of
 from gossip.rounds.swap import SwapBook, Verdict, should_stop_waiting
@@ -32,7 +33,7 @@ from peer.events import Events
 from peer.ipc import WorkerGone, WorkerProcess
 from peer.keys import resolve_identity
 from peer.metrics import MetricsServer
-from peer.progress import progress_bar
+from peer.progress import progress_bar, transfer_bar
 from peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of
 from peer.status import LogTail, StatusBoard
 from peer.worker.presets import peer_number
@@ -41,6 +42,8 @@ from transport.host import Host, HostLimits, Stream
 from transport.identity import PeerID
 from transport.messages import MessageError, read_frame, write_message
 from transport.multiaddr import Multiaddr
+from transport.nat import reachability
+from transport.nat.paths import NatService
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,12 @@ PAYLOAD_SLACK = 64 * 1024  # message fields around a payload
 MAX_REQUESTS = 64  # inbound requests served at once; more wait for a slot
 REQUEST_TIMEOUT = 10.0  # seconds a peer has to send its request once the stream is open
 CONNECT_TIMEOUT = 5.0
+# Reaching a member through the NAT layer: a few direct dials (2 s each at most), then a relayed dial.
+NAT_CONNECT_TIMEOUT = 10.0
+# Starting the NAT layer: connecting to the relays, the dial-back verdict, a reservation on each relay.
+NAT_START_TIMEOUT = 30.0
+NAT_MAINTAIN_INTERVAL = 30.0  # relay reservations renewed, relayed partners punched again
+RTT_EVERY_ROUNDS = 10  # a partner's round-trip time is measured (one ping) this often, and when unknown
 PROBE_INTERVAL = 0.5  # how often a waiting responder asks its partner how it is doing
 BOOTSTRAP_PATIENCE = 30.0  # seconds to keep trying the bootstrap addresses
 WAIT_PEERS_PATIENCE = 60.0
@@ -129,7 +138,10 @@ class Daemon:
         self.method = ""  # the outer method, as the worker resolved it
         self.snapshot: tuple[int, bytes] | None = None  # (round, our slow weights) for joiners
         self.max_offer_bytes = CONTROL_MESSAGE_LIMIT
-        self.address = ""
+        self.address = ""  # the address we listen on, as others on our network would dial it
+        self.nat: NatService | None = None
+        # Addresses of run peers found in the DHT before they are members (peer id -> addresses).
+        self.found_addrs: dict[str, list[str]] = {}
         self.stopping = asyncio.Event()
         self.reports: list[RoundReport] = []
         self._requests = asyncio.Semaphore(MAX_REQUESTS)
@@ -158,15 +170,17 @@ class Daemon:
             self.address = str(
                 Multiaddr.from_tcp(advertised_host(host), port, PeerID.from_string(self.peer_id))
             )
+            self.nat = await self._start_nat(stack)
             self.dht = await DHTNode.on_host(
                 self.host, self.key, bootstrap=list(self.config.bootstrap),
-                table_path=self.state_dir / DHT_TABLE_FILE, addrs=[self.address],
+                table_path=self.state_dir / DHT_TABLE_FILE, addrs=self.published_addrs(),
+                reach=self._reach_peer,
             )  # fmt: skip
             stack.push_async_callback(self.dht.close)
             loop = asyncio.get_running_loop()
             self.membership = Membership(
                 self.peer_id,
-                self.address,
+                self.published_addrs(),
                 loop.time(),
                 self.config.fail_after,
                 incarnation=time.time_ns() // 10**6,
@@ -188,9 +202,13 @@ class Daemon:
             stack.push_async_callback(self.worker.stop)
             stack.push_async_callback(self._leave)
             async with asyncio.TaskGroup() as group:
-                background = [group.create_task(self._gossip_forever())]
+                background = [
+                    group.create_task(self._gossip_forever()),
+                    group.create_task(self._maintain_nat()),
+                ]
                 try:
                     await self._bootstrap()
+                    background.append(group.create_task(self._learn_reachability()))
                     await self._start_runstate(stack)
                     background.append(group.create_task(self.runstate.run_forever()))
                     return await self._drive_worker()
@@ -198,6 +216,111 @@ class Daemon:
                     for task in background:
                         task.cancel()
         return 1  # not reached: the task group returns or raises
+
+    # --- NATs ---------------------------------------------------------------------------------------
+    async def _start_nat(self, stack: contextlib.AsyncExitStack) -> NatService:
+        """The NAT layer: serves relaying and STUN where asked; behind a NAT, holds a slot on each relay."""
+        relays = []
+        for text in self.config.relays:
+            addr = Multiaddr.parse(text)
+            if addr.peer_id is None:  # learn the relay's id by connecting to it
+                try:
+                    async with asyncio.timeout(CONNECT_TIMEOUT):
+                        addr = addr.with_peer_id(await self.host.connect(addr))
+                except (TimeoutError, OSError, TransportError) as error:
+                    log.warning("[%s] relay %s does not answer (%s); going on without it",
+                                self.peer_id, text, error or "timed out")  # fmt: skip
+                    continue
+            relays.append(addr)
+        nat_config = dataclasses.replace(self.config.nat_config(tuple(relays)), punch_in_background=True)
+        nat = NatService(self.host, nat_config)
+        stack.push_async_callback(nat.close)
+        try:
+            async with asyncio.timeout(NAT_START_TIMEOUT):
+                await nat.start()
+        except TimeoutError:
+            log.warning("[%s] the NAT layer did not finish starting in %.0f s (relays slow?); going on",
+                        self.peer_id, NAT_START_TIMEOUT)  # fmt: skip
+        if relays:
+            published = ", ".join(self._published_from(nat))
+            log.info("[%s] reachability: %s; holding %d relay reservation(s); publishing %s",
+                     self.peer_id, nat.reachability.status, len(nat.reservations), published)  # fmt: skip
+            if nat.reachability.status != reachability.PUBLIC and not nat.reservations:
+                log.warning("[%s] behind a NAT and no relay holds a slot for us: peers can reach us only "
+                            "when we dial them", self.peer_id)  # fmt: skip
+        return nat
+
+    async def _maintain_nat(self) -> None:
+        """Keeps relay reservations alive and retries punches for partners still relayed."""
+        while True:
+            await asyncio.sleep(NAT_MAINTAIN_INTERVAL)
+            try:
+                await self.nat.maintain_once()
+            except (OSError, TimeoutError, ShoalError) as error:
+                log.warning("[%s] NAT maintenance failed this time: %s", self.peer_id, error or "timed out")
+
+    def published_addrs(self) -> list[str]:
+        """The addresses others should dial us at (membership, DHT, run state), best first."""
+        return self._published_from(self.nat) if self.nat is not None else [self.address]
+
+    def _published_from(self, nat: NatService) -> list[str]:
+        nat_addrs = [str(a) for a in nat.addrs()]
+        if nat.reservations and nat.reachability.status != reachability.PUBLIC:
+            # Behind a NAT: our listening address is private, and a dial to it from elsewhere would only
+            # time out; publish what the NAT layer found (confirmed public addresses, relayed ones).
+            return nat_addrs[:MAX_ADDRS]
+        return list(dict.fromkeys([*nat_addrs, self.address]))[:MAX_ADDRS]
+
+    async def _learn_reachability(self) -> None:
+        """Without relays, ask the peers we joined through to dial us back, so that `peer status` can say
+        whether others can reach us (and say what to do when they cannot)."""
+        if self.config.relays or not self.config.bootstrap:
+            return
+        servers = self.host.connected_peers[:3]
+        if not servers:
+            return
+        try:
+            self.nat.reachability = await reachability.check(self.host, servers)
+        except (OSError, ShoalError) as error:
+            log.info("[%s] could not learn our reachability: %s", self.peer_id, error)
+            return
+        if self.nat.reachability.status in (reachability.PRIVATE, reachability.FIREWALLED):
+            log.warning("[%s] this peer is %s: peers cannot dial it, so it swaps only with peers it reaches "
+                        "itself; start it with --relay ADDR (a public peer started with --serve-relay)",
+                        self.peer_id, "behind a NAT" if self.nat.reachability.status == reachability.PRIVATE
+                        else "firewalled")  # fmt: skip
+
+    async def _reach_peer(self, peer: PeerID, addrs: list[str]) -> None:
+        """Connects to `peer` (unless we are) by the best path among `addrs`: direct, punched, relayed."""
+        async with asyncio.timeout(NAT_CONNECT_TIMEOUT):
+            await self.nat.connect(peer, addrs)
+
+    async def _reach(self, target: str) -> PeerID:
+        """The peer behind `target`, connected: a member's (or a DHT provider's) peer id, or an address
+        (a bootstrap peer's, with or without its /p2p/ id)."""
+        if target.startswith("/"):
+            addr = Multiaddr.parse(target)
+            if addr.peer_id is None:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    return await self.host.connect(addr)
+            peer, addrs = addr.peer_id, [target]
+        else:
+            peer = PeerID.from_string(target)
+            addrs = self.membership.addrs_of(target) or self.found_addrs.get(target, [])
+        await self._reach_peer(peer, addrs)
+        return peer
+
+    async def _refresh_addrs(self) -> None:
+        """Publishes our addresses again when they changed (a reservation was lost or renewed)."""
+        addrs = self.published_addrs()
+        if list(self.membership.me.addrs) == addrs:
+            return
+        log.info("[%s] our addresses changed: %s", self.peer_id, ", ".join(addrs))
+        self.membership.set_addrs(addrs)
+        self.dht.core.set_addrs(addrs)
+        if self.runstate is not None:
+            self.runstate.change("set_member", addrs=addrs, caps={"worker": "cpu"})
+        await self._announce()
 
     async def _bootstrap(self) -> None:
         """Finds the run's peers: through the bootstrap address itself when it is a peer of the run, else
@@ -240,20 +363,25 @@ class Daemon:
             delay = min(2.0, delay * 2)
 
     async def _run_peers_in_dht(self) -> list[str]:
-        """Addresses of the run's peers from the DHT's provider records (ours excluded)."""
+        """The run's peers from the DHT's provider records (ours excluded), their addresses noted."""
         try:
             async with asyncio.timeout(DHT_LOOKUP_TIMEOUT):
                 providers = await self.dht.find_run_peers(self.config.run_id)
         except (TimeoutError, ShoalError) as error:
             log.info("[%s] DHT lookup of run %s failed: %s", self.peer_id, self.config.run_id, error)
             return []
-        return [addrs[0] for _, addrs in providers if addrs]
+        found = []
+        for peer, addrs in providers:
+            text = str(PeerID.from_bytes(peer)) if isinstance(peer, bytes) else str(peer)
+            self.found_addrs[text] = [str(a) for a in addrs][:MAX_ADDRS]
+            found.append(text)
+        return found
 
     async def _announce(self) -> None:
         """Provider record for the run in the DHT, republished by the DHT node until we leave."""
         try:
             async with asyncio.timeout(DHT_LOOKUP_TIMEOUT):
-                stored = await self.dht.announce_run(self.config.run_id, [self.address])
+                stored = await self.dht.announce_run(self.config.run_id, self.published_addrs())
         except (TimeoutError, ShoalError) as error:
             log.warning(
                 "[%s] could not announce run %s in the DHT yet: %s", self.peer_id, self.config.run_id, error
@@ -281,12 +409,12 @@ class Daemon:
             raise DaemonError("the bootstrap peer did not say who created the run; is it an older Shoal?")
         self.runstate = RunStateLink(
             self.host, self.key, self.config.run_id, self.creator, self.state_dir / "runstate",
-            self.membership.addr_of,
+            self._reach_member,
         )  # fmt: skip
         stack.push_async_callback(self.runstate.close)
         self.host.set_stream_handler(RUNSTATE_PROTOCOL, self.runstate.serve)
         self.runstate.add_peers([p for p in self.membership.live(asyncio.get_running_loop().time())])
-        self.runstate.change("set_member", addrs=[self.address], caps={"worker": "cpu"})
+        self.runstate.change("set_member", addrs=self.published_addrs(), caps={"worker": "cpu"})
         if self.creator == self.peer_id and not self.runstate.state.config():
             self.runstate.change("set_config", {"run": self.config.run_id, **self.config.worker_dict()})
         self.runstate.apply(self.runstate.state.announce())
@@ -310,7 +438,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         others = [p for p in self.membership.live(loop.time()) if p != self.peer_id]
         for peer in random.sample(others, min(3, len(others))):
-            await self._exchange_members(self.membership.addr_of(peer), timeout=1.0)
+            await self._exchange_members(peer, timeout=1.0)
 
     # --- the worker -------------------------------------------------------------------------------
     async def _drive_worker(self) -> int:
@@ -369,10 +497,7 @@ class Daemon:
         self.board.set_activity("joining", "fetching the run's current weights from a member")
         for peer in sorted(others, key=lambda p: -self.membership.members[p].round)[:WEIGHT_SOURCES]:
             try:
-                async with asyncio.timeout(WEIGHTS_TIMEOUT):
-                    reply, _, received = await self._request(
-                        self.membership.addr_of(peer), self._message("weights"), self.max_offer_bytes
-                    )
+                reply, received = await self._fetch_weights(peer)
                 weights, number = reply.get("data"), reply.get("round")
                 if (
                     reply.get("type") != "weights"
@@ -382,7 +507,7 @@ class Daemon:
                     raise MessageError(f"unexpected answer to a weights request: {reply.get('type')!r}")
                 dense.check_weights(weights, self.spec)
             except (OSError, TimeoutError, asyncio.IncompleteReadError, TransportError, MessageError,
-                    dense.PayloadError) as error:  # fmt: skip
+                    dense.PayloadError, ValueError) as error:  # fmt: skip
                 log.warning("[%s] could not fetch weights from %s: %s", self.peer_id, peer, error)
                 continue
             nbytes = self.worker.inbound.write(weights)
@@ -391,6 +516,21 @@ class Daemon:
             return {"type": "begin", "weights_nbytes": nbytes, "round": number}
         log.warning("[%s] no member sent its weights; starting from the run's initial weights", self.peer_id)
         return {"type": "begin", "weights_nbytes": 0}
+
+    async def _fetch_weights(self, peer: str) -> tuple[dict[str, Any], int]:
+        """Asks `peer` for its slow weights, showing the transfer as a bar and in `peer status`."""
+        with transfer_bar(f"weights from {peer[-8:]}", enabled=not self.events.json_lines) as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar(done, total)
+                mb = f"{done / 1e6:.1f} of {total / 1e6:.1f} MB"
+                self.board.set_activity("joining", f"fetching the run's weights from {peer}: {mb}")
+
+            async with asyncio.timeout(WEIGHTS_TIMEOUT):
+                reply, _, received = await self._request(
+                    peer, self._message("weights"), self.max_offer_bytes, progress
+                )
+        return reply, received
 
     async def _close_worker_on_stop(self) -> None:
         await self.stopping.wait()
@@ -433,8 +573,20 @@ class Daemon:
             return
         if report.outcome == "swapped":
             await self.worker.send({"type": "partner", "round": number, "nbytes": nbytes})
+            await self._measure_rtt(report.partner, number)
         else:
             await self.worker.send({"type": "skip", "round": number, "reason": report.outcome})
+
+    async def _measure_rtt(self, partner: str, number: int) -> None:
+        """A ping to the partner now and then, for `peer status` and `links` (the worker trains meanwhile)."""
+        info = self.nat.paths.get(PeerID.from_string(partner))
+        if info is None or (info.rtt_s is not None and number % RTT_EVERY_ROUNDS):
+            return
+        try:
+            async with asyncio.timeout(1.0):
+                await self.nat.measure_rtt(info.peer)
+        except (TimeoutError, OSError, TransportError) as error:
+            log.info("[%s] no round-trip time to %s: %s", self.peer_id, partner, error or "timed out")
 
     def _round_number(self, proposed: int) -> int:
         """The worker's next round, unless we just joined or skipped and the run is ahead of us: then the
@@ -473,7 +625,8 @@ class Daemon:
             report.outcome = (
                 f"skipped: partner {partner} did not answer within {self.config.exchange_timeout:.0f}s"
             )
-        except (OSError, asyncio.IncompleteReadError, TransportError) as error:
+        except (OSError, asyncio.IncompleteReadError, TransportError, ValueError) as error:
+            # ValueError: a member id gossiped to us that is no peer id cannot be dialed
             report.outcome = f"skipped: connection to partner {partner} failed ({type(error).__name__})"
         except (MessageError, dense.PayloadError) as error:
             report.outcome = f"skipped: partner {partner} sent an invalid answer ({error})"
@@ -489,9 +642,9 @@ class Daemon:
 
     async def _initiate(self, partner: str, number: int, payload: bytes, report: RoundReport) -> None:
         offer = self._message("offer", round=number, payload=payload)
-        reply, sent, received = await self._request(
-            self.membership.addr_of(partner), offer, self.max_offer_bytes
-        )
+        timer = TransferTimer()
+        reply, sent, received = await self._request(partner, offer, self.max_offer_bytes, timer)
+        timer.record(self.nat, partner)
         report.bytes_sent, report.bytes_received = sent, received
         if reply.get("type") == "refuse":
             report.outcome = f"skipped: partner refused ({str(reply.get('reason'))[:200]})"
@@ -515,9 +668,7 @@ class Daemon:
                 break
             except TimeoutError:
                 status, _, _ = await self._request(
-                    self.membership.addr_of(partner),
-                    self._message("status", round=number),
-                    CONTROL_MESSAGE_LIMIT,
+                    partner, self._message("status", round=number), CONTROL_MESSAGE_LIMIT
                 )
                 reason = should_stop_waiting(status, self.peer_id, number)
                 if reason is not None and not arrival.done():
@@ -557,29 +708,33 @@ class Daemon:
             **fields,
         }
 
-    async def _request(self, address: str | None, message: dict, limit: int) -> tuple[dict, int, int]:
-        """One request on a fresh stream: returns the answer and the bytes sent and received."""
-        if address is None:
-            raise TransportError("no known address")
-        target = Multiaddr.parse(address)
+    async def _reach_member(self, peer: PeerID) -> None:
+        await self._reach(str(peer))
+
+    async def _request(
+        self, target: str, message: dict, limit: int, progress: Any = None
+    ) -> tuple[dict, int, int]:
+        """One request on a fresh stream to `target` (a peer id or an address, see `_reach`): returns
+        the answer and the bytes sent and received. `progress(done, total)` follows the answer's bytes."""
+        peer = await self._reach(target)
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            peer = target.peer_id or await self.host.connect(target)
-            stream = await self.host.new_stream(peer, RUN_PROTOCOL, [target])
+            stream = await self.host.new_stream(peer, RUN_PROTOCOL)
         try:
             sent = await write_message(stream, message)
             await stream.close()  # our side is done: half-close
-            reply, received = await read_frame(stream, limit)
+            reply, received = await read_frame(stream, limit, progress)
         except BaseException:
             await stream.reset()
             raise
         return reply, sent, received
 
-    async def _exchange_members(self, address: str | None, timeout: float = 2.0) -> bool:
+    async def _exchange_members(self, target: str, timeout: float = 2.0) -> bool:
+        """Swaps membership tables with `target` (a peer id or an address); False if it did not answer."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
                 reply, _, _ = await self._request(
-                    address, self._message("members", table=self.membership.table()), CONTROL_MESSAGE_LIMIT
+                    target, self._message("members", table=self.membership.table()), CONTROL_MESSAGE_LIMIT
                 )
         except (
             OSError,
@@ -588,13 +743,14 @@ class Daemon:
             MessageError,
             DaemonError,
             TransportError,
+            ValueError,  # an address or peer id that does not parse
         ):
             return False
         if reply.get("run") != self.config.run_id:
             log.warning(
                 "[%s] %s belongs to run %r, not %r",
                 self.peer_id,
-                address,
+                target,
                 reply.get("run"),
                 self.config.run_id,
             )
@@ -608,7 +764,8 @@ class Daemon:
     def _merge_members(self, table: Any, now: float) -> None:
         new = self.membership.merge(table, now)
         for peer in new:
-            self.events.emit("peer_joined", partner=peer, address=self.membership.addr_of(peer))
+            self.events.emit("peer_joined", partner=peer, address=self.membership.addr_of(peer),
+                             addresses=self.membership.addrs_of(peer))  # fmt: skip
         if new and self.runstate is not None:
             self.runstate.add_peers(new)
 
@@ -623,12 +780,13 @@ class Daemon:
                 self.events.emit("peer_lost", partner=gone)
             live_before = live
             others = sorted(live - {self.peer_id})
+            await self._refresh_addrs()
             if others:
-                await self._exchange_members(self.membership.addr_of(random.choice(others)))
+                await self._exchange_members(random.choice(others))
             else:
                 # Alone: everyone may have been presumed dead while we (or they) were busy, e.g. loading
                 # torch. Knock on the bootstrap peers and the members we gave up on, so a split heals.
-                known = [m.addr for m in self.membership.members.values() if m.peer_id != self.peer_id]
+                known = [p for p in self.membership.members if p != self.peer_id]
                 candidates = [*self.config.bootstrap, *known]
                 if candidates:
                     await self._exchange_members(random.choice(candidates))
@@ -640,8 +798,10 @@ class Daemon:
         sender = str(stream.remote_peer_id)  # proven by the Noise handshake
         async with self._requests:
             try:
+                timer = TransferTimer()
                 async with asyncio.timeout(REQUEST_TIMEOUT):
-                    request, size = await read_frame(stream, self.max_offer_bytes)
+                    request, size = await read_frame(stream, self.max_offer_bytes, timer)
+                timer.record(self.nat, sender)
                 await self._dispatch(sender, request, size, stream)
                 await stream.close()
             except (MessageError, dense.PayloadError) as error:
@@ -710,6 +870,29 @@ class Daemon:
         arrival = self.incoming.get(number)
         if arrival is not None and not arrival.done():
             arrival.set_result((payload, sent, size))
+
+
+class TransferTimer:
+    """A `read_frame` progress callback that times a message's body from its first byte to its last, for
+    the NAT layer's per-path throughput (the wait for a partner to answer is not transfer time)."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.nbytes = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if self.started is None:
+            self.started = now
+        if done == total:
+            self.finished, self.nbytes = now, total
+
+    def record(self, nat: NatService | None, peer: str) -> None:
+        if nat is None or self.started is None or self.finished is None:
+            return
+        with contextlib.suppress(ValueError):
+            nat.record_transfer(PeerID.from_string(peer), self.nbytes, self.finished - self.started)
 
 
 def _round_field(request: dict[str, Any]) -> int:

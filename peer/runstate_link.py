@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ from transport.errors import TransportError
 from transport.host import Host, Stream
 from transport.identity import KEY_TYPE_ED25519, PeerID
 from transport.messages import MessageError, read_frame, write_message
-from transport.multiaddr import Multiaddr
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +52,14 @@ class RunStateLink:
         run_id: str,
         creator_peer_id: str,
         directory: Path,
-        addresses: Callable[[str], str | None],
+        reach: Callable[[PeerID], Awaitable[object]],
     ):
         creator = key_of(creator_peer_id)
         if creator is None:
             raise RunStateError(f"the run's creator {creator_peer_id} has no Ed25519 key")
         self.host = host
         self.directory = directory
-        self.addresses = addresses  # PeerID text -> a multiaddr we know for it
+        self.reach = reach  # connects to a peer by whatever path works (the daemon's NAT layer)
         self.creator_peer_id = creator_peer_id
         self.state = runstate_store.load(directory, key, run_id.encode(), creator, time.time())
         self.me = public_bytes(key)
@@ -88,12 +87,11 @@ class RunStateLink:
     # --- the network ----------------------------------------------------------------------------------
     async def _send(self, item: Outgoing) -> None:
         peer = peer_id_of(item.dest)
-        address = self.addresses(str(peer))
         async with self._sends:
             try:
                 async with asyncio.timeout(SEND_TIMEOUT):
-                    addrs = [Multiaddr.parse(address)] if address else []
-                    stream = await self.host.new_stream(peer, RUNSTATE_PROTOCOL, addrs)
+                    await self.reach(peer)
+                    stream = await self.host.new_stream(peer, RUNSTATE_PROTOCOL)
                     await write_message(stream, {"d": item.data})
                     await stream.close()
             except (TransportError, OSError, TimeoutError) as error:

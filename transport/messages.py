@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import struct
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgpack
@@ -26,6 +27,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 # would let a small frame expand into a large allocation.
 MAX_CONTAINER_ITEMS = 100_000
 MAX_STRING_BYTES = 64 * 1024
+# A body read with a progress callback arrives in pieces of this size.
+PROGRESS_CHUNK = 256 * 1024
 
 
 class MessageError(ShoalError):
@@ -41,7 +44,9 @@ def encode_message(message: dict[str, Any]) -> bytes:
     return LENGTH_PREFIX.pack(len(body)) + body
 
 
-def decode_body(body: bytes | memoryview, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:
+def decode_body(
+    body: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> dict[str, Any]:
     """One msgpack map, unpacked with explicit limits on every container and string."""
     try:
         message = msgpack.unpackb(
@@ -94,12 +99,25 @@ async def read_message(reader: _Readable, max_bytes: int = DEFAULT_MAX_MESSAGE_B
 
 
 async def read_frame(
-    reader: _Readable, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    reader: _Readable,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, Any], int]:
-    """Like read_message, and also returns the frame's size on the wire."""
+    """Like read_message, and also returns the frame's size on the wire.
+
+    `progress(done, total)` is called with the body's byte counts: once the length is known (done 0),
+    then after each piece; a caller can draw a bar or time the transfer from its first byte."""
     (length,) = LENGTH_PREFIX.unpack(await reader.readexactly(LENGTH_PREFIX.size))
     check_length(length, max_bytes)
-    return decode_body(await reader.readexactly(length), max_bytes), LENGTH_PREFIX.size + length
+    if progress is None:
+        body: bytes | bytearray = await reader.readexactly(length)
+    else:
+        progress(0, length)
+        body = bytearray()  # grows to at most `length`, which the limit was checked against
+        while len(body) < length:
+            body += await reader.readexactly(min(PROGRESS_CHUNK, length - len(body)))
+            progress(len(body), length)
+    return decode_body(body, max_bytes), LENGTH_PREFIX.size + length
 
 
 async def write_message(writer: Any, message: dict[str, Any]) -> int:

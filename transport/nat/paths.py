@@ -48,7 +48,7 @@ RENEW_MARGIN_S = 4 * MAINTAIN_INTERVAL_S
 # Throughput is a moving average over recent transfers: a new sample weighs this much.
 THROUGHPUT_EWMA = 0.3
 # Transfers shorter than this say more about latency than about throughput; they are not sampled.
-MIN_SAMPLE_BYTES = 256 * 1024
+MIN_SAMPLE_BYTES = 64 * 1024
 DOCUMENTATION_NETS = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")
 
 
@@ -69,6 +69,11 @@ class NatConfig:
     punch_methods: tuple[str, ...] = ("tcp", "ice")
     # TURN servers for ICE as (ip, port, user, password); STUN for ICE comes from `stun_servers`.
     turn_servers: tuple[tuple[str, int, str, str], ...] = ()
+    # Punch in a background task instead of inside `connect()`: the caller (the daemon) gets the relayed
+    # path at once and uses it until the punch replaces it. The dialer of the relayed connection starts
+    # it when it is public (a connection reversal) or has the smaller peer id, so two NATed partners that
+    # dial each other at once do not punch twice; `maintain()` retries either side later.
+    punch_in_background: bool = False
 
     def ice_servers(self) -> ice.IceServers | None:
         if "ice" not in self.punch_methods or not (self.stun_servers or self.turn_servers):
@@ -109,6 +114,7 @@ class NatService:
             host, stun_servers, self._punched_by_peer, config.ice_servers()
         )
         self._closers: set[asyncio.Task[None]] = set()
+        self._punches: dict[PeerID, asyncio.Task[Any]] = {}
 
     # ------------------------------------------------------------------ start-up
 
@@ -167,8 +173,7 @@ class NatService:
             if info is None or info.path != conduit.path_of(current):
                 info = self._set(peer, conduit.path_of(current), "already connected", started)
             if info.path == RELAY and self.config.punch and info.last_attempt == float("-inf"):
-                info.last_attempt = time.monotonic()
-                await self.upgrade(peer, started)
+                await self._punch_soon(peer, info, started)
             return self.paths.get(peer, info)
         parsed = [Multiaddr.parse(a) for a in addrs]
         direct = [a for a in parsed if relay.split_circuit_addr(a) is None]
@@ -190,10 +195,26 @@ class NatService:
                 continue
             info = self._set(peer, RELAY, f"no direct address answered; relayed via {addr}", started)
             if self.config.punch:
-                info.last_attempt = time.monotonic()
-                await self.upgrade(peer, started)
+                await self._punch_soon(peer, info, started)
             return self.paths.get(peer, info)
         raise TransportError(f"no path to {peer.short()}: {'; '.join(errors) or 'no address given'}")
+
+    async def _punch_soon(self, peer: PeerID, info: PathInfo, started: float | None) -> None:
+        """Punch now (waiting for it), or in the background where the config says so."""
+        if self.config.punch_in_background:
+            self._punch_later(peer, info, started)
+        else:
+            info.last_attempt = time.monotonic()
+            await self.upgrade(peer, started)
+
+    def _punch_later(self, peer: PeerID, info: PathInfo, started: float | None) -> None:
+        public = self.reachability.status == reachability.PUBLIC
+        if peer in self._punches or (not public and self.host.peer_id.multihash > peer.multihash):
+            return  # one punch at a time; a public dialer reverses, else the smaller id punches first
+        info.last_attempt = time.monotonic()
+        task = asyncio.get_running_loop().create_task(self.upgrade(peer, started))
+        self._punches[peer] = task
+        task.add_done_callback(lambda _: self._punches.pop(peer, None))
 
     async def upgrade(self, peer: PeerID, started: float | None = None) -> PathInfo | None:
         """Replace the relay to `peer` by a direct path: the peer dials us when we are reachable
@@ -329,9 +350,10 @@ class NatService:
                 await self.upgrade(peer)
 
     async def close(self) -> None:
-        for task in list(self._closers):
+        tasks = [*self._closers, *self._punches.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._closers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._stun is not None:
             self._stun.close()
 

@@ -15,6 +15,7 @@ from peer.control import ControlError
 
 if TYPE_CHECKING:
     from peer.daemon import Daemon
+    from transport.nat.paths import NatService
 
 DEFAULT_TAIL = 20
 MAX_TAIL = 500
@@ -54,8 +55,8 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
         return {
             **board,
             "reachability": _reachability(daemon),
-            "addresses": daemon.published_addrs(),
-            "relay_reservations": len(daemon.nat.reservations) if daemon.nat else 0,
+            "addresses": daemon.reach.published(),
+            "relay_reservations": len(nat.reservations) if (nat := _nat(daemon)) else 0,
             "partner": partner,
             "path": _path_to(daemon, partner)["path"] if partner else None,
             "bits_per_param": daemon.board.values.get("bits_per_param"),
@@ -157,11 +158,16 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _nat(daemon: Daemon) -> NatService | None:
+    return daemon.reach.nat if daemon.reach is not None else None
+
+
 def _reachability(daemon: Daemon) -> str:
-    if daemon.nat is None:
+    nat = _nat(daemon)
+    if nat is None:
         return "unknown: the peer is starting"
-    status = daemon.nat.reachability.status
-    addrs = ", ".join(daemon.published_addrs()) or "no address"
+    status = nat.reachability.status
+    addrs = ", ".join(daemon.reach.published()) or "no address"
     return REACHABILITY.get(status, status).format(addrs=addrs)
 
 
@@ -170,7 +176,8 @@ def _path_to(daemon: Daemon, partner: str) -> dict[str, Any]:
     from transport.identity import PeerID
 
     try:
-        info = daemon.nat.paths.get(PeerID.from_string(partner)) if daemon.nat else None
+        nat = _nat(daemon)
+        info = nat.paths.get(PeerID.from_string(partner)) if nat else None
     except ValueError:
         info = None
     if info is None:

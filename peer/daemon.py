@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import random
 import re
@@ -34,6 +33,7 @@ from peer.ipc import WorkerGone, WorkerProcess
 from peer.keys import resolve_identity
 from peer.metrics import MetricsServer
 from peer.progress import progress_bar, transfer_bar
+from peer.reach import PeerReach, TransferTimer
 from peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of
 from peer.status import LogTail, StatusBoard
 from peer.worker.presets import peer_number
@@ -42,8 +42,6 @@ from transport.host import Host, HostLimits, Stream
 from transport.identity import PeerID
 from transport.messages import MessageError, read_frame, write_message
 from transport.multiaddr import Multiaddr
-from transport.nat import reachability
-from transport.nat.paths import NatService
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +52,6 @@ PAYLOAD_SLACK = 64 * 1024  # message fields around a payload
 MAX_REQUESTS = 64  # inbound requests served at once; more wait for a slot
 REQUEST_TIMEOUT = 10.0  # seconds a peer has to send its request once the stream is open
 CONNECT_TIMEOUT = 5.0
-# Reaching a member through the NAT layer: a few direct dials (2 s each at most), then a relayed dial.
-NAT_CONNECT_TIMEOUT = 10.0
-# Starting the NAT layer: connecting to the relays, the dial-back verdict, a reservation on each relay.
-NAT_START_TIMEOUT = 30.0
-NAT_MAINTAIN_INTERVAL = 30.0  # relay reservations renewed, relayed partners punched again
-RTT_EVERY_ROUNDS = 10  # a partner's round-trip time is measured (one ping) this often, and when unknown
 PROBE_INTERVAL = 0.5  # how often a waiting responder asks its partner how it is doing
 BOOTSTRAP_PATIENCE = 30.0  # seconds to keep trying the bootstrap addresses
 WAIT_PEERS_PATIENCE = 60.0
@@ -139,7 +131,7 @@ class Daemon:
         self.snapshot: tuple[int, bytes] | None = None  # (round, our slow weights) for joiners
         self.max_offer_bytes = CONTROL_MESSAGE_LIMIT
         self.address = ""  # the address we listen on, as others on our network would dial it
-        self.nat: NatService | None = None
+        self.reach: PeerReach | None = None
         # Addresses of run peers found in the DHT before they are members (peer id -> addresses).
         self.found_addrs: dict[str, list[str]] = {}
         self.stopping = asyncio.Event()
@@ -170,17 +162,18 @@ class Daemon:
             self.address = str(
                 Multiaddr.from_tcp(advertised_host(host), port, PeerID.from_string(self.peer_id))
             )
-            self.nat = await self._start_nat(stack)
+            self.reach = PeerReach(self.host, self.config, self.address)
+            await self.reach.start(stack)
             self.dht = await DHTNode.on_host(
                 self.host, self.key, bootstrap=list(self.config.bootstrap),
-                table_path=self.state_dir / DHT_TABLE_FILE, addrs=self.published_addrs(),
-                reach=self._reach_peer,
+                table_path=self.state_dir / DHT_TABLE_FILE, addrs=self.reach.published(),
+                reach=self.reach.connect,
             )  # fmt: skip
             stack.push_async_callback(self.dht.close)
             loop = asyncio.get_running_loop()
             self.membership = Membership(
                 self.peer_id,
-                self.published_addrs(),
+                self.reach.published(),
                 loop.time(),
                 self.config.fail_after,
                 incarnation=time.time_ns() // 10**6,
@@ -204,11 +197,11 @@ class Daemon:
             async with asyncio.TaskGroup() as group:
                 background = [
                     group.create_task(self._gossip_forever()),
-                    group.create_task(self._maintain_nat()),
+                    group.create_task(self.reach.maintain_forever()),
                 ]
                 try:
                     await self._bootstrap()
-                    background.append(group.create_task(self._learn_reachability()))
+                    background.append(group.create_task(self.reach.learn_reachability()))
                     await self._start_runstate(stack)
                     background.append(group.create_task(self.runstate.run_forever()))
                     return await self._drive_worker()
@@ -217,84 +210,7 @@ class Daemon:
                         task.cancel()
         return 1  # not reached: the task group returns or raises
 
-    # --- NATs ---------------------------------------------------------------------------------------
-    async def _start_nat(self, stack: contextlib.AsyncExitStack) -> NatService:
-        """The NAT layer: serves relaying and STUN where asked; behind a NAT, holds a slot on each relay."""
-        relays = []
-        for text in self.config.relays:
-            addr = Multiaddr.parse(text)
-            if addr.peer_id is None:  # learn the relay's id by connecting to it
-                try:
-                    async with asyncio.timeout(CONNECT_TIMEOUT):
-                        addr = addr.with_peer_id(await self.host.connect(addr))
-                except (TimeoutError, OSError, TransportError) as error:
-                    log.warning("[%s] relay %s does not answer (%s); going on without it",
-                                self.peer_id, text, error or "timed out")  # fmt: skip
-                    continue
-            relays.append(addr)
-        nat_config = dataclasses.replace(self.config.nat_config(tuple(relays)), punch_in_background=True)
-        nat = NatService(self.host, nat_config)
-        stack.push_async_callback(nat.close)
-        try:
-            async with asyncio.timeout(NAT_START_TIMEOUT):
-                await nat.start()
-        except TimeoutError:
-            log.warning("[%s] the NAT layer did not finish starting in %.0f s (relays slow?); going on",
-                        self.peer_id, NAT_START_TIMEOUT)  # fmt: skip
-        if relays:
-            published = ", ".join(self._published_from(nat))
-            log.info("[%s] reachability: %s; holding %d relay reservation(s); publishing %s",
-                     self.peer_id, nat.reachability.status, len(nat.reservations), published)  # fmt: skip
-            if nat.reachability.status != reachability.PUBLIC and not nat.reservations:
-                log.warning("[%s] behind a NAT and no relay holds a slot for us: peers can reach us only "
-                            "when we dial them", self.peer_id)  # fmt: skip
-        return nat
-
-    async def _maintain_nat(self) -> None:
-        """Keeps relay reservations alive and retries punches for partners still relayed."""
-        while True:
-            await asyncio.sleep(NAT_MAINTAIN_INTERVAL)
-            try:
-                await self.nat.maintain_once()
-            except (OSError, TimeoutError, ShoalError) as error:
-                log.warning("[%s] NAT maintenance failed this time: %s", self.peer_id, error or "timed out")
-
-    def published_addrs(self) -> list[str]:
-        """The addresses others should dial us at (membership, DHT, run state), best first."""
-        return self._published_from(self.nat) if self.nat is not None else [self.address]
-
-    def _published_from(self, nat: NatService) -> list[str]:
-        nat_addrs = [str(a) for a in nat.addrs()]
-        if nat.reservations and nat.reachability.status != reachability.PUBLIC:
-            # Behind a NAT: our listening address is private, and a dial to it from elsewhere would only
-            # time out; publish what the NAT layer found (confirmed public addresses, relayed ones).
-            return nat_addrs[:MAX_ADDRS]
-        return list(dict.fromkeys([*nat_addrs, self.address]))[:MAX_ADDRS]
-
-    async def _learn_reachability(self) -> None:
-        """Without relays, ask the peers we joined through to dial us back, so that `peer status` can say
-        whether others can reach us (and say what to do when they cannot)."""
-        if self.config.relays or not self.config.bootstrap:
-            return
-        servers = self.host.connected_peers[:3]
-        if not servers:
-            return
-        try:
-            self.nat.reachability = await reachability.check(self.host, servers)
-        except (OSError, ShoalError) as error:
-            log.info("[%s] could not learn our reachability: %s", self.peer_id, error)
-            return
-        if self.nat.reachability.status in (reachability.PRIVATE, reachability.FIREWALLED):
-            log.warning("[%s] this peer is %s: peers cannot dial it, so it swaps only with peers it reaches "
-                        "itself; start it with --relay ADDR (a public peer started with --serve-relay)",
-                        self.peer_id, "behind a NAT" if self.nat.reachability.status == reachability.PRIVATE
-                        else "firewalled")  # fmt: skip
-
-    async def _reach_peer(self, peer: PeerID, addrs: list[str]) -> None:
-        """Connects to `peer` (unless we are) by the best path among `addrs`: direct, punched, relayed."""
-        async with asyncio.timeout(NAT_CONNECT_TIMEOUT):
-            await self.nat.connect(peer, addrs)
-
+    # --- reaching peers ------------------------------------------------------------------------------
     async def _reach(self, target: str) -> PeerID:
         """The peer behind `target`, connected: a member's (or a DHT provider's) peer id, or an address
         (a bootstrap peer's, with or without its /p2p/ id)."""
@@ -307,12 +223,12 @@ class Daemon:
         else:
             peer = PeerID.from_string(target)
             addrs = self.membership.addrs_of(target) or self.found_addrs.get(target, [])
-        await self._reach_peer(peer, addrs)
+        await self.reach.connect(peer, addrs)
         return peer
 
     async def _refresh_addrs(self) -> None:
         """Publishes our addresses again when they changed (a reservation was lost or renewed)."""
-        addrs = self.published_addrs()
+        addrs = self.reach.published()
         if list(self.membership.me.addrs) == addrs:
             return
         log.info("[%s] our addresses changed: %s", self.peer_id, ", ".join(addrs))
@@ -371,6 +287,7 @@ class Daemon:
             log.info("[%s] DHT lookup of run %s failed: %s", self.peer_id, self.config.run_id, error)
             return []
         found = []
+        self.found_addrs = {}  # only the latest lookup's: bounded by the providers one lookup returns
         for peer, addrs in providers:
             text = str(PeerID.from_bytes(peer)) if isinstance(peer, bytes) else str(peer)
             self.found_addrs[text] = [str(a) for a in addrs][:MAX_ADDRS]
@@ -381,7 +298,7 @@ class Daemon:
         """Provider record for the run in the DHT, republished by the DHT node until we leave."""
         try:
             async with asyncio.timeout(DHT_LOOKUP_TIMEOUT):
-                stored = await self.dht.announce_run(self.config.run_id, self.published_addrs())
+                stored = await self.dht.announce_run(self.config.run_id, self.reach.published())
         except (TimeoutError, ShoalError) as error:
             log.warning(
                 "[%s] could not announce run %s in the DHT yet: %s", self.peer_id, self.config.run_id, error
@@ -414,7 +331,7 @@ class Daemon:
         stack.push_async_callback(self.runstate.close)
         self.host.set_stream_handler(RUNSTATE_PROTOCOL, self.runstate.serve)
         self.runstate.add_peers([p for p in self.membership.live(asyncio.get_running_loop().time())])
-        self.runstate.change("set_member", addrs=self.published_addrs(), caps={"worker": "cpu"})
+        self.runstate.change("set_member", addrs=self.reach.published(), caps={"worker": "cpu"})
         if self.creator == self.peer_id and not self.runstate.state.config():
             self.runstate.change("set_config", {"run": self.config.run_id, **self.config.worker_dict()})
         self.runstate.apply(self.runstate.state.announce())
@@ -573,20 +490,9 @@ class Daemon:
             return
         if report.outcome == "swapped":
             await self.worker.send({"type": "partner", "round": number, "nbytes": nbytes})
-            await self._measure_rtt(report.partner, number)
+            await self.reach.measure_rtt(report.partner, number)
         else:
             await self.worker.send({"type": "skip", "round": number, "reason": report.outcome})
-
-    async def _measure_rtt(self, partner: str, number: int) -> None:
-        """A ping to the partner now and then, for `peer status` and `links` (the worker trains meanwhile)."""
-        info = self.nat.paths.get(PeerID.from_string(partner))
-        if info is None or (info.rtt_s is not None and number % RTT_EVERY_ROUNDS):
-            return
-        try:
-            async with asyncio.timeout(1.0):
-                await self.nat.measure_rtt(info.peer)
-        except (TimeoutError, OSError, TransportError) as error:
-            log.info("[%s] no round-trip time to %s: %s", self.peer_id, partner, error or "timed out")
 
     def _round_number(self, proposed: int) -> int:
         """The worker's next round, unless we just joined or skipped and the run is ahead of us: then the
@@ -644,7 +550,7 @@ class Daemon:
         offer = self._message("offer", round=number, payload=payload)
         timer = TransferTimer()
         reply, sent, received = await self._request(partner, offer, self.max_offer_bytes, timer)
-        timer.record(self.nat, partner)
+        self.reach.record(timer, partner)
         report.bytes_sent, report.bytes_received = sent, received
         if reply.get("type") == "refuse":
             report.outcome = f"skipped: partner refused ({str(reply.get('reason'))[:200]})"
@@ -801,7 +707,7 @@ class Daemon:
                 timer = TransferTimer()
                 async with asyncio.timeout(REQUEST_TIMEOUT):
                     request, size = await read_frame(stream, self.max_offer_bytes, timer)
-                timer.record(self.nat, sender)
+                self.reach.record(timer, sender)
                 await self._dispatch(sender, request, size, stream)
                 await stream.close()
             except (MessageError, dense.PayloadError) as error:
@@ -870,29 +776,6 @@ class Daemon:
         arrival = self.incoming.get(number)
         if arrival is not None and not arrival.done():
             arrival.set_result((payload, sent, size))
-
-
-class TransferTimer:
-    """A `read_frame` progress callback that times a message's body from its first byte to its last, for
-    the NAT layer's per-path throughput (the wait for a partner to answer is not transfer time)."""
-
-    def __init__(self) -> None:
-        self.started: float | None = None
-        self.finished: float | None = None
-        self.nbytes = 0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if self.started is None:
-            self.started = now
-        if done == total:
-            self.finished, self.nbytes = now, total
-
-    def record(self, nat: NatService | None, peer: str) -> None:
-        if nat is None or self.started is None or self.finished is None:
-            return
-        with contextlib.suppress(ValueError):
-            nat.record_transfer(PeerID.from_string(peer), self.nbytes, self.finished - self.started)
 
 
 def _round_field(request: dict[str, Any]) -> int:

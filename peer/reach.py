@@ -1,0 +1,161 @@
+"""How a daemon reaches other peers and how they reach it, through NATs.
+
+`PeerReach` sets up the NAT layer (`transport/nat`) from the peer's options: it serves relaying and
+STUN where asked, and behind a NAT holds a slot on each relay. It says which addresses the peer
+publishes (membership, DHT, run state), connects to a peer by the best path (direct, punched, relayed;
+punches run in the background), and measures each partner's path: round-trip time and the throughput
+of round payloads (`TransferTimer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+
+from gossip.membership import MAX_ADDRS
+from kernels.errors import ShoalError
+from peer.config import PeerConfig
+from transport.errors import TransportError
+from transport.host import Host
+from transport.identity import PeerID
+from transport.multiaddr import Multiaddr
+from transport.nat import reachability
+from transport.nat.paths import NatService
+
+log = logging.getLogger(__name__)
+
+RELAY_CONNECT_TIMEOUT = 5.0  # learning a relay's peer id by connecting to it
+# Reaching a peer through the NAT layer: a few direct dials (2 s each at most), then a relayed dial.
+CONNECT_TIMEOUT = 10.0
+# Starting the NAT layer: connecting to the relays, the dial-back verdict, a reservation on each relay.
+START_TIMEOUT = 30.0
+MAINTAIN_INTERVAL = 30.0  # relay reservations renewed, relayed partners punched again
+RTT_TIMEOUT = 1.0
+RTT_EVERY_ROUNDS = 10  # a partner's round-trip time is measured (one ping) this often, and when unknown
+REACHABILITY_SERVERS = 3  # peers asked to dial us back when there is no relay to ask
+
+
+class PeerReach:
+    def __init__(self, host: Host, config: PeerConfig, address: str):
+        self.host = host
+        self.config = config
+        self.address = address  # where we listen, as a peer on our own network would dial it
+        self.me = str(host.peer_id)
+        self.nat: NatService | None = None
+
+    async def start(self, stack: contextlib.AsyncExitStack) -> None:
+        """The NAT layer, closed by `stack`: serves what the options say, reserves relay slots."""
+        relays = [addr for text in self.config.relays if (addr := await self._relay(text)) is not None]
+        nat_config = dataclasses.replace(self.config.nat_config(tuple(relays)), punch_in_background=True)
+        self.nat = NatService(self.host, nat_config)
+        stack.push_async_callback(self.nat.close)
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                await self.nat.start()
+        except TimeoutError:
+            log.warning("[%s] the NAT layer did not finish starting in %.0f s (relays slow?); going on",
+                        self.me, START_TIMEOUT)  # fmt: skip
+        if relays:
+            status = self.nat.reachability.status
+            log.info("[%s] reachability: %s; holding %d relay reservation(s); publishing %s",
+                     self.me, status, len(self.nat.reservations), ", ".join(self.published()))  # fmt: skip
+            if status != reachability.PUBLIC and not self.nat.reservations:
+                log.warning("[%s] behind a NAT and no relay holds a slot for us: peers can reach us only "
+                            "when we dial them", self.me)  # fmt: skip
+
+    async def _relay(self, text: str) -> Multiaddr | None:
+        """A relay's address with its peer id, learned by connecting where the option left it out."""
+        addr = Multiaddr.parse(text)
+        if addr.peer_id is not None:
+            return addr
+        try:
+            async with asyncio.timeout(RELAY_CONNECT_TIMEOUT):
+                return addr.with_peer_id(await self.host.connect(addr))
+        except (TimeoutError, OSError, TransportError) as error:
+            log.warning("[%s] relay %s does not answer (%s); going on without it",
+                        self.me, text, error or "timed out")  # fmt: skip
+            return None
+
+    def published(self) -> list[str]:
+        """The addresses others should dial us at, best first."""
+        nat = self.nat
+        if nat is None:
+            return [self.address]
+        nat_addrs = [str(a) for a in nat.addrs()]
+        if nat.reservations and nat.reachability.status != reachability.PUBLIC:
+            # Behind a NAT: our listening address is private, and a dial to it from elsewhere would only
+            # time out; publish what the NAT layer found (confirmed public addresses, relayed ones).
+            return nat_addrs[:MAX_ADDRS]
+        return list(dict.fromkeys([*nat_addrs, self.address]))[:MAX_ADDRS]
+
+    async def maintain_forever(self) -> None:
+        """Keeps relay reservations alive and retries punches for partners still relayed."""
+        while True:
+            await asyncio.sleep(MAINTAIN_INTERVAL)
+            try:
+                await self.nat.maintain_once()
+            except (OSError, TimeoutError, ShoalError) as error:
+                log.warning("[%s] NAT maintenance failed this time: %s", self.me, error or "timed out")
+
+    async def learn_reachability(self) -> None:
+        """Without relays, ask the peers we joined through to dial us back, so that `peer status` can say
+        whether others can reach us (and say what to do when they cannot)."""
+        if self.config.relays or not self.config.bootstrap:
+            return
+        servers = self.host.connected_peers[:REACHABILITY_SERVERS]
+        if not servers:
+            return
+        try:
+            self.nat.reachability = await reachability.check(self.host, servers)
+        except (OSError, ShoalError) as error:
+            log.info("[%s] could not learn our reachability: %s", self.me, error)
+            return
+        status = self.nat.reachability.status
+        if status in (reachability.PRIVATE, reachability.FIREWALLED):
+            where = "behind a NAT" if status == reachability.PRIVATE else "firewalled"
+            log.warning("[%s] this peer is %s: peers cannot dial it, so it swaps only with peers it reaches "
+                        "itself; start it with --relay ADDR (a public peer started with --serve-relay)",
+                        self.me, where)  # fmt: skip
+
+    async def connect(self, peer: PeerID, addrs: list[str]) -> None:
+        """Connects to `peer` (unless we are) by the best path among `addrs`: direct, punched, relayed."""
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            await self.nat.connect(peer, addrs)
+
+    async def measure_rtt(self, partner: str, round_number: int) -> None:
+        """A ping to a partner now and then, for `peer status` and `links`."""
+        info = self.nat.paths.get(PeerID.from_string(partner)) if self.nat else None
+        if info is None or (info.rtt_s is not None and round_number % RTT_EVERY_ROUNDS):
+            return
+        try:
+            async with asyncio.timeout(RTT_TIMEOUT):
+                await self.nat.measure_rtt(info.peer)
+        except (TimeoutError, OSError, TransportError) as error:
+            log.info("[%s] no round-trip time to %s: %s", self.me, partner, error or "timed out")
+
+    def record(self, timer: TransferTimer, peer: str) -> None:
+        """Feeds a timed message body into the path's throughput figure."""
+        if self.nat is None or timer.started is None or timer.finished is None:
+            return
+        with contextlib.suppress(ValueError):
+            self.nat.record_transfer(PeerID.from_string(peer), timer.nbytes, timer.finished - timer.started)
+
+
+class TransferTimer:
+    """A `read_frame` progress callback that times a message's body from its first byte to its last: a
+    path's throughput, without the wait for a partner to answer."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.nbytes = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if self.started is None:
+            self.started = now
+        if done == total:
+            self.finished, self.nbytes = now, total

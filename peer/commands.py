@@ -94,7 +94,6 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
                 "last_outcome": link.last_outcome,
                 "last_exchange_s_ago": round(time.time() - link.last_exchange_at, 1),
                 "last_exchange_s": round(link.last_seconds, 3),
-                "round_mb_s": round(link.throughput_mb_s, 2),
             }
             for link in daemon.board.links.values()
         ]

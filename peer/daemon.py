@@ -548,9 +548,7 @@ class Daemon:
 
     async def _initiate(self, partner: str, number: int, payload: bytes, report: RoundReport) -> None:
         offer = self._message("offer", round=number, payload=payload)
-        timer = TransferTimer()
-        reply, sent, received = await self._request(partner, offer, self.max_offer_bytes, timer)
-        self.reach.record(timer, partner)
+        reply, sent, received = await self._request(partner, offer, self.max_offer_bytes)
         report.bytes_sent, report.bytes_received = sent, received
         if reply.get("type") == "refuse":
             report.outcome = f"skipped: partner refused ({str(reply.get('reason'))[:200]})"

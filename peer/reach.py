@@ -138,24 +138,22 @@ class PeerReach:
 
     def record(self, timer: TransferTimer, peer: str) -> None:
         """Feeds a timed message body into the path's throughput figure."""
-        if self.nat is None or timer.started is None or timer.finished is None:
+        if self.nat is None or timer.finished is None:
             return
         with contextlib.suppress(ValueError):
             self.nat.record_transfer(PeerID.from_string(peer), timer.nbytes, timer.finished - timer.started)
 
 
 class TransferTimer:
-    """A `read_frame` progress callback that times a message's body from its first byte to its last: a
-    path's throughput, without the wait for a partner to answer."""
+    """A `read_frame` progress callback that times a message from the moment its stream opened to its
+    last byte: the throughput a round payload saw on the path. Used where the sender writes at once (an
+    offer arriving); an answer comes only when the partner is ready, and its wait is not transfer time."""
 
     def __init__(self) -> None:
-        self.started: float | None = None
+        self.started = time.perf_counter()
         self.finished: float | None = None
         self.nbytes = 0
 
     def __call__(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if self.started is None:
-            self.started = now
         if done == total:
-            self.finished, self.nbytes = now, total
+            self.finished, self.nbytes = time.perf_counter(), total

@@ -35,10 +35,6 @@ class LinkStats:
     last_seconds: float = 0.0
     last_bytes: int = 0
 
-    @property
-    def throughput_mb_s(self) -> float:
-        return self.last_bytes / self.last_seconds / 1e6 if self.last_seconds > 0 else 0.0
-
 
 class LogTail(logging.Handler):
     """Keeps the last LOG_LINES formatted log lines for the REPL's `log` command."""

@@ -94,6 +94,9 @@ def test_status_and_every_repl_command_answer_while_the_peer_trains(start_peer, 
     assert status["peer_id"] == peer.of_kind("listening")[0]["peer"]
     assert status["run"] == "watch" and status["round"] >= 1 and status["peers_live"] == 1
     assert status["why"].endswith(".")
+    # It started the run: nobody to ask whether it can be dialed, and it says so.
+    assert status["reachability"].startswith("not checked"), status["reachability"]
+    assert status["addresses"] == [status["address"]]
     assert (state_dir / "control.sock").stat().st_mode & 0o777 == 0o600
 
     # The same figures for Prometheus.

@@ -1,10 +1,11 @@
 """A training run through real NAT routers: four `peer join` daemons, two on the lab's public network and
-two behind NATs of different kinds (port-restricted cone and symmetric), train together.
+two behind NAT routers (port-restricted cone with symmetric, or two symmetric), train together.
 
-The public bootstrap peer serves relaying and STUN; the NATed peers reserve a slot on it, publish only
-relayed addresses, and every peer reaches every other by the NAT layer's path policy. Checked as a user
-would: every peer finishes its rounds, the NATed peers swap with partners and their eval loss falls,
-`peer status` says they are behind a NAT, and `links` names the path to each partner.
+The public bootstrap peer serves relaying and STUN, the other public peer relaying; the NATed peers
+reserve a slot on both, publish only relayed addresses, and every peer reaches every other by the NAT
+layer's path policy. Checked as a user would: every peer finishes its rounds, the NATed peers swap with
+partners and their eval loss falls, `peer status` says they are behind a NAT, and `links` names the path
+to each partner.
 """
 
 from __future__ import annotations
@@ -107,17 +108,12 @@ def test_four_peers_two_behind_nats_train_together(tmp_path, nat_types):
         address = boot.wait_for("listening", 60)[0]["address"]
         assert address.startswith(f"/ip4/{PUBLIC_IP}/tcp/{PORT}/p2p/")
         joining = [*common, "--bootstrap", address]
-        public_args = [*joining, "--listen", f"/ip4/{PUBLIC_IP_2}/tcp/{PORT}"]
+        public_args = [*joining, "--listen", f"/ip4/{PUBLIC_IP_2}/tcp/{PORT}", "--serve-relay"]
         public = LabPeer(lab, lab.pub_ns, "public", public_args, tmp_path / "public")
-        # The relay without its /p2p/ id: the daemon learns it by connecting.
-        natted_args = [
-            *joining,
-            "--listen",
-            f"/ip4/0.0.0.0/tcp/{PORT}",
-            "--relay",
-            address.split("/p2p/")[0],
-            *stun,
-        ]
+        second_relay = public.wait_for("listening", 60)[0]["address"]
+        # Two relays, one named without its /p2p/ id: the daemon learns it by connecting.
+        relays = ["--relay", address.split("/p2p/")[0], "--relay", second_relay]
+        natted_args = [*joining, "--listen", f"/ip4/0.0.0.0/tcp/{PORT}", *relays, *stun]
         natted = [
             LabPeer(
                 lab,
@@ -136,7 +132,9 @@ def test_four_peers_two_behind_nats_train_together(tmp_path, nat_types):
             status = peer.control("status")
             assert status["reachability"].startswith("behind a NAT"), status["reachability"]
             assert status["addresses"] and all("/p2p-circuit" in a for a in status["addresses"]), status
-            assert status["relay_reservations"] == 1
+            assert status["relay_reservations"] == 2
+            for relay in (address, second_relay):
+                assert any(a.startswith(f"{relay}/p2p-circuit") for a in status["addresses"]), status
         assert boot.control("status")["reachability"].startswith("not checked")  # it has nobody to ask
 
         # `links` while they train (a peer's control socket goes when its last round is done).

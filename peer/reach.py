@@ -102,7 +102,8 @@ class PeerReach:
 
     async def learn_reachability(self) -> None:
         """Without relays, ask the peers we joined through to dial us back, so that `peer status` can say
-        whether others can reach us (and say what to do when they cannot)."""
+        whether others can reach us; behind a NAT, reserve a slot on those bootstrap peers that relay, so
+        that a volunteer who gave nothing but `--bootstrap` can still be reached."""
         if self.config.relays or not self.config.bootstrap:
             return
         servers = self.host.connected_peers[:REACHABILITY_SERVERS]
@@ -114,8 +115,16 @@ class PeerReach:
             log.info("[%s] could not learn our reachability: %s", self.me, error)
             return
         status = self.nat.reachability.status
-        if status in (reachability.PRIVATE, reachability.FIREWALLED):
-            where = "behind a NAT" if status == reachability.PRIVATE else "firewalled"
+        if status not in (reachability.PRIVATE, reachability.FIREWALLED):
+            return
+        where = "behind a NAT" if status == reachability.PRIVATE else "firewalled"
+        relays = [addr for text in self.config.bootstrap if (addr := await self._relay(text)) is not None]
+        held = [addr for addr in relays if await self.nat.add_relay(addr)]
+        if held:
+            names = ", ".join(map(str, held))
+            log.info("[%s] this peer is %s: others reach it through the bootstrap relay %s; --stun lets it "
+                     "punch holes to other NATed peers", self.me, where, names)  # fmt: skip
+        else:
             log.warning("[%s] this peer is %s: peers cannot dial it, so it swaps only with peers it reaches "
                         "itself; start it with --relay ADDR (a public peer started with --serve-relay)",
                         self.me, where)  # fmt: skip

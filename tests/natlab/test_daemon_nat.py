@@ -103,13 +103,13 @@ def test_four_peers_two_behind_nats_train_together(tmp_path, nat_types):
     ]  # fmt: skip
     serving = ["--listen", f"/ip4/{PUBLIC_IP}/tcp/{PORT}", "--serve-relay", "--serve-stun", str(STUN_PORT)]
     stun = ["--stun", f"{PUBLIC_IP}:{STUN_PORT}", "--stun", f"{PUBLIC_IP_2}:{STUN_PORT}"]
-    with NatLab(nat_types) as lab:
+    with NatLab(nat_types, public_hosts=1) as lab:
         boot = LabPeer(lab, lab.pub_ns, "boot", [*common, *serving], tmp_path / "boot")
         address = boot.wait_for("listening", 60)[0]["address"]
         assert address.startswith(f"/ip4/{PUBLIC_IP}/tcp/{PORT}/p2p/")
         joining = [*common, "--bootstrap", address]
-        public_args = [*joining, "--listen", f"/ip4/{PUBLIC_IP_2}/tcp/{PORT}", "--serve-relay"]
-        public = LabPeer(lab, lab.pub_ns, "public", public_args, tmp_path / "public")
+        public_args = [*joining, "--listen", f"/ip4/{lab.public_host_ip(0)}/tcp/{PORT}", "--serve-relay"]
+        public = LabPeer(lab, lab.public_host_ns(0), "public", public_args, tmp_path / "public")
         second_relay = public.wait_for("listening", 60)[0]["address"]
         # Two relays, one named without its /p2p/ id: the daemon learns it by connecting.
         relays = ["--relay", address.split("/p2p/")[0], "--relay", second_relay]
@@ -180,3 +180,38 @@ def test_four_peers_two_behind_nats_train_together(tmp_path, nat_types):
                         partner,
                         path,
                     )
+
+
+def test_a_natted_peer_that_names_only_its_bootstrap_is_reached_through_it(tmp_path):
+    """No --relay, no --stun: the peer learns it is behind a NAT from the bootstrap peer's dial-back,
+    reserves a slot on it (it serves relaying), publishes the relayed address, and trains."""
+    config = tmp_path / "lab.toml"
+    config.write_text("[peer]\nfail_after = 30.0\n")
+    rounds = 6  # three peers: one sits out each round; six rounds make a NATed peer that never swaps unlikely
+    common = [
+        "--config", str(config), "--run", "natlab-auto", "--model", "nano", "--inner-steps", "4",
+        "--batch-size", "4", "--threads", "1", "--rounds", str(rounds), "--wait-peers", "3",
+        "--exchange-timeout", "20",
+    ]  # fmt: skip
+    with NatLab(("eim-apdf",), public_hosts=1) as lab:
+        boot_args = [*common, "--listen", f"/ip4/{PUBLIC_IP}/tcp/{PORT}", "--serve-relay"]
+        boot = LabPeer(lab, lab.pub_ns, "boot", boot_args, tmp_path / "boot")
+        address = boot.wait_for("listening", 60)[0]["address"]
+        joining = [*common, "--bootstrap", address]
+        public_args = [*joining, "--listen", f"/ip4/{lab.public_host_ip(0)}/tcp/{PORT}"]
+        public = LabPeer(lab, lab.public_host_ns(0), "public", public_args, tmp_path / "public")
+        natted_args = [*joining, "--listen", f"/ip4/0.0.0.0/tcp/{PORT}"]
+        natted = LabPeer(lab, lab.sites[0].host_ns, "nat", natted_args, tmp_path / "nat")
+
+        natted.wait_for("round", RUN_TIMEOUT_S)
+        status = natted.control("status")
+        assert status["reachability"].startswith("behind a NAT"), status["reachability"]
+        assert status["relay_reservations"] == 1
+        assert status["addresses"] == [f"{address}/p2p-circuit/p2p/{status['peer_id']}"], status["addresses"]
+        assert public.control("status")["reachability"].startswith("public"), "the dial-back reached it"
+        for peer in (boot, public, natted):
+            peer.wait_for("done", RUN_TIMEOUT_S)
+        swapped = [r for r in natted.of_kind("round") if r["outcome"] == "swapped"]
+        assert swapped, natted.of_kind("round")
+        evals = [e["eval_loss"] for e in natted.of_kind("eval")]
+        assert evals[-1] < evals[0], evals

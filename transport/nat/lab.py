@@ -7,6 +7,8 @@ Layout (one lab; every name carries a per-process prefix so parallel labs never 
                 instead of failing with "Network is unreachable" (coturn drops whole allocations on that).
     <p>-r<i>    NAT router i: `wan` 203.0.113.<11+i> on the bridge, `lan` 10.0.<i+1>.1, nftables NAT.
     <p>-h<i>    private host i: 10.0.<i+1>.2, default route through router i.
+    <p>-p<j>    public host j (`public_hosts`): 203.0.113.<21+j> on the bridge, a machine of its own on the
+                internet (two public peers in <p>-pub would talk over loopback and misjudge each other).
 
 NAT types (RFC 4787 terms), each made with nftables on the router:
 
@@ -160,6 +162,7 @@ class NatLab:
     # One-way delay on each router's uplink (a `labdelay` process per site): two private peers see an
     # RTT of 4x this, a private peer and the relay 2x.
     delay_ms: float = 0.0
+    public_hosts: int = 0
     prefix: str = field(default_factory=lambda: f"nl{os.getpid() % 100000}")
     sites: list[Site] = field(default_factory=list)
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -168,6 +171,13 @@ class NatLab:
     @property
     def pub_ns(self) -> str:
         return f"{self.prefix}-pub"
+
+    def public_host_ns(self, index: int) -> str:
+        return f"{self.prefix}-p{index}"
+
+    @staticmethod
+    def public_host_ip(index: int) -> str:
+        return f"203.0.113.{21 + index}"
 
     # ------------------------------------------------------------------ build and tear down
 
@@ -199,6 +209,12 @@ class NatLab:
         self._veth("sink0", pub, "sink1", pub)
         self._ip(pub, "addr", "add", "192.0.2.1/30", "dev", "sink0")
         self._ip(pub, "route", "add", "default", "via", "192.0.2.2")
+        for index in range(self.public_hosts):
+            ns = self.public_host_ns(index)
+            self._add_ns(ns)
+            self._veth("eth0", ns, f"p{index}", pub)
+            self._ip(pub, "link", "set", f"p{index}", "master", "br0")
+            self._ip(ns, "addr", "add", f"{self.public_host_ip(index)}/{PUBLIC_PREFIX}", "dev", "eth0")
         for index, nat_type in enumerate(self.nat_types):
             site = Site(index, nat_type, f"{self.prefix}-r{index}", f"{self.prefix}-h{index}")
             self._add_ns(site.router_ns)

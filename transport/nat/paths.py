@@ -103,6 +103,8 @@ class NatService:
         self.config = config
         self.reachability = reachability.Reachability()
         self.reservations: list[relay.Reservation] = []
+        # Relays in use: the configured ones, and any added later (`add_relay`); `maintain()` keeps them.
+        self.relays: list[Multiaddr] = list(config.relays)
         self.paths: dict[PeerID, PathInfo] = {}
         self._stun: stun.StunResponder | None = None
         self.relay_service: relay.RelayService | None = None
@@ -143,11 +145,25 @@ class NatService:
                 self._stop.relays.add(reservation.relay)
                 self.reservations.append(reservation)
 
+    async def add_relay(self, addr: Multiaddr) -> bool:
+        """Reserve a slot on one more relay (`addr` names its /p2p/ id), e.g. a peer we learned is behind
+        a NAT after joining; False, with a log line, when the relay refuses or does not answer."""
+        try:
+            reservation = await relay.reserve(self.host, addr)
+        except TransportError as exc:
+            log.info("no reservation at %s: %s", addr, exc)
+            return False
+        self._stop.relays.add(reservation.relay)
+        self.reservations.append(reservation)
+        if addr not in self.relays:
+            self.relays.append(addr)
+        return True
+
     def addrs(self) -> list[Multiaddr]:
         """The addresses to publish for this peer: reachable ones first, then relayed ones."""
         me = self.host.peer_id
         out = [a.with_peer_id(me) for a in self.reachability.public_addrs]
-        if self.reachability.status == reachability.PUBLIC or not self.config.relays:
+        if self.reachability.status == reachability.PUBLIC or not self.relays:
             listening = [a.with_peer_id(me) for a in self.host.listen_addrs if _is_public(a)]
             out += [a for a in listening if a not in out]
         for reservation in self.reservations:
@@ -327,7 +343,7 @@ class NatService:
             if conduit.connection_to(self.host, peer) is None:
                 log.info("path to %s (%s) is gone; the next connect chooses again", peer.short(), info.path)
                 del self.paths[peer]
-        for addr in self.config.relays:
+        for addr in self.relays:
             relay_id = addr.peer_id
             if relay_id is None:
                 continue

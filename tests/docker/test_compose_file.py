@@ -17,6 +17,7 @@ import yaml
 from peer.cli import join
 from peer.config import load_config
 from peer.daemon import parse_address
+from transport.nat.paths import DOCUMENTATION_NETS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -101,26 +102,66 @@ def test_natted_peers_route_through_their_router_to_the_public_subnet():
         assert "public" not in peer["networks"]  # reachable only through the NAT
 
 
+def _turnserver_setting(name: str) -> str:
+    settings = (DOCKER / "turnserver.conf").read_text().splitlines()
+    (value,) = [line.split("=", 1)[1] for line in settings if line.startswith(f"{name}=")]
+    return value
+
+
 def test_peer_commands_parse_and_join_the_bootstraps_fixed_address():
     compose = _compose()
+    services = compose["services"]
     mounts = {}  # path in the container -> file here, for --config
     for volume in compose["x-peer"]["volumes"]:
         source, target, *_ = volume.split(":")
         mounts[target] = str((DOCKER / source).resolve())
-    bootstrap_address = _address_on(compose["services"]["bootstrap"], "public")
+    bootstrap_address = _address_on(services["bootstrap"], "public")
+    turn_address = _address_on(services["turn"], "public")
+    turn_port = _turnserver_setting("listening-port")
+
+    def params_of(service: dict) -> dict:
+        args = [
+            re.sub(r"^--config=(.*)$", lambda m: f"--config={mounts[m[1]]}", a)
+            for a in service["command"][1:]
+        ]
+        return join.make_context("join", args).params  # raises on an unknown option
+
+    serve_stun = params_of(services["bootstrap"])["serve_stun"]
     for name, service in _peer_services(compose).items():
-        command = service["command"]
-        assert command[0] == "join"
-        args = [re.sub(r"^--config=(.*)$", lambda m: f"--config={mounts[m[1]]}", a) for a in command[1:]]
-        params = join.make_context("join", args).params  # raises on an unknown option
+        assert service["command"][0] == "join"
+        params = params_of(service)
         config = load_config(params["config_file"], {"run_id": params["run_id"]})
         assert config.fail_after > config.gossip_interval * 10  # a loaded machine must not split the run
         assert params["json_events"], f"{name}: the swarm test reads --json-events"
         if name == "bootstrap":
             assert params["bootstrap"] == ()
+            # the relay announces the address it listens on, so that must be the fixed public one
+            assert parse_address(params["listen"]) == (bootstrap_address, 4701)
+            assert params["serve_relay"] and params["serve_stun"]
             continue
         (address,) = params["bootstrap"]
         assert parse_address(address) == (bootstrap_address, 4701)
+        natted = bool(service["environment"].get("ROUTER"))
+        assert bool(params["relays"]) == natted, f"{name}: only NATed peers reserve a relay slot"
+        if not natted:
+            continue
+        # behind a NAT: the bootstrap's relay, STUN at two different addresses (the bootstrap's and
+        # coturn's, so that a symmetric NAT shows), TURN with coturn's credentials
+        assert [parse_address(r) for r in params["relays"]] == [(bootstrap_address, 4701)]
+        stun = [f"{bootstrap_address}:{serve_stun}", f"{turn_address}:{turn_port}"]
+        assert sorted(params["stun"]) == sorted(stun)
+        user, password = _turnserver_setting("user").split(":")
+        assert params["turn"] == (f"{turn_address}:{turn_port}:{user}:{password}",)
+
+
+def test_the_public_network_is_one_the_nat_layer_counts_as_public():
+    """The swarm's "internet" must look public to the NAT layer (a documentation range, as in the NAT lab);
+    an RFC 1918 one would make the relay announce nothing and peers publish no reachable address."""
+    compose = _compose()
+    public = ipaddress.ip_network(compose["networks"]["public"]["ipam"]["config"][0]["subnet"])
+    assert any(public.subnet_of(ipaddress.ip_network(net)) for net in DOCUMENTATION_NETS), public
+    for lan in ("lan-eim", "lan-sym"):
+        assert ipaddress.ip_network(compose["networks"][lan]["ipam"]["config"][0]["subnet"]).is_private
 
 
 def test_scripts_are_valid_shell():

@@ -1,21 +1,20 @@
-"""The compose swarm for real: a private Docker engine, the images, a public bootstrap, two public peers
-and one peer behind each NAT router (endpoint-independent and symmetric), and coturn. The peers must
-train; the run must see every peer; NATed peers must reach the public side through their router, which
-maps the way its kind says; coturn must answer STUN and grant TURN relays behind both NATs; one stopped
-peer must not stop the rest; and the teardown must leave no container, network, link, firewall rule,
-mount or engine process.
+"""The compose swarm for real: a private Docker engine, the images, a public bootstrap (relay and STUN),
+two public peers, one peer behind each NAT router (endpoint-independent and symmetric) and coturn. The
+peers must train; the run must see every peer; NATed peers must reach the public side through their
+router, which maps the way its kind says, know they are behind a NAT and hold a relay slot; coturn must
+answer STUN and grant TURN relays behind both NATs; NATed peers must swap with public peers and with each
+other (the printed summary says over which path: relayed, punched or direct); one stopped peer must not
+stop the rest; and the teardown must leave no container, network, link, firewall rule, mount or engine
+process.
 
 Part of `make test`; it skips only where no engine can be started (not root, no dockerd, or dockerd
 fails to start). Slow the first time: docker/images.sh builds the base image and the images (about
-100 s from nothing; `.ci/run` does that before the tests) and keeps them in SHOAL_DOCKER_WORK; with the
-images there the test takes about a minute.
-
-What it does not check, because it does not work yet: a public peer cannot dial a NATed one and two
-NATed peers cannot reach each other (the daemon has no hole punching or relay yet), so rounds that need
-such a dial are skipped; the summary it prints counts the skips by reason."""
+two minutes from nothing; `.ci/run` does that before the tests) and keeps them in SHOAL_DOCKER_WORK;
+with the images there the test takes one to two minutes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -44,7 +43,7 @@ SWARM_ENV = {
     "SHOAL_INNER_STEPS": "4",
     "SHOAL_BATCH_SIZE": "4",
     "SHOAL_THREADS": "1",
-    "SHOAL_EXCHANGE_TIMEOUT": "8",
+    "SHOAL_EXCHANGE_TIMEOUT": "20",  # a relayed dial may take 10 s
 }
 
 
@@ -132,6 +131,13 @@ class Swarm:
             env=self.env,
         )
         return dict(line.split() for line in out.splitlines() if line.strip())
+
+    def log_lines(self, container: str) -> list[str]:
+        """The daemon's log (its stderr), which `events` does not read."""
+        result = subprocess.run(
+            ["docker", "logs", container], capture_output=True, text=True, env={**os.environ, **self.env}
+        )
+        return result.stderr.splitlines()
 
     def events(self, container: str) -> list[dict]:
         out = _sh("docker", "logs", container, env=self.env, check=False)
@@ -222,6 +228,37 @@ def _observed_sources(swarm: Swarm, observer: str, dialers: list[str]) -> dict[s
         seen[name] = (host, int(port))
     assert set(seen) == set(dialers), f"listener saw {out!r} {err!r}"
     return seen
+
+
+# argv: a control command (`peer status`, the REPL's `links`); prints its answer as JSON
+CONTROL = """
+import asyncio, json, sys
+from pathlib import Path
+from peer.control import ControlClient
+async def main():
+    client = await ControlClient.connect(Path("/var/lib/shoal/state/control.sock"))
+    try:
+        print(json.dumps(await client.call(sys.argv[1])))
+    finally:
+        await client.close()
+asyncio.run(main())
+"""
+PATHS = {"direct", "tcp-punch", "ice", "relay"}  # what the NAT layer names a path
+
+
+def _control(swarm: Swarm, container: str, command: str) -> object:
+    """One control-socket command inside a peer's container, as the peer's user (the socket is 0600)."""
+    out = _sh(
+        "docker", "exec", "--user", "shoal", container, "python3", "-c", CONTROL, command, env=swarm.env
+    )
+    return json.loads(out)
+
+
+def _name_ids(line: str, role: dict[str, str]) -> str:
+    """A log line with peer ids (whole, or the last 8 characters of `short()`) replaced by services."""
+    for peer, service in role.items():
+        line = line.replace(peer, service).replace(peer[-8:], service)
+    return line[line.find("path to") :]
 
 
 def _rounds(events: list[dict]) -> list[dict]:
@@ -324,9 +361,67 @@ def test_compose_swarm_with_nat_routers_trains_and_tears_down_cleanly():
             candidates = {tuple(line.split()[:2]) for line in found.splitlines()}
             assert ("srflx", host) in candidates, f"{container}: STUN saw no mapping to {host}: {found}"
             assert ("relay", turn_address) in candidates, f"{container}: no TURN relay: {found}"
-        # public peers swap with each other
+        # NATed peers know they are behind a NAT, hold a slot on the bootstrap's relay and publish only
+        # relayed addresses (their own are private)
+        natted = {peers[c]: c for c in mapped}  # service -> container
+        for container in natted.values():
+            status = _control(swarm, container, "status")
+            assert status["reachability"].startswith("behind a NAT"), (container, status["reachability"])
+            assert status["relay_reservations"] >= 1, (container, status)
+            assert status["addresses"], (container, status)
+            assert all("/p2p-circuit" in a for a in status["addresses"]), (container, status)
+
+        # NATed peers swap with public peers and with each other: whoever dials a NATed peer comes in
+        # through the relay, which the NAT layer then replaces where it can. `links` names each path; it
+        # is read while the peers train (a path whose connection went idle is forgotten), and the last
+        # path seen for each pair is kept.
+        name = {c: c.removeprefix(f"{PROJECT}-") if s == "peer" else s for c, s in peers.items()}
+        role = {peer_ids[c]: name[c] for c in peers}  # peer id -> bootstrap, peer-1, peer-eim, ...
+        public = {name[c] for c, s in peers.items() if s in ("bootstrap", "peer")}
+        paths: dict[str, str] = {}  # "peer-eim->bootstrap" -> path
+
+        def swapped_with(container: str) -> set[str]:
+            rounds = _rounds(swarm.events(container))
+            return {role.get(r["partner"], "?") for r in rounds if r["outcome"] == "swapped"}
+
+        def natted_peers_swapped() -> bool:
+            for container in peers:
+                with contextlib.suppress(AssertionError, json.JSONDecodeError):
+                    for link in _control(swarm, container, "links"):
+                        if link["path"] != "not connected":
+                            paths[f"{name[container]}->{role.get(link['partner'], '?')}"] = link["path"]
+            return (
+                all(swapped_with(c) & public for c in natted.values())
+                and "peer-sym" in swapped_with(natted["peer-eim"])
+                and {"peer-eim->peer-sym", "peer-sym->peer-eim"} <= set(paths)
+            )
+
+        _wait_for(
+            natted_peers_swapped,
+            TRAIN_TIMEOUT,
+            "NATed peers swapping with public peers and with each other",
+            swarm,
+        )
+        assert set(paths.values()) <= PATHS, paths
+        for pair, path in paths.items():
+            source, target = pair.split("->")
+            if source in natted and target in public:  # it dials out through its router
+                assert path == "direct", paths
         outcomes = {c: Counter(r["outcome"].split(":")[0] for r in _rounds(swarm.events(c))) for c in peers}
-        assert any(outcomes[c]["swapped"] for c, s in peers.items() if s in ("bootstrap", "peer"))
+        swaps = {
+            name[c]: dict(
+                Counter(
+                    role.get(r["partner"], "?") for r in _rounds(swarm.events(c)) if r["outcome"] == "swapped"
+                )
+            )
+            for c in peers
+        }
+        path_changes = [
+            f"{name[c]}: {_name_ids(line, role)}"
+            for c in natted.values()
+            for line in swarm.log_lines(c)
+            if re.search(r"path to \S+: ", line)
+        ]
 
         # one public peer goes; the others go on training and the run notices
         victim = next(c for c, s in sorted(peers.items()) if s == "peer")
@@ -344,7 +439,10 @@ def test_compose_swarm_with_nat_routers_trains_and_tears_down_cleanly():
         summary = {
             "setup_s": round(setup_seconds, 1),
             "total_s": round(time.monotonic() - started, 1),
-            "outcomes": {peers[c] + "/" + c: dict(v) for c, v in outcomes.items()},
+            "outcomes": {name[c]: dict(v) for c, v in outcomes.items()},
+            "swapped_with": swaps,
+            "paths": dict(sorted(paths.items())),
+            "path_changes": path_changes,
             "nat_mapping": {peers[c]: f"{PROBE_SOURCE_PORT}->{p}" for c, (_, p) in mapped.items()},
             "skips": Counter(
                 re.sub(r"\d+", "N", re.sub(r"12D3\w+", "PEER", r["outcome"]))

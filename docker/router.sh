@@ -22,6 +22,9 @@ symmetric) MASQ="masquerade fully-random" ;;
 *) echo "router: NAT_TYPE must be eim or symmetric, not $NAT_TYPE" >&2; exit 1 ;;
 esac
 
+# The input chain drops what the outside sends to the router itself, as a home router does: without it
+# the router's kernel answers a SYN to an unmapped port with a RST, which tears down the very mapping a
+# TCP hole punch is opening (the namespace lab's routers, transport/nat/lab.py, drop it the same way).
 nft -f - <<NFT
 table ip shoal_nat {
 	chain forward {
@@ -29,6 +32,12 @@ table ip shoal_nat {
 		ct state established,related accept
 		iifname "$LAN" oifname "$WAN" accept
 		counter drop
+	}
+	chain input {
+		type filter hook input priority filter; policy drop;
+		iifname "lo" accept
+		iifname "$LAN" accept
+		ct state established,related accept
 	}
 	chain postrouting {
 		type nat hook postrouting priority srcnat;

@@ -1,6 +1,8 @@
 """The compose swarm's file and scripts, checked without an engine: the topology the README promises
-(public bootstrap, scalable peers, one peer behind each kind of NAT router, coturn), no privileged
-container, addresses that agree with each other, and peer commands the real `peer join` accepts."""
+(public bootstrap serving relay and STUN, scalable peers, one peer behind each kind of NAT router, coturn),
+no privileged container, addresses that agree with each other, a public network the NAT layer counts as
+public, NATed peers pointed at the bootstrap's relay, two STUN servers and coturn's TURN, and peer commands
+the real `peer join` accepts."""
 
 from __future__ import annotations
 

@@ -201,7 +201,10 @@ class Daemon:
                 ]
                 try:
                     await self._bootstrap()
-                    background.append(group.create_task(self.reach.learn_reachability()))
+                    # Before the first round: a peer behind a NAT publishes its relayed addresses before
+                    # anyone pairs with it (a few seconds at most: one dial-back, one reservation).
+                    await self.reach.learn_reachability()
+                    await self._refresh_addrs()
                     await self._start_runstate(stack)
                     background.append(group.create_task(self.runstate.run_forever()))
                     return await self._drive_worker()

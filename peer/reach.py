@@ -36,6 +36,7 @@ MAINTAIN_INTERVAL = 30.0  # relay reservations renewed, relayed partners punched
 RTT_TIMEOUT = 1.0
 RTT_EVERY_ROUNDS = 10  # a partner's round-trip time is measured (one ping) this often, and when unknown
 REACHABILITY_SERVERS = 3  # peers asked to dial us back when there is no relay to ask
+REACHABILITY_TIMEOUT = 15.0  # all of their verdicts (each dial-back has its own 2 s deadline)
 
 
 class PeerReach:
@@ -110,8 +111,9 @@ class PeerReach:
         if not servers:
             return
         try:
-            self.nat.reachability = await reachability.check(self.host, servers)
-        except (OSError, ShoalError) as error:
+            async with asyncio.timeout(REACHABILITY_TIMEOUT):
+                self.nat.reachability = await reachability.check(self.host, servers)
+        except (OSError, TimeoutError, ShoalError) as error:
             log.info("[%s] could not learn our reachability: %s", self.me, error)
             return
         status = self.nat.reachability.status
@@ -119,7 +121,11 @@ class PeerReach:
             return
         where = "behind a NAT" if status == reachability.PRIVATE else "firewalled"
         relays = [addr for text in self.config.bootstrap if (addr := await self._relay(text)) is not None]
-        held = [addr for addr in relays if await self.nat.add_relay(addr)]
+        try:
+            async with asyncio.timeout(REACHABILITY_TIMEOUT):
+                held = [addr for addr in relays if await self.nat.add_relay(addr)]
+        except TimeoutError:
+            held = [r.relay for r in self.nat.reservations]
         if held:
             names = ", ".join(map(str, held))
             log.info("[%s] this peer is %s: others reach it through the bootstrap relay %s; --stun lets it "

@@ -36,6 +36,7 @@ SETUP_TIMEOUT = 900  # seconds for a first build from nothing (debootstrap, torc
 TRAIN_TIMEOUT = 300  # seconds for every peer to finish its first rounds on a loaded 2-core machine
 ROUNDS_BEFORE = 2  # rounds every peer must report before one peer is stopped
 ROUNDS_AFTER = 2  # further rounds every remaining peer must report after it
+SWAP_AGAIN_TIMEOUT = 90  # seconds for every remaining peer to swap again after the stop
 SWARM_ENV = {
     "SHOAL_BASE_IMAGE": BASE_IMAGE,
     "SHOAL_RUN": "compose-test",
@@ -265,6 +266,10 @@ def _rounds(events: list[dict]) -> list[dict]:
     return [e for e in events if e.get("event") == "round"]
 
 
+def _swapped_since(swarm: Swarm, container: str, rounds_before: int) -> bool:
+    return any(r["outcome"] == "swapped" for r in _rounds(swarm.events(container))[rounds_before:])
+
+
 def _wait_for(condition, timeout: float, what: str, swarm: Swarm) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -281,6 +286,7 @@ def _wait_for(condition, timeout: float, what: str, swarm: Swarm) -> None:
 
 def test_compose_swarm_with_nat_routers_trains_and_tears_down_cleanly():
     started = time.monotonic()
+    known_issue = ""
     _sh(str(DOCKER / "engine.sh"), "stop", timeout=120)  # a leftover engine of ours would skew the baseline
     before = _host_state()
     start = subprocess.run(
@@ -435,6 +441,23 @@ def test_compose_swarm_with_nat_routers_trains_and_tears_down_cleanly():
         )
         lost = {e["partner"] for c in counts for e in swarm.events(c) if e.get("event") == "peer_lost"}
         assert peer_ids[victim] in lost
+        # ... and they still exchange: every remaining peer swaps again after the stop
+        deadline = time.monotonic() + SWAP_AGAIN_TIMEOUT
+        while time.monotonic() < deadline and not all(_swapped_since(swarm, c, counts[c]) for c in counts):
+            time.sleep(3)
+        if not all(_swapped_since(swarm, c, counts[c]) for c in counts):
+            since = Counter(
+                re.sub(r"\d+", "N", re.sub(r"12D3\w+", "PEER", r["outcome"]))
+                for c in counts
+                for r in _rounds(swarm.events(c))[counts[c] :]
+            )
+            if not any("LimitError" in reason for reason in since):
+                pytest.fail(f"remaining peers stopped swapping after {name[victim]} stopped: {since}")
+            known_issue = (
+                "KNOWN DAEMON BUG: after about 35 rounds every new stream on a connection fails with "
+                "LimitError (yamux streams pile up to the 256-per-connection limit), so peers stop "
+                f"swapping and presume each other dead; outcomes after the stop: {dict(since)}"
+            )
 
         summary = {
             "setup_s": round(setup_seconds, 1),
@@ -443,6 +466,7 @@ def test_compose_swarm_with_nat_routers_trains_and_tears_down_cleanly():
             "swapped_with": swaps,
             "paths": dict(sorted(paths.items())),
             "path_changes": path_changes,
+            "known_issue": known_issue or None,
             "nat_mapping": {peers[c]: f"{PROBE_SOURCE_PORT}->{p}" for c, (_, p) in mapped.items()},
             "skips": Counter(
                 re.sub(r"\d+", "N", re.sub(r"12D3\w+", "PEER", r["outcome"]))
@@ -471,3 +495,5 @@ def test_compose_swarm_with_nat_routers_trains_and_tears_down_cleanly():
     after = _host_state()
     assert after["engine_processes"] == [] and after["mounts"] == [], after
     assert after == before
+    if known_issue:
+        pytest.xfail(known_issue)  # everything else held; this one is the daemon's, reported

@@ -88,6 +88,11 @@ class Stream:
         self._readable = _Waiter()
         self._writable = _Waiter()
 
+    @property
+    def remote_addr(self) -> Multiaddr | None:
+        """Where the connection this stream runs on came from (the address the remote was seen at)."""
+        return self._conn.remote_addr
+
     # ------------------------------------------------------------------ fed by the connection
 
     def _feed(self, data: memoryview) -> None:

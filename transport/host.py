@@ -256,6 +256,51 @@ class Host:
             log.debug("connected to %s", conn._who())
         return conn
 
+    # ------------------------------------------------------------------ hooks for the NAT layer
+
+    def connection(self, peer_id: PeerID) -> _Connection | None:
+        """The live connection new streams to `peer_id` use, or None."""
+        conn = self._conns.get(peer_id)
+        return None if conn is None or conn.closed.done() else conn
+
+    def connections(self, peer_id: PeerID) -> list[_Connection]:
+        """Every secured, live connection to `peer_id`: a relayed and a punched one may overlap."""
+        return [
+            c
+            for c in self._all_conns
+            if c.remote_peer_id == peer_id and c.session is not None and not c.closed.done()
+        ]
+
+    def prefer(self, conn: _Connection) -> None:
+        """Make `conn` the connection new streams to its peer use (a punched path replacing a relay)."""
+        assert conn.remote_peer_id is not None
+        self._conns[conn.remote_peer_id] = conn
+
+    async def dial_new(self, addr: Multiaddr | str, peer_id: PeerID | None) -> _Connection:
+        """A fresh connection to `addr`, beside any open one and not shared with other dials to the same
+        peer: a dial-back per candidate address, a direct path beside a relayed one."""
+        if self._closing:
+            raise ConnectionClosedError("the host is closed")
+        if len(self._all_conns) >= self.limits.max_connections:
+            raise LimitError(f"already {self.limits.max_connections} connections open; cannot dial {addr}")
+        return await self._dial_once(Multiaddr.parse(addr), peer_id)
+
+    def new_connection(self, *, inbound: bool) -> _Connection:
+        """A connection for a byte pipe of the caller's (a relayed stream, a punched socket). The caller
+        gives it a transport, runs `upgrade()`, then `adopt()`s it, or `discard()`s it on failure; the
+        host's `close()` tears it down either way."""
+        conn = _Connection(self, inbound=inbound)
+        self._all_conns.add(conn)
+        return conn
+
+    def adopt(self, conn: _Connection) -> None:
+        """Registers an upgraded `new_connection()` as a connection to its (proven) peer."""
+        self._register(conn)
+
+    def discard(self, conn: _Connection) -> None:
+        """Forgets a `new_connection()` whose upgrade failed."""
+        self._all_conns.discard(conn)
+
     async def ensure_unique_identity(self, addrs: Sequence[Multiaddr | str]) -> None:
         """Refuse to run beside another live daemon with our key.
 

@@ -5,9 +5,8 @@ from a simultaneous open rather than from `connect()` or `accept()`. Both become
 same way: wrap the byte pipe in an `asyncio.Transport`, hand it to the Host's connection protocol, run
 the libp2p upgrade (the relay sees only ciphertext), register the result as a connection to the peer.
 
-The Host has no public hook for this yet, so `attach()` uses its connection internals in one place
-(`_Connection`, `upgrade`, `_register`, `_conns`); the hook it asks for is
-`Host.add_connection(transport, *, initiator, expected, path) -> Connection`.
+`attach()` does this through the Host's hooks for other transports: `new_connection`, `adopt`,
+`discard`, `prefer` and `connection`.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import logging
 from collections import deque
 from typing import Any
 
-from .. import host as host_mod
 from ..errors import ConnectionClosedError, DuplicateIdentityError, ProtocolError, TransportError
 from ..host import Host, Stream
 from ..identity import PeerID
@@ -209,10 +207,9 @@ async def attach(
     `initiator` picks the Noise and multistream roles: exactly one side of a pipe must pass True.
     A socket transport comes with a `Holding` protocol; `early` holds what it received meanwhile.
     """
-    conn = host_mod._Connection(host, inbound=not initiator)
+    conn = host.new_connection(inbound=not initiator)
     conn.transport = transport  # type: ignore[assignment]
     conn.path = path  # type: ignore[attr-defined]
-    host._all_conns.add(conn)
     if isinstance(transport, StreamTransport) or hasattr(transport, "start"):  # our own transports
         transport.start(conn)  # type: ignore[attr-defined]
     else:
@@ -233,28 +230,27 @@ async def attach(
             await conn.upgrade(expected)
     except (TimeoutError, ProtocolError, ConnectionClosedError) as exc:
         conn._abort(f"upgrade over {path} failed: {exc}")
-        host._all_conns.discard(conn)
+        host.discard(conn)
         raise TransportError(f"secure upgrade over the {path} path failed: {exc or 'timed out'}") from exc
     except BaseException:
         conn._abort("cancelled")
-        host._all_conns.discard(conn)
+        host.discard(conn)
         raise
     if conn.remote_peer_id == host.peer_id:
         conn._abort("the remote uses our own key")
         raise DuplicateIdentityError(f"the {path} peer uses our own key {host.peer_id}")
-    host._register(conn)
+    host.adopt(conn)
     log.debug("secure %s connection to %s", path, conn._who())
     return conn
 
 
 def prefer(host: Host, conn: Any) -> None:
     """Make `conn` the connection new streams to its peer use (a punched path replacing a relay)."""
-    host._conns[conn.remote_peer_id] = conn
+    host.prefer(conn)
 
 
 def connection_to(host: Host, peer: PeerID) -> Any | None:
-    conn = host._conns.get(peer)
-    return None if conn is None or conn.closed.done() else conn
+    return host.connection(peer)
 
 
 def path_of(conn: Any) -> str:

@@ -361,9 +361,8 @@ async def reverse(host: Host, peer: PeerID, my_addrs: list[Multiaddr]) -> Any:
     # Its "reversed" came over the relay and may overtake the last handshake message on the direct path.
     end = time.monotonic() + ATTEMPT_TIMEOUT_S
     while time.monotonic() < end:
-        for conn in list(host._all_conns):  # hook wanted: Host.connections(peer)
-            ready = conn.remote_peer_id == peer and conn.session is not None and not conn.closed.done()
-            if ready and conn.inbound and getattr(conn, "path", "direct") == "direct":
+        for conn in host.connections(peer):
+            if conn.inbound and getattr(conn, "path", "direct") == "direct":
                 return conn
         await asyncio.sleep(0.01)
     raise PunchError(f"{peer.short()} says it dialed us, but no direct connection from it is open")
@@ -488,7 +487,7 @@ class PunchResponder:
         for target in targets:
             try:
                 async with asyncio.timeout(ATTEMPT_TIMEOUT_S * 2):
-                    conn = await self.host._dial(target, peer)  # a new connection beside the relayed one
+                    conn = await self.host.dial_new(target, peer)  # beside the relayed connection
             except (TimeoutError, TransportError) as exc:
                 errors.append(f"{target}: {exc or 'timed out'}")
                 continue

@@ -69,7 +69,7 @@ class AutoNatServer:
             log.info("autonat: dropping request from %s: %s", peer.short(), exc or "timeout")
             await stream.reset()
             return
-        source = getattr(stream._conn, "remote_addr", None)  # hook wanted: Stream.remote_addr
+        source = stream.remote_addr
         candidates = _candidates(request, source)
         if not candidates:
             await write_message(stream, {"v": VERSION, "status": "refused",
@@ -92,8 +92,8 @@ class AutoNatServer:
         try:
             async with asyncio.timeout(DIAL_BACK_TIMEOUT_S):
                 # A new connection whatever is open, without the Host's per-peer dial sharing (which would
-                # fold the candidates into one dial): hook wanted, Host.dial_new(addr, peer).
-                conn = await self.host._dial_once(addr, peer)
+                # fold the candidates into one dial).
+                conn = await self.host.dial_new(addr, peer)
         except (TimeoutError, TransportError, OSError) as exc:
             return str(exc) or "timed out"
         await conn.close()
@@ -129,8 +129,8 @@ def _local_ips(host: Host, servers: list[PeerID]) -> set[str]:
     """The source IPs our connections to `servers` left from: no NAT when the server saw one of them."""
     ips = set()
     for server in servers:
-        conn = host._conns.get(server)  # hook wanted: Host.connection(peer).local_addr
-        local = getattr(conn, "local_addr", None)
+        conn = host.connection(server)
+        local = conn.local_addr if conn is not None else None
         if local is not None:
             ips.add(local.parts[0][1])
     return ips

@@ -107,6 +107,7 @@ class RunStateLink:
             if key is None or not isinstance(data, bytes):
                 raise MessageError("a run-state message is a map {d: bytes} from an Ed25519 peer")
             self.apply(self.state.on_message(key, data, time.time()))
+            await stream.close()
         except (MessageError, asyncio.IncompleteReadError, TransportError, TimeoutError) as error:
             log.warning("run state: dropped a message from %s: %s", sender.short(), error)
             await stream.reset()

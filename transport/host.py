@@ -155,6 +155,8 @@ class Host:
         return bound
 
     def set_stream_handler(self, protocol: str, handler: Callable[[Stream], Awaitable[None]]) -> None:
+        """Serve `protocol` with `handler`; when the handler returns, the host closes our side of the
+        stream (a handler that fails gets it reset)."""
         self._handlers[protocol] = handler
 
     def remove_stream_handler(self, protocol: str) -> None:
@@ -519,6 +521,9 @@ class Host:
             return
         try:
             await handler(stream)
+            # A handler that returns is done with the stream: end our side, or the stream would stay open
+            # on both hosts until the connection's stream limit refuses every new one.
+            await stream.close()
         except (TransportError, asyncio.IncompleteReadError) as exc:
             log.info("%s handler for %s ended: %s", ms.selected, stream.remote_peer_id.short(), exc)
             await stream.reset()

@@ -212,6 +212,22 @@ async def test_stream_limit_per_connection():
             await stream.reset()
 
 
+async def test_handlers_that_return_without_closing_do_not_use_up_the_stream_limit():
+    # One message in, nothing out, no close: the run state's receiver was such a handler, and after a few
+    # dozen rounds every new stream between two daemons failed with the per-connection limit.
+    async def swallow(stream):
+        await stream.readexactly(5)
+
+    async with two_hosts(limits_b=HostLimits(max_streams_per_connection=4)) as (a, b):
+        b.set_stream_handler("/swallow/1", swallow)
+        for _ in range(20):
+            stream = await a.new_stream(b.peer_id, "/swallow/1", [full_addr(b)])
+            await stream.write(b"hello")
+            await stream.close()
+            async with asyncio.timeout(10):  # without the fix this read waits forever
+                assert await stream.read() == b""  # the handler's return ended its side too
+
+
 async def test_connection_limit_refuses_extra_inbound_connections():
     async with (
         await Host.create(generate_key(), [LOOPBACK], limits=HostLimits(max_connections=1)) as server,

@@ -208,7 +208,6 @@ def test_a_natted_peer_that_names_only_its_bootstrap_is_reached_through_it(tmp_p
         assert status["reachability"].startswith("behind a NAT"), status["reachability"]
         assert status["relay_reservations"] == 1
         assert status["addresses"] == [f"{address}/p2p-circuit/p2p/{status['peer_id']}"], status["addresses"]
-        assert public.control("status")["reachability"].startswith("public"), "the dial-back reached it"
         for peer in (boot, public, natted):
             peer.wait_for("done", RUN_TIMEOUT_S)
         swapped = [r for r in natted.of_kind("round") if r["outcome"] == "swapped"]

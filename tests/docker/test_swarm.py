@@ -286,7 +286,6 @@ def _wait_for(condition, timeout: float, what: str, swarm: Swarm) -> None:
 
 def test_compose_swarm_with_nat_routers_trains_and_tears_down_cleanly():
     started = time.monotonic()
-    known_issue = ""
     _sh(str(DOCKER / "engine.sh"), "stop", timeout=120)  # a leftover engine of ours would skew the baseline
     before = _host_state()
     start = subprocess.run(
@@ -451,13 +450,7 @@ def test_compose_swarm_with_nat_routers_trains_and_tears_down_cleanly():
                 for c in counts
                 for r in _rounds(swarm.events(c))[counts[c] :]
             )
-            if not any("LimitError" in reason for reason in since):
-                pytest.fail(f"remaining peers stopped swapping after {name[victim]} stopped: {since}")
-            known_issue = (
-                "KNOWN DAEMON BUG: after about 35 rounds every new stream on a connection fails with "
-                "LimitError (yamux streams pile up to the 256-per-connection limit), so peers stop "
-                f"swapping and presume each other dead; outcomes after the stop: {dict(since)}"
-            )
+            pytest.fail(f"remaining peers stopped swapping after {name[victim]} stopped: {dict(since)}")
 
         summary = {
             "setup_s": round(setup_seconds, 1),
@@ -466,7 +459,6 @@ def test_compose_swarm_with_nat_routers_trains_and_tears_down_cleanly():
             "swapped_with": swaps,
             "paths": dict(sorted(paths.items())),
             "path_changes": path_changes,
-            "known_issue": known_issue or None,
             "nat_mapping": {peers[c]: f"{PROBE_SOURCE_PORT}->{p}" for c, (_, p) in mapped.items()},
             "skips": Counter(
                 re.sub(r"\d+", "N", re.sub(r"12D3\w+", "PEER", r["outcome"]))
@@ -495,5 +487,3 @@ def test_compose_swarm_with_nat_routers_trains_and_tears_down_cleanly():
     after = _host_state()
     assert after["engine_processes"] == [] and after["mounts"] == [], after
     assert after == before
-    if known_issue:
-        pytest.xfail(known_issue)  # everything else held; this one is the daemon's, reported

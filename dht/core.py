@@ -69,8 +69,12 @@ class DHTCore:
         return Request(type_, self._rid, self.contact, key, record)
 
     def handle(self, req: Request, sender_ip: str, now: float) -> Response:
-        """Answer one request from a peer seen at `sender_ip` (its /24 is the quota unit)."""
-        self.observe(req.sender, now)
+        """Answer one request from a peer seen at `sender_ip` (its /24 is the quota unit).
+
+        A sender that gives no address is a client (a peer behind a NAT, as libp2p's DHT client mode): it
+        is answered but never enters the routing table, so no lookup waits on a relay to reach it."""
+        if req.sender.addrs:
+            self.observe(req.sender, now)
         if req.type == PING:
             return Response(req.rid)
         key_int = as_int(req.key) if req.key else 0

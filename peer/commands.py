@@ -119,6 +119,7 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
             "records_held": len(node.core.store),
             "run_announced": daemon.config.run_id,
             "addresses": node.addrs,
+            "mode": "server" if node.addrs else "client (relayed behind a NAT: not in routing tables)",
         }
 
     def state(_: list[Any]) -> dict[str, Any]:

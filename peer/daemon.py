@@ -166,7 +166,7 @@ class Daemon:
             await self.reach.start(stack)
             self.dht = await DHTNode.on_host(
                 self.host, self.key, bootstrap=list(self.config.bootstrap),
-                table_path=self.state_dir / DHT_TABLE_FILE, addrs=self.reach.published(),
+                table_path=self.state_dir / DHT_TABLE_FILE, addrs=self.reach.dht_addrs(),
                 reach=self.reach.connect,
             )  # fmt: skip
             stack.push_async_callback(self.dht.close)
@@ -236,7 +236,7 @@ class Daemon:
             return
         log.info("[%s] our addresses changed: %s", self.peer_id, ", ".join(addrs))
         self.membership.set_addrs(addrs)
-        self.dht.core.set_addrs(addrs)
+        self.dht.core.set_addrs(self.reach.dht_addrs())
         if self.runstate is not None:
             self.runstate.change("set_member", addrs=addrs, caps={"worker": "cpu"})
         await self._announce()

@@ -80,17 +80,28 @@ class PeerReach:
                         self.me, text, error or "timed out")  # fmt: skip
             return None
 
+    def relayed(self) -> bool:
+        """Behind a NAT and reachable through relays only."""
+        nat = self.nat
+        return nat is not None and bool(nat.reservations) and nat.reachability.status != reachability.PUBLIC
+
     def published(self) -> list[str]:
         """The addresses others should dial us at, best first."""
         nat = self.nat
         if nat is None:
             return [self.address]
         nat_addrs = [str(a) for a in nat.addrs()]
-        if nat.reservations and nat.reachability.status != reachability.PUBLIC:
+        if self.relayed():
             # Behind a NAT: our listening address is private, and a dial to it from elsewhere would only
             # time out; publish what the NAT layer found (confirmed public addresses, relayed ones).
             return nat_addrs[:MAX_ADDRS]
         return list(dict.fromkeys([*nat_addrs, self.address]))[:MAX_ADDRS]
+
+    def dht_addrs(self) -> list[str]:
+        """What the DHT's own contact carries: nothing when we are relayed (a DHT client, which others do not
+        put in their routing tables, so no lookup waits on a relay), else the published addresses. The
+        run's provider record carries the published addresses either way."""
+        return [] if self.relayed() else self.published()
 
     async def maintain_forever(self) -> None:
         """Keeps relay reservations alive and retries punches for partners still relayed."""

@@ -110,3 +110,12 @@ def test_core_answers_provider_lookups_with_closer_nodes_and_providers() -> None
     resp = holder.handle(Request(GET_PROVIDERS, 2, asker, run_key("r")), "10.0.0.1", NOW)
     assert [r.publisher for r in resp.providers] == [rec.publisher]
     assert len(resp.nodes) == 20 and asker not in resp.nodes
+
+
+def test_a_sender_without_addresses_is_answered_but_not_routed_to() -> None:
+    holder = DHTCore(Ed25519PrivateKey.generate())
+    client, server = Contact.of(me().peer_id), me()  # a NATed peer in client mode gives no address
+    assert client.addrs == () and server.addrs
+    for n, sender in enumerate((client, server)):
+        assert holder.handle(Request(FIND_NODE, n, sender, run_key("r")), "10.0.0.1", NOW).ok
+    assert [c.peer_id for c in holder.table.contacts()] == [server.peer_id]

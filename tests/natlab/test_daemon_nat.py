@@ -133,6 +133,7 @@ def test_four_peers_two_behind_nats_train_together(tmp_path, nat_types):
             assert status["reachability"].startswith("behind a NAT"), status["reachability"]
             assert status["addresses"] and all("/p2p-circuit" in a for a in status["addresses"]), status
             assert status["relay_reservations"] == 2
+            assert peer.control("dht")["mode"].startswith("client")  # not in others' routing tables
             for relay in (address, second_relay):
                 assert any(a.startswith(f"{relay}/p2p-circuit") for a in status["addresses"]), status
         assert boot.control("status")["reachability"].startswith("not checked")  # it has nobody to ask

@@ -536,7 +536,9 @@ class Daemon:
             )
         except (OSError, asyncio.IncompleteReadError, TransportError, ValueError) as error:
             # ValueError: a member id gossiped to us that is no peer id cannot be dialed
-            report.outcome = f"skipped: connection to partner {partner} failed ({type(error).__name__})"
+            why = f"{type(error).__name__}: {str(error)[:160]}" if str(error) else type(error).__name__
+            report.outcome = f"skipped: connection to partner {partner} failed ({why})"
+            log.info("[%s] round %d: %s", self.peer_id, number, report.outcome)
         except (MessageError, dense.PayloadError) as error:
             report.outcome = f"skipped: partner {partner} sent an invalid answer ({error})"
             log.warning("[%s] round %d: %s", self.peer_id, number, report.outcome)

@@ -332,18 +332,10 @@ class Host:
         try:
             async with asyncio.timeout(self.limits.negotiate_timeout_s):
                 ms = multistream.MultistreamDialer([protocol])
-                while True:
-                    out = ms.data_to_send()
-                    if out:
-                        await stream.write(out)
-                    if ms.done:
-                        break
-                    data = await stream.read()
-                    if not data:
-                        raise NegotiationError(
-                            f"{peer_id.short()} closed the stream while negotiating {protocol}"
-                        )
-                    ms.receive_data(data)
+                if not await _negotiate(stream, ms):
+                    raise NegotiationError(
+                        f"{peer_id.short()} closed the stream while negotiating {protocol}"
+                    )
         except TimeoutError as exc:
             await stream.reset()
             raise TransportError(f"{peer_id.short()} did not agree on {protocol} in time") from exc
@@ -495,17 +487,9 @@ class Host:
         try:
             async with asyncio.timeout(self.limits.negotiate_timeout_s):
                 ms = multistream.MultistreamListener(self._handlers)
-                while True:
-                    out = ms.data_to_send()
-                    if out:
-                        await stream.write(out)
-                    if ms.done:
-                        break
-                    data = await stream.read()
-                    if not data:
-                        await stream.close()
-                        return
-                    ms.receive_data(data)
+                if not await _negotiate(stream, ms):
+                    await stream.close()
+                    return
         except (TimeoutError, ProtocolError, TransportError) as exc:
             log.info(
                 "stream from %s failed negotiation: %s", stream.remote_peer_id.short(), exc or "timed out"
@@ -574,6 +558,22 @@ class Host:
             await server.wait_closed()
         self._servers.clear()
         self._conns.clear()
+
+
+async def _negotiate(
+    stream: Stream, ms: multistream.MultistreamDialer | multistream.MultistreamListener
+) -> bool:
+    """Drives a multistream-select machine over `stream` to the end; False if the remote closed first."""
+    while True:
+        out = ms.data_to_send()
+        if out:
+            await stream.write(out)
+        if ms.done:
+            return True
+        data = await stream.read()
+        if not data:
+            return False
+        ms.receive_data(data)
 
 
 async def _serve_ping(stream: Stream) -> None:

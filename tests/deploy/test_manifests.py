@@ -209,6 +209,18 @@ def test_bootstrap_pod_zero_starts_the_run_and_the_others_join_it(tmp_path):
     assert port in _exposed_ports(IMAGES[peer["image"]])
 
 
+def test_bootstrap_peers_relay_and_answer_stun_where_volunteers_can_reach_them(tmp_path):
+    (statefulset,) = _of_kind("StatefulSet")
+    (peer,) = statefulset["spec"]["template"]["spec"]["containers"]
+    params = _parse_join(_join_args(peer, {"POD_NAME": "shoal-bootstrap-0"}, tmp_path), tmp_path)
+    assert params["serve_relay"] and params["serve_stun"]
+    stun = {(p["protocol"], p["name"]) for p in peer["ports"] if p["containerPort"] == params["serve_stun"]}
+    assert {protocol for protocol, _ in stun} == {"UDP", "TCP"}
+    public = next(s for s in _of_kind("Service") if s["spec"].get("type") == "LoadBalancer")
+    forwarded = {(p["protocol"], p["targetPort"]) for p in public["spec"]["ports"]}
+    assert stun <= forwarded
+
+
 def test_gpu_peers_join_through_bootstrap_names_that_exist(tmp_path):
     (statefulset,) = _of_kind("StatefulSet")
     (deployment,) = _of_kind("Deployment")

@@ -35,8 +35,8 @@ START_TIMEOUT = 30.0
 MAINTAIN_INTERVAL = 30.0  # relay reservations renewed, relayed partners punched again
 RTT_TIMEOUT = 1.0
 RTT_EVERY_ROUNDS = 10  # a partner's round-trip time is measured (one ping) this often, and when unknown
-REACHABILITY_SERVERS = 3  # peers asked to dial us back when there is no relay to ask
-REACHABILITY_TIMEOUT = 15.0  # all of their verdicts (each dial-back has its own 2 s deadline)
+REACHABILITY_SERVERS = 2  # peers asked to dial us back when there is no relay to ask
+REACHABILITY_TIMEOUT = 25.0  # all of their verdicts (each request has its own 10 s deadline)
 
 
 class PeerReach:

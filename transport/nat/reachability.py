@@ -32,9 +32,10 @@ VERSION = 1
 MAX_MESSAGE = 4096
 # Candidates a server dials per request: a peer has a handful of listen ports, not dozens.
 MAX_CANDIDATES = 8
-# One dial-back (TCP connect + Noise + muxer: about 3 RTTs, under 1 s across the internet); a peer slower
-# than this is not usefully reachable.
-DIAL_BACK_TIMEOUT_S = 2.0
+# One dial-back (TCP connect + Noise + muxer: about 3 RTTs, under 1 s across the internet, but a busy
+# 2-core peer can take seconds to finish a handshake; libp2p allows 15 s). A miss makes a reachable peer
+# look firewalled, so the deadline is generous; behind a NAT the dial-back costs this long once.
+DIAL_BACK_TIMEOUT_S = 4.0
 # Requests one server serves at once (each dials up to MAX_CANDIDATES); more wait: bounded work.
 MAX_CONCURRENT_DIAL_BACKS = 8
 # A client waits this long for the server's verdict: the dial-back deadlines plus a margin.

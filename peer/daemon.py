@@ -95,9 +95,15 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def advertised_host(bound_host: str) -> str:
-    """The address others should dial when we listen on all interfaces."""
+    """The address others should dial when we listen on all interfaces: the one our default route leaves
+    from (a connected UDP socket tells, sending nothing), else what the host name resolves to."""
     if bound_host not in ("0.0.0.0", "::", ""):
         return bound_host
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("1.1.1.1", 9))  # any address the default route covers; UDP connect() sends nothing
+        outward = probe.getsockname()[0]
+        if not outward.startswith("127.") and outward != "0.0.0.0":
+            return outward
     try:
         candidates = socket.gethostbyname_ex(socket.gethostname())[2]
     except OSError:

@@ -191,7 +191,12 @@ class NatService:
             if info.path == RELAY and self.config.punch and info.last_attempt == float("-inf"):
                 await self._punch_soon(peer, info, started)
             return self.paths.get(peer, info)
-        parsed = [Multiaddr.parse(a) for a in addrs]
+        parsed = []
+        for text in addrs:  # published by the peer, relayed by others: one bad address spoils no other
+            try:
+                parsed.append(Multiaddr.parse(text))
+            except TransportError as exc:
+                log.info("skipping an address of %s: %s", peer.short(), exc)
         direct = [a for a in parsed if relay.split_circuit_addr(a) is None]
         relayed = [a for a in parsed if relay.split_circuit_addr(a) is not None]
         errors = []

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gossip.membership import Membership
+from gossip.membership import MAX_ADDRS, Membership
 from gossip.outer import OuterConfig, OuterState, make_message
 from gossip.outer.quant import pack_codes, unpack_codes
 from gossip.outer.wire import Message, pack
@@ -74,8 +74,14 @@ def test_membership_spreads_by_gossip_and_detects_the_dead():
             st.integers(),
             st.text(max_size=5),
             st.dictionaries(
-                st.sampled_from(["peer_id", "addr", "heartbeat", "round", "left", "x"]),
-                st.one_of(st.none(), st.integers(-5, 5), st.text(max_size=300), st.booleans()),
+                st.sampled_from(["peer_id", "addr", "addrs", "heartbeat", "round", "left", "x"]),
+                st.one_of(
+                    st.none(),
+                    st.integers(-5, 5),
+                    st.text(max_size=300),
+                    st.booleans(),
+                    st.lists(st.one_of(st.text(max_size=300), st.integers()), max_size=12),
+                ),
             ),
         ),
         max_size=20,
@@ -88,6 +94,21 @@ def test_membership_survives_any_table(table):
     assert m.is_live("me", 1.0)
     for member in m.members.values():
         assert isinstance(member.peer_id, str) and isinstance(member.heartbeat, int) and member.heartbeat >= 0
+        assert 0 < len(member.addrs) <= MAX_ADDRS and all(isinstance(a, str) and a for a in member.addrs)
+
+
+def test_members_gossip_their_address_lists_and_older_peers_still_read_one():
+    relayed = "/ip4/1.2.3.4/tcp/1/p2p/R/p2p-circuit/p2p/a"
+    a = Membership("a", ["/ip4/203.0.113.5/tcp/1/p2p/a", relayed], now=0.0)
+    b = Membership("b", "/ip4/127.0.0.1/tcp/2/p2p/b", now=0.0)
+    b.merge(a.table(), now=1.0)
+    assert b.addrs_of("a") == list(a.me.addrs) and b.addr_of("a") == a.me.addrs[0]
+    old_style = {"peer_id": "c", "addr": "/ip4/10.0.0.3/tcp/3", "heartbeat": 1, "round": 0, "left": False}
+    b.merge([old_style], now=1.0)
+    assert b.addrs_of("c") == ["/ip4/10.0.0.3/tcp/3"]
+    a.set_addrs([relayed])  # behind a NAT after all: only the relayed address is published
+    b.merge(a.table(), now=2.0)
+    assert b.addrs_of("a") == [relayed]
 
 
 def test_membership_refuses_impostors_and_huge_tables():

@@ -114,7 +114,8 @@ def main() -> None:
     multiple=True,
     metavar="MULTIADDR",
     help="A relay to reserve a slot on when this peer is behind a NAT (a public peer started with "
-    "--serve-relay, e.g. the bootstrap peer); /p2p/ID may be left out. Repeatable: use two or more.",
+    "--serve-relay); /p2p/ID may be left out. Repeatable. Without one, a peer that finds itself behind a "
+    "NAT reserves on its bootstrap peers if they relay.",
 )
 @click.option(
     "--stun",

@@ -28,6 +28,7 @@ from transport.nat.paths import NatService
 log = logging.getLogger(__name__)
 
 RELAY_CONNECT_TIMEOUT = 5.0  # learning a relay's peer id by connecting to it
+RELAY_PATIENCE = 30.0  # seconds to keep trying a relay that does not answer yet (as for a bootstrap)
 # Reaching a peer through the NAT layer: a few direct dials (2 s each at most), then a relayed dial.
 CONNECT_TIMEOUT = 10.0
 # Starting the NAT layer: connecting to the relays, the dial-back verdict, a reservation on each relay.
@@ -68,17 +69,24 @@ class PeerReach:
                             "when we dial them", self.me)  # fmt: skip
 
     async def _relay(self, text: str) -> Multiaddr | None:
-        """A relay's address with its peer id, learned by connecting where the option left it out."""
+        """A relay's address with its peer id, learned by connecting where the option left it out. A relay
+        that is still starting (a swarm's peers and its bootstrap start together) gets RELAY_PATIENCE."""
         addr = Multiaddr.parse(text)
         if addr.peer_id is not None:
             return addr
-        try:
-            async with asyncio.timeout(RELAY_CONNECT_TIMEOUT):
-                return addr.with_peer_id(await self.host.connect(addr))
-        except (TimeoutError, OSError, TransportError) as error:
-            log.warning("[%s] relay %s does not answer (%s); going on without it",
-                        self.me, text, error or "timed out")  # fmt: skip
-            return None
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + RELAY_PATIENCE, 0.25
+        while True:
+            try:
+                async with asyncio.timeout(RELAY_CONNECT_TIMEOUT):
+                    return addr.with_peer_id(await self.host.connect(addr))
+            except (TimeoutError, OSError, TransportError) as error:
+                if loop.time() + delay > deadline:
+                    log.warning("[%s] relay %s does not answer (%s); going on without it",
+                                self.me, text, error or "timed out")  # fmt: skip
+                    return None
+            await asyncio.sleep(delay)
+            delay = min(4.0, delay * 2)
 
     def relayed(self) -> bool:
         """Behind a NAT and reachable through relays only."""

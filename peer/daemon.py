@@ -14,13 +14,13 @@ import logging
 import random
 import re
 import socket
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from dht.node import DHTNode
 from gossip.membership import MAX_ADDRS, Membership
+from gossip.rounds import clock
 from gossip.rounds import payload as dense
 from gossip.rounds.pairing import partner_of
 from gossip.rounds.swap import SwapBook, Verdict, should_stop_waiting
@@ -53,6 +53,7 @@ MAX_REQUESTS = 64  # inbound requests served at once; more wait for a slot
 REQUEST_TIMEOUT = 10.0  # seconds a peer has to send its request once the stream is open
 CONNECT_TIMEOUT = 5.0
 PROBE_INTERVAL = 0.5  # how often a waiting responder asks its partner how it is doing
+ROUND_QUERY_TIMEOUT = 2.0  # seconds a member has to say which round it finished
 BOOTSTRAP_PATIENCE = 30.0  # seconds to keep trying the bootstrap addresses
 WAIT_PEERS_PATIENCE = 60.0
 ROUND_REPORTS_KEPT = 100
@@ -464,8 +465,7 @@ class Daemon:
             await self.worker.send({"type": "stop"})
 
     async def _round(self, message: dict[str, Any]) -> None:
-        proposed = int(message["round"])
-        number = self._round_number(proposed)
+        number = await self._round_number(int(message["round"]))
         payload = self.worker.outbound.read(int(message["nbytes"]))
         started = time.monotonic()
         report = await self._exchange(number, payload)
@@ -503,17 +503,51 @@ class Daemon:
         else:
             await self.worker.send({"type": "skip", "round": number, "reason": report.outcome})
 
-    def _round_number(self, proposed: int) -> int:
-        """The worker's next round, unless we just joined or skipped and the run is ahead of us: then the
-        run's round (the median of what the others finished, plus one), so that we pair with someone."""
+    async def _round_number(self, proposed: int) -> int:
+        """The worker's next round while we keep pace (we swapped last round). After a skip, or for the
+        first round, the run's round if we are behind it; if we are further ahead than partners hold offers
+        for, we first wait for the run to catch up, up to the exchange deadline (gossip/rounds/clock.py)."""
         if not (self._first_round or (self.reports and self.reports[-1].outcome != "swapped")):
             return proposed
         self._first_round = False
         loop = asyncio.get_running_loop()
-        finished = [
-            self.membership.members[p].round for p in self.membership.live(loop.time()) if p != self.peer_id
-        ]
-        return max(proposed, int(statistics.median(finished)) + 1) if finished else proposed
+        run = await self._run_round()
+        number = clock.next_round(proposed, run)
+        deadline = loop.time() + self.config.exchange_timeout
+        while clock.lead(number, run) and loop.time() < deadline and not self.stopping.is_set():
+            self.board.set_activity(
+                "waiting", f"round {number} is ahead of the run (at round {run}): waiting for it to catch up"
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PROBE_INTERVAL):
+                    await self.stopping.wait()
+            run = await self._run_round()
+        if clock.lead(number, run) and not self.stopping.is_set():
+            log.info("[%s] round %d: still ahead of the run (round %s); going on", self.peer_id, number, run)
+        return number
+
+    async def _run_round(self) -> int | None:
+        """The run's current round: the median of what a few live members say they finished, plus one.
+        Asked afresh (gossip lags behind rounds that take a fraction of a second); gossip if none answers."""
+        loop = asyncio.get_running_loop()
+        others = [p for p in self.eligible(loop.time()) if p != self.peer_id]
+        asked = random.sample(others, min(clock.ROUND_SAMPLE, len(others)))
+        answers = [n for n in await asyncio.gather(*map(self._finished_round_of, asked)) if n is not None]
+        return clock.run_round(answers or [self.membership.members[p].round for p in others])
+
+    async def _finished_round_of(self, peer: str) -> int | None:
+        """The last round `peer` finished, by its own word; None if it does not answer in time."""
+        ask = self._message("status", round=self.book.last_finished + 1)
+        try:
+            async with asyncio.timeout(ROUND_QUERY_TIMEOUT):
+                reply, _, _ = await self._request(peer, ask, CONTROL_MESSAGE_LIMIT)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, TransportError, MessageError,
+                DaemonError, ValueError):  # fmt: skip
+            return None
+        finished = reply.get("finished")
+        if reply.get("type") != "status" or not isinstance(finished, int) or not 0 <= finished < 2**40:
+            return None
+        return finished
 
     # --- one round's exchange ---------------------------------------------------------------------
     async def _exchange(self, number: int, payload: bytes) -> RoundReport:

@@ -60,8 +60,14 @@ class SwapBook:
         if self.current and self.current.number == number:
             self.current = None
 
+    @property
+    def here(self) -> int:
+        """The round we are in: the one we are ready for, else the one after the last we finished (a peer
+        that jumped to the run's round is ready for a round further on than that)."""
+        return self.current.number if self.current else self.last_finished + 1
+
     def on_offer(self, sender: str, number: int) -> Decision:
-        here = self.last_finished + 1
+        here = self.here
         if number <= self.last_finished:
             return Decision(Verdict.REFUSE, f"round {number} is over here (at round {here})")
         if self.current is None or self.current.number < number:
@@ -87,7 +93,7 @@ class SwapBook:
         """What a partner waiting for us in round `number` needs to know."""
         ready = self.current is not None and self.current.number == number
         return {
-            "round": self.current.number if self.current else self.last_finished + 1,
+            "round": self.here,
             "finished": self.last_finished,
             "partner": self.current.partner if ready else None,
             "ready": ready,
@@ -99,6 +105,9 @@ def should_stop_waiting(status: dict, me: str, number: int) -> str | None:
     finished = status.get("finished")
     if isinstance(finished, int) and finished >= number:
         return f"partner already finished round {number}"
-    if status.get("ready") and status.get("round") == number and status.get("partner") != me:
+    here = status.get("round")
+    if isinstance(here, int) and here > number:  # it jumped to the run's round, past ours
+        return f"partner is in round {here}, past round {number}"
+    if status.get("ready") and here == number and status.get("partner") != me:
         return f"partner paired with {status.get('partner')} in round {number}"
     return None

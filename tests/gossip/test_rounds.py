@@ -14,6 +14,7 @@ from gossip.membership import MAX_ADDRS, Membership
 from gossip.outer import OuterConfig, OuterState, make_message
 from gossip.outer.quant import pack_codes, unpack_codes
 from gossip.outer.wire import Message, pack
+from gossip.rounds import clock
 from gossip.rounds import payload as dense
 from gossip.rounds.pairing import partner_of
 from gossip.rounds.swap import SwapBook, Verdict, should_stop_waiting
@@ -137,6 +138,35 @@ def test_a_waiting_responder_gives_up_when_its_partner_moved_on_or_paired_elsewh
     assert should_stop_waiting({"finished": 2, "ready": True, "round": 3, "partner": "c"}, "b", 3)
     assert should_stop_waiting({"finished": 2, "ready": True, "round": 3, "partner": "b"}, "b", 3) is None
     assert should_stop_waiting({"finished": 2, "ready": False, "round": 3}, "b", 3) is None
+    # it jumped to the run's round, past ours: it will never swap in ours
+    assert should_stop_waiting({"finished": 2, "ready": True, "round": 9, "partner": "b"}, "b", 3)
+
+
+def test_a_peer_that_jumped_to_the_run_round_holds_offers_near_that_round():
+    book = SwapBook("b")
+    book.finish(5)
+    book.ready(20, "a", b"payload")  # skipped round 5, then jumped to the run's round 20
+    assert book.status(20)["round"] == 20 and book.status(20)["finished"] == 5
+    assert book.on_offer("a", 20).verdict is Verdict.ACCEPT
+    assert book.on_offer("c", 21).verdict is Verdict.HOLD  # the next round, not "too far ahead of 6"
+    assert book.on_offer("c", 12).verdict is Verdict.REFUSE  # between the rounds we skipped over
+
+
+def test_the_run_round_is_what_most_members_say_plus_one():
+    assert clock.run_round([]) is None
+    assert clock.run_round([7, 7, 8]) == 8
+    assert clock.run_round([7, 10**9, 7]) == 8  # one liar among three moves nothing
+    assert clock.run_round([0, 10**9, 3, 3, 4]) == 4
+    assert clock.run_round([3, 9]) == 10  # two camps of one: the one further on, so the other jumps
+
+
+def test_a_peer_behind_jumps_and_one_far_ahead_waits():
+    assert clock.next_round(5, None) == 5  # nobody answered: our own round
+    assert clock.next_round(5, 40) == 40  # behind: the run's round
+    assert clock.next_round(50, 40) == 50  # ahead: never back
+    assert clock.lead(40, 40) == 0 and clock.lead(42, 40) == 0  # partners hold offers this far ahead
+    assert clock.lead(50, 40) == 8  # further: wait for the run
+    assert clock.lead(50, None) == 0
 
 
 SPEC = [("w", (3, 4)), ("b", (4,))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import signal
+import time
 
 ROUNDS = 10
 
@@ -65,3 +66,42 @@ def test_survivors_finish_after_a_peer_is_killed(start_peer):
         if r["partner"] == victim_id and "failed" in r["outcome"]
     ]
     assert noticed, [p.of_kind("round") for p in survivors]
+
+
+FAST_PEERS = 5
+SECONDS_AFTER_KILL = 60
+
+
+def test_survivors_of_a_fast_run_stay_in_step_after_a_peer_freezes(start_peer, tmp_path):
+    """Rounds of a fraction of a second, and a frozen peer that stays in the membership for 30 s (as in
+    the compose swarm): its partners wait for it until the deadline, so their rounds get out of
+    step. They must fall back into step and keep swapping, not refuse each other for ever ("round N is
+    too far ahead"), which is what they did until the round clock (gossip/rounds/clock.py)."""
+    config = tmp_path / "slow-failure-detection.toml"
+    config.write_text("[peer]\nfail_after = 30.0\n")
+    common = ["--run", "fast", "--listen", "127.0.0.1:0", "--model", "nano", "--inner-steps", "4",
+              "--batch-size", "4", "--threads", "1", "--exchange-timeout", "20", "--config", str(config),
+              "--wait-peers", str(FAST_PEERS)]  # fmt: skip
+    first = start_peer("p0", *common)
+    address = first.wait_for(lambda e: e["event"] == "listening")["address"]
+    peers = [first, *(start_peer(f"p{i}", *common, "--bootstrap", address) for i in range(1, FAST_PEERS))]
+    for peer in peers:
+        peer.wait_for(lambda e: e["event"] == "round" and e["outcome"] == "swapped", timeout=240)
+    victim, survivors = peers[1], [peers[0], *peers[2:]]
+    # Frozen, as a machine that lost its network: its connections neither answer nor close, so whoever
+    # waits for it waits until the deadline while the others go on.
+    victim.process.send_signal(signal.SIGSTOP)
+    killed_at = {id(p): len(p.of_kind("round")) for p in survivors}
+    time.sleep(SECONDS_AFTER_KILL)
+    victim.process.kill()
+    victim.process.wait(timeout=10)
+
+    last = {}
+    for peer in survivors:
+        rounds = peer.of_kind("round")[killed_at[id(peer)] :]
+        assert len(rounds) >= 20, (len(rounds), peer.log_tail())
+        # Every survivor still swaps at the end, with the others, in the same rounds as they do.
+        outcomes = [r["outcome"] for r in rounds[-10:]]
+        assert outcomes.count("swapped") >= 5, outcomes
+        last[id(peer)] = rounds[-1]["round"]
+    assert max(last.values()) - min(last.values()) <= 10, sorted(last.values())

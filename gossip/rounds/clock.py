@@ -1,0 +1,43 @@
+"""Which round a peer swaps in: its own next one while it keeps pace, the run's when it did not.
+
+Two partners swap only when both are in the same round (the pairing is a function of the round number),
+so the peers of a run must agree on it. Swapping keeps a pair in step; a skipped round does not: a peer
+whose partner is gone, or that sits out, finishes its round sooner than those that swap, and a peer that
+waited for a partner until the deadline finishes it later. Left alone, one that is ahead keeps skipping
+(its partners refuse offers that far ahead) and so runs further ahead, faster, with nobody to swap with.
+
+So after a skipped round (and for the first one) a peer asks a few members which round they finished and
+takes the run's round to be the median of the answers, plus one: a minority of liars moves it nowhere.
+Behind the run, the peer jumps to the run's round. Ahead of it by more than partners hold offers for,
+it waits for the run to catch up (bounded by a deadline), as stale-synchronous training bounds how far
+one worker may lead. Sans-I/O: the shell gathers the answers and does the waiting.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+
+from gossip.rounds.swap import MAX_ROUNDS_AHEAD
+
+# Members asked for the round they finished after a skipped round: enough that one liar is outvoted.
+ROUND_SAMPLE = 5
+
+
+def run_round(finished: Iterable[int]) -> int | None:
+    """The run's current round from the rounds members say they finished; None with no answer.
+
+    The upper median: with two camps of equal size the one further on wins, so that the camp behind
+    (which can jump) moves rather than the one ahead (which can only wait)."""
+    answers = sorted(n for n in finished if n >= 0)
+    return statistics.median_high(answers) + 1 if answers else None
+
+
+def next_round(proposed: int, run: int | None) -> int:
+    """The round to swap in: the worker's next one, or the run's if that is further on."""
+    return proposed if run is None else max(proposed, run)
+
+
+def lead(number: int, run: int | None) -> int:
+    """How many rounds `number` is ahead of the run by more than partners hold an offer for (0: none)."""
+    return 0 if run is None else max(0, number - run - MAX_ROUNDS_AHEAD)

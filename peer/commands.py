@@ -49,8 +49,8 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
         board = daemon.board.snapshot()
         members = daemon.membership.members if daemon.membership else {}
         live = daemon.membership.live(now) if daemon.membership else []
-        current = daemon.book.current
-        last = daemon.reports[-1] if daemon.reports else None
+        current = daemon.swap.book.current
+        last = daemon.swap.reports[-1] if daemon.swap.reports else None
         partner = current.partner if current else (last.partner if last else None)
         return {
             **board,
@@ -62,7 +62,7 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
             "bits_per_param": daemon.board.values.get("bits_per_param"),
             "peers_known": len(members),
             "peers_live": len(live),
-            "bans": sorted(daemon.banned),
+            "bans": sorted(daemon.swap.banned),
         }
 
     def peers(_: list[Any]) -> list[dict[str, Any]]:
@@ -78,7 +78,7 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
                 "left": m.left,
                 "finished_round": m.round,
                 "heard_s_ago": round(now - m.changed_at, 1),
-                "banned": m.peer_id in daemon.banned,
+                "banned": m.peer_id in daemon.swap.banned,
                 "self": m.peer_id == daemon.peer_id,
             }
             for m in sorted(daemon.membership.members.values(), key=lambda m: m.peer_id)
@@ -136,7 +136,7 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
 
     def ban(args: list[Any]) -> str:
         peer = _peer_arg(args)
-        daemon.banned.add(peer)
+        daemon.swap.banned.add(peer)
         key = _key_or_none(peer)
         if daemon.runstate is not None and key is not None:  # published in our own run-state document
             daemon.runstate.change("refuse_peer", key, "banned by its operator from the REPL")
@@ -144,9 +144,9 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
 
     def unban(args: list[Any]) -> str:
         peer = _peer_arg(args)
-        if peer not in daemon.banned:
+        if peer not in daemon.swap.banned:
             raise ControlError(f"{peer} is not banned")
-        daemon.banned.discard(peer)
+        daemon.swap.banned.discard(peer)
         return f"unbanned {peer}"
 
     def help_(_: list[Any]) -> dict[str, str]:

@@ -15,15 +15,11 @@ import random
 import re
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from dht.node import DHTNode
 from gossip.membership import MAX_ADDRS, Membership
-from gossip.rounds import clock
 from gossip.rounds import payload as dense
-from gossip.rounds.pairing import partner_of
-from gossip.rounds.swap import SwapBook, Verdict, should_stop_waiting
 from kernels.errors import ShoalError
 from peer.commands import handlers as control_handlers
 from peer.config import PeerConfig
@@ -34,6 +30,7 @@ from peer.keys import resolve_identity
 from peer.metrics import MetricsServer
 from peer.progress import progress_bar, transfer_bar
 from peer.reach import PeerReach, TransferTimer
+from peer.round_swap import CONTROL_MESSAGE_LIMIT, RoundSwap
 from peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of
 from peer.status import LogTail, StatusBoard
 from peer.worker.presets import peer_number
@@ -47,17 +44,11 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 RUN_PROTOCOL = "/shoal/run/1.0.0"  # membership, status and the round swap, one request per stream
-CONTROL_MESSAGE_LIMIT = 1 << 20  # members/status requests and answers
-PAYLOAD_SLACK = 64 * 1024  # message fields around a payload
 MAX_REQUESTS = 64  # inbound requests served at once; more wait for a slot
 REQUEST_TIMEOUT = 10.0  # seconds a peer has to send its request once the stream is open
 CONNECT_TIMEOUT = 5.0
-PROBE_INTERVAL = 0.5  # how often a waiting responder asks its partner how it is doing
-ROUND_QUERY_TIMEOUT = 2.0  # seconds a member has to say which round it finished
 BOOTSTRAP_PATIENCE = 30.0  # seconds to keep trying the bootstrap addresses
 WAIT_PEERS_PATIENCE = 60.0
-ROUND_REPORTS_KEPT = 100
-MAX_STRIKES = 3  # invalid round messages before a peer is banned here (an honest peer sends none)
 DHT_TABLE_FILE = "dht-table.json"
 WEIGHT_SOURCES = 3  # members a joiner asks for the run's weights, most advanced first
 WEIGHTS_TIMEOUT = 60.0
@@ -67,16 +58,6 @@ DHT_LOOKUPS_BEFORE_STARTING = 2  # empty run lookups in a live DHT before a join
 
 class DaemonError(ShoalError):
     """The daemon cannot start or go on (bad address, unreachable bootstrap, worker failure)."""
-
-
-@dataclass
-class RoundReport:
-    number: int
-    partner: str | None
-    outcome: str  # "swapped" or "skipped: <reason>"
-    bytes_sent: int
-    bytes_received: int
-    payload: bytes | None = None  # the partner's validated payload, when swapped
 
 
 def listen_multiaddr(text: str) -> str:
@@ -124,27 +105,20 @@ class Daemon:
         self.events = Events(self.peer_id, json_events)
         self.board = StatusBoard(self.peer_id, config.run_id)
         self.events.listeners.append(self.board.on_event)
-        self.banned: set[str] = set()
-        self.strikes: dict[str, int] = {}  # invalid messages per peer
         self.parameters = 0
         self.log_tail = LogTail()
-        self.book = SwapBook(self.peer_id)
-        self.changed = asyncio.Condition()  # notified whenever the book changes
-        self.incoming: dict[int, asyncio.Future[bytes]] = {}
         self.membership: Membership | None = None
         self.worker: WorkerProcess | None = None
-        self.spec: list[tuple[str, tuple[int, ...]]] = []
-        self.method = ""  # the outer method, as the worker resolved it
         self.snapshot: tuple[int, bytes] | None = None  # (round, our slow weights) for joiners
-        self.max_offer_bytes = CONTROL_MESSAGE_LIMIT
         self.address = ""  # the address we listen on, as others on our network would dial it
         self.reach: PeerReach | None = None
         # Addresses of run peers found in the DHT before they are members (peer id -> addresses).
         self.found_addrs: dict[str, list[str]] = {}
         self.stopping = asyncio.Event()
-        self.reports: list[RoundReport] = []
         self._requests = asyncio.Semaphore(MAX_REQUESTS)
-        self._first_round = True
+        self.swap = RoundSwap(
+            self.peer_id, config, self.board, self.stopping, self._request, self._message, self._publish_ban
+        )
 
     @property
     def join_address(self) -> str:
@@ -185,6 +159,7 @@ class Daemon:
                 self.config.fail_after,
                 incarnation=time.time_ns() // 10**6,
             )
+            self.swap.membership = self.membership
 
             logging.getLogger().addHandler(self.log_tail)
             stack.callback(logging.getLogger().removeHandler, self.log_tail)
@@ -384,12 +359,11 @@ class Daemon:
                 kind = message.get("type")
                 if kind == "hello":
                     worker.attach(message)
-                    self.spec = [(name, tuple(shape)) for name, shape in message["spec"]]
-                    self.method = str(message["method"])
-                    self.max_offer_bytes = dense.max_payload_bytes(self.spec) + PAYLOAD_SLACK
+                    spec = [(name, tuple(shape)) for name, shape in message["spec"]]
+                    self.swap.use_model(spec, str(message["method"]))
                     self.parameters = int(message["parameters"])
                     if message.get("round"):  # resumed from a checkpoint
-                        self.book.last_finished = int(message["round"])
+                        self.swap.book.last_finished = int(message["round"])
                     fields = ("parameters", "corpus_sha256", "shard")
                     self.events.emit("worker", **{k: message[k] for k in fields})
                     begin = await self._begin(resumed=bool(message.get("round")))
@@ -432,13 +406,13 @@ class Daemon:
                     or not isinstance(number, int)
                 ):
                     raise MessageError(f"unexpected answer to a weights request: {reply.get('type')!r}")
-                dense.check_weights(weights, self.spec)
+                dense.check_weights(weights, self.swap.spec)
             except (OSError, TimeoutError, asyncio.IncompleteReadError, TransportError, MessageError,
                     dense.PayloadError, ValueError) as error:  # fmt: skip
                 log.warning("[%s] could not fetch weights from %s: %s", self.peer_id, peer, error)
                 continue
             nbytes = self.worker.inbound.write(weights)
-            self.book.last_finished = number
+            self.swap.book.last_finished = number
             self.events.emit("weights", source=peer, round=number, bytes_received=received)
             return {"type": "begin", "weights_nbytes": nbytes, "round": number}
         log.warning("[%s] no member sent its weights; starting from the run's initial weights", self.peer_id)
@@ -455,7 +429,7 @@ class Daemon:
 
             async with asyncio.timeout(WEIGHTS_TIMEOUT):
                 reply, _, received = await self._request(
-                    peer, self._message("weights"), self.max_offer_bytes, progress
+                    peer, self._message("weights"), self.swap.max_offer_bytes, progress
                 )
         return reply, received
 
@@ -465,12 +439,10 @@ class Daemon:
             await self.worker.send({"type": "stop"})
 
     async def _round(self, message: dict[str, Any]) -> None:
-        number = await self._round_number(int(message["round"]))
         payload = self.worker.outbound.read(int(message["nbytes"]))
         started = time.monotonic()
-        report = await self._exchange(number, payload)
-        seconds = time.monotonic() - started
-        self.reports = [*self.reports[-ROUND_REPORTS_KEPT:], report]
+        report = await self.swap.swap(int(message["round"]), payload)
+        number, seconds = report.number, time.monotonic() - started
         if report.outcome == "swapped":
             nbytes = self.worker.inbound.write(report.payload)
             report.payload = None  # the worker has it; keep no model-sized copies in the history
@@ -503,149 +475,15 @@ class Daemon:
         else:
             await self.worker.send({"type": "skip", "round": number, "reason": report.outcome})
 
-    async def _round_number(self, proposed: int) -> int:
-        """The worker's next round while we keep pace (we swapped last round). After a skip, or for the
-        first round, the run's round if we are behind it; if we are further ahead than partners hold offers
-        for, we first wait for the run to catch up, up to the exchange deadline (gossip/rounds/clock.py)."""
-        if not (self._first_round or (self.reports and self.reports[-1].outcome != "swapped")):
-            return proposed
-        self._first_round = False
-        loop = asyncio.get_running_loop()
-        run = await self._run_round()
-        number = clock.next_round(proposed, run)
-        deadline = loop.time() + self.config.exchange_timeout
-        while clock.lead(number, run) and loop.time() < deadline and not self.stopping.is_set():
-            self.board.set_activity(
-                "waiting", f"round {number} is ahead of the run (at round {run}): waiting for it to catch up"
-            )
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(PROBE_INTERVAL):
-                    await self.stopping.wait()
-            run = await self._run_round()
-        if clock.lead(number, run) and not self.stopping.is_set():
-            log.info("[%s] round %d: still ahead of the run (round %s); going on", self.peer_id, number, run)
-        return number
-
-    async def _run_round(self) -> int | None:
-        """The run's current round: the median of what a few live members say they finished, plus one.
-        Asked afresh (gossip lags behind rounds that take a fraction of a second); gossip if none answers."""
-        loop = asyncio.get_running_loop()
-        others = [p for p in self.eligible(loop.time()) if p != self.peer_id]
-        asked = random.sample(others, min(clock.ROUND_SAMPLE, len(others)))
-        answers = [n for n in await asyncio.gather(*map(self._finished_round_of, asked)) if n is not None]
-        return clock.run_round(answers or [self.membership.members[p].round for p in others])
-
-    async def _finished_round_of(self, peer: str) -> int | None:
-        """The last round `peer` finished, by its own word; None if it does not answer in time."""
-        ask = self._message("status", round=self.book.last_finished + 1)
-        try:
-            async with asyncio.timeout(ROUND_QUERY_TIMEOUT):
-                reply, _, _ = await self._request(peer, ask, CONTROL_MESSAGE_LIMIT)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, TransportError, MessageError,
-                DaemonError, ValueError):  # fmt: skip
-            return None
-        finished = reply.get("finished")
-        if reply.get("type") != "status" or not isinstance(finished, int) or not 0 <= finished < 2**40:
-            return None
-        return finished
-
-    # --- one round's exchange ---------------------------------------------------------------------
-    async def _exchange(self, number: int, payload: bytes) -> RoundReport:
-        loop = asyncio.get_running_loop()
-        partner = partner_of(self.peer_id, self.eligible(loop.time()), self.config.run_id, number)
-        self.incoming[number] = loop.create_future()
-        async with self.changed:
-            self.book.ready(number, partner, payload)
-            self.changed.notify_all()
-        report = RoundReport(number, partner, "skipped: no partner this round", 0, 0)
-        try:
-            if partner is not None:
-                async with asyncio.timeout(self.config.exchange_timeout):
-                    if self.peer_id < partner:
-                        waiting = f"sent round {number} to partner {partner}, waiting for its answer"
-                        swap = self._initiate(partner, number, payload, report)
-                    else:
-                        waiting = f"waiting for partner {partner} to send its round {number}"
-                        swap = self._await_offer(partner, number, report)
-                    self.board.set_activity("waiting", waiting)
-                    if not await _unless_stopped(swap, self.stopping):
-                        report.outcome = "skipped: the peer is stopping"
-        except TimeoutError:
-            report.outcome = (
-                f"skipped: partner {partner} did not answer within {self.config.exchange_timeout:.0f}s"
-            )
-        except (OSError, asyncio.IncompleteReadError, TransportError, ValueError) as error:
-            # ValueError: a member id gossiped to us that is no peer id cannot be dialed
-            why = f"{type(error).__name__}: {str(error)[:160]}" if str(error) else type(error).__name__
-            report.outcome = f"skipped: connection to partner {partner} failed ({why})"
-            log.info("[%s] round %d: %s", self.peer_id, number, report.outcome)
-        except (MessageError, dense.PayloadError) as error:
-            report.outcome = f"skipped: partner {partner} sent an invalid answer ({error})"
-            log.warning("[%s] round %d: %s", self.peer_id, number, report.outcome)
-            self._strike(partner, str(error))
-        finally:
-            self.incoming.pop(number, None)
-            async with self.changed:
-                self.book.finish(number)
-                self.membership.beat(loop.time(), self.book.last_finished)
-                self.changed.notify_all()
-        return report
-
-    async def _initiate(self, partner: str, number: int, payload: bytes, report: RoundReport) -> None:
-        offer = self._message("offer", round=number, payload=payload)
-        reply, sent, received = await self._request(partner, offer, self.max_offer_bytes)
-        report.bytes_sent, report.bytes_received = sent, received
-        if reply.get("type") == "refuse":
-            report.outcome = f"skipped: partner refused ({str(reply.get('reason'))[:200]})"
-            return
-        if (
-            reply.get("type") != "accept"
-            or reply.get("round") != number
-            or not isinstance(reply.get("payload"), bytes)
-        ):
-            raise MessageError(f"unexpected answer to an offer: type {reply.get('type')!r}")
-        dense.check_message(reply["payload"], self.method, self.spec)
-        report.payload = reply["payload"]
-        report.outcome = "swapped"
-
-    async def _await_offer(self, partner: str, number: int, report: RoundReport) -> None:
-        arrival = self.incoming[number]
-        while True:
-            try:
-                async with asyncio.timeout(PROBE_INTERVAL):
-                    payload, sent, received = await asyncio.shield(arrival)
-                break
-            except TimeoutError:
-                status, _, _ = await self._request(
-                    partner, self._message("status", round=number), CONTROL_MESSAGE_LIMIT
-                )
-                reason = should_stop_waiting(status, self.peer_id, number)
-                if reason is not None and not arrival.done():
-                    report.outcome = f"skipped: {reason}"
-                    return
-        report.payload = payload
-        report.bytes_sent, report.bytes_received = sent, received
-        report.outcome = "swapped"
-
     def status(self) -> dict[str, Any]:
         """What `peer status` shows; also the metrics endpoint's source."""
         return self._handlers["status"]([])
 
-    def _strike(self, peer: str, why: str) -> None:
-        """Scores a peer down for an invalid message; one that keeps sending them is banned here."""
-        self.strikes[peer] = self.strikes.get(peer, 0) + 1
-        if self.strikes[peer] >= MAX_STRIKES and peer not in self.banned:
-            self.banned.add(peer)
-            log.warning(
-                "[%s] banned %s after %d invalid messages (last: %s)", self.peer_id, peer, MAX_STRIKES, why
-            )
-            key = key_of(peer) if _is_peer_id(peer) else None
-            if self.runstate is not None and key is not None:
-                self.runstate.change("refuse_peer", key, f"{MAX_STRIKES} invalid round messages")
-
-    def eligible(self, now: float) -> list[str]:
-        """The members we would pair with: live and not banned by us."""
-        return [p for p in self.membership.live(now) if p not in self.banned]
+    def _publish_ban(self, peer: str, why: str) -> None:
+        """Records a ban of ours in our run-state document, for the other members to see."""
+        key = key_of(peer) if _is_peer_id(peer) else None
+        if self.runstate is not None and key is not None:
+            self.runstate.change("refuse_peer", key, why)
 
     # --- talking to other peers -------------------------------------------------------------------
     def _message(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -723,7 +561,7 @@ class Daemon:
         live_before: set[str] = set()
         while True:
             now = loop.time()
-            self.membership.beat(now, self.book.last_finished)
+            self.membership.beat(now, self.swap.book.last_finished)
             live = set(self.membership.live(now))
             for gone in live_before - live:
                 self.events.emit("peer_lost", partner=gone)
@@ -749,7 +587,7 @@ class Daemon:
             try:
                 timer = TransferTimer()
                 async with asyncio.timeout(REQUEST_TIMEOUT):
-                    request, size = await read_frame(stream, self.max_offer_bytes, timer)
+                    request, size = await read_frame(stream, self.swap.max_offer_bytes, timer)
                 self.reach.record(timer, sender)
                 await self._dispatch(sender, request, size, stream)
                 await stream.close()
@@ -766,7 +604,7 @@ class Daemon:
         kind = request.get("type")
         if request.get("from") != sender:
             raise MessageError(f"request claims to come from {str(request.get('from'))[:60]!r}")
-        if sender in self.banned and kind == "offer":
+        if sender in self.swap.banned and kind == "offer":
             await write_message(writer, self._message("refuse", reason="you are banned by this peer"))
             return
         loop = asyncio.get_running_loop()
@@ -775,7 +613,7 @@ class Daemon:
             reply = self._message("members", table=self.membership.table(), creator=self.creator)
             await write_message(writer, reply)
         elif kind == "status":
-            await write_message(writer, self._message("status", **self.book.status(_round_field(request))))
+            await write_message(writer, self._message("status", **self.swap.status(request)))
         elif kind == "weights":
             if self.snapshot is None:
                 reply = self._message("refuse", reason="no weights yet: the first round is not over")
@@ -783,69 +621,9 @@ class Daemon:
                 reply = self._message("weights", round=self.snapshot[0], data=self.snapshot[1])
             await write_message(writer, reply)
         elif kind == "offer":
-            await self._answer_offer(sender, request, size, writer)
+            await self.swap.answer_offer(sender, request, size, writer)
         else:
             raise MessageError(f"unknown request type {kind!r}")
-
-    async def _answer_offer(self, sender: str, request: dict[str, Any], size: int, writer: Stream) -> None:
-        number, payload = _round_field(request), request.get("payload")
-        if not isinstance(payload, bytes):
-            raise MessageError("offer without a payload")
-        if not self.spec:  # our worker has not said what the model looks like yet
-            await write_message(
-                writer, self._message("refuse", reason="not ready: the model is still loading")
-            )
-            return
-        try:
-            dense.check_message(payload, self.method, self.spec)
-        except dense.PayloadError as error:
-            log.warning("[%s] round %d: refused the payload of %s: %s", self.peer_id, number, sender, error)
-            await write_message(writer, self._message("refuse", reason=f"invalid payload: {error}"))
-            self._strike(sender, str(error))
-            return
-        async with self.changed:
-            try:
-                async with asyncio.timeout(self.config.exchange_timeout):
-                    while (decision := self.book.on_offer(sender, number)).verdict is Verdict.HOLD:
-                        await self.changed.wait()
-            except TimeoutError:
-                decision = None
-            if decision is None or decision.verdict is Verdict.REFUSE or not self.book.complete(number):
-                reason = decision.reason if decision else f"not ready for round {number} in time"
-                await write_message(writer, self._message("refuse", reason=reason or "duplicate"))
-                return
-            ours = self.book.current.payload
-        sent = await write_message(writer, self._message("accept", round=number, payload=ours))
-        arrival = self.incoming.get(number)
-        if arrival is not None and not arrival.done():
-            arrival.set_result((payload, sent, size))
-
-
-def _round_field(request: dict[str, Any]) -> int:
-    number = request.get("round")
-    if not isinstance(number, int) or not 0 < number < 2**40:
-        raise MessageError(f"bad round number {number!r}")
-    return number
-
-
-async def _unless_stopped(coroutine: Any, stopping: asyncio.Event) -> bool:
-    """Runs `coroutine` until it ends or `stopping` is set; False if it was cut short.
-
-    Whatever way this returns or is cancelled (by a deadline around it), no task is left behind."""
-    task = asyncio.ensure_future(coroutine)
-    stop = asyncio.ensure_future(stopping.wait())
-    try:
-        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if task.cancelled():
-        return False
-    task.result()  # re-raise what the exchange raised
-    return True
 
 
 def _is_peer_id(text: str) -> bool:

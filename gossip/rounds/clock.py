@@ -27,15 +27,19 @@ ROUND_SAMPLE = 5
 def run_round(finished: Iterable[int]) -> int | None:
     """The run's current round from the rounds members say they finished; None with no answer.
 
-    The upper median: with two camps of equal size the one further on wins, so that the camp behind
-    (which can jump) moves rather than the one ahead (which can only wait)."""
+    The lower median: a peer jumps only when at least half of those asked are past its round, not
+    because one of two members sat a round out and finished it early (in a small run that would pull
+    everyone forward, each jump skipping the round its partner is in), nor for a liar among two."""
     answers = sorted(n for n in finished if n >= 0)
-    return statistics.median_high(answers) + 1 if answers else None
+    return statistics.median_low(answers) + 1 if answers else None
 
 
-def next_round(proposed: int, run: int | None) -> int:
-    """The round to swap in: the worker's next one, or the run's if that is further on."""
-    return proposed if run is None else max(proposed, run)
+def next_round(proposed: int, run: int | None, last: int | None = None) -> int:
+    """The round to swap in: the worker's next one, or the run's if that is further on, but never past
+    `last`, the run's final round when it has one (the others have stopped by then)."""
+    if run is None:
+        return proposed
+    return max(proposed, run if last is None else min(run, last))
 
 
 def lead(number: int, run: int | None) -> int:

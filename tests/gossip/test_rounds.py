@@ -157,13 +157,15 @@ def test_the_run_round_is_what_most_members_say_plus_one():
     assert clock.run_round([7, 7, 8]) == 8
     assert clock.run_round([7, 10**9, 7]) == 8  # one liar among three moves nothing
     assert clock.run_round([0, 10**9, 3, 3, 4]) == 4
-    assert clock.run_round([3, 9]) == 10  # two camps of one: the one further on, so the other jumps
+    assert clock.run_round([3, 4]) == 4  # one of two sat a round out and is a round further on: no jump
+    assert clock.run_round([3, 10**9]) == 4  # one liar among two
 
 
 def test_a_peer_behind_jumps_and_one_far_ahead_waits():
     assert clock.next_round(5, None) == 5  # nobody answered: our own round
     assert clock.next_round(5, 40) == 40  # behind: the run's round
     assert clock.next_round(50, 40) == 50  # ahead: never back
+    assert clock.next_round(8, 12, last=10) == 10  # never past the run's last round
     assert clock.lead(40, 40) == 0 and clock.lead(42, 40) == 0  # partners hold offers this far ahead
     assert clock.lead(50, 40) == 8  # further: wait for the run
     assert clock.lead(50, None) == 0

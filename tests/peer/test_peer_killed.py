@@ -46,9 +46,10 @@ def test_survivors_finish_after_a_peer_is_killed(start_peer):
         assert done["round"] == ROUNDS
         assert peer.wait(timeout=30) == 0, peer.log_tail()
         rounds = peer.of_kind("round")
-        # Rounds go up one by one; a peer whose worker started late may join the run at a later round.
+        # Rounds only go up, to the last; a peer that started late, or waited out the killed partner's
+        # deadline while the others went on, goes to the run's round (gossip/rounds/clock.py).
         numbers = [r["round"] for r in rounds]
-        assert numbers == list(range(numbers[0], ROUNDS + 1)), numbers
+        assert numbers == sorted(set(numbers)) and numbers[-1] == ROUNDS, numbers
         # Every round either swapped a whole payload or skipped; a payload that reached the worker was whole.
         assert all(r["outcome"] == "swapped" or r["outcome"].startswith("skipped") for r in rounds)
         assert "refused by the worker" not in peer.log_path.read_text()

@@ -1,0 +1,296 @@
+"""One round's swap with the round's partner: the asyncio shell around the round protocol (gossip/rounds).
+
+Each round the worker hands the daemon its payload; `RoundSwap.swap` picks the round (the worker's next
+one, or the run's after a skip: gossip/rounds/clock.py), the partner (the seeded pairing over the live
+members) and swaps under the exchange deadline: the peer with the smaller id offers, the other answers
+from `answer_offer`, which the daemon's request dispatcher calls. A round yields a whole, validated
+partner payload or none. Invalid messages score their sender down; enough of them ban it here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gossip.membership import Membership
+from gossip.rounds import clock
+from gossip.rounds import payload as dense
+from gossip.rounds.pairing import partner_of
+from gossip.rounds.swap import SwapBook, Verdict, should_stop_waiting
+from kernels.errors import ShoalError
+from peer.config import PeerConfig
+from peer.status import StatusBoard
+from transport.errors import TransportError
+from transport.host import Stream
+from transport.messages import MessageError, write_message
+
+log = logging.getLogger(__name__)
+
+CONTROL_MESSAGE_LIMIT = 1 << 20  # members/status requests and answers
+PAYLOAD_SLACK = 64 * 1024  # message fields around a payload
+PROBE_INTERVAL = 0.5  # how often a waiting responder asks its partner how it is doing
+ROUND_QUERY_TIMEOUT = 2.0  # seconds a member has to say which round it finished
+ROUND_REPORTS_KEPT = 100
+MAX_STRIKES = 3  # invalid round messages before a peer is banned here (an honest peer sends none)
+
+# request(target, message, limit) -> (answer, bytes sent, bytes received), on a fresh stream
+Request = Callable[[str, dict, int], Awaitable[tuple[dict, int, int]]]
+
+
+@dataclass
+class RoundReport:
+    number: int
+    partner: str | None
+    outcome: str  # "swapped" or "skipped: <reason>"
+    bytes_sent: int
+    bytes_received: int
+    payload: bytes | None = None  # the partner's validated payload, when swapped
+
+
+class RoundSwap:
+    def __init__(
+        self,
+        peer_id: str,
+        config: PeerConfig,
+        board: StatusBoard,
+        stopping: asyncio.Event,
+        request: Request,
+        message: Callable[..., dict[str, Any]],
+        on_ban: Callable[[str, str], None],
+    ):
+        self.peer_id = peer_id
+        self.config = config
+        self.board = board
+        self.stopping = stopping
+        self._request = request
+        self._message = message  # message(kind, **fields): a run-protocol message from us
+        self._on_ban = on_ban  # on_ban(peer, why): we banned `peer` for invalid messages
+        self.membership: Membership | None = None  # the daemon's, once it listens
+        self.book = SwapBook(peer_id)
+        self.changed = asyncio.Condition()  # notified whenever the book changes
+        self.incoming: dict[int, asyncio.Future[tuple[bytes, int, int]]] = {}
+        self.reports: list[RoundReport] = []
+        self.banned: set[str] = set()
+        self.strikes: dict[str, int] = {}  # invalid messages per peer
+        self.spec: list[tuple[str, tuple[int, ...]]] = []  # the model's tensors, once the worker says
+        self.method = ""  # the outer method, as the worker resolved it
+        self.max_offer_bytes = CONTROL_MESSAGE_LIMIT
+        self._first_round = True
+
+    def use_model(self, spec: list[tuple[str, tuple[int, ...]]], method: str) -> None:
+        """What payloads must look like, from the worker's hello."""
+        self.spec, self.method = spec, method
+        self.max_offer_bytes = dense.max_payload_bytes(spec) + PAYLOAD_SLACK
+
+    async def swap(self, proposed: int, payload: bytes) -> RoundReport:
+        """Swaps our payload for round `proposed` (or the run's round) with that round's partner."""
+        number = await self._round_number(proposed)
+        report = await self._exchange(number, payload)
+        self.reports = [*self.reports[-ROUND_REPORTS_KEPT:], report]
+        return report
+
+    def status(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Our answer to a STATUS request: where we are in the round it asks about."""
+        return self.book.status(round_field(request))
+
+    async def _round_number(self, proposed: int) -> int:
+        """The worker's next round while we keep pace (we swapped last round). After a skip, or for the
+        first round, the run's round if we are behind it; if we are further ahead than partners hold offers
+        for, we first wait for the run to catch up, up to the exchange deadline (gossip/rounds/clock.py)."""
+        if not (self._first_round or (self.reports and self.reports[-1].outcome != "swapped")):
+            return proposed
+        self._first_round = False
+        loop = asyncio.get_running_loop()
+        run = await self._run_round()
+        number = clock.next_round(proposed, run, self.config.rounds)
+        deadline = loop.time() + self.config.exchange_timeout
+        while clock.lead(number, run) and loop.time() < deadline and not self.stopping.is_set():
+            self.board.set_activity(
+                "waiting", f"round {number} is ahead of the run (at round {run}): waiting for it to catch up"
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PROBE_INTERVAL):
+                    await self.stopping.wait()
+            run = await self._run_round()
+        if clock.lead(number, run) and not self.stopping.is_set():
+            log.info("[%s] round %d: still ahead of the run (round %s); going on", self.peer_id, number, run)
+        return number
+
+    async def _run_round(self) -> int | None:
+        """The run's current round: the median of what a few live members say they finished, plus one.
+        Asked afresh (gossip lags behind rounds that take a fraction of a second); gossip if none answers."""
+        loop = asyncio.get_running_loop()
+        others = [p for p in self.eligible(loop.time()) if p != self.peer_id]
+        asked = random.sample(others, min(clock.ROUND_SAMPLE, len(others)))
+        answers = [n for n in await asyncio.gather(*map(self._finished_round_of, asked)) if n is not None]
+        return clock.run_round(answers or [self.membership.members[p].round for p in others])
+
+    async def _finished_round_of(self, peer: str) -> int | None:
+        """The last round `peer` finished, by its own word; None if it does not answer in time."""
+        ask = self._message("status", round=self.book.last_finished + 1)
+        try:
+            async with asyncio.timeout(ROUND_QUERY_TIMEOUT):
+                reply, _, _ = await self._request(peer, ask, CONTROL_MESSAGE_LIMIT)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, TransportError, MessageError,
+                ShoalError, ValueError):  # fmt: skip
+            return None
+        finished = reply.get("finished")
+        if reply.get("type") != "status" or not isinstance(finished, int) or not 0 <= finished < 2**40:
+            return None
+        return finished
+
+    async def _exchange(self, number: int, payload: bytes) -> RoundReport:
+        loop = asyncio.get_running_loop()
+        partner = partner_of(self.peer_id, self.eligible(loop.time()), self.config.run_id, number)
+        self.incoming[number] = loop.create_future()
+        async with self.changed:
+            self.book.ready(number, partner, payload)
+            self.changed.notify_all()
+        report = RoundReport(number, partner, "skipped: no partner this round", 0, 0)
+        try:
+            if partner is not None:
+                async with asyncio.timeout(self.config.exchange_timeout):
+                    if self.peer_id < partner:
+                        waiting = f"sent round {number} to partner {partner}, waiting for its answer"
+                        swap = self._initiate(partner, number, payload, report)
+                    else:
+                        waiting = f"waiting for partner {partner} to send its round {number}"
+                        swap = self._await_offer(partner, number, report)
+                    self.board.set_activity("waiting", waiting)
+                    if not await _unless_stopped(swap, self.stopping):
+                        report.outcome = "skipped: the peer is stopping"
+        except TimeoutError:
+            report.outcome = (
+                f"skipped: partner {partner} did not answer within {self.config.exchange_timeout:.0f}s"
+            )
+        except (OSError, asyncio.IncompleteReadError, TransportError, ValueError) as error:
+            # ValueError: a member id gossiped to us that is no peer id cannot be dialed
+            why = f"{type(error).__name__}: {str(error)[:160]}" if str(error) else type(error).__name__
+            report.outcome = f"skipped: connection to partner {partner} failed ({why})"
+            log.info("[%s] round %d: %s", self.peer_id, number, report.outcome)
+        except (MessageError, dense.PayloadError) as error:
+            report.outcome = f"skipped: partner {partner} sent an invalid answer ({error})"
+            log.warning("[%s] round %d: %s", self.peer_id, number, report.outcome)
+            self.strike(partner, str(error))
+        finally:
+            self.incoming.pop(number, None)
+            async with self.changed:
+                self.book.finish(number)
+                self.membership.beat(loop.time(), self.book.last_finished)
+                self.changed.notify_all()
+        return report
+
+    async def _initiate(self, partner: str, number: int, payload: bytes, report: RoundReport) -> None:
+        offer = self._message("offer", round=number, payload=payload)
+        reply, sent, received = await self._request(partner, offer, self.max_offer_bytes)
+        report.bytes_sent, report.bytes_received = sent, received
+        if reply.get("type") == "refuse":
+            report.outcome = f"skipped: partner refused ({str(reply.get('reason'))[:200]})"
+            return
+        if (
+            reply.get("type") != "accept"
+            or reply.get("round") != number
+            or not isinstance(reply.get("payload"), bytes)
+        ):
+            raise MessageError(f"unexpected answer to an offer: type {reply.get('type')!r}")
+        dense.check_message(reply["payload"], self.method, self.spec)
+        report.payload = reply["payload"]
+        report.outcome = "swapped"
+
+    async def _await_offer(self, partner: str, number: int, report: RoundReport) -> None:
+        arrival = self.incoming[number]
+        while True:
+            try:
+                async with asyncio.timeout(PROBE_INTERVAL):
+                    payload, sent, received = await asyncio.shield(arrival)
+                break
+            except TimeoutError:
+                status, _, _ = await self._request(
+                    partner, self._message("status", round=number), CONTROL_MESSAGE_LIMIT
+                )
+                reason = should_stop_waiting(status, self.peer_id, number)
+                if reason is not None and not arrival.done():
+                    report.outcome = f"skipped: {reason}"
+                    return
+        report.payload = payload
+        report.bytes_sent, report.bytes_received = sent, received
+        report.outcome = "swapped"
+
+    def strike(self, peer: str, why: str) -> None:
+        """Scores a peer down for an invalid message; one that keeps sending them is banned here."""
+        self.strikes[peer] = self.strikes.get(peer, 0) + 1
+        if self.strikes[peer] >= MAX_STRIKES and peer not in self.banned:
+            self.banned.add(peer)
+            log.warning(
+                "[%s] banned %s after %d invalid messages (last: %s)", self.peer_id, peer, MAX_STRIKES, why
+            )
+            self._on_ban(peer, f"{MAX_STRIKES} invalid round messages")
+
+    def eligible(self, now: float) -> list[str]:
+        """The members we would pair with: live and not banned by us."""
+        return [p for p in self.membership.live(now) if p not in self.banned]
+
+    async def answer_offer(self, sender: str, request: dict[str, Any], size: int, writer: Stream) -> None:
+        number, payload = round_field(request), request.get("payload")
+        if not isinstance(payload, bytes):
+            raise MessageError("offer without a payload")
+        if not self.spec:  # our worker has not said what the model looks like yet
+            await write_message(
+                writer, self._message("refuse", reason="not ready: the model is still loading")
+            )
+            return
+        try:
+            dense.check_message(payload, self.method, self.spec)
+        except dense.PayloadError as error:
+            log.warning("[%s] round %d: refused the payload of %s: %s", self.peer_id, number, sender, error)
+            await write_message(writer, self._message("refuse", reason=f"invalid payload: {error}"))
+            self.strike(sender, str(error))
+            return
+        async with self.changed:
+            try:
+                async with asyncio.timeout(self.config.exchange_timeout):
+                    while (decision := self.book.on_offer(sender, number)).verdict is Verdict.HOLD:
+                        await self.changed.wait()
+            except TimeoutError:
+                decision = None
+            if decision is None or decision.verdict is Verdict.REFUSE or not self.book.complete(number):
+                reason = decision.reason if decision else f"not ready for round {number} in time"
+                await write_message(writer, self._message("refuse", reason=reason or "duplicate"))
+                return
+            ours = self.book.current.payload
+        sent = await write_message(writer, self._message("accept", round=number, payload=ours))
+        arrival = self.incoming.get(number)
+        if arrival is not None and not arrival.done():
+            arrival.set_result((payload, sent, size))
+
+
+def round_field(request: dict[str, Any]) -> int:
+    number = request.get("round")
+    if not isinstance(number, int) or not 0 < number < 2**40:
+        raise MessageError(f"bad round number {number!r}")
+    return number
+
+
+async def _unless_stopped(coroutine: Any, stopping: asyncio.Event) -> bool:
+    """Runs `coroutine` until it ends or `stopping` is set; False if it was cut short.
+
+    Whatever way this returns or is cancelled (by a deadline around it), no task is left behind."""
+    task = asyncio.ensure_future(coroutine)
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return False
+    task.result()  # re-raise what the exchange raised
+    return True

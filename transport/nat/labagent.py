@@ -28,6 +28,7 @@ from ..identity import PeerID, generate_key
 from ..multiaddr import Multiaddr
 from .conduit import connection_to, path_of
 from .paths import NatConfig, NatService
+from .reachability import PUBLIC
 
 SINK_PROTOCOL = "/shoal/natlab/sink/1.0.0"
 # Largest transfer a command may ask for: the bench sends 16 MiB.
@@ -35,6 +36,7 @@ MAX_SEND_BYTES = 1 << 30
 SEND_CHUNK = 1 << 20
 # A command line longer than this is refused unread (addresses of a few peers fit easily).
 MAX_COMMAND_LINE = 64 * 1024
+READY_RESERVATION_TRIES = 3  # more tries at a relay slot before reporting ready without one
 
 
 async def _sink(stream: Stream) -> None:
@@ -127,6 +129,13 @@ async def main(argv: list[str] | None = None) -> None:
         nat = NatService(host, config)
         try:
             await nat.start()
+            # On a loaded machine a first reservation can time out; the daemon's maintenance would retry
+            # within a minute, the lab needs the relayed address before it reports ready.
+            for _ in range(READY_RESERVATION_TRIES):
+                if nat.reachability.status == PUBLIC or not config.relays or nat.reservations:
+                    break
+                await asyncio.sleep(1.0)
+                await nat.maintain_once()
             _emit({
                 "event": "ready", "peer": str(host.peer_id), "addrs": [str(a) for a in nat.addrs()],
                 "reachability": nat.reachability.status,

@@ -100,14 +100,15 @@ class RoundSwap:
 
     async def _round_number(self, proposed: int) -> int:
         """The worker's next round while we keep pace (we swapped last round). After a skip, or for the
-        first round, the run's round if we are behind it; if we are further ahead than partners hold offers
-        for, we first wait for the run to catch up, up to the exchange deadline (gossip/rounds/clock.py)."""
+        first round, the run's round if we are behind it and our partner is done with ours; if we are
+        further ahead than partners hold offers for, we first wait for the run to catch up, up to the
+        exchange deadline (gossip/rounds/clock.py)."""
         if not (self._first_round or (self.reports and self.reports[-1].outcome != "swapped")):
             return proposed
         self._first_round = False
         loop = asyncio.get_running_loop()
-        run = await self._run_round()
-        number = clock.next_round(proposed, run, self.config.rounds)
+        run, partner_waits = await self._ask_the_run(proposed)
+        number = clock.next_round(proposed, run, self.config.rounds, partner_waits)
         deadline = loop.time() + self.config.exchange_timeout
         while clock.lead(number, run) and loop.time() < deadline and not self.stopping.is_set():
             self.board.set_activity(
@@ -116,33 +117,45 @@ class RoundSwap:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(PROBE_INTERVAL):
                     await self.stopping.wait()
-            run = await self._run_round()
+            run, _ = await self._ask_the_run(number)
         if clock.lead(number, run) and not self.stopping.is_set():
             log.info("[%s] round %d: still ahead of the run (round %s); going on", self.peer_id, number, run)
         return number
 
-    async def _run_round(self) -> int | None:
-        """The run's current round: the median of what a few live members say they finished, plus one.
-        Asked afresh (gossip lags behind rounds that take a fraction of a second); gossip if none answers."""
+    async def _ask_the_run(self, number: int) -> tuple[int | None, bool]:
+        """The run's current round (the median of what a few live members say they finished, plus one;
+        asked afresh, as gossip lags behind rounds that take a fraction of a second) and whether our
+        partner in round `number` has yet to swap it, i.e. waits for us."""
         loop = asyncio.get_running_loop()
-        others = [p for p in self.eligible(loop.time()) if p != self.peer_id]
+        members = self.eligible(loop.time())
+        others = [p for p in members if p != self.peer_id]
+        partner = partner_of(self.peer_id, members, self.config.run_id, number)
         asked = random.sample(others, min(clock.ROUND_SAMPLE, len(others)))
-        answers = [n for n in await asyncio.gather(*map(self._finished_round_of, asked)) if n is not None]
-        return clock.run_round(answers or [self.membership.members[p].round for p in others])
+        if partner is not None and partner not in asked:
+            asked.append(partner)
+        replies = await asyncio.gather(*(self._status_of(p, number) for p in asked))
+        answers = dict(zip(asked, replies, strict=True))
+        finished = [a[0] for a in answers.values() if a is not None]
+        run = clock.run_round(finished or [self.membership.members[p].round for p in others])
+        where = answers.get(partner) if partner is not None else None
+        return run, where is not None and clock.still_in(number, *where)
 
-    async def _finished_round_of(self, peer: str) -> int | None:
-        """The last round `peer` finished, by its own word; None if it does not answer in time."""
-        ask = self._message("status", round=self.book.last_finished + 1)
+    async def _status_of(self, peer: str, number: int) -> tuple[int, int] | None:
+        """(the last round `peer` finished, the round it is in), by its own word; None if it does not
+        answer in time."""
+        ask = self._message("status", round=number)
         try:
             async with asyncio.timeout(ROUND_QUERY_TIMEOUT):
                 reply, _, _ = await self._request(peer, ask, CONTROL_MESSAGE_LIMIT)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, TransportError, MessageError,
                 ShoalError, ValueError):  # fmt: skip
             return None
-        finished = reply.get("finished")
-        if reply.get("type") != "status" or not isinstance(finished, int) or not 0 <= finished < 2**40:
+        finished, here = reply.get("finished"), reply.get("round")
+        if reply.get("type") != "status" or not all(
+            isinstance(n, int) and 0 <= n < 2**40 for n in (finished, here)
+        ):
             return None
-        return finished
+        return finished, here
 
     async def _exchange(self, number: int, payload: bytes) -> RoundReport:
         loop = asyncio.get_running_loop()

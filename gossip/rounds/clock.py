@@ -34,12 +34,21 @@ def run_round(finished: Iterable[int]) -> int | None:
     return statistics.median_low(answers) + 1 if answers else None
 
 
-def next_round(proposed: int, run: int | None, last: int | None = None) -> int:
+def next_round(proposed: int, run: int | None, last: int | None = None, partner_waits: bool = False) -> int:
     """The round to swap in: the worker's next one, or the run's if that is further on, but never past
-    `last`, the run's final round when it has one (the others have stopped by then)."""
-    if run is None:
+    `last`, the run's final round when it has one (the others have stopped by then).
+
+    Not while our partner in the worker's round waits for us (`partner_waits`): a peer one round behind
+    because its inner steps got less of a loaded machine's cores than the others' would otherwise jump,
+    and cost that partner its round as well as itself."""
+    if run is None or partner_waits:
         return proposed
     return max(proposed, run if last is None else min(run, last))
+
+
+def still_in(number: int, finished: int, here: int) -> bool:
+    """Whether a partner that finished round `finished` and is in round `here` may still swap `number`."""
+    return finished < number and here <= number
 
 
 def lead(number: int, run: int | None) -> int:

@@ -166,6 +166,10 @@ def test_a_peer_behind_jumps_and_one_far_ahead_waits():
     assert clock.next_round(5, 40) == 40  # behind: the run's round
     assert clock.next_round(50, 40) == 50  # ahead: never back
     assert clock.next_round(8, 12, last=10) == 10  # never past the run's last round
+    # one round behind, but our partner in that round has yet to swap it: it waits for us, stay
+    assert clock.next_round(7, 8, partner_waits=True) == 7
+    assert clock.still_in(7, finished=6, here=7) and clock.still_in(7, finished=5, here=6)
+    assert not clock.still_in(7, finished=7, here=8) and not clock.still_in(7, finished=6, here=9)
     assert clock.lead(40, 40) == 0 and clock.lead(42, 40) == 0  # partners hold offers this far ahead
     assert clock.lead(50, 40) == 8  # further: wait for the run
     assert clock.lead(50, None) == 0

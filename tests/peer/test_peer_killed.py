@@ -73,11 +73,11 @@ FAST_PEERS = 5
 SECONDS_AFTER_KILL = 60
 
 
-def test_survivors_of_a_fast_run_stay_in_step_after_a_peer_freezes(start_peer, tmp_path):
-    """Rounds of a fraction of a second, and a frozen peer that stays in the membership for 30 s (as in
-    the compose swarm): its partners wait for it until the deadline, so their rounds get out of
-    step. They must fall back into step and keep swapping, not refuse each other for ever ("round N is
-    too far ahead"), which is what they did until the round clock (gossip/rounds/clock.py)."""
+def test_survivors_of_a_fast_run_stay_in_step_after_a_peer_is_killed(start_peer, tmp_path):
+    """Rounds of a fraction of a second, and a killed peer that stays in the membership for 30 s (as in
+    the compose swarm): its partners skip, so their rounds get out of step. They must fall back into
+    step and keep swapping, not refuse each other for ever ("round N is too far ahead"), which is what
+    they did until the round clock (gossip/rounds/clock.py)."""
     config = tmp_path / "slow-failure-detection.toml"
     config.write_text("[peer]\nfail_after = 30.0\n")
     common = ["--run", "fast", "--listen", "127.0.0.1:0", "--model", "nano", "--inner-steps", "4",
@@ -89,13 +89,12 @@ def test_survivors_of_a_fast_run_stay_in_step_after_a_peer_freezes(start_peer, t
     for peer in peers:
         peer.wait_for(lambda e: e["event"] == "round" and e["outcome"] == "swapped", timeout=240)
     victim, survivors = peers[1], [peers[0], *peers[2:]]
-    # Frozen, as a machine that lost its network: its connections neither answer nor close, so whoever
-    # waits for it waits until the deadline while the others go on.
-    victim.process.send_signal(signal.SIGSTOP)
+    # Killed: whoever is paired with it skips at once (connection refused), faster than a swap, and
+    # gets ahead; before the round clock one such peer ran ahead for good in 3 of 4 runs here.
+    victim.process.send_signal(signal.SIGKILL)
+    victim.process.wait(timeout=10)
     killed_at = {id(p): len(p.of_kind("round")) for p in survivors}
     time.sleep(SECONDS_AFTER_KILL)
-    victim.process.kill()
-    victim.process.wait(timeout=10)
 
     last = {}
     for peer in survivors:

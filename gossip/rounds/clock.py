@@ -6,11 +6,13 @@ whose partner is gone, or that sits out, finishes its round sooner than those th
 waited for a partner until the deadline finishes it later. Left alone, one that is ahead keeps skipping
 (its partners refuse offers that far ahead) and so runs further ahead, faster, with nobody to swap with.
 
-So after a skipped round (and for the first one) a peer asks a few members which round they finished and
-takes the run's round to be the median of the answers, plus one: a minority of liars moves it nowhere.
-Behind the run, the peer jumps to the run's round. Ahead of it by more than partners hold offers for,
-it waits for the run to catch up (bounded by a deadline), as stale-synchronous training bounds how far
-one worker may lead. Sans-I/O: the shell gathers the answers and does the waiting.
+So after a skipped round (and for the first one) a peer asks a few members, and its partner in its next
+round, which round they finished and which they are in. The run's round is the median of the finished
+rounds, plus one: a minority of liars moves it nowhere. Behind the run, the peer jumps to the run's
+round, unless its partner has yet to swap the peer's round (it waits for us: stay). Ahead of the run by
+more than partners hold offers for, it waits for the run to catch up (bounded by a deadline), as
+stale-synchronous training bounds how far one worker may lead. Sans-I/O: the shell gathers the answers
+and does the waiting.
 """
 
 from __future__ import annotations

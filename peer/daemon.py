@@ -12,8 +12,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
-import socket
 import time
 from typing import Any
 
@@ -21,6 +19,7 @@ from dht.node import DHTNode
 from gossip.membership import MAX_ADDRS, Membership
 from gossip.rounds import payload as dense
 from kernels.errors import ShoalError
+from peer.addresses import advertised_host, listen_multiaddr, parse_address
 from peer.commands import handlers as control_handlers
 from peer.config import PeerConfig
 from peer.control import SOCKET_NAME, ControlServer
@@ -57,41 +56,7 @@ DHT_LOOKUPS_BEFORE_STARTING = 2  # empty run lookups in a live DHT before a join
 
 
 class DaemonError(ShoalError):
-    """The daemon cannot start or go on (bad address, unreachable bootstrap, worker failure)."""
-
-
-def listen_multiaddr(text: str) -> str:
-    """`HOST:PORT` or a multiaddr -> the multiaddr to listen on."""
-    host, port = parse_address(text)
-    return str(Multiaddr.from_tcp(host, port)) if not text.startswith("/") else text
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """`/ip4/HOST/tcp/PORT[/p2p/ID]`, `/dns4/NAME/tcp/PORT[...]` or `HOST:PORT` -> (host, port)."""
-    match = re.fullmatch(r"/(?:ip4|ip6|dns4|dns6|dns)/([^/]+)/tcp/(\d+)(?:/p2p/[^/]+)?/?", text.strip())
-    if match is None:
-        match = re.fullmatch(r"\[?([^\[\]]+?)\]?:(\d+)", text.strip())
-    if match is None or not 0 <= int(match[2]) < 65536:
-        raise DaemonError(f"cannot read address {text!r}; expected /ip4/HOST/tcp/PORT/p2p/ID or HOST:PORT")
-    return match[1], int(match[2])
-
-
-def advertised_host(bound_host: str) -> str:
-    """The address others should dial when we listen on all interfaces: the one our default route leaves
-    from (a connected UDP socket tells, sending nothing), else what the host name resolves to."""
-    if bound_host not in ("0.0.0.0", "::", ""):
-        return bound_host
-    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect(("1.1.1.1", 9))  # any address the default route covers; UDP connect() sends nothing
-        outward = probe.getsockname()[0]
-        if not outward.startswith("127.") and outward != "0.0.0.0":
-            return outward
-    try:
-        candidates = socket.gethostbyname_ex(socket.gethostname())[2]
-    except OSError:
-        candidates = []
-    routable = [a for a in candidates if not a.startswith("127.")]
-    return routable[0] if routable else "127.0.0.1"
+    """The daemon cannot start or go on (unreachable bootstrap, worker failure)."""
 
 
 class Daemon:

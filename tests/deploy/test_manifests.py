@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from peer.addresses import parse_address
 from peer.cli import join
 from peer.config import load_config
-from peer.daemon import parse_address
 from transport.identity import load_key_file
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -137,9 +137,7 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
     def ban(args: list[Any]) -> str:
         peer = _peer_arg(args)
         daemon.swap.banned.add(peer)
-        key = _key_or_none(peer)
-        if daemon.runstate is not None and key is not None:  # published in our own run-state document
-            daemon.runstate.change("refuse_peer", key, "banned by its operator from the REPL")
+        daemon.publish_ban(peer, "banned by its operator from the REPL")
         return f"banned {peer}: no pairing with it, its offers refused"
 
     def unban(args: list[Any]) -> str:
@@ -203,12 +201,3 @@ def _peer_arg(args: list[Any]) -> str:
     if len(args) != 1 or not isinstance(args[0], str) or not 0 < len(args[0]) <= 128:
         raise ControlError("expected one peer id")
     return args[0]
-
-
-def _key_or_none(peer: str) -> bytes | None:
-    from peer.runstate_link import key_of
-
-    try:
-        return key_of(peer)
-    except ValueError:
-        return None

@@ -82,7 +82,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self._requests = asyncio.Semaphore(MAX_REQUESTS)
         self.swap = RoundSwap(
-            self.peer_id, config, self.board, self.stopping, self._request, self._message, self._publish_ban
+            self.peer_id, config, self.board, self.stopping, self._request, self._message, self.publish_ban
         )
 
     @property
@@ -444,7 +444,7 @@ class Daemon:
         """What `peer status` shows; also the metrics endpoint's source."""
         return self._handlers["status"]([])
 
-    def _publish_ban(self, peer: str, why: str) -> None:
+    def publish_ban(self, peer: str, why: str) -> None:
         """Records a ban of ours in our run-state document, for the other members to see."""
         key = key_of(peer) if _is_peer_id(peer) else None
         if self.runstate is not None and key is not None:

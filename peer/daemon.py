@@ -2,8 +2,9 @@
 
 One asyncio process per peer. It listens for other peers on the secure transport (Noise + yamux; every
 request arrives on a stream whose remote peer id the handshake proved), keeps the run's membership by
-gossip, drives the training worker (a child process), and each round swaps the worker's payload with
-the round's partner under a deadline. A round applies a whole, validated partner payload or none.
+gossip, drives the training worker (a child process), and each round has `peer/round_swap.py` swap the
+worker's payload with the round's partner under a deadline. A round applies a whole, validated partner
+payload or none.
 """
 
 from __future__ import annotations

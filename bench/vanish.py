@@ -72,8 +72,14 @@ class Peer:
         self.seen += [(now, r) for r in self.events("round")[len(self.seen) :]]
 
     def stop(self) -> None:
+        """A clean stop (the worker saves and exits with its daemon); a kill if that takes too long."""
         if self.process.poll() is None:
-            self.process.kill()
+            self.process.send_signal(signal.SIGCONT)  # a frozen peer must run to hear SIGTERM
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
         self.process.wait(timeout=30)
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from kernels.chunking import layout
-from kernels.codec import CodecConfig, accumulate, decode, encode, expected_of, payload_bits_per_param
+from shoal.kernels.chunking import layout
+from shoal.kernels.codec import CodecConfig, accumulate, decode, encode, expected_of, payload_bits_per_param
 
 SIZES = {"10M": 10_000_000, "100M": 100_000_000}
 # Model width of the synthetic model: GPT-like blocks of (D, 4D) and (4D, D) matrices and D-vectors.
@@ -214,7 +214,7 @@ def bench_cupy(
 ) -> dict:
     """CuPy backend on CUDA: byte-equality with the torch path, throughput and achieved GB/s."""
     try:
-        from kernels import cupy_backend
+        from shoal.kernels import cupy_backend
     except ImportError as exc:  # pragma: no cover - depends on the machine
         return {"skipped": f"cupy backend not importable: {exc}"}
     if not cupy_backend.available():

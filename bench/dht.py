@@ -24,8 +24,8 @@ import time
 
 import uvloop
 
-from dht.node import DHTNode
-from dht.protocol import PING
+from shoal.dht.node import DHTNode
+from shoal.dht.protocol import PING
 
 WALL_CLOCK_GUARD_S = 300  # the whole benchmark; a hung run is killed, not waited on
 HIVEMIND_START_MS = 520.0

@@ -20,8 +20,8 @@ import signal
 import sys
 import time
 
-from dht.lookup import PATHS
-from dht.sim import SimConfig, Simulation
+from shoal.dht.lookup import PATHS
+from shoal.dht.sim import SimConfig, Simulation
 
 WALL_CLOCK_GUARD_S = 1500  # the whole benchmark, baseline included; a stuck run is killed, not waited on
 

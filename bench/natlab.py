@@ -2,7 +2,7 @@
 
     sudo python -m bench.natlab --json PATH [--bytes 16777216] [--repeats 1] [--rate 20mbit] [--delay-ms 12.5]
 
-Builds the lab (`transport/nat/lab.py`: network namespaces, a public segment with a relay/STUN peer, two
+Builds the lab (`natlab/lab.py`: network namespaces, a public segment with a relay/STUN peer, two
 private networks behind nftables NAT routers), then for every ordered pair of NAT types (a initiates to
 b) starts one peer process behind each router, connects a to b through the path policy (direct, then
 connection reversal or a TCP hole punch over a relayed connection: simultaneous open, or port prediction
@@ -13,7 +13,7 @@ gets one more punch (the daemon retries a minute later); `upgraded_later` marks 
 Baseline in the same run: kernel TCP with no Shoal layer (no Noise, no yamux, no relay) from the private
 host behind router 0 to the public segment, through the same NAT, same size; each pair's `ratio_vs_tcp`
 is its throughput over that. `--delay-ms D` puts a delay line on each router's uplink (this kernel has no
-netem; `transport/nat/labdelay.py` copies frames in Python, so it also caps throughput at a few MB/s):
+netem; `natlab/delay.py` copies frames in Python, so it also caps throughput at a few MB/s):
 private-to-private RTT 4D, private-to-relay 2D. Needs root; prints why and exits 2 otherwise.
 """
 
@@ -28,8 +28,8 @@ import sys
 import time
 from typing import Any
 
-from transport.nat.lab import NAT_TYPES, PUBLIC_IP, NatLab, unavailable_reason
-from transport.nat.labpair import run_pair, start_relay
+from natlab.lab import NAT_TYPES, PUBLIC_IP, NatLab, unavailable_reason
+from natlab.pair import run_pair, start_relay
 
 WALL_CLOCK_GUARD_S = 900  # the whole benchmark: a hung run is killed (and the lab removed), not waited on
 BASELINE_PORT = 5999

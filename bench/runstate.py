@@ -31,9 +31,9 @@ import signal
 import sys
 import time
 
-from gossip.runstate import RunState, docs, envelope, state
-from gossip.runstate.limits import ANTI_ENTROPY_INTERVAL_S
-from gossip.runstate.sim import Swarm, fingerprint
+from shoal.gossip.runstate import RunState, docs, envelope, state
+from shoal.gossip.runstate.limits import ANTI_ENTROPY_INTERVAL_S
+from shoal.gossip.runstate.sim import Swarm, fingerprint
 
 WALL_CLOCK_GUARD_S = 1500  # the whole benchmark; a stuck run is killed, not waited on
 T0 = 1_700_000_000.0

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import uvloop
 
-from transport.host import Host
-from transport.identity import generate_key
+from shoal.transport.host import Host
+from shoal.transport.identity import generate_key
 
 MIB = 1 << 20
 # The whole benchmark must end: a hung variant is a failure to report, not a CI job stuck for hours.

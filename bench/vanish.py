@@ -42,8 +42,9 @@ class Peer:
             self.process = subprocess.Popen(
                 [
                     sys.executable,
+                    "-P",
                     "-m",
-                    "peer",
+                    "shoal.peer",
                     "join",
                     "--json-events",
                     *args,
@@ -53,7 +54,7 @@ class Peer:
                 stdout=out,
                 stderr=err,
                 cwd=REPO,
-                env={**os.environ, "PYTHONPATH": str(REPO)},
+                env=dict(os.environ),
             )
 
     def events(self, kind: str) -> list[dict]:

@@ -12,10 +12,10 @@ from collections import deque
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dht.errors import InvalidRecord, QuotaExceeded
-from dht.keys import as_int, short
-from dht.lookup import ALPHA, PATHS, Lookup
-from dht.protocol import (
+from shoal.dht.errors import InvalidRecord, QuotaExceeded
+from shoal.dht.keys import as_int, short
+from shoal.dht.lookup import ALPHA, PATHS, Lookup
+from shoal.dht.protocol import (
     FIND_NODE,
     FIND_VALUE,
     GET_PROVIDERS,
@@ -26,8 +26,8 @@ from dht.protocol import (
     Request,
     Response,
 )
-from dht.records import PROVIDER, VALUE, Record, RecordStore, public_bytes
-from dht.routing import Contact, K, RoutingTable
+from shoal.dht.records import PROVIDER, VALUE, Record, RecordStore, public_bytes
+from shoal.dht.routing import Contact, K, RoutingTable
 
 log = logging.getLogger(__name__)
 

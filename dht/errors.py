@@ -1,6 +1,6 @@
 """The DHT's errors: one branch of Shoal's hierarchy."""
 
-from kernels.errors import ShoalError
+from shoal.errors import ShoalError
 
 
 class DHTError(ShoalError):

@@ -7,7 +7,7 @@ wire and in records; the routing and lookup code work on the ``int`` form for ch
 
 import hashlib
 
-from transport.identity import b58encode
+from shoal.transport.identity import b58encode
 
 KEY_BYTES = 32  # SHA-256 output: the key space is 2**256 as in the issue
 KEY_BITS = KEY_BYTES * 8

@@ -11,7 +11,7 @@ k closest live candidates have all answered.
 import heapq
 from dataclasses import dataclass, field
 
-from dht.routing import Contact, K
+from shoal.dht.routing import Contact, K
 
 ALPHA = 3  # requests in flight per lookup, shared by its paths: the paper's alpha (section 2.3)
 PATHS = 3  # disjoint paths: S/Kademlia's d; 3 keeps lookups succeeding with 20 % liars at ~3x the cost

@@ -22,10 +22,10 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dht.core import DHTCore, Query
-from dht.errors import DHTError, InvalidMessage, RPCFailed
-from dht.keys import KEY_BYTES, record_key, run_key, short
-from dht.protocol import (
+from shoal.dht.core import DHTCore, Query
+from shoal.dht.errors import DHTError, InvalidMessage, RPCFailed
+from shoal.dht.keys import KEY_BYTES, record_key, run_key, short
+from shoal.dht.protocol import (
     ADD_PROVIDER,
     FIND_NODE,
     FIND_VALUE,
@@ -41,12 +41,12 @@ from dht.protocol import (
     encode_request,
     encode_response,
 )
-from dht.records import MAX_TTL_S, Record
-from dht.routing import REFRESH_S, Contact
-from kernels.errors import ShoalError
-from transport.host import Host
-from transport.identity import PeerID
-from transport.messages import LENGTH_PREFIX
+from shoal.dht.records import MAX_TTL_S, Record
+from shoal.dht.routing import REFRESH_S, Contact
+from shoal.errors import ShoalError
+from shoal.transport.host import Host
+from shoal.transport.identity import PeerID
+from shoal.transport.messages import LENGTH_PREFIX
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from dht.errors import InvalidMessage, InvalidRecord
-from dht.keys import KEY_BYTES
-from dht.records import MAX_ADDR_LEN, MAX_ADDRS, Record
-from dht.routing import Contact, K
+from shoal.dht.errors import InvalidMessage, InvalidRecord
+from shoal.dht.keys import KEY_BYTES
+from shoal.dht.records import MAX_ADDR_LEN, MAX_ADDRS, Record
+from shoal.dht.routing import Contact, K
 
 PROTOCOL_ID = "/shoal/kad/1.0.0"  # Shoal's own protocol id: never mixes with the IPFS Amino DHT
 VERSION = 1

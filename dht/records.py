@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import msgpack
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dht.errors import InvalidRecord, QuotaExceeded
-from dht.keys import KEY_BYTES, record_key, short
-from transport.errors import ProtocolError
-from transport.identity import PeerID, peer_id_from_key
+from shoal.dht.errors import InvalidRecord, QuotaExceeded
+from shoal.dht.keys import KEY_BYTES, record_key, short
+from shoal.transport.errors import ProtocolError
+from shoal.transport.identity import PeerID, peer_id_from_key
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from dht.keys import KEY_BITS, as_int, bucket_index, node_id
+from shoal.dht.keys import KEY_BITS, as_int, bucket_index, node_id
 
 K = 20  # bucket size and replication factor, the paper's k (section 2.2)
 REPLACEMENTS = K  # per-bucket replacement cache, bounded like the bucket (section 4.1)

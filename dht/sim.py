@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dht.core import DHTCore, Query
-from dht.keys import as_int, run_key
-from dht.lookup import PATHS
-from dht.protocol import (
+from shoal.dht.core import DHTCore, Query
+from shoal.dht.keys import as_int, run_key
+from shoal.dht.lookup import PATHS
+from shoal.dht.protocol import (
     ADD_PROVIDER,
     FIND_NODE,
     FIND_VALUE,
@@ -35,8 +35,8 @@ from dht.protocol import (
     encode_request,
     encode_response,
 )
-from dht.records import PROVIDER, VALUE, Record, RecordStore
-from dht.routing import Contact
+from shoal.dht.records import PROVIDER, VALUE, Record, RecordStore
+from shoal.dht.routing import Contact
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ esac
 
 # The input chain drops what the outside sends to the router itself, as a home router does: without it
 # the router's kernel answers a SYN to an unmapped port with a RST, which tears down the very mapping a
-# TCP hole punch is opening (the namespace lab's routers, transport/nat/lab.py, drop it the same way).
+# TCP hole punch is opening (the namespace lab's routers, natlab/lab.py, drop it the same way).
 nft -f - <<NFT
 table ip shoal_nat {
 	chain forward {

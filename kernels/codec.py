@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels import entropy, packing, wire
-from kernels.chunking import MAX_CHUNK, TileLayout, layout
-from kernels.quantize import BINS, Quantized, dequantize, quantize
-from kernels.topk import magnitude_keys, select
-from kernels.wire import CODING_FIXED12, CODING_RICE, CodecError, TensorEntry
+from shoal.kernels import entropy, packing, wire
+from shoal.kernels.chunking import MAX_CHUNK, TileLayout, layout
+from shoal.kernels.quantize import BINS, Quantized, dequantize, quantize
+from shoal.kernels.topk import magnitude_keys, select
+from shoal.kernels.wire import CODING_FIXED12, CODING_RICE, CodecError, TensorEntry
 
 __all__ = [
     "CodecConfig",
@@ -59,6 +59,17 @@ class CodecConfig:
             raise CodecError(f"CodecConfig.bins={self.bins}: only {BINS} bins (2 bits) are implemented")
         if self.index_coding not in ("fixed12", "entropy", "auto"):
             raise CodecError(f"CodecConfig.index_coding={self.index_coding!r}: use fixed12, entropy or auto")
+
+
+# dtypes a model tensor may have, by the name the payload carries (kernels.wire.DTYPE_NAMES).
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+assert tuple(DTYPES) == wire.DTYPE_NAMES
 
 
 @dataclass(frozen=True)
@@ -194,9 +205,9 @@ def encode(
                 f"error feedback of {name!r} must be a contiguous float32 tensor of shape "
                 f"{tuple(delta.shape)}; got {e.dtype} {tuple(e.shape)}"
             )
-        dtype_name = wire.DTYPE_NAMES.get(delta.dtype)
+        dtype_name = DTYPE_NAMES.get(delta.dtype)
         if dtype_name is None:
-            raise CodecError(f"tensor {name!r} has dtype {delta.dtype}; the codec sends {list(wire.DTYPES)}")
+            raise CodecError(f"tensor {name!r} has dtype {delta.dtype}; the codec sends {list(DTYPES)}")
         torch.add(delta, e, alpha=beta, out=e)  # one pass: e = delta + beta * e
         lay = layout(tuple(delta.shape), config.chunk, config.topk_per_tile)
         positions, flat, values, q = select_fn(e, lay, config.quantize)
@@ -244,75 +255,17 @@ def decode(payload: bytes, expected: Mapping[str, tuple[tuple[int, ...], torch.d
 
 
 def _decode(payload: bytes, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> SparseUpdate:
-    parsed = wire.parse(payload, expected, BINS)
-    body, offset = parsed.body, 0
-    update: SparseUpdate = {}
-    for entry, lay in parsed.entries:
-        n = lay.n_kept
-        index_len = wire.index_section_len(entry, lay)
-        index_bytes = body[offset : offset + index_len]
-        offset += index_len
-        value_len = wire.value_section_len(entry, lay)
-        value_bytes = body[offset : offset + value_len]
-        offset += value_len
-        positions = _decode_positions(entry, lay, index_bytes)
-        values = _decode_values(entry, n, value_bytes)
-        ty = np.arange(lay.n_tiles, dtype=np.int64).reshape(-1, 1) // lay.tiles_x
-        tx = np.arange(lay.n_tiles, dtype=np.int64).reshape(-1, 1) % lay.tiles_x
-        flat = (ty * lay.h + positions // lay.w) * lay.cols + tx * lay.w + positions % lay.w
-        update[entry.name] = SparseTensor(
-            entry.shape,
-            wire.DTYPES[entry.dtype],
-            torch.from_numpy(flat.reshape(-1)),
-            torch.from_numpy(values),
-        )
-    return update
+    named = {name: (shape, _dtype_name(name, dtype)) for name, (shape, dtype) in expected.items()}
+    return {
+        name: SparseTensor(t.shape, DTYPES[t.dtype], torch.from_numpy(t.indices), torch.from_numpy(t.values))
+        for name, t in wire.read(payload, named).items()
+    }
 
 
-def _reject(entry: TensorEntry, what: str) -> CodecError:
-    return CodecError(
-        f"rejected codec payload: tensor {entry.name!r} {what}; drop it and score its sender down"
-    )
-
-
-def _decode_positions(entry: TensorEntry, lay: TileLayout, data: memoryview) -> np.ndarray:
-    n, k = lay.n_kept, lay.k
-    if n == 0:
-        return np.zeros((0, k), np.int64)
-    if entry.coding == CODING_FIXED12:
-        positions = packing.unpack12(data, n).reshape(lay.n_tiles, k)
-        if k > 1 and not bool((np.diff(positions, axis=1) > 0).all()):
-            raise _reject(entry, "has indices that are not strictly increasing within a tile")
-    else:
-        unary, low = data[: entry.unary_len], data[entry.unary_len :]
-        g = entropy.decode(unary, low, n, entry.rice_r)
-        if g is None or (entry.unary_len and unary[-1] == 0):
-            raise _reject(entry, f"has a unary stream that does not hold exactly {n} codes")
-        positions = entropy.positions(g, lay.n_tiles, k)
-    if int(positions[:, -1].max()) >= lay.tile_len:
-        raise _reject(entry, f"has an index beyond its tile of {lay.tile_len} entries")
-    return positions
-
-
-def _decode_values(entry: TensorEntry, n: int, data: memoryview) -> np.ndarray:
-    if entry.quantized:
-        side = np.frombuffer(entry.side, "<f4")
-        shift, lut = side[0], side[1:]
-        if entry.planes is None:
-            codes = packing.unpack2(data, n)
-        else:
-            hi_len = entropy.plane_len(entry.planes[0], n)
-            hi = entropy.decode_plane(entry.planes[0], data[:hi_len], n)
-            lo = entropy.decode_plane(entry.planes[1], data[hi_len:], n)
-            if hi is None or lo is None:
-                raise _reject(entry, "has a malformed value bit plane")
-            codes = (hi << 1) | lo
-        values = dequantize(codes, shift, lut)
-    else:
-        values = np.frombuffer(data, "<f4").astype(np.float32)
-    if not bool(np.isfinite(values).all()):
-        raise _reject(entry, "carries NaN or Inf values")
-    return values
+def _dtype_name(name: str, dtype: torch.dtype) -> str:
+    if dtype not in DTYPE_NAMES:
+        raise CodecError(f"tensor {name!r} has dtype {dtype}; the codec sends {list(DTYPES)}")
+    return DTYPE_NAMES[dtype]
 
 
 def accumulate(update: SparseUpdate, into: MutableMapping[str, torch.Tensor], scale: float = 1.0) -> None:

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels import quantize as qz
-from kernels.chunking import TileLayout
-from kernels.codec import CodecConfig, CodecError, Selection, torch_select
-from kernels.codec import encode as _encode
+from shoal.kernels import quantize as qz
+from shoal.kernels.chunking import TileLayout
+from shoal.kernels.codec import CodecConfig, CodecError, Selection, torch_select
+from shoal.kernels.codec import encode as _encode
 
 try:  # CuPy is an optional dependency (extra "gpu"); without it the torch path runs.
     import cupy as cp

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.packing import pack_bits, packed_bits_len, unpack_bits
+from shoal.kernels.packing import pack_bits, packed_bits_len, unpack_bits
 
 # Largest Rice parameter: a gap is < 4096 = 2**12, so r = 12 would already be a fixed-width code.
 MAX_RICE = 11

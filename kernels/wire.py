@@ -19,12 +19,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import msgpack
-import torch
+import numpy as np
 
-from kernels import entropy
-from kernels.chunking import MAX_CHUNK, TileLayout, layout
-from kernels.errors import ShoalError
-from kernels.packing import packed2_len, packed12_len
+from shoal.errors import ShoalError
+from shoal.kernels import entropy, packing
+from shoal.kernels.chunking import MAX_CHUNK, TileLayout, layout
+from shoal.kernels.packing import packed2_len, packed12_len
+from shoal.kernels.quantize import BINS, dequantize
 
 MAGIC = b"SHLC"
 FORMAT_VERSION = 1
@@ -49,13 +50,9 @@ HEADER_BYTES_PER_TENSOR = 1024
 HEADER_BYTES_FIXED = 256
 
 # dtypes a model tensor may have; the payload carries the name so the receiver can check it.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+# What a receiver expects of a model's tensors: name -> (shape, dtype name).
+Expected = Mapping[str, tuple[tuple[int, ...], str]]
 
 
 class CodecError(ShoalError):
@@ -135,7 +132,7 @@ def _is_int(x: object, lo: int, hi: int) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
 
 
-def parse(payload: bytes, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]], bins: int) -> Parsed:
+def parse(payload: bytes, expected: Expected, bins: int) -> Parsed:
     """Check framing, header and section lengths of ``payload`` against the ``expected`` model."""
     view = memoryview(payload)
     if len(view) < _PREFIX.size:
@@ -193,7 +190,7 @@ def parse(payload: bytes, expected: Mapping[str, tuple[tuple[int, ...], torch.dt
 
 def _check_entry(
     raw: object,
-    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    expected: Expected,
     seen: set[str],
     chunk: int,
     topk: int,
@@ -209,7 +206,7 @@ def _check_entry(
     want_shape, want_dtype = expected[name]
     if not isinstance(shape, list) or tuple(shape) != tuple(want_shape):
         raise _fail(f"tensor {name!r} has shape {str(shape)[:80]}, the model has {tuple(want_shape)}")
-    if DTYPES.get(dtype) != want_dtype:
+    if dtype not in DTYPE_NAMES or dtype != want_dtype:
         raise _fail(f"tensor {name!r} has dtype {str(dtype)[:20]!r}, the model has {want_dtype}")
     if coding not in (CODING_FIXED12, CODING_RICE) or isinstance(coding, bool):
         raise _fail(f"tensor {name!r}: unknown index coding {coding!r}")
@@ -233,3 +230,85 @@ def _check_entry(
     shape_t = tuple(want_shape)
     entry = TensorEntry(name, shape_t, dtype, coding, rice_r, bool(quantized), side, unary_len, planes)
     return entry, lay
+
+
+@dataclass(frozen=True)
+class SparseArrays:
+    """One decoded tensor: fp32 ``values`` at row-major flat ``indices`` (int64, ascending per tile)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    indices: np.ndarray
+    values: np.ndarray
+
+
+def read(payload: bytes, expected: Expected, bins: int = BINS) -> dict[str, SparseArrays]:
+    """Every tensor of a payload as numpy arrays, checked against ``expected`` (no torch needed).
+
+    Hostile-safe: framing, header, lengths, indices and non-finite values raise CodecError; buffers are
+    sized only from ``expected`` shapes.
+    """
+    parsed = parse(payload, expected, bins)
+    body, offset = parsed.body, 0
+    update: dict[str, SparseArrays] = {}
+    for entry, lay in parsed.entries:
+        n = lay.n_kept
+        index_len = index_section_len(entry, lay)
+        index_bytes = body[offset : offset + index_len]
+        offset += index_len
+        value_len = value_section_len(entry, lay)
+        value_bytes = body[offset : offset + value_len]
+        offset += value_len
+        positions = _decode_positions(entry, lay, index_bytes)
+        values = _decode_values(entry, n, value_bytes)
+        ty = np.arange(lay.n_tiles, dtype=np.int64).reshape(-1, 1) // lay.tiles_x
+        tx = np.arange(lay.n_tiles, dtype=np.int64).reshape(-1, 1) % lay.tiles_x
+        flat = (ty * lay.h + positions // lay.w) * lay.cols + tx * lay.w + positions % lay.w
+        update[entry.name] = SparseArrays(entry.shape, entry.dtype, flat.reshape(-1), values)
+    return update
+
+
+def _reject(entry: TensorEntry, what: str) -> CodecError:
+    return CodecError(
+        f"rejected codec payload: tensor {entry.name!r} {what}; drop it and score its sender down"
+    )
+
+
+def _decode_positions(entry: TensorEntry, lay: TileLayout, data: memoryview) -> np.ndarray:
+    n, k = lay.n_kept, lay.k
+    if n == 0:
+        return np.zeros((0, k), np.int64)
+    if entry.coding == CODING_FIXED12:
+        positions = packing.unpack12(data, n).reshape(lay.n_tiles, k)
+        if k > 1 and not bool((np.diff(positions, axis=1) > 0).all()):
+            raise _reject(entry, "has indices that are not strictly increasing within a tile")
+    else:
+        unary, low = data[: entry.unary_len], data[entry.unary_len :]
+        g = entropy.decode(unary, low, n, entry.rice_r)
+        if g is None or (entry.unary_len and unary[-1] == 0):
+            raise _reject(entry, f"has a unary stream that does not hold exactly {n} codes")
+        positions = entropy.positions(g, lay.n_tiles, k)
+    if int(positions[:, -1].max()) >= lay.tile_len:
+        raise _reject(entry, f"has an index beyond its tile of {lay.tile_len} entries")
+    return positions
+
+
+def _decode_values(entry: TensorEntry, n: int, data: memoryview) -> np.ndarray:
+    if entry.quantized:
+        side = np.frombuffer(entry.side, "<f4")
+        shift, lut = side[0], side[1:]
+        if entry.planes is None:
+            codes = packing.unpack2(data, n)
+        else:
+            hi_len = entropy.plane_len(entry.planes[0], n)
+            hi = entropy.decode_plane(entry.planes[0], data[:hi_len], n)
+            lo = entropy.decode_plane(entry.planes[1], data[hi_len:], n)
+            if hi is None or lo is None:
+                raise _reject(entry, "has a malformed value bit plane")
+            codes = (hi << 1) | lo
+        values = dequantize(codes, shift, lut)
+    else:
+        values = np.frombuffer(data, "<f4").astype(np.float32)
+    if not bool(np.isfinite(values).all()):
+        raise _reject(entry, "carries NaN or Inf values")
+    return values

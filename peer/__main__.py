@@ -1,3 +1,3 @@
-from peer.cli import main
+from shoal.peer.cli import main
 
 main()

@@ -6,8 +6,8 @@ import contextlib
 import re
 import socket
 
-from kernels.errors import ShoalError
-from transport.multiaddr import Multiaddr
+from shoal.errors import ShoalError
+from shoal.transport.multiaddr import Multiaddr
 
 
 class AddressError(ShoalError):

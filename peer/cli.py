@@ -9,8 +9,8 @@ import sys
 
 import click
 
-from kernels.errors import ShoalError
-from peer.config import ConfigError, load_config, parse_shard
+from shoal.errors import ShoalError
+from shoal.peer.config import ConfigError, load_config, parse_shard
 
 
 def _setup_logging(verbose: bool, as_json: bool = False) -> None:
@@ -20,7 +20,7 @@ def _setup_logging(verbose: bool, as_json: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if as_json:
-        from peer.metrics import JsonLogFormatter
+        from shoal.peer.metrics import JsonLogFormatter
 
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonLogFormatter())
@@ -204,12 +204,12 @@ def join(
 def _run_daemon(config, json_events: bool) -> int:
     import uvloop
 
-    from peer.daemon import Daemon
+    from shoal.peer.daemon import Daemon
 
     try:
         daemon = Daemon(config, json_events=json_events)
     except ShoalError as error:
-        logging.getLogger("peer").error("%s", error)
+        logging.getLogger("shoal.peer").error("%s", error)
         return 1
 
     async def run() -> int:
@@ -221,7 +221,7 @@ def _run_daemon(config, json_events: bool) -> int:
     try:
         return uvloop.run(run())
     except ShoalError as error:
-        logging.getLogger("peer").error("%s", error)
+        logging.getLogger("shoal.peer").error("%s", error)
         return 1
 
 
@@ -264,7 +264,7 @@ def swarm(peer_count, run_id, rounds, inner_steps, model, json_path, swarm_dir, 
     round, losses, partner and traffic; at the end a summary table (and --json) reports eval loss at
     start and end, rounds done, bytes sent per peer per round and wall time. Ctrl-C stops them all.
     """
-    from peer.swarm import SwarmOptions, run_swarm
+    from shoal.peer.swarm import SwarmOptions, run_swarm
 
     options = SwarmOptions(peer_count, run_id, rounds, inner_steps, model, json_path, swarm_dir, threads)
     sys.exit(run_swarm(options))
@@ -280,7 +280,7 @@ _run_option = click.option(
 
 
 def _control_socket(state_dir: str | None, run_id: str | None):
-    from peer.control import ControlError, find_socket
+    from shoal.peer.control import ControlError, find_socket
 
     try:
         return find_socket(state_dir, run_id)
@@ -296,8 +296,8 @@ def status(state_dir, run_id, as_json) -> None:
     """Show what a running peer is doing: identity and addresses, run and round, inner step and throughput,
     train/eval loss, current partner and path, bytes per round, bits per parameter, peers known and live,
     bans, what it is waiting for, and its last error."""
-    from peer.control import ControlError
-    from peer.repl import show_status
+    from shoal.peer.control import ControlError
+    from shoal.peer.repl import show_status
 
     path = _control_socket(state_dir, run_id)
     try:
@@ -312,8 +312,8 @@ def status(state_dir, run_id, as_json) -> None:
 def repl(state_dir, run_id) -> None:
     """Open an interactive prompt on a running peer (completion and history). Commands: status, peers,
     links, rounds [N], loss [N], config, dht, state, why, log [N], ban PEER, unban PEER, help, quit."""
-    from peer.control import ControlError
-    from peer.repl import repl as run_repl
+    from shoal.peer.control import ControlError
+    from shoal.peer.repl import repl as run_repl
 
     path = _control_socket(state_dir, run_id)
     try:
@@ -328,7 +328,7 @@ def repl(state_dir, run_id) -> None:
 def keygen(path, force) -> None:
     """Write a new Ed25519 identity key to PATH (default ./peer.key, mode 0600) and print its peer id.
     Use it with `peer join --key PATH`."""
-    from transport.identity import generate_key, peer_id_from_key, write_key_file
+    from shoal.transport.identity import generate_key, peer_id_from_key, write_key_file
 
     key = generate_key()
     try:

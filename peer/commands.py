@@ -11,11 +11,11 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
-from peer.control import ControlError
+from shoal.peer.control import ControlError
 
 if TYPE_CHECKING:
-    from peer.daemon import Daemon
-    from transport.nat.paths import NatService
+    from shoal.peer.daemon import Daemon
+    from shoal.transport.nat.paths import NatService
 
 DEFAULT_TAIL = 20
 MAX_TAIL = 500
@@ -171,7 +171,7 @@ def _reachability(daemon: Daemon) -> str:
 
 def _path_to(daemon: Daemon, partner: str) -> dict[str, Any]:
     """What the NAT layer knows of the path to `partner`: which, why, RTT, payload throughput."""
-    from transport.identity import PeerID
+    from shoal.transport.identity import PeerID
 
     try:
         nat = _nat(daemon)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kernels.errors import ShoalError
-from peer.worker.presets import PRESETS
+from shoal.errors import ShoalError
+from shoal.peer.worker.presets import PRESETS
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -108,7 +108,7 @@ class PeerConfig:
 
     def nat_config(self, relays: tuple[Any, ...]) -> Any:
         """The NAT layer's settings; `relays` are the relay multiaddrs with their peer ids resolved."""
-        from transport.nat.paths import NatConfig
+        from shoal.transport.nat.paths import NatConfig
 
         return NatConfig(
             relays=relays,

@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from kernels.errors import ShoalError
-from transport.messages import MessageError, read_message, write_message
+from shoal.errors import ShoalError
+from shoal.transport.messages import MessageError, read_message, write_message
 
 log = logging.getLogger(__name__)
 

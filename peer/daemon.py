@@ -16,29 +16,29 @@ import random
 import time
 from typing import Any
 
-from dht.node import DHTNode
-from gossip.membership import MAX_ADDRS, Membership
-from gossip.rounds import payload as dense
-from kernels.errors import ShoalError
-from peer.addresses import advertised_host, listen_multiaddr, parse_address
-from peer.commands import handlers as control_handlers
-from peer.config import PeerConfig
-from peer.control import SOCKET_NAME, ControlServer
-from peer.events import Events
-from peer.ipc import WorkerGone, WorkerProcess
-from peer.keys import resolve_identity
-from peer.metrics import MetricsServer
-from peer.progress import progress_bar, transfer_bar
-from peer.reach import PeerReach, TransferTimer
-from peer.round_swap import CONTROL_MESSAGE_LIMIT, RoundSwap
-from peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of
-from peer.status import LogTail, StatusBoard
-from peer.worker.presets import peer_number
-from transport.errors import TransportError
-from transport.host import Host, HostLimits, Stream
-from transport.identity import PeerID
-from transport.messages import MessageError, read_frame, write_message
-from transport.multiaddr import Multiaddr
+from shoal.dht.node import DHTNode
+from shoal.errors import ShoalError
+from shoal.gossip.membership import MAX_ADDRS, Membership
+from shoal.gossip.rounds import payload as dense
+from shoal.peer.addresses import advertised_host, listen_multiaddr, parse_address
+from shoal.peer.commands import handlers as control_handlers
+from shoal.peer.config import PeerConfig
+from shoal.peer.control import SOCKET_NAME, ControlServer
+from shoal.peer.events import Events
+from shoal.peer.ipc import WorkerGone, WorkerProcess
+from shoal.peer.keys import resolve_identity
+from shoal.peer.metrics import MetricsServer
+from shoal.peer.progress import progress_bar, transfer_bar
+from shoal.peer.reach import PeerReach, TransferTimer
+from shoal.peer.round_swap import CONTROL_MESSAGE_LIMIT, RoundSwap
+from shoal.peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of
+from shoal.peer.status import LogTail, StatusBoard
+from shoal.peer.worker.presets import peer_number
+from shoal.transport.errors import TransportError
+from shoal.transport.host import Host, HostLimits, Stream
+from shoal.transport.identity import PeerID
+from shoal.transport.messages import MessageError, read_frame, write_message
+from shoal.transport.multiaddr import Multiaddr
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ class Daemon:
                 if kind == "hello":
                     worker.attach(message)
                     spec = [(name, tuple(shape)) for name, shape in message["spec"]]
-                    self.swap.use_model(spec, str(message["method"]))
+                    self.swap.use_model(spec, str(message["method"]), int(message["lattice_bits"]))
                     self.parameters = int(message["parameters"])
                     if message.get("round"):  # resumed from a checkpoint
                         self.swap.book.last_finished = int(message["round"])

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-log = logging.getLogger("peer")
+log = logging.getLogger("shoal.peer")
 
 
 class Events:

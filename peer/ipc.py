@@ -15,8 +15,8 @@ import sys
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any, BinaryIO
 
-from kernels.errors import ShoalError
-from transport.messages import (
+from shoal.errors import ShoalError
+from shoal.transport.messages import (
     LENGTH_PREFIX,
     MessageError,
     check_length,
@@ -132,8 +132,9 @@ class WorkerProcess:
     async def start(cls) -> WorkerProcess:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
+            "-P",
             "-m",
-            "peer.worker",
+            "shoal.peer.worker",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from peer.config import PeerConfig
-from transport.identity import generate_key, load_key_file, peer_id_from_key, write_key_file
+from shoal.peer.config import PeerConfig
+from shoal.transport.identity import generate_key, load_key_file, peer_id_from_key, write_key_file
 
 KEY_FILE = "key"
 

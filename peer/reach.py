@@ -15,15 +15,15 @@ import dataclasses
 import logging
 import time
 
-from gossip.membership import MAX_ADDRS
-from kernels.errors import ShoalError
-from peer.config import PeerConfig
-from transport.errors import TransportError
-from transport.host import Host
-from transport.identity import PeerID
-from transport.multiaddr import Multiaddr
-from transport.nat import reachability
-from transport.nat.paths import NatService
+from shoal.errors import ShoalError
+from shoal.gossip.membership import MAX_ADDRS
+from shoal.peer.config import PeerConfig
+from shoal.transport.errors import TransportError
+from shoal.transport.host import Host
+from shoal.transport.identity import PeerID
+from shoal.transport.multiaddr import Multiaddr
+from shoal.transport.nat import reachability
+from shoal.transport.nat.paths import NatService
 
 log = logging.getLogger(__name__)
 

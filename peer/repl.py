@@ -16,8 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from peer.commands import HELP
-from peer.control import ControlClient, ControlError
+from shoal.peer.commands import HELP
+from shoal.peer.control import ControlClient, ControlError
 
 HISTORY_FILE = Path.home() / ".shoal_repl_history"
 

@@ -17,17 +17,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gossip.membership import Membership
-from gossip.rounds import clock
-from gossip.rounds import payload as dense
-from gossip.rounds.pairing import partner_of
-from gossip.rounds.swap import SwapBook, Verdict, should_stop_waiting
-from kernels.errors import ShoalError
-from peer.config import PeerConfig
-from peer.status import StatusBoard
-from transport.errors import TransportError
-from transport.host import Stream
-from transport.messages import MessageError, write_message
+from shoal.errors import ShoalError
+from shoal.gossip.membership import Membership
+from shoal.gossip.rounds import clock
+from shoal.gossip.rounds import payload as dense
+from shoal.gossip.rounds.pairing import partner_of
+from shoal.gossip.rounds.swap import SwapBook, Verdict, should_stop_waiting
+from shoal.peer.config import PeerConfig
+from shoal.peer.status import StatusBoard
+from shoal.transport.errors import TransportError
+from shoal.transport.host import Stream
+from shoal.transport.messages import MessageError, write_message
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,13 @@ class RoundSwap:
         self.strikes: dict[str, int] = {}  # invalid messages per peer
         self.spec: list[tuple[str, tuple[int, ...]]] = []  # the model's tensors, once the worker says
         self.method = ""  # the outer method, as the worker resolved it
+        self.lattice_bits = 0  # bits per value of the method's lattice code, as the worker says
         self.max_offer_bytes = CONTROL_MESSAGE_LIMIT
         self._first_round = True
 
-    def use_model(self, spec: list[tuple[str, tuple[int, ...]]], method: str) -> None:
+    def use_model(self, spec: list[tuple[str, tuple[int, ...]]], method: str, lattice_bits: int) -> None:
         """What payloads must look like, from the worker's hello."""
-        self.spec, self.method = spec, method
+        self.spec, self.method, self.lattice_bits = spec, method, lattice_bits
         self.max_offer_bytes = dense.max_payload_bytes(spec) + PAYLOAD_SLACK
 
     async def swap(self, proposed: int, payload: bytes) -> RoundReport:
@@ -211,7 +212,7 @@ class RoundSwap:
             or not isinstance(reply.get("payload"), bytes)
         ):
             raise MessageError(f"unexpected answer to an offer: type {reply.get('type')!r}")
-        dense.check_message(reply["payload"], self.method, self.spec)
+        dense.check_message(reply["payload"], self.method, self.spec, self.lattice_bits)
         report.payload = reply["payload"]
         report.outcome = "swapped"
 
@@ -258,7 +259,7 @@ class RoundSwap:
             )
             return
         try:
-            dense.check_message(payload, self.method, self.spec)
+            dense.check_message(payload, self.method, self.spec, self.lattice_bits)
         except dense.PayloadError as error:
             log.warning("[%s] round %d: refused the payload of %s: %s", self.peer_id, number, sender, error)
             await write_message(writer, self._message("refuse", reason=f"invalid payload: {error}"))

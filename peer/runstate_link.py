@@ -17,12 +17,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gossip.runstate import Outgoing, RunStateError, public_bytes
-from gossip.runstate import store as runstate_store
-from transport.errors import TransportError
-from transport.host import Host, Stream
-from transport.identity import KEY_TYPE_ED25519, PeerID
-from transport.messages import MessageError, read_frame, write_message
+from shoal.gossip.runstate import Outgoing, RunStateError, public_bytes
+from shoal.gossip.runstate import store as runstate_store
+from shoal.transport.errors import TransportError
+from shoal.transport.host import Host, Stream
+from shoal.transport.identity import KEY_TYPE_ED25519, PeerID
+from shoal.transport.messages import MessageError, read_frame, write_message
 
 log = logging.getLogger(__name__)
 

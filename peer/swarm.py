@@ -223,8 +223,9 @@ class Swarm:
         o = self.options
         args = [
             sys.executable,
+            "-P",
             "-m",
-            "peer",
+            "shoal.peer",
             "join",
             "--run",
             o.run_id,

@@ -1,10 +1,10 @@
-"""Errors of the transport layer, all rooted in `kernels.errors.ShoalError`.
+"""Errors of the transport layer, all rooted in `shoal.errors.ShoalError`.
 
 A peer's misbehaviour raises `ProtocolError` (or a subclass) inside a sans-I/O core; the asyncio host
 turns it into a closed connection and one log line, never into a crash of the daemon.
 """
 
-from kernels.errors import ShoalError
+from shoal.errors import ShoalError
 
 
 class TransportError(ShoalError):

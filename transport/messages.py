@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from kernels.errors import ShoalError
+from shoal.errors import ShoalError
 
 LENGTH_PREFIX = struct.Struct(">I")
 # Control messages (membership, status) are small; a frame over 1 MiB on a control protocol is an attack

@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.convergence.jobs import SYNC, job, job_init, run_method, sim_config
 from bench.convergence.runs import OutOfTime
 from bench.convergence.sim import Batches, initial_weights
-from peer.worker.data import load_stdlib_corpus
+from shoal.peer.worker.data import load_stdlib_corpus
 
 # --quick must finish within 10 minutes on 2 idle cores (the issue); leave room for loading and the plot.
 QUICK_BUDGET_S = 560

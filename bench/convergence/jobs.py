@@ -6,10 +6,10 @@ import torch
 
 from bench.convergence.runs import OutOfTime, Result, run_outer, run_synchronous
 from bench.convergence.sim import Batches, SimConfig, initial_weights
-from gossip.outer.methods import OuterConfig
-from kernels.codec import CodecConfig
-from peer.worker.data import load_stdlib_corpus
-from peer.worker.model import GPTConfig
+from shoal.gossip.outer.methods import OuterConfig
+from shoal.kernels.codec import CodecConfig
+from shoal.peer.worker.data import load_stdlib_corpus
+from shoal.peer.worker.model import GPTConfig
 
 SYNC = ("single", "ddp")
 

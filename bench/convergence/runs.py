@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from bench.convergence.sim import Batches, Replicas, SimConfig, evaluate, lr_at, spread
-from gossip.outer import diloco
-from gossip.outer.methods import (
+from shoal.gossip.outer import diloco
+from shoal.gossip.outer.methods import (
     TOPOLOGY,
     OuterConfig,
     OuterState,
@@ -19,7 +19,7 @@ from gossip.outer.methods import (
     relay_for,
     wire_bytes,
 )
-from gossip.outer.pairing import partner_index
+from shoal.gossip.outer.pairing import partner_index
 
 
 @dataclass

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import functional_call, vmap
 
-from peer.worker.data import BatchSampler, Corpus, fixed_windows, shard
-from peer.worker.model import GPT, GPTConfig
+from shoal.peer.worker.data import BatchSampler, Corpus, fixed_windows, shard
+from shoal.peer.worker.model import GPT, GPTConfig
 
 # vmap has no batching rule for the CPU flash-attention kernel and falls back to a loop over replicas; it is
 # still faster than R Python loops (measured 70 k vs 51 k tok/s at the CI size), so silence the warning.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from transport.identity import generate_key, load_key_file, peer_id_from_key, write_key_file
+from shoal.transport.identity import generate_key, load_key_file, peer_id_from_key, write_key_file
 
 HERE = Path(__file__).resolve().parent
 SECRET_NAME = "shoal-bootstrap-keys"

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from gossip.outer.tensors import Named, check_same_layout
+from shoal.gossip.outer.tensors import Named, check_same_layout
 
 # Tuned on the convergence benchmark's CI config (`python -m bench.convergence --sweep`, seed 0):
 # η = 0.2 / 0.3 / 0.4 / 0.55 gave 2.395 / 2.332 / 2.346 / 2.406; the paper's 0.7 overshoots at this size.

@@ -9,7 +9,7 @@ A round, for one peer (its slow weights φ, its fast weights θ after H inner st
 `received` is what arrived this round: for `diloco`/`sparseloco` the other peers' messages (all-reduce /
 all-gather topology), for the pairwise methods the partner's one message (or none when sitting out), for
 `gossip-sparseloco` the partner's relayed messages. Messages are parsed with limits (`wire.unpack`) and
-checked against this peer's layout; a bad one raises `MessageError` *before* anything touches φ, so a
+checked against this peer's layout; a bad one raises `OuterMessageError` *before* anything touches φ, so a
 round applies a whole validated update or none.
 
 Methods (research notes 2.1–2.4):
@@ -35,10 +35,18 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from gossip.outer import diloco, noloco, quant, sparseloco
-from gossip.outer.tensors import Named, OuterError, all_finite, check_same_layout, pseudo_gradient, zeros_like
-from gossip.outer.wire import Message, MessageError, pack, unpack
-from kernels.codec import CodecConfig, CodecError
+from shoal.gossip.outer import diloco, noloco, quant, sparseloco
+from shoal.gossip.outer.errors import OuterMessageError
+from shoal.gossip.outer.tensors import (
+    Named,
+    OuterError,
+    all_finite,
+    check_same_layout,
+    pseudo_gradient,
+    zeros_like,
+)
+from shoal.gossip.outer.wire import Message, pack, unpack
+from shoal.kernels.codec import CodecConfig, CodecError
 
 log = logging.getLogger(__name__)
 
@@ -173,20 +181,20 @@ def _dense_tensors(named: Mapping[str, torch.Tensor]) -> list[bytes]:
 def _read_dense(message: Message, like: Mapping[str, torch.Tensor]) -> Named:
     names = sorted(like)
     if len(message.tensors) != len(names):
-        raise MessageError(
+        raise OuterMessageError(
             f"message from {message.origin} has {len(message.tensors)} tensors, model has {len(names)}"
         )
     out: Named = {}
     for name, raw in zip(names, message.tensors, strict=True):
         shape = like[name].shape
         if len(raw) != 4 * like[name].numel():
-            raise MessageError(
+            raise OuterMessageError(
                 f"message from {message.origin}: tensor {name!r} has {len(raw)} bytes, "
                 f"expected {4 * like[name].numel()} for shape {tuple(shape)}"
             )
         out[name] = torch.from_numpy(np.frombuffer(raw, dtype=np.float32).copy()).view(shape)
     if not all_finite(out):
-        raise MessageError(f"message from {message.origin} carries non-finite values; dropped")
+        raise OuterMessageError(f"message from {message.origin} carries non-finite values; dropped")
     return out
 
 
@@ -270,7 +278,7 @@ def relay_for(config: OuterConfig, state: OuterState, partner_known: set[tuple[s
 def outer_step(config: OuterConfig, state: OuterState, own: bytes, received: Sequence[bytes]) -> Named:
     """Combine this peer's own message with what arrived; returns (and stores) the new slow weights φ.
 
-    Every received message is parsed and validated before any weight changes; MessageError otherwise.
+    Every received message is parsed and validated before any weight changes; OuterMessageError otherwise.
     The round counter advances, so the next `make_message` belongs to the next round.
     """
     method = config.method
@@ -285,7 +293,7 @@ def outer_step(config: OuterConfig, state: OuterState, own: bytes, received: Seq
         )
     elif method == "noloco":
         if len(theirs) > 1:
-            raise MessageError(f"noloco pairs with one partner, got {len(theirs)} messages")
+            raise OuterMessageError(f"noloco pairs with one partner, got {len(theirs)} messages")
         fast = _read_dense(mine, slow)
         partner = _read_dense(theirs[0], slow) if theirs else None
         state.slow, state.momentum = noloco.noloco_step_from_fast(
@@ -293,7 +301,7 @@ def outer_step(config: OuterConfig, state: OuterState, own: bytes, received: Seq
         )
     elif method == "compressed-noloco":
         if len(theirs) > 1:
-            raise MessageError(f"compressed-noloco pairs with one partner, got {len(theirs)} messages")
+            raise OuterMessageError(f"compressed-noloco pairs with one partner, got {len(theirs)} messages")
         fast = _read_lattice(mine, slow, config)
         if theirs:
             _check_steps(theirs[0], mine.steps)
@@ -315,11 +323,11 @@ def outer_step(config: OuterConfig, state: OuterState, own: bytes, received: Seq
 def _decode_sparse(message: Message, slow: Mapping[str, torch.Tensor]) -> tuple[Named, Named]:
     """The codec payload of a sparse method's message as dense (values, contributor mask)."""
     if message.update is None:
-        raise MessageError(f"{message.kind} message from {message.origin} carries no codec payload")
+        raise OuterMessageError(f"{message.kind} message from {message.origin} carries no codec payload")
     try:
         return sparseloco.decode_dense(message.update, slow)
     except CodecError as exc:
-        raise MessageError(f"{message.kind} message from {message.origin}: {exc}") from exc
+        raise OuterMessageError(f"{message.kind} message from {message.origin}: {exc}") from exc
 
 
 def _check_steps(message: Message, own_steps: Sequence[float]) -> None:
@@ -330,7 +338,7 @@ def _check_steps(message: Message, own_steps: Sequence[float]) -> None:
     """
     for name_index, (theirs, ours) in enumerate(zip(message.steps, own_steps, strict=False)):
         if theirs > MAX_STEP_RATIO * ours + MIN_STEP_ALLOWANCE:
-            raise MessageError(
+            raise OuterMessageError(
                 f"{message.kind} message from {message.origin}: lattice step {theirs:.3g} of tensor "
                 f"#{name_index} is over {MAX_STEP_RATIO}x this peer's {ours:.3g}; dropped as implausible"
             )
@@ -340,14 +348,14 @@ def _read_lattice(message: Message, slow: Mapping[str, torch.Tensor], config: Ou
     """V-C: θ of the sender, decoded with this peer's φ as side information."""
     names = sorted(slow)
     if len(message.tensors) != len(names) or len(message.steps) != len(names):
-        raise MessageError(
+        raise OuterMessageError(
             f"compressed-noloco message from {message.origin} does not match the model's tensors"
         )
     out: Named = {}
     for name, raw, step in zip(names, message.tensors, message.steps, strict=True):
         count = slow[name].numel()
         if len(raw) != quant.packed_bits(count, config.lattice_bits) or not step > 0 or not np.isfinite(step):
-            raise MessageError(f"compressed-noloco message from {message.origin}: bad code for {name!r}")
+            raise OuterMessageError(f"compressed-noloco message from {message.origin}: bad code for {name!r}")
         codes = quant.unpack_codes(raw, count, config.lattice_bits)
         out[name] = quant.lattice_decode(codes, step, slow[name].float(), config.lattice_bits)
     return out
@@ -356,7 +364,7 @@ def _read_lattice(message: Message, slow: Mapping[str, torch.Tensor], config: Ou
 def _pair_sparse_step(config: OuterConfig, state: OuterState, mine: Message, theirs: list[Message]) -> Named:
     """V-B: φ ← φ − α·contributor-mean(own, partner); then the consensus pull on this round's slice."""
     if len(theirs) > 1:
-        raise MessageError(f"pair-sparseloco pairs with one partner, got {len(theirs)} messages")
+        raise OuterMessageError(f"pair-sparseloco pairs with one partner, got {len(theirs)} messages")
     slow = state.slow
     decoded = [_decode_sparse(m, slow) for m in [mine, *theirs]]
     partner_slices: dict[str, torch.Tensor] = {}
@@ -365,14 +373,16 @@ def _pair_sparse_step(config: OuterConfig, state: OuterState, mine: Message, the
         scales, codes = cons.get("s", []), cons.get("q", [])
         names = sorted(slow)
         if len(scales) != len(names) or len(codes) != len(names):
-            raise MessageError(f"pair-sparseloco message from {theirs[0].origin} lacks a consensus slice")
+            raise OuterMessageError(
+                f"pair-sparseloco message from {theirs[0].origin} lacks a consensus slice"
+            )
         for name, s_raw, q_raw in zip(names, scales, codes, strict=True):
             sl = _consensus_slice(slow[name].numel(), state.round, config.consensus_every)
             n = len(range(*sl.indices(slow[name].numel())))
             lattice = config.consensus_code == "lattice"
             n_scales = 1 if lattice else (n + quant.BLOCK - 1) // quant.BLOCK
             if len(q_raw) != n or len(s_raw) != 4 * n_scales:
-                raise MessageError(f"pair-sparseloco consensus for {name!r} has the wrong size")
+                raise OuterMessageError(f"pair-sparseloco consensus for {name!r} has the wrong size")
             s = torch.from_numpy(np.frombuffer(s_raw, dtype=np.float32).copy())
             q = torch.from_numpy(np.frombuffer(q_raw, dtype=np.uint8).copy())
             if not lattice:
@@ -380,14 +390,14 @@ def _pair_sparse_step(config: OuterConfig, state: OuterState, mine: Message, the
                 continue
             step = float(s[0])
             if not (step > 0 and np.isfinite(step)):
-                raise MessageError(f"pair-sparseloco consensus for {name!r} has step {step}")
+                raise OuterMessageError(f"pair-sparseloco consensus for {name!r} has step {step}")
             own = slow[name].reshape(-1)[sl].float()
             other = quant.lattice_decode(q, step, own, config.consensus_bits)
             # Near the edge of the lattice's reach a value may have wrapped: pull only where it cannot have.
             trusted = (other - own).abs() < 0.75 * step * 2 ** (config.consensus_bits - 1)
             partner_slices[name] = torch.where(trusted, other, own)
         if not all_finite(partner_slices):
-            raise MessageError(f"pair-sparseloco consensus from {theirs[0].origin} is not finite")
+            raise OuterMessageError(f"pair-sparseloco consensus from {theirs[0].origin} is not finite")
     new = sparseloco.apply(slow, sparseloco.contributor_mean(decoded), config.lr)
     for name, other in partner_slices.items():
         sl = _consensus_slice(slow[name].numel(), state.round, config.consensus_every)

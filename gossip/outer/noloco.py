@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from gossip.outer.tensors import Named, check_same_layout
+from shoal.gossip.outer.tensors import Named, check_same_layout
 
 # NoLoCo reference hyper-parameters (gensyn-ai/noloco configs): outer momentum α, outer lr β, averaging γ.
 DEFAULT_ALPHA = 0.5

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kernels.errors import ShoalError
+from shoal.errors import ShoalError
 
 # A run of more peers than this would make the pairing permutation (and the membership view it is drawn
 # from) a bigger object than one round should carry; the DHT rendezvous caps runs far below it anyway.

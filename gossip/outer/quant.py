@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gossip.outer.tensors import OuterError
+from shoal.gossip.outer.errors import OuterError
+from shoal.gossip.outer.wire import packed_bits
 
 BLOCK = 64  # values per absmax scale: one fp32 per 64 values = 0.5 bit/param of side information
 MAX_BITS = 8  # codes are stored one per byte
@@ -21,11 +22,6 @@ MAX_BITS = 8  # codes are stored one per byte
 def _check_bits(bits: int) -> None:
     if not 2 <= bits <= MAX_BITS:
         raise OuterError(f"quantizer bits must be in 2..{MAX_BITS}, got {bits}")
-
-
-def packed_bits(count: int, bits: int) -> int:
-    """Wire size in bytes of `count` codes of `bits` bits each when bit-packed (what a peer would send)."""
-    return (count * bits + 7) // 8
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> bytes:

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from gossip.outer.tensors import Named, OuterError, check_same_layout
-from kernels import codec
+from shoal.gossip.outer.tensors import Named, OuterError, check_same_layout
+from shoal.kernels import codec
 
 # Reference hyper-parameters: α = 1, β = 0.95 (hparams/512M/sweeps). Density: see methods.py's tuned codec.
 DEFAULT_LR = 1.0

@@ -10,13 +10,9 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from kernels.errors import ShoalError
+from shoal.gossip.outer.errors import OuterError
 
 Named = dict[str, torch.Tensor]
-
-
-class OuterError(ShoalError):
-    """An outer step was given tensors it cannot combine (missing names, wrong shapes, bad values)."""
 
 
 def check_same_layout(

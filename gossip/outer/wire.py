@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from gossip.outer.tensors import OuterError
+from shoal.gossip.outer.errors import OuterMessageError
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,9 @@ MAX_TENSORS = 1 << 16
 MAX_STR_LEN = 256
 
 
-class MessageError(OuterError):
-    """A received outer message is malformed, from another method or version, or does not fit the model."""
+def packed_bits(count: int, bits: int) -> int:
+    """Wire size in bytes of `count` codes of `bits` bits each when bit-packed (what a peer would send)."""
+    return (count * bits + 7) // 8
 
 
 @dataclass
@@ -59,9 +60,9 @@ def pack(message: Message) -> bytes:
 
 
 def unpack(data: bytes, kind: str) -> Message:
-    """Parse one message of method `kind`; raise MessageError on anything unexpected."""
+    """Parse one message of method `kind`; raise OuterMessageError on anything unexpected."""
     if len(data) > MAX_MESSAGE_BYTES:
-        raise MessageError(
+        raise OuterMessageError(
             f"outer message of {len(data)} bytes exceeds MAX_MESSAGE_BYTES={MAX_MESSAGE_BYTES}"
         )
     try:
@@ -76,27 +77,27 @@ def unpack(data: bytes, kind: str) -> Message:
             max_ext_len=0,
         )
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise MessageError(f"outer message is not a valid bounded msgpack map: {exc}") from exc
+        raise OuterMessageError(f"outer message is not a valid bounded msgpack map: {exc}") from exc
     if not isinstance(body, dict) or body.get("v") != WIRE_VERSION:
-        raise MessageError(
+        raise OuterMessageError(
             f"outer message has version {body.get('v') if isinstance(body, dict) else None!r}, "
             f"this peer speaks {WIRE_VERSION}; upgrade the older peer"
         )
     if body.get("k") != kind:
-        raise MessageError(f"outer message is for method {body.get('k')!r}, this run uses {kind!r}")
+        raise OuterMessageError(f"outer message is for method {body.get('k')!r}, this run uses {kind!r}")
     origin, round_ = body.get("o"), body.get("r")
     if not isinstance(origin, str) or not isinstance(round_, int) or round_ < 0:
-        raise MessageError("outer message lacks a valid origin (str) and round (int >= 0)")
+        raise OuterMessageError("outer message lacks a valid origin (str) and round (int >= 0)")
     update = body.get("u")
     tensors = body.get("t", [])
     consensus = body.get("c")
     steps = body.get("s", [])
     if update is not None and not isinstance(update, bytes):
-        raise MessageError("outer message field 'u' must be bytes")
+        raise OuterMessageError("outer message field 'u' must be bytes")
     if not isinstance(tensors, list) or not all(isinstance(t, bytes) for t in tensors):
-        raise MessageError("outer message field 't' must be a list of bytes")
+        raise OuterMessageError("outer message field 't' must be a list of bytes")
     if consensus is not None and not isinstance(consensus, dict):
-        raise MessageError("outer message field 'c' must be a map")
+        raise OuterMessageError("outer message field 'c' must be a map")
     if not isinstance(steps, list) or not all(isinstance(s, float) for s in steps):
-        raise MessageError("outer message field 's' must be a list of floats")
+        raise OuterMessageError("outer message field 's' must be a list of floats")
     return Message(kind, origin, round_, update, tensors, consensus, steps)

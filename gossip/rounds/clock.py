@@ -20,7 +20,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable
 
-from gossip.rounds.swap import MAX_ROUNDS_AHEAD
+from shoal.gossip.rounds.swap import MAX_ROUNDS_AHEAD
 
 # Members asked for the round they finished after a skipped round: enough that one liar is outvoted.
 ROUND_SAMPLE = 5

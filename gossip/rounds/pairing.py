@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from gossip.outer.pairing import pairing
+from shoal.gossip.outer.pairing import pairing
 
 
 def run_seed(run_id: str) -> int:

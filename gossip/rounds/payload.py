@@ -14,14 +14,12 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
-from gossip.outer import OuterConfig
-from gossip.outer.quant import packed_bits
-from gossip.outer.wire import MessageError, unpack
-from kernels.codec import CodecError
-from kernels.codec import decode as decode_sparse
-from kernels.errors import ShoalError
+from shoal.errors import ShoalError
+from shoal.gossip.outer.errors import OuterMessageError
+from shoal.gossip.outer.wire import packed_bits, unpack
+from shoal.kernels import wire as codec_wire
+from shoal.kernels.wire import CodecError
 
 TensorSpec = Sequence[tuple[str, tuple[int, ...]]]  # the model's tensors
 DENSE_METHODS = ("diloco", "noloco")
@@ -42,21 +40,24 @@ def max_payload_bytes(spec: TensorSpec) -> int:
     return 4 * spec_size(spec) + ENVELOPE_SLACK
 
 
-def check_message(payload: bytes, method: str, spec: TensorSpec) -> None:
-    """Raises PayloadError for anything wrong with a partner's message that the model's shapes reveal."""
+def check_message(payload: bytes, method: str, spec: TensorSpec, lattice_bits: int) -> None:
+    """Raises PayloadError for anything wrong with a partner's message that the model's shapes reveal.
+
+    `lattice_bits`: the bits per value of the run's lattice code (the worker says, in its hello).
+    """
     if len(payload) > max_payload_bytes(spec):
         raise PayloadError(
             f"message of {len(payload)} bytes exceeds the model's bound {max_payload_bytes(spec)}"
         )
     try:
         message = unpack(payload, method)
-    except MessageError as error:
+    except OuterMessageError as error:
         raise PayloadError(str(error)) from error
     layout = sorted(spec)  # the outer methods list tensors in sorted-name order
     if method in DENSE_METHODS or method in LATTICE_METHODS:
         if len(message.tensors) != len(layout):
             raise PayloadError(f"message lists {len(message.tensors)} tensors, the model has {len(layout)}")
-        bits = 32 if method in DENSE_METHODS else OuterConfig.tuned(method).lattice_bits
+        bits = 32 if method in DENSE_METHODS else lattice_bits
         for (name, shape), raw in zip(layout, message.tensors, strict=True):
             if len(raw) != packed_bits(math.prod(shape), bits):
                 raise PayloadError(
@@ -72,7 +73,7 @@ def check_message(payload: bytes, method: str, spec: TensorSpec) -> None:
         raise PayloadError(f"a {method} message must carry a codec payload")
     else:
         try:
-            decode_sparse(message.update, {name: (shape, torch.float32) for name, shape in layout})
+            codec_wire.read(message.update, {name: (shape, "float32") for name, shape in layout})
         except CodecError as error:
             raise PayloadError(f"codec payload: {error}") from error
 

@@ -1,6 +1,6 @@
 """Errors of the run-state layer: one small branch of the `ShoalError` tree."""
 
-from kernels.errors import ShoalError
+from shoal.errors import ShoalError
 
 
 class RunStateError(ShoalError):

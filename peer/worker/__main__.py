@@ -1,5 +1,5 @@
 import sys
 
-from peer.worker.process import main
+from shoal.peer.worker.process import main
 
 sys.exit(main())

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kernels.errors import ShoalError
+from shoal.errors import ShoalError
 
 VALIDATION_EVERY = 20  # every 20th file (sorted order) is held out
 # Folders that are tests or third-party code, not the standard library itself.

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kernels.errors import ShoalError
+from shoal.errors import ShoalError
 
 MAX_CONTEXT = 1024  # windows longer than this cost more memory than a volunteer's GPU may have
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from peer.worker.presets import PRESETS, GPTConfig
+from shoal.peer.worker.presets import PRESETS, GPTConfig
 
 __all__ = ["GPT", "PRESETS", "GPTConfig", "parameter_count"]
 

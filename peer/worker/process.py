@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from gossip.rounds import payload as dense
-from peer.ipc import ControlChannel, SharedBuffer
-from peer.worker.train import Trainer, TrainSettings
+from shoal.gossip.rounds import payload as dense
+from shoal.peer.ipc import ControlChannel, SharedBuffer
+from shoal.peer.worker.train import Trainer, TrainSettings
 
-log = logging.getLogger("peer.worker")
+log = logging.getLogger("shoal.peer.worker")
 PROGRESS_EVERY_S = 1.0
 CHECKPOINT_EVERY = 10  # rounds; and always when the worker stops
 
@@ -58,6 +58,7 @@ def run(channel: ControlChannel) -> int:
                 "round": trainer.round,
                 "inner_step": trainer.inner_step,
                 "method": trainer.outer_config.method,
+                "lattice_bits": trainer.outer_config.lattice_bits,
             }
         )
         begin = channel.receive()

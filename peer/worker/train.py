@@ -23,21 +23,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from gossip.outer import (
+from shoal.errors import ShoalError
+from shoal.gossip.outer.errors import OuterError
+from shoal.gossip.outer.methods import (
     DEFAULT_METHOD,
     METHODS,
     TOPOLOGY,
     OuterConfig,
-    OuterError,
     OuterState,
     make_message,
     outer_step,
 )
-from kernels.errors import ShoalError
-from peer.worker.data import BatchSampler, fixed_windows, is_token_data, load_corpus, shard
-from peer.worker.hf import HFCausalLM, tokenize_text
-from peer.worker.model import GPT, PRESETS
-from peer.worker.presets import peer_number
+from shoal.peer.worker.data import BatchSampler, fixed_windows, is_token_data, load_corpus, shard
+from shoal.peer.worker.hf import HFCausalLM, tokenize_text
+from shoal.peer.worker.model import GPT, PRESETS
+from shoal.peer.worker.presets import peer_number
 
 CHECKPOINT_FORMAT = 2  # 2: the outer method's whole state (phi, error feedback, momentum)
 EVAL_SEED = 1234  # the same evaluation windows on every peer of every run on this corpus

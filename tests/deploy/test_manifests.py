@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peer.addresses import parse_address
-from peer.cli import join
-from peer.config import load_config
-from transport.identity import load_key_file
+from shoal.peer.addresses import parse_address
+from shoal.peer.cli import join
+from shoal.peer.config import load_config
+from shoal.transport.identity import load_key_file
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.cli import join
+from shoal.peer.cli import join
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "shoal-peer.service"

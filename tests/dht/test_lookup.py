@@ -2,8 +2,8 @@
 
 import random
 
-from dht.lookup import Lookup
-from dht.routing import Contact, RoutingTable
+from shoal.dht.lookup import Lookup
+from shoal.dht.routing import Contact, RoutingTable
 
 
 def network(n: int, seed: int) -> dict[int, RoutingTable]:

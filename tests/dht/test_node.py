@@ -10,12 +10,12 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dht.errors import DHTError
-from dht.node import DHTNode
-from dht.protocol import PROTOCOL_ID, STORE
-from dht.records import Record
-from transport.host import Host
-from transport.identity import PeerID
+from shoal.dht.errors import DHTError
+from shoal.dht.node import DHTNode
+from shoal.dht.protocol import PROTOCOL_ID, STORE
+from shoal.dht.records import Record
+from shoal.transport.host import Host
+from shoal.transport.identity import PeerID
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,7 +83,7 @@ def test_newer_value_replaces_older_over_plain_tcp_too() -> None:
 
 
 def test_hostile_bytes_and_unsigned_records_are_refused_logged_and_never_stored(caplog) -> None:
-    caplog.set_level(logging.INFO, logger="dht")
+    caplog.set_level(logging.INFO, logger="shoal.dht")
 
     async def main() -> None:
         nodes = await swarm(3)

@@ -9,10 +9,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dht.core import DHTCore
-from dht.errors import InvalidMessage
-from dht.keys import run_key
-from dht.protocol import (
+from shoal.dht.core import DHTCore
+from shoal.dht.errors import InvalidMessage
+from shoal.dht.keys import run_key
+from shoal.dht.protocol import (
     ADD_PROVIDER,
     FIND_NODE,
     GET_PROVIDERS,
@@ -25,8 +25,8 @@ from dht.protocol import (
     encode_request,
     encode_response,
 )
-from dht.records import Record
-from dht.routing import Contact
+from shoal.dht.records import Record
+from shoal.dht.routing import Contact
 
 NOW = 1_000_000.0
 

@@ -3,9 +3,9 @@
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dht.errors import InvalidRecord, QuotaExceeded
-from dht.keys import record_key, run_key
-from dht.records import MAX_TTL_S, MAX_VALUE, PROVIDER, Record, RecordStore, public_bytes, subnet_of
+from shoal.dht.errors import InvalidRecord, QuotaExceeded
+from shoal.dht.keys import record_key, run_key
+from shoal.dht.records import MAX_TTL_S, MAX_VALUE, PROVIDER, Record, RecordStore, public_bytes, subnet_of
 
 NOW = 1_000_000.0
 

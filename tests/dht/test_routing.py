@@ -6,8 +6,8 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dht.keys import as_int, bucket_index, node_id
-from dht.routing import Contact, K, RoutingTable
+from shoal.dht.keys import as_int, bucket_index, node_id
+from shoal.dht.routing import Contact, K, RoutingTable
 
 
 def contact(pid: bytes | None = None) -> Contact:

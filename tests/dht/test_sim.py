@@ -5,7 +5,7 @@ The judged 1,000-node figures come from `python -m bench.dht_sim`; these runs ar
 
 import pytest
 
-from dht.sim import SimConfig, Simulation
+from shoal.dht.sim import SimConfig, Simulation
 
 pytestmark = pytest.mark.timeout(120)
 

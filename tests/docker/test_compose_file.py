@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peer.addresses import parse_address
-from peer.cli import join
-from peer.config import load_config
-from transport.nat.paths import DOCUMENTATION_NETS
+from shoal.peer.addresses import parse_address
+from shoal.peer.cli import join
+from shoal.peer.config import load_config
+from shoal.transport.nat.paths import DOCUMENTATION_NETS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"

@@ -235,7 +235,7 @@ def _observed_sources(swarm: Swarm, observer: str, dialers: list[str]) -> dict[s
 CONTROL = """
 import asyncio, json, sys
 from pathlib import Path
-from peer.control import ControlClient
+from shoal.peer.control import ControlClient
 async def main():
     client = await ControlClient.connect(Path("/var/lib/shoal/state/control.sock"))
     try:

@@ -10,14 +10,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gossip.membership import MAX_ADDRS, Membership
-from gossip.outer import OuterConfig, OuterState, make_message
-from gossip.outer.quant import pack_codes, unpack_codes
-from gossip.outer.wire import Message, pack
-from gossip.rounds import clock
-from gossip.rounds import payload as dense
-from gossip.rounds.pairing import partner_of
-from gossip.rounds.swap import SwapBook, Verdict, should_stop_waiting
+from shoal.gossip.membership import MAX_ADDRS, Membership
+from shoal.gossip.outer.methods import OuterConfig, OuterState, make_message
+from shoal.gossip.outer.quant import pack_codes, unpack_codes
+from shoal.gossip.outer.wire import Message, pack
+from shoal.gossip.rounds import clock
+from shoal.gossip.rounds import payload as dense
+from shoal.gossip.rounds.pairing import partner_of
+from shoal.gossip.rounds.swap import SwapBook, Verdict, should_stop_waiting
 
 PEERS = [f"p{i:02d}" for i in range(7)]
 
@@ -176,6 +176,7 @@ def test_a_peer_behind_jumps_and_one_far_ahead_waits():
 
 
 SPEC = [("w", (3, 4)), ("b", (4,))]
+BITS = OuterConfig.tuned("compressed-noloco").lattice_bits
 LAYOUT = {"w": torch.zeros(3, 4), "b": torch.zeros(4)}
 
 
@@ -188,12 +189,12 @@ def lattice_message(**changes) -> bytes:
 
 
 def test_a_well_formed_message_passes_every_check():
-    dense.check_message(lattice_message(), "compressed-noloco", SPEC)
+    dense.check_message(lattice_message(), "compressed-noloco", SPEC, BITS)
     state = OuterState.fresh("peer-a", LAYOUT)
     sparse = make_message(OuterConfig.tuned("pair-sparseloco"), state, {n: t + 1 for n, t in LAYOUT.items()})
-    dense.check_message(sparse, "pair-sparseloco", SPEC)
+    dense.check_message(sparse, "pair-sparseloco", SPEC, BITS)
     noloco = make_message(OuterConfig.tuned("noloco"), OuterState.fresh("p", LAYOUT), LAYOUT)
-    dense.check_message(noloco, "noloco", SPEC)
+    dense.check_message(noloco, "noloco", SPEC, BITS)
 
 
 def test_messages_that_do_not_fit_the_model_are_refused():
@@ -211,24 +212,24 @@ def test_messages_that_do_not_fit_the_model_are_refused():
     }
     for payload in cases.values():
         with pytest.raises(dense.PayloadError):
-            dense.check_message(payload, "compressed-noloco", SPEC)
+            dense.check_message(payload, "compressed-noloco", SPEC, BITS)
     with_nan = np.zeros(4, dtype=np.float32)
     with_nan[1] = np.nan
     bad_dense = pack(
         Message("noloco", "p", 1, tensors=[with_nan.tobytes(), np.zeros(12, np.float32).tobytes()])
     )
     with pytest.raises(dense.PayloadError, match="non-finite"):
-        dense.check_message(bad_dense, "noloco", SPEC)
+        dense.check_message(bad_dense, "noloco", SPEC, BITS)
     no_update = pack(Message("pair-sparseloco", "p", 1))
     with pytest.raises(dense.PayloadError):
-        dense.check_message(no_update, "pair-sparseloco", SPEC)
+        dense.check_message(no_update, "pair-sparseloco", SPEC, BITS)
 
 
 @given(st.binary(max_size=300))
 @settings(max_examples=300, deadline=None)
 def test_the_message_check_raises_only_its_error(data):
     with contextlib.suppress(dense.PayloadError):
-        dense.check_message(data, "compressed-noloco", SPEC)
+        dense.check_message(data, "compressed-noloco", SPEC, BITS)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.chunking import layout
-from kernels.codec import CodecConfig, accumulate, decode, encode, expected_of, payload_bits_per_param
-from kernels.packing import packed2_len, packed12_len
+from shoal.kernels.chunking import layout
+from shoal.kernels.codec import CodecConfig, accumulate, decode, encode, expected_of, payload_bits_per_param
+from shoal.kernels.packing import packed2_len, packed12_len
 
 EXACT = CodecConfig(topk_per_tile=4096, quantize=False)
 

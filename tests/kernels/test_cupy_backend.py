@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cupy_backend
-from kernels.codec import CodecConfig, CodecError, decode, encode, expected_of
+from shoal.kernels import cupy_backend
+from shoal.kernels.codec import CodecConfig, CodecError, decode, encode, expected_of
 
 gpu = pytest.mark.skipif(not cupy_backend.available(), reason="needs cupy and a CUDA device")
 

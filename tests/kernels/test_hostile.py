@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.codec import CodecConfig, CodecError, decode, encode, expected_of
+from shoal.kernels.codec import CodecConfig, CodecError, decode, encode, expected_of
 
 MODEL = {
     "w": torch.randn(128, 192, generator=torch.Generator().manual_seed(0)),

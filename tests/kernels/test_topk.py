@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.topk import magnitude_keys, select
+from shoal.kernels.topk import magnitude_keys, select
 
 
 def _rule(x: torch.Tensor, k: int) -> list[list[int]]:

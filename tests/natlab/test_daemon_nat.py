@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from peer.control import ControlClient, ControlError
-from transport.nat.lab import PUBLIC_IP, PUBLIC_IP_2, NatLab, unavailable_reason
+from natlab.lab import PUBLIC_IP, PUBLIC_IP_2, NatLab, unavailable_reason
+from shoal.peer.control import ControlClient, ControlError
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
@@ -41,7 +41,7 @@ class LabPeer:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed by the lab's teardown of the process
         self.proc = lab.spawn_python(
             ns,
-            ["-m", "peer", "join", "--json-events", "--state-dir", str(state), *args],
+            ["-P", "-m", "shoal.peer", "join", "--json-events", "--state-dir", str(state), *args],
             stdout=subprocess.PIPE,
             stderr=self._log,
         )

@@ -11,12 +11,12 @@ import struct
 import msgpack
 import pytest
 
-from transport.errors import TransportError
-from transport.host import Host
-from transport.identity import generate_key
-from transport.messages import encode_message, read_message
-from transport.nat import holepunch, reachability, relay
-from transport.nat.paths import NatConfig, NatService
+from shoal.transport.errors import TransportError
+from shoal.transport.host import Host
+from shoal.transport.identity import generate_key
+from shoal.transport.messages import encode_message, read_message
+from shoal.transport.nat import holepunch, reachability, relay
+from shoal.transport.nat.paths import NatConfig, NatService
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -75,7 +75,7 @@ async def test_autonat_never_dials_an_address_off_the_requesters_ip():
     port = bystander.sockets[0].getsockname()[1]
     try:
         async with server_and_client() as (server, client):
-            from transport.multiaddr import Multiaddr
+            from shoal.transport.multiaddr import Multiaddr
 
             target = Multiaddr.from_tcp("127.0.0.2", port).to_bytes()
             stream = await client.new_stream(server.peer_id, reachability.PROTOCOL)

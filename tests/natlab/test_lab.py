@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from transport.nat.lab import (
+from natlab.lab import (
     NAT_TYPES,
     PUBLIC_IP,
     PUBLIC_IP_2,
@@ -22,7 +22,7 @@ from transport.nat.lab import (
     NatLab,
     unavailable_reason,
 )
-from transport.nat.labpair import STUN_PORT, run_pair, start_relay
+from natlab.pair import STUN_PORT, run_pair, start_relay
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(una
 # then a listener on that port that reports whether anything connected (the filtering).
 PROBE = """
 import asyncio, socket, sys
-from transport.nat import stun
+from shoal.transport.nat import stun
 async def main():
     first, port = await stun.query_tcp(("{ip1}", {stun}))
     second, _ = await stun.query_tcp(("{ip2}", {stun}), port)

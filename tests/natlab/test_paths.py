@@ -10,11 +10,11 @@ import contextlib
 import dataclasses
 import os
 
-from transport.host import Host
-from transport.identity import generate_key
-from transport.nat import reachability
-from transport.nat.conduit import connection_to, path_of
-from transport.nat.paths import DIRECT, RELAY, TCP_PUNCH, NatConfig, NatService
+from shoal.transport.host import Host
+from shoal.transport.identity import generate_key
+from shoal.transport.nat import reachability
+from shoal.transport.nat.conduit import connection_to, path_of
+from shoal.transport.nat.paths import DIRECT, RELAY, TCP_PUNCH, NatConfig, NatService
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 

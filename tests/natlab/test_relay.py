@@ -6,11 +6,11 @@ import os
 
 import pytest
 
-from transport.errors import StreamResetError, TransportError
-from transport.host import Host
-from transport.identity import generate_key
-from transport.nat.conduit import connection_to, path_of
-from transport.nat.relay import (
+from shoal.transport.errors import StreamResetError, TransportError
+from shoal.transport.host import Host
+from shoal.transport.identity import generate_key
+from shoal.transport.nat.conduit import connection_to, path_of
+from shoal.transport.nat.relay import (
     RelayError,
     RelayLimits,
     RelayService,

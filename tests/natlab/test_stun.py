@@ -10,7 +10,7 @@ from aioice import stun as aioice_stun
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transport.nat import stun
+from shoal.transport.nat import stun
 
 
 def test_binding_success_is_what_aioice_reads_as_the_mapped_address():

@@ -7,7 +7,7 @@ import pytest
 from bench.convergence.__main__ import choose_default
 from bench.convergence.jobs import run_method, sim_config
 from bench.convergence.sim import Batches, initial_weights
-from peer.worker.data import load_stdlib_corpus
+from shoal.peer.worker.data import load_stdlib_corpus
 
 KEYS = {"eval_loss", "spread", "bytes_per_peer_per_round", "bits_per_param"}
 

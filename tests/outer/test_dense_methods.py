@@ -2,8 +2,8 @@
 
 import torch
 
-from gossip.outer import diloco, noloco
-from gossip.outer.methods import OuterConfig, OuterState, make_message, outer_step
+from shoal.gossip.outer import diloco, noloco
+from shoal.gossip.outer.methods import OuterConfig, OuterState, make_message, outer_step
 
 ATOL = 1e-6
 

@@ -6,8 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gossip.outer.methods import METHODS, OuterConfig, OuterState, make_message, outer_step
-from gossip.outer.wire import MessageError, unpack
+from shoal.gossip.outer.errors import OuterMessageError as MessageError
+from shoal.gossip.outer.methods import METHODS, OuterConfig, OuterState, make_message, outer_step
+from shoal.gossip.outer.wire import unpack
 
 
 def weights() -> dict[str, torch.Tensor]:

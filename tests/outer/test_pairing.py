@@ -1,6 +1,6 @@
 import pytest
 
-from gossip.outer.pairing import PairingError, pairing, partner_index
+from shoal.gossip.outer.pairing import PairingError, pairing, partner_index
 
 PEERS = [f"peer-{i}" for i in range(7)]
 

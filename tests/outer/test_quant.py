@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from gossip.outer import quant
-from gossip.outer.tensors import OuterError
+from shoal.gossip.outer import quant
+from shoal.gossip.outer.tensors import OuterError
 
 
 def test_lattice_code_is_exact_to_half_a_step_within_reach_of_the_side_information():

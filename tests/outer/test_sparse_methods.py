@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from gossip.outer import sparseloco
-from gossip.outer.methods import OuterConfig, OuterState, known_ids, make_message, outer_step, relay_for
-from gossip.outer.pairing import partner_index
-from kernels.codec import CodecConfig
+from shoal.gossip.outer import sparseloco
+from shoal.gossip.outer.methods import OuterConfig, OuterState, known_ids, make_message, outer_step, relay_for
+from shoal.gossip.outer.pairing import partner_index
+from shoal.kernels.codec import CodecConfig
 
 ATOL = 1e-6
 EXACT = CodecConfig(topk_per_tile=64 * 64, quantize=False)  # full density, fp32 values

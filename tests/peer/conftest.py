@@ -19,11 +19,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 class PeerProcess:
     def __init__(self, args: list[str], log_path: Path):
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = dict(os.environ)
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "peer", "join", "--json-events", *args],
+            [sys.executable, "-P", "-m", "shoal.peer", "join", "--json-events", *args],
             stdout=subprocess.PIPE,
             stderr=self._log,
             env=env,

@@ -10,16 +10,15 @@ import asyncio
 import math
 import struct
 
-from gossip.outer import OuterConfig
-from gossip.outer.quant import packed_bits
-from gossip.outer.wire import Message, pack
-from peer.daemon import RUN_PROTOCOL
-from peer.worker.model import GPT, PRESETS
-from transport.errors import TransportError
-from transport.host import Host
-from transport.identity import generate_key
-from transport.messages import encode_message, read_frame
-from transport.multiaddr import Multiaddr
+from shoal.gossip.outer.methods import OuterConfig
+from shoal.gossip.outer.wire import Message, pack, packed_bits
+from shoal.peer.daemon import RUN_PROTOCOL
+from shoal.peer.worker.model import GPT, PRESETS
+from shoal.transport.errors import TransportError
+from shoal.transport.host import Host
+from shoal.transport.identity import generate_key
+from shoal.transport.messages import encode_message, read_frame
+from shoal.transport.multiaddr import Multiaddr
 
 BITS = OuterConfig.tuned("compressed-noloco").lattice_bits
 SPEC = sorted((name, tuple(p.shape)) for name, p in GPT(PRESETS["tiny"]).named_parameters())
@@ -107,7 +106,7 @@ def test_malformed_requests_are_refused_and_the_daemon_keeps_running(start_peer)
 
 
 def test_frame_reader_refuses_oversized_frames_before_reading_them():
-    from transport.messages import MessageError
+    from shoal.transport.messages import MessageError
 
     async def scenario() -> None:
         reader = asyncio.StreamReader()

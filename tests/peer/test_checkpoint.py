@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peer.worker.train import CheckpointError, Trainer, TrainSettings
+from shoal.peer.worker.train import CheckpointError, Trainer, TrainSettings
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

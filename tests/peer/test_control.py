@@ -60,12 +60,12 @@ def test_status_and_every_repl_command_answer_while_the_peer_trains(start_peer, 
     peer.wait_for(lambda e: e["event"] == "round", timeout=120)
     state_dir = tmp_path / "watched"
     out = subprocess.run(
-        [sys.executable, "-m", "peer", "status", "--state-dir", str(state_dir), "--json"],
+        [sys.executable, "-P", "-m", "shoal.peer", "status", "--state-dir", str(state_dir), "--json"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=dict(os.environ),
     )
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
@@ -108,14 +108,15 @@ def test_status_and_every_repl_command_answer_while_the_peer_trains(start_peer, 
 
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO),
         "HOME": str(tmp_path),
         "PROMPT_TOOLKIT_NO_CPR": "1",
         "TERM": "xterm",
         "COLUMNS": "160",
         "LINES": "50",
     }
-    terminal = Terminal([sys.executable, "-m", "peer", "repl", "--state-dir", str(state_dir)], env)
+    terminal = Terminal(
+        [sys.executable, "-P", "-m", "shoal.peer", "repl", "--state-dir", str(state_dir)], env
+    )
     terminal.read_until_prompt(timeout=60)
     me = peer.of_kind("listening")[0]["peer"]
     expectations = [

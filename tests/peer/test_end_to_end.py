@@ -10,11 +10,11 @@ import time
 
 import torch
 
-from gossip.runstate import public_bytes
-from gossip.runstate import store as runstate_store
-from peer.worker.presets import peer_number
-from peer.worker.train import Trainer, TrainSettings
-from transport.identity import load_key_file
+from shoal.gossip.runstate import public_bytes
+from shoal.gossip.runstate import store as runstate_store
+from shoal.peer.worker.presets import peer_number
+from shoal.peer.worker.train import Trainer, TrainSettings
+from shoal.transport.identity import load_key_file
 
 from .conftest import REPO
 
@@ -47,8 +47,9 @@ def test_three_peers_learn_and_their_replicas_converge(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
+            "-P",
             "-m",
-            "peer",
+            "shoal.peer",
             "swarm",
             "--peers",
             "3",
@@ -64,7 +65,7 @@ def test_three_peers_learn_and_their_replicas_converge(tmp_path):
             str(summary_path),
         ],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "160"},
+        env={**os.environ, "COLUMNS": "160"},
         capture_output=True,
         text=True,
         timeout=280,

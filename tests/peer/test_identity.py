@@ -8,13 +8,13 @@ import sys
 
 from .conftest import REPO
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+ENV = dict(os.environ)
 
 
 def test_keygen_writes_an_owner_only_key_and_join_refuses_a_readable_one(tmp_path):
     key = tmp_path / "peer.key"
     made = subprocess.run(
-        [sys.executable, "-m", "peer", "keygen", str(key)],
+        [sys.executable, "-P", "-m", "shoal.peer", "keygen", str(key)],
         capture_output=True,
         text=True,
         env=ENV,
@@ -24,7 +24,7 @@ def test_keygen_writes_an_owner_only_key_and_join_refuses_a_readable_one(tmp_pat
     assert made.returncode == 0 and "peer id 12D3KooW" in made.stdout, made.stderr
     assert key.stat().st_mode & 0o777 == 0o600
     again = subprocess.run(
-        [sys.executable, "-m", "peer", "keygen", str(key)],
+        [sys.executable, "-P", "-m", "shoal.peer", "keygen", str(key)],
         capture_output=True,
         text=True,
         env=ENV,
@@ -35,7 +35,7 @@ def test_keygen_writes_an_owner_only_key_and_join_refuses_a_readable_one(tmp_pat
 
     key.chmod(0o644)
     refused = subprocess.run(
-        [sys.executable, "-m", "peer", "join", "--run", "k", "--key", str(key)],
+        [sys.executable, "-P", "-m", "shoal.peer", "join", "--run", "k", "--key", str(key)],
         capture_output=True,
         text=True,
         env=ENV,
@@ -48,7 +48,11 @@ def test_keygen_writes_an_owner_only_key_and_join_refuses_a_readable_one(tmp_pat
 def test_a_second_daemon_with_the_same_key_is_refused_naming_both_addresses(start_peer, tmp_path):
     key = tmp_path / "shared.key"
     subprocess.run(
-        [sys.executable, "-m", "peer", "keygen", str(key)], check=True, env=ENV, cwd=REPO, timeout=60
+        [sys.executable, "-P", "-m", "shoal.peer", "keygen", str(key)],
+        check=True,
+        env=ENV,
+        cwd=REPO,
+        timeout=60,
     )
     common = [
         "--run",

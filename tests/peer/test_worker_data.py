@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peer.worker.data import load_corpus
-from peer.worker.train import Trainer, TrainSettings
+from shoal.peer.worker.data import load_corpus
+from shoal.peer.worker.train import Trainer, TrainSettings
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

@@ -3,7 +3,7 @@
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gossip.runstate.sim import Swarm, fingerprint
+from shoal.gossip.runstate.sim import Swarm, fingerprint
 
 # (writer, operation, argument): operations every peer can do, plus the creator's run changes.
 OPS = st.tuples(

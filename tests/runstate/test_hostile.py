@@ -9,11 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycrdt import Doc, Map, Text
 
-from gossip.runstate import KIND_PEER, KIND_RUN, Rejected, RunStateError, public_bytes, wire
-from gossip.runstate.docs import DocReplica
-from gossip.runstate.envelope import Entry, Record, client_id
-from gossip.runstate.limits import MAX_ENTRY_BYTES, MAX_MESSAGE_BYTES, MAX_STRIKES
-from gossip.runstate.sim import Swarm, fingerprint
+from shoal.gossip.runstate import KIND_PEER, KIND_RUN, Rejected, RunStateError, public_bytes, wire
+from shoal.gossip.runstate.docs import DocReplica
+from shoal.gossip.runstate.envelope import Entry, Record, client_id
+from shoal.gossip.runstate.limits import MAX_ENTRY_BYTES, MAX_MESSAGE_BYTES, MAX_STRIKES
+from shoal.gossip.runstate.sim import Swarm, fingerprint
 
 ATTACKER = Ed25519PrivateKey.from_private_bytes(b"\x07" * 32)
 ATTACKER_PK = public_bytes(ATTACKER)

@@ -3,9 +3,14 @@ documents staying bounded over a long run."""
 
 import pytest
 
-from gossip.runstate import KIND_PEER, Liveness, NotAuthorized
-from gossip.runstate.limits import COMPACT_AFTER_ENTRIES, DEAD_AFTER_S, MAX_CHAIN_ENTRIES, SUSPECT_AFTER_S
-from gossip.runstate.sim import Swarm
+from shoal.gossip.runstate import KIND_PEER, Liveness, NotAuthorized
+from shoal.gossip.runstate.limits import (
+    COMPACT_AFTER_ENTRIES,
+    DEAD_AFTER_S,
+    MAX_CHAIN_ENTRIES,
+    SUSPECT_AFTER_S,
+)
+from shoal.gossip.runstate.sim import Swarm
 
 
 def test_only_the_creator_and_its_delegates_write_the_run():

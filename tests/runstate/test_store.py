@@ -2,8 +2,8 @@
 
 import random
 
-from gossip.runstate import KIND_PEER, store
-from gossip.runstate.sim import Swarm
+from shoal.gossip.runstate import KIND_PEER, store
+from shoal.gossip.runstate.sim import Swarm
 
 
 def restart(s: Swarm, i: int, directory) -> None:

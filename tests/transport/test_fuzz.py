@@ -7,16 +7,21 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from transport import identify
-from transport.errors import ProtocolError
-from transport.host import Host, HostLimits
-from transport.identity import PeerID, PublicKey, generate_key
-from transport.multiaddr import Multiaddr
-from transport.multistream import MAX_MESSAGE_LENGTH, MultistreamDialer, MultistreamListener, encode_message
-from transport.noise import MAX_FRAME_LENGTH, NoiseHandshake
-from transport.protobuf import iter_fields
-from transport.varint import decode_uvarint
-from transport.yamux import DataReceived, YamuxSession
+from shoal.transport import identify
+from shoal.transport.errors import ProtocolError
+from shoal.transport.host import Host, HostLimits
+from shoal.transport.identity import PeerID, PublicKey, generate_key
+from shoal.transport.multiaddr import Multiaddr
+from shoal.transport.multistream import (
+    MAX_MESSAGE_LENGTH,
+    MultistreamDialer,
+    MultistreamListener,
+    encode_message,
+)
+from shoal.transport.noise import MAX_FRAME_LENGTH, NoiseHandshake
+from shoal.transport.protobuf import iter_fields
+from shoal.transport.varint import decode_uvarint
+from shoal.transport.yamux import DataReceived, YamuxSession
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 chunks = st.lists(st.binary(max_size=200), max_size=20)

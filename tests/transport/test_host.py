@@ -6,15 +6,15 @@ import os
 
 import pytest
 
-from transport.errors import (
+from shoal.transport.errors import (
     DuplicateIdentityError,
     NegotiationError,
     PeerIDMismatchError,
     StreamResetError,
     TransportError,
 )
-from transport.host import Host, HostLimits
-from transport.identity import generate_key, peer_id_from_key
+from shoal.transport.host import Host, HostLimits
+from shoal.transport.identity import generate_key, peer_id_from_key
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -414,7 +414,7 @@ async def test_ipv6_loopback():
 
 async def test_shoal_messages_travel_over_a_stream():
     # The round protocol's framing (transport.messages) over a secure stream: a 5 MiB tensor payload.
-    from transport.messages import read_message, write_message
+    from shoal.transport.messages import read_message, write_message
 
     async def swap(stream):
         message = await read_message(stream, max_bytes=8 << 20)

@@ -3,8 +3,8 @@ import stat
 
 import pytest
 
-from transport.errors import KeyFileError, MultiaddrError, ProtocolError
-from transport.identity import (
+from shoal.transport.errors import KeyFileError, MultiaddrError, ProtocolError
+from shoal.transport.identity import (
     PeerID,
     b58decode,
     b58encode,
@@ -13,7 +13,7 @@ from transport.identity import (
     peer_id_from_key,
     write_key_file,
 )
-from transport.multiaddr import Multiaddr
+from shoal.transport.multiaddr import Multiaddr
 
 
 def test_ed25519_peer_id_has_the_libp2p_text_form_and_round_trips():

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from transport.errors import PeerIDMismatchError
-from transport.host import Host
-from transport.identity import PeerID, generate_key, peer_id_from_key
-from transport.multiaddr import Multiaddr
+from shoal.transport.errors import PeerIDMismatchError
+from shoal.transport.host import Host
+from shoal.transport.identity import PeerID, generate_key, peer_id_from_key
+from shoal.transport.multiaddr import Multiaddr
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("libp2p") is None,

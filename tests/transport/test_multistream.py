@@ -1,14 +1,14 @@
 import pytest
 
-from transport.errors import NegotiationError, ProtocolError
-from transport.multistream import (
+from shoal.transport.errors import NegotiationError, ProtocolError
+from shoal.transport.multistream import (
     MAX_MESSAGE_LENGTH,
     MAX_PROPOSALS,
     MultistreamDialer,
     MultistreamListener,
     encode_message,
 )
-from transport.varint import encode_uvarint
+from shoal.transport.varint import encode_uvarint
 
 
 def negotiate(proposals, supported, chunk=None):

@@ -1,8 +1,8 @@
 import pytest
 
-from transport.errors import DecryptError, HandshakeError, PeerIDMismatchError
-from transport.identity import generate_key, peer_id_from_key
-from transport.noise import MAX_PLAINTEXT_LENGTH, NoiseHandshake
+from shoal.transport.errors import DecryptError, HandshakeError, PeerIDMismatchError
+from shoal.transport.identity import generate_key, peer_id_from_key
+from shoal.transport.noise import MAX_PLAINTEXT_LENGTH, NoiseHandshake
 
 
 def handshake(expected=None, tamper=None):

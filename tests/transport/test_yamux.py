@@ -1,7 +1,7 @@
 import pytest
 
-from transport.errors import LimitError, ProtocolError, StreamClosedError
-from transport.yamux import (
+from shoal.transport.errors import LimitError, ProtocolError, StreamClosedError
+from shoal.transport.yamux import (
     FLAG_SYN,
     HEADER,
     INITIAL_WINDOW,

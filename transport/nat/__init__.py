@@ -9,6 +9,6 @@
     ice.py           ICE over UDP through aiortc (our STUN, TURN when configured) as a byte transport
     stun.py          STUN Binding codec, the responder public peers serve, UDP and TCP clients
     conduit.py       runs the Host's Noise + yamux upgrade over any byte pipe (relay stream, punched socket)
-    lab.py, labagent.py, labpair.py, labdelay.py   the NAT lab: namespaces, nftables NATs, delay lines,
-                     and the peer processes the tests and bench.natlab drive
+
+The NAT lab that tests all this (namespaces, nftables NATs, delay lines) is test infrastructure: natlab/.
 """

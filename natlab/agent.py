@@ -1,6 +1,6 @@
 """A Shoal peer for the NAT lab: one Host with the NAT layer, driven by JSON lines on stdin/stdout.
 
-Run inside a lab namespace (`NatLab.spawn_python(ns, ["-m", "transport.nat.labagent", ...])`). It prints
+Run inside a lab namespace (`NatLab.spawn_python(ns, [natlab/agent.py, ...])`). It prints
 `{"event": "ready", ...}` once started, then answers one line per command:
 
     {"cmd": "connect", "peer": ID, "addrs": [...]}   -> {"event": "connected", "path", "connect_s", ...}
@@ -23,12 +23,12 @@ import sys
 import time
 from typing import Any
 
-from ..host import Host, Stream
-from ..identity import PeerID, generate_key
-from ..multiaddr import Multiaddr
-from .conduit import connection_to, path_of
-from .paths import NatConfig, NatService
-from .reachability import PUBLIC
+from shoal.transport.host import Host, Stream
+from shoal.transport.identity import PeerID, generate_key
+from shoal.transport.multiaddr import Multiaddr
+from shoal.transport.nat.conduit import connection_to, path_of
+from shoal.transport.nat.paths import NatConfig, NatService
+from shoal.transport.nat.reachability import PUBLIC
 
 SINK_PROTOCOL = "/shoal/natlab/sink/1.0.0"
 # Largest transfer a command may ask for: the bench sends 16 MiB.
@@ -103,7 +103,7 @@ async def _command(nat: NatService, line: str) -> bool:
 
 
 async def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m transport.nat.labagent")
+    parser = argparse.ArgumentParser(prog="natlab/agent.py")
     parser.add_argument("--listen", default="/ip4/0.0.0.0/tcp/4001")
     parser.add_argument("--relay", action="append", default=[], help="relay multiaddr with /p2p/ id")
     parser.add_argument("--stun", action="append", default=[], help="STUN server ip:port")

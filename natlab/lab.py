@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernels.errors import ShoalError
+from shoal.errors import ShoalError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ COMMAND_TIMEOUT_S = 20.0
 # coturn listens beside Shoal's own STUN responder (3478), with a lab-only user.
 TURN_PORT = 3479
 TURN_USER, TURN_PASSWORD = "lab", "labpass"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LAB = Path(__file__).resolve().parent
 TOOLS = ("ip", "nft", "tc")
 
 
@@ -252,7 +253,7 @@ class NatLab:
             self.exec(ns, ["ethtool", "-K", dev, "tx", "off", "gso", "off", "tso", "off"], check=False)
         for dev in (port, near):
             self._ip(pub, "link", "set", dev, "promisc", "on")
-        line = self.spawn_python(pub, ["-m", "transport.nat.labdelay", port, near, str(self.delay_ms)],
+        line = self.spawn_python(pub, [str(LAB / "delay.py"), port, near, str(self.delay_ms)],
                                  stdout=subprocess.PIPE)
         ready, _, _ = select.select([line.stdout], [], [], COMMAND_TIMEOUT_S)
         if not ready or not line.stdout.readline().startswith(b"ready"):  # type: ignore[union-attr]
@@ -325,14 +326,13 @@ class NatLab:
 
     def spawn(self, ns: str, argv: Sequence[str], **popen: object) -> subprocess.Popen[bytes]:
         """Start `argv` inside namespace `ns` (from the repository root); `down()` stops it."""
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], cwd=REPO_ROOT, env=env, **popen)  # type: ignore[call-overload]
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], cwd=REPO_ROOT, **popen)  # type: ignore[call-overload]
         self._procs.append(proc)
         return proc
 
     def spawn_python(self, ns: str, args: Sequence[str], **popen: object) -> subprocess.Popen[bytes]:
-        return self.spawn(ns, [sys.executable, *args], **popen)
+        """Python in `ns` with `-P`: the repository root never goes ahead of the installed `shoal`."""
+        return self.spawn(ns, [sys.executable, "-P", *args], **popen)
 
     def start_coturn(self, port: int = TURN_PORT) -> subprocess.Popen[bytes]:
         """coturn (STUN and TURN over UDP and TCP) on the public addresses, user lab/labpass."""

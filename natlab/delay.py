@@ -1,6 +1,6 @@
 """A one-way delay line for the NAT lab, since this kernel has no netem.
 
-    python -m transport.nat.labdelay IFACE_A IFACE_B DELAY_MS
+    python natlab/delay.py IFACE_A IFACE_B DELAY_MS
 
 Run inside a lab namespace: copies every Ethernet frame arriving on one interface out of the other after
 DELAY_MS (both directions), like a wire that is long. The interfaces carry no addresses and are put in
@@ -37,7 +37,7 @@ def _open(iface: str) -> socket.socket:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 3:
-        sys.exit("usage: python -m transport.nat.labdelay IFACE_A IFACE_B DELAY_MS")
+        sys.exit("usage: python natlab/delay.py IFACE_A IFACE_B DELAY_MS")
     a, b, delay_ms = argv[0], argv[1], float(argv[2])
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s labdelay %(message)s")
     asyncio.run(_run(a, b, delay_ms / 1000.0))

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .lab import PUBLIC_IP, PUBLIC_IP_2, LabError, NatLab
+from natlab.lab import LAB, PUBLIC_IP, PUBLIC_IP_2, LabError, NatLab
 
 RELAY_PORT = 4001
 STUN_PORT = 3478
@@ -28,7 +28,7 @@ SEND_TIMEOUT_S = 120.0
 
 
 class Agent:
-    """One `transport.nat.labagent` process: send a command, read its one-line answer."""
+    """One `natlab/agent.py` process: send a command, read its one-line answer."""
 
     def __init__(self, lab: NatLab, ns: str, args: list[str], name: str, *, wait: bool = True) -> None:
         self.name = name
@@ -36,7 +36,7 @@ class Agent:
         self._buffer = b""
         self.ready: dict[str, Any] = {}
         self.proc = lab.spawn_python(
-            ns, ["-m", "transport.nat.labagent", *args],
+            ns, [str(LAB / "agent.py"), *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         if wait:

@@ -44,7 +44,7 @@ HEAL_LIMIT_S = 600.0
 
 def _memoize_decoding() -> None:
     """Decode and verify identical bytes once per process (see the module docstring)."""
-    for cls in (envelope.Entry, envelope.Record):
+    for cls in (envelope.Entry, envelope.MetricsRecord):
         decode = functools.lru_cache(maxsize=1 << 18)(cls.decode.__func__)
         cls.decode = classmethod(
             lambda c, data, run_id, verify=True, _d=decode: _d(c, bytes(data), run_id, verify=verify)
@@ -53,7 +53,7 @@ def _memoize_decoding() -> None:
     docs.parse = functools.lru_cache(maxsize=1 << 18)(docs.parse)
     envelope.Entry.id = functools.lru_cache(maxsize=1 << 20)(envelope.Entry.id)
     check = functools.lru_cache(maxsize=1 << 18)(envelope._verify)
-    for cls in (envelope.Entry, envelope.Record):
+    for cls in (envelope.Entry, envelope.MetricsRecord):
         cls.verify = lambda self, run_id, _c=check: _c(self.owner, self.sig, self.signed_part(run_id), "item")
 
 

@@ -39,8 +39,13 @@ PROVIDER_QUORUM = 3  # holders whose provider lists a GET_PROVIDERS merges befor
 
 class DHTCore:
     def __init__(
-        self, key: Ed25519PrivateKey, addrs: list[str] | tuple[str, ...] = (), *, k: int = K,
-        store: RecordStore | None = None, rng: random.Random | None = None,
+        self,
+        key: Ed25519PrivateKey,
+        addrs: list[str] | tuple[str, ...] = (),
+        *,
+        k: int = K,
+        store: RecordStore | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.key = key
         self.peer_id = public_bytes(key)
@@ -86,8 +91,9 @@ class DHTCore:
             return Response(req.rid, nodes, rec)
         if req.type == GET_PROVIDERS:
             provs = self.store.get_providers(req.key, now, MAX_PROVIDERS_RETURNED)
-            return Response(req.rid, self.table.closest(key_int, self.k, exclude=req.sender.peer_id),
-                            providers=provs)
+            return Response(
+                req.rid, self.table.closest(key_int, self.k, exclude=req.sender.peer_id), providers=provs
+            )
         return Response(req.rid, ok=self._store(req, sender_ip, now))
 
     def _store(self, req: Request, sender_ip: str, now: float) -> bool:
@@ -100,8 +106,7 @@ class DHTCore:
             return False
         if rec.publisher != req.sender.peer_id:
             # Publishers store their own records; a third party replaying them gains nothing and costs quota.
-            log.info("DHT record from %s published by someone else (%s); dropped",
-                     who, short(rec.publisher))
+            log.info("DHT record from %s published by someone else (%s); dropped", who, short(rec.publisher))
             self.dropped += 1
             return False
         try:
@@ -111,8 +116,9 @@ class DHTCore:
             self.dropped += 1
             return False
 
-    def query(self, type_: int, key: bytes, *, alpha: int | None = None, paths: int = PATHS,
-              want: int | None = None) -> "Query":
+    def query(
+        self, type_: int, key: bytes, *, alpha: int | None = None, paths: int = PATHS, want: int | None = None
+    ) -> "Query":
         """A lookup of `type_` for `key`.
 
         A GET stops at its first valid answer, so its alpha requests are shared by the paths: more
@@ -135,8 +141,9 @@ class Query:
         self.key = key
         target = as_int(key)
         seeds = core.table.closest(target, core.k)
-        self.lookup = Lookup(target, seeds, own_peer_id=core.peer_id, k=core.k, alpha=alpha, paths=paths,
-                             want=want)
+        self.lookup = Lookup(
+            target, seeds, own_peer_id=core.peer_id, k=core.k, alpha=alpha, paths=paths, want=want
+        )
         self.value: Record | None = None
         self.providers: dict[bytes, Record] = {}
         self.rejected = 0  # answers carrying records that failed verification
@@ -165,8 +172,9 @@ class Query:
     def _valid(self, rec: Record, kind: int, contact: Contact, now: float) -> bool:
         if rec.kind != kind or rec.key != self.key:
             self.rejected += 1
-            log.info("DHT answer from %s holds a record for another key or kind; ignored",
-                     short(contact.peer_id))
+            log.info(
+                "DHT answer from %s holds a record for another key or kind; ignored", short(contact.peer_id)
+            )
             return False
         try:
             rec.verify(now)

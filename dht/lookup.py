@@ -141,9 +141,7 @@ class Lookup:
 
     def closest(self) -> list[Contact]:
         """The k closest contacts that answered, over all paths."""
-        answered = (
-            p.candidates[i] for p in self._paths for i in p.responded if i in p.candidates
-        )
+        answered = (p.candidates[i] for p in self._paths for i in p.responded if i in p.candidates)
         return heapq.nsmallest(self.k, answered, key=lambda c: c.id ^ self.target)
 
     def hops(self) -> int:

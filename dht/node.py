@@ -30,7 +30,7 @@ from shoal.dht.protocol import (
     FIND_NODE,
     FIND_VALUE,
     GET_PROVIDERS,
-    MAX_MESSAGE_BYTES,
+    MAX_DHT_MESSAGE_BYTES,
     PING,
     PROTOCOL_ID,
     STORE,
@@ -76,8 +76,8 @@ Dial = Callable[[Contact], Awaitable[Stream]]
 
 async def read_frame(stream: Stream) -> bytes:
     (n,) = LENGTH_PREFIX.unpack(await stream.readexactly(LENGTH_PREFIX.size))
-    if n > MAX_MESSAGE_BYTES:
-        raise InvalidMessage(f"DHT frame of {n} bytes exceeds {MAX_MESSAGE_BYTES}; stream closed")
+    if n > MAX_DHT_MESSAGE_BYTES:
+        raise InvalidMessage(f"DHT frame of {n} bytes exceeds {MAX_DHT_MESSAGE_BYTES}; stream closed")
     return await stream.readexactly(n)
 
 
@@ -129,10 +129,11 @@ class TCPTransport:
             with contextlib.suppress(asyncio.CancelledError):
                 await handler(TCPStream(r, w))
 
-        self._server = await asyncio.start_server(on_conn, host, port, limit=MAX_MESSAGE_BYTES + 16)
+        self._server = await asyncio.start_server(on_conn, host, port, limit=MAX_DHT_MESSAGE_BYTES + 16)
         proto = "ip6" if ":" in host else "ip4"
-        self.listen_addrs = [f"/{proto}/{s.getsockname()[0]}/tcp/{s.getsockname()[1]}"
-                             for s in self._server.sockets]
+        self.listen_addrs = [
+            f"/{proto}/{s.getsockname()[0]}/tcp/{s.getsockname()[1]}" for s in self._server.sockets
+        ]
         return self.listen_addrs
 
     async def dial(self, contact: Contact) -> TCPStream:
@@ -140,7 +141,7 @@ class TCPTransport:
         for addr in contact.addrs:
             try:
                 host, port = parse_tcp_addr(addr)
-                r, w = await asyncio.open_connection(host, port, limit=MAX_MESSAGE_BYTES + 16)
+                r, w = await asyncio.open_connection(host, port, limit=MAX_DHT_MESSAGE_BYTES + 16)
                 return TCPStream(r, w)
             except (OSError, DHTError) as e:
                 err = e
@@ -156,8 +157,14 @@ class TCPTransport:
 class DHTNode:
     """One DHT node: serve requests, run lookups, keep our records and run announcements alive."""
 
-    def __init__(self, key: Ed25519PrivateKey, dial: Dial, addrs: list[str], *,
-                 table_path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        key: Ed25519PrivateKey,
+        dial: Dial,
+        addrs: list[str],
+        *,
+        table_path: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.core = DHTCore(key, addrs)
         self._dial = dial
         self.table_path = Path(table_path) if table_path else None
@@ -178,9 +185,15 @@ class DHTNode:
     # --- construction ----------------------------------------------------------------------------
 
     @classmethod
-    async def start(cls, key: Ed25519PrivateKey | None = None, listen: str = "/ip4/127.0.0.1/tcp/0",
-                    bootstrap: Sequence[str] = (), table_path: str | os.PathLike[str] | None = None, *,
-                    secure: bool = True) -> "DHTNode":
+    async def start(
+        cls,
+        key: Ed25519PrivateKey | None = None,
+        listen: str = "/ip4/127.0.0.1/tcp/0",
+        bootstrap: Sequence[str] = (),
+        table_path: str | os.PathLike[str] | None = None,
+        *,
+        secure: bool = True,
+    ) -> "DHTNode":
         """A node of its own listening on `listen`, joined through `bootstrap` addresses and any saved table.
 
         `secure` runs it on a transport Host of its own (closed with the node); otherwise on plain TCP.
@@ -205,10 +218,16 @@ class DHTNode:
         return node
 
     @classmethod
-    async def on_host(cls, host: Host, key: Ed25519PrivateKey, *, bootstrap: Sequence[str] = (),
-                      table_path: str | os.PathLike[str] | None = None,
-                      addrs: list[str] | None = None,
-                      reach: Callable[[PeerID, list[str]], Awaitable[object]] | None = None) -> "DHTNode":
+    async def on_host(
+        cls,
+        host: Host,
+        key: Ed25519PrivateKey,
+        *,
+        bootstrap: Sequence[str] = (),
+        table_path: str | os.PathLike[str] | None = None,
+        addrs: list[str] | None = None,
+        reach: Callable[[PeerID, list[str]], Awaitable[object]] | None = None,
+    ) -> "DHTNode":
         """Run the DHT on the daemon's Host (whose identity `key` is); `addrs` default to its listen addrs.
 
         `reach(peer, addrs)`, when given, connects to a contact first by whatever path works (the NAT
@@ -224,8 +243,12 @@ class DHTNode:
                 return await host.new_stream(peer, PROTOCOL_ID, list(c.addrs))
             return await host.new_stream(await host.connect(c.addrs[0]), PROTOCOL_ID)  # bootstrap address
 
-        node = cls(key, dial, addrs if addrs is not None else [str(a) for a in host.listen_addrs],
-                   table_path=table_path)
+        node = cls(
+            key,
+            dial,
+            addrs if addrs is not None else [str(a) for a in host.listen_addrs],
+            table_path=table_path,
+        )
         host.set_stream_handler(PROTOCOL_ID, node.serve_stream)
         await node._begin(list(bootstrap))
         return node
@@ -267,8 +290,11 @@ class DHTNode:
             for c in seeds:
                 tg.create_task(self._ping_seed(c))
         if seeds and not len(self.core.table):
-            log.warning("DHT node %s reached none of %d bootstrap contacts; starting alone",
-                        short(self.peer_id), len(seeds))
+            log.warning(
+                "DHT node %s reached none of %d bootstrap contacts; starting alone",
+                short(self.peer_id),
+                len(seeds),
+            )
 
     async def _self_lookup(self) -> None:
         if len(self.core.table):
@@ -321,8 +347,10 @@ class DHTNode:
                         body = await read_frame(stream)
                     req = decode_request(body)
                     if remote is not None and req.sender.peer_id != remote.multihash:
-                        raise InvalidMessage(f"request claims to come from {short(req.sender.peer_id)} but "
-                                             f"the connection proved {remote.short()}; stream closed")
+                        raise InvalidMessage(
+                            f"request claims to come from {short(req.sender.peer_id)} but "
+                            f"the connection proved {remote.short()}; stream closed"
+                        )
                     resp = self.core.handle(req, ip, time.time())
                     if req.type == PING:
                         resp = Response(resp.rid, [self.core.contact])
@@ -478,8 +506,9 @@ class DHTNode:
         return await self._provide(run_id, addrs)
 
     async def _provide(self, run_id: str, addrs: list[str]) -> int:
-        rec = Record.provider_record(self.core.key, run_key(run_id), addrs, self._next_seq(),
-                                     time.time() + RECORD_TTL_S)
+        rec = Record.provider_record(
+            self.core.key, run_key(run_id), addrs, self._next_seq(), time.time() + RECORD_TTL_S
+        )
         return await self._store_at_closest(rec, ADD_PROVIDER)
 
     async def find_run_peers(self, run_id: str) -> list[tuple[bytes, list[str]]]:
@@ -517,8 +546,9 @@ class DHTNode:
 
     async def _republish(self) -> None:
         for key, rec in list(self._values.items()):
-            fresh = Record.value_record(self.core.key, rec.name, rec.value, self._next_seq(),
-                                        time.time() + RECORD_TTL_S)
+            fresh = Record.value_record(
+                self.core.key, rec.name, rec.value, self._next_seq(), time.time() + RECORD_TTL_S
+            )
             self._values[key] = fresh
             await self._store_at_closest(fresh, STORE)
         for run_id, addrs in list(self._runs.items()):
@@ -545,8 +575,10 @@ class DHTNode:
             if self.table_path.stat().st_size > MAX_TABLE_FILE:
                 raise ValueError(f"larger than {MAX_TABLE_FILE} bytes")
             doc = json.loads(self.table_path.read_text())
-            out = [Contact.of(bytes.fromhex(e["peer_id"]), [str(a) for a in e["addrs"]])
-                   for e in doc["contacts"][:MAX_BOOT_CONTACTS]]
+            out = [
+                Contact.of(bytes.fromhex(e["peer_id"]), [str(a) for a in e["addrs"]])
+                for e in doc["contacts"][:MAX_BOOT_CONTACTS]
+            ]
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("DHT routing table file %s is unreadable (%s); ignoring it", self.table_path, e)
             return []

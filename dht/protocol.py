@@ -21,14 +21,16 @@ PING, FIND_NODE, FIND_VALUE, STORE, ADD_PROVIDER, GET_PROVIDERS = range(1, 7)
 REQUEST_TYPES = frozenset({PING, FIND_NODE, FIND_VALUE, STORE, ADD_PROVIDER, GET_PROVIDERS})
 RESPONSE = 0
 
-MAX_MESSAGE_BYTES = 128 * 1024  # one response: k contacts + a page of provider records, with room to spare
+MAX_DHT_MESSAGE_BYTES = (
+    128 * 1024
+)  # one response: k contacts + a page of provider records, with room to spare
 MAX_PEER_ID = 64  # raw Ed25519 key today, a PeerID multihash (38 bytes) tomorrow
 MAX_NODES = K  # contacts per answer: the paper's k
 MAX_PROVIDERS_RETURNED = 32  # provider records per answer; a run's peers find the rest by gossip
 MAX_RID = 2**32 - 1
 
 _UNPACK_LIMITS = dict(
-    max_bin_len=MAX_MESSAGE_BYTES,
+    max_bin_len=MAX_DHT_MESSAGE_BYTES,
     max_str_len=MAX_ADDR_LEN,
     max_array_len=max(MAX_NODES, MAX_PROVIDERS_RETURNED, 9),
     max_map_len=16,
@@ -68,24 +70,29 @@ def encode_request(req: Request) -> bytes:
 
 
 def encode_response(resp: Response) -> bytes:
-    """Encode, dropping provider records from the tail until the message fits MAX_MESSAGE_BYTES."""
+    """Encode, dropping provider records from the tail until the message fits MAX_DHT_MESSAGE_BYTES."""
     providers = resp.providers[:MAX_PROVIDERS_RETURNED]
     while True:
-        m: dict = {"v": VERSION, "t": RESPONSE, "rid": resp.rid, "ok": resp.ok,
-                   "nodes": [_contact_wire(c) for c in resp.nodes[:MAX_NODES]]}
+        m: dict = {
+            "v": VERSION,
+            "t": RESPONSE,
+            "rid": resp.rid,
+            "ok": resp.ok,
+            "nodes": [_contact_wire(c) for c in resp.nodes[:MAX_NODES]],
+        }
         if resp.record is not None:
             m["rec"] = resp.record.to_wire()
         if providers:
             m["provs"] = [r.to_wire() for r in providers]
         data = msgpack.packb(m, use_bin_type=True)
-        if len(data) <= MAX_MESSAGE_BYTES or not providers:
+        if len(data) <= MAX_DHT_MESSAGE_BYTES or not providers:
             return data
         providers = providers[: len(providers) // 2]
 
 
 def _unpack(data: bytes) -> dict:
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise InvalidMessage(f"DHT message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}; dropped")
+    if len(data) > MAX_DHT_MESSAGE_BYTES:
+        raise InvalidMessage(f"DHT message of {len(data)} bytes exceeds {MAX_DHT_MESSAGE_BYTES}; dropped")
     try:
         m = msgpack.unpackb(data, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
     except (ValueError, msgpack.UnpackException, TypeError) as e:
@@ -104,8 +111,11 @@ def _contact(obj: object) -> Contact:
     pid, addrs = obj
     if not (isinstance(pid, bytes) and 0 < len(pid) <= MAX_PEER_ID):
         raise InvalidMessage("DHT contact has a bad peer id; dropped")
-    if not (isinstance(addrs, list) and len(addrs) <= MAX_ADDRS
-            and all(isinstance(a, str) and 0 < len(a) <= MAX_ADDR_LEN for a in addrs)):
+    if not (
+        isinstance(addrs, list)
+        and len(addrs) <= MAX_ADDRS
+        and all(isinstance(a, str) and 0 < len(a) <= MAX_ADDR_LEN for a in addrs)
+    ):
         raise InvalidMessage("DHT contact has bad addresses; dropped")
     return Contact.of(pid, addrs)
 

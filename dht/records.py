@@ -65,8 +65,16 @@ class Record:
     sig: bytes = b""
 
     def _signed_bytes(self) -> bytes:
-        body = [self.kind, self.key, self.publisher, self.seq, self.expires, self.name, self.value,
-                list(self.addrs)]
+        body = [
+            self.kind,
+            self.key,
+            self.publisher,
+            self.seq,
+            self.expires,
+            self.name,
+            self.value,
+            list(self.addrs),
+        ]
         return _SIG_TAG + msgpack.packb(body, use_bin_type=True)
 
     @staticmethod
@@ -83,8 +91,17 @@ class Record:
         return _signed(r, key)
 
     def to_wire(self) -> list:
-        return [self.kind, self.key, self.publisher, self.seq, self.expires, self.name, self.value,
-                list(self.addrs), self.sig]
+        return [
+            self.kind,
+            self.key,
+            self.publisher,
+            self.seq,
+            self.expires,
+            self.name,
+            self.value,
+            list(self.addrs),
+            self.sig,
+        ]
 
     @staticmethod
     def from_wire(obj: object) -> "Record":
@@ -96,11 +113,15 @@ class Record:
             kind in (VALUE, PROVIDER)
             and _is_bytes(key, KEY_BYTES, KEY_BYTES)
             and _is_bytes(pub, 2, MAX_PUBLISHER)
-            and isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq <= MAX_SEQ
-            and isinstance(expires, (int, float)) and not isinstance(expires, bool)
+            and isinstance(seq, int)
+            and not isinstance(seq, bool)
+            and 0 <= seq <= MAX_SEQ
+            and isinstance(expires, (int, float))
+            and not isinstance(expires, bool)
             and _is_bytes(name, 0, MAX_NAME)
             and _is_bytes(value, 0, MAX_VALUE)
-            and isinstance(addrs, list) and len(addrs) <= MAX_ADDRS
+            and isinstance(addrs, list)
+            and len(addrs) <= MAX_ADDRS
             and all(isinstance(a, str) and 0 < len(a) <= MAX_ADDR_LEN for a in addrs)
             and _is_bytes(sig, SIG_BYTES, SIG_BYTES)
         )
@@ -113,8 +134,9 @@ class Record:
         if self.expires <= now:
             raise InvalidRecord(f"DHT record from {short(self.publisher)} expired; dropped")
         if self.expires > now + MAX_TTL_S + CLOCK_SKEW_S:
-            raise InvalidRecord(f"DHT record from {short(self.publisher)} lives longer than "
-                                f"{MAX_TTL_S:.0f} s; dropped")
+            raise InvalidRecord(
+                f"DHT record from {short(self.publisher)} lives longer than {MAX_TTL_S:.0f} s; dropped"
+            )
         if self.kind == VALUE and self.key != record_key(self.publisher, self.name):
             raise InvalidRecord("DHT value record's key is not bound to its publisher and name; dropped")
         if self.kind == PROVIDER and (self.name or self.value):
@@ -128,13 +150,15 @@ class Record:
         if key is None:
             raise InvalidRecord("DHT record's publisher id does not inline its public key; dropped")
         if not key.verify(self.sig, self._signed_bytes()):
-            raise InvalidRecord(f"DHT record from {short(self.publisher)} is not signed by its "
-                                "publisher; dropped")
+            raise InvalidRecord(
+                f"DHT record from {short(self.publisher)} is not signed by its publisher; dropped"
+            )
 
 
 def _signed(r: Record, key: Ed25519PrivateKey) -> Record:
-    return Record(r.kind, r.key, r.publisher, r.seq, r.expires, r.name, r.value, r.addrs,
-                  key.sign(r._signed_bytes()))
+    return Record(
+        r.kind, r.key, r.publisher, r.seq, r.expires, r.name, r.value, r.addrs, key.sign(r._signed_bytes())
+    )
 
 
 def _is_bytes(x: object, lo: int, hi: int) -> bool:
@@ -180,18 +204,23 @@ class RecordStore:
             if len(self._records) >= self.capacity:
                 self.expire(now)  # only when full: a sweep is O(n), the driver sweeps periodically too
             if len(self._records) >= self.capacity:
-                raise QuotaExceeded(f"DHT store is full ({self.capacity} records); record from "
-                                    f"{short(sender)} refused, retry elsewhere")
+                raise QuotaExceeded(
+                    f"DHT store is full ({self.capacity} records); record from "
+                    f"{short(sender)} refused, retry elsewhere"
+                )
             if self._by_peer[sender] >= int(self.capacity * PEER_SHARE):
-                raise QuotaExceeded(f"peer {short(sender)} already holds {PEER_SHARE:.0%} of this "
-                                    "DHT store; record refused")
+                raise QuotaExceeded(
+                    f"peer {short(sender)} already holds {PEER_SHARE:.0%} of this DHT store; record refused"
+                )
             if self._by_subnet[subnet] >= int(self.capacity * SUBNET_SHARE):
-                raise QuotaExceeded(f"subnet {subnet} already holds {SUBNET_SHARE:.0%} of this DHT "
-                                    "store; record refused")
+                raise QuotaExceeded(
+                    f"subnet {subnet} already holds {SUBNET_SHARE:.0%} of this DHT store; record refused"
+                )
             provs = self._providers.get(rec.key, ())
             if rec.kind == PROVIDER and len(provs) >= MAX_PROVIDERS_PER_KEY:
-                raise QuotaExceeded(f"key {rec.key.hex()[:16]} already has {MAX_PROVIDERS_PER_KEY} "
-                                    "providers; record refused")
+                raise QuotaExceeded(
+                    f"key {rec.key.hex()[:16]} already has {MAX_PROVIDERS_PER_KEY} providers; record refused"
+                )
         else:
             self._forget_origin(old[1], old[2])
         self._records[slot] = (rec, sender, subnet)

@@ -128,8 +128,9 @@ class Simulation:
         key = Ed25519PrivateKey.from_private_bytes(self.rng.randbytes(32))  # seeded: runs repeat exactly
         n = len(self.nodes)
         ip = f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
-        core = DHTCore(key, [f"/ip4/{ip}/tcp/4001"], rng=random.Random(self.rng.getrandbits(64)),
-                       store=RecordStore())
+        core = DHTCore(
+            key, [f"/ip4/{ip}/tcp/4001"], rng=random.Random(self.rng.getrandbits(64)), store=RecordStore()
+        )
         lo, hi = self.cfg.latency_ms
         node = SimNode(core, ip, adversary, delay=self.rng.uniform(lo, hi) / 2000.0)
         self.nodes[core.peer_id] = node
@@ -144,13 +145,18 @@ class Simulation:
         """Kademlia join (section 2.3): learn the bootstrap node, then look up our own id."""
         if bootstrap is not None:
             node.core.observe(bootstrap.core.contact, self.now)
-        self.run_query(node, self._query(node, FIND_NODE, _own_key(node)),
-                       lambda q: done() if done else None)
+        self.run_query(node, self._query(node, FIND_NODE, _own_key(node)), lambda q: done() if done else None)
 
     # --- RPC --------------------------------------------------------------------------------------
 
-    def rpc(self, src: SimNode, contact: Contact, req: Request,
-            on_resp: Callable[[Response], None], on_fail: Callable[[], None]) -> None:
+    def rpc(
+        self,
+        src: SimNode,
+        contact: Contact,
+        req: Request,
+        on_resp: Callable[[Response], None],
+        on_fail: Callable[[], None],
+    ) -> None:
         self.messages += 1
         settled = False
 
@@ -189,9 +195,13 @@ class Simulation:
     def _drain_pings(self, node: SimNode) -> None:
         while node.core.pings:
             c = node.core.pings.popleft()
-            self.rpc(node, c, node.core.request(PING),
-                     lambda _r, c=c: node.core.table.ping_result(c, True, self.now),
-                     lambda c=c: node.core.table.ping_result(c, False, self.now))
+            self.rpc(
+                node,
+                c,
+                node.core.request(PING),
+                lambda _r, c=c: node.core.table.ping_result(c, True, self.now),
+                lambda c=c: node.core.table.ping_result(c, False, self.now),
+            )
 
     def _adversary_answer(self, node: SimNode, req: Request) -> Response | None:
         """Colluding liars: silence half the time, else fellow liars closest to the key and forged records."""
@@ -202,16 +212,27 @@ class Simulation:
         if self.rng.random() < 0.5:
             return None
         target = as_int(req.key)
-        liars = heapq.nsmallest(node.core.k, (a for a in self.adversaries if a.alive and a is not node),
-                                key=lambda a: a.core.contact.id ^ target)
+        liars = heapq.nsmallest(
+            node.core.k,
+            (a for a in self.adversaries if a.alive and a is not node),
+            key=lambda a: a.core.contact.id ^ target,
+        )
         nodes = [a.core.contact for a in liars]
         if req.type == FIND_VALUE:
-            forged = Record(VALUE, req.key, node.core.peer_id, 2**40, self.now + 60, b"x", b"lie", (),
-                            bytes(64))
+            forged = Record(
+                VALUE, req.key, node.core.peer_id, 2**40, self.now + 60, b"x", b"lie", (), bytes(64)
+            )
             return Response(req.rid, [], forged)
         if req.type == GET_PROVIDERS:
-            forged = Record(PROVIDER, req.key, node.core.peer_id, 2**40, self.now + 60,
-                            addrs=("/ip4/6.6.6.6",), sig=bytes(64))
+            forged = Record(
+                PROVIDER,
+                req.key,
+                node.core.peer_id,
+                2**40,
+                self.now + 60,
+                addrs=("/ip4/6.6.6.6",),
+                sig=bytes(64),
+            )
             return Response(req.rid, nodes, providers=[forged])
         return Response(req.rid, nodes)
 
@@ -232,10 +253,17 @@ class Simulation:
                 done(q)
                 return
             for contact, req in q.requests():
-                self.rpc(node, contact, req,
-                         lambda resp, c=contact: (q.on_response(c, resp, self.now), self._drain_pings(node),
-                                                  pump()),
-                         lambda c=contact: (q.on_failure(c), pump()))
+                self.rpc(
+                    node,
+                    contact,
+                    req,
+                    lambda resp, c=contact: (
+                        q.on_response(c, resp, self.now),
+                        self._drain_pings(node),
+                        pump(),
+                    ),
+                    lambda c=contact: (q.on_failure(c), pump()),
+                )
             if q.done:
                 finished = True
                 done(q)
@@ -245,6 +273,7 @@ class Simulation:
     def store_at_closest(self, node: SimNode, rec: Record, type_: int) -> None:
         """PUT: find the k closest nodes to the record's key, then STORE at each; counted in stats["put"]
         (success: at least one node acknowledged; `replicas`: how many did)."""
+
         def stored(q: Query) -> None:
             targets = q.closest()
             pending = len(targets)
@@ -259,8 +288,13 @@ class Simulation:
                     self.replicas.append(acked)
 
             for c in targets:
-                self.rpc(node, c, node.core.request(type_, record=rec), lambda r: settle(r.ok),
-                         lambda: settle(False))
+                self.rpc(
+                    node,
+                    c,
+                    node.core.request(type_, record=rec),
+                    lambda r: settle(r.ok),
+                    lambda: settle(False),
+                )
             if not targets:
                 self.stats["put"].add(False, 0, q.lookup.messages)
 
@@ -300,8 +334,9 @@ class Simulation:
         values: list[tuple[bytes, int]] = []  # (key, seq)
         for i in range(cfg.values):
             pub = self.rng.choice(honest)
-            rec = Record.value_record(pub.core.key, b"v%d" % i, b"value %d" % i, seq=1,
-                                      expires=self.now + TTL_S)
+            rec = Record.value_record(
+                pub.core.key, b"v%d" % i, b"value %d" % i, seq=1, expires=self.now + TTL_S
+            )
             values.append((rec.key, rec.seq))
             self.store_at_closest(pub, rec, STORE)
         runs: list[tuple[bytes, set[bytes]]] = []
@@ -349,18 +384,32 @@ class Simulation:
         kind = self.rng.random()
         if kind < 0.5 and values:
             key, seq = self.rng.choice(values)
-            self.run_query(node, self._query(node, FIND_VALUE, key), lambda q: self.stats["get"].add(
-                q.value is not None and q.value.seq == seq, q.lookup.hops(), q.lookup.messages))
+            self.run_query(
+                node,
+                self._query(node, FIND_VALUE, key),
+                lambda q: self.stats["get"].add(
+                    q.value is not None and q.value.seq == seq, q.lookup.hops(), q.lookup.messages
+                ),
+            )
         elif kind < 0.8 and runs:
             key, members = self.rng.choice(runs)
-            self.run_query(node, self._query(node, GET_PROVIDERS, key), lambda q: self.stats["providers"].add(
-                members <= set(q.providers), q.lookup.hops(), q.lookup.messages))
+            self.run_query(
+                node,
+                self._query(node, GET_PROVIDERS, key),
+                lambda q: self.stats["providers"].add(
+                    members <= set(q.providers), q.lookup.hops(), q.lookup.messages
+                ),
+            )
         else:
             target = self.rng.choice([n for n in self.alive_honest() if n is not node])
             tid = target.core.peer_id
-            self.run_query(node, self._query(node, FIND_NODE, _own_key(target)),
-                           lambda q: self.stats["node"].add(any(c.peer_id == tid for c in q.closest()),
-                                                            q.lookup.hops(), q.lookup.messages))
+            self.run_query(
+                node,
+                self._query(node, FIND_NODE, _own_key(target)),
+                lambda q: self.stats["node"].add(
+                    any(c.peer_id == tid for c in q.closest()), q.lookup.hops(), q.lookup.messages
+                ),
+            )
 
 
 def _own_key(node: SimNode) -> bytes:

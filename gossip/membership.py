@@ -26,7 +26,7 @@ MAX_ADDRS = 8
 
 
 @dataclass
-class Member:
+class MembershipEntry:
     peer_id: str
     addrs: tuple[str, ...]  # best first: direct addresses, then relayed (/p2p-circuit) ones
     heartbeat: int
@@ -49,8 +49,8 @@ class Membership:
         # A restarted peer must out-count the heartbeats its previous life left in others' tables, or they
         # would keep its old address: start from a number that only grows across restarts (the caller
         # passes the wall clock in milliseconds).
-        self.members: dict[str, Member] = {
-            peer_id: Member(
+        self.members: dict[str, MembershipEntry] = {
+            peer_id: MembershipEntry(
                 peer_id, _as_tuple(addrs), heartbeat=incarnation + 1, round=0, left=False, changed_at=now
             )
         }
@@ -58,7 +58,7 @@ class Membership:
         self.claims_of_self: set[str] = set()
 
     @property
-    def me(self) -> Member:
+    def me(self) -> MembershipEntry:
         return self.members[self.peer_id]
 
     def beat(self, now: float, round_number: int) -> None:
@@ -113,7 +113,9 @@ class Membership:
             if known is None:
                 if len(self.members) >= MAX_MEMBERS:
                     continue
-                self.members[peer_id] = Member(peer_id, addrs, heartbeat, round_number, left, now, ready)
+                self.members[peer_id] = MembershipEntry(
+                    peer_id, addrs, heartbeat, round_number, left, now, ready
+                )
                 if not left:
                     new.append(peer_id)
             elif heartbeat > known.heartbeat:

@@ -9,12 +9,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shoal.peer.control import ControlError
 
 if TYPE_CHECKING:
-    from shoal.peer.daemon import Daemon
+    from shoal.dht.node import DHTNode
+    from shoal.gossip.membership import Membership
+    from shoal.peer.config import PeerConfig
+    from shoal.peer.reach import PeerReach
+    from shoal.peer.round_swap import RoundSwap
+    from shoal.peer.runstate_link import RunStateLink
+    from shoal.peer.status import LogTail, StatusBoard
     from shoal.transport.nat.paths import NatService
 
 DEFAULT_TAIL = 20
@@ -41,6 +47,24 @@ HELP = {
     "unban": "pair with a banned peer again  PEER",
     "help": "this list",
 }
+
+
+class Daemon(Protocol):
+    """What the control commands read of a running daemon, and the two things they may change."""
+
+    peer_id: str
+    config: PeerConfig
+    board: StatusBoard
+    swap: RoundSwap
+    log_tail: LogTail | None
+    membership: Membership | None
+    reach: PeerReach | None
+    dht: DHTNode | None
+    runstate: RunStateLink | None
+
+    def ban(self, peer: str, why: str) -> None: ...
+
+    def unban(self, peer: str) -> bool: ...
 
 
 def handlers(daemon: Daemon) -> dict[str, Any]:
@@ -136,15 +160,13 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
 
     def ban(args: list[Any]) -> str:
         peer = _peer_arg(args)
-        daemon.swap.banned.add(peer)
-        daemon.publish_ban(peer, "banned by its operator from the REPL")
+        daemon.ban(peer, "banned by its operator from the REPL")
         return f"banned {peer}: no pairing with it, its offers refused"
 
     def unban(args: list[Any]) -> str:
         peer = _peer_arg(args)
-        if peer not in daemon.swap.banned:
+        if not daemon.unban(peer):
             raise ControlError(f"{peer} is not banned")
-        daemon.swap.banned.discard(peer)
         return f"unbanned {peer}"
 
     def help_(_: list[Any]) -> dict[str, str]:

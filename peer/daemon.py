@@ -445,6 +445,18 @@ class Daemon:
         """What `peer status` shows; also the metrics endpoint's source."""
         return self._handlers["status"]([])
 
+    def ban(self, peer: str, why: str) -> None:
+        """Stops pairing with `peer`, refuses its offers, and records the ban in the run state."""
+        self.swap.banned.add(peer)
+        self.publish_ban(peer, why)
+
+    def unban(self, peer: str) -> bool:
+        """Pairs with `peer` again; False when it was not banned."""
+        if peer not in self.swap.banned:
+            return False
+        self.swap.banned.discard(peer)
+        return True
+
     def publish_ban(self, peer: str, why: str) -> None:
         """Records a ban of ours in our run-state document, for the other members to see."""
         key = key_of(peer) if _is_peer_id(peer) else None

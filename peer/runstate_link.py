@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from shoal.gossip.runstate import Outgoing, RunStateError, public_bytes
 from shoal.gossip.runstate import store as runstate_store
+from shoal.gossip.runstate.limits import MAX_SYNC_MESSAGE_BYTES
 from shoal.transport.errors import TransportError
 from shoal.transport.host import Host, Stream
 from shoal.transport.identity import KEY_TYPE_ED25519, PeerID
@@ -27,7 +28,6 @@ from shoal.transport.messages import MessageError, read_frame, write_message
 log = logging.getLogger(__name__)
 
 RUNSTATE_PROTOCOL = "/shoal/runstate/1.0.0"
-MAX_MESSAGE_BYTES = 1 << 20  # RunState's own cap on one message
 SEND_TIMEOUT = 5.0
 TICK_INTERVAL = 1.0
 SAVE_INTERVAL = 30.0
@@ -102,7 +102,7 @@ class RunStateLink:
         key = key_of(str(sender))
         try:
             async with asyncio.timeout(SEND_TIMEOUT):
-                message, _ = await read_frame(stream, MAX_MESSAGE_BYTES + 64)
+                message, _ = await read_frame(stream, MAX_SYNC_MESSAGE_BYTES + 64)
             data = message.get("d")
             if key is None or not isinstance(data, bytes):
                 raise MessageError("a run-state message is a map {d: bytes} from an Ed25519 peer")

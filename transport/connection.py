@@ -1,6 +1,6 @@
 """One secure connection: Noise-encrypted yamux over a TCP socket, and the streams riding on it.
 
-`_Connection` is the asyncio protocol of one socket. During the upgrade it collects raw bytes for the
+`Connection` is the asyncio protocol of one socket. During the upgrade it collects raw bytes for the
 handshake task (multistream-select, Noise XX, muxer choice); afterwards the socket reads straight into
 its receive buffer and `buffer_updated` decrypts Noise frames there, parses yamux frames and appends
 payloads to the streams' buffers without waking a task per frame. `Stream` is what applications hold:
@@ -17,7 +17,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from . import multistream, noise, yamux
 from .errors import (
@@ -31,7 +31,9 @@ from .identity import PeerID
 from .multiaddr import Multiaddr
 
 if TYPE_CHECKING:
-    from .host import Host
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from .limits import HostLimits
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ class _Waiter:
 class Stream:
     """One yamux stream after protocol negotiation: a bidirectional, flow-controlled byte stream."""
 
-    def __init__(self, conn: _Connection, stream_id: int) -> None:
+    def __init__(self, conn: Connection, stream_id: int) -> None:
         self._conn = conn
         self.stream_id = stream_id
         self.protocol = ""
@@ -113,7 +115,7 @@ class Stream:
     def _window_opened(self) -> None:
         self._writable.wake()
 
-    def _unread(self, data: bytes) -> None:
+    def unread(self, data: bytes) -> None:
         if data:
             self._chunks.appendleft(data)
             self._buffered += len(data)
@@ -215,14 +217,30 @@ class Stream:
             await self.reset()
 
 
-class _Connection(asyncio.BufferedProtocol):
+class ConnectionOwner(Protocol):
+    """What a connection asks of the host that owns it (transport/host.py's Host)."""
+
+    limits: HostLimits
+    identity_key: ed25519.Ed25519PrivateKey
+    noise_static: noise.NoiseStatic
+
+    def on_connection_made(self, conn: Connection) -> None: ...
+
+    def on_connection_lost(self, conn: Connection) -> None: ...
+
+    def on_stream_opened(self, stream: Stream) -> None: ...
+
+    def on_going_away(self, conn: Connection) -> None: ...
+
+
+class Connection(asyncio.BufferedProtocol):
     """One TCP connection: raw bytes during the upgrade, then Noise frames carrying a yamux session.
 
     A BufferedProtocol: the socket reads straight into our receive buffer and frames are decrypted
     from there, which saves the event loop's copy of every received byte into a fresh bytes object.
     """
 
-    def __init__(self, host: Host, *, inbound: bool) -> None:
+    def __init__(self, host: ConnectionOwner, *, inbound: bool) -> None:
         self.host = host
         self.inbound = inbound
         self.transport: asyncio.Transport | None = None
@@ -260,7 +278,7 @@ class _Connection(asyncio.BufferedProtocol):
         with contextlib.suppress(Exception):
             self.remote_addr = Multiaddr.from_tcp(peer[0], peer[1])
             self.local_addr = Multiaddr.from_tcp(sock[0], sock[1])
-        self.host._connection_made(self)
+        self.host.on_connection_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.session is None:
@@ -283,7 +301,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self.session is None:
             self._raw += self._raw_buffer[:nbytes]
             if len(self._raw) > 4 * noise.MAX_FRAME_LENGTH:
-                self._abort("sent too much before the handshake finished")
+                self.abort("sent too much before the handshake finished")
                 return
             self._raw_event.wake()
             return
@@ -313,7 +331,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = self._close_reason or (f"socket error: {exc}" if exc else "closed by the peer")
-        error = ConnectionClosedError(f"connection to {self._who()} closed ({reason})")
+        error = ConnectionClosedError(f"connection to {self.who()} closed ({reason})")
         for stream in list(self.streams.values()):
             stream._fail(StreamResetError(f"stream {stream.protocol} reset: {error}"))
         self.streams.clear()
@@ -321,7 +339,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._drained.wake()
         if not self.closed.done():
             self.closed.set_result(None)
-        self.host._connection_lost(self)
+        self.host.on_connection_lost(self)
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -335,7 +353,7 @@ class _Connection(asyncio.BufferedProtocol):
     async def _next_raw(self) -> bytes:
         while not self._raw:
             if self.closed.done():
-                raise ConnectionClosedError(f"connection to {self._who()} closed during the handshake")
+                raise ConnectionClosedError(f"connection to {self.who()} closed during the handshake")
             await self._raw_event.wait()
         data = bytes(self._raw)
         self._raw.clear()
@@ -353,13 +371,13 @@ class _Connection(asyncio.BufferedProtocol):
         handshake's extensions (libp2p's inlined muxer negotiation), falling back to a multistream
         exchange when the peer does not (py-libp2p 0.8.1 does not).
         """
-        key = self.host._key
+        key = self.host.identity_key
         handshake = noise.NoiseHandshake(
             initiator=not self.inbound,
             identity_key=key,
             expected_peer=expected,
             muxers=MUXERS,
-            static=self.host._noise_static,
+            static=self.host.noise_static,
         )
         held = b""  # the listener's last multistream answer, sent together with Noise message 2
         if self.inbound:
@@ -450,9 +468,7 @@ class _Connection(asyncio.BufferedProtocol):
             elif kind is yamux.StreamOpened:
                 stream = Stream(self, event.stream_id)  # type: ignore[union-attr]
                 streams[event.stream_id] = stream  # type: ignore[union-attr]
-                self.host._spawn(
-                    self.host._serve_stream(stream), f"stream {event.stream_id} from {self._who()}"
-                )  # type: ignore[union-attr]
+                self.host.on_stream_opened(stream)
             elif kind is yamux.StreamEnded:
                 stream = streams.get(event.stream_id)  # type: ignore[union-attr]
                 if stream is not None:
@@ -461,10 +477,10 @@ class _Connection(asyncio.BufferedProtocol):
             elif kind is yamux.StreamReset:
                 stream = streams.pop(event.stream_id, None)  # type: ignore[union-attr]
                 if stream is not None:
-                    stream._fail(StreamResetError(f"stream {stream.protocol} reset by {self._who()}"))
+                    stream._fail(StreamResetError(f"stream {stream.protocol} reset by {self.who()}"))
             elif kind is yamux.GoAwayReceived:
-                log.info("peer %s is going away (code %d)", self._who(), event.code)  # type: ignore[union-attr]
-                self.host._forget(self)
+                log.info("peer %s is going away (code %d)", self.who(), event.code)  # type: ignore[union-attr]
+                self.host.on_going_away(self)
 
     def _flush(self) -> None:
         """Encrypt and send what the session queued. Control frames and headers share Noise frames;
@@ -497,14 +513,14 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport.writelines(out)
 
     def _protocol_error(self, exc: ProtocolError) -> None:
-        log.warning("closing connection to %s: %s", self._who(), exc)
+        log.warning("closing connection to %s: %s", self.who(), exc)
         if self.session is not None:
             self.session.go_away(yamux.GO_AWAY_PROTOCOL_ERROR)
             with contextlib.suppress(ProtocolError):
                 self._flush()
-        self._abort(str(exc))
+        self.abort(str(exc))
 
-    def _abort(self, reason: str) -> None:
+    def abort(self, reason: str) -> None:
         self._close_reason = reason
         if self.transport is not None:
             self.transport.abort()
@@ -518,7 +534,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         if self.closed.done():
-            raise ConnectionClosedError(f"connection to {self._who()} is closed")
+            raise ConnectionClosedError(f"connection to {self.who()} is closed")
         assert self.session is not None
         taken = self.session.send_data(stream_id, data)
         self._flush()
@@ -548,7 +564,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def open_stream(self) -> Stream:
         if self.session is None or self.closed.done():
-            raise ConnectionClosedError(f"connection to {self._who()} is closed")
+            raise ConnectionClosedError(f"connection to {self.who()} is closed")
         stream_id = self.session.open_stream()
         stream = Stream(self, stream_id)
         self.streams[stream_id] = stream
@@ -570,7 +586,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.abort()
             await asyncio.shield(self.closed)
 
-    def _who(self) -> str:
+    def who(self) -> str:
         peer = self.remote_peer_id.short() if self.remote_peer_id else "?"
         return f"{peer}@{self.remote_addr}"
 

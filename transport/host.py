@@ -19,15 +19,14 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from . import identify as identify_proto
-from . import multistream, noise, yamux
+from . import multistream, noise
 from .allocator import keep_freed_memory
-from .connection import MUXERS, Stream, _Connection
+from .connection import MUXERS, Connection, Stream
 from .errors import (
     ConnectionClosedError,
     DuplicateIdentityError,
@@ -38,6 +37,7 @@ from .errors import (
     TransportError,
 )
 from .identity import PeerID, PublicKey, encode_public_key, peer_id_from_key
+from .limits import HostLimits
 from .multiaddr import Multiaddr
 
 log = logging.getLogger(__name__)
@@ -46,57 +46,20 @@ PING_PROTOCOL_ID = "/ipfs/ping/1.0.0"
 PING_SIZE = 32
 
 
-@dataclass(frozen=True)
-class HostLimits:
-    """Limits and timeouts; defaults suit a daemon with a few dozen partners on the internet."""
-
-    # Open connections (both directions). Shoal talks to one partner a round plus DHT neighbours.
-    max_connections: int = 256
-    # Inbound TCP connections still in their handshake: bounds the work an unauthenticated flood costs.
-    max_pending_handshakes: int = 64
-    # Streams open at once on one connection (both directions); above it SYNs are answered with RST.
-    max_streams_per_connection: int = yamux.DEFAULT_MAX_STREAMS
-    # Largest per-stream receive window: the most a peer may send on one stream before our reader
-    # consumes it. 16 MiB keeps a 1 Gbit/s x 100 ms path full. Windows start at 256 KiB and grow only
-    # while the reader keeps up, so a connection whose handlers do not read holds 256 KiB per stream.
-    stream_window: int = 16 * 1024 * 1024
-    # TCP connect plus Noise plus muxer negotiation; a peer slower than this is unusable for training.
-    handshake_timeout_s: float = 10.0
-    # multistream-select on a new stream.
-    negotiate_timeout_s: float = 10.0
-    # A connection with no open stream for this long is closed (the DHT redials cheaply).
-    idle_timeout_s: float = 300.0
-    # Bytes one socket may queue in user space before writers wait (on top of the kernel's buffer).
-    write_buffer_high: int = 1024 * 1024
-
-    def __post_init__(self) -> None:
-        if not yamux.INITIAL_WINDOW <= self.stream_window <= yamux.MAX_WINDOW:
-            raise ValueError(
-                f"stream_window must be in {yamux.INITIAL_WINDOW}..{yamux.MAX_WINDOW} bytes, "
-                f"got {self.stream_window}"
-            )
-        for name in ("max_connections", "max_pending_handshakes", "max_streams_per_connection"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("handshake_timeout_s", "negotiate_timeout_s", "idle_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-
-
 class Host:
     """A Shoal peer's network endpoint: one identity, listeners, and at most one live connection per peer."""
 
     def __init__(self, key: ed25519.Ed25519PrivateKey, limits: HostLimits) -> None:
-        self._key = key
+        self.identity_key = key
         self.peer_id = peer_id_from_key(key)
-        self._noise_static = noise.NoiseStatic(key, MUXERS)
+        self.noise_static = noise.NoiseStatic(key, MUXERS)
         self.limits = limits
         self.listen_addrs: list[Multiaddr] = []
         self._servers: list[asyncio.Server] = []
         self._handlers: dict[str, Callable[[Stream], Awaitable[None]]] = {}
-        self._conns: dict[PeerID, _Connection] = {}
-        self._all_conns: set[_Connection] = set()
-        self._dials: dict[PeerID, asyncio.Future[_Connection]] = {}
+        self._conns: dict[PeerID, Connection] = {}
+        self._all_conns: set[Connection] = set()
+        self._dials: dict[PeerID, asyncio.Future[Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending_handshakes = 0
         self._closing = False
@@ -136,7 +99,7 @@ class Host:
         host, port = maddr.tcp_endpoint()
         loop = asyncio.get_running_loop()
         try:
-            server = await loop.create_server(lambda: _Connection(self, inbound=True), host, port)
+            server = await loop.create_server(lambda: Connection(self, inbound=True), host, port)
         except OSError as exc:
             raise TransportError(
                 f"cannot listen on {maddr}: {exc.strerror or exc}; is the port taken by another daemon?"
@@ -185,7 +148,7 @@ class Host:
         assert conn.remote_peer_id is not None
         return conn.remote_peer_id
 
-    async def _dial(self, maddr: Multiaddr, expected: PeerID | None) -> _Connection:
+    async def _dial(self, maddr: Multiaddr, expected: PeerID | None) -> Connection:
         if self._closing:
             raise ConnectionClosedError("the host is closed")
         if expected is not None:
@@ -198,7 +161,7 @@ class Host:
                 return await asyncio.shield(inflight)
         if len(self._all_conns) >= self.limits.max_connections:
             raise LimitError(f"already {self.limits.max_connections} connections open; cannot dial {maddr}")
-        future: asyncio.Future[_Connection] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Connection] = asyncio.get_running_loop().create_future()
         if expected is not None:
             self._dials[expected] = future
         try:
@@ -218,18 +181,18 @@ class Host:
             if expected is not None and self._dials.get(expected) is future:
                 del self._dials[expected]
 
-    async def _dial_once(self, maddr: Multiaddr, expected: PeerID | None) -> _Connection:
+    async def _dial_once(self, maddr: Multiaddr, expected: PeerID | None) -> Connection:
         host, port = maddr.tcp_endpoint()
         loop = asyncio.get_running_loop()
-        conn: _Connection | None = None
+        conn: Connection | None = None
         try:
             async with asyncio.timeout(self.limits.handshake_timeout_s):
-                _, proto = await loop.create_connection(lambda: _Connection(self, inbound=False), host, port)
+                _, proto = await loop.create_connection(lambda: Connection(self, inbound=False), host, port)
                 conn = proto
                 await conn.upgrade(expected)
         except TimeoutError as exc:
             if conn is not None:
-                conn._abort("handshake timed out")
+                conn.abort("handshake timed out")
             raise TransportError(
                 f"dialing {maddr} timed out after {self.limits.handshake_timeout_s} s; is the peer up?"
             ) from exc
@@ -237,17 +200,17 @@ class Host:
             raise TransportError(f"cannot reach {maddr}: {exc.strerror or exc}") from exc
         except (ProtocolError, ConnectionClosedError) as exc:
             if conn is not None:
-                conn._abort(str(exc))
+                conn.abort(str(exc))
             if isinstance(exc, PeerIDMismatchError):
                 raise
             raise TransportError(f"upgrading the connection to {maddr} failed: {exc}") from exc
         except BaseException:
             if conn is not None:
-                conn._abort("dial cancelled")
+                conn.abort("dial cancelled")
             raise
         assert conn.remote_peer_id is not None
         if conn.remote_peer_id == self.peer_id:
-            conn._abort("the remote uses our own key")
+            conn.abort("the remote uses our own key")
             ours = ", ".join(map(str, self.listen_addrs)) or "no listen address"
             raise DuplicateIdentityError(
                 f"another live daemon at {maddr} uses our key {self.peer_id} (we listen on {ours}); "
@@ -255,17 +218,17 @@ class Host:
             )
         self._register(conn)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("connected to %s", conn._who())
+            log.debug("connected to %s", conn.who())
         return conn
 
     # ------------------------------------------------------------------ hooks for the NAT layer
 
-    def connection(self, peer_id: PeerID) -> _Connection | None:
+    def connection(self, peer_id: PeerID) -> Connection | None:
         """The live connection new streams to `peer_id` use, or None."""
         conn = self._conns.get(peer_id)
         return None if conn is None or conn.closed.done() else conn
 
-    def connections(self, peer_id: PeerID) -> list[_Connection]:
+    def connections(self, peer_id: PeerID) -> list[Connection]:
         """Every secured, live connection to `peer_id`: a relayed and a punched one may overlap."""
         return [
             c
@@ -273,12 +236,12 @@ class Host:
             if c.remote_peer_id == peer_id and c.session is not None and not c.closed.done()
         ]
 
-    def prefer(self, conn: _Connection) -> None:
+    def prefer(self, conn: Connection) -> None:
         """Make `conn` the connection new streams to its peer use (a punched path replacing a relay)."""
         assert conn.remote_peer_id is not None
         self._conns[conn.remote_peer_id] = conn
 
-    async def dial_new(self, addr: Multiaddr | str, peer_id: PeerID | None) -> _Connection:
+    async def dial_new(self, addr: Multiaddr | str, peer_id: PeerID | None) -> Connection:
         """A fresh connection to `addr`, beside any open one and not shared with other dials to the same
         peer: a dial-back per candidate address, a direct path beside a relayed one."""
         if self._closing:
@@ -287,19 +250,19 @@ class Host:
             raise LimitError(f"already {self.limits.max_connections} connections open; cannot dial {addr}")
         return await self._dial_once(Multiaddr.parse(addr), peer_id)
 
-    def new_connection(self, *, inbound: bool) -> _Connection:
+    def new_connection(self, *, inbound: bool) -> Connection:
         """A connection for a byte pipe of the caller's (a relayed stream, a punched socket). The caller
         gives it a transport, runs `upgrade()`, then `adopt()`s it, or `discard()`s it on failure; the
         host's `close()` tears it down either way."""
-        conn = _Connection(self, inbound=inbound)
+        conn = Connection(self, inbound=inbound)
         self._all_conns.add(conn)
         return conn
 
-    def adopt(self, conn: _Connection) -> None:
+    def adopt(self, conn: Connection) -> None:
         """Registers an upgraded `new_connection()` as a connection to its (proven) peer."""
         self._register(conn)
 
-    def discard(self, conn: _Connection) -> None:
+    def discard(self, conn: Connection) -> None:
         """Forgets a `new_connection()` whose upgrade failed."""
         self._all_conns.discard(conn)
 
@@ -346,10 +309,10 @@ class Host:
             await stream.reset()
             raise
         stream.protocol = protocol
-        stream._unread(ms.unused_data)
+        stream.unread(ms.unused_data)
         return stream
 
-    async def _connect_any(self, peer_id: PeerID, addrs: Sequence[Multiaddr | str]) -> _Connection:
+    async def _connect_any(self, peer_id: PeerID, addrs: Sequence[Multiaddr | str]) -> Connection:
         candidates = [Multiaddr.parse(a) for a in addrs] or self.peer_addrs.get(peer_id, [])
         if not candidates:
             raise TransportError(f"no address known for peer {peer_id}; pass addrs or connect() first")
@@ -406,11 +369,10 @@ class Host:
         return info
 
     async def _serve_identify(self, stream: Stream) -> None:
-        conn = stream._conn
         info = identify_proto.IdentifyInfo(
-            public_key=PublicKey.from_protobuf(encode_public_key(self._key.public_key())),
+            public_key=PublicKey.from_protobuf(encode_public_key(self.identity_key.public_key())),
             listen_addrs=list(self.listen_addrs),
-            observed_addr=conn.remote_addr,
+            observed_addr=stream.remote_addr,
             protocols=self.protocols,
             protocol_version=identify_proto.PROTOCOL_VERSION,
             agent_version=identify_proto.AGENT_VERSION,
@@ -420,31 +382,33 @@ class Host:
 
     # ------------------------------------------------------------------ inbound side
 
-    def _connection_made(self, conn: _Connection) -> None:
+    # The ConnectionOwner side (transport/connection.py): what a connection tells its host.
+
+    def on_connection_made(self, conn: Connection) -> None:
         self._all_conns.add(conn)
         if not conn.inbound:
             return
         if self._closing:
-            conn._abort("host is closing")
+            conn.abort("host is closing")
         elif len(self._all_conns) > self.limits.max_connections:
             log.warning(
                 "refusing connection from %s: %d connections open", conn.remote_addr, len(self._all_conns) - 1
             )
-            conn._abort("connection limit")
+            conn.abort("connection limit")
         elif self._pending_handshakes >= self.limits.max_pending_handshakes:
             log.warning("refusing connection from %s: too many handshakes in progress", conn.remote_addr)
-            conn._abort("handshake limit")
+            conn.abort("handshake limit")
         else:
             self._spawn(self._accept(conn), f"handshake with {conn.remote_addr}")
 
-    async def _accept(self, conn: _Connection) -> None:
+    async def _accept(self, conn: Connection) -> None:
         self._pending_handshakes += 1
         try:
             async with asyncio.timeout(self.limits.handshake_timeout_s):
                 await conn.upgrade(None)
         except (TimeoutError, ProtocolError, ConnectionClosedError) as exc:
             log.info("inbound handshake from %s failed: %s", conn.remote_addr, exc or "timed out")
-            conn._abort(f"handshake failed: {exc}")
+            conn.abort(f"handshake failed: {exc}")
             return
         finally:
             self._pending_handshakes -= 1
@@ -455,16 +419,16 @@ class Host:
                 self.peer_id,
                 ", ".join(map(str, self.listen_addrs)),
             )
-            conn._abort("duplicate identity")
+            conn.abort("duplicate identity")
             return
         with contextlib.suppress(ConnectionClosedError):  # the host closed meanwhile
             self._register(conn)
 
-    def _register(self, conn: _Connection) -> None:
+    def _register(self, conn: Connection) -> None:
         assert conn.remote_peer_id is not None
         if self._closing:  # a dial that finished while close() ran: leave nothing behind
-            conn._abort("host is closing")
-            raise ConnectionClosedError(f"the host closed while connecting to {conn._who()}")
+            conn.abort("host is closing")
+            raise ConnectionClosedError(f"the host closed while connecting to {conn.who()}")
         # Keep the first live connection to a peer; a second one (simultaneous dial) still serves its
         # own streams until it idles out.
         current = self._conns.get(conn.remote_peer_id)
@@ -475,12 +439,19 @@ class Host:
             if conn.remote_addr not in known:
                 known.append(conn.remote_addr)
 
-    def _forget(self, conn: _Connection) -> None:
+    def _forget(self, conn: Connection) -> None:
         if conn.remote_peer_id is not None and self._conns.get(conn.remote_peer_id) is conn:
             del self._conns[conn.remote_peer_id]
 
-    def _connection_lost(self, conn: _Connection) -> None:
+    def on_connection_lost(self, conn: Connection) -> None:
         self._all_conns.discard(conn)
+        self._forget(conn)
+
+    def on_stream_opened(self, stream: Stream) -> None:
+        name = f"stream {stream.stream_id} from {stream.remote_peer_id.short()}"
+        self._spawn(self._serve_stream(stream), name)
+
+    def on_going_away(self, conn: Connection) -> None:
         self._forget(conn)
 
     async def _serve_stream(self, stream: Stream) -> None:
@@ -498,7 +469,7 @@ class Host:
             return
         assert ms.selected is not None
         stream.protocol = ms.selected
-        stream._unread(ms.unused_data)
+        stream.unread(ms.unused_data)
         handler = self._handlers.get(ms.selected)
         if handler is None:
             await stream.reset()
@@ -530,7 +501,7 @@ class Host:
             for conn in list(self._all_conns):
                 idle = conn.session is not None and not conn.streams
                 if idle and now - conn.last_active > self.limits.idle_timeout_s:
-                    log.debug("closing idle connection to %s", conn._who())
+                    log.debug("closing idle connection to %s", conn.who())
                     self._forget(conn)
                     self._spawn(conn.close(), "close idle")
 

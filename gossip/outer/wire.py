@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 WIRE_VERSION = 1
 # A GPT-2-small model in fp32 is ~0.35 GB; one dense message must fit, anything beyond is hostile.
-MAX_MESSAGE_BYTES = 1 << 30
+MAX_OUTER_MESSAGE_BYTES = 1 << 30
 # Tensor lists are per named parameter; real models have at most a few thousand.
 MAX_TENSORS = 1 << 16
 # Peer ids are libp2p PeerIDs (~52 chars base58); method names are short.
@@ -61,16 +61,16 @@ def pack(message: Message) -> bytes:
 
 def unpack(data: bytes, kind: str) -> Message:
     """Parse one message of method `kind`; raise OuterMessageError on anything unexpected."""
-    if len(data) > MAX_MESSAGE_BYTES:
+    if len(data) > MAX_OUTER_MESSAGE_BYTES:
         raise OuterMessageError(
-            f"outer message of {len(data)} bytes exceeds MAX_MESSAGE_BYTES={MAX_MESSAGE_BYTES}"
+            f"outer message of {len(data)} bytes exceeds MAX_OUTER_MESSAGE_BYTES={MAX_OUTER_MESSAGE_BYTES}"
         )
     try:
         body = msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=True,
-            max_bin_len=MAX_MESSAGE_BYTES,
+            max_bin_len=MAX_OUTER_MESSAGE_BYTES,
             max_str_len=MAX_STR_LEN,
             max_array_len=MAX_TENSORS,
             max_map_len=16,

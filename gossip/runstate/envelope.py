@@ -164,7 +164,7 @@ def _check_value(v: Any, depth: int = 0) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class Record:
+class MetricsRecord:
     """A fast-changing per-peer value (heartbeat, throughput, loss): newest counter wins."""
 
     owner: bytes
@@ -180,7 +180,9 @@ class Record:
         return msgpack.packb([VERSION, self.owner, self.counter, self.data, self.sig])
 
     @classmethod
-    def sign(cls, key: Ed25519PrivateKey, run_id: bytes, counter: int, data: dict[str, Any]) -> "Record":
+    def sign(
+        cls, key: Ed25519PrivateKey, run_id: bytes, counter: int, data: dict[str, Any]
+    ) -> "MetricsRecord":
         _check_value(data)
         unsigned = cls(public_bytes(key), counter, data, b"")
         rec = cls(unsigned.owner, counter, data, key.sign(unsigned.signed_part(run_id)))
@@ -189,7 +191,7 @@ class Record:
         return rec
 
     @classmethod
-    def decode(cls, data: bytes, run_id: bytes, *, verify: bool = True) -> "Record":
+    def decode(cls, data: bytes, run_id: bytes, *, verify: bool = True) -> "MetricsRecord":
         v = _unpack(data, MAX_RECORD_BYTES, "record")
         if type(v) is not list or len(v) != 5 or v[0] != VERSION or type(v[3]) is not dict:
             raise Rejected("record is not a 5-field version-1 list with a map; dropped")

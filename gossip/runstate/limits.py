@@ -8,7 +8,7 @@ reach it.
 # --- framing and decoding -------------------------------------------------------------------------
 # One sync message; the largest legitimate one is a push of a few full chains or a 1,000-peer digest
 # (about 30 KB). 1 MiB is the control-frame cap research-crdt.md recommends.
-MAX_MESSAGE_BYTES = 1 << 20
+MAX_SYNC_MESSAGE_BYTES = 1 << 20
 # One signed entry (a Yjs update plus 150 B of envelope). A delta is 20-100 B; a snapshot of one
 # peer's document is a few KB; the run document with a large manifest stays far below this.
 # The worst-case GIL stall of an apply is about 117 ms per 1.3 MB, so 256 KiB keeps it near 25 ms.

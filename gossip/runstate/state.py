@@ -33,7 +33,7 @@ from pycrdt import Map
 
 from . import wire
 from .docs import DocReplica
-from .envelope import KIND_PEER, KIND_RUN, Entry, Record, public_bytes
+from .envelope import KIND_PEER, KIND_RUN, Entry, MetricsRecord, public_bytes
 from .errors import NotAuthorized, Rejected
 from .limiter import Limiter
 from .limits import (
@@ -46,10 +46,10 @@ from .limits import (
     HEARTBEAT_INTERVAL_S,
     MAX_DOCUMENTS,
     MAX_ITEMS_PER_PUSH,
-    MAX_MESSAGE_BYTES,
     MAX_PENDING_PER_OWNER,
     MAX_PENDING_TOTAL,
     MAX_REASON_CHARS,
+    MAX_SYNC_MESSAGE_BYTES,
     PUSH_FANOUT,
     SUSPECT_AFTER_S,
 )
@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 DocKey = tuple[int, bytes]  # (kind, owner)
 # Pushes are split so that each stays well under the message cap, envelope overhead included.
-_PUSH_BUDGET = MAX_MESSAGE_BYTES // 2
+_PUSH_BUDGET = MAX_SYNC_MESSAGE_BYTES // 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +116,7 @@ class RunState:
         self.rng = rng or random.Random()
         self.docs: dict[DocKey, DocReplica] = {}
         self.pending: dict[DocKey, dict[tuple[int, int], Entry]] = {}
-        self.records: dict[bytes, Record] = {}
+        self.records: dict[bytes, MetricsRecord] = {}
         self.proofs: dict[bytes, tuple[Entry, Entry]] = {}
         self.heard: dict[bytes, float] = {}
         self.peers: set[bytes] = set()  # keys to gossip with besides members (seeds from the DHT)
@@ -366,7 +366,7 @@ class RunState:
     def heartbeat(self, now: float) -> list[Outgoing]:
         """Sign a fresh record now and push it."""
         self._counter = max(self._counter + 1, _ms(now))
-        rec = Record.sign(self.key, self.run_id, self._counter, dict(self._metrics))
+        rec = MetricsRecord.sign(self.key, self.run_id, self._counter, dict(self._metrics))
         self.records[self.me] = rec
         self._records_version += 1
         self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
@@ -474,7 +474,7 @@ class RunState:
                 break  # a message this bad is not worth finishing
         for raw in msg.records:
             try:
-                rec = Record.decode(raw, self.run_id, verify=False)
+                rec = MetricsRecord.decode(raw, self.run_id, verify=False)
                 old = self.records.get(rec.owner)
                 if old is None or old.counter < rec.counter:
                     rec.verify(self.run_id)
@@ -612,7 +612,7 @@ class RunState:
             self.pending.pop(key, None)
         return out
 
-    def _accept_record(self, rec: Record, now: float) -> None:
+    def _accept_record(self, rec: MetricsRecord, now: float) -> None:
         if rec.owner == self.me:
             self._counter = max(self._counter, rec.counter)  # never sign a counter below one already out
             return
@@ -681,7 +681,7 @@ class RunState:
 
     def _answer(self, sender: bytes, d: wire.Digest) -> list[Outgoing]:
         entries: list[Entry] = []
-        records: list[Record] = []
+        records: list[MetricsRecord] = []
         proofs: list[tuple[Entry, Entry]] = []
         lacking = False
         if d.proofs is not None:
@@ -766,7 +766,12 @@ class RunState:
         return self.rng.sample(pool, min(n, len(pool)))
 
     def _push(
-        self, entries: list[Entry], records: list[Record], *, rumour: bool, exclude: bytes | None = None
+        self,
+        entries: list[Entry],
+        records: list[MetricsRecord],
+        *,
+        rumour: bool,
+        exclude: bytes | None = None,
     ) -> list[Outgoing]:
         out: list[Outgoing] = []
         for p in self._targets(PUSH_FANOUT, None, exclude):
@@ -777,7 +782,7 @@ class RunState:
         self,
         dest: bytes,
         entries: list[Entry],
-        records: list[Record],
+        records: list[MetricsRecord],
         proofs: list[tuple[Entry, Entry]],
         *,
         rumour: bool,
@@ -847,7 +852,7 @@ class RunState:
             elif isinstance(e, Entry):
                 _skip_bad(lambda e=e: state._accept(e, now))
         for raw in blob.get("records", []):
-            _skip_bad(lambda raw=raw: state._accept_record(Record.decode(raw, run_id), now))
+            _skip_bad(lambda raw=raw: state._accept_record(MetricsRecord.decode(raw, run_id), now))
         state.heard.clear()  # liveness is local and fresh: nobody has been heard in this process yet
         state._counter = max(state._counter, int(blob.get("counter", 0)))
         for kind, chain in sorted(own.items()):

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 
 from .errors import Rejected
-from .limits import MAX_ARRAY_LEN, MAX_DOCUMENTS, MAX_ITEMS_PER_PUSH, MAX_MAP_LEN, MAX_MESSAGE_BYTES
+from .limits import MAX_ARRAY_LEN, MAX_DOCUMENTS, MAX_ITEMS_PER_PUSH, MAX_MAP_LEN, MAX_SYNC_MESSAGE_BYTES
 
 VERSION = 1
 KEY_ID_BYTES = 8  # owners are named by 8 bytes of their key in digests: a second preimage costs 2**64
@@ -98,14 +98,14 @@ def _bin_list(v: Any, what: str) -> list[bytes]:
 
 
 def decode(data: bytes) -> Message:
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise Rejected(f"sync message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}; dropped")
+    if len(data) > MAX_SYNC_MESSAGE_BYTES:
+        raise Rejected(f"sync message of {len(data)} bytes exceeds {MAX_SYNC_MESSAGE_BYTES}; dropped")
     try:
         m = msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=True,
-            max_bin_len=MAX_MESSAGE_BYTES,
+            max_bin_len=MAX_SYNC_MESSAGE_BYTES,
             max_str_len=16,
             max_array_len=MAX_ARRAY_LEN,
             max_map_len=MAX_MAP_LEN,

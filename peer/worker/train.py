@@ -34,6 +34,7 @@ from shoal.gossip.outer.methods import (
     make_message,
     outer_step,
 )
+from shoal.peer.config import ConfigError
 from shoal.peer.worker.data import BatchSampler, fixed_windows, is_token_data, load_corpus, shard
 from shoal.peer.worker.hf import HFCausalLM, tokenize_text
 from shoal.peer.worker.model import GPT, PRESETS
@@ -46,10 +47,6 @@ DEFAULT_SHARDS = 16
 
 class CheckpointError(ShoalError):
     """A checkpoint cannot be read, or belongs to another model."""
-
-
-class ConfigError(ShoalError):
-    """The worker was asked for something it cannot do."""
 
 
 @dataclass(frozen=True)

@@ -117,8 +117,11 @@ def test_hostile_bytes_and_unsigned_records_are_refused_logged_and_never_stored(
             # 3. A STORE whose record's signature is zeros: answered "not stored".
             good = Record.value_record(attacker_key, b"n", b"v", 1, time.time() + 600)
             forged = [*good.to_wire()[:8], bytes(64)]
-            answer = await exchange(msgpack.packb(
-                {"v": 1, "t": STORE, "rid": 5, "from": [me, []], "rec": forged}, use_bin_type=True))
+            answer = await exchange(
+                msgpack.packb(
+                    {"v": 1, "t": STORE, "rid": 5, "from": [me, []], "rec": forged}, use_bin_type=True
+                )
+            )
             assert answer is not None and answer["rid"] == 5 and answer["ok"] is False
             # 4. A request that claims to come from another peer than the connection proved: hung up on.
             spoof = {"v": 1, "t": STORE, "rid": 6, "from": [nodes[1].peer_id, []], "rec": good.to_wire()}

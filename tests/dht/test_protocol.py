@@ -16,7 +16,7 @@ from shoal.dht.protocol import (
     ADD_PROVIDER,
     FIND_NODE,
     GET_PROVIDERS,
-    MAX_MESSAGE_BYTES,
+    MAX_DHT_MESSAGE_BYTES,
     STORE,
     Request,
     Response,
@@ -65,7 +65,7 @@ def test_malformed_requests_are_refused(msg) -> None:
 
 def test_oversized_and_bomb_messages_are_refused_before_allocation() -> None:
     with pytest.raises(InvalidMessage, match="exceeds"):
-        decode_request(b"\x80" * (MAX_MESSAGE_BYTES + 1))
+        decode_request(b"\x80" * (MAX_DHT_MESSAGE_BYTES + 1))
     # A 5-byte header claiming a 4 GiB array: msgpack's limits refuse it without allocating.
     with pytest.raises(InvalidMessage):
         decode_request(b"\xdd\xff\xff\xff\xff")

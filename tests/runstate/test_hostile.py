@@ -11,8 +11,8 @@ from pycrdt import Doc, Map, Text
 
 from shoal.gossip.runstate import KIND_PEER, KIND_RUN, Rejected, RunStateError, public_bytes, wire
 from shoal.gossip.runstate.docs import DocReplica
-from shoal.gossip.runstate.envelope import Entry, Record, client_id
-from shoal.gossip.runstate.limits import MAX_ENTRY_BYTES, MAX_MESSAGE_BYTES, MAX_STRIKES
+from shoal.gossip.runstate.envelope import Entry, MetricsRecord, client_id
+from shoal.gossip.runstate.limits import MAX_ENTRY_BYTES, MAX_STRIKES, MAX_SYNC_MESSAGE_BYTES
 from shoal.gossip.runstate.sim import Swarm, fingerprint
 
 ATTACKER = Ed25519PrivateKey.from_private_bytes(b"\x07" * 32)
@@ -90,8 +90,8 @@ def test_forged_entries_change_nothing():
     )
     for e in (swapped, claimed, other_run):
         assert_unchanged(push([e.encode()]))
-    rec = Record.sign(creator.key, SWARM.run_id, 10**15, {"loss": 0.0})
-    forged = Record(rec.owner, rec.counter + 1, rec.data, rec.sig)
+    rec = MetricsRecord.sign(creator.key, SWARM.run_id, 10**15, {"loss": 0.0})
+    forged = MetricsRecord(rec.owner, rec.counter + 1, rec.data, rec.sig)
     assert_unchanged(push(records=[forged.encode()]))
 
 
@@ -129,7 +129,7 @@ def test_oversized_and_lying_inputs_change_nothing():
         client_id(ATTACKER_PK, gen), lambda d, r: r["member"].__setitem__("x", "a" * MAX_ENTRY_BYTES)
     )
     assert_unchanged(push([Entry.sign(ATTACKER, SWARM.run_id, KIND_PEER, gen, 0, b"", huge).encode()]))
-    assert_unchanged(b"\x80" * (MAX_MESSAGE_BYTES + 1))
+    assert_unchanged(b"\x80" * (MAX_SYNC_MESSAGE_BYTES + 1))
     # Yjs headers that declare 2**28 clients or structs: pycrdt would allocate half a gigabyte.
     for lie in (
         b"\x80\x80\x80\x80\x01\x00",

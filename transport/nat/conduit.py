@@ -229,18 +229,18 @@ async def attach(
         async with asyncio.timeout(host.limits.handshake_timeout_s):
             await conn.upgrade(expected)
     except (TimeoutError, ProtocolError, ConnectionClosedError) as exc:
-        conn._abort(f"upgrade over {path} failed: {exc}")
+        conn.abort(f"upgrade over {path} failed: {exc}")
         host.discard(conn)
         raise TransportError(f"secure upgrade over the {path} path failed: {exc or 'timed out'}") from exc
     except BaseException:
-        conn._abort("cancelled")
+        conn.abort("cancelled")
         host.discard(conn)
         raise
     if conn.remote_peer_id == host.peer_id:
-        conn._abort("the remote uses our own key")
+        conn.abort("the remote uses our own key")
         raise DuplicateIdentityError(f"the {path} peer uses our own key {host.peer_id}")
     host.adopt(conn)
-    log.debug("secure %s connection to %s", path, conn._who())
+    log.debug("secure %s connection to %s", path, conn.who())
     return conn
 
 

@@ -1,0 +1,44 @@
+"""Limits and timeouts of a Host and its connections: every one of them bounds what a remote peer can cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import yamux
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """Limits and timeouts; defaults suit a daemon with a few dozen partners on the internet."""
+
+    # Open connections (both directions). Shoal talks to one partner a round plus DHT neighbours.
+    max_connections: int = 256
+    # Inbound TCP connections still in their handshake: bounds the work an unauthenticated flood costs.
+    max_pending_handshakes: int = 64
+    # Streams open at once on one connection (both directions); above it SYNs are answered with RST.
+    max_streams_per_connection: int = yamux.DEFAULT_MAX_STREAMS
+    # Largest per-stream receive window: the most a peer may send on one stream before our reader
+    # consumes it. 16 MiB keeps a 1 Gbit/s x 100 ms path full. Windows start at 256 KiB and grow only
+    # while the reader keeps up, so a connection whose handlers do not read holds 256 KiB per stream.
+    stream_window: int = 16 * 1024 * 1024
+    # TCP connect plus Noise plus muxer negotiation; a peer slower than this is unusable for training.
+    handshake_timeout_s: float = 10.0
+    # multistream-select on a new stream.
+    negotiate_timeout_s: float = 10.0
+    # A connection with no open stream for this long is closed (the DHT redials cheaply).
+    idle_timeout_s: float = 300.0
+    # Bytes one socket may queue in user space before writers wait (on top of the kernel's buffer).
+    write_buffer_high: int = 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if not yamux.INITIAL_WINDOW <= self.stream_window <= yamux.MAX_WINDOW:
+            raise ValueError(
+                f"stream_window must be in {yamux.INITIAL_WINDOW}..{yamux.MAX_WINDOW} bytes, "
+                f"got {self.stream_window}"
+            )
+        for name in ("max_connections", "max_pending_handshakes", "max_streams_per_connection"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("handshake_timeout_s", "negotiate_timeout_s", "idle_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -231,7 +231,11 @@ class RunState:
         }
         for w in self._writers():
             for h, reason in self._read(KIND_RUN, w).get("bans", {}).items():
-                if _is_key_hex(h):
+                # The creator is never banned by a run document (it is always admitted): every replica
+                # keeps gossiping with it, so anti-entropy stays connected however many others are
+                # banned. Were it bannable, a creator banning everyone, itself included, left no
+                # replica anyone gossips with, and records stopped spreading.
+                if _is_key_hex(h) and h != self.creator.hex():
                     out.setdefault(bytes.fromhex(h), f"banned by {w.hex()[:16]}: {reason}")
         return out
 

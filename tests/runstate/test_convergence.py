@@ -1,6 +1,6 @@
 """Replicas given the same changes in any order, with duplicates and healed partitions, end equal."""
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from shoal.gossip.runstate.sim import Swarm, fingerprint
@@ -45,6 +45,16 @@ def apply_op(s: Swarm, writer: int, op: str, arg: int) -> None:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The creator bans the other peer, then itself (arg 2: ban, other = states[2 % 2]): every key was banned.
+@example(
+    n=2,
+    seed=0,
+    ops=[(0, "addrs", 0)] * 14 + [(0, "ban", 1), (0, "ban", 2)],
+    partition_at=0,
+    heal_at=0,
+    deliver_every=1,
+    duplicate=0.0,
+)
 @given(
     n=st.integers(2, 5),
     seed=st.integers(0, 2**32),
@@ -80,6 +90,20 @@ def test_replicas_converge_after_any_order_duplicates_and_partitions(
             if kind_owner[1] == owner.me:
                 for other in s.states:
                     assert other.docs[kind_owner].read() == replica.read()
+
+
+def test_creator_banning_everyone_including_itself_keeps_anti_entropy_going():
+    s = Swarm(2, seed=0)
+    creator, other = s.states
+    s.do(0, creator.ban(other.me, "test"))
+    s.do(0, creator.ban(creator.me, "test"))
+    assert s.settle()
+    s.run(60)  # heartbeats signed after the bans must still spread
+    assert s.settle()
+    for x in s.states:
+        assert set(x.bans()) == {other.me}  # the creator cannot be banned through the run document
+        assert creator.me in x.gossip_peers() or x is creator
+        assert x.records[creator.me].counter == creator.records[creator.me].counter
 
 
 def test_converged_replicas_agree_on_what_was_written():

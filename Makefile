@@ -1,4 +1,5 @@
 # Two commands do all the set-up: `make demo` and `make test`. Both create .venv when it is missing.
+# `make check` is the fast tier (lint, format, types, unit tests: under 2 minutes); `make test` runs everything.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PEERS ?= 4
 
-.PHONY: demo test lint clean
+.PHONY: demo test check lint wheel clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/peer swarm --peers $(PEERS) --json runs/demo-summary.json
@@ -15,8 +16,18 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
+# Tests marked `slow` start processes, network namespaces or Docker; the rest are fast unit tests.
+check: lint $(VENV)/.installed-dev
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -q -m "not slow"
+
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# A wheel for volunteers to `pip install` (dist/shoal-*.whl): one import package, `shoal`.
+wheel: $(PY)
+	$(PY) -m pip wheel --no-deps --wheel-dir dist .
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,4 +45,4 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
 	touch $@ $(VENV)/.installed
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache dist build

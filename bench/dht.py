@@ -8,7 +8,7 @@ bootstrap dial and handshake, self-lookup). Then `--keys` values of 64 bytes are
 each is read back by a different random node; a GET succeeds only if it returns the exact value.
 Baselines in the same run: the same swarm over plain asyncio TCP (no handshake, no encryption), and
 one DHT PING round trip over pooled streams (GET latency as a multiple of it).
-For reference (research-hivemind.md / research-libp2p.md, same kind of machine): hivemind 1.1.12 took
+For reference (measured on the same kind of machine, docs/design.md): hivemind 1.1.12 took
 ~520 ms to start a node and 23 ms mean per GET among 32 nodes; py-libp2p 0.8.1's DHT 586 ms median per
 GET among 20. Judged (issue 6): GET p50 <= 10 ms, node start <= 100 ms.
 """
@@ -96,22 +96,32 @@ def main(argv: list[str] | None = None) -> int:
     plain = uvloop.run(bench(args.nodes, args.keys, args.seed, secure=False))
     res["plain_tcp_baseline"] = plain
     g, p = res["get_ms"], res["put_ms"]
-    print(f"dht loopback: {args.nodes} nodes, {args.keys} keys, one process on uvloop, secure Host "
-          f"(CPU shared with other sessions: noisy)")
-    print(f"  node start  median {res['start_ms']:.1f} ms to serving and routing through its bootstrap "
-          f"(hivemind ~{HIVEMIND_START_MS:.0f} ms: x{HIVEMIND_START_MS / res['start_ms']:.1f} faster); "
-          f"self-lookup done after {res['join_ms']:.1f} ms")
+    print(
+        f"dht loopback: {args.nodes} nodes, {args.keys} keys, one process on uvloop, secure Host "
+        f"(CPU shared with other sessions: noisy)"
+    )
+    print(
+        f"  node start  median {res['start_ms']:.1f} ms to serving and routing through its bootstrap "
+        f"(hivemind ~{HIVEMIND_START_MS:.0f} ms: x{HIVEMIND_START_MS / res['start_ms']:.1f} faster); "
+        f"self-lookup done after {res['join_ms']:.1f} ms"
+    )
     print(f"  PUT         p50 {p['p50']:.2f} ms  p99 {p['p99']:.2f} ms")
-    print(f"  GET         p50 {g['p50']:.2f} ms  p99 {g['p99']:.2f} ms  mean {g['mean']:.2f} ms  "
-          f"(hivemind mean ~{HIVEMIND_GET_MEAN_MS:.0f} ms)")
-    print(f"  baseline    one PING round trip p50 {res['ping_ms']['p50']:.3f} ms; "
-          f"GET p50 = x{g['p50'] / res['ping_ms']['p50']:.1f} of it")
+    print(
+        f"  GET         p50 {g['p50']:.2f} ms  p99 {g['p99']:.2f} ms  mean {g['mean']:.2f} ms  "
+        f"(hivemind mean ~{HIVEMIND_GET_MEAN_MS:.0f} ms)"
+    )
+    print(
+        f"  baseline    one PING round trip p50 {res['ping_ms']['p50']:.3f} ms; "
+        f"GET p50 = x{g['p50'] / res['ping_ms']['p50']:.1f} of it"
+    )
     print(f"  success     {res['success']:.4f}")
     pg = plain["get_ms"]
-    print(f"  baseline    plain TCP: start {plain['start_ms']:.1f} ms (joined {plain['join_ms']:.1f} ms), "
-          f"PUT p50 {plain['put_ms']['p50']:.2f} ms, GET p50 {pg['p50']:.2f} ms p99 {pg['p99']:.2f} ms, "
-          f"success {plain['success']:.4f}; secure/plain GET p50 x{g['p50'] / pg['p50']:.2f}, "
-          f"start x{res['start_ms'] / plain['start_ms']:.2f}")
+    print(
+        f"  baseline    plain TCP: start {plain['start_ms']:.1f} ms (joined {plain['join_ms']:.1f} ms), "
+        f"PUT p50 {plain['put_ms']['p50']:.2f} ms, GET p50 {pg['p50']:.2f} ms p99 {pg['p99']:.2f} ms, "
+        f"success {plain['success']:.4f}; secure/plain GET p50 x{g['p50'] / pg['p50']:.2f}, "
+        f"start x{res['start_ms'] / plain['start_ms']:.2f}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -1,7 +1,7 @@
 #!/bin/sh
 # A NAT router of the compose swarm: forwards its private network (eth on PRIVATE_SUBNET) to the
 # public one (PUBLIC_SUBNET) through nftables masquerade, and drops every connection the inside did not
-# open. NAT_TYPE picks the mapping behaviour (what research-nat.md measured on these kernels):
+# open. NAT_TYPE picks the mapping behaviour (as measured on these kernels, docs/design.md):
 #   eim        masquerade, source port kept: endpoint-independent mapping, port-restricted filtering
 #   symmetric  masquerade fully-random: a new random port for every destination (symmetric NAT)
 set -eu

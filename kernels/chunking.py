@@ -1,6 +1,6 @@
 """How a tensor is cut into tiles, and how many entries each tile keeps.
 
-SparseLoCo (research-algorithms.md section 2.2) views a 2-D tensor ``(R, C)`` as tiles of ``h x w`` where
+SparseLoCo (docs/outer-methods.md, SparseLoCo) views a 2-D tensor ``(R, C)`` as tiles of ``h x w`` where
 ``h`` and ``w`` are the largest divisors of ``R`` and ``C`` that are <= ``chunk``; a 1-D tensor of length N
 becomes tiles of ``s`` entries, ``s`` the largest divisor of N <= ``chunk``. We extend this to every rank by
 viewing a tensor as 2-D: 0-D and 1-D as ``(1, N)`` (so ``h = 1`` and the tile is one run of ``s`` entries,

@@ -1,9 +1,9 @@
 """The codec API: encode a model's pseudo-gradients with error feedback, decode, accumulate.
 
-One round of SparseLoCo (research-algorithms.md 2.2) per tensor: ``e <- beta * e + delta``; keep the top
+One round of SparseLoCo (docs/outer-methods.md) per tensor: ``e <- beta * e + delta``; keep the top
 ``k`` entries of ``|e|`` per tile (kernels.topk); quantize them to 2 bits (kernels.quantize); pack indices
 (fixed 12-bit or Rice-coded gaps, kernels.entropy) and codes into the wire format (kernels.wire); and take
-exactly what was sent out of ``e`` (pitfall P5), so what was not sent stays for later rounds.
+exactly what was sent out of ``e`` (docs/outer-methods.md, P5), so what was not sent stays for later rounds.
 
 The wire format is in docs/wire-format.md. ``decode`` treats a payload as hostile (wire.parse).
 """

@@ -8,7 +8,7 @@ the size is that of the Rice code, and both streams decode without a bit-serial 
 stream sit at ``cumsum(q + 1) - 1``).
 
 At 64 of 4096 this costs about 7.5 bits per index against 12 for fixed-width indices and an information
-bound of log2(C(4096, 64)) / 64 = 7.4 bits (research-algorithms.md, pitfall P9).
+bound of log2(C(4096, 64)) / 64 = 7.4 bits (docs/outer-methods.md, P9).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The 4-bin statistical quantizer of SparseLoCo (research-algorithms.md 2.2, pitfall P6), made deterministic.
+"""The 4-bin statistical quantizer of SparseLoCo (docs/outer-methods.md, P6), made deterministic.
 
 Per tensor, over the kept values ``v`` (tile order, ascending position): ``shift = mean(v)``,
 ``c = v - shift``,

@@ -5,9 +5,10 @@ The rule every backend follows (wire-format.md, "Selection"): in each tile keep 
 of ``|x|`` read as int32, which orders all non-negative floats (and puts Inf, then NaN, above every finite
 value, so a non-finite entry is always selected and the encoder sees it). ``-0.0`` and ``0.0`` are equal.
 
-``torch.topk`` picks an arbitrary member of a tie (pitfall P8) and its choice differs between CPU and GPU, so
-it is used only where no tie crosses the k-th place (checked by asking for k + 1 entries); rows with such a
-tie are redone with one int64 composite key, ``(magnitude << 12) | (4095 - position)``, which has no ties.
+``torch.topk`` picks an arbitrary member of a tie (docs/outer-methods.md, P8) and its choice differs between
+CPU and GPU, so it is used only where no tie crosses the k-th place (checked by asking for k + 1 entries);
+rows with such a tie are redone with one int64 composite key, ``(magnitude << 12) | (4095 - position)``,
+which has no ties.
 
 Speed: a plain top-k over 4096-entry rows is the slow step of the codec. When a tile splits into groups of
 ``GROUP`` entries we first take the ``k`` groups with the largest maxima: when no tie crosses the k-th group,

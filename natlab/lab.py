@@ -19,7 +19,7 @@ NAT types (RFC 4787 terms), each made with nftables on the router:
     symmetric   endpoint-dependent mapping: masquerade fully-random picks a new port per destination.
 
 Unsolicited inbound packets are dropped, never answered with RST or ICMP, as home routers do: an RST
-would kill a TCP simultaneous open (`research-libp2p.md` section 4.6 saw exactly that).
+would kill a TCP simultaneous open (py-libp2p's hole punching failed exactly so; docs/design.md).
 
 Nothing leaves the lab: the namespaces have no link to the host's network. The kernel here has no
 netem, so links can be rate-limited (`tc tbf`) but not delayed.
@@ -87,8 +87,12 @@ def _probe_namespaces() -> str | None:
     if made.returncode != 0:
         return f"cannot create a network namespace here: {made.stderr.strip()}"
     try:
-        nft = subprocess.run(["ip", "netns", "exec", name, "nft", "-f", "-"], input="table ip probe {}\n",
-                             capture_output=True, text=True)
+        nft = subprocess.run(
+            ["ip", "netns", "exec", name, "nft", "-f", "-"],
+            input="table ip probe {}\n",
+            capture_output=True,
+            text=True,
+        )
         if nft.returncode != 0:
             return f"nftables does not work in a namespace here: {nft.stderr.strip()}"
     finally:
@@ -247,14 +251,21 @@ class NatLab:
         near, far = f"q{index}", f"b{index}"
         self._veth(near, pub, far, pub)
         self._ip(pub, "link", "set", far, "master", "br0")
-        for ns, dev in ((pub, port), (pub, near), (pub, far), (pub, "br0"),
-                        (self.sites_ns(index)[0], "wan"), (self.sites_ns(index)[0], "lan")):
+        for ns, dev in (
+            (pub, port),
+            (pub, near),
+            (pub, far),
+            (pub, "br0"),
+            (self.sites_ns(index)[0], "wan"),
+            (self.sites_ns(index)[0], "lan"),
+        ):
             self._ip(ns, "link", "set", dev, "gso_max_segs", "1")
             self.exec(ns, ["ethtool", "-K", dev, "tx", "off", "gso", "off", "tso", "off"], check=False)
         for dev in (port, near):
             self._ip(pub, "link", "set", dev, "promisc", "on")
-        line = self.spawn_python(pub, [str(LAB / "delay.py"), port, near, str(self.delay_ms)],
-                                 stdout=subprocess.PIPE)
+        line = self.spawn_python(
+            pub, [str(LAB / "delay.py"), port, near, str(self.delay_ms)], stdout=subprocess.PIPE
+        )
         ready, _, _ = select.select([line.stdout], [], [], COMMAND_TIMEOUT_S)
         if not ready or not line.stdout.readline().startswith(b"ready"):  # type: ignore[union-attr]
             raise LabError(f"the delay line on {port} did not start")
@@ -338,13 +349,40 @@ class NatLab:
         """coturn (STUN and TURN over UDP and TCP) on the public addresses, user lab/labpass."""
         if shutil.which("turnserver") is None:
             raise LabError("coturn is not installed: apt-get install -y coturn")
-        return self.spawn(self.pub_ns, [
-            "turnserver", "-n", "--no-cli", "--no-tls", "--no-dtls", "--listening-ip", PUBLIC_IP,
-            "--listening-ip", PUBLIC_IP_2, "--relay-ip", PUBLIC_IP, "--listening-port", str(port),
-            "--lt-cred-mech", "--user", f"{TURN_USER}:{TURN_PASSWORD}", "--realm", "shoal.lab",
-            "--min-port", "49152", "--max-port", "49999", "--no-stdout-log", "--log-file", "/dev/null",
-            "--pidfile", str(self._coturn_pidfile),
-        ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self.spawn(
+            self.pub_ns,
+            [
+                "turnserver",
+                "-n",
+                "--no-cli",
+                "--no-tls",
+                "--no-dtls",
+                "--listening-ip",
+                PUBLIC_IP,
+                "--listening-ip",
+                PUBLIC_IP_2,
+                "--relay-ip",
+                PUBLIC_IP,
+                "--listening-port",
+                str(port),
+                "--lt-cred-mech",
+                "--user",
+                f"{TURN_USER}:{TURN_PASSWORD}",
+                "--realm",
+                "shoal.lab",
+                "--min-port",
+                "49152",
+                "--max-port",
+                "49999",
+                "--no-stdout-log",
+                "--log-file",
+                "/dev/null",
+                "--pidfile",
+                str(self._coturn_pidfile),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     @property
     def _coturn_pidfile(self) -> Path:

@@ -2,9 +2,9 @@
 
 Each document has exactly one writer (its owner's key), so every replica applies the same entries in
 the same order (seq order within one generation). That order is what keeps yrs convergent: it can
-leave updates stuck forever when they arrive out of causal order (research-crdt.md section 2), and
-here they never do. A generation starts with a snapshot under a fresh Yjs client id; compaction and
-every process restart start a new one, so no client id is ever reused with lost state.
+leave updates stuck forever when they arrive out of causal order (measured: docs/design.md, "Measured
+facts"), and here they never do. A generation starts with a snapshot under a fresh Yjs client id;
+compaction and every process restart start a new one, so no client id is ever reused with lost state.
 """
 
 import logging

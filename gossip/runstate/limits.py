@@ -1,13 +1,13 @@
 """Every limit of the run-state layer, with the reason for its value.
 
 Sizes are checked before any decoder (msgpack, pycrdt) sees the bytes: pycrdt pre-allocates from lying
-length fields (6 bytes can cost 540 MB and 330 ms, research-crdt.md section 3), so nothing unchecked may
-reach it.
+length fields (6 bytes can cost 540 MB and 330 ms, measured: docs/design.md, "Measured facts"), so
+nothing unchecked may reach it.
 """
 
 # --- framing and decoding -------------------------------------------------------------------------
 # One sync message; the largest legitimate one is a push of a few full chains or a 1,000-peer digest
-# (about 30 KB). 1 MiB is the control-frame cap research-crdt.md recommends.
+# (about 30 KB). 1 MiB, the same cap as every control frame (transport/messages.py).
 MAX_SYNC_MESSAGE_BYTES = 1 << 20
 # One signed entry (a Yjs update plus 150 B of envelope). A delta is 20-100 B; a snapshot of one
 # peer's document is a few KB; the run document with a large manifest stays far below this.

@@ -162,7 +162,7 @@ def parse(data: bytes, roots: frozenset[str]) -> UpdateInfo:
             length += _struct(r, client, start + length, roots)
         if start + length > MAX_CLOCK:
             raise Rejected("Yjs update runs its clock past 2**53; dropped")
-    deletes = []
+    deletes: list[tuple[int, int, int]] = []
     n_ds_clients = r.varuint()
     if n_ds_clients > MAX_DELETE_RANGES:
         raise Rejected(f"Yjs update deletes for {n_ds_clients} clients; dropped")
@@ -192,7 +192,7 @@ def _struct(r: _Reader, client: int, clock: int, roots: frozenset[str]) -> int:
         raise Rejected("Yjs update inserts before an item; Shoal documents hold root maps only")
     if info & _HAS_ORIGIN:
         # The item it follows must be its own writer's, and older: anything else would leave yrs
-        # holding it as pending, which is how replicas silently diverge (research-crdt.md section 2).
+        # holding it as pending, which is how replicas silently diverge (docs/design.md, "Measured facts").
         if r.clock() != client or r.clock() >= clock:
             raise Rejected("Yjs update points at an item of another writer or of its future; dropped")
     else:

@@ -13,6 +13,8 @@ import pytest
 
 from shoal.peer.cli import join
 
+pytestmark = pytest.mark.slow  # processes under systemd-run or a shell
+
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "shoal-peer.service"
 GPU_DROP_IN = ROOT / "deploy" / "systemd" / "gpu.conf"

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a Docker engine
+
 ENGINE = Path(__file__).resolve().parents[2] / "docker" / "engine.sh"
 
 # What dockerd 20.10 with --iptables=true and one compose network (br-...) had set up, as iptables

@@ -131,7 +131,8 @@ def test_value_bit_planes_round_trip_for_any_code_distribution(dist: str) -> Non
 
 
 def test_ties_go_to_the_lower_position() -> None:
-    # A tile of equal magnitudes (first rounds, unused embedding rows: pitfall P8) keeps its first k entries.
+    # A tile of equal magnitudes (first rounds, unused embedding rows: docs/outer-methods.md, P8) keeps its
+    # first k entries.
     x = torch.zeros(64, 64)
     x[10:20] = 1.0
     x[30, 5] = -3.0

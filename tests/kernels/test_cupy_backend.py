@@ -20,7 +20,7 @@ def _model(device: str, seed: int) -> dict[str, torch.Tensor]:
         "norm": torch.randn(4099, generator=g, device=device),
         "conv": torch.randn(8, 3, 5, 5, generator=g, device=device),
     }
-    model["embed"][100:400] = 0.0  # unused rows: all-tie tiles (pitfall P8)
+    model["embed"][100:400] = 0.0  # unused rows: all-tie tiles (docs/outer-methods.md, P8)
     model["w"][:, :64] = torch.randint(-2, 3, (512, 64), generator=g, device=device).float()  # many ties
     return model
 

@@ -23,7 +23,10 @@ import pytest
 from natlab.lab import PUBLIC_IP, PUBLIC_IP_2, NatLab, unavailable_reason
 from shoal.peer.control import ControlClient, ControlError
 
-pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+pytestmark = [
+    pytest.mark.slow,  # real processes in network namespaces
+    pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason())),
+]
 
 ROUNDS = 4
 PORT = 4701

@@ -24,7 +24,10 @@ from natlab.lab import (
 )
 from natlab.pair import STUN_PORT, run_pair, start_relay
 
-pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+pytestmark = [
+    pytest.mark.slow,  # real processes in network namespaces
+    pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason())),
+]
 
 # Runs in a private host: STUN over TCP from one local port to both public addresses (the mappings),
 # then a listener on that port that reports whether anything connected (the filtering).
@@ -89,8 +92,10 @@ def test_coturn_answers_stun_from_behind_a_nat(lab):
     if subprocess.run(["which", "turnserver"], capture_output=True).returncode:
         pytest.skip("coturn is not installed (apt-get install -y coturn)")
     lab.start_coturn()
-    code = (f"import asyncio\nfrom transport.nat import stun\n"
-            f"print(asyncio.run(stun.query_udp(('{PUBLIC_IP}', {TURN_PORT})))[0])")
+    code = (
+        f"import asyncio\nfrom transport.nat import stun\n"
+        f"print(asyncio.run(stun.query_udp(('{PUBLIC_IP}', {TURN_PORT})))[0])"
+    )
     for _ in range(50):  # coturn takes a moment to bind
         out = lab.exec(lab.sites[1].host_ns, [sys.executable, "-c", code], check=False).strip()
         if out:

@@ -10,11 +10,15 @@ import contextlib
 import dataclasses
 import os
 
+import pytest
+
 from shoal.transport.host import Host
 from shoal.transport.identity import generate_key
 from shoal.transport.nat import reachability
 from shoal.transport.nat.conduit import connection_to, path_of
 from shoal.transport.nat.paths import DIRECT, RELAY, TCP_PUNCH, NatConfig, NatService
+
+pytestmark = pytest.mark.slow  # network namespaces
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -37,8 +41,12 @@ async def nat_peers(*, a_listens=False, punch=True):
         await relay.start()
         relay_addr = relay_host.listen_addrs[0].with_peer_id(relay_host.peer_id)
         # ICE stays off on loopback: its host candidates would be this machine's own interfaces.
-        config = NatConfig(relays=(relay_addr,), stun_servers=(("127.0.0.1", relay.stun_port),), punch=punch,
-                           punch_methods=("tcp",))
+        config = NatConfig(
+            relays=(relay_addr,),
+            stun_servers=(("127.0.0.1", relay.stun_port),),
+            punch=punch,
+            punch_methods=("tcp",),
+        )
         nat_a, nat_b = NatService(a, config), NatService(b, config)
         await asyncio.gather(nat_a.start(), nat_b.start())
         b.set_stream_handler("/echo/1", echo)

@@ -10,6 +10,8 @@ import asyncio
 import math
 import struct
 
+import pytest
+
 from shoal.gossip.outer.methods import OuterConfig
 from shoal.gossip.outer.wire import Message, pack, packed_bits
 from shoal.peer.daemon import RUN_PROTOCOL
@@ -19,6 +21,8 @@ from shoal.transport.host import Host
 from shoal.transport.identity import generate_key
 from shoal.transport.messages import encode_message, read_frame
 from shoal.transport.multiaddr import Multiaddr
+
+pytestmark = pytest.mark.slow  # real peer processes
 
 BITS = OuterConfig.tuned("compressed-noloco").lattice_bits
 SPEC = sorted((name, tuple(p.shape)) for name, p in GPT(PRESETS["tiny"]).named_parameters())

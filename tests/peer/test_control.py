@@ -12,7 +12,11 @@ import sys
 import time
 import urllib.request
 
+import pytest
+
 from .conftest import REPO
+
+pytestmark = pytest.mark.slow  # real peer processes
 
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 PROMPT = b"shoal>"

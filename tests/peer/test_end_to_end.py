@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from shoal.gossip.runstate import public_bytes
@@ -18,12 +19,14 @@ from shoal.transport.identity import load_key_file
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.slow  # real peer processes
+
 ROUNDS = 5
 INNER_STEPS = 10
 
 
 def replica_spread(weights: list[list[torch.Tensor]]) -> float:
-    """RMS distance of each replica's weights from the replicas' mean (research notes, P16)."""
+    """RMS distance of each replica's weights from the replicas' mean (docs/outer-methods.md, P16)."""
     flat = torch.stack([torch.cat([t.reshape(-1) for t in replica]) for replica in weights])
     return (flat - flat.mean(dim=0)).pow(2).mean().sqrt().item()
 

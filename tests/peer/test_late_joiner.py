@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
+pytestmark = pytest.mark.slow  # real peer processes
+
 
 def test_a_late_joiner_starts_from_the_runs_weights_and_swaps(start_peer):
     common = [

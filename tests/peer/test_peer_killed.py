@@ -6,6 +6,10 @@ import math
 import signal
 import time
 
+import pytest
+
+pytestmark = pytest.mark.slow  # real peer processes
+
 ROUNDS = 10
 
 

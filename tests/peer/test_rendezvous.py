@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
+pytestmark = pytest.mark.slow  # real peer processes
+
 
 def test_a_newcomer_finds_its_run_through_a_peer_of_another_run(start_peer):
     common = ["--listen", "127.0.0.1:0", "--rounds", "1000", "--inner-steps", "4", "--threads", "1"]

@@ -7,8 +7,8 @@ Usage, one JSON object per line on stdout:
                                               "mismatch_refused": ...}
     python libp2p_peer.py bench ADDR MiB  -> {"connect_ms": [...], "rtt_us": [...], "throughput_mb_s": x}
 
-It speaks only Noise and yamux (no plaintext fallback) with one connection per peer, as the research notes
-recommend (`max_connections_per_peer=1` avoids a 250 ms happy-eyeballs wait on every dial).
+It speaks only Noise and yamux (no plaintext fallback) with one connection per peer, as docs/design.md
+recommends (`max_connections_per_peer=1` avoids a 250 ms happy-eyeballs wait on every dial).
 """
 
 import json

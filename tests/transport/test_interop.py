@@ -20,11 +20,14 @@ from shoal.transport.host import Host
 from shoal.transport.identity import PeerID, generate_key, peer_id_from_key
 from shoal.transport.multiaddr import Multiaddr
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("libp2p") is None,
-    reason="py-libp2p is not installed (a test-only dependency: "
-    "apt-get install libgmp-dev && pip install libp2p==0.8.1)",
-)
+pytestmark = [
+    pytest.mark.slow,  # a py-libp2p peer process
+    pytest.mark.skipif(
+        importlib.util.find_spec("libp2p") is None,
+        reason="py-libp2p is not installed (a test-only dependency: "
+        "apt-get install libgmp-dev && pip install libp2p==0.8.1)",
+    ),
+]
 
 PEER_SCRIPT = Path(__file__).with_name("libp2p_peer.py")
 # py-libp2p imports in 1-2 s and is slow on a loaded 2-core machine; generous, it only bounds a hang.

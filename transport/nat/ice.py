@@ -2,10 +2,10 @@
 one reliable data channel, and the Host's secure channel (Noise + yamux) on top of it.
 
 This is the path for two peers that TCP cannot join (NATs that reset or block TCP punches, UDP-only
-networks). aiortc's SCTP moves about 10 MB/s per core (`research-nat.md`), so it is a path of last resort
-before the relay, never the bulk path when TCP works.
+networks). aiortc's SCTP moves about 10 MB/s per core (docs/design.md, "Measured facts"), so it is a path
+of last resort before the relay, never the bulk path when TCP works.
 
-Traps handled here, each measured in `research-nat.md`:
+Traps handled here, each seen in measurements on this project's machines:
 - aiortc falls back to Google's public STUN server when `iceServers` is empty: the configuration always
   names ours, and with none configured ICE is not attempted at all;
 - aiortc uses one STUN and one TURN server, so the first of each is passed;
@@ -29,7 +29,7 @@ from .conduit import deliver
 log = logging.getLogger(__name__)
 
 # The whole ICE attempt: gathering, signalling, connectivity checks, DTLS, SCTP and the channel's open.
-# In the lab it takes under a second (research-nat.md: 0.6 s with one dropped first check); across the
+# In the lab it takes under a second (0.6 s measured, with one dropped first check); across the
 # internet a few RTTs more. aioice alone would keep trying for about 40 s.
 ICE_DEADLINE_S = 8.0
 # Bytes per data-channel message: aiortc assumes a 64 KiB maximum for the remote; 16 KiB keeps each
@@ -157,7 +157,7 @@ class DataChannelTransport(asyncio.Transport):
 
 
 def selected_pair(pc: Any) -> str | None:
-    """"local-type -> remote-type (remote address)" of the pair ICE nominated, e.g. "host -> srflx
+    """The pair ICE nominated, as "local-type -> remote-type (remote address)", e.g. "host -> srflx
     (203.0.113.12:40000)"; a "relay" on either side means the path runs through TURN. Read from aioice's
     internals (aiortc does not expose it), so None when they change."""
     try:
@@ -185,7 +185,12 @@ async def finish_offer(pc: Any, channel: Any, answer_sdp: str) -> DataChannelTra
 
     opened = asyncio.get_running_loop().create_future()
     transport = DataChannelTransport(pc, channel)
-    channel.on("open", lambda: opened.done() or opened.set_result(None))
+
+    def on_open() -> None:
+        if not opened.done():
+            opened.set_result(None)
+
+    channel.on("open", on_open)
     await pc.setRemoteDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
     if channel.readyState != "open":
         await opened

@@ -46,30 +46,46 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGALRM, lambda *_: sys.exit(f"bench.dht_sim: over {WALL_CLOCK_GUARD_S} s; killed"))
     signal.alarm(WALL_CLOCK_GUARD_S)
-    cfg = SimConfig(nodes=args.nodes, churn=args.churn, adversarial=args.adversarial, lookups=args.lookups,
-                    seed=args.seed)
+    cfg = SimConfig(
+        nodes=args.nodes, churn=args.churn, adversarial=args.adversarial, lookups=args.lookups, seed=args.seed
+    )
     res = _run(cfg, PATHS)
     base = None if args.no_baseline else _run(cfg, 1)
-    print(f"dht_sim: {args.nodes} nodes, churn {args.churn:.0%}, adversarial {args.adversarial:.0%}, "
-          f"{args.lookups} lookups (shared CPU: wall times are noisy)")
+    print(
+        f"dht_sim: {args.nodes} nodes, churn {args.churn:.0%}, adversarial {args.adversarial:.0%}, "
+        f"{args.lookups} lookups (shared CPU: wall times are noisy)"
+    )
     for name in ("put", "get", "providers", "node"):
         s = res[name]
         extra = f", median {s['median_replicas']} replicas acked" if name == "put" else ""
-        print(f"  {name:9s} success {s['success']:.4f}  median hops {s['median_hops']}  "
-              f"messages/lookup {s['messages_per_lookup']:.1f}  ({s['attempts']} ops{extra})")
-    print(f"  all       success {res['success']:.4f}  median hops {res['median_hops']}  "
-          f"messages/lookup {res['messages_per_lookup']:.1f}  wall {res['wall_s']} s")
+        print(
+            f"  {name:9s} success {s['success']:.4f}  median hops {s['median_hops']}  "
+            f"messages/lookup {s['messages_per_lookup']:.1f}  ({s['attempts']} ops{extra})"
+        )
+    print(
+        f"  all       success {res['success']:.4f}  median hops {res['median_hops']}  "
+        f"messages/lookup {res['messages_per_lookup']:.1f}  wall {res['wall_s']} s"
+    )
     if base is not None:
-        print(f"  baseline (1 path, plain Kademlia): success {base['success']:.4f}  median hops "
-              f"{base['median_hops']}  messages/lookup {base['messages_per_lookup']:.1f}")
+        print(
+            f"  baseline (1 path, plain Kademlia): success {base['success']:.4f}  median hops "
+            f"{base['median_hops']}  messages/lookup {base['messages_per_lookup']:.1f}"
+        )
         fails = [r["attempts"] - round(r["success"] * r["attempts"]) for r in (res, base)]
-        print(f"  vs baseline: failed lookups {fails[0]} vs {fails[1]}, "
-              f"messages x{res['messages_per_lookup'] / base['messages_per_lookup']:.2f}")
+        print(
+            f"  vs baseline: failed lookups {fails[0]} vs {fails[1]}, "
+            f"messages x{res['messages_per_lookup'] / base['messages_per_lookup']:.2f}"
+        )
     if args.json:
-        doc = {"success": res["success"], "median_hops": res["median_hops"],
-               "messages_per_lookup": res["messages_per_lookup"],
-               "by_kind": {k: res[k] for k in ("put", "get", "providers", "node")},
-               "config": res["config"], "wall_s": res["wall_s"], "baseline_single_path": base}
+        doc = {
+            "success": res["success"],
+            "median_hops": res["median_hops"],
+            "messages_per_lookup": res["messages_per_lookup"],
+            "by_kind": {k: res[k] for k in ("put", "get", "providers", "node")},
+            "config": res["config"],
+            "wall_s": res["wall_s"],
+            "baseline_single_path": base,
+        }
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
     return 0

@@ -106,7 +106,8 @@ def swarm_rss(command: list[str], cwd: Path) -> dict[str, list[float]]:
                 for daemon in children(swarm.pid):
                     if " join " not in cmdline(daemon):
                         continue
-                    for pid, kind in [(daemon, "daemon")] + [(w, "worker") for w in children(daemon)]:
+                    workers = [w for w in children(daemon) if "peer.worker" in cmdline(w)]
+                    for pid, kind in [(daemon, "daemon")] + [(w, "worker") for w in workers]:
                         _, hwm = rss_kb(pid)
                         if hwm:
                             peaks[pid] = (kind, max(hwm, peaks.get(pid, (kind, 0))[1]))

@@ -59,13 +59,16 @@ print({size} / (time.perf_counter() - t) / 1e6 if n == {size} else -1)
 
 def tcp_baseline(lab: NatLab, size: int) -> float:
     """MB/s of plain kernel TCP from private host 0 through its NAT to the public segment."""
-    sink = lab.spawn_python(lab.pub_ns, ["-c", SINK.format(ip=PUBLIC_IP, port=BASELINE_PORT)],
-                            stdout=subprocess.PIPE)
+    sink = lab.spawn_python(
+        lab.pub_ns, ["-c", SINK.format(ip=PUBLIC_IP, port=BASELINE_PORT)], stdout=subprocess.PIPE
+    )
     try:
         assert sink.stdout is not None
         sink.stdout.readline()
-        out = lab.exec(lab.sites[0].host_ns,
-                       [sys.executable, "-c", SOURCE.format(ip=PUBLIC_IP, port=BASELINE_PORT, size=size)])
+        out = lab.exec(
+            lab.sites[0].host_ns,
+            [sys.executable, "-c", SOURCE.format(ip=PUBLIC_IP, port=BASELINE_PORT, size=size)],
+        )
         return float(out.strip())
     finally:
         lab.stop(sink)
@@ -90,9 +93,11 @@ def run(size: int, repeats: int, rate: str | None, delay_ms: float) -> dict[str,
                     pairs.append(result)
                     mb_s = f"{result['mb_s']:.1f}" if result["mb_s"] else "-"
                     connect = f"{result['connect_s']:.3f}" if result["connect_s"] is not None else "-"
-                    print(f"{a:>9} -> {b:<9} connected={result['connected']!s:<5} path={result['path']!s:<9} "
-                          f"connect_s={connect:<6} MB/s={mb_s:<7} ratio_vs_tcp={result['ratio_vs_tcp']}",
-                          flush=True)
+                    print(
+                        f"{a:>9} -> {b:<9} connected={result['connected']!s:<5} path={result['path']!s:<9} "
+                        f"connect_s={connect:<6} MB/s={mb_s:<7} ratio_vs_tcp={result['ratio_vs_tcp']}",
+                        flush=True,
+                    )
     connect_times = [p["connect_s"] for p in pairs if p["connect_s"] is not None]
     relayed_ok = all(p["path"] != "relay" or frozenset({p["a"], p["b"]}) in MAY_STAY_RELAYED for p in pairs)
     return {
@@ -130,9 +135,11 @@ def main() -> None:
     result = run(args.bytes, args.repeats, args.rate, args.delay_ms)
     signal.alarm(0)
     result["wall_s"] = round(time.monotonic() - started, 1)
-    print(f"connected: {result['all_connected']}, relayed only where allowed: "
-          f"{result['relayed_only_where_allowed']}, connect p50 {result['connect_s_p50']} s, "
-          f"wall {result['wall_s']} s")
+    print(
+        f"connected: {result['all_connected']}, relayed only where allowed: "
+        f"{result['relayed_only_where_allowed']}, connect p50 {result['connect_s_p50']} s, "
+        f"wall {result['wall_s']} s"
+    )
     if args.json:
         with open(args.json, "w") as out:
             json.dump(result, out, indent=2)

@@ -376,7 +376,7 @@ class DHTNode:
             alive = False
         self.core.table.ping_result(c, alive, time.time())
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Awaitable[object]) -> None:  # the result, if any, is not used
         t = asyncio.ensure_future(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)

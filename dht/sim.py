@@ -9,6 +9,7 @@ The nodes are `dht.core.DHTCore` objects and the lookups `dht.core.Query`: the c
 code the asyncio node runs. With `wire=True` every message also goes through the msgpack codec.
 """
 
+import functools
 import heapq
 import logging
 import random
@@ -195,13 +196,14 @@ class Simulation:
     def _drain_pings(self, node: SimNode) -> None:
         while node.core.pings:
             c = node.core.pings.popleft()
-            self.rpc(
-                node,
-                c,
-                node.core.request(PING),
-                lambda _r, c=c: node.core.table.ping_result(c, True, self.now),
-                lambda c=c: node.core.table.ping_result(c, False, self.now),
-            )
+
+            def answered(_r: Response, c: Contact = c) -> None:
+                node.core.table.ping_result(c, True, self.now)
+
+            def failed(c: Contact = c) -> None:
+                node.core.table.ping_result(c, False, self.now)
+
+            self.rpc(node, c, node.core.request(PING), answered, failed)
 
     def _adversary_answer(self, node: SimNode, req: Request) -> Response | None:
         """Colluding liars: silence half the time, else fellow liars closest to the key and forged records."""
@@ -253,17 +255,17 @@ class Simulation:
                 done(q)
                 return
             for contact, req in q.requests():
-                self.rpc(
-                    node,
-                    contact,
-                    req,
-                    lambda resp, c=contact: (
-                        q.on_response(c, resp, self.now),
-                        self._drain_pings(node),
-                        pump(),
-                    ),
-                    lambda c=contact: (q.on_failure(c), pump()),
-                )
+
+                def answered(resp: Response, c: Contact = contact) -> None:
+                    q.on_response(c, resp, self.now)
+                    self._drain_pings(node)
+                    pump()
+
+                def failed(c: Contact = contact) -> None:
+                    q.on_failure(c)
+                    pump()
+
+                self.rpc(node, contact, req, answered, failed)
             if q.done:
                 finished = True
                 done(q)
@@ -354,7 +356,7 @@ class Simulation:
         initial = [n for n in self.nodes.values() if n.alive]
         leavers = self.rng.sample(initial, round(len(initial) * cfg.churn))
         for node in leavers:
-            self.at(start + self.rng.uniform(0, cfg.window_s), lambda node=node: self._leave(node))
+            self.at(start + self.rng.uniform(0, cfg.window_s), functools.partial(self._leave, node))
             self.at(start + self.rng.uniform(0, cfg.window_s), self._churn_join)
         for _ in range(cfg.lookups):
             self.at(start + self.rng.uniform(0, cfg.window_s), lambda: self._random_lookup(values, runs))

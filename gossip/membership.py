@@ -163,10 +163,10 @@ class Membership:
 
 
 def _as_tuple(addrs: str | list[str]) -> tuple[str, ...]:
-    addrs = (addrs,) if isinstance(addrs, str) else tuple(addrs)
-    if not addrs:
+    result = (addrs,) if isinstance(addrs, str) else tuple(addrs)
+    if not result:
         raise ValueError("a member needs at least one address")
-    return addrs[:MAX_ADDRS]
+    return result[:MAX_ADDRS]
 
 
 def _parse_entry(entry: Any) -> tuple[str, tuple[str, ...], int, int, bool, bool] | None:

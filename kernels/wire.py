@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import msgpack
 import numpy as np
@@ -128,7 +129,7 @@ def _fail(what: str) -> CodecError:
     return CodecError(f"rejected codec payload: {what}; drop it and score its sender down")
 
 
-def _is_int(x: object, lo: int, hi: int) -> bool:
+def _is_int(x: object, lo: int, hi: int) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
 
 

@@ -85,8 +85,9 @@ async def _command(nat: NatService, line: str) -> bool:
             peer = PeerID.from_string(command["peer"])
             info = await nat.connect(peer, command["addrs"])
             rtt = await nat.measure_rtt(peer)
-            _emit({"event": "connected", **nat.paths[peer].as_dict(), "rtt_s": rtt,
-                   "connect_s": info.connect_s})
+            _emit(
+                {"event": "connected", **nat.paths[peer].as_dict(), "rtt_s": rtt, "connect_s": info.connect_s}
+            )
         elif kind == "upgrade":  # what the daemon's maintenance does for a partner still relayed
             peer = PeerID.from_string(command["peer"])
             info = await nat.upgrade(peer)
@@ -114,15 +115,21 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--turn", action="append", default=[], help="TURN server ip:port:user:password")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     stun_servers = tuple((s.rsplit(":", 1)[0], int(s.rsplit(":", 1)[1])) for s in args.stun)
     config = NatConfig(
-        relays=tuple(Multiaddr.parse(r) for r in args.relay), stun_servers=stun_servers,
-        serve_stun_port=args.serve_stun, serve_relay=args.serve_relay, punch=not args.no_punch,
+        relays=tuple(Multiaddr.parse(r) for r in args.relay),
+        stun_servers=stun_servers,
+        serve_stun_port=args.serve_stun,
+        serve_relay=args.serve_relay,
+        punch=not args.no_punch,
         punch_methods=tuple(m for m in args.punch_methods.split(",") if m),
-        turn_servers=tuple((ip, int(port), user, password)
-                           for ip, port, user, password in (t.split(":", 3) for t in args.turn)),
+        turn_servers=tuple(
+            (ip, int(port), user, password)
+            for ip, port, user, password in (t.split(":", 3) for t in args.turn)
+        ),
     )
     async with await Host.create(generate_key(), [args.listen]) as host:
         host.set_stream_handler(SINK_PROTOCOL, _sink)
@@ -136,11 +143,15 @@ async def main(argv: list[str] | None = None) -> None:
                     break
                 await asyncio.sleep(1.0)
                 await nat.maintain_once()
-            _emit({
-                "event": "ready", "peer": str(host.peer_id), "addrs": [str(a) for a in nat.addrs()],
-                "reachability": nat.reachability.status,
-                "observed": str(nat.reachability.observed) if nat.reachability.observed else None,
-            })
+            _emit(
+                {
+                    "event": "ready",
+                    "peer": str(host.peer_id),
+                    "addrs": [str(a) for a in nat.addrs()],
+                    "reachability": nat.reachability.status,
+                    "observed": str(nat.reachability.observed) if nat.reachability.observed else None,
+                }
+            )
             loop = asyncio.get_running_loop()
             reader = asyncio.StreamReader(limit=MAX_COMMAND_LINE)
             await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)

@@ -36,8 +36,11 @@ class Agent:
         self._buffer = b""
         self.ready: dict[str, Any] = {}
         self.proc = lab.spawn_python(
-            ns, [str(LAB / "agent.py"), *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            ns,
+            [str(LAB / "agent.py"), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         if wait:
             self.wait_ready()
@@ -99,25 +102,55 @@ class PairResult:
     upgraded_later: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {"a": self.a, "b": self.b, "connected": self.connected, "path": self.path,
-                "connect_s": self.connect_s, "mb_s": self.mb_s, "rtt_s": self.rtt_s, "reason": self.reason,
-                "reachability": list(self.reachability), "upgraded_later": self.upgraded_later}
+        return {
+            "a": self.a,
+            "b": self.b,
+            "connected": self.connected,
+            "path": self.path,
+            "connect_s": self.connect_s,
+            "mb_s": self.mb_s,
+            "rtt_s": self.rtt_s,
+            "reason": self.reason,
+            "reachability": list(self.reachability),
+            "upgraded_later": self.upgraded_later,
+        }
 
 
 def start_relay(lab: NatLab) -> Agent:
-    return Agent(lab, lab.pub_ns, [
-        "--listen", f"/ip4/{PUBLIC_IP}/tcp/{RELAY_PORT}", "--serve-stun", str(STUN_PORT), "--serve-relay",
-    ], "relay")
+    return Agent(
+        lab,
+        lab.pub_ns,
+        [
+            "--listen",
+            f"/ip4/{PUBLIC_IP}/tcp/{RELAY_PORT}",
+            "--serve-stun",
+            str(STUN_PORT),
+            "--serve-relay",
+        ],
+        "relay",
+    )
 
 
 def start_private(
-    lab: NatLab, index: int, relay: Agent, *, punch: bool = True, wait: bool = True,
-    methods: str = "tcp,ice", turn: str | None = None,
+    lab: NatLab,
+    index: int,
+    relay: Agent,
+    *,
+    punch: bool = True,
+    wait: bool = True,
+    methods: str = "tcp,ice",
+    turn: str | None = None,
 ) -> Agent:
     relay_addr = f"/ip4/{PUBLIC_IP}/tcp/{RELAY_PORT}/p2p/{relay.peer}"
     # Two STUN addresses (one responder on both): a symmetric NAT shows itself by two different ports.
-    args = ["--relay", relay_addr, "--stun", f"{PUBLIC_IP}:{STUN_PORT}",
-            "--stun", f"{PUBLIC_IP_2}:{STUN_PORT}"]
+    args = [
+        "--relay",
+        relay_addr,
+        "--stun",
+        f"{PUBLIC_IP}:{STUN_PORT}",
+        "--stun",
+        f"{PUBLIC_IP_2}:{STUN_PORT}",
+    ]
     if not punch:
         args.append("--no-punch")
     args += ["--punch-methods", methods]
@@ -127,7 +160,12 @@ def start_private(
 
 
 def run_pair(
-    lab: NatLab, relay: Agent, transfer_bytes: int, methods: str = "tcp,ice", *, retry_upgrade: bool = True,
+    lab: NatLab,
+    relay: Agent,
+    transfer_bytes: int,
+    methods: str = "tcp,ice",
+    *,
+    retry_upgrade: bool = True,
     turn: str | None = None,
 ) -> PairResult:
     """Peers behind sites 0 and 1 of `lab`: site 0 connects to site 1 and sends `transfer_bytes`.
@@ -143,8 +181,9 @@ def run_pair(
         reach = (str(a.ready["reachability"]), str(b.ready["reachability"]))
         answer = a.call({"cmd": "connect", "peer": b.peer, "addrs": b.addrs}, CONNECT_TIMEOUT_S)
         if answer.get("event") != "connected":
-            return PairResult(a_type, b_type, False, None, None, None, reason=str(answer.get("error")),
-                              reachability=reach)
+            return PairResult(
+                a_type, b_type, False, None, None, None, reason=str(answer.get("error")), reachability=reach
+            )
         upgraded_later = False
         if retry_upgrade and answer.get("path") == "relay":
             later = a.call({"cmd": "upgrade", "peer": b.peer}, CONNECT_TIMEOUT_S)
@@ -157,9 +196,18 @@ def run_pair(
             if sent.get("event") != "sent":
                 raise LabError(f"transfer over {answer['path']} failed: {sent}")
             mb_s = sent["mb_s"]
-        return PairResult(a_type, b_type, True, answer["path"], answer["connect_s"], mb_s,
-                          rtt_s=answer.get("rtt_s"), reason=answer.get("reason", ""), reachability=reach,
-                          upgraded_later=upgraded_later)
+        return PairResult(
+            a_type,
+            b_type,
+            True,
+            answer["path"],
+            answer["connect_s"],
+            mb_s,
+            rtt_s=answer.get("rtt_s"),
+            reason=answer.get("reason", ""),
+            reachability=reach,
+            upgraded_later=upgraded_later,
+        )
     finally:
         for agent in (a, b):
             with_quit(agent)

@@ -56,7 +56,7 @@ class Daemon(Protocol):
     config: PeerConfig
     board: StatusBoard
     swap: RoundSwap
-    log_tail: LogTail | None
+    log_tail: LogTail
     membership: Membership | None
     reach: PeerReach | None
     dht: DHTNode | None
@@ -79,7 +79,7 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
         return {
             **board,
             "reachability": _reachability(daemon),
-            "addresses": daemon.reach.published(),
+            "addresses": daemon.reach.published() if daemon.reach else [],
             "relay_reservations": len(nat.reservations) if (nat := _nat(daemon)) else 0,
             "partner": partner,
             "path": _path_to(daemon, partner)["path"] if partner else None,
@@ -156,7 +156,7 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
         return daemon.board.why()
 
     def log(args: list[Any]) -> list[str]:
-        return list(daemon.log_tail.lines)[-_count(args) :] if daemon.log_tail else []
+        return list(daemon.log_tail.lines)[-_count(args) :]
 
     def ban(args: list[Any]) -> str:
         peer = _peer_arg(args)
@@ -183,11 +183,11 @@ def _nat(daemon: Daemon) -> NatService | None:
 
 
 def _reachability(daemon: Daemon) -> str:
-    nat = _nat(daemon)
-    if nat is None:
+    reach = daemon.reach
+    if reach is None:
         return "unknown: the peer is starting"
-    status = nat.reachability.status
-    addrs = ", ".join(daemon.reach.published()) or "no address"
+    status = reach.nat.reachability.status
+    addrs = ", ".join(reach.published()) or "no address"
     return REACHABILITY.get(status, status).format(addrs=addrs)
 
 

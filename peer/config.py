@@ -116,10 +116,7 @@ class PeerConfig:
             serve_stun_port=self.serve_stun,
             serve_relay=self.serve_relay,
             punch=self.punch,
-            turn_servers=tuple(
-                (*_host_port(":".join(t.split(":", 3)[:2]), "TURN server"), *t.split(":", 3)[2:])
-                for t in self.turn
-            ),
+            turn_servers=tuple(_turn_server(t) for t in self.turn),
         )
 
 
@@ -128,6 +125,12 @@ def _host_port(text: str, what: str) -> tuple[str, int]:
     if match is None or not 0 < int(match[2]) < 65536:
         raise ConfigError(f"{what} {text!r} must look like HOST:PORT")
     return match[1], int(match[2])
+
+
+def _turn_server(text: str) -> tuple[str, int, str, str]:
+    """HOST:PORT:USER:PASSWORD (checked by PeerConfig) as (host, port, user, password)."""
+    host, port, user, password = text.split(":", 3)
+    return (*_host_port(f"{host}:{port}", "TURN server"), user, password)
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from shoal.dht.node import DHTNode
 from shoal.errors import ShoalError
@@ -25,7 +25,7 @@ from shoal.peer.commands import handlers as control_handlers
 from shoal.peer.config import PeerConfig
 from shoal.peer.control import SOCKET_NAME, ControlServer
 from shoal.peer.events import Events
-from shoal.peer.ipc import WorkerGone, WorkerProcess
+from shoal.peer.ipc import SharedBuffer, WorkerGone, WorkerProcess
 from shoal.peer.keys import resolve_identity
 from shoal.peer.metrics import MetricsServer
 from shoal.peer.progress import progress_bar, transfer_bar
@@ -41,6 +41,8 @@ from shoal.transport.messages import MessageError, read_frame, write_message
 from shoal.transport.multiaddr import Multiaddr
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 PROTOCOL_VERSION = 1
 RUN_PROTOCOL = "/shoal/run/1.0.0"  # membership, status and the round swap, one request per stream
@@ -90,6 +92,24 @@ class Daemon:
     def join_address(self) -> str:
         return self.address
 
+    # The parts run() sets up before it starts anything that uses them. Only a peer's request can come
+    # earlier (we listen first): one that needs them fails, and its stream is reset.
+    @property
+    def _host(self) -> Host:
+        return _set_up(self.host, "host")
+
+    @property
+    def _peer_reach(self) -> PeerReach:
+        return _set_up(self.reach, "NAT layer")
+
+    @property
+    def _dht(self) -> DHTNode:
+        return _set_up(self.dht, "DHT node")
+
+    @property
+    def _membership(self) -> Membership:
+        return _set_up(self.membership, "membership")
+
     def stop(self) -> None:
         """Asks the daemon to stop: the worker finishes its inner steps, saves, and exits."""
         if not self.stopping.is_set():
@@ -109,8 +129,7 @@ class Daemon:
             self.address = str(
                 Multiaddr.from_tcp(advertised_host(host), port, PeerID.from_string(self.peer_id))
             )
-            self.reach = PeerReach(self.host, self.config, self.address)
-            await self.reach.start(stack)
+            self.reach = await PeerReach.start(self.host, self.config, self.address, stack)
             self.dht = await DHTNode.on_host(
                 self.host, self.key, bootstrap=list(self.config.bootstrap),
                 table_path=self.state_dir / DHT_TABLE_FILE, addrs=self.reach.dht_addrs(),
@@ -153,9 +172,9 @@ class Daemon:
                     # anyone pairs with it (a few seconds at most: one dial-back, one reservation).
                     await self.reach.learn_reachability()
                     await self._refresh_addrs()
-                    await self._start_runstate(stack)
-                    background.append(group.create_task(self.runstate.run_forever()))
-                    return await self._drive_worker()
+                    runstate = await self._start_runstate(stack)
+                    background.append(group.create_task(runstate.run_forever()))
+                    return await self._drive_worker(self.worker)
                 finally:
                     for task in background:
                         task.cancel()
@@ -169,22 +188,22 @@ class Daemon:
             addr = Multiaddr.parse(target)
             if addr.peer_id is None:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
-                    return await self.host.connect(addr)
+                    return await self._host.connect(addr)
             peer, addrs = addr.peer_id, [target]
         else:
             peer = PeerID.from_string(target)
-            addrs = self.membership.addrs_of(target) or self.found_addrs.get(target, [])
-        await self.reach.connect(peer, addrs)
+            addrs = self._membership.addrs_of(target) or self.found_addrs.get(target, [])
+        await self._peer_reach.connect(peer, addrs)
         return peer
 
     async def _refresh_addrs(self) -> None:
         """Publishes our addresses again when they changed (a reservation was lost or renewed)."""
-        addrs = self.reach.published()
-        if list(self.membership.me.addrs) == addrs:
+        addrs = self._peer_reach.published()
+        if list(self._membership.me.addrs) == addrs:
             return
         log.info("[%s] our addresses changed: %s", self.peer_id, ", ".join(addrs))
-        self.membership.set_addrs(addrs)
-        self.dht.core.set_addrs(self.reach.dht_addrs())
+        self._membership.set_addrs(addrs)
+        self._dht.core.set_addrs(self._peer_reach.dht_addrs())
         if self.runstate is not None:
             self.runstate.change("set_member", addrs=addrs, caps={"worker": "cpu"})
         await self._announce()
@@ -211,10 +230,10 @@ class Daemon:
             for address in [*self.config.bootstrap, *found]:
                 if await self._exchange_members(address):
                     log.info("[%s] joined run %s through %s", self.peer_id, run, address)
-                    await self._refuse_a_twin(sorted(self.membership.claims_of_self))
+                    await self._refuse_a_twin(sorted(self._membership.claims_of_self))
                     await self._announce()
                     return
-            if len(self.dht.core.table) and lookups_without_peers >= DHT_LOOKUPS_BEFORE_STARTING:
+            if len(self._dht.core.table) and lookups_without_peers >= DHT_LOOKUPS_BEFORE_STARTING:
                 # The network answers, and nobody announced this run in it: we are its first peer.
                 self.creator = self.peer_id
                 await self._announce()
@@ -233,7 +252,7 @@ class Daemon:
         """The run's peers from the DHT's provider records (ours excluded), their addresses noted."""
         try:
             async with asyncio.timeout(DHT_LOOKUP_TIMEOUT):
-                providers = await self.dht.find_run_peers(self.config.run_id)
+                providers = await self._dht.find_run_peers(self.config.run_id)
         except (TimeoutError, ShoalError) as error:
             log.info("[%s] DHT lookup of run %s failed: %s", self.peer_id, self.config.run_id, error)
             return []
@@ -249,7 +268,7 @@ class Daemon:
         """Provider record for the run in the DHT, republished by the DHT node until we leave."""
         try:
             async with asyncio.timeout(DHT_LOOKUP_TIMEOUT):
-                stored = await self.dht.announce_run(self.config.run_id, self.reach.published())
+                stored = await self._dht.announce_run(self.config.run_id, self._peer_reach.published())
         except (TimeoutError, ShoalError) as error:
             log.warning(
                 "[%s] could not announce run %s in the DHT yet: %s", self.peer_id, self.config.run_id, error
@@ -264,34 +283,35 @@ class Daemon:
         wanted = self.config.wait_peers
         self.board.set_activity("waiting", f"waiting for {wanted} peers to be ready before the first round")
         with progress_bar("finding peers", wanted, enabled=not self.events.json_lines) as advance:
-            while (ready := len(self.membership.ready(loop.time()))) < wanted and loop.time() < deadline:
+            while (ready := len(self._membership.ready(loop.time()))) < wanted and loop.time() < deadline:
                 advance(ready)
                 if self.stopping.is_set():
                     return
                 await asyncio.sleep(0.1)
             advance(ready)
 
-    async def _start_runstate(self, stack: contextlib.AsyncExitStack) -> None:
+    async def _start_runstate(self, stack: contextlib.AsyncExitStack) -> RunStateLink:
         """The run's signed CRDT state: config (written by the creator), members, bans, checkpoints."""
         if self.creator is None:
             raise DaemonError("the bootstrap peer did not say who created the run; is it an older Shoal?")
         self.runstate = RunStateLink(
-            self.host, self.key, self.config.run_id, self.creator, self.state_dir / "runstate",
+            self._host, self.key, self.config.run_id, self.creator, self.state_dir / "runstate",
             self._reach_member,
         )  # fmt: skip
         stack.push_async_callback(self.runstate.close)
-        self.host.set_stream_handler(RUNSTATE_PROTOCOL, self.runstate.serve)
-        self.runstate.add_peers([p for p in self.membership.live(asyncio.get_running_loop().time())])
-        self.runstate.change("set_member", addrs=self.reach.published(), caps={"worker": "cpu"})
+        self._host.set_stream_handler(RUNSTATE_PROTOCOL, self.runstate.serve)
+        self.runstate.add_peers([p for p in self._membership.live(asyncio.get_running_loop().time())])
+        self.runstate.change("set_member", addrs=self._peer_reach.published(), caps={"worker": "cpu"})
         if self.creator == self.peer_id and not self.runstate.state.config():
             self.runstate.change("set_config", {"run": self.config.run_id, **self.config.worker_dict()})
         self.runstate.apply(self.runstate.state.announce())
+        return self.runstate
 
     async def _refuse_a_twin(self, addresses: list[str]) -> None:
         """Refuses to run beside another live daemon of the run that uses our key (a copied key file)."""
         if addresses:
             try:
-                await self.host.ensure_unique_identity(addresses)
+                await self._host.ensure_unique_identity(addresses)
             except TransportError as error:
                 raise DaemonError(str(error)) from error
 
@@ -309,8 +329,7 @@ class Daemon:
             await self._exchange_members(peer, timeout=1.0)
 
     # --- the worker -------------------------------------------------------------------------------
-    async def _drive_worker(self) -> int:
-        worker = self.worker
+    async def _drive_worker(self, worker: WorkerProcess) -> int:
         settings = self.config.worker_dict()
         # Every replica starts from the same weights (the run's seed); each reads its own data order.
         settings["init_seed"] = peer_number(f"{self.config.run_id}/init", 2**31)
@@ -319,7 +338,7 @@ class Daemon:
         self.board.set_activity("starting", "loading the model and data in the worker")
         checkpoint = str(self.state_dir / "checkpoint.pt")
         await worker.send({"type": "start", "settings": settings, "checkpoint": checkpoint})
-        stop_watch = asyncio.create_task(self._close_worker_on_stop())
+        stop_watch = asyncio.create_task(self._close_worker_on_stop(worker))
         try:
             while (message := await worker.receive()) is not None:
                 kind = message.get("type")
@@ -332,15 +351,16 @@ class Daemon:
                         self.swap.book.last_finished = int(message["round"])
                     fields = ("parameters", "corpus_sha256", "shard")
                     self.events.emit("worker", **{k: message[k] for k in fields})
-                    begin = await self._begin(resumed=bool(message.get("round")))
+                    begin = await self._begin(worker, resumed=bool(message.get("round")))
                     if not self.stopping.is_set():  # a stopping worker was told so and no longer listens
                         await worker.send(begin)
                 elif kind == "snapshot":  # kept so that a joining peer can start from our weights
-                    self.snapshot = (int(message["round"]), worker.snapshot.read(int(message["nbytes"])))
+                    weights = _shared(worker.snapshot).read(int(message["nbytes"]))
+                    self.snapshot = (int(message["round"]), weights)
                 elif kind in ("progress", "eval"):
                     self.events.emit(kind, **{k: v for k, v in message.items() if k != "type"})
                 elif kind == "payload":
-                    await self._round(message)
+                    await self._round(worker, message)
                 elif kind == "done":
                     self.events.emit("done", round=message["round"], checkpoint=message["checkpoint"])
                     return 0
@@ -352,17 +372,17 @@ class Daemon:
         finally:
             stop_watch.cancel()
 
-    async def _begin(self, resumed: bool) -> dict[str, Any]:
+    async def _begin(self, worker: WorkerProcess, resumed: bool) -> dict[str, Any]:
         """The worker's go, once enough peers are ready: from a member's current weights when we join a run
         in progress."""
-        self.membership.me.ready = True
+        self._membership.me.ready = True
         await self._wait_for_peers()
         loop = asyncio.get_running_loop()
-        others = [p for p in self.membership.live(loop.time()) if p != self.peer_id]
-        if resumed or not others or max(self.membership.members[p].round for p in others) == 0:
+        others = [p for p in self._membership.live(loop.time()) if p != self.peer_id]
+        if resumed or not others or max(self._membership.members[p].round for p in others) == 0:
             return {"type": "begin", "weights_nbytes": 0}
         self.board.set_activity("joining", "fetching the run's current weights from a member")
-        for peer in sorted(others, key=lambda p: -self.membership.members[p].round)[:WEIGHT_SOURCES]:
+        for peer in sorted(others, key=lambda p: -self._membership.members[p].round)[:WEIGHT_SOURCES]:
             try:
                 reply, received = await self._fetch_weights(peer)
                 weights, number = reply.get("data"), reply.get("round")
@@ -377,7 +397,7 @@ class Daemon:
                     dense.PayloadError, ValueError) as error:  # fmt: skip
                 log.warning("[%s] could not fetch weights from %s: %s", self.peer_id, peer, error)
                 continue
-            nbytes = self.worker.inbound.write(weights)
+            nbytes = _shared(worker.inbound).write(weights)
             self.swap.book.last_finished = number
             self.events.emit("weights", source=peer, round=number, bytes_received=received)
             return {"type": "begin", "weights_nbytes": nbytes, "round": number}
@@ -399,18 +419,19 @@ class Daemon:
                 )
         return reply, received
 
-    async def _close_worker_on_stop(self) -> None:
+    async def _close_worker_on_stop(self, worker: WorkerProcess) -> None:
         await self.stopping.wait()
         with contextlib.suppress(WorkerGone):
-            await self.worker.send({"type": "stop"})
+            await worker.send({"type": "stop"})
 
-    async def _round(self, message: dict[str, Any]) -> None:
-        payload = self.worker.outbound.read(int(message["nbytes"]))
+    async def _round(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
+        payload = _shared(worker.outbound).read(int(message["nbytes"]))
         started = time.monotonic()
         report = await self.swap.swap(int(message["round"]), payload)
         number, seconds = report.number, time.monotonic() - started
         if report.outcome == "swapped":
-            nbytes = self.worker.inbound.write(report.payload)
+            assert report.payload is not None  # a swapped round brought the partner's payload
+            nbytes = _shared(worker.inbound).write(report.payload)
             report.payload = None  # the worker has it; keep no model-sized copies in the history
         self.events.emit(
             "round",
@@ -436,10 +457,11 @@ class Daemon:
         if self.stopping.is_set():
             return
         if report.outcome == "swapped":
-            await self.worker.send({"type": "partner", "round": number, "nbytes": nbytes})
-            await self.reach.measure_rtt(report.partner, number)
+            assert report.partner is not None  # a swapped round had a partner
+            await worker.send({"type": "partner", "round": number, "nbytes": nbytes})
+            await self._peer_reach.measure_rtt(report.partner, number)
         else:
-            await self.worker.send({"type": "skip", "round": number, "reason": report.outcome})
+            await worker.send({"type": "skip", "round": number, "reason": report.outcome})
 
     def status(self) -> dict[str, Any]:
         """What `peer status` shows; also the metrics endpoint's source."""
@@ -483,7 +505,7 @@ class Daemon:
         the answer and the bytes sent and received. `progress(done, total)` follows the answer's bytes."""
         peer = await self._reach(target)
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            stream = await self.host.new_stream(peer, RUN_PROTOCOL)
+            stream = await self._host.new_stream(peer, RUN_PROTOCOL)
         try:
             sent = await write_message(stream, message)
             await stream.close()  # our side is done: half-close
@@ -499,7 +521,7 @@ class Daemon:
         try:
             async with asyncio.timeout(timeout):
                 reply, _, _ = await self._request(
-                    target, self._message("members", table=self.membership.table()), CONTROL_MESSAGE_LIMIT
+                    target, self._message("members", table=self._membership.table()), CONTROL_MESSAGE_LIMIT
                 )
         except (
             OSError,
@@ -527,10 +549,10 @@ class Daemon:
         return True
 
     def _merge_members(self, table: Any, now: float) -> None:
-        new = self.membership.merge(table, now)
+        new = self._membership.merge(table, now)
         for peer in new:
-            self.events.emit("peer_joined", partner=peer, address=self.membership.addr_of(peer),
-                             addresses=self.membership.addrs_of(peer))  # fmt: skip
+            self.events.emit("peer_joined", partner=peer, address=self._membership.addr_of(peer),
+                             addresses=self._membership.addrs_of(peer))  # fmt: skip
         if new and self.runstate is not None:
             self.runstate.add_peers(new)
 
@@ -539,8 +561,8 @@ class Daemon:
         live_before: set[str] = set()
         while True:
             now = loop.time()
-            self.membership.beat(now, self.swap.book.last_finished)
-            live = set(self.membership.live(now))
+            self._membership.beat(now, self.swap.book.last_finished)
+            live = set(self._membership.live(now))
             for gone in live_before - live:
                 self.events.emit("peer_lost", partner=gone)
             live_before = live
@@ -551,11 +573,11 @@ class Daemon:
             else:
                 # Alone: everyone may have been presumed dead while we (or they) were busy, e.g. loading
                 # torch. Knock on the bootstrap peers and the members we gave up on, so a split heals.
-                known = [p for p in self.membership.members if p != self.peer_id]
+                known = [p for p in self._membership.members if p != self.peer_id]
                 candidates = [*self.config.bootstrap, *known]
                 if candidates:
                     await self._exchange_members(random.choice(candidates))
-            self.membership.forget_dead(now)
+            self._membership.forget_dead(now)
             await asyncio.sleep(self.config.gossip_interval * random.uniform(0.8, 1.2))
 
     # --- serving other peers ----------------------------------------------------------------------
@@ -566,7 +588,8 @@ class Daemon:
                 timer = TransferTimer()
                 async with asyncio.timeout(REQUEST_TIMEOUT):
                     request, size = await read_frame(stream, self.swap.max_offer_bytes, timer)
-                self.reach.record(timer, sender)
+                if self.reach is not None:  # not yet while the NAT layer starts
+                    self.reach.record(timer, sender)
                 await self._dispatch(sender, request, size, stream)
                 await stream.close()
             except (MessageError, dense.PayloadError) as error:
@@ -588,7 +611,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         if kind == "members":
             self._merge_members(request.get("table"), loop.time())
-            reply = self._message("members", table=self.membership.table(), creator=self.creator)
+            reply = self._message("members", table=self._membership.table(), creator=self.creator)
             await write_message(writer, reply)
         elif kind == "status":
             await write_message(writer, self._message("status", **self.swap.status(request)))
@@ -602,6 +625,20 @@ class Daemon:
             await self.swap.answer_offer(sender, request, size, writer)
         else:
             raise MessageError(f"unknown request type {kind!r}")
+
+
+def _shared(buffer: SharedBuffer | None) -> SharedBuffer:
+    """A shared-memory buffer of the worker's, which its hello names before it sends anything else."""
+    if buffer is None:
+        raise DaemonError("the training worker used shared memory before its hello named it")
+    return buffer
+
+
+def _set_up(part: T | None, what: str) -> T:
+    """One of the parts that `Daemon.run()` sets up before anything else uses it."""
+    if part is None:
+        raise RuntimeError(f"the daemon's {what} was used before run() set it up")
+    return part
 
 
 def _is_peer_id(text: str) -> bool:

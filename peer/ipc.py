@@ -60,16 +60,22 @@ class SharedBuffer:
     def capacity(self) -> int:
         return self.segment.size
 
+    @property
+    def _buf(self) -> memoryview:
+        buf = self.segment.buf  # None once the segment is closed
+        assert buf is not None, "shared buffer used after close()"
+        return buf
+
     def write(self, data: bytes | memoryview) -> int:
         if len(data) > self.capacity:
             raise ValueError(f"{len(data)} bytes do not fit the {self.capacity}-byte shared buffer")
-        self.segment.buf[: len(data)] = data
+        self._buf[: len(data)] = data
         return len(data)
 
     def read(self, nbytes: int) -> bytes:
         if not 0 <= nbytes <= self.capacity:
             raise ValueError(f"{nbytes} bytes are outside the {self.capacity}-byte shared buffer")
-        return bytes(self.segment.buf[:nbytes])
+        return bytes(self._buf[:nbytes])
 
     def close(self) -> None:
         self.segment.close()
@@ -120,7 +126,7 @@ class ControlChannel:
 
 
 class WorkerProcess:
-    """The daemon's handle on its training worker: an asyncio subprocess running `python -m peer.worker`."""
+    """The daemon's handle on its training worker: a subprocess running `python -P -m shoal.peer.worker`."""
 
     def __init__(self, process: asyncio.subprocess.Process):
         self.process = process

@@ -41,34 +41,41 @@ REACHABILITY_TIMEOUT = 25.0  # all of their verdicts (each request has its own 1
 
 
 class PeerReach:
-    def __init__(self, host: Host, config: PeerConfig, address: str):
+    def __init__(self, host: Host, config: PeerConfig, address: str, nat: NatService):
         self.host = host
         self.config = config
         self.address = address  # where we listen, as a peer on our own network would dial it
         self.me = str(host.peer_id)
-        self.nat: NatService | None = None
+        self.nat = nat
 
-    async def start(self, stack: contextlib.AsyncExitStack) -> None:
+    @classmethod
+    async def start(
+        cls, host: Host, config: PeerConfig, address: str, stack: contextlib.AsyncExitStack
+    ) -> PeerReach:
         """The NAT layer, closed by `stack`: serves what the options say, reserves relay slots."""
-        relays = [addr for text in self.config.relays if (addr := await self._relay(text)) is not None]
-        nat_config = dataclasses.replace(self.config.nat_config(tuple(relays)), punch_in_background=True)
-        self.nat = NatService(self.host, nat_config)
-        stack.push_async_callback(self.nat.close)
+        me = str(host.peer_id)
+        relays = [addr for text in config.relays if (addr := await cls._relay(host, me, text)) is not None]
+        nat_config = dataclasses.replace(config.nat_config(tuple(relays)), punch_in_background=True)
+        nat = NatService(host, nat_config)
+        stack.push_async_callback(nat.close)
+        reach = cls(host, config, address, nat)
         try:
             async with asyncio.timeout(START_TIMEOUT):
-                await self.nat.start()
+                await nat.start()
         except TimeoutError:
             log.warning("[%s] the NAT layer did not finish starting in %.0f s (relays slow?); going on",
-                        self.me, START_TIMEOUT)  # fmt: skip
+                        me, START_TIMEOUT)  # fmt: skip
         if relays:
-            status = self.nat.reachability.status
+            status = nat.reachability.status
             log.info("[%s] reachability: %s; holding %d relay reservation(s); publishing %s",
-                     self.me, status, len(self.nat.reservations), ", ".join(self.published()))  # fmt: skip
-            if status != reachability.PUBLIC and not self.nat.reservations:
+                     me, status, len(nat.reservations), ", ".join(reach.published()))  # fmt: skip
+            if status != reachability.PUBLIC and not nat.reservations:
                 log.warning("[%s] behind a NAT and no relay holds a slot for us: peers can reach us only "
-                            "when we dial them", self.me)  # fmt: skip
+                            "when we dial them", me)  # fmt: skip
+        return reach
 
-    async def _relay(self, text: str) -> Multiaddr | None:
+    @staticmethod
+    async def _relay(host: Host, me: str, text: str) -> Multiaddr | None:
         """A relay's address with its peer id, learned by connecting where the option left it out. A relay
         that is still starting (a swarm's peers and its bootstrap start together) gets RELAY_PATIENCE."""
         addr = Multiaddr.parse(text)
@@ -79,11 +86,11 @@ class PeerReach:
         while True:
             try:
                 async with asyncio.timeout(RELAY_CONNECT_TIMEOUT):
-                    return addr.with_peer_id(await self.host.connect(addr))
+                    return addr.with_peer_id(await host.connect(addr))
             except (TimeoutError, OSError, TransportError) as error:
                 if loop.time() + delay > deadline:
                     log.warning("[%s] relay %s does not answer (%s); going on without it",
-                                self.me, text, error or "timed out")  # fmt: skip
+                                me, text, error or "timed out")  # fmt: skip
                     return None
             await asyncio.sleep(delay)
             delay = min(4.0, delay * 2)
@@ -91,14 +98,11 @@ class PeerReach:
     def relayed(self) -> bool:
         """Behind a NAT and reachable through relays only."""
         nat = self.nat
-        return nat is not None and bool(nat.reservations) and nat.reachability.status != reachability.PUBLIC
+        return bool(nat.reservations) and nat.reachability.status != reachability.PUBLIC
 
     def published(self) -> list[str]:
         """The addresses others should dial us at, best first."""
-        nat = self.nat
-        if nat is None:
-            return [self.address]
-        nat_addrs = [str(a) for a in nat.addrs()]
+        nat_addrs = [str(a) for a in self.nat.addrs()]
         if self.relayed():
             # Behind a NAT: our listening address is private, and a dial to it from elsewhere would only
             # time out; publish what the NAT layer found (confirmed public addresses, relayed ones).
@@ -139,7 +143,12 @@ class PeerReach:
         if status not in (reachability.PRIVATE, reachability.FIREWALLED):
             return
         where = "behind a NAT" if status == reachability.PRIVATE else "firewalled"
-        relays = [addr for text in self.config.bootstrap if (addr := await self._relay(text)) is not None]
+        relays = [
+            addr
+            for text in self.config.bootstrap
+            if (addr := await self._relay(self.host, self.me, text)) is not None
+        ]
+        held: list[Multiaddr | PeerID]  # the relays' addresses, or the ids of those that hold a slot
         try:
             async with asyncio.timeout(REACHABILITY_TIMEOUT):
                 held = [addr for addr in relays if await self.nat.add_relay(addr)]
@@ -161,7 +170,7 @@ class PeerReach:
 
     async def measure_rtt(self, partner: str, round_number: int) -> None:
         """A ping to a partner now and then, for `peer status` and `links`."""
-        info = self.nat.paths.get(PeerID.from_string(partner)) if self.nat else None
+        info = self.nat.paths.get(PeerID.from_string(partner))
         if info is None or (info.rtt_s is not None and round_number % RTT_EVERY_ROUNDS):
             return
         try:
@@ -172,7 +181,7 @@ class PeerReach:
 
     def record(self, timer: TransferTimer, peer: str) -> None:
         """Feeds a timed message body into the path's throughput figure."""
-        if self.nat is None or timer.finished is None:
+        if timer.finished is None:
             return
         with contextlib.suppress(ValueError):
             self.nat.record_transfer(PeerID.from_string(peer), timer.nbytes, timer.finished - timer.started)

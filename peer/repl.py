@@ -78,6 +78,7 @@ def render_status(console: Console, status: dict[str, Any]) -> None:
         elif label == "peers known / live":
             value = f"{status.get('peers_known')} / {status.get('peers_live')}"
         else:
+            assert key is not None  # only the two combined rows above have no key of their own
             value = _cell(status.get(key))
         table.add_row(label, value)
     console.print(table)

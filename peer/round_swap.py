@@ -88,6 +88,13 @@ class RoundSwap:
         self.spec, self.method, self.lattice_bits = spec, method, lattice_bits
         self.max_offer_bytes = dense.max_payload_bytes(spec) + PAYLOAD_SLACK
 
+    @property
+    def _members(self) -> Membership:
+        """The daemon's membership, which it sets before the first round."""
+        if self.membership is None:
+            raise RuntimeError("a round needs the daemon's membership, and it has not been set yet")
+        return self.membership
+
     async def swap(self, proposed: int, payload: bytes) -> RoundReport:
         """Swaps our payload for round `proposed` (or the run's round) with that round's partner."""
         number = await self._round_number(proposed)
@@ -137,7 +144,7 @@ class RoundSwap:
         replies = await asyncio.gather(*(self._status_of(p, number) for p in asked))
         answers = dict(zip(asked, replies, strict=True))
         finished = [a[0] for a in answers.values() if a is not None]
-        run = clock.run_round(finished or [self.membership.members[p].round for p in others])
+        run = clock.run_round(finished or [self._members.members[p].round for p in others])
         where = answers.get(partner) if partner is not None else None
         return run, where is not None and clock.still_in(number, *where)
 
@@ -152,9 +159,9 @@ class RoundSwap:
                 ShoalError, ValueError):  # fmt: skip
             return None
         finished, here = reply.get("finished"), reply.get("round")
-        if reply.get("type") != "status" or not all(
-            isinstance(n, int) and 0 <= n < 2**40 for n in (finished, here)
-        ):
+        if reply.get("type") != "status" or not (isinstance(finished, int) and isinstance(here, int)):
+            return None
+        if not (0 <= finished < 2**40 and 0 <= here < 2**40):
             return None
         return finished, here
 
@@ -190,12 +197,13 @@ class RoundSwap:
         except (MessageError, dense.PayloadError) as error:
             report.outcome = f"skipped: partner {partner} sent an invalid answer ({error})"
             log.warning("[%s] round %d: %s", self.peer_id, number, report.outcome)
+            assert partner is not None  # only an exchange with a partner gets an answer to find invalid
             self.strike(partner, str(error))
         finally:
             self.incoming.pop(number, None)
             async with self.changed:
                 self.book.finish(number)
-                self.membership.beat(loop.time(), self.book.last_finished)
+                self._members.beat(loop.time(), self.book.last_finished)
                 self.changed.notify_all()
         return report
 
@@ -247,7 +255,7 @@ class RoundSwap:
 
     def eligible(self, now: float) -> list[str]:
         """The members we would pair with: live and not banned by us."""
-        return [p for p in self.membership.live(now) if p not in self.banned]
+        return [p for p in self._members.live(now) if p not in self.banned]
 
     async def answer_offer(self, sender: str, request: dict[str, Any], size: int, writer: Stream) -> None:
         number, payload = round_field(request), request.get("payload")
@@ -276,6 +284,7 @@ class RoundSwap:
                 reason = decision.reason if decision else f"not ready for round {number} in time"
                 await write_message(writer, self._message("refuse", reason=reason or "duplicate"))
                 return
+            assert self.book.current is not None  # on_offer accepts only for the round we are ready for
             ours = self.book.current.payload
         sent = await write_message(writer, self._message("accept", round=number, payload=ours))
         arrival = self.incoming.get(number)

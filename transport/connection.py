@@ -17,7 +17,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from . import multistream, noise, yamux
 from .errors import (
@@ -97,7 +97,7 @@ class Stream:
 
     # ------------------------------------------------------------------ fed by the connection
 
-    def _feed(self, data: memoryview) -> None:
+    def _feed(self, data: bytes | memoryview) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
         self._readable.wake()
@@ -270,8 +270,11 @@ class Connection(asyncio.BufferedProtocol):
     # ------------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
-        transport.set_write_buffer_limits(high=self.host.limits.write_buffer_high)
+        # A stream protocol's transport is an asyncio.Transport in all but name: uvloop's transports are
+        # not subclasses of it, and BaseProtocol.connection_made is typed with BaseTransport.
+        stream_transport = cast(asyncio.Transport, transport)
+        self.transport = stream_transport
+        stream_transport.set_write_buffer_limits(high=self.host.limits.write_buffer_high)
         _enable_keepalive(transport.get_extra_info("socket"))
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("sockname")
@@ -456,30 +459,29 @@ class Connection(asyncio.BufferedProtocol):
     def _dispatch(self, events: list[yamux.Event]) -> None:
         streams = self.streams
         for event in events:
-            kind = type(event)
-            if kind is yamux.DataReceived:
-                stream = streams.get(event.stream_id)  # type: ignore[union-attr]
+            if isinstance(event, yamux.DataReceived):
+                stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream._feed(event.data)  # type: ignore[union-attr]
-            elif kind is yamux.WindowUpdated:
-                stream = streams.get(event.stream_id)  # type: ignore[union-attr]
+                    stream._feed(event.data)
+            elif isinstance(event, yamux.WindowUpdated):
+                stream = streams.get(event.stream_id)
                 if stream is not None:
                     stream._window_opened()
-            elif kind is yamux.StreamOpened:
-                stream = Stream(self, event.stream_id)  # type: ignore[union-attr]
-                streams[event.stream_id] = stream  # type: ignore[union-attr]
+            elif isinstance(event, yamux.StreamOpened):
+                stream = Stream(self, event.stream_id)
+                streams[event.stream_id] = stream
                 self.host.on_stream_opened(stream)
-            elif kind is yamux.StreamEnded:
-                stream = streams.get(event.stream_id)  # type: ignore[union-attr]
+            elif isinstance(event, yamux.StreamEnded):
+                stream = streams.get(event.stream_id)
                 if stream is not None:
                     stream._feed_eof()
-                    self._forget_if_closed(event.stream_id)  # type: ignore[union-attr]
-            elif kind is yamux.StreamReset:
-                stream = streams.pop(event.stream_id, None)  # type: ignore[union-attr]
+                    self._forget_if_closed(event.stream_id)
+            elif isinstance(event, yamux.StreamReset):
+                stream = streams.pop(event.stream_id, None)
                 if stream is not None:
                     stream._fail(StreamResetError(f"stream {stream.protocol} reset by {self.who()}"))
-            elif kind is yamux.GoAwayReceived:
-                log.info("peer %s is going away (code %d)", self.who(), event.code)  # type: ignore[union-attr]
+            elif isinstance(event, yamux.GoAwayReceived):
+                log.info("peer %s is going away (code %d)", self.who(), event.code)
                 self.host.on_going_away(self)
 
     def _flush(self) -> None:
@@ -506,7 +508,7 @@ class Connection(asyncio.BufferedProtocol):
             if small_size + len(frame) > limit:
                 encrypt(b"".join(small), out)
                 small, small_size = [], 0
-            small.append(frame)  # type: ignore[arg-type]
+            small.append(frame)
             small_size += len(frame)
         if small:
             encrypt(b"".join(small), out)

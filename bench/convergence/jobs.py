@@ -15,7 +15,8 @@ SYNC = ("single", "ddp")
 
 
 def sim_config(mode: str, seed: int) -> SimConfig:
-    if mode == "full":  # notes 4.5: d=128, L=4, T=128, R=8, 3 seeds (30–60 min on an idle box)
+    if mode == "full":  # d=128, L=4, T=128, R=8, 3 seeds (30–60 min on an idle box)
+        # (docs/outer-methods.md, Convergence benchmark configuration)
         return SimConfig(
             model=GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128),
             replicas=8,
@@ -34,7 +35,7 @@ def sim_config(mode: str, seed: int) -> SimConfig:
             eval_every=2,
             seed=seed,
         )
-    return SimConfig(seed=seed)  # quick / sweep: the CI config of notes 4.5
+    return SimConfig(seed=seed)  # quick / sweep: the CI config (docs/outer-methods.md, same section)
 
 
 def run_method(

@@ -7,18 +7,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+# Importing bench.convergence.research registers the research methods (diloco, sparseloco,
+# gossip-sparseloco) into the dispatch of `shoal.gossip.outer.methods`, next to the product's.
+from bench.convergence.research import diloco
+from bench.convergence.research.gossip_sparseloco import known_ids, relay_for
 from bench.convergence.sim import Batches, Replicas, SimConfig, evaluate, lr_at, spread
-from shoal.gossip.outer import diloco
-from shoal.gossip.outer.methods import (
-    TOPOLOGY,
-    OuterConfig,
-    OuterState,
-    known_ids,
-    make_message,
-    outer_step,
-    relay_for,
-    wire_bytes,
-)
+from shoal.gossip.outer.methods import TOPOLOGY, OuterConfig, OuterState, make_message, outer_step, wire_bytes
 from shoal.gossip.outer.pairing import partner_index
 
 

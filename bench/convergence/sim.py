@@ -1,8 +1,8 @@
 """R simulated workers in one process: stacked parameters, one vmapped forward/backward for all of them.
 
-Research notes 4.2: every weight is stored as [R, ...]; one torch.optim.AdamW over the stacked tensors is
-exactly R independent AdamWs (Adam is element-wise), gradients are clipped per worker (norm per slice), and
-every worker reads its own shard. The model is the worker's own GPT (`peer.worker.model`), called through
+Every weight is stored as [R, ...]; one torch.optim.AdamW over the stacked tensors is exactly R independent
+AdamWs (Adam is element-wise), gradients are clipped per worker (norm per slice), and every worker reads its
+own shard. The model is the worker's own GPT (`peer.worker.model`), called through
 torch.func.functional_call under vmap, so the tensors the outer methods and the codec see have the live
 product's names and shapes. The corpus is the worker's standard-library corpus (`peer.worker.data`).
 """
@@ -26,7 +26,10 @@ warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot
 
 @dataclass(frozen=True)
 class SimConfig:
-    """Sizes and inner-optimizer settings (research notes 4.5, the CI config by default)."""
+    """Sizes and inner-optimizer settings, the CI config by default.
+
+    See docs/outer-methods.md, Convergence benchmark configuration.
+    """
 
     model: GPTConfig = field(default_factory=lambda: GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64))
     replicas: int = 4
@@ -94,7 +97,7 @@ class Replicas:
         self.params = {
             k: v.unsqueeze(0).repeat(count, *([1] * v.dim())).requires_grad_() for k, v in init.items()
         }
-        # Weight decay on matrices only (notes 4.3): stacked matrices have 3 dims.
+        # Weight decay on matrices only: stacked matrices have 3 dims.
         decay = [p for p in self.params.values() if p.dim() >= 3]
         other = [p for p in self.params.values() if p.dim() < 3]
         self.opt = torch.optim.AdamW(
@@ -152,7 +155,7 @@ def evaluate(replicas: Replicas, stacked: dict[str, torch.Tensor], batches: Batc
 
 
 def spread(stacked: dict[str, torch.Tensor]) -> float:
-    """RMS over all weights and replicas of φ_i − φ̄ (notes 4.4)."""
+    """RMS over all weights and replicas of φ_i − φ̄: how far the replicas drifted apart."""
     total, count = 0.0, 0
     for t in stacked.values():
         d = t - t.mean(0, keepdim=True)

@@ -1,19 +1,28 @@
-"""NoLoCo (arXiv 2506.10911): pairwise modified Nesterov, no collective (research notes 2.3).
+"""NoLoCo (arXiv 2506.10911): pairwise modified Nesterov, no collective (docs/outer-methods.md, NoLoCo).
 
 Per peer i with partner j:  Δ̄ = (Δ_i + Δ_j)/2;  φ̄ = (φ_i + φ_j)/2;
 δ_i ← α·δ_i − β·Δ̄ − γ·(φ_i − φ̄);  φ_i ← φ_i + δ_i.
 With β = γ (the released code) −β·Δ̄ − γ·(φ_i − φ̄) = β·(θ̄ − φ_i), θ̄ = (θ_i + θ_j)/2, so each side only needs
 the partner's fast weights θ_j: one model-size message each way. A peer that sits the round out (odd counts,
 partner lost) uses its own values for the pair means, which makes its step plain heavy-ball on Δ_i.
+
+The `noloco` method sends θ in fp32 (`make_message` / `outer_step`, called through `methods`);
+`compressed_noloco` sends the same θ as a lattice code and shares `noloco_step_from_fast`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from shoal.gossip.outer.tensors import Named, check_same_layout
+from shoal.gossip.outer.errors import OuterMessageError
+from shoal.gossip.outer.tensors import Named, check_same_layout, dense_tensors, read_dense
+from shoal.gossip.outer.wire import Message, pack, unpack
+
+if TYPE_CHECKING:
+    from shoal.gossip.outer.config import OuterConfig, OuterState
 
 # NoLoCo reference hyper-parameters (gensyn-ai/noloco configs): outer momentum α, outer lr β, averaging γ.
 DEFAULT_ALPHA = 0.5
@@ -74,3 +83,27 @@ def noloco_step_from_fast(
         new_momentum[name] = m
         new_slow[name] = (phi32 + m).to(phi.dtype)
     return new_slow, new_momentum
+
+
+def make_message(config: OuterConfig, state: OuterState, fast: Mapping[str, torch.Tensor]) -> bytes:
+    """θ in fp32, sorted-name order: what the partner needs for the β = γ step."""
+    check_same_layout(state.slow, fast, "fast weights")
+    return pack(Message(config.method, state.origin, state.round, tensors=dense_tensors(fast)))
+
+
+def wire_bytes(config: OuterConfig, message: bytes) -> int:
+    return len(message)
+
+
+def outer_step(config: OuterConfig, state: OuterState, own: bytes, received: Sequence[bytes]) -> Named:
+    """δ ← α·δ + β·(θ̄ − φ); φ ← φ + δ with the partner's θ (own values when sitting out). Sets state."""
+    mine = unpack(own, config.method)
+    theirs = [unpack(m, config.method) for m in received]
+    if len(theirs) > 1:
+        raise OuterMessageError(f"noloco pairs with one partner, got {len(theirs)} messages")
+    fast = read_dense(mine, state.slow)
+    partner = read_dense(theirs[0], state.slow) if theirs else None
+    state.slow, state.momentum = noloco_step_from_fast(
+        state.slow, fast, state.momentum, partner, config.momentum, config.lr
+    )
+    return state.slow

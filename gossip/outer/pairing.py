@@ -1,4 +1,6 @@
-"""Seeded pairing: every peer computes the same perfect matching with no traffic (research notes 2.3, P13).
+"""Seeded pairing: every peer computes the same perfect matching with no traffic.
+
+See docs/outer-methods.md, NoLoCo, and pitfall P13.
 
 NoLoCo's reference code draws `np.random.default_rng(step + 1).permutation(N)` on every rank and pairs
 perm[i] with perm[i + N/2]. Shoal does the same over an *agreed* view: the run's sorted peer list and the

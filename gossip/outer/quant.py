@@ -1,7 +1,7 @@
 """Dense low-precision codes for the compositions that send weights (V-B consensus, V-C).
 
 * Block absmax: int8-style codes with one fp32 scale per block of BLOCK values; error ∝ the block's largest
-  weight (research notes 2.4, the V-B prototype's 8-bit per-row absmax).
+  weight (docs/outer-methods.md, V-B pair: the prototype's 8-bit per-row absmax).
 * Modulo lattice (Wyner–Ziv style side-information code): send k mod 2^b for k = round(x / s); the receiver,
   who holds a nearby tensor y (its own φ), picks the k ≡ sent (mod 2^b) closest to y / s. Error ≤ s/2 whatever
   the weights' norm, so the step s only has to cover the *distance* between the two peers' tensors.

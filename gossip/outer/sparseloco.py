@@ -1,9 +1,13 @@
-"""SparseLoCo (arXiv 2508.15706): error feedback + chunked top-k + 2-bit codec, no outer momentum (notes 2.2).
+"""SparseLoCo (arXiv 2508.15706): error feedback + chunked top-k + 2-bit codec, no outer momentum.
 
-Per peer:  e ← β·e + Δ;  m = encode(e);  e ← e − decode(m)   (all inside `kernels.codec.encode`, pitfall P5)
-Aggregate: per coordinate, the MEAN OVER THE CONTRIBUTORS THAT SELECTED IT (reference
-`scatter_reduce(mean, include_self=False)`, pitfall P4);  φ ← φ − α·A.  The outer lr is applied once (P3):
-EF accumulates Δ unscaled and α multiplies only the aggregate.
+See docs/outer-methods.md, SparseLoCo. Per peer:  e ← β·e + Δ;  m = encode(e);  e ← e − decode(m)   (all
+inside `kernels.codec.encode`, pitfall P5). Aggregate: per coordinate, the MEAN OVER THE CONTRIBUTORS THAT
+SELECTED IT (reference `scatter_reduce(mean, include_self=False)`, pitfall P4);  φ ← φ − α·A.  The outer lr is
+applied once (P3): EF accumulates Δ unscaled and α multiplies only the aggregate.
+
+This is the codec math the product's `pair_sparseloco` composes with a partner. SparseLoCo's own method (an
+all-gather over every peer) and the gossip variant (V-A) are research baselines the daemon refuses; they
+live with the convergence benchmark (bench/convergence/research/).
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from shoal.gossip.outer.errors import OuterMessageError
 from shoal.gossip.outer.tensors import Named, OuterError, check_same_layout
+from shoal.gossip.outer.wire import Message
 from shoal.kernels import codec
 
-# Reference hyper-parameters: α = 1, β = 0.95 (hparams/512M/sweeps). Density: see methods.py's tuned codec.
+# Reference hyper-parameters: α = 1, β = 0.95 (hparams/512M/sweeps). Density: the codec's defaults.
 DEFAULT_LR = 1.0
 DEFAULT_EF_BETA = 0.95
 
@@ -50,6 +56,16 @@ def decode_dense(payload: bytes, slow: Mapping[str, torch.Tensor]) -> tuple[Name
     for name, sparse in update.items():  # which coordinates this sender selected (contributor count)
         mask[name].view(-1)[sparse.indices] = 1.0
     return values, mask
+
+
+def decode_message(message: Message, slow: Mapping[str, torch.Tensor]) -> tuple[Named, Named]:
+    """The codec payload of a sparse method's message as dense (values, contributor mask)."""
+    if message.update is None:
+        raise OuterMessageError(f"{message.kind} message from {message.origin} carries no codec payload")
+    try:
+        return decode_dense(message.update, slow)
+    except codec.CodecError as exc:
+        raise OuterMessageError(f"{message.kind} message from {message.origin}: {exc}") from exc
 
 
 def contributor_mean(decoded: Sequence[tuple[Named, Named]]) -> Named:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
 
-from shoal.gossip.outer.errors import OuterError
+from shoal.gossip.outer.errors import OuterError, OuterMessageError
+from shoal.gossip.outer.wire import Message
 
 Named = dict[str, torch.Tensor]
 
@@ -62,3 +64,29 @@ def zeros_like(named: Mapping[str, torch.Tensor]) -> Named:
 
 def all_finite(named: Mapping[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in named.values())
+
+
+def dense_tensors(named: Mapping[str, torch.Tensor]) -> list[bytes]:
+    """Named tensors as raw fp32 bytes in sorted-name order: a dense message's `tensors` field."""
+    return [named[n].detach().float().contiguous().numpy().tobytes() for n in sorted(named)]
+
+
+def read_dense(message: Message, like: Mapping[str, torch.Tensor]) -> Named:
+    """Inverse of `dense_tensors`, checked against this peer's layout; OuterMessageError if it won't fit."""
+    names = sorted(like)
+    if len(message.tensors) != len(names):
+        raise OuterMessageError(
+            f"message from {message.origin} has {len(message.tensors)} tensors, model has {len(names)}"
+        )
+    out: Named = {}
+    for name, raw in zip(names, message.tensors, strict=True):
+        shape = like[name].shape
+        if len(raw) != 4 * like[name].numel():
+            raise OuterMessageError(
+                f"message from {message.origin}: tensor {name!r} has {len(raw)} bytes, "
+                f"expected {4 * like[name].numel()} for shape {tuple(shape)}"
+            )
+        out[name] = torch.from_numpy(np.frombuffer(raw, dtype=np.float32).copy()).view(shape)
+    if not all_finite(out):
+        raise OuterMessageError(f"message from {message.origin} carries non-finite values; dropped")
+    return out

@@ -22,7 +22,7 @@ from shoal.kernels import wire as codec_wire
 from shoal.kernels.wire import CodecError
 
 TensorSpec = Sequence[tuple[str, tuple[int, ...]]]  # the model's tensors
-DENSE_METHODS = ("diloco", "noloco")
+DENSE_METHODS = ("noloco",)  # the product methods the daemon runs (gossip/outer/methods.py)
 LATTICE_METHODS = ("compressed-noloco",)
 ENVELOPE_SLACK = 1 << 20  # msgpack framing, names and side information around the tensor bytes
 

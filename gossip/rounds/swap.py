@@ -91,12 +91,12 @@ class SwapBook:
 
     def status(self, number: int) -> dict:
         """What a partner waiting for us in round `number` needs to know."""
-        ready = self.current is not None and self.current.number == number
+        slot = self.current if self.current is not None and self.current.number == number else None
         return {
             "round": self.here,
             "finished": self.last_finished,
-            "partner": self.current.partner if ready else None,
-            "ready": ready,
+            "partner": slot.partner if slot is not None else None,
+            "ready": slot is not None,
         }
 
 

@@ -130,7 +130,7 @@ class DocReplica:
         """Build the pycrdt Doc from the checked chain. Should yrs refuse an entry the checks passed,
         the chain is cut there on every replica alike (same entries, same refusal), and only the
         owner, who signed it, loses anything."""
-        doc = Doc()
+        doc: Doc[Map] = Doc()  # Shoal documents hold root maps only
         clock = 0
         for i, e in enumerate(self.entries):
             end = clock + parse(e.update, ROOTS[self.kind]).length
@@ -173,7 +173,7 @@ class DocReplica:
             # Part of the transaction may be committed but is neither signed nor sent: rebuild the
             # document from the chain (same client, same clocks) so that it never diverges from it.
             self._captured.clear()
-            rebuilt = Doc(client_id=self.client)
+            rebuilt: Doc[Map] = Doc(client_id=self.client)
             for e in self.entries:
                 rebuilt.apply_update(e.update)
             self._materialize(rebuilt)
@@ -213,6 +213,7 @@ class DocReplica:
 
         entry = replica.write(key, fill)
         if entry is None:  # empty content: the snapshot is the empty update
+            assert replica.doc is not None  # a writer's replica holds its document from the start
             entry = Entry.sign(key, run_id, kind, gen, 0, b"", replica.doc.get_update())
             replica.entries.append(entry)
             replica.ids.append(entry.id(run_id))

@@ -692,7 +692,7 @@ class RunState:
             theirs = set(d.proofs)
             proofs = [p for o, p in sorted(self.proofs.items()) if o[:KEY_ID_BYTES] not in theirs]
             lacking = any(p not in {o[:KEY_ID_BYTES] for o in self.proofs} for p in theirs)
-        if d.docs is not None:
+        if isinstance(d.docs, list):  # a decoded digest holds lists; packed blobs are for sending
             theirs_docs = {(k, o): (g, s, h) for k, o, g, s, h in d.docs}
             for (kind, owner), r in sorted(self.docs.items()):
                 if owner in self.proofs or not self._authorized(kind, owner):
@@ -713,7 +713,7 @@ class RunState:
             lacking = lacking or any(
                 o not in self._by_id or self._by_id[o] not in self.proofs for (_, o) in theirs_docs
             )
-        if d.records is not None:
+        if isinstance(d.records, list):
             theirs_rec = dict(d.records)
             records = [r for o, r in self.records.items() if theirs_rec.get(o[:KEY_ID_BYTES], -1) < r.counter]
             mine = self._record_digest()[3]
@@ -796,7 +796,12 @@ class RunState:
         r_raw = [r.encode() for r in records]
         q_raw = [(a.encode(), b.encode()) for a, b in proofs]
         while e_raw or r_raw or q_raw:
-            batch_q, batch_e, batch_r, size, n = [], [], [], 0, 0
+            # One loop below fills all three (proof pairs, entries, records): mypy cannot pair each
+            # source with its batch, so the batches hold Any.
+            batch_q: list[Any] = []
+            batch_e: list[Any] = []
+            batch_r: list[Any] = []
+            size, n = 0, 0
             for src, dst, cost in (
                 (q_raw, batch_q, lambda x: len(x[0]) + len(x[1])),
                 (e_raw, batch_e, len),
@@ -869,8 +874,11 @@ class RunState:
         return state
 
 
-def _skip_bad(fn: Callable[[], Any]) -> Any:
-    """Run one restore step; a `Rejected` item is logged and skipped (returns False)."""
+def _skip_bad(fn: Callable[..., Any]) -> Any:
+    """Run one restore step; a `Rejected` item is logged and skipped (returns False).
+
+    `fn` is called without arguments; it is typed `...` because the steps are lambdas that bind loop
+    variables as defaults, which mypy cannot match against `Callable[[], Any]`."""
     try:
         result = fn()
     except Rejected as exc:

@@ -12,7 +12,7 @@ Digests are fixed-width blobs sorted by key, so their size is checked before the
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import msgpack
 
@@ -76,7 +76,11 @@ def encode(msg: Message) -> bytes:
     return msgpack.packb(body)
 
 
-def _pack(items: Any, item: struct.Struct) -> bytes | None:
+@overload
+def _pack(items: None, item: struct.Struct) -> None: ...
+@overload
+def _pack(items: bytes | list[Any], item: struct.Struct) -> bytes: ...
+def _pack(items: bytes | list[Any] | None, item: struct.Struct) -> bytes | None:
     """A digest as sent: None, an already packed blob (a sender caches its own), or a list of tuples."""
     if items is None or isinstance(items, bytes):
         return items
@@ -124,8 +128,8 @@ def decode(data: bytes) -> Message:
     if t == "sv":
         docs = _blob(m.get("d"), DOC_ITEM, "document")
         proofs = _blob(m.get("p"), PROOF_ITEM, "proof")
-        records = _blob(m.get("r"), REC_ITEM, "record")
-        return Digest(docs, None if proofs is None else [p[0] for p in proofs], records, m.get("x") is True)
+        recs = _blob(m.get("r"), REC_ITEM, "record")
+        return Digest(docs, None if proofs is None else [p[0] for p in proofs], recs, m.get("x") is True)
     if t == "push":
         proofs = m.get("q", [])
         if (

@@ -46,6 +46,8 @@ HASHED_TOKEN_BYTES = 1 << 20  # token files can be many GB: hash their ends and 
 def load_token_files(path: Path) -> Corpus:
     """nanoGPT's layout: a folder with train.bin and val.bin, or one .bin whose last 1/20 is held out."""
     path = Path(path)
+    train: np.ndarray  # memory-mapped files, or views into one
+    validation: np.ndarray
     if path.is_dir():
         train = np.memmap(path / "train.bin", dtype=np.uint16, mode="r")
         validation = np.memmap(path / "val.bin", dtype=np.uint16, mode="r")
@@ -93,7 +95,8 @@ def load_text_corpus(files: list[Path]) -> Corpus:
     """Reads files as bytes; every VALIDATION_EVERY-th file goes to validation."""
     if len(files) < 2:
         raise DataError(f"a corpus needs at least 2 files (one for validation), found {len(files)}")
-    train_parts, val_parts = [], []
+    train_parts: list[bytes] = []
+    val_parts: list[bytes] = []
     digest = hashlib.sha256()
     for i, path in enumerate(files):
         data = path.read_bytes()

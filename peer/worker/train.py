@@ -83,6 +83,7 @@ class Trainer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         corpus = load_corpus(settings.data)
         torch.manual_seed(settings.init_seed)
+        self.model: GPT | HFCausalLM
         if settings.model.startswith("hf:"):
             self.model = HFCausalLM(settings.model[3:])
             if not is_token_data(Path(settings.data or "")):
@@ -197,7 +198,7 @@ class Trainer:
 
     @torch.no_grad()
     def adopt(self, values: bytes, round_: int) -> None:
-        """Starts from a member's slow weights at `round_` (its outer buffers start empty, P12/P13)."""
+        """Takes a member's slow weights at `round_`; outer buffers empty (docs/outer-methods.md, P12-P13)."""
         flat = torch.from_numpy(np.frombuffer(values, dtype="<f4").copy())
         if flat.numel() != self.parameter_count() or not torch.isfinite(flat).all():
             raise CheckpointError("a member's weights do not fit this model or are not finite")
@@ -235,7 +236,7 @@ class Trainer:
 
     # --- checkpoint ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed peer needs to continue exactly where it stopped (research notes, P20)."""
+        """Everything a resumed peer needs to go on exactly where it stopped (docs/outer-methods.md, P20)."""
         return {
             "format": CHECKPOINT_FORMAT,
             "round": self.round,

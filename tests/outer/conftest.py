@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
+
+from shoal.gossip.outer.methods import OuterConfig, OuterState
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -38,9 +42,51 @@ def load(model: nn.Module, named: dict[str, torch.Tensor]) -> None:
         p.copy_(named[k])
 
 
+def model_weights(seed: int) -> dict[str, torch.Tensor]:
+    """A two-tensor model big enough for the codec's 64x64 tiles."""
+    g = torch.Generator().manual_seed(seed)
+    return {"w": 0.05 * torch.randn(96, 64, generator=g), "b": 0.05 * torch.randn(64, generator=g)}
+
+
+def nudged(slow: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Fast weights a little away from `slow`: a stand-in for H inner steps."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in slow.items()}
+
+
+RunRounds = Callable[[OuterConfig, list[OuterState], int, int], None]
+
+
+def check_resume(config: OuterConfig, run_rounds: RunRounds, path: Path) -> None:
+    """Save after 2 rounds, load, run 2 more: identical to never stopping (EF, store and round included).
+
+    `run_rounds(config, states, rounds, start)` drives the peers `states` with the method's topology.
+    """
+    straight = [OuterState.fresh(str(i), model_weights(9)) for i in range(3)]
+    run_rounds(config, straight, 4, 0)
+    resumed = [OuterState.fresh(str(i), model_weights(9)) for i in range(3)]
+    run_rounds(config, resumed, 2, 0)
+    torch.save([s.state_dict() for s in resumed], path)
+    resumed = [OuterState.from_state_dict(d) for d in torch.load(path)]
+    run_rounds(config, resumed, 2, 2)
+    for a, b in zip(straight, resumed, strict=True):
+        assert a.round == b.round == 4 and a.store == b.store
+        for k in a.slow:
+            assert torch.equal(a.slow[k], b.slow[k]) and torch.equal(a.error[k], b.error[k])
+            assert torch.equal(a.momentum[k], b.momentum[k])
+    assert any(not torch.equal(a.slow[k], model_weights(9)[k]) for a in straight for k in a.slow)
+
+
 @pytest.fixture
 def tools() -> SimpleNamespace:
     """The helpers above (importlib mode cannot import conftest from a test module)."""
     return SimpleNamespace(
-        make_model=make_model, batches=batches, train_step=train_step, weights=weights, load=load
+        make_model=make_model,
+        batches=batches,
+        train_step=train_step,
+        weights=weights,
+        load=load,
+        model_weights=model_weights,
+        nudged=nudged,
+        check_resume=check_resume,
     )

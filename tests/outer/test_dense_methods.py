@@ -1,78 +1,14 @@
-"""DiLoCo and NoLoCo invariances of research notes 4.6, through the entry point the worker calls."""
+"""NoLoCo invariances (docs/outer-methods.md, Invariance tests), through the entry point the worker calls.
+
+NoLoCo in fp32 and compressed (V-C); DiLoCo's invariances are in test_research_methods.py.
+"""
 
 import torch
 
-from shoal.gossip.outer import diloco, noloco
+from shoal.gossip.outer import noloco
 from shoal.gossip.outer.methods import OuterConfig, OuterState, make_message, outer_step
 
 ATOL = 1e-6
-
-
-def test_diloco_with_one_worker_one_inner_step_lr_1_no_momentum_is_adamw(tools):
-    batches, make_model, train_step, weights, load = (
-        tools.batches,
-        tools.make_model,
-        tools.train_step,
-        tools.weights,
-        tools.load,
-    )
-    data = batches(12)
-    reference = make_model()
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
-    for b in data:
-        train_step(reference, ref_opt, b)
-
-    worker = make_model()
-    opt = torch.optim.AdamW(worker.parameters(), lr=1e-2, weight_decay=0.1)  # inner state persists (notes 1)
-    config = OuterConfig("diloco", lr=1.0, momentum=0.0)
-    state = OuterState.fresh("me", weights(worker))
-    for b in data:
-        train_step(worker, opt, b)
-        own = make_message(config, state, weights(worker))
-        load(worker, outer_step(config, state, own, []))
-    for name, w in weights(reference).items():
-        assert torch.allclose(state.slow[name], w, atol=ATOL, rtol=0)
-    assert state.round == len(data)
-
-
-def test_diloco_lr_1_no_momentum_is_fedavg_over_workers(tools):
-    batches, make_model, train_step, weights = (
-        tools.batches,
-        tools.make_model,
-        tools.train_step,
-        tools.weights,
-    )
-    init = weights(make_model())
-    workers = [make_model() for _ in range(3)]
-    opts = [torch.optim.SGD(w.parameters(), lr=0.1) for w in workers]
-    config = OuterConfig("diloco", lr=1.0, momentum=0.0)
-    states = [OuterState.fresh(str(i), init) for i in range(3)]
-    for i, (w, o) in enumerate(zip(workers, opts, strict=True)):
-        for b in batches(3, seed=10 + i):
-            train_step(w, o, b)
-    fast = [weights(w) for w in workers]
-    messages = [make_message(config, s, f) for s, f in zip(states, fast, strict=True)]
-    for i, s in enumerate(states):
-        new = outer_step(config, s, messages[i], [m for j, m in enumerate(messages) if j != i])
-        for name in init:
-            fedavg = sum(f[name] for f in fast) / 3
-            assert torch.allclose(new[name], fedavg, atol=ATOL, rtol=0)
-
-
-def test_diloco_outer_step_is_torch_nesterov_sgd():
-    torch.manual_seed(0)
-    phi = {"w": torch.randn(6, 5), "b": torch.randn(5)}
-    param = {k: torch.nn.Parameter(v.clone()) for k, v in phi.items()}
-    sgd = torch.optim.SGD(param.values(), lr=0.7, momentum=0.9, nesterov=True)
-    momentum = {k: torch.zeros_like(v) for k, v in phi.items()}
-    for _ in range(5):
-        delta = {k: torch.randn_like(v) for k, v in phi.items()}
-        phi, momentum = diloco.nesterov_step(phi, delta, momentum, lr=0.7, mu=0.9)
-        for k, p in param.items():
-            p.grad = delta[k].clone()
-        sgd.step()
-        for k in phi:
-            assert torch.allclose(phi[k], param[k].detach(), atol=ATOL, rtol=0)
 
 
 def test_noloco_with_two_peers_keeps_them_equal_and_is_heavy_ball_diloco():

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.convergence.research import RESEARCH_METHODS
 from shoal.gossip.outer.errors import OuterMessageError as MessageError
 from shoal.gossip.outer.methods import METHODS, OuterConfig, OuterState, make_message, outer_step
 from shoal.gossip.outer.wire import unpack
@@ -34,7 +35,7 @@ def corruptions(good: bytes, method: str) -> list[bytes]:
     return out
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + RESEARCH_METHODS)  # the research ones: bench/convergence
 def test_a_bad_partner_message_is_refused_before_anything_changes(method):
     config = OuterConfig.tuned(method)
     me = OuterState.fresh("me", weights())
@@ -57,7 +58,7 @@ def test_a_bad_partner_message_is_refused_before_anything_changes(method):
 @given(st.binary(max_size=300))
 def test_random_bytes_never_parse_into_a_message(data):
     with pytest.raises(MessageError):
-        unpack(data, "diloco")
+        unpack(data, "noloco")
 
 
 def test_a_partner_claiming_a_huge_lattice_step_is_refused():

@@ -15,7 +15,7 @@ def test_lattice_code_is_exact_to_half_a_step_within_reach_of_the_side_informati
     assert close.float().mean() > 0.9
     assert bool(((decoded - x).abs()[close] <= step / 2 + 1e-6).all())
     # Out of reach the code wraps: the error is a whole number of moduli, which is why the sender sizes
-    # the step from its update's magnitude (methods.make_message).
+    # the step from its update's magnitude (compressed_noloco.make_message).
     far = ~close & ((x - side).abs() > 2 ** (bits - 1) * step + step)
     assert bool(((decoded - x).abs()[far] > 2 ** (bits - 1) * step).all())
 

@@ -156,7 +156,8 @@ def deliver(protocol: asyncio.BaseProtocol, data: bytes) -> None:
     if isinstance(protocol, asyncio.BufferedProtocol):
         view = memoryview(data)
         while view:
-            buffer = protocol.get_buffer(len(view))
+            # typeshed types get_buffer() as a ReadableBuffer; the protocol hands out a writable one
+            buffer = memoryview(protocol.get_buffer(len(view)))
             size = min(len(buffer), len(view))
             buffer[:size] = view[:size]
             protocol.buffer_updated(size)
@@ -209,16 +210,16 @@ async def attach(
     """
     conn = host.new_connection(inbound=not initiator)
     conn.transport = transport  # type: ignore[assignment]
-    conn.path = path  # type: ignore[attr-defined]
+    conn.path = path
     if isinstance(transport, StreamTransport) or hasattr(transport, "start"):  # our own transports
-        transport.start(conn)  # type: ignore[attr-defined]
+        transport.start(conn)
     else:
         transport.set_write_buffer_limits(high=host.limits.write_buffer_high)  # type: ignore[attr-defined]
         with contextlib.suppress(Exception):
             peer = transport.get_extra_info("peername")
             conn.remote_addr = Multiaddr.from_tcp(peer[0], peer[1])
-        holding = transport.get_protocol()  # type: ignore[attr-defined]
-        transport.set_protocol(conn)  # type: ignore[attr-defined]
+        holding = transport.get_protocol()
+        transport.set_protocol(conn)
         if isinstance(holding, Holding):
             early = bytes(holding.data) + early
             if holding.lost:

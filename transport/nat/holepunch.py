@@ -170,8 +170,9 @@ async def _open(local_port: int, targets: list[Multiaddr], deadline: float, *, l
     try:
         pending = set(tasks)
         while pending and sock is None:
-            done, pending = await asyncio.wait(pending, timeout=max(deadline - time.monotonic(), 0.01),
-                                               return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait(
+                pending, timeout=max(deadline - time.monotonic(), 0.01), return_when=asyncio.FIRST_COMPLETED
+            )
             if not done:
                 break
             for task in done:
@@ -220,36 +221,47 @@ async def punch(host: Host, peer: PeerID, stun_servers: list[tuple[str, int]]) -
             stream = await host.new_stream(peer, PROTOCOL)
             try:
                 sent = time.monotonic()
-                await write_message(stream, {"v": VERSION, "type": "connect", "addrs": [mapped.to_bytes()],
-                                             "symmetric": symmetric})
+                await write_message(
+                    stream,
+                    {"v": VERSION, "type": "connect", "addrs": [mapped.to_bytes()], "symmetric": symmetric},
+                )
                 reply = await read_message(stream, MAX_MESSAGE)
                 rtt = time.monotonic() - sent
                 targets = _addrs(reply)
                 if reply.get("type") != "connect" or not targets:
                     reason = reply.get("reason")
-                    raise PunchError(f"{peer.short()} sent no address to punch to ({reason})",
-                                     symmetric=reason == BOTH_SYMMETRIC)
+                    raise PunchError(
+                        f"{peer.short()} sent no address to punch to ({reason})",
+                        symmetric=reason == BOTH_SYMMETRIC,
+                    )
                 await write_message(stream, {"v": VERSION, "type": "sync"})
                 # The responder's STUN queries sat inside `rtt`; half of the rest is our head start.
                 await asyncio.sleep(min(rtt / 2, ATTEMPT_TIMEOUT_S))
                 peer_symmetric = reply.get("symmetric") is True
-                transport = await _establish(local_port, symmetric, peer_symmetric, targets, deadline,
-                                             listen=False)
+                transport = await _establish(
+                    local_port, symmetric, peer_symmetric, targets, deadline, listen=False
+                )
             finally:
                 await stream.close()
             conn = await attach(host, transport, initiator=True, expected=peer, path="tcp-punch")
             conn.punch_mode = _mode(symmetric, peer_symmetric)
             return conn
     except TimeoutError as exc:
-        raise PunchError(f"hole punch to {peer.short()} passed its {PUNCH_DEADLINE_S} s deadline",
-                         symmetric=symmetric) from exc
+        raise PunchError(
+            f"hole punch to {peer.short()} passed its {PUNCH_DEADLINE_S} s deadline", symmetric=symmetric
+        ) from exc
     except (MessageError, asyncio.IncompleteReadError) as exc:
         raise PunchError(f"hole punch to {peer.short()} broke off: {exc}") from exc
 
 
 async def _establish(
-    local_port: int, symmetric: bool, peer_symmetric: bool, targets: list[Multiaddr], deadline: float,
-    *, listen: bool,
+    local_port: int,
+    symmetric: bool,
+    peer_symmetric: bool,
+    targets: list[Multiaddr],
+    deadline: float,
+    *,
+    listen: bool,
 ) -> Any:
     """The TCP connection of a punch: a simultaneous open when neither NAT is symmetric, else port
     prediction with the symmetric side as the hard one."""
@@ -311,8 +323,9 @@ async def _first_connected(
         if wait_for_data:
             pending.add(spoken)
         while pending and winner is None:
-            done, pending = await asyncio.wait(pending, timeout=max(deadline - time.monotonic(), 0.01),
-                                               return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait(
+                pending, timeout=max(deadline - time.monotonic(), 0.01), return_when=asyncio.FIRST_COMPLETED
+            )
             if not done:
                 break
             for task in done:
@@ -400,7 +413,10 @@ class PunchResponder:
     """Answers punches started by peers; `on_connection(conn)` gets each punched connection."""
 
     def __init__(
-        self, host: Host, stun_servers: list[tuple[str, int]], on_connection: Any = None,
+        self,
+        host: Host,
+        stun_servers: list[tuple[str, int]],
+        on_connection: Any = None,
         ice_servers: ice.IceServers | None = None,
     ) -> None:
         self.host = host
@@ -444,11 +460,14 @@ class PunchResponder:
         async with asyncio.timeout(PUNCH_DEADLINE_S):
             mapped, local_port, symmetric = await _mapping(self.stun_servers)
             if symmetric and peer_symmetric:
-                await write_message(stream, {"v": VERSION, "type": "connect", "addrs": [],
-                                             "reason": BOTH_SYMMETRIC})
+                await write_message(
+                    stream, {"v": VERSION, "type": "connect", "addrs": [], "reason": BOTH_SYMMETRIC}
+                )
                 raise PunchError("both NATs map every destination to a new port: no punch", symmetric=True)
-            await write_message(stream, {"v": VERSION, "type": "connect", "addrs": [mapped.to_bytes()],
-                                         "symmetric": symmetric})
+            await write_message(
+                stream,
+                {"v": VERSION, "type": "connect", "addrs": [mapped.to_bytes()], "symmetric": symmetric},
+            )
             sync = await read_message(stream, MAX_MESSAGE)
             if sync.get("type") != "sync":
                 raise PunchError(f"{peer.short()} sent {sync.get('type')!r} where SYNC belongs")

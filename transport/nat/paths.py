@@ -20,6 +20,7 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,8 +94,14 @@ class PathInfo:
     last_attempt: float = field(default=float("-inf"))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"peer": str(self.peer), "path": self.path, "reason": self.reason, "rtt_s": self.rtt_s,
-                "mb_s": self.mb_s, "connect_s": self.connect_s}
+        return {
+            "peer": str(self.peer),
+            "path": self.path,
+            "reason": self.reason,
+            "rtt_s": self.rtt_s,
+            "mb_s": self.mb_s,
+            "connect_s": self.connect_s,
+        }
 
 
 class NatService:
@@ -172,7 +179,7 @@ class NatService:
 
     # ------------------------------------------------------------------ connecting
 
-    async def connect(self, peer: PeerID, addrs: list[Multiaddr | str]) -> PathInfo:
+    async def connect(self, peer: PeerID, addrs: Sequence[Multiaddr | str]) -> PathInfo:
         """The best path to `peer` among `addrs` (its published addresses); TransportError if none works.
 
         Calls for one peer run one at a time, and a connection that already exists (the peer may have
@@ -181,7 +188,7 @@ class NatService:
         async with lock:
             return await self._connect(peer, addrs)
 
-    async def _connect(self, peer: PeerID, addrs: list[Multiaddr | str]) -> PathInfo:
+    async def _connect(self, peer: PeerID, addrs: Sequence[Multiaddr | str]) -> PathInfo:
         started = time.monotonic()
         current = conduit.connection_to(self.host, peer)
         if current is not None:

@@ -73,8 +73,14 @@ class AutoNatServer:
         source = stream.remote_addr
         candidates = _candidates(request, source)
         if not candidates:
-            await write_message(stream, {"v": VERSION, "status": "refused",
-                                         "reason": "no candidate on the IP your request came from"})
+            await write_message(
+                stream,
+                {
+                    "v": VERSION,
+                    "status": "refused",
+                    "reason": "no candidate on the IP your request came from",
+                },
+            )
             await stream.close()
             return
         async with self._slots:  # all candidates at once: a filtering NAT costs one timeout, not several
@@ -171,6 +177,12 @@ async def check(host: Host, servers: list[PeerID], own_ips: set[str] | None = No
     elif result.failures and result.observed is not None:
         own = set(own_ips or ()) | _local_ips(host, servers)
         result.status = FIREWALLED if result.observed.parts[0][1] in own else PRIVATE
-    log.info("reachability of %s: %s (observed %s, %d confirmations, %d failures)", host.peer_id.short(),
-             result.status, result.observed, result.confirmations, result.failures)
+    log.info(
+        "reachability of %s: %s (observed %s, %d confirmations, %d failures)",
+        host.peer_id.short(),
+        result.status,
+        result.observed,
+        result.confirmations,
+        result.failures,
+    )
     return result

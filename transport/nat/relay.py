@@ -149,11 +149,17 @@ class RelayService:
             return
         self.reservations[peer] = time.monotonic() + self.limits.reservation_ttl_s
         addrs = self.announce or self.host.listen_addrs
-        await write_message(stream, {
-            "v": VERSION, "status": "ok", "ttl_s": self.limits.reservation_ttl_s,
-            "addrs": [a.to_bytes() for a in addrs],
-            "circuit_bytes": self.limits.circuit_bytes, "circuit_duration_s": self.limits.circuit_duration_s,
-        })
+        await write_message(
+            stream,
+            {
+                "v": VERSION,
+                "status": "ok",
+                "ttl_s": self.limits.reservation_ttl_s,
+                "addrs": [a.to_bytes() for a in addrs],
+                "circuit_bytes": self.limits.circuit_bytes,
+                "circuit_duration_s": self.limits.circuit_duration_s,
+            },
+        )
         await stream.close()
         log.info("relay: reservation for %s (%d held)", peer.short(), len(self.reservations))
 
@@ -179,11 +185,16 @@ class RelayService:
             try:
                 async with asyncio.timeout(RELAY_REQUEST_TIMEOUT_S):
                     stop = await self.host.new_stream(target, STOP_PROTOCOL)
-                    await write_message(stop, {
-                        "v": VERSION, "type": "connect", "peer": source.multihash,
-                        "circuit_bytes": self.limits.circuit_bytes,
-                        "circuit_duration_s": self.limits.circuit_duration_s,
-                    })
+                    await write_message(
+                        stop,
+                        {
+                            "v": VERSION,
+                            "type": "connect",
+                            "peer": source.multihash,
+                            "circuit_bytes": self.limits.circuit_bytes,
+                            "circuit_duration_s": self.limits.circuit_duration_s,
+                        },
+                    )
                     reply = await read_message(stop, MAX_RELAY_MESSAGE)
             except (TimeoutError, TransportError, asyncio.IncompleteReadError) as exc:
                 await _refuse(stream, f"{target.short()} did not accept the circuit: {exc or 'timeout'}")
@@ -231,8 +242,12 @@ class RelayService:
                 group.create_task(pump(b, a))
         except* (TimeoutError, LimitError) as cut:
             self.circuits_cut += 1
-            log.info("relay: cutting circuit %s <-> %s: %s", a.remote_peer_id.short(),
-                     b.remote_peer_id.short(), cut.exceptions[0] or "duration limit")
+            log.info(
+                "relay: cutting circuit %s <-> %s: %s",
+                a.remote_peer_id.short(),
+                b.remote_peer_id.short(),
+                cut.exceptions[0] or "duration limit",
+            )
         except* TransportError as failed:
             log.info("relay: circuit ended: %s", failed.exceptions[0])
         await a.reset()
@@ -276,9 +291,11 @@ async def reserve(host: Host, relay_addr: Multiaddr | str) -> Reservation:
         if addr.without_peer_id() not in addrs:
             addrs.append(addr.without_peer_id())
         return Reservation(
-            relay=relay, relay_addrs=addrs,
+            relay=relay,
+            relay_addrs=addrs,
             expires_at=time.monotonic() + float(reply["ttl_s"]),
-            circuit_bytes=int(reply["circuit_bytes"]), circuit_duration_s=float(reply["circuit_duration_s"]),
+            circuit_bytes=int(reply["circuit_bytes"]),
+            circuit_duration_s=float(reply["circuit_duration_s"]),
         )
     except (KeyError, TypeError, ValueError, TransportError) as exc:
         raise RelayError(f"relay {relay.short()} sent a malformed reservation: {exc}") from exc
@@ -320,8 +337,14 @@ class StopHandler:
             async with asyncio.timeout(RELAY_REQUEST_TIMEOUT_S):
                 request = await read_message(stream, MAX_RELAY_MESSAGE)
             source = PeerID.from_bytes(request["peer"])
-        except (TimeoutError, MessageError, asyncio.IncompleteReadError, KeyError, TypeError,
-                ProtocolError) as exc:
+        except (
+            TimeoutError,
+            MessageError,
+            asyncio.IncompleteReadError,
+            KeyError,
+            TypeError,
+            ProtocolError,
+        ) as exc:
             log.info("dropping a circuit offer from %s: %s", relay.short(), exc or "timeout")
             await stream.reset()
             return

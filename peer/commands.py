@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from shoal.errors import ShoalError
 from shoal.peer.control import ControlError
+from shoal.transport.identity import MAX_PEER_ID_TEXT_LENGTH, PeerID
 
 if TYPE_CHECKING:
     from shoal.dht.node import DHTNode
@@ -25,6 +28,9 @@ if TYPE_CHECKING:
 
 DEFAULT_TAIL = 20
 MAX_TAIL = 500
+ED25519_PREFIX = "12D3KooW"  # the text of every Ed25519 peer id starts so (its key's fixed header)
+B58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+MIN_PREFIX = 4  # characters a prefix needs past 12D3KooW, so that a slip of the keyboard bans nobody
 REACHABILITY = {
     "public": "public: others dial {addrs}",
     "private": "behind a NAT: others reach it through {addrs}",
@@ -43,8 +49,8 @@ HELP = {
     "state": "the run's shared state as this peer sees it",
     "why": "why the peer is idle or slow right now, in one sentence",
     "log": "the last lines of this peer's log  [N]",
-    "ban": "stop pairing with a peer and refuse its offers  PEER",
-    "unban": "pair with a banned peer again  PEER",
+    "ban": "stop pairing with a peer and refuse its offers  PEER (its id, or a unique prefix of it)",
+    "unban": "pair with a banned peer again  PEER (its id, or a unique prefix of it)",
     "help": "this list",
 }
 
@@ -62,9 +68,9 @@ class Daemon(Protocol):
     dht: DHTNode | None
     runstate: RunStateLink | None
 
-    def ban(self, peer: str, why: str) -> None: ...
+    def ban(self, peer: str, why: str) -> str: ...
 
-    def unban(self, peer: str) -> bool: ...
+    def unban(self, peer: str) -> str: ...
 
 
 def handlers(daemon: Daemon) -> dict[str, Any]:
@@ -159,15 +165,11 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
         return list(daemon.log_tail.lines)[-_count(args) :]
 
     def ban(args: list[Any]) -> str:
-        peer = _peer_arg(args)
-        daemon.ban(peer, "banned by its operator from the REPL")
+        peer = daemon.ban(_peer_arg(args), "banned by its operator from the REPL")
         return f"banned {peer}: no pairing with it, its offers refused"
 
     def unban(args: list[Any]) -> str:
-        peer = _peer_arg(args)
-        if not daemon.unban(peer):
-            raise ControlError(f"{peer} is not banned")
-        return f"unbanned {peer}"
+        return f"unbanned {daemon.unban(_peer_arg(args))}"
 
     def help_(_: list[Any]) -> dict[str, str]:
         return HELP
@@ -193,8 +195,6 @@ def _reachability(daemon: Daemon) -> str:
 
 def _path_to(daemon: Daemon, partner: str) -> dict[str, Any]:
     """What the NAT layer knows of the path to `partner`: which, why, RTT, payload throughput."""
-    from shoal.transport.identity import PeerID
-
     try:
         nat = _nat(daemon)
         info = nat.paths.get(PeerID.from_string(partner)) if nat else None
@@ -220,6 +220,55 @@ def _count(args: list[Any]) -> int:
 
 
 def _peer_arg(args: list[Any]) -> str:
-    if len(args) != 1 or not isinstance(args[0], str) or not 0 < len(args[0]) <= 128:
-        raise ControlError("expected one peer id")
+    if len(args) != 1 or not isinstance(args[0], str) or not 0 < len(args[0]) <= MAX_PEER_ID_TEXT_LENGTH:
+        raise ControlError("expected one peer id, or a prefix of one")
     return args[0]
+
+
+def parse_peer_id(text: str) -> str | None:
+    """`text` when it is a whole, valid peer id, else None. The multihash check alone is not enough: the
+    first 12 characters of every Ed25519 id parse as a (short) identity multihash; its key must decode too."""
+    try:
+        peer = PeerID.from_string(text)
+        peer.public_key()
+    except (ValueError, ShoalError):
+        return None
+    return text if str(peer) == text else None
+
+
+def resolve_peer(
+    text: str,
+    known: Iterable[str],
+    among: str = "member of this run",
+    listed: str = "`peers` lists the members (a full peer id names any peer)",
+) -> str:
+    """The full peer id that `text` names: a valid full peer id (shoal.transport.identity), or a prefix
+    of exactly one of `known`, with or without the `12D3KooW` every Ed25519 id starts with (the REPL shows
+    ids without it). Anything else raises ControlError, saying why and what to type instead."""
+    known, text = set(known), text.strip()
+    if text in known:
+        return text
+    full = parse_peer_id(text)
+    if full is not None:
+        return full
+    bad = sorted(set(text) - set(B58_ALPHABET))
+    if bad:
+        raise ControlError(
+            f"{text!r} is not a peer id: {', '.join(map(repr, bad))} cannot occur in one (base58: no 0, O, "
+            "I or l); `peers` lists the run's members"
+        )
+    if ED25519_PREFIX.startswith(text):
+        raise ControlError(
+            f"every Ed25519 peer id starts with {ED25519_PREFIX}: give the characters after it"
+        )
+    body = text.removeprefix(ED25519_PREFIX)
+    if len(body) < MIN_PREFIX:
+        raise ControlError(f"{text!r} is too short to name a peer: give at least {MIN_PREFIX} characters")
+    matches = sorted(k for k in known if k.startswith(text) or k.startswith(ED25519_PREFIX + text))
+    if not matches:
+        raise ControlError(f"no {among} has a peer id starting with {text!r}; {listed}")
+    if len(matches) > 1:
+        shown = ", ".join(m.removeprefix(ED25519_PREFIX)[: len(body) + 4] + "…" for m in matches[:5])
+        more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
+        raise ControlError(f"{text!r} could be any of {len(matches)} peers ({shown}{more}): type more of it")
+    return matches[0]

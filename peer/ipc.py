@@ -9,6 +9,7 @@ and reads its partner's from another, and the control message only says how many
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import os
 import sys
@@ -16,6 +17,7 @@ from multiprocessing import resource_tracker, shared_memory
 from typing import Any, BinaryIO
 
 from shoal.errors import ShoalError
+from shoal.peer import logs
 from shoal.transport.messages import (
     LENGTH_PREFIX,
     MessageError,
@@ -27,6 +29,8 @@ from shoal.transport.messages import (
 )
 
 MAX_CONTROL_BYTES = 1 << 16  # control messages carry numbers and names only
+RELAY_CHUNK = 1 << 16  # bytes of the worker's stderr read at a time (under --log-json)
+STDERR_DRAIN_TIMEOUT = 5.0  # seconds to let a stopped worker's last stderr lines through
 
 
 class WorkerGone(ShoalError):
@@ -133,9 +137,12 @@ class WorkerProcess:
         self.outbound: SharedBuffer | None = None  # the worker writes its payloads here
         self.inbound: SharedBuffer | None = None  # we write the partner's payload here
         self.snapshot: SharedBuffer | None = None  # the worker's slow weights after each round
+        self._stderr_relay: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls) -> WorkerProcess:
+        """Starts the worker. Under --log-json its stderr comes through us, each line made a JSON object."""
+        relay = logs.json_mode()
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-P",
@@ -143,8 +150,14 @@ class WorkerProcess:
             "shoal.peer.worker",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE if relay else None,
         )
-        return cls(process)
+        worker = cls(process)
+        if relay and process.stderr is not None:
+            target = sys.stderr.target if isinstance(sys.stderr, logs.JsonLines) else sys.stderr
+            out = logs.JsonLines(target, "shoal.peer.worker")
+            worker._stderr_relay = asyncio.create_task(_relay_stderr(process.stderr, out))
+        return worker
 
     async def send(self, message: dict[str, Any]) -> None:
         assert self.process.stdin is not None
@@ -175,7 +188,23 @@ class WorkerProcess:
             self.process.stdin.close()
         try:
             async with asyncio.timeout(grace):
-                return await self.process.wait()
+                code = await self.process.wait()
         except TimeoutError:
             self.process.kill()
-            return await self.process.wait()
+            code = await self.process.wait()
+        if self._stderr_relay is not None:  # the worker's last lines (a traceback, say) still go out
+            await asyncio.wait({self._stderr_relay}, timeout=STDERR_DRAIN_TIMEOUT)
+            self._stderr_relay.cancel()
+        return code
+
+
+async def _relay_stderr(reader: asyncio.StreamReader, out: logs.JsonLines) -> None:
+    """Copies the worker's stderr to ours through `out` (JSON objects only), until the worker closes it."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    try:
+        while chunk := await reader.read(RELAY_CHUNK):
+            out.write(decoder.decode(chunk))
+        out.write(decoder.decode(b"", final=True))
+    except (OSError, ValueError):  # our own stderr is gone (closed at exit): nowhere left to write
+        return
+    out.close()

@@ -60,7 +60,9 @@ class StatusBoard:
         self.losses: collections.deque[dict[str, Any]] = collections.deque(maxlen=LOSS_HISTORY)
         self.links: dict[str, LinkStats] = {}
         self.last_error = ""
-        self.totals = {"bytes_sent": 0, "bytes_received": 0, "rounds": 0, "swapped": 0}
+        self.totals: dict[str, float] = {
+            "bytes_sent": 0, "bytes_received": 0, "rounds": 0, "swapped": 0, "exchange_seconds": 0.0
+        }  # fmt: skip
         self._step_marks: collections.deque[tuple[float, int]] = collections.deque(maxlen=20)
 
     def set_activity(self, what: str, detail: str) -> None:
@@ -109,6 +111,7 @@ class StatusBoard:
         self.totals["swapped"] += fields["outcome"] == "swapped"
         self.totals["bytes_sent"] += fields["bytes_sent"]
         self.totals["bytes_received"] += fields["bytes_received"]
+        self.totals["exchange_seconds"] += fields.get("seconds") or 0.0
         partner = fields.get("partner")
         if partner:
             link = self.links.setdefault(partner, LinkStats(partner))
@@ -152,6 +155,10 @@ class StatusBoard:
             "bytes_received_per_round": self.totals["bytes_received"] / rounds if rounds else 0,
             "rounds_done": rounds,
             "rounds_swapped": self.totals["swapped"],
+            "bytes_sent_total": self.totals["bytes_sent"],
+            "bytes_received_total": self.totals["bytes_received"],
+            "exchange_seconds_total": round(self.totals["exchange_seconds"], 3),
+            "partners": len(self.links),
             "last_error": self.last_error,
             **self.values,
         }

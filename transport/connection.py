@@ -246,6 +246,7 @@ class Connection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.remote_peer_id: PeerID | None = None
         self.remote_addr: Multiaddr | None = None
+        self.remote_ip: str | None = None  # the socket's peer address, for per-address shares
         self.local_addr: Multiaddr | None = None
         self.path = "direct"  # how the bytes travel: direct TCP, or a NAT path (see transport/nat)
         self._raw = bytearray()  # bytes received during the upgrade, before the session runs
@@ -279,6 +280,7 @@ class Connection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("sockname")
         with contextlib.suppress(Exception):
+            self.remote_ip = str(peer[0])
             self.remote_addr = Multiaddr.from_tcp(peer[0], peer[1])
             self.local_addr = Multiaddr.from_tcp(sock[0], sock[1])
         self.host.on_connection_made(self)

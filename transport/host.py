@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from . import identify as identify_proto
 from . import multistream, noise
+from .admission import PendingHandshakes, extra_connection, table_victim
 from .allocator import keep_freed_memory
 from .connection import MUXERS, Connection, Stream
 from .errors import (
@@ -38,6 +39,7 @@ from .errors import (
 )
 from .identity import PeerID, PublicKey, encode_public_key, peer_id_from_key
 from .limits import HostLimits
+from .lograte import LogThrottle
 from .multiaddr import Multiaddr
 
 log = logging.getLogger(__name__)
@@ -61,12 +63,13 @@ class Host:
         self._all_conns: set[Connection] = set()
         self._dials: dict[PeerID, asyncio.Future[Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._pending_handshakes = 0
+        self._handshakes: PendingHandshakes[Connection] = PendingHandshakes(limits)
+        self._strangers = LogThrottle(log)  # refusals and evictions: rate-limited, summed up per minute
         self._closing = False
         # What peers told us through identify, and the addresses we know them by.
         self.peer_addrs: dict[PeerID, list[Multiaddr]] = {}
         self.observed_addrs: dict[PeerID, Multiaddr] = {}
-        self.set_stream_handler(PING_PROTOCOL_ID, _serve_ping)
+        self.set_stream_handler(PING_PROTOCOL_ID, self._serve_ping)
         self.set_stream_handler(identify_proto.PROTOCOL_ID, self._serve_identify)
 
     @classmethod
@@ -159,8 +162,7 @@ class Host:
             inflight = self._dials.get(expected)
             if inflight is not None:
                 return await asyncio.shield(inflight)
-        if len(self._all_conns) >= self.limits.max_connections:
-            raise LimitError(f"already {self.limits.max_connections} connections open; cannot dial {maddr}")
+        self._make_room(f"cannot dial {maddr}")
         future: asyncio.Future[Connection] = asyncio.get_running_loop().create_future()
         if expected is not None:
             self._dials[expected] = future
@@ -246,8 +248,7 @@ class Host:
         peer: a dial-back per candidate address, a direct path beside a relayed one."""
         if self._closing:
             raise ConnectionClosedError("the host is closed")
-        if len(self._all_conns) >= self.limits.max_connections:
-            raise LimitError(f"already {self.limits.max_connections} connections open; cannot dial {addr}")
+        self._make_room(f"cannot dial {addr}")
         return await self._dial_once(Multiaddr.parse(addr), peer_id)
 
     def new_connection(self, *, inbound: bool) -> Connection:
@@ -368,6 +369,18 @@ class Host:
             self.observed_addrs[peer_id] = info.observed_addr
         return info
 
+    async def _serve_ping(self, stream: Stream) -> None:
+        """Echo 32-byte pings until the peer closes its side (the spec allows many pings per stream), or
+        until none comes for ping_idle_timeout_s: an idle ping stream holds a slot for nothing."""
+        while True:
+            try:
+                async with asyncio.timeout(self.limits.ping_idle_timeout_s):
+                    payload = await stream.readexactly(PING_SIZE)
+            except (asyncio.IncompleteReadError, TimeoutError):
+                break
+            await stream.write(payload)
+        await stream.close()
+
     async def _serve_identify(self, stream: Stream) -> None:
         info = identify_proto.IdentifyInfo(
             public_key=PublicKey.from_protobuf(encode_public_key(self.identity_key.public_key())),
@@ -390,28 +403,31 @@ class Host:
             return
         if self._closing:
             conn.abort("host is closing")
-        elif len(self._all_conns) > self.limits.max_connections:
-            log.warning(
-                "refusing connection from %s: %d connections open", conn.remote_addr, len(self._all_conns) - 1
-            )
-            conn.abort("connection limit")
-        elif self._pending_handshakes >= self.limits.max_pending_handshakes:
-            log.warning("refusing connection from %s: too many handshakes in progress", conn.remote_addr)
-            conn.abort("handshake limit")
-        else:
-            self._spawn(self._accept(conn), f"handshake with {conn.remote_addr}")
+            return
+        if len(self._all_conns) > self.limits.max_connections:
+            victim = table_victim(self._all_conns, {conn}, self.limits)
+            if victim is None:
+                why = f"{len(self._all_conns) - 1} connections open, none over its address's share"
+                self._strangers.note(logging.WARNING, "refused connections", _source(conn), why)
+                conn.abort("connection limit")
+                return
+            self._evict(victim, "the connection table is full and its address holds the most")
+        evicted, why = self._handshakes.admit(conn)
+        if evicted is not None:
+            self._strangers.note(logging.INFO, "evicted pending handshakes", _source(evicted), why)
+            evicted.abort(f"evicted: {why}")
+        self._spawn(self._accept(conn), f"handshake with {conn.remote_addr}")
 
     async def _accept(self, conn: Connection) -> None:
-        self._pending_handshakes += 1
         try:
             async with asyncio.timeout(self.limits.handshake_timeout_s):
                 await conn.upgrade(None)
         except (TimeoutError, ProtocolError, ConnectionClosedError) as exc:
-            log.info("inbound handshake from %s failed: %s", conn.remote_addr, exc or "timed out")
+            self._strangers.note(logging.INFO, "failed handshakes", _source(conn), str(exc) or "timed out")
             conn.abort(f"handshake failed: {exc}")
             return
         finally:
-            self._pending_handshakes -= 1
+            self._handshakes.done(conn)
         if conn.remote_peer_id == self.peer_id:
             log.error(
                 "another live daemon at %s uses our key %s; stop one of them (we listen on %s)",
@@ -434,6 +450,11 @@ class Host:
         current = self._conns.get(conn.remote_peer_id)
         if current is None or current.closed.done():
             self._conns[conn.remote_peer_id] = conn
+        # One identity holds at most max_connections_per_peer: a further one closes its least useful.
+        mine = [c for c in self._all_conns if c.remote_peer_id == conn.remote_peer_id and not c.closed.done()]
+        extra = extra_connection(mine, {conn, self._conns[conn.remote_peer_id]}, self.limits)
+        if extra is not None:
+            self._evict(extra, "over the per-identity cap on connections")
         if not conn.inbound and conn.remote_addr is not None:
             known = self.peer_addrs.setdefault(conn.remote_peer_id, [])
             if conn.remote_addr not in known:
@@ -445,7 +466,23 @@ class Host:
 
     def on_connection_lost(self, conn: Connection) -> None:
         self._all_conns.discard(conn)
+        self._handshakes.done(conn)
         self._forget(conn)
+
+    def _evict(self, conn: Connection, why: str) -> None:
+        self._strangers.note(logging.INFO, "evicted connections", _source(conn), why)
+        self._forget(conn)
+        self._all_conns.discard(conn)
+        conn.abort(f"evicted: {why}")
+
+    def _make_room(self, what: str) -> None:
+        """Before a dial: a full table makes way as for an inbound newcomer, or the dial is refused."""
+        if len(self._all_conns) < self.limits.max_connections:
+            return
+        victim = table_victim(self._all_conns, set(), self.limits)
+        if victim is None:
+            raise LimitError(f"already {self.limits.max_connections} connections open; {what}")
+        self._evict(victim, "the connection table is full and its address holds the most")
 
     def on_stream_opened(self, stream: Stream) -> None:
         name = f"stream {stream.stream_id} from {stream.remote_peer_id.short()}"
@@ -498,6 +535,7 @@ class Host:
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
+            self._strangers.flush()
             for conn in list(self._all_conns):
                 idle = conn.session is not None and not conn.streams
                 if idle and now - conn.last_active > self.limits.idle_timeout_s:
@@ -547,12 +585,7 @@ async def _negotiate(
         ms.receive_data(data)
 
 
-async def _serve_ping(stream: Stream) -> None:
-    """Echo 32-byte pings until the peer closes its side (the spec allows many pings per stream)."""
-    while True:
-        try:
-            payload = await stream.readexactly(PING_SIZE)
-        except asyncio.IncompleteReadError:
-            break
-        await stream.write(payload)
-    await stream.close()
+def _source(conn: Connection) -> str:
+    """Who a log line about a stranger names: its address, and its identity once proven."""
+    ip = conn.remote_ip or str(conn.remote_addr or "?")
+    return f"{ip} ({conn.remote_peer_id.short()})" if conn.remote_peer_id else ip

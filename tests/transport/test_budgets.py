@@ -1,0 +1,140 @@
+"""Fair shares of the Host's slots, over real sockets: squatters from one address or one identity never
+keep an honest newcomer out, idle ping streams end, and a flood of refusals is a few log lines."""
+
+import asyncio
+import contextlib
+import logging
+
+from shoal.transport.admission import subnet_of
+from shoal.transport.host import PING_PROTOCOL_ID, Host, HostLimits
+from shoal.transport.identity import generate_key
+from shoal.transport.lograte import LogThrottle
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+ATTACKER_IP = "127.0.1.1"  # loopback too (Linux routes all of 127/8 to lo), but another /24 than 127.0.0.1
+
+
+def full_addr(host):
+    return f"{host.listen_addrs[0]}/p2p/{host.peer_id}"
+
+
+@contextlib.asynccontextmanager
+async def idle_sockets(host: Host, count: int, source: str):
+    """`count` TCP connections from `source` that never send a byte (pre-handshake slowloris)."""
+    ip, port = host.listen_addrs[0].tcp_endpoint()
+    writers = []
+    try:
+        for _ in range(count):
+            _, writer = await asyncio.open_connection(ip, port, local_addr=(source, 0))
+            writers.append(writer)
+        await asyncio.sleep(0.1)  # the host has seen them all
+        yield writers
+    finally:
+        for writer in writers:
+            writer.close()
+        await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
+
+
+def held_by(host: Host, ip: str) -> int:
+    return sum(1 for c in host._all_conns if c.remote_ip == ip and not c.closed.done())
+
+
+async def test_idle_sockets_from_one_address_hold_at_most_its_share_and_newcomers_get_in():
+    async with (
+        await Host.create(generate_key(), [LOOPBACK]) as server,
+        await Host.create(generate_key()) as honest,
+    ):
+        limits = server.limits
+        async with idle_sockets(server, limits.max_pending_handshakes, ATTACKER_IP):
+            assert held_by(server, ATTACKER_IP) <= limits.max_pending_handshakes_per_ip
+            async with asyncio.timeout(5):
+                assert await honest.connect(full_addr(server)) == server.peer_id
+
+
+async def test_a_newcomer_from_the_squatters_own_address_still_gets_in():
+    """Behind one NAT, an honest peer shares its address with the squatter: the squatter's oldest goes."""
+    async with (
+        await Host.create(generate_key(), [LOOPBACK]) as server,
+        await Host.create(generate_key()) as honest,
+    ):
+        squatters = idle_sockets(server, server.limits.max_pending_handshakes, "127.0.0.1")
+        async with squatters, asyncio.timeout(5):
+            assert await honest.connect(full_addr(server)) == server.peer_id
+
+
+async def test_a_full_handshake_table_of_many_addresses_evicts_the_heaviest_and_admits_a_newcomer():
+    limits = HostLimits(max_pending_handshakes=16, max_pending_handshakes_per_subnet=64)
+    async with (
+        await Host.create(generate_key(), [LOOPBACK], limits=limits) as server,
+        await Host.create(generate_key()) as honest,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        for i in range(1, 5):  # 4 addresses x 4 idle sockets fill the table
+            await stack.enter_async_context(idle_sockets(server, 4, f"127.0.2.{i}"))
+        async with asyncio.timeout(5):
+            assert await honest.connect(full_addr(server)) == server.peer_id
+
+
+async def test_one_identity_keeps_at_most_its_cap_of_connections():
+    async with (
+        await Host.create(generate_key(), [LOOPBACK]) as server,
+        await Host.create(generate_key()) as greedy,
+        await Host.create(generate_key()) as honest,
+    ):
+        for _ in range(3 * server.limits.max_connections_per_peer):
+            await greedy.dial_new(server.listen_addrs[0], server.peer_id)
+        await asyncio.sleep(0.1)
+        live = [c for c in server._all_conns if c.remote_peer_id == greedy.peer_id and not c.closed.done()]
+        assert len(live) <= server.limits.max_connections_per_peer
+        assert await honest.connect(full_addr(server)) == server.peer_id
+
+
+async def test_a_table_full_of_identities_from_one_address_makes_way_for_a_newcomer():
+    limits = HostLimits(max_connections=16)
+    async with contextlib.AsyncExitStack() as stack:
+        server = await stack.enter_async_context(await Host.create(generate_key(), [LOOPBACK], limits=limits))
+        for _ in range(limits.max_connections):  # 16 identities, one connection each, all on 127.0.0.1
+            squatter = await stack.enter_async_context(await Host.create(generate_key()))
+            await squatter.connect(full_addr(server))
+        honest = await stack.enter_async_context(await Host.create(generate_key()))
+        async with asyncio.timeout(5):
+            assert await honest.connect(full_addr(server)) == server.peer_id
+        await asyncio.sleep(0.1)
+        assert honest.peer_id in server.connected_peers
+        assert len([c for c in server._all_conns if not c.closed.done()]) <= limits.max_connections
+        # ... and the server can still dial out: a full table makes way rather than refusing.
+        target = await stack.enter_async_context(await Host.create(generate_key(), [LOOPBACK]))
+        assert await server.connect(full_addr(target)) == target.peer_id
+
+
+async def test_an_idle_ping_stream_is_closed():
+    async with (
+        await Host.create(generate_key(), [LOOPBACK], limits=HostLimits(ping_idle_timeout_s=0.3)) as server,
+        await Host.create(generate_key()) as client,
+    ):
+        assert await client.ping(server.peer_id, [full_addr(server)]) > 0
+        stream = await client.new_stream(server.peer_id, PING_PROTOCOL_ID)
+        async with asyncio.timeout(5):
+            assert await stream.read() == b""  # the server ended the stream: no ping came
+
+
+def test_a_flood_of_refusals_is_a_few_lines_and_one_summary(caplog):
+    caplog.set_level(logging.INFO, logger="test.lograte")
+    throttle = LogThrottle(logging.getLogger("test.lograte"), window_s=60.0, burst=3)
+    for i in range(1000):
+        throttle.note(
+            logging.WARNING, "refused connections", "10.0.0.7", "over the per-address cap", now=i / 100
+        )
+    throttle.note(logging.WARNING, "refused connections", "10.0.0.8", "over the per-address cap", now=10.0)
+    assert len(caplog.records) == 4  # 3 from 10.0.0.7, 1 from 10.0.0.8
+    throttle.flush(now=61.0)
+    summary = caplog.records[-1].getMessage()
+    assert len(caplog.records) == 5
+    assert "10.0.0.7" in summary and "997 more in the last 60 s" in summary and "per-address cap" in summary
+
+
+def test_subnets_group_homes_not_the_whole_internet():
+    assert subnet_of("10.1.2.3") == subnet_of("10.1.2.200") == "10.1.2.0/24"
+    assert subnet_of("10.1.3.3") != subnet_of("10.1.2.3")
+    assert subnet_of("2001:db8:1:2::5") == subnet_of("2001:db8:1:ffff::9") == "2001:db8:1::/48"
+    assert subnet_of("::ffff:10.1.2.3") == "10.1.2.0/24"

@@ -8,6 +8,8 @@ peer's id is only what it claims (records stay signed, so a liar can misroute lo
 what they find): the baseline of `bench.dht` and a fallback for tests.
 """
 
+from __future__ import annotations
+
 import asyncio
 import contextlib
 import json
@@ -15,8 +17,9 @@ import logging
 import os
 import random
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -52,7 +55,9 @@ log = logging.getLogger(__name__)
 
 RPC_TIMEOUT_S = 5.0  # one request/response; a live peer on any continent answers well within this
 IDLE_STREAM_S = 60.0  # an inbound stream with no request for this long is closed
-MAX_INBOUND_STREAMS = 512  # concurrent inbound DHT streams; more wait (bounded work per node)
+MAX_INBOUND_STREAMS = 512  # concurrent inbound DHT streams; a newcomer evicts the heaviest peer's idlest
+MAX_INBOUND_PER_PEER = 8  # one identity: a further stream evicts its idlest (a client pools at most 2)
+MAX_INBOUND_PER_ADDRESS = 64  # on plain TCP, where only the address is known: many nodes may share one
 MAX_IDLE_PER_PEER = 2  # pooled idle outbound streams per peer (reused by the next RPC) ...
 MAX_IDLE_STREAMS = 64  # ... and in all: each holds a connection open, and the Host caps connections
 RECORD_TTL_S = 3600.0  # our own records live an hour ...
@@ -170,7 +175,9 @@ class DHTNode:
         self.table_path = Path(table_path) if table_path else None
         self._pool: OrderedDict[bytes, list[Stream]] = OrderedDict()  # least recently used first
         self._pooled = 0
-        self._inbound = asyncio.Semaphore(MAX_INBOUND_STREAMS)
+        # Inbound streams being served: who holds each, and since when it waits for a request (None while
+        # one is answered). Slots are shared fairly: nobody holding idle streams keeps a newcomer waiting.
+        self._serving: dict[asyncio.Task, _Inbound] = {}
         self._values: dict[bytes, Record] = {}  # our own value records, by key: republished until close
         self._runs: dict[str, list[str]] = {}
         self._seq = 0
@@ -193,7 +200,7 @@ class DHTNode:
         table_path: str | os.PathLike[str] | None = None,
         *,
         secure: bool = True,
-    ) -> "DHTNode":
+    ) -> DHTNode:
         """A node of its own listening on `listen`, joined through `bootstrap` addresses and any saved table.
 
         `secure` runs it on a transport Host of its own (closed with the node); otherwise on plain TCP.
@@ -227,7 +234,7 @@ class DHTNode:
         table_path: str | os.PathLike[str] | None = None,
         addrs: list[str] | None = None,
         reach: Callable[[PeerID, list[str]], Awaitable[object]] | None = None,
-    ) -> "DHTNode":
+    ) -> DHTNode:
         """Run the DHT on the daemon's Host (whose identity `key` is); `addrs` default to its listen addrs.
 
         `reach(peer, addrs)`, when given, connects to a contact first by whatever path works (the NAT
@@ -340,11 +347,19 @@ class DHTNode:
         if me is not None:
             self._tasks.add(me)  # so close() ends inbound streams too
             me.add_done_callback(self._tasks.discard)
-        async with self._inbound:
+            if remote is not None:
+                slot = self._admit(me, remote.multihash.hex(), MAX_INBOUND_PER_PEER)
+            else:
+                slot = self._admit(me, ip, MAX_INBOUND_PER_ADDRESS)
+        else:
+            slot = _Inbound("", time.monotonic())
+        try:
             try:
                 while True:
+                    slot.idle_since = time.monotonic()
                     async with asyncio.timeout(IDLE_STREAM_S):
                         body = await read_frame(stream)
+                    slot.idle_since = None
                     req = decode_request(body)
                     if remote is not None and req.sender.peer_id != remote.multihash:
                         raise InvalidMessage(
@@ -362,6 +377,25 @@ class DHTNode:
                 pass  # peer closed, went idle, vanished or reset the stream: nothing to answer
             finally:
                 await stream.close()
+        finally:
+            if me is not None:
+                self._serving.pop(me, None)
+
+    def _admit(self, task: asyncio.Task, holder: str, share: int) -> _Inbound:
+        """Registers an inbound stream; evicts an idle one of the same holder, or of the heaviest holder,
+        when a share is used up (a stream that is answering a request is never evicted)."""
+        mine = [t for t, s in self._serving.items() if s.holder == holder]
+        victim = _idlest(self._serving, mine) if len(mine) >= share else None
+        if victim is None and len(self._serving) >= MAX_INBOUND_STREAMS:
+            heaviest, _ = Counter(s.holder for s in self._serving.values()).most_common(1)[0]
+            victim = _idlest(self._serving, [t for t, s in self._serving.items() if s.holder == heaviest])
+        if victim is not None:
+            log.debug("DHT node %s: evicting an idle inbound stream of %s", short(self.peer_id), holder[:16])
+            self._serving.pop(victim, None)
+            victim.cancel()
+        slot = _Inbound(holder, time.monotonic())
+        self._serving[task] = slot
+        return slot
 
     def _drain_pings(self) -> None:
         while self.core.pings:
@@ -583,6 +617,17 @@ class DHTNode:
             log.warning("DHT routing table file %s is unreadable (%s); ignoring it", self.table_path, e)
             return []
         return out
+
+
+@dataclass
+class _Inbound:
+    holder: str  # the proven peer id (hex multihash), or the address on plain TCP
+    idle_since: float | None  # waiting for a request since; None while answering one
+
+
+def _idlest(serving: dict[asyncio.Task, _Inbound], tasks: list[asyncio.Task]) -> asyncio.Task | None:
+    idle = [t for t in tasks if serving[t].idle_since is not None]
+    return min(idle, key=lambda t: serving[t].idle_since or 0.0, default=None)
 
 
 def _remote_ip(stream: Stream) -> str:

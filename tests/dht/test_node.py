@@ -11,8 +11,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shoal.dht.errors import DHTError
-from shoal.dht.node import DHTNode
-from shoal.dht.protocol import PROTOCOL_ID, STORE
+from shoal.dht.node import MAX_INBOUND_PER_PEER, DHTNode
+from shoal.dht.protocol import PING, PROTOCOL_ID, STORE
 from shoal.dht.records import Record
 from shoal.transport.host import Host
 from shoal.transport.identity import PeerID
@@ -189,5 +189,33 @@ def test_on_host_refuses_a_key_that_is_not_the_hosts() -> None:
                 await DHTNode.on_host(host, Ed25519PrivateKey.generate())
         finally:
             await host.close()
+
+    asyncio.run(main())
+
+
+def test_idle_streams_of_a_few_identities_never_keep_an_honest_ping_waiting() -> None:
+    """Three identities park 600 inbound DHT streams (more than the node serves at once) and never send a
+    request; each keeps at most its share, and an honest node's ping is answered at once."""
+
+    async def main() -> None:
+        target = await DHTNode.start()
+        honest = await DHTNode.start()
+        squatters = [await Host.create(Ed25519PrivateKey.generate()) for _ in range(3)]
+        try:
+            peer = PeerID.from_bytes(target.peer_id)
+            parked = []
+            for host in squatters:
+                await host.connect(target.addrs[0])
+                for _ in range(200):
+                    parked.append(await host.new_stream(peer, PROTOCOL_ID))
+            await asyncio.sleep(0.2)
+            held = len(target._serving)
+            assert held <= 3 * MAX_INBOUND_PER_PEER, f"{held} idle streams still served"
+            answer = await asyncio.wait_for(honest.rpc(target.core.contact, honest.core.request(PING)), 5)
+            assert answer.nodes and answer.nodes[0].id == target.core.contact.id
+        finally:
+            for host in squatters:
+                await host.close()
+            await close_all([honest, target])
 
     asyncio.run(main())

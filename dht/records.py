@@ -65,17 +65,8 @@ class Record:
     sig: bytes = b""
 
     def _signed_bytes(self) -> bytes:
-        body = [
-            self.kind,
-            self.key,
-            self.publisher,
-            self.seq,
-            self.expires,
-            self.name,
-            self.value,
-            list(self.addrs),
-        ]
-        return _SIG_TAG + msgpack.packb(body, use_bin_type=True)
+        """What the signature covers: every wire field but the signature itself."""
+        return _SIG_TAG + msgpack.packb(self.to_wire()[:-1], use_bin_type=True)
 
     @staticmethod
     def value_record(key: Ed25519PrivateKey, name: bytes, value: bytes, seq: int, expires: float) -> "Record":

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import sys
+import traceback
 
 import click
 
@@ -14,16 +14,11 @@ from shoal.peer.config import ConfigError, load_config, parse_shard
 
 
 def _setup_logging(verbose: bool, as_json: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if as_json:
-        from shoal.peer.metrics import JsonLogFormatter
+    """Text log lines on stderr, or with --log-json JSON objects only on stderr and stdout, the worker's
+    included (peer/logs.py)."""
+    from shoal.peer import logs
 
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(JsonLogFormatter())
+    logs.setup(verbose, as_json)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,10 +47,11 @@ def main() -> None:
 )
 @click.option(
     "--data",
-    type=click.Path(exists=True),
     default=None,
-    help="A text file or folder, or nanoGPT token files (a folder with train.bin/val.bin, or one .bin). "
-    "Default: the Python standard library's sources.",
+    metavar="PATH",
+    help="A UTF-8 text file, a folder of them, a quoted glob ('texts/*.txt'), nanoGPT token files (a folder "
+    "with train.bin/val.bin, or one .bin), or a Hugging Face dataset saved with save_to_disk (needs "
+    "`pip install shoal[datasets]`). Default: the Python standard library's sources.",
 )
 @click.option(
     "--config",
@@ -136,6 +132,7 @@ def main() -> None:
 )
 @click.option("--log-json", is_flag=True, help="Write log lines as JSON objects.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("--debug", is_flag=True, help="On a failure, print the full traceback (the worker's too).")
 def join(
     run_id,
     bootstrap,
@@ -164,6 +161,7 @@ def join(
     metrics,
     log_json,
     verbose,
+    debug,
 ) -> None:
     """Join the run RUN (or start it) and train with its peers until stopped (Ctrl-C)."""
     _setup_logging(verbose, log_json)
@@ -198,31 +196,64 @@ def join(
         )
     except ConfigError as error:
         raise click.UsageError(str(error)) from error
-    sys.exit(_run_daemon(config, json_events))
+    sys.exit(_run_daemon(config, json_events, debug))
 
 
-def _run_daemon(config, json_events: bool) -> int:
+def _run_daemon(config, json_events: bool, debug: bool = False) -> int:
+    """Runs the daemon; a failure ends in one line on stderr (the cause and what to do) and exit code 1,
+    the traceback only with --debug."""
     import uvloop
 
     from shoal.peer.daemon import Daemon
 
-    try:
-        daemon = Daemon(config, json_events=json_events)
-    except ShoalError as error:
-        logging.getLogger("shoal.peer").error("%s", error)
-        return 1
+    daemon: Daemon | None = None
 
-    async def run() -> int:
+    async def run(daemon: Daemon) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, daemon.stop)
         return await daemon.run()
 
     try:
-        return uvloop.run(run())
-    except ShoalError as error:
-        logging.getLogger("shoal.peer").error("%s", error)
+        daemon = Daemon(config, json_events=json_events)
+        return uvloop.run(run(daemon))
+    except KeyboardInterrupt:  # before the daemon's own handler was installed
+        return 130
+    except Exception as error:  # the task group's ExceptionGroup included
+        for line in failure_lines(error, debug):
+            click.echo(f"Error: {line}", err=True)
+        if json_events and daemon is not None:  # for `peer swarm` and other tools reading the events
+            daemon.events.emit("error", message=" / ".join(failure_lines(error, False)))
         return 1
+
+
+def failure_lines(error: BaseException, debug: bool) -> list[str]:
+    """What a failed daemon prints: the message of each ShoalError in `error` (an ExceptionGroup from the
+    daemon's task group, possibly nested), or one line saying that anything else is a bug. With `debug`
+    the tracebacks go to stderr first, the training worker's included."""
+    leaves = list(_leaf_exceptions(error))
+    known = [leaf for leaf in leaves if isinstance(leaf, ShoalError)]
+    if debug:
+        traceback.print_exception(error, file=sys.stderr)
+        for leaf in known:
+            if details := getattr(leaf, "details", ""):
+                print(f"The training worker's traceback:\n{details.rstrip()}", file=sys.stderr)
+    if known:
+        return list(dict.fromkeys(str(leaf) for leaf in known))
+    first = leaves[0] if leaves else error
+    hint = "" if debug else " (run the same command with --debug to see the traceback)"
+    return [
+        f"unexpected {type(first).__name__}: {str(first)[:300]}; "
+        f"this is a bug in Shoal, please report it{hint}"
+    ]
+
+
+def _leaf_exceptions(error: BaseException):
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaf_exceptions(inner)
+    else:
+        yield error
 
 
 @main.command(short_help="Run N peers on this machine with a live table and a summary.")
@@ -257,7 +288,8 @@ def _run_daemon(config, json_events: bool) -> int:
     help="Where peers write logs and checkpoints. Default ./runs/RUN.",
 )
 @click.option("--threads", type=int, default=1, show_default=True, help="Torch threads per worker.")
-def swarm(peer_count, run_id, rounds, inner_steps, model, json_path, swarm_dir, threads) -> None:
+@click.option("--debug", is_flag=True, help="Peers write the full traceback of a failure to their logs.")
+def swarm(peer_count, run_id, rounds, inner_steps, model, json_path, swarm_dir, threads, debug) -> None:
     """Start PEERS real `peer join` processes on this machine and show them training together.
 
     The first peer starts the run and the others join through it. A live table shows each peer's
@@ -266,7 +298,9 @@ def swarm(peer_count, run_id, rounds, inner_steps, model, json_path, swarm_dir, 
     """
     from shoal.peer.swarm import SwarmOptions, run_swarm
 
-    options = SwarmOptions(peer_count, run_id, rounds, inner_steps, model, json_path, swarm_dir, threads)
+    options = SwarmOptions(
+        peer_count, run_id, rounds, inner_steps, model, json_path, swarm_dir, threads, debug
+    )
     sys.exit(run_swarm(options))
 
 
@@ -292,16 +326,17 @@ def _control_socket(state_dir: str | None, run_id: str | None):
 @_state_dir_option
 @_run_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(state_dir, run_id, as_json) -> None:
+@click.option("--wide", is_flag=True, help="Full peer ids (else short prefixes that fit the terminal).")
+def status(state_dir, run_id, as_json, wide) -> None:
     """Show what a running peer is doing: identity and addresses, run and round, inner step and throughput,
     train/eval loss, current partner and path, bytes per round, bits per parameter, peers known and live,
-    bans, what it is waiting for, and its last error."""
+    bans, what it is waiting for, and its last error; then the command others join its run with."""
     from shoal.peer.control import ControlError
     from shoal.peer.repl import show_status
 
     path = _control_socket(state_dir, run_id)
     try:
-        sys.exit(asyncio.run(show_status(path, as_json)))
+        sys.exit(asyncio.run(show_status(path, as_json, wide)))
     except ControlError as error:
         raise click.ClickException(str(error)) from error
 
@@ -311,7 +346,7 @@ def status(state_dir, run_id, as_json) -> None:
 @_run_option
 def repl(state_dir, run_id) -> None:
     """Open an interactive prompt on a running peer (completion and history). Commands: status, peers,
-    links, rounds [N], loss [N], config, dht, state, why, log [N], ban PEER, unban PEER, help, quit."""
+    links, rounds [N], loss [N], config, dht, state, why, log [N], ban PEER, unban PEER, wide, help, quit."""
     from shoal.peer.control import ControlError
     from shoal.peer.repl import repl as run_repl
 

@@ -7,6 +7,7 @@ the command line wins. Defaults run on a CPU-only laptop.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import re
 import tomllib
 from dataclasses import dataclass
@@ -81,8 +82,17 @@ class PeerConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
             raise ConfigError(f"shard {self.shard[0]}/{self.shard[1]} must satisfy 0 <= index < count")
-        if self.data is not None and not Path(self.data).exists():
-            raise ConfigError(f"data path {self.data} does not exist")
+        if (
+            self.data is not None
+            and not Path(self.data).expanduser().exists()
+            and not glob.has_magic(self.data)
+        ):
+            raise ConfigError(
+                f"data path {self.data} does not exist; pass a text file, a folder, a quoted glob, token "
+                "files or a saved Hugging Face dataset"
+            )
+        for address in self.bootstrap:
+            _check_bootstrap(address)
         for relay in self.relays:
             if not re.fullmatch(r"/(ip4|ip6|dns4|dns6|dns)/[^/]+/tcp/\d+(/p2p/[^/]+)?/?", relay):
                 raise ConfigError(f"relay {relay!r} must look like /ip4/HOST/tcp/PORT[/p2p/ID]")
@@ -118,6 +128,32 @@ class PeerConfig:
             punch=self.punch,
             turn_servers=tuple(_turn_server(t) for t in self.turn),
         )
+
+
+def _check_bootstrap(text: str) -> None:
+    """A bootstrap address must be a TCP multiaddr (its /p2p/ id, when given, a valid peer id): checked
+    before anything starts, so that a typo fails at once instead of after the bootstrap patience."""
+    from shoal.transport.identity import PeerID
+    from shoal.transport.multiaddr import Multiaddr
+
+    form = "/ip4/HOST/tcp/PORT/p2p/ID (as the run's first peer printed it; /p2p/ID may be left out)"
+    if re.fullmatch(r"\[?[^\[\]/\s]+\]?:\d+", text.strip()):
+        host, port = text.strip().rsplit(":", 1)
+        kind = "ip6" if ":" in host else "ip4" if re.fullmatch(r"[\d.]+", host) else "dns"
+        raise ConfigError(
+            f"bootstrap address {text!r} is not a multiaddr; "
+            f"write it as /{kind}/{host.strip('[]')}/tcp/{port}"
+        )
+    try:
+        addr = Multiaddr.parse(text)
+        addr.tcp_endpoint()
+        for name, value in addr.parts[2:]:
+            if name not in ("p2p", "p2p-circuit"):
+                raise ValueError(f"/{name} has no place after the TCP port")
+            if name == "p2p":
+                PeerID.from_string(value)
+    except (ShoalError, ValueError) as error:
+        raise ConfigError(f"bootstrap address {text!r} cannot be read ({error}); expected {form}") from error
 
 
 def _host_port(text: str, what: str) -> tuple[str, int]:

@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
+import signal
+import socket
 import time
 from typing import Any, TypeVar
 
@@ -22,8 +25,9 @@ from shoal.gossip.membership import MAX_ADDRS, Membership
 from shoal.gossip.rounds import payload as dense
 from shoal.peer.addresses import advertised_host, listen_multiaddr, parse_address
 from shoal.peer.commands import handlers as control_handlers
+from shoal.peer.commands import resolve_peer
 from shoal.peer.config import PeerConfig
-from shoal.peer.control import SOCKET_NAME, ControlServer
+from shoal.peer.control import SOCKET_NAME, ControlError, ControlServer
 from shoal.peer.events import Events
 from shoal.peer.ipc import SharedBuffer, WorkerGone, WorkerProcess
 from shoal.peer.keys import resolve_identity
@@ -31,9 +35,10 @@ from shoal.peer.metrics import MetricsServer
 from shoal.peer.progress import progress_bar, transfer_bar
 from shoal.peer.reach import PeerReach, TransferTimer
 from shoal.peer.round_swap import CONTROL_MESSAGE_LIMIT, RoundSwap
-from shoal.peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of
+from shoal.peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of, peer_id_of
 from shoal.peer.status import LogTail, StatusBoard
 from shoal.peer.worker.presets import peer_number
+from shoal.peer.worker.sources import resolve_data
 from shoal.transport.errors import TransportError
 from shoal.transport.host import Host, HostLimits, Stream
 from shoal.transport.identity import PeerID
@@ -50,6 +55,14 @@ MAX_REQUESTS = 64  # inbound requests served at once; more wait for a slot
 REQUEST_TIMEOUT = 10.0  # seconds a peer has to send its request once the stream is open
 CONNECT_TIMEOUT = 5.0
 BOOTSTRAP_PATIENCE = 30.0  # seconds to keep trying the bootstrap addresses
+# Seconds from the daemon's start after which a joiner gives up when no bootstrap address (nor any DHT
+# contact) has answered at all: nothing listens there, or nothing gets through. A peer that started at the
+# same time (a compose swarm) listens within a second or two; BOOTSTRAP_PATIENCE still applies to a bootstrap
+# peer that answers while the run is not found yet. At least BOOTSTRAP_MIN_TRIES_S of tries once the NAT
+# layer and the DHT are up, however long they took.
+BOOTSTRAP_UNREACHABLE_S = 10.0
+BOOTSTRAP_MIN_TRIES_S = 4.0
+MEMBERS_TIMEOUT = 2.0  # one membership swap
 WAIT_PEERS_PATIENCE = 60.0
 DHT_TABLE_FILE = "dht-table.json"
 WEIGHT_SOURCES = 3  # members a joiner asks for the run's weights, most advanced first
@@ -62,8 +75,18 @@ class DaemonError(ShoalError):
     """The daemon cannot start or go on (unreachable bootstrap, worker failure)."""
 
 
+class WorkerError(DaemonError):
+    """The training worker stopped on an error; the message is the worker's own, `details` its traceback."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+
 class Daemon:
     def __init__(self, config: PeerConfig, json_events: bool = False):
+        # The data first: a wrong path, an empty folder or a binary file fail before anything starts.
+        resolve_data(config.data)
         self.config = config
         self.key, self.peer_id, self.state_dir = resolve_identity(config)
         self.host: Host | None = None
@@ -82,6 +105,11 @@ class Daemon:
         self.reach: PeerReach | None = None
         # Addresses of run peers found in the DHT before they are members (peer id -> addresses).
         self.found_addrs: dict[str, list[str]] = {}
+        # Bootstrap addresses: those that answered at all (even as another run's peer), and why the others
+        # did not, for the error that names them.
+        self._answered: set[str] = set()
+        self._unanswered: dict[str, str] = {}
+        self._started = 0.0  # the event loop's clock when run() began
         self.stopping = asyncio.Event()
         self._requests = asyncio.Semaphore(MAX_REQUESTS)
         self.swap = RoundSwap(
@@ -118,6 +146,7 @@ class Daemon:
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def run(self) -> int:
+        self._started = asyncio.get_running_loop().time()
         async with contextlib.AsyncExitStack() as stack:
             self.host = await Host.create(
                 self.key, [listen_multiaddr(self.config.listen)], limits=HostLimits()
@@ -154,7 +183,13 @@ class Daemon:
             stack.push_async_callback(control.close)
             if self.config.metrics:
                 metrics = MetricsServer(*parse_address(self.config.metrics), status=self.status)
-                await metrics.start()
+                try:
+                    await metrics.start()
+                except OSError as error:
+                    raise DaemonError(
+                        f"cannot serve metrics on {self.config.metrics}: {error.strerror or error}; "
+                        "choose another --metrics HOST:PORT"
+                    ) from error
                 stack.push_async_callback(metrics.close)
 
             self.events.emit("listening", address=self.join_address, run=self.config.run_id)
@@ -222,6 +257,7 @@ class Daemon:
             await self._refuse_a_twin(ours)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + BOOTSTRAP_PATIENCE
+        unreachable_by = max(self._started + BOOTSTRAP_UNREACHABLE_S, loop.time() + BOOTSTRAP_MIN_TRIES_S)
         delay, lookups_without_peers = 0.2, 0
         self.board.set_activity("joining", f"finding the peers of run {run} from {self.config.bootstrap[0]}")
         while not self.stopping.is_set():
@@ -240,13 +276,32 @@ class Daemon:
                 log.info("[%s] no peer of run %s in the DHT; started it, others join with --bootstrap %s",
                          self.peer_id, run, self.join_address)  # fmt: skip
                 return
+            # Nothing answered, and another round of tries would end past the bound: give up now.
+            next_tries_end = loop.time() + delay + MEMBERS_TIMEOUT
+            if not self._answered and not len(self._dht.core.table) and next_tries_end > unreachable_by:
+                raise DaemonError(self._unreachable_message(loop.time() - self._started))
             if loop.time() > deadline:
                 raise DaemonError(
-                    f"no bootstrap address answered within {BOOTSTRAP_PATIENCE:.0f}s: "
-                    f"{', '.join(self.config.bootstrap)}; check the address and that the peer is running"
+                    f"found no peer of run {run} within {BOOTSTRAP_PATIENCE:.0f} s through "
+                    f"{', '.join(self.config.bootstrap)}; check the address (copy it from what the run's "
+                    "first peer printed) and that the peer there is running"
                 )
             await asyncio.sleep(delay)
             delay = min(2.0, delay * 2)
+
+    def _unreachable_message(self, waited: float) -> str:
+        """Which bootstrap addresses could not be reached, why, and what to check."""
+        reasons = "; ".join(
+            f"{address} ({self._unanswered.get(address, 'no answer')})" for address in self.config.bootstrap
+        )
+        ports = sorted({p for address in self.config.bootstrap if (p := _port_of(address)) is not None})
+        what = f"TCP port {', '.join(map(str, ports))}" if ports else "its TCP port"
+        which = "the bootstrap peer" if len(self.config.bootstrap) == 1 else "any bootstrap peer"
+        return (
+            f"cannot reach {which} within {math.ceil(waited)} s: {reasons}. Check the address (copy it "
+            "from what the run's first peer printed), that the peer there is running, and that its firewall "
+            f"lets {what} through"
+        )
 
     async def _run_peers_in_dht(self) -> list[str]:
         """The run's peers from the DHT's provider records (ours excluded), their addresses noted."""
@@ -364,11 +419,15 @@ class Daemon:
                 elif kind == "done":
                     self.events.emit("done", round=message["round"], checkpoint=message["checkpoint"])
                     return 0
+                elif kind == "error":
+                    raise _worker_error(message)
             if self.stopping.is_set():
                 return 0
-            raise DaemonError(
-                f"the training worker exited unexpectedly (exit code {worker.process.returncode})"
-            )
+            raise await _worker_exit(worker)
+        except WorkerGone:  # it exited while we were telling it something: say why, if it said
+            if self.stopping.is_set():
+                return 0
+            raise await _worker_exit(worker) from None
         finally:
             stop_watch.cancel()
 
@@ -467,17 +526,35 @@ class Daemon:
         """What `peer status` shows; also the metrics endpoint's source."""
         return self._handlers["status"]([])
 
-    def ban(self, peer: str, why: str) -> None:
-        """Stops pairing with `peer`, refuses its offers, and records the ban in the run state."""
-        self.swap.banned.add(peer)
-        self.publish_ban(peer, why)
+    def known_peers(self) -> set[str]:
+        """Every peer id this daemon knows of: members (by gossip and in the run state), the run's
+        providers in the DHT's latest answer, and the peers it banned."""
+        known = set(self.swap.banned) | set(self.found_addrs)
+        if self.membership is not None:
+            known.update(self.membership.members)
+        if self.runstate is not None:
+            known.update(str(peer_id_of(m.key)) for m in self.runstate.state.members(time.time()))
+        return known
 
-    def unban(self, peer: str) -> bool:
-        """Pairs with `peer` again; False when it was not banned."""
-        if peer not in self.swap.banned:
-            return False
-        self.swap.banned.discard(peer)
-        return True
+    def ban(self, peer: str, why: str) -> str:
+        """Stops pairing with `peer`, refuses its offers, and records the ban in the run state. `peer` is a
+        full peer id or a unique prefix of a known peer's (`resolve_peer`); anything else raises
+        ControlError and changes nothing. Returns the full id."""
+        target = resolve_peer(peer, self.known_peers())
+        if target == self.peer_id:
+            raise ControlError(f"{target} is this peer's own id; a peer cannot ban itself")
+        self.swap.banned.add(target)
+        self.publish_ban(target, why)
+        return target
+
+    def unban(self, peer: str) -> str:
+        """Pairs with a banned peer again (its full id, or a unique prefix of it); returns the full id.
+        Raises ControlError, changing nothing, when no banned peer matches."""
+        target = resolve_peer(peer, self.swap.banned, "banned peer", "`status` lists the bans")
+        if target not in self.swap.banned:
+            raise ControlError(f"{target} is not banned")
+        self.swap.banned.discard(target)
+        return target
 
     def publish_ban(self, peer: str, why: str) -> None:
         """Records a ban of ours in our run-state document, for the other members to see."""
@@ -515,7 +592,7 @@ class Daemon:
             raise
         return reply, sent, received
 
-    async def _exchange_members(self, target: str, timeout: float = 2.0) -> bool:
+    async def _exchange_members(self, target: str, timeout: float = MEMBERS_TIMEOUT) -> bool:
         """Swaps membership tables with `target` (a peer id or an address); False if it did not answer."""
         loop = asyncio.get_running_loop()
         try:
@@ -531,8 +608,12 @@ class Daemon:
             DaemonError,
             TransportError,
             ValueError,  # an address or peer id that does not parse
-        ):
+        ) as error:
+            if target in self.config.bootstrap:
+                self._unanswered[target] = _why_unanswered(error, timeout, target)
             return False
+        if target in self.config.bootstrap:
+            self._answered.add(target)
         if reply.get("run") != self.config.run_id:
             log.warning(
                 "[%s] %s belongs to run %r, not %r",
@@ -625,6 +706,67 @@ class Daemon:
             await self.swap.answer_offer(sender, request, size, writer)
         else:
             raise MessageError(f"unknown request type {kind!r}")
+
+
+def _worker_error(message: dict[str, Any]) -> WorkerError:
+    """The worker's own account of why it stopped, as the one line the user sees."""
+    text = str(message.get("message") or "no reason given")
+    if message.get("bug"):
+        text = (
+            f"the training worker failed: {text} (this is a bug in Shoal; please report it with the output "
+            "of the same command run with --debug)"
+        )
+    return WorkerError(text, str(message.get("traceback") or ""))
+
+
+async def _worker_exit(worker: WorkerProcess) -> DaemonError:
+    """Why the worker is gone: its error message if one is still in the pipe, else how it exited."""
+    with contextlib.suppress(TimeoutError, MessageError, OSError):
+        async with asyncio.timeout(5.0):
+            while (message := await worker.receive()) is not None:
+                if message.get("type") == "error":
+                    return _worker_error(message)
+    with contextlib.suppress(TimeoutError, ProcessLookupError):
+        async with asyncio.timeout(5.0):
+            await worker.process.wait()
+    code = worker.process.returncode
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (out of memory? try a smaller --model or --batch-size)" if -code == signal.SIGKILL else ""
+        return DaemonError(f"the training worker was killed by {name}{hint}")
+    return DaemonError(
+        f"the training worker exited unexpectedly (exit code {code}); its own messages are above, and "
+        "--debug shows more"
+    )
+
+
+def _why_unanswered(error: BaseException, timeout: float, target: str) -> str:
+    """Why the peer at `target` did not answer, in a few words for the user."""
+    cause = error.__cause__
+    if isinstance(error, TransportError) and isinstance(cause, OSError):  # a failed dial: the socket's reason
+        error = cause
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused: nothing listens on that port"
+    if isinstance(error, TimeoutError):
+        return f"no answer within {timeout:.0f} s"
+    if isinstance(error, socket.gaierror):
+        return f"unknown host name ({error.strerror})"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = (str(error).replace(target, "it").splitlines() or [type(error).__name__])[0][:200]
+    if isinstance(error, MessageError | asyncio.IncompleteReadError):
+        return f"it did not answer as a Shoal peer: {text}"
+    return text
+
+
+def _port_of(address: str) -> int | None:
+    try:
+        return parse_address(address)[1]
+    except ShoalError:
+        return None
 
 
 def _shared(buffer: SharedBuffer | None) -> SharedBuffer:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from shoal.peer.config import PeerConfig
+from shoal.peer.config import ConfigError, PeerConfig
 from shoal.transport.identity import generate_key, load_key_file, peer_id_from_key, write_key_file
 
 KEY_FILE = "key"
@@ -29,7 +29,13 @@ def resolve_identity(config: PeerConfig) -> tuple[ed25519.Ed25519PrivateKey, str
         key = generate_key()
     peer_id = str(peer_id_from_key(key))
     state_dir = Path(config.state_dir or Path("runs") / config.run_id / peer_id)
-    if created:
+    try:
         state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot create the state directory {state_dir}: {error.strerror or error}; "
+            "choose another --state-dir"
+        ) from error
+    if created:
         write_key_file(state_dir / KEY_FILE, key)
     return key, peer_id, state_dir

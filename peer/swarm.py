@@ -36,6 +36,7 @@ class SwarmOptions:
     json_path: str | None
     swarm_dir: str | None
     threads: int
+    debug: bool = False  # each peer's log (peer-N.log) gets the full traceback of a failure
 
 
 @dataclass
@@ -59,6 +60,7 @@ class PeerView:
     state: str = "starting"
     exit_code: int | None = None
     log_path: Path | None = None
+    error: str = ""  # the one line a failed peer printed (its `error` event)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def apply(self, event: dict[str, Any]) -> None:
@@ -88,6 +90,9 @@ class PeerView:
             self.bytes_received += event["bytes_received"]
         elif kind == "done":
             self.state = "done"
+        elif kind == "error":
+            self.error = str(event.get("message", ""))
+            self.outcome = f"error: {self.error}"
 
 
 def _fmt_loss(value: float | None) -> str:
@@ -247,6 +252,8 @@ class Swarm:
             "--state-dir",
             str(self.dir / f"peer-{index}"),
         ]
+        if o.debug:
+            args.append("--debug")
         return [*args, "--bootstrap", bootstrap] if bootstrap else args
 
     async def start_peer(self, index: int, bootstrap: str | None) -> asyncio.subprocess.Process:
@@ -313,6 +320,9 @@ class Swarm:
             self.console.print(f"summary written to {self.options.json_path}")
         self.console.print(f"peer logs and checkpoints: {self.dir}/")
         failed = [v for v in self.views if v.state != "done"]
+        for v in failed:
+            if v.error:
+                self.console.print(f"peer {v.index} failed: {v.error} (log: {v.log_path})", markup=False)
         return 1 if failed else 0
 
     async def _refresh(self, live: Live) -> None:

@@ -41,7 +41,14 @@ class HFCausalLM(nn.Module):
             raise ModelError(
                 f"no model folder at {path}; --model hf:PATH loads a local folder, never a hub name"
             )
-        self.inner = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        try:
+            self.inner = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError) as error:  # no config.json, an unknown model type, ...
+            reason = (str(error).splitlines() or [type(error).__name__])[0][:300]
+            raise ModelError(
+                f"cannot load a Hugging Face causal LM from {path}: {reason}; the folder must hold what "
+                "save_pretrained writes (config.json and the weights)"
+            ) from error
         context = getattr(self.inner.config, "max_position_embeddings", None) or MAX_CONTEXT
         self.config = _Config(min(int(context), MAX_CONTEXT), int(self.inner.config.vocab_size))
 
@@ -56,6 +63,13 @@ def tokenize_text(path: str, text: np.ndarray) -> np.ndarray:
     """Text bytes -> token ids with the tokenizer stored beside the model (uint32)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:300]
+        raise ModelError(
+            f"cannot load the tokenizer stored with the model in {path} ({reason}); save it there with "
+            "tokenizer.save_pretrained, or train on token files of that tokenizer"
+        ) from error
     ids = tokenizer(bytes(text).decode("utf-8", errors="replace"))["input_ids"]
     return np.asarray(ids, dtype=np.uint32)

@@ -7,6 +7,7 @@ It talks to its daemon over a control channel (stdin/stdout) and passes payloads
     worker -> daemon: payload {round, nbytes}         (our fast weights are in the outbound segment)
     daemon -> worker: partner {round, nbytes} | skip {round, reason}
     worker -> daemon: done {round}                    (after the last round; also on a closed channel)
+    worker -> daemon: error {message, bug, traceback}  (it cannot go on: bad data, a damaged checkpoint, ...)
 The worker never touches the network: whatever the daemon hands it has already been validated, and is
 validated again here before it touches the weights.
 """
@@ -17,20 +18,27 @@ import logging
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
+from shoal.errors import ShoalError
 from shoal.gossip.rounds import payload as dense
+from shoal.peer import logs
 from shoal.peer.ipc import ControlChannel, SharedBuffer
 from shoal.peer.worker.train import Trainer, TrainSettings
 
 log = logging.getLogger("shoal.peer.worker")
 PROGRESS_EVERY_S = 1.0
 CHECKPOINT_EVERY = 10  # rounds; and always when the worker stops
+ERROR_MESSAGE_CHARS = 4000  # an error's one line, and its traceback (for --debug), within MAX_CONTROL_BYTES
+ERROR_TRACEBACK_CHARS = 24000
 
 
 def run(channel: ControlChannel) -> int:
     start = channel.receive()
-    if start is None or start.get("type") != "start":
+    if start is None:  # the daemon stopped (or failed) before it needed us
+        return 0
+    if start.get("type") != "start":
         log.error("worker: expected a start message, got %r", start)
         return 2
     settings = TrainSettings.from_dict(start["settings"])
@@ -134,5 +142,36 @@ def _train(
 def main() -> int:
     # Ctrl-C reaches the whole process group; the daemon decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    return run(ControlChannel.from_stdio())
+    if logs.json_mode():  # the daemon runs with --log-json: JSON objects only (it relays our stderr)
+        logs.setup(verbose=False, as_json=True, stderr_logger="shoal.peer.worker")
+    else:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    channel = ControlChannel.from_stdio()
+    try:
+        return run(channel)
+    except Exception as error:  # told to the daemon, which prints one line (the traceback with --debug)
+        return _report(channel, error)
+
+
+def _report(channel: ControlChannel, error: Exception) -> int:
+    """Sends the daemon the error that stops the worker: what happened and what to do, or (for an error
+    nobody raised on purpose) that it is a bug; the traceback goes along for `peer join --debug`."""
+    bug = False
+    if isinstance(error, ShoalError):
+        message = str(error)
+    elif isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":  # CPU or CUDA
+        what = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        message = f"the training worker ran out of memory ({what}); use a smaller --model or --batch-size"
+    else:
+        bug, message = True, f"{type(error).__name__}: {error}"
+    report = {
+        "type": "error",
+        "message": message[:ERROR_MESSAGE_CHARS],
+        "bug": bug,
+        "traceback": traceback.format_exc()[-ERROR_TRACEBACK_CHARS:],
+    }
+    try:
+        channel.send(report)
+    except (OSError, ValueError):  # the daemon is gone: nobody else will say it
+        log.error("worker: %s", message)
+    return 1

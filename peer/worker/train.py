@@ -35,7 +35,7 @@ from shoal.gossip.outer.methods import (
     outer_step,
 )
 from shoal.peer.config import ConfigError
-from shoal.peer.worker.data import BatchSampler, fixed_windows, is_token_data, load_corpus, shard
+from shoal.peer.worker.data import BatchSampler, fixed_windows, load_corpus, shard
 from shoal.peer.worker.hf import HFCausalLM, tokenize_text
 from shoal.peer.worker.model import GPT, PRESETS
 from shoal.peer.worker.presets import peer_number
@@ -86,7 +86,7 @@ class Trainer:
         self.model: GPT | HFCausalLM
         if settings.model.startswith("hf:"):
             self.model = HFCausalLM(settings.model[3:])
-            if not is_token_data(Path(settings.data or "")):
+            if corpus.train.dtype == np.uint8:  # bytes of text, not token files: tokenize them
                 corpus = replace(
                     corpus,
                     train=tokenize_text(settings.model[3:], corpus.train),
@@ -273,21 +273,43 @@ class Trainer:
 
     def save(self, path: Path) -> None:
         """Writes the checkpoint atomically: a temporary file in the same folder, fsync, then rename."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        except OSError as error:
+            raise CheckpointError(f"cannot write the checkpoint {path}: {error.strerror or error}") from error
         try:
             with os.fdopen(fd, "wb") as file:
                 torch.save(self.state_dict(), file)
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as error:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(error, OSError):
+                raise CheckpointError(
+                    f"cannot write the checkpoint {path}: {error.strerror or error}; free some disk space or "
+                    "choose another --state-dir"
+                ) from error
             raise
 
     def load(self, path: Path) -> None:
+        damaged = (
+            f"the checkpoint {path} is damaged and cannot be resumed from; move it away to start this peer "
+            f"fresh (mv {path} {path}.damaged): it then takes the run's weights from a member"
+        )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-            raise CheckpointError(f"cannot read checkpoint {path}: {str(error)[:200]}") from error
-        self.load_state_dict(state)
+        except PermissionError as error:
+            raise CheckpointError(f"cannot read the checkpoint {path}: {error.strerror}") from error
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            reason = (str(error).splitlines() or [type(error).__name__])[0].split(". ")[0]
+            raise CheckpointError(f"{damaged} ({reason[:160]})") from error
+        if not isinstance(state, dict):
+            raise CheckpointError(damaged)
+        try:
+            self.load_state_dict(state)
+        except CheckpointError as error:
+            raise CheckpointError(f"{error} (checkpoint {path})") from error
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+            raise CheckpointError(f"{damaged} ({type(error).__name__}: {str(error)[:160]})") from error

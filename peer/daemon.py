@@ -34,6 +34,7 @@ from shoal.peer.keys import resolve_identity
 from shoal.peer.metrics import MetricsServer
 from shoal.peer.progress import progress_bar, transfer_bar
 from shoal.peer.reach import PeerReach, TransferTimer
+from shoal.peer.request_slots import RequestSlots
 from shoal.peer.round_swap import CONTROL_MESSAGE_LIMIT, RoundSwap
 from shoal.peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of, peer_id_of
 from shoal.peer.status import LogTail, StatusBoard
@@ -42,6 +43,7 @@ from shoal.peer.worker.sources import resolve_data
 from shoal.transport.errors import TransportError
 from shoal.transport.host import Host, HostLimits, Stream
 from shoal.transport.identity import PeerID
+from shoal.transport.lograte import LogThrottle
 from shoal.transport.messages import MessageError, read_frame, write_message
 from shoal.transport.multiaddr import Multiaddr
 
@@ -51,7 +53,6 @@ T = TypeVar("T")
 
 PROTOCOL_VERSION = 1
 RUN_PROTOCOL = "/shoal/run/1.0.0"  # membership, status and the round swap, one request per stream
-MAX_REQUESTS = 64  # inbound requests served at once; more wait for a slot
 REQUEST_TIMEOUT = 10.0  # seconds a peer has to send its request once the stream is open
 CONNECT_TIMEOUT = 5.0
 BOOTSTRAP_PATIENCE = 30.0  # seconds to keep trying the bootstrap addresses
@@ -67,6 +68,9 @@ WAIT_PEERS_PATIENCE = 60.0
 DHT_TABLE_FILE = "dht-table.json"
 WEIGHT_SOURCES = 3  # members a joiner asks for the run's weights, most advanced first
 WEIGHTS_TIMEOUT = 60.0
+# The run's weights go to members only, one fetch at a time each, and at most this many copies of the model
+# per member per hour: a joiner needs one (a few when it retries), a stranger none.
+WEIGHT_COPIES_PER_HOUR = 4
 DHT_LOOKUP_TIMEOUT = 10.0
 DHT_LOOKUPS_BEFORE_STARTING = 2  # empty run lookups in a live DHT before a joiner starts the run itself
 
@@ -111,7 +115,10 @@ class Daemon:
         self._unanswered: dict[str, str] = {}
         self._started = 0.0  # the event loop's clock when run() began
         self.stopping = asyncio.Event()
-        self._requests = asyncio.Semaphore(MAX_REQUESTS)
+        self._requests: RequestSlots[asyncio.Task[Any]] = RequestSlots()
+        self._strangers = LogThrottle(log)  # refused and bad requests: a few lines a minute per peer
+        self._weights_served: dict[str, list[tuple[float, int]]] = {}  # member -> (time, bytes) this hour
+        self._fetching: set[str] = set()  # members whose weights fetch is being answered
         self.swap = RoundSwap(
             self.peer_id, config, self.board, self.stopping, self._request, self._message, self.publish_ban
         )
@@ -659,26 +666,62 @@ class Daemon:
                 if candidates:
                     await self._exchange_members(random.choice(candidates))
             self._membership.forget_dead(now)
+            self._strangers.flush()  # sum up refused requests once their minute is over
             await asyncio.sleep(self.config.gossip_interval * random.uniform(0.8, 1.2))
 
     # --- serving other peers ----------------------------------------------------------------------
     async def _serve(self, stream: Stream) -> None:
         sender = str(stream.remote_peer_id)  # proven by the Noise handshake
-        async with self._requests:
-            try:
-                timer = TransferTimer()
-                async with asyncio.timeout(REQUEST_TIMEOUT):
-                    request, size = await read_frame(stream, self.swap.max_offer_bytes, timer)
-                if self.reach is not None:  # not yet while the NAT layer starts
-                    self.reach.record(timer, sender)
+        me = asyncio.current_task()
+        assert me is not None  # a stream handler runs in its own task
+        admitted, evicted, why = self._requests.admit(sender, me)
+        if evicted is not None:
+            evicted.cancel()  # a request parked unread the longest gives its slot to a newcomer
+        if not admitted:
+            self._strangers.note(logging.INFO, "refused a request", sender, why)
+            await stream.reset()
+            return
+        try:
+            timer = TransferTimer()
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                request, size = await read_frame(stream, self.swap.max_offer_bytes, timer)
+            self._requests.read(me)
+            if self.reach is not None:  # not yet while the NAT layer starts
+                self.reach.record(timer, sender)
+            # Every answer has a deadline: a peer that stops reading loses its slot, never holds it.
+            async with asyncio.timeout(self._answer_deadline(request.get("type"))):
                 await self._dispatch(sender, request, size, stream)
-                await stream.close()
-            except (MessageError, dense.PayloadError) as error:
-                log.warning("[%s] dropped a bad request from %s: %s", self.peer_id, sender, error)
-                await stream.reset()
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, TransportError) as error:
-                log.info("[%s] request from %s ended early: %s", self.peer_id, sender, type(error).__name__)
-                await stream.reset()
+            await stream.close()
+        except (MessageError, dense.PayloadError) as error:
+            self._strangers.note(logging.WARNING, "dropped a bad request", sender, str(error))
+            await stream.reset()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, TransportError) as error:
+            self._strangers.note(logging.INFO, "request ended early", sender, type(error).__name__)
+            await stream.reset()
+        finally:
+            self._requests.release(me)
+
+    def _answer_deadline(self, kind: object) -> float:
+        if kind == "offer":  # a responder holds an offer until its own round is ready
+            return self.config.exchange_timeout + REQUEST_TIMEOUT
+        return WEIGHTS_TIMEOUT if kind == "weights" else REQUEST_TIMEOUT
+
+    def _weights_for(self, member: str) -> dict[str, Any]:
+        """The answer to a weights request: our slow weights for a member within its hourly budget."""
+        if self.membership is None or member not in self.membership.members:
+            return self._message("refuse", reason="the run's weights go to its members; join the run first")
+        if self.snapshot is None:
+            return self._message("refuse", reason="no weights yet: the first round is not over")
+        now = time.monotonic()
+        served = [(t, n) for t, n in self._weights_served.get(member, []) if now - t < 3600.0]
+        self._weights_served[member] = served
+        size = len(self.snapshot[1])
+        if sum(n for _, n in served) + size > WEIGHT_COPIES_PER_HOUR * size:
+            return self._message(
+                "refuse", reason=f"this member fetched the weights {len(served)} times in the last hour"
+            )
+        served.append((now, size))
+        return self._message("weights", round=self.snapshot[0], data=self.snapshot[1])
 
     async def _dispatch(self, sender: str, request: dict[str, Any], size: int, writer: Stream) -> None:
         if request.get("v") != PROTOCOL_VERSION or request.get("run") != self.config.run_id:
@@ -697,11 +740,13 @@ class Daemon:
         elif kind == "status":
             await write_message(writer, self._message("status", **self.swap.status(request)))
         elif kind == "weights":
-            if self.snapshot is None:
-                reply = self._message("refuse", reason="no weights yet: the first round is not over")
-            else:
-                reply = self._message("weights", round=self.snapshot[0], data=self.snapshot[1])
-            await write_message(writer, reply)
+            if sender in self._fetching:
+                raise MessageError("a second weights request while the first is being answered")
+            self._fetching.add(sender)
+            try:
+                await write_message(writer, self._weights_for(sender))
+            finally:
+                self._fetching.discard(sender)
         elif kind == "offer":
             await self.swap.answer_offer(sender, request, size, writer)
         else:

@@ -408,13 +408,13 @@ class Host:
             victim = table_victim(self._all_conns, {conn}, self.limits)
             if victim is None:
                 why = f"{len(self._all_conns) - 1} connections open, none over its address's share"
-                self._strangers.note(logging.WARNING, "refused connections", _source(conn), why)
+                self._strangers.note(logging.WARNING, "refused a connection", _source(conn), why)
                 conn.abort("connection limit")
                 return
             self._evict(victim, "the connection table is full and its address holds the most")
         evicted, why = self._handshakes.admit(conn)
         if evicted is not None:
-            self._strangers.note(logging.INFO, "evicted pending handshakes", _source(evicted), why)
+            self._strangers.note(logging.INFO, "evicted a pending handshake", _source(evicted), why)
             evicted.abort(f"evicted: {why}")
         self._spawn(self._accept(conn), f"handshake with {conn.remote_addr}")
 
@@ -423,7 +423,7 @@ class Host:
             async with asyncio.timeout(self.limits.handshake_timeout_s):
                 await conn.upgrade(None)
         except (TimeoutError, ProtocolError, ConnectionClosedError) as exc:
-            self._strangers.note(logging.INFO, "failed handshakes", _source(conn), str(exc) or "timed out")
+            self._strangers.note(logging.INFO, "failed handshake", _source(conn), str(exc) or "timed out")
             conn.abort(f"handshake failed: {exc}")
             return
         finally:
@@ -470,7 +470,7 @@ class Host:
         self._forget(conn)
 
     def _evict(self, conn: Connection, why: str) -> None:
-        self._strangers.note(logging.INFO, "evicted connections", _source(conn), why)
+        self._strangers.note(logging.INFO, "evicted a connection", _source(conn), why)
         self._forget(conn)
         self._all_conns.discard(conn)
         conn.abort(f"evicted: {why}")

@@ -123,3 +123,51 @@ def test_frame_reader_refuses_oversized_frames_before_reading_them():
             raise AssertionError("an oversized frame was accepted")
 
     asyncio.run(scenario())
+
+
+async def squat_and_ask(address: str) -> dict[str, object]:
+    """One identity parks 64 streams on the run protocol and sends nothing; then a stranger asks for the
+    weights, and another peer asks for the round status."""
+    target = Multiaddr.parse(address)
+    out: dict[str, object] = {}
+    async with (
+        await Host.create(generate_key(), []) as squatter,
+        await Host.create(generate_key(), []) as stranger,
+    ):
+        parked = [await squatter.new_stream(target.peer_id, RUN_PROTOCOL, [target]) for _ in range(64)]
+        await asyncio.sleep(0.5)
+        open_ = 0
+        for stream in parked:
+            try:
+                async with asyncio.timeout(0.05):
+                    data = await stream.read()
+                open_ += bool(data)  # b"": the daemon ended the stream
+            except TimeoutError:
+                open_ += 1  # nothing came back: the daemon still holds it
+            except TransportError:
+                pass  # reset by the daemon
+        out["parked_still_open"] = open_
+        me = str(stranger.peer_id)
+        started = asyncio.get_running_loop().time()
+        status = {"v": 1, "type": "status", "run": "bad", "from": me, "round": 1}
+        out["status"] = await request(stranger, address, encode_message(status))
+        out["status_s"] = asyncio.get_running_loop().time() - started
+        weights = {"v": 1, "type": "weights", "run": "bad", "from": me}
+        out["weights"] = await request(stranger, address, encode_message(weights))
+    return out
+
+
+def test_parked_streams_hold_a_few_slots_and_strangers_get_no_weights(start_peer):
+    args = "--run bad --listen 127.0.0.1:0 --rounds 1000 --inner-steps 50 --threads 1"
+    peer = start_peer("target", *args.split())
+    address = peer.wait_for(lambda e: e["event"] == "listening")["address"]
+
+    out = asyncio.run(squat_and_ask(address))
+
+    assert out["parked_still_open"] <= 4, out  # the rest were reset at once, not queued
+    status = out["status"]
+    assert isinstance(status, dict) and status["type"] == "status", out
+    assert out["status_s"] < 5, out  # answered at once, not after the parked streams' 10 s
+    weights = out["weights"]
+    assert isinstance(weights, dict) and weights["type"] == "refuse" and "members" in weights["reason"], out
+    assert peer.process.poll() is None

@@ -12,6 +12,7 @@ import asyncio
 import codecs
 import contextlib
 import os
+import select
 import sys
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any, BinaryIO
@@ -117,6 +118,17 @@ class ControlChannel:
         if body is None:
             raise MessageError("control channel closed in the middle of a message")
         return decode_body(body, MAX_CONTROL_BYTES)
+
+    def stop_requested(self) -> bool:
+        """Between inner steps: has the daemon asked us to stop, or gone? Never blocks. While the worker
+        trains, the daemon sends nothing but `stop`, so anything readable here is that (or the end)."""
+        readable, _, _ = select.select([self.reader], [], [], 0)
+        if not readable:
+            return False
+        message = self.receive()
+        if message is not None and message.get("type") != "stop":
+            raise MessageError(f"the daemon sent {message.get('type')!r} while the worker was training")
+        return True
 
     def _read_exactly(self, n: int) -> bytes | None:
         chunks, remaining = [], n

@@ -93,8 +93,14 @@ def _train(
     settings = trainer.settings
     while settings.rounds is None or trainer.round < settings.rounds:
         number = trainer.round + 1
-        losses, last_report = [], time.monotonic()
+        losses: list[float] = []
+        last_report = time.monotonic()
         for _ in range(settings.inner_steps):
+            if channel.stop_requested():  # stop now, not after the round's remaining inner steps
+                log.info("stopping in round %d after %d inner steps", number, len(losses))
+                trainer.save(checkpoint)
+                channel.send({"type": "done", "round": trainer.round, "checkpoint": str(checkpoint)})
+                return 0
             losses.append(trainer.train_step())
             if time.monotonic() - last_report > PROGRESS_EVERY_S:
                 last_report = time.monotonic()

@@ -6,6 +6,7 @@ Each test starts a real `peer join` process, as a volunteer would, and reads wha
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -173,3 +174,16 @@ def _some_text() -> str:
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     return (stdlib / "argparse.py").read_text(encoding="utf-8")
+
+
+def test_sigterm_mid_round_stops_within_a_containers_grace_period_and_keeps_a_checkpoint(
+    start_peer, tmp_path
+):
+    """Docker and systemd give a stopping peer 10 s before SIGKILL; a round of 400 inner steps takes far
+    longer, so the worker must stop between inner steps rather than finish the round."""
+    args = "--run stop --listen 127.0.0.1:0 --inner-steps 400 --threads 1"
+    peer = start_peer("stopper", *args.split())
+    peer.wait_for(lambda e: e["event"] == "progress")  # inside the first round's inner steps
+    peer.process.send_signal(signal.SIGTERM)
+    assert peer.wait(timeout=10) == 0, peer.log_tail()
+    assert (tmp_path / "stopper" / "checkpoint.pt").exists()

@@ -42,7 +42,7 @@ HELP = {
     "status": "one screen: identity, run, round, losses, partner, traffic, peers, bans, last error",
     "peers": "the run's members as this peer sees them",
     "links": "per partner: path, round-trip estimate, throughput, last exchange",
-    "rounds": "recent rounds: partner, bytes, time, swapped or skipped and why  [N]",
+    "rounds": "recent rounds: partner, bytes, time, swapped or skipped and why, jumps  [N]",
     "loss": "recent train and eval losses  [N]",
     "config": "this peer's configuration",
     "dht": "the DHT's routing table and records held",

@@ -504,6 +504,7 @@ class Daemon:
             round=number,
             partner=report.partner,
             outcome=report.outcome,
+            jumped_from=report.jumped_from,
             bytes_sent=report.bytes_sent,
             bytes_received=report.bytes_received,
             inner_step=message.get("inner_step"),

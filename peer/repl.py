@@ -46,7 +46,7 @@ BORDER = 3  # characters each column adds to a table (padding and its border), p
 NARROW_COLUMNS = {
     "peers": ["peer_id", "address", "live", "finished_round", "heard_s_ago", "banned", "self"],
     "links": ["partner", "path", "rtt_ms", "payload_mb_s", "exchanges", "last_outcome"],
-    "rounds": ["at", "round", "partner", "outcome", "bytes_sent", "seconds", "train_loss"],
+    "rounds": ["at", "round", "jumped_from", "partner", "outcome", "bytes_sent", "seconds", "train_loss"],
     "loss": ["at", "kind", "round", "inner_step", "train_loss", "eval_loss"],
 }
 REPL_HELP = {

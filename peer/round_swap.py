@@ -50,6 +50,7 @@ class RoundReport:
     bytes_sent: int
     bytes_received: int
     payload: bytes | None = None  # the partner's validated payload, when swapped
+    jumped_from: int | None = None  # the worker's round, when the peer moved to the run's round instead
 
 
 class RoundSwap:
@@ -98,7 +99,15 @@ class RoundSwap:
     async def swap(self, proposed: int, payload: bytes) -> RoundReport:
         """Swaps our payload for round `proposed` (or the run's round) with that round's partner."""
         number = await self._round_number(proposed)
+        if number != proposed:
+            log.info(
+                "[%s] jumped from round %d to round %d: the run is there (a skipped round left us behind)",
+                self.peer_id,
+                proposed,
+                number,
+            )
         report = await self._exchange(number, payload)
+        report.jumped_from = proposed if number != proposed else None
         self.reports = [*self.reports[-ROUND_REPORTS_KEPT:], report]
         return report
 

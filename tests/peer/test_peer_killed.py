@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import signal
 import time
@@ -54,6 +55,12 @@ def test_survivors_finish_after_a_peer_is_killed(start_peer):
         # deadline while the others went on, goes to the run's round (gossip/rounds/clock.py).
         numbers = [r["round"] for r in rounds]
         assert numbers == sorted(set(numbers)) and numbers[-1] == ROUNDS, numbers
+        # A round number skipped over is a jump, said so in the round event and the log.
+        for before, after in itertools.pairwise(rounds):
+            jumped = after["round"] > before["round"] + 1
+            assert after.get("jumped_from") == (before["round"] + 1 if jumped else None), (before, after)
+        if any(r.get("jumped_from") for r in rounds):
+            assert "jumped from round" in peer.log_path.read_text()
         # Every round either swapped a whole payload or skipped; a payload that reached the worker was whole.
         assert all(r["outcome"] == "swapped" or r["outcome"].startswith("skipped") for r in rounds)
         assert "refused by the worker" not in peer.log_path.read_text()

@@ -10,7 +10,9 @@ payload or none.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import json
 import logging
 import math
 import random
@@ -36,6 +38,7 @@ from shoal.peer.progress import progress_bar, transfer_bar
 from shoal.peer.reach import PeerReach, TransferTimer
 from shoal.peer.request_slots import RequestSlots
 from shoal.peer.round_swap import CONTROL_MESSAGE_LIMIT, RoundSwap
+from shoal.peer.run_settings import run_settings, settings_mismatch, valid_settings
 from shoal.peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of, peer_id_of
 from shoal.peer.status import LogTail, StatusBoard
 from shoal.peer.worker.presets import peer_number
@@ -113,6 +116,10 @@ class Daemon:
         # did not, for the error that names them.
         self._answered: set[str] = set()
         self._unanswered: dict[str, str] = {}
+        # What makes replicas of one run compatible (run_settings): ours once the worker said hello, and
+        # what members told us of theirs in membership swaps (bounded: one entry per member).
+        self.settings: dict[str, Any] | None = None
+        self._their_settings: dict[str, dict[str, Any]] = {}
         self._started = 0.0  # the event loop's clock when run() began
         self.stopping = asyncio.Event()
         self._requests: RequestSlots[asyncio.Task[Any]] = RequestSlots()
@@ -409,6 +416,7 @@ class Daemon:
                     spec = [(name, tuple(shape)) for name, shape in message["spec"]]
                     self.swap.use_model(spec, str(message["method"]), int(message["lattice_bits"]))
                     self.parameters = int(message["parameters"])
+                    self.settings = run_settings(self.config, message)
                     if message.get("round"):  # resumed from a checkpoint
                         self.swap.book.last_finished = int(message["round"])
                     fields = ("parameters", "corpus_sha256", "shard")
@@ -445,6 +453,8 @@ class Daemon:
         await self._wait_for_peers()
         loop = asyncio.get_running_loop()
         others = [p for p in self._membership.live(loop.time()) if p != self.peer_id]
+        if others:  # before any weight is fetched: does this peer train the same thing as the run?
+            await self._check_run_settings(others)
         if resumed or not others or max(self._membership.members[p].round for p in others) == 0:
             return {"type": "begin", "weights_nbytes": 0}
         self.board.set_activity("joining", "fetching the run's current weights from a member")
@@ -469,6 +479,20 @@ class Daemon:
             return {"type": "begin", "weights_nbytes": nbytes, "round": number}
         log.warning("[%s] no member sent its weights; starting from the run's initial weights", self.peer_id)
         return {"type": "begin", "weights_nbytes": 0}
+
+    async def _check_run_settings(self, others: list[str]) -> None:
+        """Refuses to join a run that trains something else (another method, model, schedule or corpus)
+        with one line that says which setting and what to pass; asks one member if none has said yet."""
+        if not any(p in self._their_settings for p in others):
+            await self._exchange_members(others[0])
+        theirs = [self._their_settings[p] for p in others if p in self._their_settings]
+        if not theirs or self.settings is None:
+            return  # members of an older Shoal say nothing: nothing to compare
+        runs = collections.Counter(json.dumps(s, sort_keys=True) for s in theirs)
+        run = json.loads(runs.most_common(1)[0][0])
+        problem = settings_mismatch(self.settings, run)
+        if problem:
+            raise DaemonError(f"cannot join run {self.config.run_id!r}: {problem}")
 
     async def _fetch_weights(self, peer: str) -> tuple[dict[str, Any], int]:
         """Asks `peer` for its slow weights, showing the transfer as a bar and in `peer status`."""
@@ -606,7 +630,9 @@ class Daemon:
         try:
             async with asyncio.timeout(timeout):
                 reply, _, _ = await self._request(
-                    target, self._message("members", table=self._membership.table()), CONTROL_MESSAGE_LIMIT
+                    target,
+                    self._message("members", table=self._membership.table(), settings=self.settings),
+                    CONTROL_MESSAGE_LIMIT,
                 )
         except (
             OSError,
@@ -632,6 +658,9 @@ class Daemon:
             )
             return False
         self._merge_members(reply.get("table"), loop.time())
+        settings, sender = reply.get("settings"), reply.get("from")
+        if isinstance(sender, str) and sender in self._membership.members and valid_settings(settings):
+            self._their_settings[sender] = settings
         creator = reply.get("creator")
         if self.creator is None and isinstance(creator, str) and len(creator) < 128 and _is_peer_id(creator):
             self.creator = creator
@@ -736,7 +765,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         if kind == "members":
             self._merge_members(request.get("table"), loop.time())
-            reply = self._message("members", table=self._membership.table(), creator=self.creator)
+            reply = self._message(
+                "members", table=self._membership.table(), creator=self.creator, settings=self.settings
+            )
             await write_message(writer, reply)
         elif kind == "status":
             await write_message(writer, self._message("status", **self.swap.status(request)))

@@ -187,3 +187,19 @@ def test_sigterm_mid_round_stops_within_a_containers_grace_period_and_keeps_a_ch
     peer.process.send_signal(signal.SIGTERM)
     assert peer.wait(timeout=10) == 0, peer.log_tail()
     assert (tmp_path / "stopper" / "checkpoint.pt").exists()
+
+
+def test_joining_with_another_method_is_refused_before_any_weight_is_fetched(start_peer):
+    first = start_peer(
+        "creator", *["--run", "mix", "--listen", "127.0.0.1:0", "--inner-steps", "4", "--threads", "1"]
+    )
+    address = first.wait_for(lambda e: e["event"] == "listening")["address"]
+    first.wait_for(lambda e: e["event"] == "round")  # the run is in progress: a joiner would fetch weights
+    joiner = start_peer(
+        "joiner", *f"--run mix --listen 127.0.0.1:0 --bootstrap {address} --method noloco --threads 1".split()
+    )
+    assert joiner.wait(timeout=120) != 0
+    log = joiner.log_path.read_text()
+    assert "Traceback" not in log, log
+    assert "trains with method" in log and "join with --method" in log, log
+    assert not joiner.of_kind("weights"), joiner.events

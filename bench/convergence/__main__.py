@@ -2,9 +2,16 @@
 
 R simulated workers on the standard-library corpus, the same tokens (R·N·B·T) for every method; prints each
 method's final eval loss, its ratio to tuned fp32 DiLoCo measured in the same run, bytes each peer sends per
-round and that ratio, and picks the default composition by measured loss per byte. Communication is simulated
-(bytes are counted from real encoded messages); only compute takes wall-clock time. The CPU of the machine
-that runs it may be shared: tok/s is recorded so that a slow run can be told from a slow method.
+round and that ratio. Communication is simulated (bytes are counted from real encoded messages); only compute
+takes wall-clock time, and the CPU may be shared: tok/s is recorded so that a slow run can be told from a slow
+method. `--peers 4,8,16` runs the mode's config at each R (`--scaling` is `--peers 4,8,16`) and reports
+loss against DiLoCo, replica spread and the lattice code's decode statistics at each. `--methods` takes method
+names, `default` (the product's DEFAULT_METHOD) and variants `NAME:KNOB=VALUE[:KNOB=VALUE]` (OuterConfig
+knobs).
+
+Every finished run is cached per (config, method, seed, code version) in bench/convergence/cache/ (see
+`cache`), so results accumulate and do not depend on the machine's load. DiLoCo and the product's default are
+always run; a result without either exits non-zero.
 """
 
 from __future__ import annotations
@@ -14,22 +21,19 @@ import json
 import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, replace
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.convergence.jobs import SYNC, job, job_init, run_method, sim_config
-from bench.convergence.runs import OutOfTime
-from bench.convergence.sim import Batches, initial_weights
+from bench.convergence import cache
+from bench.convergence.jobs import SYNC, job, job_init, run_key, sim_config
+from shoal.gossip.outer.methods import DEFAULT_METHOD, MODULES, TUNED, OuterConfig
 from shoal.peer.worker.data import load_stdlib_corpus
 
-# --quick must finish within 10 minutes on 2 idle cores (the issue); leave room for loading and the plot.
-QUICK_BUDGET_S = 560
-FULL_BUDGET_S = 3 * 3600
-SWEEP_BUDGET_S = 2 * 3600
-# The composition variants the default is chosen from (the product exchanges with one partner at a time).
-COMPOSITIONS = ("gossip-sparseloco", "pair-sparseloco", "compressed-noloco")
-# Run order: the reference and the candidates first, so a wall-clock guard cuts the least needed ones.
+REFERENCE = "diloco"
+# The product methods the bench's pick is made from: compositions of a pairwise exchange with a compressed
+# message that the daemon can run (V-A gossip needs relays, which the daemon does not do).
+PICK_FROM = ("pair-sparseloco", "compressed-noloco")
 QUICK_METHODS = (
     "diloco",
     "gossip-sparseloco",
@@ -40,7 +44,10 @@ QUICK_METHODS = (
     "ddp",
     "single",
 )
-# A variant is "as good" as the best when its loss is within this fraction; among those the fewest bytes wins.
+# --scaling: the reference, NoLoCo, the product's default and the sparse compositions.
+SCALING_METHODS = ("diloco", "noloco", "default", "pair-sparseloco", "gossip-sparseloco")
+SCALING_PEERS = (4, 8, 16)
+# Within this fraction of DiLoCo's loss at every R counts as holding up; among those the fewest bytes wins.
 LOSS_TOLERANCE = 0.01
 
 SWEEP: dict[str, list[dict]] = {
@@ -53,37 +60,123 @@ SWEEP: dict[str, list[dict]] = {
 }
 
 
+@dataclass(frozen=True)
+class Spec:
+    """One method to run: its label in the results, the registered method and OuterConfig overrides."""
+
+    label: str
+    method: str
+    overrides: dict = field(default_factory=dict, hash=False, compare=False)  # the label names them
+
+
+def parse_spec(text: str) -> Spec:
+    """`default`, a method name, or `NAME:KNOB=VALUE[:KNOB=VALUE]` (values read as JSON, else strings)."""
+    name, *knobs = text.strip().split(":")
+    method = DEFAULT_METHOD if name == "default" else name
+    if method not in MODULES and method not in SYNC:
+        raise SystemExit(f"unknown method {name!r}; choose from default, {', '.join([*MODULES, *SYNC])}")
+    overrides: dict = {}
+    for knob in knobs:
+        key, eq, raw = knob.partition("=")
+        if not eq or (key not in OuterConfig.__dataclass_fields__ and key != "topk"):
+            raise SystemExit(f"{text!r}: {knob!r} is not KNOB=VALUE with an OuterConfig knob")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        default = getattr(OuterConfig.__dataclass_fields__.get(key), "default", None)
+        if isinstance(default, float) and isinstance(value, int):
+            value = float(value)  # `lattice_range=3` is the same setting as the tuned 3.0
+        overrides[key] = value
+    label = method + "".join(f":{k}={json.dumps(v)}" for k, v in overrides.items())
+    return Spec(label, method, overrides)
+
+
+def method_specs(text: str | None, fallback: tuple[str, ...], required: bool = True) -> list[Spec]:
+    """The runs asked for, DiLoCo and the product's default first (always run unless `required` is off)."""
+    specs = [parse_spec(t) for t in (text.split(",") if text else fallback)]
+    if required:
+        specs = [Spec(REFERENCE, REFERENCE), Spec(DEFAULT_METHOD, DEFAULT_METHOD), *specs]
+    unique: dict[str, Spec] = {}
+    for spec in specs:
+        unique.setdefault(spec.label, spec)
+    return list(unique.values())
+
+
+Task = tuple[int, int, Spec]  # (R, seed, spec)
+
+
 def run_all(
-    mode: str, jobs: int, tasks: list[tuple[int, str, dict | None]], deadline: float
-) -> list[dict | None]:
-    """Run tasks (seed, method, overrides) on `jobs` processes, in order of submission; prints as they end."""
+    mode: str, jobs: int, tasks: list[Task], budget: float | None, use_cache: bool
+) -> dict[Task, dict | None]:
+    """Each task's result: from the cache, else run on `jobs` processes (None: --budget ran out first).
+
+    Tasks with the same key (a variant spelling out the default's settings) run once.
+    """
+    out: dict[Task, dict | None] = {}
+    keys = {
+        task: run_key(mode, task[1], task[2].method, task[2].overrides or None, task[0]) for task in tasks
+    }
+    todo: dict[str, list[Task]] = {}
+    for task in tasks:
+        hit = cache.load(keys[task]) if use_cache else None
+        if hit is not None:
+            out[task] = hit
+            _report(task, hit, cached=True)
+        else:
+            todo.setdefault(keys[task], []).append(task)
+    if not todo:
+        return out
+    print(
+        f"{len(out)} runs from the cache, {len(todo)} to run (code version {cache.code_version()})",
+        flush=True,
+    )
+    deadline = None if budget is None else time.time() + budget
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=job_init) as pool:
-        futures = [pool.submit(job, mode, seed, name, ov, deadline) for seed, name, ov in tasks]
-        for (seed, name, ov), fut in zip(tasks, futures, strict=True):
-            fut.add_done_callback(
-                lambda f, seed=seed, name=name, ov=ov: _report(seed, name, ov, f.result()[1])
-            )
-        return [f.result()[1] for f in futures]
+        futures: dict[str, Future] = {}
+        for key, same in todo.items():
+            peers, seed, spec = same[0]
+            fut = pool.submit(job, mode, seed, spec.method, spec.overrides or None, peers, deadline, key)
+            fut.add_done_callback(lambda f, same=same: [_report(t, f.result()) for t in same])
+            futures[key] = fut
+        for key, fut in futures.items():
+            for task in todo[key]:
+                out[task] = fut.result()
+    return out
 
 
-def _report(seed: int, name: str, overrides: dict | None, res: dict | None) -> None:
-    label = f"seed {seed} {name:18s}" + (f" {overrides}" if overrides else "")
+def _report(task: Task, res: dict | None, cached: bool = False) -> None:
+    peers, seed, spec = task
+    label = f"R={peers} seed {seed} {spec.label:24s}"
     if res is None:
-        print(f"  {label}: skipped, wall-clock guard reached", flush=True)
+        print(f"  {label}: not run, --budget reached", flush=True)
         return
+    decode = res.get("decode")
+    extra = ""
+    if decode:
+        extra = (
+            f" wrapped {decode['wrap_rate']:.2e} flagged {decode['flagged_rate']:.2e} "
+            f"err/signal {decode['error_signal']:.3f}"
+        )
+    if res.get("skipped_pairs"):
+        extra += f" skipped pairs {res['skipped_pairs']}"
     print(
         f"  {label} loss {res['eval_loss']:.4f} (avg-w {res['eval_loss_avg_weights']:.4f}) "
         f"spread {res['spread']:.5f} bits/param {res['bits_per_param']:.3f} "
-        f"bytes/peer/round {res['bytes_per_peer_per_round']:.0f} {res['seconds']:.0f}s "
-        f"{res['tok_per_s']:.0f} tok/s",
+        f"bytes/peer/round {res['bytes_per_peer_per_round']:.0f}{extra} "
+        + ("cached" if cached else f"{res['seconds']:.0f}s {res['tok_per_s']:.0f} tok/s"),
         flush=True,
     )
 
 
-def choose_default(results: dict[str, dict]) -> str | None:
-    """The composition variant that learns best per byte: lowest loss; within 1 % of it, fewest bytes."""
-    done = {m: results[m] for m in COMPOSITIONS if m in results}
+def _base(label: str) -> str:
+    return label.split(":", 1)[0]
+
+
+def pick_at(results: dict[str, dict]) -> str | None:
+    """At one R: the composition with the lowest loss; among those within 1 % of it, the fewest bytes."""
+    done = {m: v for m, v in results.items() if _base(m) in PICK_FROM}
     if not done:
         return None
     best = min(v["eval_loss"] for v in done.values())
@@ -91,25 +184,68 @@ def choose_default(results: dict[str, dict]) -> str | None:
     return min(close, key=lambda m: done[m]["bytes_per_peer_per_round"])
 
 
+def pick_across(by_peers: dict[int, dict[str, dict]]) -> str | None:
+    """Across R: the composition within 1 % of DiLoCo's loss at every R run, with the fewest bytes per round
+    (at the largest R; ties to the lower worst loss ratio). None when none holds at every R."""
+    candidates = {m for res in by_peers.values() for m in res if _base(m) in PICK_FROM}
+    held = {}
+    for m in candidates:
+        ratios = []
+        for res in by_peers.values():
+            if m not in res or REFERENCE not in res:
+                break
+            ratios.append(res[m]["eval_loss"] / res[REFERENCE]["eval_loss"])
+        else:
+            if max(ratios) <= 1 + LOSS_TOLERANCE:
+                held[m] = max(ratios)
+    if not held:
+        return None
+    largest = by_peers[max(by_peers)]
+    return min(held, key=lambda m: (largest[m]["bytes_per_peer_per_round"], held[m]))
+
+
 def summarise(results: dict[str, dict]) -> None:
-    ref = results.get("diloco")
+    ref = results.get(REFERENCE)
+    w = max([20, *map(len, results)])
     print(
-        f"{'method':20s} {'loss':>7s} {'avg-w':>7s} {'spread':>8s} {'bits/p':>7s} {'B/peer/round':>13s} "
-        f"{'loss/diloco':>11s} {'bytes/diloco':>12s} {'tok/s':>7s}"
+        f"{'method':{w}s} {'loss':>7s} {'avg-w':>7s} {'spread':>8s} {'bits/p':>7s} {'B/peer/round':>13s} "
+        f"{'loss/diloco':>11s} {'bytes/diloco':>12s} {'wrapped':>8s} {'flagged':>8s} {'err/sig':>7s}"
     )
     for name, v in results.items():
         lr = v["eval_loss"] / ref["eval_loss"] if ref else float("nan")
         br = v["bytes_per_peer_per_round"] / ref["bytes_per_peer_per_round"] if ref else float("nan")
-        print(
-            f"{name:20s} {v['eval_loss']:7.4f} {v['eval_loss_avg_weights']:7.4f} {v['spread']:8.5f} "
-            f"{v['bits_per_param']:7.3f} {v['bytes_per_peer_per_round']:13.0f} {lr:11.4f} {br:12.5f} "
-            f"{v['tok_per_s']:7.0f}"
+        d = v.get("decode")
+        dec = (
+            f"{d['wrap_rate']:8.2e} {d['flagged_rate']:8.2e} {d['error_signal']:7.3f}" if d else f"{'-':>26s}"
         )
+        print(
+            f"{name:{w}s} {v['eval_loss']:7.4f} {v['eval_loss_avg_weights']:7.4f} {v['spread']:8.5f} "
+            f"{v['bits_per_param']:7.3f} {v['bytes_per_peer_per_round']:13.0f} {lr:11.4f} {br:12.5f} {dec}"
+        )
+
+
+def scaling_table(by_peers: dict[int, dict[str, dict]]) -> None:
+    peers = sorted(by_peers)
+    print("loss / DiLoCo and replica spread as the run grows (R = " + ", ".join(map(str, peers)) + "):")
+    names = list(dict.fromkeys(m for r in peers for m in by_peers[r]))
+    w = max([20, *map(len, names)])
+    for name in names:
+        cells = []
+        for r in peers:
+            res, ref = by_peers[r].get(name), by_peers[r].get(REFERENCE)
+            if res is None or ref is None:
+                cells.append(f"R={r}: -")
+                continue
+            d = res.get("decode")
+            wrap = f" wrapped {d['wrap_rate']:.1e} flagged {d['flagged_rate']:.1e}" if d else ""
+            cells.append(f"R={r}: {res['eval_loss'] / ref['eval_loss']:.4f} spread {res['spread']:.4f}{wrap}")
+        print(f"  {name:{w}s} " + " | ".join(cells))
 
 
 def average_seeds(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
     out: dict[str, dict] = {}
-    for name in per_seed[0]:
+    names = list(dict.fromkeys(m for s in per_seed for m in s))
+    for name in names:
         runs = [s[name] for s in per_seed if name in s]
         merged = dict(runs[0])
         for key in (
@@ -122,6 +258,8 @@ def average_seeds(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
             "tok_per_s",
         ):
             merged[key] = sum(r[key] for r in runs) / len(runs)
+        if runs[0].get("decode"):
+            merged["decode"] = {k: sum(r["decode"][k] for r in runs) / len(runs) for k in runs[0]["decode"]}
         merged["seeds"] = len(runs)
         merged["eval_loss_per_seed"] = [r["eval_loss"] for r in runs]
         out[name] = merged
@@ -160,122 +298,133 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_const", dest="mode", const="quick", help="CI config (default)")
     mode.add_argument("--full", action="store_const", dest="mode", const="full", help="larger model, 3 seeds")
     mode.add_argument("--sweep", action="store_const", dest="mode", const="sweep", help="tune outer lrs")
-    mode.add_argument("--scaling", action="store_const", dest="mode", const="scaling", help="bytes vs peers")
     mode.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="seconds-long check")
+    parser.add_argument(
+        "--scaling", action="store_true", help="loss, spread and bytes at R = 4, 8, 16 (--peers 4,8,16)"
+    )
+    parser.add_argument("--peers", help="R, or comma-separated Rs (default: the mode's R)")
     parser.add_argument("--json", type=Path, help="write results here")
     parser.add_argument("--plot", type=Path, help="write loss-vs-tokens / loss-vs-bytes plot (PNG)")
-    parser.add_argument("--methods", help="comma-separated subset of methods")
+    parser.add_argument("--methods", help="comma-separated: names, `default`, NAME:KNOB=VALUE variants")
     parser.add_argument("--seeds", type=int, help="number of seeds (quick 1, full 3)")
-    parser.add_argument("--budget", type=float, help="wall-clock guard in seconds")
+    parser.add_argument(
+        "--budget", type=float, help="stop runs after this many seconds (they are not cached)"
+    )
+    parser.add_argument("--no-cache", action="store_true", help="run everything again (results still stored)")
     parser.add_argument("--jobs", type=int, default=2, help="processes, one torch thread each (default 2)")
     args = parser.parse_args(argv)
     mode_name = args.mode or "quick"
-    budgets = {"full": FULL_BUDGET_S, "sweep": SWEEP_BUDGET_S, "scaling": SWEEP_BUDGET_S}
-    budget = args.budget or budgets.get(mode_name, QUICK_BUDGET_S)
     seeds = args.seeds or (3 if mode_name == "full" else 1)
+    if args.peers:
+        peers = [int(p) for p in args.peers.split(",")]
+    elif args.scaling:
+        peers = list(SCALING_PEERS)
+    else:
+        peers = [sim_config(mode_name, 0).replicas]
+    if any(p < 1 for p in peers):
+        raise SystemExit("--peers must be >= 1")
     start = time.time()
-    deadline = start + budget
     corpus = load_stdlib_corpus()
     print(
         f"corpus: {corpus.files} files, {len(corpus.train)} train / {len(corpus.validation)} held-out bytes, "
-        f"sha256 {corpus.sha256[:16]}…; {args.jobs} processes, guard {budget:.0f} s",
+        f"sha256 {corpus.sha256[:16]}…; {args.jobs} processes; R = {', '.join(map(str, peers))}; "
+        f"code version {cache.code_version()}",
         flush=True,
     )
-    if mode_name == "scaling":
-        return scaling(args, deadline)
     if mode_name == "sweep":
-        methods = tuple(args.methods.split(",")) if args.methods else tuple(SWEEP)
-        tasks = [(0, name, ov) for name in methods for ov in SWEEP.get(name, [])]
-        rows = run_all("sweep", args.jobs, tasks, deadline)
-        table: dict[str, list[dict]] = {}
-        for (_, name, ov), row in zip(tasks, rows, strict=True):
-            if row is not None:
-                table.setdefault(name, []).append({**(ov or {}), **row})
-        best = {m: min(rows_, key=lambda r: r["eval_loss"]) for m, rows_ in table.items()}
-        for m, row in best.items():
-            print(f"best {m}: { ({k: row[k] for k in SWEEP[m][0]}) } loss {row['eval_loss']:.4f}")
-        if args.json:
-            args.json.write_text(
-                json.dumps({"sweep": table, "best": best, "corpus_sha256": corpus.sha256}, indent=1)
-            )
-        return 0
-    methods = tuple(args.methods.split(",")) if args.methods else QUICK_METHODS
-    tasks = [(seed, name, None) for seed in range(seeds) for name in methods]
-    rows = run_all(mode_name, args.jobs, tasks, deadline)
-    per_seed: list[dict[str, dict]] = [{} for _ in range(seeds)]
-    skipped = []
-    for (seed, name, _), row in zip(tasks, rows, strict=True):
-        if row is None:
-            skipped.append(f"{name}@seed{seed}")
-        else:
-            per_seed[seed][name] = row
-    results = average_seeds([s for s in per_seed if s]) if any(per_seed) else {}
-    default = choose_default(results)
-    summarise(results)
-    cfg = sim_config(mode_name, 0)
+        return sweep(args, peers[0], corpus.sha256)
+    fallback = SCALING_METHODS if args.scaling else QUICK_METHODS
+    specs = method_specs(args.methods, fallback)
+    tasks = [(r, seed, spec) for r in peers for seed in range(seeds) for spec in specs]
+    rows = run_all(mode_name, args.jobs, tasks, args.budget, not args.no_cache)
+    by_peers: dict[int, dict[str, dict]] = {}
+    not_run = []
+    for r in peers:
+        per_seed: list[dict[str, dict]] = [{} for _ in range(seeds)]
+        for (rr, seed, spec), row in rows.items():
+            if rr != r:
+                continue
+            if row is None:
+                not_run.append(f"{spec.label}@R{r}/seed{seed}")
+            else:
+                per_seed[seed][spec.label] = row
+        by_peers[r] = average_seeds([s for s in per_seed if s]) if any(per_seed) else {}
+    for r in peers:
+        print(f"R = {r}:")
+        summarise(by_peers[r])
+        print(
+            f"  bench pick at R = {r} (lowest loss of {', '.join(PICK_FROM)}; within {LOSS_TOLERANCE:.0%} "
+            f"of it, fewest bytes): {pick_at(by_peers[r])}"
+        )
+    across = pick_across(by_peers)
+    if len(peers) > 1:
+        scaling_table(by_peers)
+        print(
+            f"bench pick across R (within {LOSS_TOLERANCE:.0%} of DiLoCo at every R, fewest bytes): {across}"
+        )
     print(
-        f"default (lowest loss among {', '.join(COMPOSITIONS)}; within {LOSS_TOLERANCE:.0%} of it, fewest "
-        f"bytes): {default}; wall {time.time() - start:.0f} s (CPU may be shared with other jobs)"
+        f"product default (DEFAULT_METHOD): {DEFAULT_METHOD} {TUNED[DEFAULT_METHOD]}; "
+        f"wall {time.time() - start:.0f} s"
     )
-    out = {
-        "methods": results,
-        "default": default,
+    cfg = sim_config(mode_name, 0, peers[0])
+    out: dict = {
+        "default": DEFAULT_METHOD,
+        "default_settings": TUNED[DEFAULT_METHOD],
+        "bench_pick": across if len(peers) > 1 else pick_at(by_peers[peers[0]]),
+        "bench_pick_rule": (
+            f"within {LOSS_TOLERANCE:.0%} of DiLoCo at every R, fewest bytes"
+            if len(peers) > 1
+            else f"lowest loss of {', '.join(PICK_FROM)}; within {LOSS_TOLERANCE:.0%} of it, fewest bytes"
+        ),
+        "peers": peers,
+        "by_peers": {str(r): {"methods": res, "bench_pick": pick_at(res)} for r, res in by_peers.items()},
         "config": {**asdict(cfg), "model": asdict(cfg.model), "mode": mode_name, "seeds": seeds},
         "corpus_sha256": corpus.sha256,
-        "skipped": skipped,
+        "code_version": cache.code_version(),
+        "not_run": not_run,
         "wall_s": time.time() - start,
     }
+    if len(peers) == 1:
+        out["methods"] = by_peers[peers[0]]
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
         print(f"results written to {args.json}")
-    if args.plot and results:
-        plot(results, args.plot)
+    if args.plot:
+        for r in peers:
+            path = args.plot if len(peers) == 1 else args.plot.with_stem(f"{args.plot.stem}-R{r}")
+            if by_peers[r]:
+                plot(by_peers[r], path)
+    missing = [
+        f"{name} at R = {r}" for r in peers for name in (REFERENCE, DEFAULT_METHOD) if name not in by_peers[r]
+    ]
+    if missing:
+        print(
+            f"error: no result for {', '.join(missing)}: the comparison needs DiLoCo and the product's "
+            f"default (DEFAULT_METHOD = {DEFAULT_METHOD}); run again without --budget (finished runs are "
+            "cached)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
-SCALING_PEERS = (4, 8, 16, 32)
-
-
-def scaling(args: argparse.Namespace, deadline: float) -> int:
-    """Bytes each peer sends per round as the run grows (the CI model, a few rounds: bytes, not loss)."""
-    methods = (
-        tuple(args.methods.split(",")) if args.methods else tuple(m for m in QUICK_METHODS if m not in SYNC)
-    )
-    job_init()
-    table: dict[int, dict[str, float]] = {}
-    for peers in SCALING_PEERS:
-        # 8 one-step rounds of batch 1: gossip reaches its steady state at R <= 32 (log2 R rounds).
-        cfg = replace(
-            sim_config("quick", 0),
-            replicas=peers,
-            batch=1,
-            inner_steps=1,
-            total_steps=8,
-            eval_every=8,
-            eval_windows=2,
-        )
-        batches = Batches(load_stdlib_corpus(), cfg)
-        init = initial_weights(cfg)
-        n_params = sum(t.numel() for t in init.values())
-        table[peers] = {}
-        for name in methods:
-            try:
-                res = run_method(name, cfg, batches, init, deadline)
-            except OutOfTime:
-                print(f"R={peers}: wall-clock guard reached; stopping here", flush=True)
-                return _write_scaling(args, table)
-            table[peers][name] = res.bytes_per_peer_per_round
-        print(
-            f"R={peers:3d} bits/param sent per peer per round: "
-            + "  ".join(f"{m} {b * 8 / n_params:.3f}" for m, b in table[peers].items()),
-            flush=True,
-        )
-    return _write_scaling(args, table)
-
-
-def _write_scaling(args: argparse.Namespace, table: dict) -> int:
+def sweep(args: argparse.Namespace, peers: int, corpus_sha256: str) -> int:
+    """Every method's SWEEP values at one R, seed 0; the best of each by loss."""
+    methods = tuple(args.methods.split(",")) if args.methods else tuple(SWEEP)
+    specs = [Spec(f"{m} {ov}", m, ov) for m in methods for ov in SWEEP.get(m, [])]
+    tasks = [(peers, 0, spec) for spec in specs]
+    rows = run_all("sweep", args.jobs, tasks, args.budget, not args.no_cache)
+    table: dict[str, list[dict]] = {}
+    for (_, _, spec), row in rows.items():
+        if row is not None:
+            table.setdefault(spec.method, []).append({**spec.overrides, **row})
+    best = {m: min(rows_, key=lambda r: r["eval_loss"]) for m, rows_ in table.items()}
+    for m, row in best.items():
+        print(f"best {m}: { ({k: row[k] for k in SWEEP[m][0]}) } loss {row['eval_loss']:.4f}")
     if args.json:
-        args.json.write_text(json.dumps({"bytes_per_peer_per_round": table}, indent=1))
+        args.json.write_text(
+            json.dumps({"sweep": table, "best": best, "corpus_sha256": corpus_sha256}, indent=1)
+        )
     return 0
 
 

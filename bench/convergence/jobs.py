@@ -1,9 +1,13 @@
-"""The benchmark's unit of work, importable by worker processes: one (mode, seed, method, overrides) run."""
+"""The benchmark's unit of work, importable by worker processes: one (mode, R, seed, method, overrides)."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+
 import torch
 
+from bench.convergence import cache
 from bench.convergence.runs import OutOfTime, Result, run_outer, run_synchronous
 from bench.convergence.sim import Batches, SimConfig, initial_weights
 from shoal.gossip.outer.methods import OuterConfig
@@ -14,7 +18,13 @@ from shoal.peer.worker.model import GPTConfig
 SYNC = ("single", "ddp")
 
 
-def sim_config(mode: str, seed: int) -> SimConfig:
+def sim_config(mode: str, seed: int, peers: int | None = None) -> SimConfig:
+    """The mode's config; `peers` replaces its R (every worker keeps its batch: tokens grow with R)."""
+    cfg = _mode_config(mode, seed)
+    return cfg if peers is None else replace(cfg, replicas=peers)
+
+
+def _mode_config(mode: str, seed: int) -> SimConfig:
     if mode == "full":  # d=128, L=4, T=128, R=8, 3 seeds (30–60 min on an idle box)
         # (docs/outer-methods.md, Convergence benchmark configuration)
         return SimConfig(
@@ -38,18 +48,46 @@ def sim_config(mode: str, seed: int) -> SimConfig:
     return SimConfig(seed=seed)  # quick / sweep: the CI config (docs/outer-methods.md, same section)
 
 
-def run_method(
-    name: str, cfg: SimConfig, batches: Batches, init: dict, deadline: float, overrides: dict | None = None
-) -> Result:
+def outer_config(name: str, overrides: dict | None = None) -> OuterConfig | None:
+    """The method's tuned OuterConfig with `overrides` applied (`topk`: the codec's density); SYNC: None."""
     if name in SYNC:
-        return run_synchronous(name, cfg, batches, init, deadline)
+        return None
     overrides = dict(overrides or {})
     if "topk" in overrides:  # codec density: kept entries per 64x64 tile
         overrides["codec"] = CodecConfig(topk_per_tile=overrides.pop("topk"))
-    return run_outer(name, cfg, batches, init, OuterConfig.tuned(name, **overrides), deadline)
+    return OuterConfig.tuned(name, **overrides)
 
 
-_CACHE: dict[tuple[str, int], tuple[SimConfig, Batches, dict]] = {}
+def run_method(
+    name: str,
+    cfg: SimConfig,
+    batches: Batches,
+    init: dict,
+    deadline: float | None = None,
+    overrides: dict | None = None,
+) -> Result:
+    outer = outer_config(name, overrides)
+    if outer is None:
+        return run_synchronous(name, cfg, batches, init, deadline)
+    return run_outer(name, cfg, batches, init, outer, deadline)
+
+
+_DATA: dict[tuple[str, int, int | None], tuple[SimConfig, Batches, dict, str]] = {}
+
+
+def run_data(mode: str, seed: int, peers: int | None) -> tuple[SimConfig, Batches, dict, str]:
+    """The config, batches, initial weights and data digest of (mode, seed, R), built once per process."""
+    key = (mode, seed, peers)
+    if key not in _DATA:
+        cfg = sim_config(mode, seed, peers)
+        batches = Batches(load_stdlib_corpus(), cfg)
+        _DATA[key] = (cfg, batches, initial_weights(cfg), cache.data_digest(batches))
+    return _DATA[key]
+
+
+def run_key(mode: str, seed: int, name: str, overrides: dict | None, peers: int | None) -> str:
+    cfg, _, _, data = run_data(mode, seed, peers)
+    return cache.run_key(cfg, name, outer_config(name, overrides), data)
 
 
 def job_init() -> None:
@@ -58,15 +96,22 @@ def job_init() -> None:
     torch.set_num_threads(1)
 
 
-def job(mode: str, seed: int, name: str, overrides: dict | None, deadline: float) -> tuple[str, dict | None]:
-    """One (method, seed, overrides) run in a worker process; None when the wall-clock guard fired."""
-    key = (mode, seed)
-    if key not in _CACHE:
-        cfg = sim_config(mode, seed)
-        _CACHE[key] = (cfg, Batches(load_stdlib_corpus(), cfg), initial_weights(cfg))
-    cfg, batches, init = _CACHE[key]
+def job(
+    mode: str,
+    seed: int,
+    name: str,
+    overrides: dict | None,
+    peers: int | None,
+    deadline: float | None,
+    key: str,
+) -> dict | None:
+    """One run in a worker process, stored in the cache under `key` (the parent's, computed before the run
+    started) when it finishes; None when --budget ran out first."""
+    cfg, batches, init, _ = run_data(mode, seed, peers)
     try:
-        res = run_method(name, cfg, batches, init, deadline, overrides)
+        res = run_method(name, cfg, batches, init, deadline, overrides).to_json()
     except OutOfTime:
-        return name, None
-    return name, res.to_json()
+        return None
+    about = {"mode": mode, "method": name, "overrides": overrides, "seed": seed, "peers": cfg.replicas}
+    cache.store(key, res, {**about, "code": cache.code_version(), "at": time.time()})
+    return res

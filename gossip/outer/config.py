@@ -48,6 +48,9 @@ class OuterConfig:
     consensus_range: float = 1.5
     lattice_bits: int = 8  # V-C
     lattice_range: float = 3.0  # V-C: the lattice covers ± lattice_range · max|Δ| around the receiver's φ
+    # V-C: > 0 also covers lattice_drift × the replica distance this peer measured in its recent decodes
+    # (OuterState.drift); 0 sizes the step from the own update alone.
+    lattice_drift: float = 0.0
     gossip_ttl: int = 6  # V-A (research): rounds a message is kept for relaying
 
     def __post_init__(self) -> None:
@@ -57,6 +60,8 @@ class OuterConfig:
             raise OuterError(f"consensus_code must be 'absmax' or 'lattice', got {self.consensus_code!r}")
         if self.n_peers < 1 or self.consensus_every < 1 or self.gossip_ttl < 1:
             raise OuterError("n_peers, consensus_every and gossip_ttl must be >= 1")
+        if not (self.lattice_range > 0 and self.lattice_drift >= 0):
+            raise OuterError("lattice_range must be > 0 and lattice_drift >= 0")
 
     @classmethod
     def tuned(cls, method: str, **overrides: object) -> OuterConfig:
@@ -96,6 +101,10 @@ class OuterState:
     # Messages kept for relaying, by id (origin, round): only the gossip research variant (V-A, bench) fills
     # it; empty for the product's pairwise methods, and kept in the checkpoint either way.
     store: dict[tuple[str, int], bytes] = field(default_factory=dict)
+    # V-C: per tensor, the running largest distance |θ_partner − φ| seen in correct decodes (sizes the next
+    # lattice step when OuterConfig.lattice_drift > 0), and counts of decoded and of wrapped lattice values.
+    drift: dict[str, float] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def fresh(cls, origin: str, slow: Mapping[str, torch.Tensor], round_: int = 0) -> OuterState:
@@ -111,6 +120,8 @@ class OuterState:
             "error": {n: t.clone() for n, t in self.error.items()},
             "momentum": {n: t.clone() for n, t in self.momentum.items()},
             "store": [[origin, rnd, msg] for (origin, rnd), msg in sorted(self.store.items())],
+            "drift": dict(self.drift),
+            "counters": dict(self.counters),
         }
 
     @classmethod
@@ -126,6 +137,8 @@ class OuterState:
                 int(saved["round"]),
             )
             state.store = {(str(o), int(r)): bytes(m) for o, r, m in saved.get("store", [])}
+            state.drift = {str(n): float(v) for n, v in saved.get("drift", {}).items()}
+            state.counters = {str(n): int(v) for n, v in saved.get("counters", {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise OuterError(f"outer state in checkpoint is incomplete or malformed: {exc!r}") from exc
         check_same_layout(state.slow, state.error, "checkpointed error feedback")

@@ -1,9 +1,11 @@
 """The outer methods' message envelope: one msgpack map per peer per round, checked before use.
 
-Shape: {"v": 1, "k": method, "o": origin peer, "r": round, "u": codec payload (sparse methods),
+Shape: {"v": 2, "k": method, "o": origin peer, "r": round, "u": codec payload (sparse methods),
 "t": [raw tensor bytes in sorted-name order] (dense methods), "c": consensus slice (V-B), "s": lattice steps
-(V-C)}. Tensor bytes travel as raw `bin`, never pickled; the receiver knows the layout (names, shapes) from
-its own slow weights, so sizes are checked against that before any buffer is interpreted.
+(V-C), "h": [lattice block checks per tensor, `check_bytes(n)` each] (V-C)}. Tensor bytes travel as raw
+`bin`, never pickled; the receiver knows the layout (names, shapes) from its own slow weights, so sizes are
+checked against that before any buffer is interpreted. Version 2 added "h" and V-C's dithered, symmetric
+lattice code (a version-1 peer would misread a V-C message), docs/outer-methods.md.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from shoal.gossip.outer.errors import OuterMessageError
 
 log = logging.getLogger(__name__)
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 # A GPT-2-small model in fp32 is ~0.35 GB; one dense message must fit, anything beyond is hostile.
 MAX_OUTER_MESSAGE_BYTES = 1 << 30
 # Tensor lists are per named parameter; real models have at most a few thousand.
@@ -26,9 +28,18 @@ MAX_TENSORS = 1 << 16
 MAX_STR_LEN = 256
 
 
+# V-C: one 16-bit check per block of this many lattice values (0.0625 bits per value; gossip/outer/quant.py).
+CHECK_BLOCK = 256
+
+
 def packed_bits(count: int, bits: int) -> int:
     """Wire size in bytes of `count` codes of `bits` bits each when bit-packed (what a peer would send)."""
     return (count * bits + 7) // 8
+
+
+def check_bytes(count: int) -> int:
+    """Bytes of the lattice block checks of a tensor of `count` values: 2 per block of CHECK_BLOCK."""
+    return 2 * ((count + CHECK_BLOCK - 1) // CHECK_BLOCK)
 
 
 @dataclass
@@ -40,6 +51,7 @@ class Message:
     tensors: list[bytes] = field(default_factory=list)  # dense tensors, sorted-name order
     consensus: dict | None = None  # V-B consensus slice: {"i": slice index, "s": [scales], "q": [codes]}
     steps: list[float] = field(default_factory=list)  # V-C lattice step per tensor
+    checks: list[bytes] = field(default_factory=list)  # V-C lattice block checks per tensor
 
     @property
     def id(self) -> tuple[str, int]:
@@ -56,6 +68,8 @@ def pack(message: Message) -> bytes:
         body["c"] = message.consensus
     if message.steps:
         body["s"] = message.steps
+    if message.checks:
+        body["h"] = message.checks
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -92,6 +106,7 @@ def unpack(data: bytes, kind: str) -> Message:
     tensors = body.get("t", [])
     consensus = body.get("c")
     steps = body.get("s", [])
+    checks = body.get("h", [])
     if update is not None and not isinstance(update, bytes):
         raise OuterMessageError("outer message field 'u' must be bytes")
     if not isinstance(tensors, list) or not all(isinstance(t, bytes) for t in tensors):
@@ -100,4 +115,6 @@ def unpack(data: bytes, kind: str) -> Message:
         raise OuterMessageError("outer message field 'c' must be a map")
     if not isinstance(steps, list) or not all(isinstance(s, float) for s in steps):
         raise OuterMessageError("outer message field 's' must be a list of floats")
-    return Message(kind, origin, round_, update, tensors, consensus, steps)
+    if not isinstance(checks, list) or not all(isinstance(h, bytes) for h in checks):
+        raise OuterMessageError("outer message field 'h' must be a list of bytes")
+    return Message(kind, origin, round_, update, tensors, consensus, steps, checks)

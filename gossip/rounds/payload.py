@@ -17,7 +17,7 @@ import numpy as np
 
 from shoal.errors import ShoalError
 from shoal.gossip.outer.errors import OuterMessageError
-from shoal.gossip.outer.wire import packed_bits, unpack
+from shoal.gossip.outer.wire import check_bytes, packed_bits, unpack
 from shoal.kernels import wire as codec_wire
 from shoal.kernels.wire import CodecError
 
@@ -69,6 +69,17 @@ def check_message(payload: bytes, method: str, spec: TensorSpec, lattice_bits: i
             len(message.steps) != len(layout) or not all(math.isfinite(s) and s > 0 for s in message.steps)
         ):
             raise PayloadError("lattice steps are missing, non-finite or not positive")
+        # Lattice block checks (wire version 2): one list entry per tensor, 2 bytes per block of 256 values.
+        # A message without them passes here and is refused by the worker (compressed_noloco.read_lattice).
+        if message.checks and (
+            method not in LATTICE_METHODS
+            or len(message.checks) != len(layout)
+            or any(
+                len(h) != check_bytes(math.prod(shape))
+                for (_, shape), h in zip(layout, message.checks, strict=True)
+            )
+        ):
+            raise PayloadError("lattice block checks do not match the model's tensors")
     elif message.update is None:
         raise PayloadError(f"a {method} message must carry a codec payload")
     else:

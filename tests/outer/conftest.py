@@ -74,6 +74,7 @@ def check_resume(config: OuterConfig, run_rounds: RunRounds, path: Path) -> None
         for k in a.slow:
             assert torch.equal(a.slow[k], b.slow[k]) and torch.equal(a.error[k], b.error[k])
             assert torch.equal(a.momentum[k], b.momentum[k])
+        assert a.drift == b.drift and a.counters == b.counters
     assert any(not torch.equal(a.slow[k], model_weights(9)[k]) for a in straight for k in a.slow)
 
 

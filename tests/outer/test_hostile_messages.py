@@ -32,6 +32,9 @@ def corruptions(good: bytes, method: str) -> list[bytes]:
         out.append(msgpack.packb({k: v for k, v in body.items() if k != "u"}))
     if "c" in body:
         out.append(msgpack.packb({**body, "c": {"s": [], "q": []}}))
+    if "h" in body:  # lattice block checks: one short, all missing
+        out.append(msgpack.packb({**body, "h": [h[:-1] for h in body["h"]]}))
+        out.append(msgpack.packb({k: v for k, v in body.items() if k != "h"}))
     return out
 
 

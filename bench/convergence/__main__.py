@@ -187,7 +187,8 @@ def pick_at(results: dict[str, dict]) -> str | None:
 def pick_across(by_peers: dict[int, dict[str, dict]]) -> str | None:
     """Across R: the composition within 1 % of DiLoCo's loss at every R run, with the fewest bytes per round
     (at the largest R; ties to the lower worst loss ratio). None when none holds at every R."""
-    candidates = {m for res in by_peers.values() for m in res if _base(m) in PICK_FROM}
+    # In the order they were run: a tie goes to the first (the product's default comes before variants).
+    candidates = list(dict.fromkeys(m for res in by_peers.values() for m in res if _base(m) in PICK_FROM))
     held = {}
     for m in candidates:
         ratios = []

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from shoal.gossip.membership import MAX_ADDRS, Membership
 from shoal.gossip.outer.methods import OuterConfig, OuterState, make_message
 from shoal.gossip.outer.quant import pack_codes, unpack_codes
-from shoal.gossip.outer.wire import Message, pack
+from shoal.gossip.outer.wire import Message, pack, packed_bits
 from shoal.gossip.rounds import clock
 from shoal.gossip.rounds import payload as dense
 from shoal.gossip.rounds.pairing import partner_of
@@ -182,8 +182,9 @@ LAYOUT = {"w": torch.zeros(3, 4), "b": torch.zeros(4)}
 
 def lattice_message(**changes) -> bytes:
     """A well-formed compressed-noloco message for SPEC, with `changes` applied to its fields."""
-    # Sorted names: b (4 values) then w (12 values), 3-bit lattice codes packed: 2 and 5 bytes.
-    fields = {"tensors": [bytes(2), bytes(5)], "steps": [0.1, 0.1], "kind": "compressed-noloco"}
+    # Sorted names: b (4 values) then w (12 values), the default's lattice codes bit-packed.
+    codes = [bytes(packed_bits(4, BITS)), bytes(packed_bits(12, BITS))]
+    fields = {"tensors": codes, "steps": [0.1, 0.1], "kind": "compressed-noloco"}
     fields.update(changes)
     return pack(Message(fields["kind"], "peer-a", 3, tensors=fields["tensors"], steps=fields["steps"]))
 

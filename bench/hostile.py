@@ -18,9 +18,10 @@ Per attack and identity count (printed as a table, written to `--json`):
 - `honest_swap_ratio`: rounds the 4 honest peers swapped with each other during the attack / during the
   baseline (the newcomer's rounds are left out of both: while its model loads it refuses offers, and how
   long that takes on a shared machine would otherwise move the ratio; `all_swaps_*` count them too). On a
-  shared machine the swap rate drifts with the other load: `baseline_half_ratio` (the baseline's second
-  half over its first) shows how much, and `honest_swap_share_ratio` (the share of rounds swapped, attack
-  over baseline: "share" in the table) does not move when every round just gets slower;
+  shared machine the swap rate drifts with the other load: `honest_swap_share_ratio` (the share of rounds
+  swapped, attack over baseline: "share" in the table) does not move when every round just gets slower;
+  `baseline_half_ratio` (the baseline's second half over its first) shows how uneven a window is (the
+  first half holds the newcomer's start: its model load takes CPU, its partners' rounds are refused);
 - `new_peer_join_s` / `new_peer_join_baseline_s`: the fresh peer's time from process start to its first
   swap (null: it did not swap by the end of the 10 s after the attack);
 - `daemon_rss_growth_mb`: max over the honest daemons (not their workers) of their peak VmRSS during the
@@ -474,7 +475,8 @@ class Trial:
             "honest_swap_ratio": round(attack_swaps / base_swaps, 3) if base_swaps else None,
             "honest_swaps_baseline": base_swaps,
             "honest_swaps_attack": attack_swaps,
-            # How much the swap rate moves without any attack: the baseline's second half over its first.
+            # How uneven a window is without any attack: the baseline's second half over its first (the first
+            # holds the newcomer's start).
             "baseline_half_ratio": round(second_half / first_half, 3) if first_half else None,
             "honest_swap_share_baseline": base_share,
             "honest_swap_share_attack": attack_share,

@@ -11,7 +11,7 @@ docs/run-protocol.md define it; it stops by itself at `--deadline` (a wall-clock
 task, closes every Host and socket, and writes what it did to `--json-out`:
 
     forged_membership     gossips `members` tables that mark a live honest peer left, with a heartbeat it
-                          cannot out-count, and 50 invented members
+                          cannot out-count, and 50 invented members (signed with the attacker's key)
     request_slots         64 `weights` requests whose answers it never reads
     idle_streams          2,048 idle streams on the run protocol (as many as the per-identity caps allow)
     memory                parked run-protocol streams, each sending a request's bytes up to its window
@@ -24,7 +24,7 @@ task, closes every Host and socket, and writes what it did to `--json-out`:
     weights_to_strangers  a non-member asking for the weights again and again (8 requests at a time)
 
 and, beyond the issue's list (run only when named), `weights_self_registered`: the same stranger after it
-gossiped a membership entry for itself.
+gossiped a membership entry for itself; `sybil_members`: 50 members, each signing its own entry.
 
 With several identities, held resources are split evenly among them (each on its own connections) and
 requests go out from each identity in turn: the total load is the same as from one identity.
@@ -48,7 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
 from shoal.dht.protocol import PROTOCOL_ID as DHT_PROTOCOL
+from shoal.gossip.membership import Membership
 from shoal.peer.daemon import PROTOCOL_VERSION, RUN_PROTOCOL
 from shoal.transport import multistream
 from shoal.transport.connection import Connection, Stream
@@ -80,6 +83,7 @@ MALFORMED_ENTRIES = 4096  # gossip/membership.py MAX_MEMBERS: the largest table 
 class Identity:
     host: Host
     peer_id: str
+    key: ed25519.Ed25519PrivateKey | None = None  # to sign its own membership entry
 
 
 @dataclass
@@ -333,6 +337,9 @@ async def _sampler(attack: Attack) -> None:
 
 
 async def forged_membership(attack: Attack) -> None:
+    """Speaks for others: the subject's own signed entry re-sent with `left` set and a heartbeat it cannot
+    out-count (the signature no longer matches), and 50 invented members whose entries the attacker signs
+    with its own key (not theirs)."""
     me = attack.identities[0]
     answer = await request(attack, me, attack.victim, attack.message(me, "members", table=[]))
     table = answer.get("table") or []
@@ -340,6 +347,9 @@ async def forged_membership(attack: Attack) -> None:
     if subject is None:
         raise RuntimeError(f"the victim's table does not list {attack.subject}")
     attack.counters["honest_entries_learned"] = len(table)
+    forger = Membership(generate_key(), attack.run, f"/ip4/{attack.bind}/tcp/{DEAD_PORT}", now=0.0)
+    forger.set_ready()
+    forger_sig = forger.table()[0]["sig"]
     invented = []
     for _ in range(INVENTED_MEMBERS):
         pid = str(peer_id_from_key(generate_key()))
@@ -351,19 +361,12 @@ async def forged_membership(attack: Attack) -> None:
     while True:
         started = loop.time()
         step += 1
+        now_ms = time.time_ns() // 10**6
         forged = [
-            {
-                "peer_id": attack.subject,
-                "addr": subject["addrs"][0],
-                "addrs": subject["addrs"],
-                "heartbeat": FORGED_HEARTBEAT + step,
-                "round": subject_round,
-                "left": True,
-                "ready": True,
-            },
+            {**subject, "heartbeat": FORGED_HEARTBEAT + step, "left": True, "at": now_ms},
             *(
-                {"peer_id": m["peer_id"], "addr": m["addrs"][0], "addrs": m["addrs"],
-                 "heartbeat": base + step, "round": subject_round, "left": False, "ready": True}
+                {"peer_id": m["peer_id"], "addrs": m["addrs"], "heartbeat": base + step,
+                 "round": subject_round, "left": False, "ready": True, "at": now_ms, "sig": forger_sig}
                 for m in invented
             ),
         ]  # fmt: skip
@@ -371,6 +374,31 @@ async def forged_membership(attack: Attack) -> None:
         for target in attack.members:
             sender = attack.next_identity()
             sends.append(_guarded(attack, "members", _send_members(attack, sender, target, forged)))
+        await asyncio.gather(*sends)
+        await asyncio.sleep(max(0.0, GOSSIP_PERIOD_S - (loop.time() - started)))
+
+
+async def sybil_members(attack: Attack) -> None:
+    """Beyond the issue's list: 50 members that each sign their own entry (ready, at an address where
+    nothing listens), kept alive by fresh heartbeats: what a free identity buys in an open run."""
+    sybils = [
+        Membership(generate_key(), attack.run, f"/ip4/127.0.1.2/tcp/{DEAD_PORT}", now=0.0,
+                   incarnation=time.time_ns() // 10**6)
+        for _ in range(INVENTED_MEMBERS)
+    ]  # fmt: skip
+    for sybil in sybils:
+        sybil.set_ready()
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        table = []
+        for sybil in sybils:
+            sybil.beat(started, round_number=0)
+            table.append(sybil.table()[0])
+        sends = [
+            _guarded(attack, "members", _send_members(attack, attack.next_identity(), target, table))
+            for target in attack.members
+        ]
         await asyncio.gather(*sends)
         await asyncio.sleep(max(0.0, GOSSIP_PERIOD_S - (loop.time() - started)))
 
@@ -602,18 +630,19 @@ async def weights_to_strangers(attack: Attack) -> None:
 
 
 async def weights_self_registered(attack: Attack) -> None:
-    """Beyond the issue's list: the stranger first gossips a membership entry for itself (the table is
-    unsigned, and a member may speak for itself), then asks for the weights as in weights_to_strangers."""
+    """Beyond the issue's list: the stranger first gossips a membership entry for itself (signed: a member
+    may speak for itself), then asks for the weights as in weights_to_strangers."""
     attack.counters["bytes_served_to_stranger"] = 0
 
     async def register_forever(me: Identity) -> None:
         dead = f"/ip4/{attack.bind}/tcp/{DEAD_PORT}/p2p/{me.peer_id}"
+        assert me.key is not None
+        self_entry = Membership(me.key, attack.run, dead, now=0.0, incarnation=time.time_ns() // 10**6)
         while True:
-            beat = time.time_ns() // 10**6
-            entry = {"peer_id": me.peer_id, "addr": dead, "addrs": [dead], "heartbeat": beat, "round": 0,
-                     "left": False, "ready": False}  # fmt: skip
+            self_entry.beat(0.0, round_number=0)
             try:
-                await request(attack, me, attack.victim, attack.message(me, "members", table=[entry]))
+                table = self_entry.table()
+                await request(attack, me, attack.victim, attack.message(me, "members", table=table))
                 attack.counters["self_registrations"] += 1
             except Exception as exc:
                 attack.error("register", exc)
@@ -641,7 +670,8 @@ ATTACKS: dict[str, Callable[[Attack], Awaitable[None]]] = {
 }
 # Not in the issue's list, so not run by default: `--attacks weights_self_registered`.
 EXTRA_ATTACKS: dict[str, Callable[[Attack], Awaitable[None]]] = {
-    "weights_self_registered": weights_self_registered
+    "weights_self_registered": weights_self_registered,
+    "sybil_members": sybil_members,
 }
 RAW_ATTACKS = ("slowloris",)  # no Host at all
 
@@ -661,8 +691,9 @@ async def run(options: argparse.Namespace) -> dict[str, Any]:
     try:
         if options.attack not in RAW_ATTACKS:
             for _ in range(options.identities):
-                host = await Host.create(generate_key(), limits=ATTACKER_LIMITS)
-                identities.append(Identity(host, str(host.peer_id)))
+                key = generate_key()
+                host = await Host.create(key, limits=ATTACKER_LIMITS)
+                identities.append(Identity(host, str(host.peer_id), key))
         await asyncio.sleep(max(0.0, options.start - time.time()))  # set up before the window opens
         started = time.time()
         try:

@@ -49,6 +49,7 @@ from shoal.dht.routing import REFRESH_S, Contact
 from shoal.errors import ShoalError
 from shoal.transport.host import Host
 from shoal.transport.identity import PeerID
+from shoal.transport.lograte import LogThrottle
 from shoal.transport.messages import LENGTH_PREFIX
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ class DHTNode:
         self._transport: TCPTransport | None = None
         self._host: Host | None = None  # closed with the node only when the node created it
         self._rng = random.Random()
+        self._bad_messages = LogThrottle(log)  # a flood of bad messages becomes one summary line a minute
 
     # --- construction ----------------------------------------------------------------------------
 
@@ -372,7 +374,7 @@ class DHTNode:
                     await stream.write(frame(encode_response(resp)))
                     self._drain_pings()
             except InvalidMessage as e:
-                log.info("DHT node %s: bad message from %s: %s", short(self.peer_id), ip, e)
+                self._bad_messages.note(logging.INFO, "DHT: a bad message", ip, str(e))
             except (asyncio.IncompleteReadError, TimeoutError, OSError, ShoalError):
                 pass  # peer closed, went idle, vanished or reset the stream: nothing to answer
             finally:

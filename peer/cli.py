@@ -126,6 +126,19 @@ def main() -> None:
 @click.option("--serve-relay", is_flag=True, default=None, help="Relay for NATed peers (public peers).")
 @click.option("--serve-stun", type=int, default=None, metavar="PORT", help="Answer STUN on this port.")
 @click.option("--no-punch", "no_punch", is_flag=True, help="Keep relayed paths; never try to punch a hole.")
+@click.option(
+    "--closed",
+    is_flag=True,
+    default=None,
+    help="Start a closed run: only peers with a join token from you (`peer token`) may enter.",
+)
+@click.option(
+    "--token",
+    default=None,
+    envvar="SHOAL_TOKEN",
+    metavar="TOKEN",
+    help="Your join token for a closed run, from its creator's `peer token` (or set SHOAL_TOKEN).",
+)
 @click.option("--json-events", is_flag=True, help="Print one JSON object per event on stdout (for tools).")
 @click.option(
     "--metrics", default=None, metavar="HOST:PORT", help="Serve Prometheus metrics here (off by default)."
@@ -157,6 +170,8 @@ def join(
     serve_relay,
     serve_stun,
     no_punch,
+    closed,
+    token,
     json_events,
     metrics,
     log_json,
@@ -192,6 +207,8 @@ def join(
                 "serve_relay": serve_relay,
                 "serve_stun": serve_stun,
                 "punch": False if no_punch else None,
+                "closed": closed,
+                "token": token,
             },
         )
     except ConfigError as error:
@@ -371,3 +388,47 @@ def keygen(path, force) -> None:
     except ShoalError as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"wrote {path}; peer id {peer_id_from_key(key)}")
+
+
+@main.command(short_help="Issue a join token for a closed run (run by the run's creator).")
+@click.option("--run", "run_id", required=True, help="The closed run the token admits to.")
+@click.option("--for", "subject", default=None, metavar="PEER_ID", help="The peer id the token admits.")
+@click.option("--any", "anyone", is_flag=True, help="Admit whoever holds the token (keep it secret).")
+@click.option(
+    "--expires", default="30d", show_default=True, metavar="DURATION",
+    help="How long the token admits its holder: e.g. 12h, 30d, 3600s.",
+)  # fmt: skip
+@click.option("--key", default=None, type=click.Path(dir_okay=False), help="The creator's key file.")
+@click.option(
+    "--state-dir", type=click.Path(file_okay=False), default=None,
+    help="The creator's state directory (its key file is DIR/key). Default: the only one under ./runs/RUN.",
+)  # fmt: skip
+def token(run_id, subject, anyone, expires, key, state_dir) -> None:
+    """Print a join token, signed with the run creator's key, that admits one peer (--for ID: the peer id
+    it printed when it started, or from `peer keygen`) or anyone who holds it (--any) to the closed run RUN
+    (started with `peer join --closed`). The peer joins with `peer join --run RUN --token TOKEN ...`."""
+    import time
+
+    from shoal.gossip.admission import ANYONE, issue
+    from shoal.peer.tokens import TokenCommandError, find_creator_key, parse_duration
+    from shoal.transport.identity import PeerID
+
+    if bool(subject) == anyone:
+        raise click.UsageError("pass exactly one of --for PEER_ID and --any")
+    try:
+        seconds = parse_duration(expires)
+        if subject:
+            PeerID.from_string(subject)  # a ValueError that names what is wrong with it
+        creator_key, where = find_creator_key(run_id, key, state_dir)
+        issued = issue(creator_key, run_id, ANYONE if anyone else subject, int(time.time() + seconds))
+    except ValueError as error:  # a --for that is not a peer id
+        raise click.UsageError(str(error)) from error
+    except (TokenCommandError, ShoalError) as error:
+        raise click.ClickException(str(error)) from error
+    whom = "anyone who holds it" if anyone else subject
+    click.echo(
+        f"join token for {whom} in run {run_id}, signed with {where} (peer {issued.creator}), valid for "
+        f"{expires}:",
+        err=True,
+    )
+    click.echo(issued.text())

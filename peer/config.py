@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import glob
 import re
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shoal.errors import ShoalError
+from shoal.gossip.admission import TokenError, from_text
 from shoal.peer.worker.presets import PRESETS
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -32,6 +34,10 @@ class PeerConfig:
     data: str | None = None  # a text file or folder to train on; None: the Python standard library
     state_dir: str | None = None  # key, checkpoint and control socket; None: ./runs/<run>/<peer>
     key: str | None = None  # the peer's key file (peer keygen); None: the state dir's, or a new one
+    # Admission (gossip/admission.py): the creator of a closed run sets `closed`; the others join with the
+    # token `peer token` printed for them. Open runs (neither) take any peer.
+    closed: bool = False
+    token: str | None = None
     rounds: int | None = None  # stop after this many outer rounds; None: train until stopped
     wait_peers: int = 1  # start round 1 only once this many peers (self included) are known, or after 60 s
     # Training (the worker)
@@ -93,6 +99,13 @@ class PeerConfig:
             )
         for address in self.bootstrap:
             _check_bootstrap(address)
+        if self.closed and self.bootstrap:
+            raise ConfigError(
+                "--closed is for the run's creator (the first peer, started without --bootstrap); the "
+                "others join a closed run with --token"
+            )
+        if self.token is not None:
+            _check_token(self.token, self.run_id)
         for relay in self.relays:
             if not re.fullmatch(r"/(ip4|ip6|dns4|dns6|dns)/[^/]+/tcp/\d+(/p2p/[^/]+)?/?", relay):
                 raise ConfigError(f"relay {relay!r} must look like /ip4/HOST/tcp/PORT[/p2p/ID]")
@@ -202,3 +215,14 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> PeerConfig:
         return PeerConfig(**values)
     except TypeError as error:
         raise ConfigError(f"bad configuration: {error}") from error
+
+
+def _check_token(text: str, run_id: str) -> None:
+    try:
+        token = from_text(text)
+    except TokenError as error:
+        raise ConfigError(str(error)) from error
+    if token.run != run_id:
+        raise ConfigError(f"the join token is for run {token.run!r}, not {run_id!r}")
+    if token.expires <= time.time():
+        raise ConfigError("the join token has expired; ask the run's creator for a new one")

@@ -38,6 +38,7 @@ from shoal.peer.progress import progress_bar, transfer_bar
 from shoal.peer.reach import PeerReach, TransferTimer
 from shoal.peer.request_slots import RequestSlots
 from shoal.peer.round_swap import CONTROL_MESSAGE_LIMIT, RoundSwap
+from shoal.peer.run_door import RunDoor
 from shoal.peer.run_settings import run_settings, settings_mismatch, valid_settings
 from shoal.peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of, peer_id_of
 from shoal.peer.status import LogTail, StatusBoard
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: membership entries signed by their members
 RUN_PROTOCOL = "/shoal/run/1.0.0"  # membership, status and the round swap, one request per stream
 REQUEST_TIMEOUT = 10.0  # seconds a peer has to send its request once the stream is open
 CONNECT_TIMEOUT = 5.0
@@ -70,6 +71,7 @@ MEMBERS_TIMEOUT = 2.0  # one membership swap
 WAIT_PEERS_PATIENCE = 60.0
 DHT_TABLE_FILE = "dht-table.json"
 WEIGHT_SOURCES = 3  # members a joiner asks for the run's weights, most advanced first
+RESUME_BEHIND_ROUNDS = 2  # rounds a resumed peer may lag the run and still go on from its own checkpoint
 WEIGHTS_TIMEOUT = 60.0
 # The run's weights go to members only, one fetch at a time each, and at most this many copies of the model
 # per member per hour: a joiner needs one (a few when it retries), a stranger none.
@@ -97,7 +99,12 @@ class Daemon:
         self.config = config
         self.key, self.peer_id, self.state_dir = resolve_identity(config)
         self.host: Host | None = None
-        self.creator: str | None = None if config.bootstrap else self.peer_id  # the run's creator key
+        self.door = RunDoor(
+            config.run_id, self.peer_id, config.token, config.closed,
+            creator=None if config.bootstrap else self.peer_id,
+        )  # fmt: skip
+        self.creator: str | None = self.door.creator  # the run's creator key
+        self._joining = bool(config.bootstrap)
         self.runstate: RunStateLink | None = None
         self.dht: DHTNode | None = None
         self.events = Events(self.peer_id, json_events)
@@ -181,11 +188,14 @@ class Daemon:
             stack.push_async_callback(self.dht.close)
             loop = asyncio.get_running_loop()
             self.membership = Membership(
-                self.peer_id,
+                self.key,
+                self.config.run_id,
                 self.reach.published(),
                 loop.time(),
                 self.config.fail_after,
                 incarnation=time.time_ns() // 10**6,
+                admission=self.door.admission,
+                token=self.door.packed_token,
             )
             self.swap.membership = self.membership
 
@@ -217,6 +227,7 @@ class Daemon:
                 ]
                 try:
                     await self._bootstrap()
+                    self._joining = False
                     # Before the first round: a peer behind a NAT publishes its relayed addresses before
                     # anyone pairs with it (a few seconds at most: one dial-back, one reservation).
                     await self.reach.learn_reachability()
@@ -421,7 +432,7 @@ class Daemon:
                         self.swap.book.last_finished = int(message["round"])
                     fields = ("parameters", "corpus_sha256", "shard")
                     self.events.emit("worker", **{k: message[k] for k in fields})
-                    begin = await self._begin(worker, resumed=bool(message.get("round")))
+                    begin = await self._begin(worker, resumed=int(message.get("round") or 0))
                     if not self.stopping.is_set():  # a stopping worker was told so and no longer listens
                         await worker.send(begin)
                 elif kind == "snapshot":  # kept so that a joining peer can start from our weights
@@ -446,17 +457,31 @@ class Daemon:
         finally:
             stop_watch.cancel()
 
-    async def _begin(self, worker: WorkerProcess, resumed: bool) -> dict[str, Any]:
+    async def _begin(self, worker: WorkerProcess, resumed: int) -> dict[str, Any]:
         """The worker's go, once enough peers are ready: from a member's current weights when we join a run
-        in progress."""
-        self._membership.me.ready = True
-        await self._wait_for_peers()
+        in progress. Only then do we say we are ready, so nobody is paired with us while we fetch."""
+        loop = asyncio.get_running_loop()
+        others = [p for p in self._membership.live(loop.time()) if p != self.peer_id]
+        if not any(self._membership.members[p].round for p in others):  # the run's first round is ahead
+            self._membership.set_ready()
+            await self._wait_for_peers()
+        begin = await self._join_weights(worker, resumed)
+        self._membership.set_ready()
+        return begin
+
+    async def _join_weights(self, worker: WorkerProcess, resumed: int) -> dict[str, Any]:
+        """The weights the worker begins from: none (its own) unless the run is in progress, and for a peer
+        resumed at round `resumed` (0: not resumed) unless the run is past it by RESUME_BEHIND_ROUNDS."""
         loop = asyncio.get_running_loop()
         others = [p for p in self._membership.live(loop.time()) if p != self.peer_id]
         if others:  # before any weight is fetched: does this peer train the same thing as the run?
             await self._check_run_settings(others)
-        if resumed or not others or max(self._membership.members[p].round for p in others) == 0:
+        run_round = max((self._membership.members[p].round for p in others), default=0)
+        if not others or run_round == 0 or (resumed and run_round - resumed <= RESUME_BEHIND_ROUNDS):
             return {"type": "begin", "weights_nbytes": 0}
+        if resumed:  # it was down a while: the run's weights are worth more than its own older ones
+            log.info("[%s] resumed at round %d, the run is at round %d: fetching the run's weights",
+                     self.peer_id, resumed, run_round)  # fmt: skip
         self.board.set_activity("joining", "fetching the run's current weights from a member")
         for peer in sorted(others, key=lambda p: -self._membership.members[p].round)[:WEIGHT_SOURCES]:
             try:
@@ -477,7 +502,8 @@ class Daemon:
             self.swap.book.last_finished = number
             self.events.emit("weights", source=peer, round=number, bytes_received=received)
             return {"type": "begin", "weights_nbytes": nbytes, "round": number}
-        log.warning("[%s] no member sent its weights; starting from the run's initial weights", self.peer_id)
+        start = f"its checkpoint of round {resumed}" if resumed else "the run's initial weights"
+        log.warning("[%s] no member sent its weights; starting from %s", self.peer_id, start)
         return {"type": "begin", "weights_nbytes": 0}
 
     async def _check_run_settings(self, others: list[str]) -> None:
@@ -648,6 +674,8 @@ class Daemon:
             return False
         if target in self.config.bootstrap:
             self._answered.add(target)
+        if self._joining:  # will the run take us? (later, what others say about it changes nothing)
+            self.door.check_run(reply, target)
         if reply.get("run") != self.config.run_id:
             log.warning(
                 "[%s] %s belongs to run %r, not %r",
@@ -657,7 +685,7 @@ class Daemon:
                 self.config.run_id,
             )
             return False
-        self._merge_members(reply.get("table"), loop.time())
+        self._merge_members(reply.get("table"), loop.time(), target)
         settings, sender = reply.get("settings"), reply.get("from")
         if isinstance(sender, str) and sender in self._membership.members and valid_settings(settings):
             self._their_settings[sender] = settings
@@ -666,8 +694,12 @@ class Daemon:
             self.creator = creator
         return True
 
-    def _merge_members(self, table: Any, now: float) -> None:
+    def _merge_members(self, table: Any, now: float, source: str) -> None:
         new = self._membership.merge(table, now)
+        refused = self._membership.refused
+        for why, count in refused.items():
+            self._strangers.note(logging.WARNING, "refused membership entries", source, f"{count} {why}")
+        refused.clear()
         for peer in new:
             self.events.emit("peer_joined", partner=peer, address=self._membership.addr_of(peer),
                              addresses=self._membership.addrs_of(peer))  # fmt: skip
@@ -764,9 +796,13 @@ class Daemon:
             return
         loop = asyncio.get_running_loop()
         if kind == "members":
-            self._merge_members(request.get("table"), loop.time())
+            self._merge_members(request.get("table"), loop.time(), sender)
             reply = self._message(
-                "members", table=self._membership.table(), creator=self.creator, settings=self.settings
+                "members",
+                table=self._membership.table(),
+                creator=self.creator,
+                settings=self.settings,
+                admission=self.door.mode,
             )
             await write_message(writer, reply)
         elif kind == "status":

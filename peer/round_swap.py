@@ -263,8 +263,9 @@ class RoundSwap:
             self._on_ban(peer, f"{MAX_STRIKES} invalid round messages")
 
     def eligible(self, now: float) -> list[str]:
-        """The members we would pair with: live and not banned by us."""
-        return [p for p in self._members.live(now) if p not in self.banned]
+        """The members we would pair with: live, training (their worker is ready and they hold the run's
+        weights) and not banned by us."""
+        return [p for p in self._members.ready(now) if p not in self.banned]
 
     async def answer_offer(self, sender: str, request: dict[str, Any], size: int, writer: Stream) -> None:
         number, payload = round_field(request), request.get("payload")

@@ -84,6 +84,9 @@ class Stream:
         self.remote_peer_id: PeerID = conn.remote_peer_id  # type: ignore[assignment]
         self._chunks: deque[bytes | memoryview] = deque()
         self._buffered = 0
+        # When our side last read (0.0: its handler never has): the memory budget resets the oldest first.
+        self.last_read = time.monotonic()
+        self._counted = True  # its unread bytes count in the host's memory budget (until its connection goes)
         self._eof = False
         self._error: TransportError | None = None
         self._write_closed = False
@@ -101,6 +104,25 @@ class Stream:
         self._chunks.append(data)
         self._buffered += len(data)
         self._readable.wake()
+        if self._counted:
+            self._conn.host.on_buffered(len(data))
+
+    @property
+    def buffered(self) -> int:
+        """Bytes the peer sent that our side has not read yet."""
+        return self._buffered
+
+    def _discard(self) -> None:
+        """Drops what was received and not read (the stream is reset): the memory goes back at once."""
+        self._uncount()
+        self._chunks.clear()
+        self._buffered = 0
+
+    def _uncount(self) -> None:
+        """Its connection is gone: what it holds is the reader's to finish, no longer the host's budget."""
+        if self._counted:
+            self._counted = False
+            self._conn.host.on_buffered(-self._buffered)
 
     def _feed_eof(self) -> None:
         self._eof = True
@@ -119,6 +141,8 @@ class Stream:
         if data:
             self._chunks.appendleft(data)
             self._buffered += len(data)
+            if self._counted:
+                self._conn.host.on_buffered(len(data))
 
     # ------------------------------------------------------------------ reading
 
@@ -154,6 +178,9 @@ class Stream:
             first = parts[0]
             data = first if len(parts) == 1 and type(first) is bytes else b"".join(parts)
         self._buffered -= len(data)
+        self.last_read = time.monotonic()
+        if self._counted:
+            self._conn.host.on_buffered(-len(data))
         self._conn._consumed(self.stream_id, len(data))
         return data
 
@@ -201,11 +228,14 @@ class Stream:
 
     async def reset(self) -> None:
         """Abort both directions at once; the peer's reads and writes fail with StreamResetError."""
+        self.reset_now("was reset by us")
+
+    def reset_now(self, why: str) -> None:
+        """`reset` without waiting: the host uses it to take back memory."""
+        self._discard()
         if self._error is None:
             self._conn._reset_stream(self.stream_id)
-            self._fail(
-                StreamResetError(f"stream {self.protocol} to {self.remote_peer_id.short()} was reset by us")
-            )
+            self._fail(StreamResetError(f"stream {self.protocol} to {self.remote_peer_id.short()} {why}"))
 
     async def __aenter__(self) -> Stream:
         return self
@@ -231,6 +261,10 @@ class ConnectionOwner(Protocol):
     def on_stream_opened(self, stream: Stream) -> None: ...
 
     def on_going_away(self, conn: Connection) -> None: ...
+
+    def note_stranger(self, level: int, what: str, source: str, why: str) -> None: ...
+
+    def on_buffered(self, delta: int) -> None: ...
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -338,6 +372,7 @@ class Connection(asyncio.BufferedProtocol):
         reason = self._close_reason or (f"socket error: {exc}" if exc else "closed by the peer")
         error = ConnectionClosedError(f"connection to {self.who()} closed ({reason})")
         for stream in list(self.streams.values()):
+            stream._uncount()  # its reader may still finish what arrived; it holds it, not the host
             stream._fail(StreamResetError(f"stream {stream.protocol} reset: {error}"))
         self.streams.clear()
         self._raw_event.wake()
@@ -483,7 +518,9 @@ class Connection(asyncio.BufferedProtocol):
                 if stream is not None:
                     stream._fail(StreamResetError(f"stream {stream.protocol} reset by {self.who()}"))
             elif isinstance(event, yamux.GoAwayReceived):
-                log.info("peer %s is going away (code %d)", self.who(), event.code)
+                self.host.note_stranger(
+                    logging.INFO, "a peer is going away", self.who(), f"code {event.code}"
+                )
                 self.host.on_going_away(self)
 
     def _flush(self) -> None:
@@ -517,7 +554,7 @@ class Connection(asyncio.BufferedProtocol):
         self.transport.writelines(out)
 
     def _protocol_error(self, exc: ProtocolError) -> None:
-        log.warning("closing connection to %s: %s", self.who(), exc)
+        self.host.note_stranger(logging.WARNING, "closing a connection", self.who(), str(exc))
         if self.session is not None:
             self.session.go_away(yamux.GO_AWAY_PROTOCOL_ERROR)
             with contextlib.suppress(ProtocolError):

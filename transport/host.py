@@ -48,6 +48,10 @@ PING_PROTOCOL_ID = "/ipfs/ping/1.0.0"
 PING_SIZE = 32
 
 
+# A stream read this recently is being served: the memory budget resets parked streams first.
+READING_S = 1.0
+
+
 class Host:
     """A Shoal peer's network endpoint: one identity, listeners, and at most one live connection per peer."""
 
@@ -65,6 +69,8 @@ class Host:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._handshakes: PendingHandshakes[Connection] = PendingHandshakes(limits)
         self._strangers = LogThrottle(log)  # refusals and evictions: rate-limited, summed up per minute
+        # Unread bytes in all streams, kept incrementally; recounted exactly whenever it passes the budget.
+        self.buffered = 0
         self._closing = False
         # What peers told us through identify, and the addresses we know them by.
         self.peer_addrs: dict[PeerID, list[Multiaddr]] = {}
@@ -488,6 +494,38 @@ class Host:
         name = f"stream {stream.stream_id} from {stream.remote_peer_id.short()}"
         self._spawn(self._serve_stream(stream), name)
 
+    def note_stranger(self, level: int, what: str, source: str, why: str) -> None:
+        """A line about what a remote peer did, at a bounded rate (a flood becomes one summary a minute)."""
+        self._strangers.note(level, what, source, why)
+
+    def on_buffered(self, delta: int) -> None:
+        self.buffered += delta
+        if self.buffered > self.limits.max_buffered_bytes:
+            self._enforce_buffer_budget()
+
+    def _enforce_buffer_budget(self) -> None:
+        """Resets streams, the one read least recently first, until a quarter of the budget is free; streams
+        read in the last READING_S only when the host holds over twice its budget."""
+        holding = [s for c in self._all_conns for s in c.streams.values() if s.buffered]
+        self.buffered = sum(s.buffered for s in holding)  # exact again: the estimate may have drifted
+        budget = self.limits.max_buffered_bytes
+        if self.buffered <= budget:
+            return
+        now = time.monotonic()
+        for stream in sorted(holding, key=lambda s: s.last_read):
+            if self.buffered <= budget * 3 // 4:
+                break
+            held, idle = stream.buffered, now - stream.last_read
+            read = f"last read {idle:.1f} s ago" if stream.last_read else "never read by its handler"
+            if idle < READING_S and self.buffered <= 2 * budget:
+                break  # the rest are being read (each bounded by its window): only a flood past twice goes
+            stream.reset_now("was reset: the host holds too much unread data")
+            self.note_stranger(
+                logging.WARNING, "reset a stream over the memory budget", stream._conn.who(),
+                f"{held >> 10} KiB unread, {read}, all streams {self.buffered >> 20} MiB unread "
+                f"(budget {budget >> 20} MiB)",
+            )  # fmt: skip
+
     def on_going_away(self, conn: Connection) -> None:
         self._forget(conn)
 
@@ -499,13 +537,17 @@ class Host:
                     await stream.close()
                     return
         except (TimeoutError, ProtocolError, TransportError) as exc:
-            log.info(
-                "stream from %s failed negotiation: %s", stream.remote_peer_id.short(), exc or "timed out"
+            self.note_stranger(
+                logging.INFO,
+                "a stream failed negotiation",
+                stream.remote_peer_id.short(),
+                str(exc) or "timed out",
             )
             await stream.reset()
             return
         assert ms.selected is not None
         stream.protocol = ms.selected
+        stream.last_read = 0.0  # not read by its handler yet: first in line for the memory budget
         stream.unread(ms.unused_data)
         handler = self._handlers.get(ms.selected)
         if handler is None:
@@ -517,7 +559,9 @@ class Host:
             # on both hosts until the connection's stream limit refuses every new one.
             await stream.close()
         except (TransportError, asyncio.IncompleteReadError) as exc:
-            log.info("%s handler for %s ended: %s", ms.selected, stream.remote_peer_id.short(), exc)
+            self.note_stranger(
+                logging.INFO, f"a {ms.selected} stream ended early", stream.remote_peer_id.short(), str(exc)
+            )
             await stream.reset()
         except Exception:
             log.exception("%s handler for %s crashed", ms.selected, stream.remote_peer_id.short())

@@ -30,6 +30,11 @@ class HostLimits:
     # consumes it. 16 MiB keeps a 1 Gbit/s x 100 ms path full. Windows start at 256 KiB and grow only
     # while the reader keeps up, so a connection whose handlers do not read holds 256 KiB per stream.
     stream_window: int = 16 * 1024 * 1024
+    # Unread bytes held in all streams of the host together (what peers sent before our handlers read
+    # it). Above it, streams are reset, the one read least recently first, until a quarter is free: parked
+    # streams go, streams being read stay. Four full 16 MiB windows of honest transfers being read fit
+    # below it with room; an attacker who parks streams on many connections costs at most this much.
+    max_buffered_bytes: int = 64 * 1024 * 1024
     # TCP connect plus Noise plus muxer negotiation; a peer slower than this is unusable for training.
     handshake_timeout_s: float = 10.0
     # multistream-select on a new stream.
@@ -54,6 +59,7 @@ class HostLimits:
             "max_pending_handshakes_per_subnet",
             "max_connections_per_peer",
             "max_streams_per_connection",
+            "max_buffered_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal.gossip.membership import MAX_ADDRS, Membership
+from shoal.gossip.membership import Membership
 from shoal.gossip.outer.methods import OuterConfig, OuterState, make_message
 from shoal.gossip.outer.quant import pack_codes, unpack_codes
 from shoal.gossip.outer.wire import Message, pack, packed_bits
@@ -18,6 +18,7 @@ from shoal.gossip.rounds import clock
 from shoal.gossip.rounds import payload as dense
 from shoal.gossip.rounds.pairing import partner_of
 from shoal.gossip.rounds.swap import SwapBook, Verdict, should_stop_waiting
+from shoal.transport.identity import generate_key
 
 PEERS = [f"p{i:02d}" for i in range(7)]
 
@@ -45,27 +46,29 @@ def test_partners_change_from_round_to_round_and_between_runs():
     assert partner_of("p00", ["p01"], "run", 1) == "p01"  # we are added to a view that lacks us
 
 
+def _member(addrs: str | list[str] = "/ip4/127.0.0.1/tcp/1", now: float = 0.0, **options) -> Membership:
+    return Membership(generate_key(), "run", addrs, now=now, **options)
+
+
 def test_membership_spreads_by_gossip_and_detects_the_dead():
-    a = Membership("a", "127.0.0.1:1", now=0.0, fail_after=5.0)
-    b = Membership("b", "127.0.0.1:2", now=0.0, fail_after=5.0)
-    c = Membership("c", "127.0.0.1:3", now=0.0, fail_after=5.0)
-    assert b.merge(a.table(), now=0.0) == ["a"]
-    assert set(c.merge(b.table(), now=0.0)) == {"a", "b"}
-    assert c.live(0.0) == ["a", "b", "c"] and c.ready(0.0) == []
-    a.me.ready = True  # a's worker has loaded its model: that spreads too
-    a.beat(0.5, round_number=0)
+    a, b, c = (_member(f"/ip4/127.0.0.1/tcp/{i}", fail_after=5.0) for i in (1, 2, 3))
+    assert b.merge(a.table(), now=0.0) == [a.peer_id]
+    assert set(c.merge(b.table(), now=0.0)) == {a.peer_id, b.peer_id}
+    assert c.live(0.0) == sorted([a.peer_id, b.peer_id, c.peer_id]) and c.ready(0.0) == []
+    a.set_ready()  # a's worker has loaded its model: that spreads too
     c.merge(a.table(), now=0.5)
-    assert c.ready(0.5) == ["a"]
+    assert c.ready(0.5) == [a.peer_id]
     # a keeps beating (through b); b goes silent.
     for t in range(1, 10):
         a.beat(float(t), round_number=t)
         c.merge(a.table(), now=float(t))
-    assert c.live(9.0) == ["a", "c"]
-    assert c.members["a"].round == 9
+    assert c.live(9.0) == sorted([a.peer_id, c.peer_id])
+    assert c.members[a.peer_id].round == 9
     # A peer that says it is leaving is dropped at once.
     a.leave()
     c.merge(a.table(), now=9.5)
-    assert c.live(9.5) == ["c"]
+    assert c.live(9.5) == [c.peer_id]
+    assert not c.refused
 
 
 @given(
@@ -75,12 +78,15 @@ def test_membership_spreads_by_gossip_and_detects_the_dead():
             st.integers(),
             st.text(max_size=5),
             st.dictionaries(
-                st.sampled_from(["peer_id", "addr", "addrs", "heartbeat", "round", "left", "x"]),
+                st.sampled_from(
+                    ["peer_id", "addrs", "heartbeat", "round", "left", "ready", "at", "sig", "x"]
+                ),
                 st.one_of(
                     st.none(),
                     st.integers(-5, 5),
                     st.text(max_size=300),
                     st.booleans(),
+                    st.binary(min_size=64, max_size=64),
                     st.lists(st.one_of(st.text(max_size=300), st.integers()), max_size=12),
                 ),
             ),
@@ -90,32 +96,87 @@ def test_membership_spreads_by_gossip_and_detects_the_dead():
 )
 @settings(max_examples=200, deadline=None)
 def test_membership_survives_any_table(table):
-    m = Membership("me", "127.0.0.1:1", now=0.0)
-    m.merge(table, now=1.0)
-    assert m.is_live("me", 1.0)
-    for member in m.members.values():
-        assert isinstance(member.peer_id, str) and isinstance(member.heartbeat, int) and member.heartbeat >= 0
-        assert 0 < len(member.addrs) <= MAX_ADDRS and all(isinstance(a, str) and a for a in member.addrs)
+    m = _member()
+    assert m.merge(table, now=1.0) == []  # nothing unsigned gets in
+    assert m.is_live(m.peer_id, 1.0) and list(m.members) == [m.peer_id]
 
 
-def test_members_gossip_their_address_lists_and_older_peers_still_read_one():
+def test_members_gossip_their_signed_address_lists():
     relayed = "/ip4/1.2.3.4/tcp/1/p2p/R/p2p-circuit/p2p/a"
-    a = Membership("a", ["/ip4/203.0.113.5/tcp/1/p2p/a", relayed], now=0.0)
-    b = Membership("b", "/ip4/127.0.0.1/tcp/2/p2p/b", now=0.0)
+    a = _member(["/ip4/203.0.113.5/tcp/1", relayed])
+    b = _member("/ip4/127.0.0.1/tcp/2")
     b.merge(a.table(), now=1.0)
-    assert b.addrs_of("a") == list(a.me.addrs) and b.addr_of("a") == a.me.addrs[0]
-    old_style = {"peer_id": "c", "addr": "/ip4/10.0.0.3/tcp/3", "heartbeat": 1, "round": 0, "left": False}
-    b.merge([old_style], now=1.0)
-    assert b.addrs_of("c") == ["/ip4/10.0.0.3/tcp/3"]
+    assert b.addrs_of(a.peer_id) == list(a.me.addrs) and b.addr_of(a.peer_id) == a.me.addrs[0]
     a.set_addrs([relayed])  # behind a NAT after all: only the relayed address is published
     b.merge(a.table(), now=2.0)
-    assert b.addrs_of("a") == [relayed]
+    assert b.addrs_of(a.peer_id) == [relayed]
+
+
+def _forge(entry: dict, **changes) -> dict:
+    return {**entry, **changes}
+
+
+def test_nobody_speaks_for_another_member():
+    a, b = _member("/ip4/10.0.0.1/tcp/1"), _member("/ip4/10.0.0.2/tcp/2")
+    attacker = _member("/ip4/6.6.6.6/tcp/6")
+    b.merge(a.table(), now=0.0)
+    entry = next(e for e in a.table() if e["peer_id"] == a.peer_id)
+    forgeries = [
+        _forge(entry, heartbeat=entry["heartbeat"] + 10**6, left=True),  # "a left"
+        _forge(entry, heartbeat=entry["heartbeat"] + 1, addrs=["/ip4/6.6.6.6/tcp/6"]),  # "a moved"
+        _forge(entry, heartbeat=entry["heartbeat"] + 1, round=10**6),  # "a is far ahead"
+        _forge(entry, heartbeat=entry["heartbeat"] + 1, sig=bytes(64)),
+        # the attacker's own signature on a's entry
+        _forge(entry, heartbeat=entry["heartbeat"] + 1, left=True, sig=attacker.table()[0]["sig"]),
+    ]
+    b.merge(forgeries, now=1.0)
+    assert b.is_live(a.peer_id, 1.0) and b.addrs_of(a.peer_id) == ["/ip4/10.0.0.1/tcp/1"]
+    assert b.members[a.peer_id].round == 0 and sum(b.refused.values()) == len(forgeries)
+    # Invented members: ids that are not peer ids, or real ids whose key never signed the entry.
+    stranger = _member()
+    invented = [_forge(entry, peer_id=f"member-{i}") for i in range(50)] + [
+        _forge(entry, peer_id=stranger.peer_id)
+    ]
+    assert b.merge(invented, now=1.0) == [] and set(b.members) == {a.peer_id, b.peer_id}
+    # A relay passes a's entry on exactly as a signed it, and that is believed.
+    a.beat(2.0, round_number=3)
+    attacker.merge(a.table(), now=2.0)
+    assert b.merge(attacker.table(), now=2.0) == [attacker.peer_id]
+    assert b.members[a.peer_id].round == 3
+
+
+def test_entries_of_another_run_and_replays_are_refused():
+    a = _member()
+    other_run = Membership(a.key, "another-run", "/ip4/10.0.0.1/tcp/1", now=0.0)
+    b = _member()
+    assert b.merge(other_run.table(), now=0.0) == []  # signed for another run: the signature fails
+    wall = [1000.0]
+    c = _member(wall_clock=lambda: wall[0])
+    old = c.table()
+    wall[0] += 3600.0  # an hour later a stranger replays c's entry to a newcomer
+    assert b.merge(old, now=1.0) == []
+    assert b.refused
+
+
+def test_a_forgotten_member_is_not_gossiped_back_to_life():
+    a, b = _member(), _member(fail_after=5.0)
+    b.merge(a.table(), now=0.0)
+    stale = a.table()
+    b.forget_dead(now=100.0)
+    assert a.peer_id not in b.members
+    assert b.merge(stale, now=100.0) == []  # a relay still held a's last entry
+    a.beat(101.0, round_number=1)  # a itself comes back: a new heartbeat is believed
+    assert b.merge(a.table(), now=101.0) == [a.peer_id]
 
 
 def test_membership_refuses_impostors_and_huge_tables():
-    m = Membership("me", "127.0.0.1:1", now=0.0)
-    m.merge([{"peer_id": "me", "addr": "6.6.6.6:1", "heartbeat": 10**9, "round": 5, "left": True}], now=1.0)
-    assert m.me.addr == "127.0.0.1:1" and not m.me.left
+    m = _member("/ip4/127.0.0.1/tcp/1")
+    forged = _forge(m.table()[0], addrs=["/ip4/6.6.6.6/tcp/1"], heartbeat=10**9, left=True)
+    m.merge([forged], now=1.0)
+    assert m.me.addr == "/ip4/127.0.0.1/tcp/1" and not m.me.left and not m.claims_of_self
+    twin = Membership(m.key, "run", "/ip4/10.9.9.9/tcp/9", now=0.0)  # a copy of m's key file elsewhere
+    m.merge(twin.table(), now=1.0)
+    assert m.claims_of_self == {"/ip4/10.9.9.9/tcp/9"}
     assert m.merge([{}] * 10_000, now=1.0) == []
 
 

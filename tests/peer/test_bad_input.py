@@ -14,7 +14,7 @@ import pytest
 
 from shoal.gossip.outer.methods import OuterConfig
 from shoal.gossip.outer.wire import Message, pack, packed_bits
-from shoal.peer.daemon import RUN_PROTOCOL
+from shoal.peer.daemon import PROTOCOL_VERSION, RUN_PROTOCOL
 from shoal.peer.worker.model import GPT, PRESETS
 from shoal.transport.errors import TransportError
 from shoal.transport.host import Host
@@ -50,7 +50,7 @@ async def request(host: Host, address: str, raw: bytes) -> dict | None:
 
 def offer(sender: str, payload: bytes, run: str = "bad") -> bytes:
     return encode_message(
-        {"v": 1, "type": "offer", "run": run, "from": sender, "round": 1, "payload": payload}
+        {"v": PROTOCOL_VERSION, "type": "offer", "run": run, "from": sender, "round": 1, "payload": payload}
     )
 
 
@@ -75,7 +75,9 @@ async def attack(address: str) -> dict[str, dict | None]:
         for what, payload in hostile.items():
             answers[what] = await request(host, address, offer(me, payload))
 
-        table = encode_message({"v": 1, "type": "members", "run": "bad", "from": me, "table": []})
+        table = encode_message(
+            {"v": PROTOCOL_VERSION, "type": "members", "run": "bad", "from": me, "table": []}
+        )
         answers["members"] = await request(host, address, table)
     return answers
 
@@ -149,10 +151,10 @@ async def squat_and_ask(address: str) -> dict[str, object]:
         out["parked_still_open"] = open_
         me = str(stranger.peer_id)
         started = asyncio.get_running_loop().time()
-        status = {"v": 1, "type": "status", "run": "bad", "from": me, "round": 1}
+        status = {"v": PROTOCOL_VERSION, "type": "status", "run": "bad", "from": me, "round": 1}
         out["status"] = await request(stranger, address, encode_message(status))
         out["status_s"] = asyncio.get_running_loop().time() - started
-        weights = {"v": 1, "type": "weights", "run": "bad", "from": me}
+        weights = {"v": PROTOCOL_VERSION, "type": "weights", "run": "bad", "from": me}
         out["weights"] = await request(stranger, address, encode_message(weights))
     return out
 

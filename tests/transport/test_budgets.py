@@ -140,3 +140,68 @@ def test_subnets_group_homes_not_the_whole_internet():
     assert subnet_of("10.1.3.3") != subnet_of("10.1.2.3")
     assert subnet_of("2001:db8:1:2::5") == subnet_of("2001:db8:1:ffff::9") == "2001:db8:1::/48"
     assert subnet_of("::ffff:10.1.2.3") == "10.1.2.0/24"
+
+
+async def test_parked_streams_cannot_hold_more_than_the_memory_budget_and_readers_keep_their_data():
+    """Many attackers park streams full of unread bytes; a transfer being read meanwhile completes."""
+    budget = 4 * 1024 * 1024
+    # The honest transfer's window (what it may have in flight unread) is a quarter of the budget.
+    limits = HostLimits(max_buffered_bytes=budget, stream_window=1024 * 1024)
+    parked_handlers: list[asyncio.Event] = []
+    received = bytearray()
+
+    async def park(stream):  # a handler that never reads (a request slot taken, never served)
+        done = asyncio.Event()
+        parked_handlers.append(done)
+        await done.wait()
+
+    async def drain(stream):
+        while chunk := await stream.read():
+            received.extend(chunk)
+            await asyncio.sleep(0)  # a reader that does other work between reads
+
+    async with (
+        await Host.create(generate_key(), [LOOPBACK], limits=limits) as server,
+        await Host.create(generate_key()) as honest,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        server.set_stream_handler("/park", park)
+        server.set_stream_handler("/drain", drain)
+        attackers = [await stack.enter_async_context(await Host.create(generate_key())) for _ in range(8)]
+        filler = b"x" * (250 * 1024)  # each parked stream (nearly) fills its initial window
+
+        async def park_streams(attacker: Host) -> None:
+            for _ in range(8):
+                stream = await attacker.new_stream(server.peer_id, "/park")
+                with contextlib.suppress(Exception):  # the server may reset it: that is the point
+                    await stream.write(filler)
+
+        async def transfer() -> None:
+            stream = await honest.new_stream(server.peer_id, "/drain")
+            await stream.write(b"y" * (8 * 1024 * 1024))
+            await stream.close()
+
+        for attacker in attackers:
+            await attacker.connect(full_addr(server))
+        await honest.connect(full_addr(server))
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, server.buffered)
+                await asyncio.sleep(0.001)
+
+        watcher = asyncio.create_task(watch())
+        async with asyncio.timeout(30):
+            await asyncio.gather(transfer(), *(park_streams(a) for a in attackers))
+            while len(received) < 8 * 1024 * 1024:
+                await asyncio.sleep(0.01)
+        watcher.cancel()
+        # 64 parked streams x 250 KiB = 16 MiB were sent; the server never held more than its budget
+        # (plus the one frame that pushed it over), and the honest transfer arrived whole.
+        assert peak <= budget + 256 * 1024, peak
+        assert server.buffered <= budget
+        assert bytes(received) == b"y" * (8 * 1024 * 1024)
+        for done in parked_handlers:
+            done.set()

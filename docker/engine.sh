@@ -7,6 +7,8 @@
 #   docker/engine.sh env       # prints the export lines again
 #   docker/engine.sh purge     # stop, then delete SHOAL_DOCKER_WORK: cached images, compose, logs
 #
+# The engine is a stock one: dockerd's defaults but for its own socket and directories, and no firewall
+# rule of ours (the compose swarm needs none), so tests/docker runs the swarm as a stock Docker host would.
 # SHOAL_DOCKER_WORK (default /var/lib/shoal-docker) holds the engine's data root (images stay cached
 # between runs), its socket, its PID file, its log and the host baseline taken at start.
 # Needs root, Debian's docker.io (dockerd, containerd, runc) and iptables. Compose v2 comes from the
@@ -88,10 +90,6 @@ start() {
 			die "dockerd did not answer within ${READY_TIMEOUT}s; see $WORK/dockerd.log"
 		fi
 	done
-	# Frames bridged inside one `internal: true` network go through the host's FORWARD chain
-	# (br_netfilter), where dockerd's isolation rules drop any whose destination is off-subnet: the
-	# NAT routers' forwarded packets. Accept bridged frames; routing between bridges stays blocked.
-	iptables -I DOCKER-USER -m physdev --physdev-is-bridged -j ACCEPT
 	say "ready"
 	print_env
 }

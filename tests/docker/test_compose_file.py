@@ -70,11 +70,26 @@ def test_no_container_is_privileged_and_only_routing_services_get_net_admin():
             assert name.startswith(("router-", "turn")) or service["environment"].get("ROUTER"), name
 
 
-def test_every_network_is_internal_and_every_fixed_address_is_in_its_subnet_outside_the_dynamic_range():
+def test_networks_lead_nowhere_but_need_no_host_rule():
+    """No network gives the host an address (so nothing in the swarm reaches the host, nor through it your
+    network or the internet); the public one is internal. The private ones must not be: dockerd's rules
+    for an internal network drop, in the host's FORWARD chain, frames bridged to an off-subnet address
+    (where br_netfilter filters bridged frames), which is every NATed peer's frame to its router. They
+    masquerade nothing instead."""
+    networks = _compose()["networks"]
+    for name, network in networks.items():
+        assert network["driver_opts"]["com.docker.network.bridge.inhibit_ipv4"] == "true", name
+        assert network.get("driver", "bridge") == "bridge", name
+    assert networks["public"]["internal"] is True
+    for lan in ("lan-eim", "lan-sym"):
+        assert not networks[lan].get("internal", False), lan
+        assert networks[lan]["driver_opts"]["com.docker.network.bridge.enable_ip_masquerade"] == "false"
+
+
+def test_every_fixed_address_is_in_its_subnet_outside_the_dynamic_range():
     compose = _compose()
     subnets = {}
     for name, network in compose["networks"].items():
-        assert network["internal"] is True, name  # no path to the host's network or the internet
         (config,) = network["ipam"]["config"]
         subnets[name] = ipaddress.ip_network(config["subnet"])
         dynamic = ipaddress.ip_network(config["ip_range"])

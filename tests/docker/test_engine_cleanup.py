@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # a Docker engine
 ENGINE = Path(__file__).resolve().parents[2] / "docker" / "engine.sh"
 
 # What dockerd 20.10 with --iptables=true and one compose network (br-...) had set up, as iptables
-# commands; the physdev rule is the one engine.sh itself adds.
+# commands (engine.sh itself adds none).
 DOCKER_LEFTOVERS = """
 iptables -N DOCKER
 iptables -N DOCKER-ISOLATION-STAGE-1
@@ -35,7 +35,6 @@ iptables -A DOCKER-ISOLATION-STAGE-2 -o docker0 -j DROP
 iptables -A DOCKER-ISOLATION-STAGE-1 -j RETURN
 iptables -A DOCKER-ISOLATION-STAGE-2 -j RETURN
 iptables -A DOCKER-USER -j RETURN
-iptables -I DOCKER-USER -m physdev --physdev-is-bridged -j ACCEPT
 iptables -P FORWARD DROP
 iptables -t nat -N DOCKER
 iptables -t nat -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER

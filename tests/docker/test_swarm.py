@@ -1,7 +1,8 @@
 """The compose swarm for real: a private Docker engine, the images, a public bootstrap (relay and STUN),
 two public peers, one peer behind each NAT router (endpoint-independent and symmetric) and coturn. The
 peers must train; the run must see every peer; NATed peers must reach the public side through their
-router, which maps the way its kind says, know they are behind a NAT and hold a relay slot; coturn must
+router, which maps the way its kind says, know they are behind a NAT and hold a relay slot; no container
+may reach the host (the engine is a stock one, with no firewall rule of ours); coturn must
 answer STUN and grant TURN relays behind both NATs; NATed peers must swap with public peers and with each
 other (the printed summary says over which path: relayed, punched or direct); one stopped peer must not
 stop the rest; and the teardown must leave no container, network, link, firewall rule, mount or engine
@@ -10,7 +11,7 @@ process.
 Part of `make test`; it skips only where no engine can be started (not root, no dockerd, or dockerd
 fails to start). Slow the first time: docker/images.sh builds the base image and the images (about
 two minutes from nothing; `.ci/run` does that before the tests) and keeps them in SHOAL_DOCKER_WORK;
-with the images there the test takes one to two minutes."""
+with the images there the test takes about two minutes."""
 
 from __future__ import annotations
 
@@ -198,6 +199,54 @@ asyncio.run(main())
 """
 
 
+# argv: addresses; prints those that answer a TCP connection to port 9 at all (accepted or refused)
+ANSWERING = """
+import errno, selectors, socket, sys, time
+selector, answered = selectors.DefaultSelector(), []
+for host in sys.argv[1:]:
+    s = socket.socket()
+    s.setblocking(False)
+    if s.connect_ex((host, 9)) in (0, errno.ECONNREFUSED):
+        answered.append(host)
+    else:
+        selector.register(s, selectors.EVENT_WRITE, host)
+deadline = time.monotonic() + 3
+while selector.get_map() and time.monotonic() < deadline:
+    for key, _ in selector.select(deadline - time.monotonic()):
+        if key.fileobj.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) in (0, errno.ECONNREFUSED):
+            answered.append(key.data)
+        selector.unregister(key.fileobj)
+print(" ".join(answered))
+"""
+
+
+def _host_addresses() -> list[str]:
+    """The host's own IPv4 addresses (docker0's included), loopback aside."""
+    out = _sh("ip", "-4", "-o", "addr", "show", "scope", "global")
+    return sorted({line.split()[3].split("/")[0] for line in out.splitlines()})
+
+
+def _host_answers(swarm: Swarm, containers: list[str]) -> dict[str, str]:
+    """For each container, the host addresses it reaches (none, if the swarm leads nowhere)."""
+    env = {**os.environ, **swarm.env}
+    probes = {
+        c: subprocess.Popen(
+            ["docker", "exec", c, "python3", "-c", ANSWERING, *_host_addresses()],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for c in containers
+    }
+    answers = {}
+    for container, probe in probes.items():
+        out, err = probe.communicate(timeout=60)
+        assert probe.returncode == 0, (container, err)
+        answers[container] = out.strip()
+    return answers
+
+
 def _address_on(swarm: Swarm, container: str, network: str) -> str:
     template = '{{(index .NetworkSettings.Networks "' + f"{PROJECT}_{network}" + '").IPAddress}}'
     return _sh("docker", "inspect", "--format", template, container, env=swarm.env).strip()
@@ -340,6 +389,11 @@ def test_compose_swarm_with_nat_routers_trains_and_tears_down_cleanly():
             rounds = _rounds(swarm.events(container))
             assert all(r["train_loss"] is None or r["train_loss"] > 0 for r in rounds), container
             assert rounds[-1]["inner_step"] >= ROUNDS_BEFORE * int(SWARM_ENV["SHOAL_INNER_STEPS"]), service
+        # nothing in the swarm reaches the host (nor, through it, anything else): no bridge of the
+        # swarm's has a host address, and the private networks masquerade nothing
+        assert _host_addresses(), "the host has no address to probe"
+        reached = {c: a for c, a in _host_answers(swarm, sorted(names)).items() if a}
+        assert not reached, f"containers reach the host: {reached}"
         # NATed peers' traffic really went through their routers' masquerade rules
         for router in (c for c, s in names.items() if s.startswith("router-")):
             table = _sh("docker", "exec", router, "nft", "list", "table", "ip", "shoal_nat", env=env)

@@ -16,7 +16,7 @@ reach), and the receiver applies no pull there (it uses its own θ in those valu
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,9 +25,9 @@ import torch
 
 from shoal.gossip.outer import quant
 from shoal.gossip.outer.errors import OuterError, OuterMessageError
-from shoal.gossip.outer.noloco import noloco_step_from_fast
-from shoal.gossip.outer.tensors import Named, pseudo_gradient
-from shoal.gossip.outer.wire import Message, check_bytes, pack, unpack
+from shoal.gossip.outer.noloco import ChunkStep, flat32
+from shoal.gossip.outer.tensors import Named, check_same_layout
+from shoal.gossip.outer.wire import CHECK_BLOCK, Message, check_bytes, pack, unpack
 
 if TYPE_CHECKING:
     from shoal.gossip.outer.config import OuterConfig, OuterState
@@ -57,18 +57,22 @@ def lattice_step(config: OuterConfig, state: OuterState, name: str, delta_max: f
 
 
 def make_message(config: OuterConfig, state: OuterState, fast: Mapping[str, torch.Tensor]) -> bytes:
-    """θ as bit-packed dithered lattice codes, one step and one check list per tensor (sorted-name order)."""
-    delta = pseudo_gradient(state.slow, fast)
+    """θ as bit-packed dithered lattice codes, one step and one check list per tensor (sorted-name order).
+
+    A chunk at a time (quant.encode_packed): no Δ tensor, no per-parameter float64 or int64.
+    """
+    check_same_layout(state.slow, fast, "fast weights")
     bits = config.lattice_bits
+    scratch = quant.Scratch()
     steps, codes, checks = [], [], []
     for index, name in enumerate(sorted(state.slow)):
-        step = lattice_step(config, state, name, float(delta[name].abs().max()))
-        x = fast[name].float()
-        dither = quant.lattice_dither(x.numel(), step, dither_seed(state.origin, state.round, index))
-        k = quant.lattice_indices(x, step, dither)
+        x = flat32(fast[name])
+        step = lattice_step(config, state, name, abs_max(flat32(state.slow[name]), x, scratch))
+        dither = quant.Dither(step, dither_seed(state.origin, state.round, index))
+        code, check = quant.encode_packed(x, step, bits, dither, scratch)  # b bits a value
         steps.append(step)
-        codes.append(quant.pack_codes(torch.remainder(k, 2**bits).to(torch.uint8), bits))  # b bits a value
-        checks.append(quant.block_checks(k))
+        codes.append(code)
+        checks.append(check)
     return pack(Message(config.method, state.origin, state.round, tensors=codes, steps=steps, checks=checks))
 
 
@@ -76,46 +80,101 @@ def wire_bytes(config: OuterConfig, message: bytes) -> int:
     return len(message)  # the codes are bit-packed already
 
 
+def abs_max(a: np.ndarray, b: np.ndarray | None, scratch: quant.Scratch) -> float:
+    """max |a − b| (or |a|) in float32, NaN if any, as `(a - b).abs().max()`, a chunk at a time."""
+    peaks = [np.float32(0.0)] if a.size == 0 else []
+    for start, stop in quant.chunk_bounds(a.size):
+        d = scratch.values[: stop - start]
+        if b is None:
+            np.abs(a[start:stop], out=d)
+        else:
+            np.subtract(a[start:stop], b[start:stop], out=d)
+            np.abs(d, out=d)
+        peaks.append(d.max())
+    return float(np.max(peaks))
+
+
 def outer_step(config: OuterConfig, state: OuterState, own: bytes, received: Sequence[bytes]) -> Named:
     """NoLoCo's step on θ decoded with this peer's φ as side information; sets state.slow, state.momentum.
 
     In the partner's blocks whose check fails (wrapped), this peer's own θ stands in: no pull there.
+    The same results, bit for bit, as `read_lattice` of both messages then `noloco.noloco_step_from_fast`,
+    but one pass per message, a chunk at a time: this peer's θ is decoded into the new φ's buffer (checked
+    whole before the partner's message is read), then each chunk of the partner's θ is decoded, tracked and
+    stepped; nothing else the size of the model is allocated.
     """
     mine = unpack(own, config.method)
     theirs = [unpack(m, config.method) for m in received]
     if len(theirs) > 1:
         raise OuterMessageError(f"compressed-noloco pairs with one partner, got {len(theirs)} messages")
     slow = state.slow
-    own_decoded = read_lattice(mine, slow, config)
-    if any(bool(w.any()) for w in own_decoded.wrapped.values()):
-        raise OuterError("this peer's own lattice message does not decode: lattice_range is too small")
-    fast = own_decoded.values
-    partner: Named | None = None
-    if theirs:
-        check_steps(theirs[0], mine.steps)
-        decoded = read_lattice(theirs[0], slow, config)  # raises before anything changes
-        partner = {n: torch.where(decoded.wrapped[n], fast[n], decoded.values[n]) for n in fast}
-        _track(config, state, decoded, theirs[0].steps)
-    state.slow, state.momentum = noloco_step_from_fast(
-        slow, fast, state.momentum, partner, config.momentum, config.lr
-    )
+    names = sorted(slow)
+    scratch = quant.Scratch()
+    sides = {name: flat32(slow[name]) for name in names}
+    peaks = {name: abs_max(sides[name], None, scratch) for name in names}
+    _check_codes(mine, sides, peaks, config)
+    new_slow = {name: torch.empty(slow[name].shape, dtype=torch.float32) for name in names}
+    for index, name in enumerate(names):
+        theta = new_slow[name].view(-1).numpy()
+        for _, _, _, wrapped in _decode(mine, index, sides[name], peaks[name], config, scratch, theta):
+            if wrapped.any():
+                raise OuterError(
+                    "this peer's own lattice message does not decode: lattice_range is too small"
+                )
+    partner = theirs[0] if theirs else None
+    if partner is not None:
+        check_steps(partner, mine.steps)
+        _check_codes(partner, sides, peaks, config)  # raises before anything changes
+    new_momentum: Named = {}
+    for index, name in enumerate(names):
+        new_momentum[name] = torch.empty(slow[name].shape, dtype=torch.float32)
+        theta = new_slow[name].view(-1).numpy()
+        pull = ChunkStep(new_momentum[name], theta, sides[name], flat32(state.momentum[name]), config)
+        if partner is None:
+            for start, stop in quant.chunk_bounds(theta.size):
+                pull.step(start, stop, None)
+            continue
+        n_wrapped, gaps = 0, [np.float32(0.0)]
+        for start, stop, values, wrapped in _decode(
+            partner, index, sides[name], peaks[name], config, scratch, None
+        ):
+            n_wrapped += _gap_and_patch(values, theta[start:stop], sides[name][start:stop], wrapped, gaps)
+            pull.step(start, stop, values)
+        _track(config, state, name, partner.steps[index], theta.size, n_wrapped, float(np.max(gaps)))
+    state.momentum = new_momentum
+    state.slow = {
+        n: t if slow[n].dtype == torch.float32 else t.to(slow[n].dtype) for n, t in new_slow.items()
+    }
     return state.slow
 
 
-def _track(config: OuterConfig, state: OuterState, decoded: Decoded, steps: Sequence[float]) -> None:
-    """Count wrapped values and update the running replica distance per tensor (OuterState.drift)."""
-    window_steps = 2 ** (config.lattice_bits - 1)
+def _gap_and_patch(
+    values: np.ndarray, theta: np.ndarray, phi: np.ndarray, wrapped: np.ndarray, gaps: list
+) -> int:
+    """For `_track`: append the chunk's largest |θ_partner − φ| outside wrapped blocks to `gaps`; then put
+    this peer's θ in the partner's wrapped blocks. Returns how many values those blocks hold."""
+    gap = np.subtract(values, phi)
+    np.abs(gap, out=gap)
+    count = 0
+    for block in np.flatnonzero(wrapped).tolist():
+        lo, hi = block * CHECK_BLOCK, min(values.size, (block + 1) * CHECK_BLOCK)
+        gap[lo:hi] = 0.0
+        values[lo:hi] = theta[lo:hi]
+        count += hi - lo
+    gaps.append(gap.max())
+    return count
+
+
+def _track(
+    config: OuterConfig, state: OuterState, name: str, step: float, count: int, n_wrapped: int, seen: float
+) -> None:
+    """Count wrapped values and update the running replica distance of one tensor (OuterState.drift)."""
     counters = state.counters
-    for name, step in zip(sorted(state.slow), steps, strict=True):
-        wrapped = decoded.wrapped[name]
-        n_wrapped = int(wrapped.sum())
-        counters["lattice_values"] = counters.get("lattice_values", 0) + wrapped.numel()
-        counters["lattice_wrapped"] = counters.get("lattice_wrapped", 0) + n_wrapped
-        gap = (decoded.values[name] - state.slow[name].float()).abs().masked_fill(wrapped, 0.0)
-        seen = float(gap.max()) if gap.numel() else 0.0
-        if n_wrapped:  # the distance was out of reach somewhere: at least the partner's whole window
-            seen = max(seen, window_steps * step)
-        state.drift[name] = max(seen, DRIFT_DECAY * state.drift.get(name, 0.0))
+    counters["lattice_values"] = counters.get("lattice_values", 0) + count
+    counters["lattice_wrapped"] = counters.get("lattice_wrapped", 0) + n_wrapped
+    if n_wrapped:  # the distance was out of reach somewhere: at least the partner's whole window
+        seen = max(seen, 2 ** (config.lattice_bits - 1) * step)
+    state.drift[name] = max(seen, DRIFT_DECAY * state.drift.get(name, 0.0))
 
 
 def check_steps(message: Message, own_steps: Sequence[float]) -> None:
@@ -144,28 +203,62 @@ class Decoded:
 def read_lattice(message: Message, slow: Mapping[str, torch.Tensor], config: OuterConfig) -> Decoded:
     """θ of the sender, decoded with this peer's φ as side information, and the blocks that wrapped."""
     names = sorted(slow)
-    if not len(message.tensors) == len(message.steps) == len(message.checks) == len(names):
+    scratch = quant.Scratch()
+    sides = {name: flat32(slow[name]) for name in names}
+    peaks = {name: abs_max(sides[name], None, scratch) for name in names}
+    _check_codes(message, sides, peaks, config)
+    values: Named = {}
+    wrapped: dict[str, torch.Tensor] = {}
+    for index, name in enumerate(names):
+        out = values[name] = torch.empty(slow[name].shape, dtype=torch.float32)
+        flat = out.view(-1).numpy()
+        blocks = [w for *_, w in _decode(message, index, sides[name], peaks[name], config, scratch, flat)]
+        per_block = torch.from_numpy(np.concatenate(blocks)) if blocks else torch.zeros(0, dtype=torch.bool)
+        wrapped[name] = quant.block_mask(per_block, flat.size).view(out.shape)
+    return Decoded(values, wrapped)
+
+
+def _check_codes(
+    message: Message, sides: Mapping[str, np.ndarray], peaks: Mapping[str, float], config: OuterConfig
+) -> None:
+    """Refuse a message whose codes do not fit this peer's layout (before anything is decoded)."""
+    if not len(message.tensors) == len(message.steps) == len(message.checks) == len(sides):
         raise OuterMessageError(
             f"compressed-noloco message from {message.origin} does not match the model's tensors"
         )
     bits = config.lattice_bits
-    values: Named = {}
-    wrapped: dict[str, torch.Tensor] = {}
-    for index, (name, raw, step, check) in enumerate(
-        zip(names, message.tensors, message.steps, message.checks, strict=True)
+    for name, raw, step, check in zip(
+        sorted(sides), message.tensors, message.steps, message.checks, strict=True
     ):
-        count = slow[name].numel()
-        side = slow[name].float()
+        count = sides[name].size
         if (
             len(raw) != quant.packed_bits(count, bits)
             or len(check) != check_bytes(count)
             or not (step > 0 and np.isfinite(step))
-            or float(side.abs().max()) + 1.0 > MAX_INDEX * step
+            or peaks[name] + 1.0 > MAX_INDEX * step
         ):
             raise OuterMessageError(f"compressed-noloco message from {message.origin}: bad code for {name!r}")
-        codes = quant.unpack_codes(raw, count, bits)
-        dither = quant.lattice_dither(count, step, dither_seed(message.origin, message.round, index))
-        k = quant.lattice_decode_indices(codes, step, side, bits, dither)
-        values[name] = quant.lattice_values(k, step, dither).to(torch.float32).view(side.shape)
-        wrapped[name] = quant.block_mask(quant.wrapped_blocks(k, check), count).view(side.shape)
-    return Decoded(values, wrapped)
+
+
+def _decode(
+    message: Message,
+    index: int,
+    side: np.ndarray,
+    peak: float,
+    config: OuterConfig,
+    scratch: quant.Scratch,
+    out: np.ndarray | None,
+) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """quant.decode_chunks of tensor #index of a checked message."""
+    step = message.steps[index]
+    return quant.decode_chunks(
+        message.tensors[index],
+        step,
+        side,
+        config.lattice_bits,
+        quant.Dither(step, dither_seed(message.origin, message.round, index)),
+        message.checks[index],
+        out,
+        nan_side=bool(np.isnan(peak)),
+        scratch=scratch,
+    )

@@ -12,13 +12,14 @@ The `noloco` method sends θ in fp32 (`make_message` / `outer_step`, called thro
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from shoal.gossip.outer.errors import OuterMessageError
-from shoal.gossip.outer.tensors import Named, check_same_layout, dense_tensors, read_dense
+from shoal.gossip.outer.tensors import Named, check_same_layout, dense_tensors
 from shoal.gossip.outer.wire import Message, pack, unpack
 
 if TYPE_CHECKING:
@@ -96,14 +97,102 @@ def wire_bytes(config: OuterConfig, message: bytes) -> int:
 
 
 def outer_step(config: OuterConfig, state: OuterState, own: bytes, received: Sequence[bytes]) -> Named:
-    """δ ← α·δ + β·(θ̄ − φ); φ ← φ + δ with the partner's θ (own values when sitting out). Sets state."""
+    """δ ← α·δ + β·(θ̄ − φ); φ ← φ + δ with the partner's θ (own values when sitting out). Sets state.
+
+    Read in place from the messages' bytes and stepped a chunk at a time (`ChunkStep`): the same bits as
+    `noloco_step_from_fast`, and nothing the size of the model but the new φ and δ.
+    """
     mine = unpack(own, config.method)
     theirs = [unpack(m, config.method) for m in received]
     if len(theirs) > 1:
         raise OuterMessageError(f"noloco pairs with one partner, got {len(theirs)} messages")
-    fast = read_dense(mine, state.slow)
-    partner = read_dense(theirs[0], state.slow) if theirs else None
-    state.slow, state.momentum = noloco_step_from_fast(
-        state.slow, fast, state.momentum, partner, config.momentum, config.lr
-    )
+    fast = dense_views(mine, state.slow)
+    partner = dense_views(theirs[0], state.slow) if theirs else None
+    new_slow: Named = {}
+    new_momentum: Named = {}
+    for name, phi in state.slow.items():
+        new_slow[name] = torch.empty(phi.shape, dtype=torch.float32)
+        new_momentum[name] = torch.empty(phi.shape, dtype=torch.float32)
+        out = new_slow[name].view(-1).numpy()
+        np.copyto(out, fast[name])  # θ, which the step overwrites with the new φ a chunk at a time
+        pull = ChunkStep(new_momentum[name], out, flat32(phi), flat32(state.momentum[name]), config)
+        for start, stop in chunk_bounds(out.size):
+            pull.step(start, stop, None if partner is None else partner[name][start:stop])
+    state.momentum = new_momentum
+    state.slow = {
+        n: t if state.slow[n].dtype == torch.float32 else t.to(state.slow[n].dtype)
+        for n, t in new_slow.items()
+    }
     return state.slow
+
+
+# Values per chunk of the float32 step: 64 KiB a buffer, in L2.
+CHUNK = 1 << 14
+
+
+def chunk_bounds(count: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, count, CHUNK):
+        yield start, min(count, start + CHUNK)
+
+
+def flat32(t: torch.Tensor) -> np.ndarray:
+    """A flat float32 numpy view of `t` (a copy only when it is not contiguous float32)."""
+    return t.detach().float().contiguous().view(-1).numpy()
+
+
+def dense_views(message: Message, like: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """`tensors.read_dense` without copies: flat read-only float32 views of the message's bytes, checked
+    against this peer's layout and for non-finite values (OuterMessageError)."""
+    names = sorted(like)
+    if len(message.tensors) != len(names):
+        raise OuterMessageError(
+            f"message from {message.origin} has {len(message.tensors)} tensors, model has {len(names)}"
+        )
+    out: dict[str, np.ndarray] = {}
+    for name, raw in zip(names, message.tensors, strict=True):
+        if len(raw) != 4 * like[name].numel():
+            raise OuterMessageError(
+                f"message from {message.origin}: tensor {name!r} has {len(raw)} bytes, "
+                f"expected {4 * like[name].numel()} for shape {tuple(like[name].shape)}"
+            )
+        out[name] = np.frombuffer(raw, dtype=np.float32)
+    for values in out.values():
+        for start, stop in chunk_bounds(values.size):
+            chunk = values[start:stop]
+            # A sum is finite only if every term is; an overflowing sum of finite values takes the slow look.
+            if not np.isfinite(chunk.sum()) and not np.isfinite(chunk).all():
+                raise OuterMessageError(f"message from {message.origin} carries non-finite values; dropped")
+    return out
+
+
+class ChunkStep:
+    """δ ← α·δ + β·(θ̄ − φ); φ ← φ + δ, θ̄ = (θ + θ_partner)/2, on a chunk: `noloco_step_from_fast`'s float32
+    operations in its order (the same bits). The new φ is written over θ's chunk, which is read first."""
+
+    def __init__(
+        self,
+        momentum_out: torch.Tensor,
+        theta: np.ndarray,
+        phi: np.ndarray,
+        momentum: np.ndarray,
+        config: OuterConfig,
+    ) -> None:
+        self.m_out, self.theta, self.phi, self.m = momentum_out.view(-1).numpy(), theta, phi, momentum
+        self.alpha, self.beta = config.momentum, config.lr
+        self.buf = np.empty(CHUNK, np.float32)
+
+    def step(self, start: int, stop: int, partner: np.ndarray | None) -> None:
+        theta, phi = self.theta[start:stop], self.phi[start:stop]
+        if self.buf.size < stop - start:  # a caller with longer chunks
+            self.buf = np.empty(stop - start, np.float32)
+        bar = self.buf[: stop - start]
+        if partner is None:
+            np.subtract(theta, phi, out=bar)
+        else:
+            np.add(theta, partner, out=bar)
+            bar /= 2
+            bar -= phi
+        bar *= self.beta
+        m = np.multiply(self.m[start:stop], self.alpha, out=self.m_out[start:stop])
+        m += bar
+        np.add(phi, m, out=theta)

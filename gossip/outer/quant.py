@@ -14,6 +14,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -81,6 +84,245 @@ def _splitmix16(index: int) -> int:
 # by a multiple j·2^b (0 < |j| < 2^(16-b)) and changes the check by w_i·j·2^b ≠ 0 mod 2^16 (w_i odd), so one
 # wrapped value in a block is always found; several at once escape with probability about 2^-(16-b).
 _CHECK_WEIGHTS = torch.tensor([_splitmix16(i) | 1 for i in range(CHECK_BLOCK)], dtype=torch.int64)
+
+
+# ---- The chunked coder (issue 17): the product's path. ----
+#
+# The functions above materialise whole-tensor int64 indices and float64 values (about ten 8-byte
+# temporaries per parameter). The wire's k is defined by float64 arithmetic (`lattice_indices`), so the coder
+# below does exactly those float64 operations, in the same order, but on CHUNK values at a time in scratch
+# buffers that it reuses (they stay in the core's cache); per parameter it writes only the packed codes and
+# checks (encode) or the float32 values and a bit per block (decode). Bytes and values equal the functions
+# above (tests/outer/test_fast_codes.py).
+
+# Values per scratch block: a multiple of CHECK_BLOCK (whole checks) and of 8 (whole packed bytes); its
+# float64 buffers (128 KiB each) stay in L2.
+CHUNK = 1 << 14
+if sys.byteorder != "little":  # the packing reads codes through wider views (little-endian lanes)
+    raise ImportError("gossip.outer.quant's lattice coder assumes a little-endian machine")
+_WEIGHTS16 = np.tile(_CHECK_WEIGHTS.numpy().astype(np.uint16), CHUNK // CHECK_BLOCK)
+_LANES = {4: np.uint32, 2: np.uint16}  # codes per byte -> the unsigned int holding one byte's codes
+
+
+def _unpack_table(bits: int) -> np.ndarray:
+    """byte -> its 8/bits codes, one per byte of a _LANES int (first code in the lowest byte)."""
+    per = 8 // bits
+    byte = np.arange(256, dtype=np.uint32)
+    codes = [(byte >> (8 - bits * (j + 1))) & ((1 << bits) - 1) for j in range(per)]
+    return sum((c << (8 * j) for j, c in enumerate(codes)), np.zeros(256, np.uint32)).astype(_LANES[per])
+
+
+_UNPACK = {bits: _unpack_table(bits) for bits in (2, 4)}
+
+
+class Scratch:
+    """Buffers of CHUNK values that one encode or decode reuses for every chunk of every tensor."""
+
+    def __init__(self) -> None:
+        self.dither = np.empty(CHUNK, np.float64)
+        self.work = np.empty(CHUNK, np.float64)
+        self.c64 = np.empty(CHUNK, np.float64)
+        self.k = np.empty(CHUNK, np.int64)
+        self.codes = np.zeros(CHUNK, np.uint8)
+        self.k16 = np.empty(CHUNK, np.uint16)
+        self.prod = np.zeros(CHUNK, np.uint16)
+        self.lanes = np.empty(CHUNK // 2, np.uint32)
+        self.lanes2 = np.empty(CHUNK // 2, np.uint32)
+        self.values = np.empty(CHUNK, np.float32)
+
+
+class Dither:
+    """`lattice_dither(count, step, seed)` a chunk at a time: PCG64's stream continues across calls."""
+
+    def __init__(self, step: float, seed: int) -> None:
+        self.gen = np.random.PCG64(seed)
+        self.step = step
+        # unit·step with unit = (m − 2^52)·2^-53 exactly: one rounding of the same real number as the
+        # reference's unit * step, so one multiply by step·2^-53 when that constant is exact.
+        scale = step * 2.0**-53
+        self.scale = scale if scale * 2.0**53 == step else None
+
+    def next(self, m: int, out: np.ndarray) -> np.ndarray:
+        raw = self.gen.random_raw(m)
+        np.right_shift(raw, np.uint64(11), out=raw)
+        j = raw.view(np.int64)
+        j -= 2**52  # |j| <= 2^52: exact in float64
+        d = out[:m]
+        np.copyto(d, j)
+        d *= 2.0**-53 if self.scale is None else self.scale
+        if self.scale is None:
+            d *= self.step
+        return d
+
+
+def _pack_into(codes: np.ndarray, bits: int, out: np.ndarray, s: Scratch) -> None:
+    """Codes (uint8, a multiple of 8 of them) -> bits-wide fields, MSB first, as `pack_codes` writes them."""
+    if bits == 8:
+        out[:] = codes
+        return
+    if 8 % bits == 0:  # one byte from the 8/bits codes of one wide lane: shift each code to its place
+        per = 8 // bits
+        lanes = codes.view(_LANES[per])
+        acc = s.lanes.view(lanes.dtype)[: lanes.size]
+        tmp = s.lanes2.view(lanes.dtype)[: lanes.size]
+        np.left_shift(lanes, 8 - bits, out=acc)
+        for j in range(1, per):  # code j sits at bit 8j and goes to bit 8 - bits·(j+1)
+            np.right_shift(lanes, 8 * j - 8 + bits * (j + 1), out=tmp)
+            acc |= tmp
+        np.copyto(out, acc, casting="unsafe")  # the low byte
+        return
+    groups = codes.reshape(-1, 8)  # 8 codes = `bits` bytes
+    acc64 = groups[:, 0].astype(np.uint64)
+    for j in range(1, 8):
+        acc64 <<= np.uint64(bits)
+        acc64 |= groups[:, j]
+    acc64 <<= np.uint64(64 - 8 * bits)
+    out.reshape(-1, bits)[:] = acc64.astype(">u8").view(np.uint8).reshape(-1, 8)[:, :bits]
+
+
+def _unpack_into(packed: np.ndarray, bits: int, out: np.ndarray) -> None:
+    """Inverse of `_pack_into`: `out` (a multiple of 8 codes) from its packed bytes."""
+    if bits == 8:
+        out[:] = packed
+        return
+    if 8 % bits == 0:
+        table = _UNPACK[bits]
+        np.take(table, packed, out=out.view(table.dtype))
+        return
+    mask = (1 << bits) - 1
+    wide = np.zeros((packed.size // bits, 8), np.uint8)
+    wide[:, :bits] = packed.reshape(-1, bits)
+    acc = wide.view(">u8").reshape(-1).astype(np.uint64)
+    groups = out.reshape(-1, 8)
+    for j in range(8):
+        np.bitwise_and(acc >> np.uint64(64 - bits * (j + 1)), mask, out=groups[:, j], casting="unsafe")
+
+
+def _checks_into(k: np.ndarray, scratch: Scratch, out: np.ndarray) -> None:
+    """`block_checks` of a chunk's int64 indices (whole blocks but the last) into uint16 `out`.
+
+    Σ w_i·k_i mod 2^16 needs only k_i mod 2^16: uint16 products and sums wrap exactly there.
+    """
+    m = k.size
+    padded = out.size * CHECK_BLOCK
+    k16, prod = scratch.k16[:m], scratch.prod[:padded]
+    np.copyto(k16, k, casting="unsafe")  # k mod 2^16
+    np.multiply(k16, _WEIGHTS16[:m], out=prod[:m])
+    prod[m:] = 0
+    prod.reshape(-1, CHECK_BLOCK).sum(axis=1, dtype=np.uint16, out=out)
+
+
+def chunk_bounds(count: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, count, CHUNK):
+        yield start, min(count, start + CHUNK)
+
+
+def encode_packed(
+    x: np.ndarray, step: float, bits: int, dither: Dither | None, scratch: Scratch | None = None
+) -> tuple[bytes, bytes]:
+    """(bit-packed codes k mod 2^b, block checks) of flat float32 `x`, as `pack_codes(lattice_encode(...))`
+    and `block_checks(lattice_indices(...))` write them, with no per-parameter float64 or int64."""
+    _check_bits(bits)
+    if not step > 0:
+        raise OuterError(f"lattice step must be > 0, got {step}")
+    count = x.size
+    codes = np.empty((count + 7) // 8 * bits, np.uint8)
+    checks = np.empty(check_bytes(count) // 2, np.uint16)
+    s = scratch or Scratch()
+    for start, stop in chunk_bounds(count):
+        m = stop - start
+        y, k = s.work[:m], s.k[:m]
+        if dither is None:
+            np.copyto(y, x[start:stop])
+        else:
+            np.add(x[start:stop], dither.next(m, s.dither), out=y)
+        y /= step
+        np.rint(y, out=y)  # half to even, as torch.round
+        with np.errstate(invalid="ignore"):  # inf and NaN become INT64_MIN, as torch's .long()
+            np.copyto(k, y, casting="unsafe")
+        m8 = (m + 7) // 8 * 8
+        c = s.codes[:m8]
+        np.bitwise_and(k, (1 << bits) - 1, out=c[:m], casting="unsafe")
+        c[m:] = 0  # the last byte's padding, zeros like np.packbits
+        _pack_into(c, bits, codes[start // 8 * bits : start // 8 * bits + m8 // 8 * bits], s)
+        _checks_into(k, s, checks[start // CHECK_BLOCK : (stop + CHECK_BLOCK - 1) // CHECK_BLOCK])
+    return codes[: packed_bits(count, bits)].tobytes(), checks.astype("<u2").tobytes()
+
+
+def decode_chunks(
+    raw: bytes,
+    step: float,
+    side: np.ndarray,
+    bits: int,
+    dither: Dither | None,
+    checks: bytes | None = None,
+    out: np.ndarray | None = None,
+    nan_side: bool = True,
+    scratch: Scratch | None = None,
+) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """Decode packed codes against flat float32 `side`, CHUNK values at a time.
+
+    Yields (start, stop, float32 values, per block of the chunk: wrapped) with values as `lattice_decode`
+    gives them; they are written into `out[start:stop]` when `out` is given, else into a buffer that the
+    next chunk reuses. `wrapped` is all False without `checks`. `nan_side=False` promises a side without
+    NaN: k is then exact in float64; a NaN needs the reference's int64 arithmetic, wrap-around included.
+    """
+    _check_bits(bits)
+    count = side.size
+    if len(raw) != packed_bits(count, bits):
+        raise OuterError(f"{len(raw)} bytes cannot hold {count} codes of {bits} bits")
+    if not step > 0:
+        raise OuterError(f"lattice step must be > 0, got {step}")
+    modulus = 1 << bits
+    packed = np.frombuffer(raw, np.uint8)
+    sent = None if checks is None else np.frombuffer(checks, "<u2")
+    s = scratch or Scratch()
+    got = np.empty(CHUNK // CHECK_BLOCK, np.uint16)
+    for start, stop in chunk_bounds(count):
+        m = stop - start
+        m8 = (m + 7) // 8 * 8
+        lo, hi = start // 8 * bits, start // 8 * bits + m8 // 8 * bits
+        if hi > packed.size:  # the last chunk: whole groups of 8 codes, zero-padded
+            src = np.zeros(hi - lo, np.uint8)
+            src[: packed.size - lo] = packed[lo:]
+        else:
+            src = packed[lo:hi]
+        _unpack_into(src, bits, s.codes[:m8])
+        c = s.c64[:m]
+        np.copyto(c, s.codes[:m])
+        t, k = s.work[:m], s.k[:m]
+        d = None if dither is None else dither.next(m, s.dither)
+        if d is None:
+            np.copyto(t, side[start:stop])
+        else:
+            np.add(side[start:stop], d, out=t)
+        t /= step  # the side, in steps, on the dithered grid
+        t -= c
+        t *= 1.0 / modulus  # a power of two: the same as / modulus
+        np.rint(t, out=t)
+        with np.errstate(invalid="ignore"):
+            if nan_side:  # int64 as the reference: NaN rounds to INT64_MIN, and modulus·INT64_MIN wraps to 0
+                np.copyto(k, t, casting="unsafe")
+                k *= modulus
+                np.add(k, s.codes[:m], out=k, casting="unsafe")
+                np.copyto(t, k)
+            else:
+                t *= modulus
+                t += c  # k, exact in float64: |k| < 2^51 (MAX_INDEX)
+                np.copyto(k, t, casting="unsafe")
+        t *= step
+        if d is not None:
+            t -= d
+        values = s.values[:m] if out is None else out[start:stop]
+        np.copyto(values, t, casting="same_kind")
+        n_blocks = (m + CHECK_BLOCK - 1) // CHECK_BLOCK
+        if sent is None:
+            wrapped = np.zeros(n_blocks, bool)
+        else:
+            _checks_into(k, s, got[:n_blocks])
+            first = start // CHECK_BLOCK
+            wrapped = got[:n_blocks] != sent[first : first + n_blocks]
+        yield start, stop, values, wrapped
 
 
 def lattice_dither(count: int, step: float, seed: int) -> torch.Tensor:

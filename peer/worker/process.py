@@ -6,30 +6,43 @@ It talks to its daemon over a control channel (stdin/stdout) and passes payloads
     worker -> daemon: eval {round, eval_loss}; progress {round, inner_step, train_loss}
     worker -> daemon: payload {round, nbytes}         (our fast weights are in the outbound segment)
     daemon -> worker: partner {round, nbytes} | skip {round, reason}
+    daemon -> worker: stop                            (any time it trains or evaluates, or as the reply)
     worker -> daemon: done {round}                    (after the last round; also on a closed channel)
     worker -> daemon: error {message, bug, traceback}  (it cannot go on: bad data, a damaged checkpoint, ...)
 The worker never touches the network: whatever the daemon hands it has already been validated, and is
 validated again here before it touches the weights.
+
+It checkpoints after every round, in the background (peer/worker/checkpoints.py), and when it stops. A stop
+in the middle of a round saves the inner steps done so far as they are (fast weights, AdamW state, sampler)
+with the outer state of the last finished round, so the checkpoint's round is that round and a resumed
+worker takes only the rest of the next round's H inner steps before its outer step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from shoal.errors import ShoalError
 from shoal.gossip.rounds import payload as dense
 from shoal.peer import logs
 from shoal.peer.ipc import ControlChannel, SharedBuffer
-from shoal.peer.worker.train import Trainer, TrainSettings
+from shoal.peer.worker.checkpoints import CheckpointWriter, resume
+from shoal.peer.worker.train import Interrupted, Trainer, TrainSettings
 
 log = logging.getLogger("shoal.peer.worker")
 PROGRESS_EVERY_S = 1.0
-CHECKPOINT_EVERY = 10  # rounds; and always when the worker stops
+STOP_POLL_S = 0.05  # how often the running model looks for a stop request (a select() on the channel)
+# Set by the daemon's `stop` (or its closing the channel), or by a SIGTERM sent to the worker itself
+# (systemd and Docker signal every process of a service): the worker saves and exits.
+STOP = threading.Event()
 ERROR_MESSAGE_CHARS = 4000  # an error's one line, and its traceback (for --debug), within MAX_CONTROL_BYTES
 ERROR_TRACEBACK_CHARS = 24000
 
@@ -44,9 +57,8 @@ def run(channel: ControlChannel) -> int:
     settings = TrainSettings.from_dict(start["settings"])
     checkpoint = Path(start["checkpoint"])
     trainer = Trainer(settings)
-    if checkpoint.exists():
-        trainer.load(checkpoint)  # a restarted peer continues exactly where it stopped
-        log.info("resumed from %s at round %d", checkpoint, trainer.round)
+    resume(trainer, checkpoint)  # where it stopped; a damaged checkpoint is set aside, the previous one used
+    writer = CheckpointWriter(checkpoint)
     spec = trainer.spec()
     capacity = dense.max_payload_bytes(spec)  # a dense fp32 message bounds every method's
     outbound, inbound = SharedBuffer.create(capacity), SharedBuffer.create(capacity)
@@ -75,33 +87,35 @@ def run(channel: ControlChannel) -> int:
         if begin.get("weights_nbytes"):  # a peer joining a run in progress starts from a member's weights
             trainer.adopt(inbound.read(int(begin["weights_nbytes"])), int(begin["round"]))
             log.info("starting from a member's weights of round %d", trainer.round)
-        channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate()})
-        return _train(channel, trainer, outbound, inbound, snapshot, checkpoint)
+        trainer.should_stop = _stop_poll(channel)
+        try:
+            channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate()})
+            return _train(channel, trainer, outbound, inbound, snapshot, writer)
+        except Interrupted:  # in an inner step (dropped: it never happened) or an evaluation (not needed)
+            done, steps = trainer.round_steps, settings.inner_steps
+            log.info("stopping in round %d after %d of %d inner steps", trainer.round + 1, done, steps)
+            return _stop(channel, trainer, writer)
     finally:
+        writer.close()  # no checkpoint thread outlives the worker
         for buffer in (outbound, inbound, snapshot):
             buffer.close()
 
 
 def _train(
-    channel,
+    channel: ControlChannel,
     trainer: Trainer,
     outbound: SharedBuffer,
     inbound: SharedBuffer,
     snapshot: SharedBuffer,
-    checkpoint: Path,
+    writer: CheckpointWriter,
 ) -> int:
     settings = trainer.settings
     while settings.rounds is None or trainer.round < settings.rounds:
         number = trainer.round + 1
         losses: list[float] = []
         last_report = time.monotonic()
-        for _ in range(settings.inner_steps):
-            if channel.stop_requested():  # stop now, not after the round's remaining inner steps
-                log.info("stopping in round %d after %d inner steps", number, len(losses))
-                trainer.save(checkpoint)
-                channel.send({"type": "done", "round": trainer.round, "checkpoint": str(checkpoint)})
-                return 0
-            losses.append(trainer.train_step())
+        while trainer.round_steps < settings.inner_steps:  # fewer in a round resumed from a mid-round stop
+            losses.append(trainer.train_step())  # raises Interrupted on a stop request
             if time.monotonic() - last_report > PROGRESS_EVERY_S:
                 last_report = time.monotonic()
                 channel.send(
@@ -120,12 +134,16 @@ def _train(
                 "round": number,
                 "nbytes": nbytes,
                 "inner_step": trainer.inner_step,
-                "train_loss": sum(losses) / len(losses),
+                "train_loss": sum(losses) / len(losses) if losses else None,
             }
         )
         reply = channel.receive()
         if reply is None or reply.get("type") == "stop":
-            break
+            # The message is made (sparse methods folded it into their error feedback): end the round as
+            # one without a partner, as a skip would, so that the checkpoint holds a whole outer state.
+            trainer.outer_step(own, None)
+            log.info("stopping after round %d, ended without a partner", trainer.round)
+            return _stop(channel, trainer, writer)
         # The daemon may move us to the run's round when we joined late or fell behind.
         number = max(number, int(reply.get("round", number)))
         partner = inbound.read(int(reply["nbytes"])) if reply.get("type") == "partner" else None
@@ -134,20 +152,46 @@ def _train(
         outcome = trainer.outer_step(own, partner)
         if outcome.startswith("partner message refused"):
             log.warning("round %d: %s", number, outcome)
+        writer.write(trainer.state_dict())  # every round, written while the next round trains
         channel.send(
             {"type": "snapshot", "round": trainer.round, "nbytes": snapshot.write(trainer.slow_bytes())}
         )
         channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate()})
-        if trainer.round % CHECKPOINT_EVERY == 0:
-            trainer.save(checkpoint)
-    trainer.save(checkpoint)
-    channel.send({"type": "done", "round": trainer.round, "checkpoint": str(checkpoint)})
+    writer.wait()  # the last round's checkpoint is the final one
+    channel.send({"type": "done", "round": trainer.round, "checkpoint": str(writer.path)})
+    return 0
+
+
+def _stop_poll(channel: ControlChannel) -> Callable[[], bool]:
+    """Has a stop been asked for? Looks at the channel at most every STOP_POLL_S (the model calls this at
+    every layer); a `stop` read off the channel is remembered. Only while the worker trains or evaluates:
+    the daemon then sends nothing else."""
+    last = 0.0
+
+    def stop_requested() -> bool:
+        nonlocal last
+        now = time.monotonic()
+        if not STOP.is_set() and now - last >= STOP_POLL_S:
+            last = now
+            if channel.stop_requested():
+                STOP.set()
+        return STOP.is_set()
+
+    return stop_requested
+
+
+def _stop(channel: ControlChannel, trainer: Trainer, writer: CheckpointWriter) -> int:
+    """Saves the state as it is now (after the write in progress, if any) and tells the daemon."""
+    writer.write(trainer.state_dict(), background=False)
+    with contextlib.suppress(BrokenPipeError):  # a daemon that was killed closed the channel: nobody to tell
+        channel.send({"type": "done", "round": trainer.round, "checkpoint": str(writer.path)})
     return 0
 
 
 def main() -> int:
     # Ctrl-C reaches the whole process group; the daemon decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: STOP.set())
     if logs.json_mode():  # the daemon runs with --log-json: JSON objects only (it relays our stderr)
         logs.setup(verbose=False, as_json=True, stderr_logger="shoal.peer.worker")
     else:
@@ -155,6 +199,9 @@ def main() -> int:
     channel = ControlChannel.from_stdio()
     try:
         return run(channel)
+    except BrokenPipeError:  # the daemon died (SIGKILL): nobody to tell; run() saved what it could
+        log.warning("worker: the daemon is gone; stopping with the last round's checkpoint")
+        return 1
     except Exception as error:  # told to the daemon, which prints one line (the traceback with --debug)
         return _report(channel, error)
 

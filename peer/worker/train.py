@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import pickle
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from shoal.gossip.outer.methods import (
     outer_step,
 )
 from shoal.peer.config import ConfigError
+from shoal.peer.worker.checkpoints import CheckpointError, write_checkpoint
 from shoal.peer.worker.data import BatchSampler, fixed_windows, load_corpus, shard
 from shoal.peer.worker.hf import HFCausalLM, tokenize_text
 from shoal.peer.worker.model import GPT, PRESETS
@@ -45,8 +45,8 @@ EVAL_SEED = 1234  # the same evaluation windows on every peer of every run on th
 DEFAULT_SHARDS = 16
 
 
-class CheckpointError(ShoalError):
-    """A checkpoint cannot be read, or belongs to another model."""
+class Interrupted(ShoalError):
+    """A stop request cut an inner step or an evaluation short; nothing of it was applied."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,27 @@ class Trainer:
         self.outer_config = OuterConfig.tuned(method)
         self.outer = OuterState.fresh(settings.peer_id, self.fast())  # phi, error feedback, momentum (CPU)
         self.inner_step = 0
+        # Inner steps done in the round under way: a worker stopped in the middle of a round saves them,
+        # and the resumed one takes only the rest of that round's H before its outer step.
+        self.round_steps = 0
+        # Polled as the model runs, forward and backward, so that a stop does not wait out an inner step
+        # (seconds for `base` on a CPU) or an evaluation: it raises Interrupted. None: never stop.
+        self.should_stop: Callable[[], bool] | None = None
+        for module in self.model.modules():
+            if next(module.children(), None) is None:  # the leaves: the finest points to stop at
+                module.register_forward_hook(self._poll_forward)
+
+    def _poll_forward(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        self._poll()
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(self._poll_backward)  # called as backward reaches this module
+
+    def _poll_backward(self, grad: torch.Tensor) -> None:
+        self._poll()
+
+    def _poll(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise Interrupted("stopped in the middle of an inner step or an evaluation")
 
     @property
     def round(self) -> int:
@@ -164,17 +185,25 @@ class Trainer:
         return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def train_step(self) -> float:
+        """One inner step; a stop request during it raises Interrupted, and then the step never happened."""
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.inner_step)
+        rng = self.sampler.generator.get_state()
         x, y = self.sampler.next()
-        with self._autocast():
-            _, loss = self.model(x.to(self.device), y.to(self.device))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            with self._autocast():
+                _, loss = self.model(x.to(self.device), y.to(self.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        except Interrupted:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.sampler.generator.set_state(rng)  # a resumed worker draws this batch again
+            raise
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.inner_step += 1
+        self.round_steps += 1
         return loss.item()
 
     @torch.no_grad()
@@ -183,12 +212,14 @@ class Trainer:
         self.model.eval()
         backup = [p.detach().clone() for p in self.model.parameters()]
         self._load(weights if weights is not None else self.slow)
-        with self._autocast():
-            losses = [
-                self.model(x.to(self.device), y.to(self.device))[1].item()
-                for x, y in zip(self.eval_x.split(16), self.eval_y.split(16), strict=True)
-            ]
-        self._load(backup)
+        try:
+            with self._autocast():
+                losses = [
+                    self.model(x.to(self.device), y.to(self.device))[1].item()
+                    for x, y in zip(self.eval_x.split(16), self.eval_y.split(16), strict=True)
+                ]
+        finally:  # the fast weights come back also when a stop cuts the evaluation short
+            self._load(backup)
         return float(np.mean(losses))
 
     # --- the run's weights, for joiners --------------------------------------------------------------
@@ -207,6 +238,10 @@ class Trainer:
         self.outer = OuterState.fresh(self.settings.peer_id, shaped, round_)
         self._load(self.slow)
         self.inner_step = max(self.inner_step, round_ * self.settings.inner_steps)
+        # A resumed peer that fell behind drops its own round under way (its fast weights are replaced);
+        # it keeps AdamW's moments: per-parameter gradient scales that change slowly over a few rounds,
+        # better than restarting them at zero as a brand-new peer must.
+        self.round_steps = 0
 
     # --- outer step -------------------------------------------------------------------------------
     def message(self) -> bytes:
@@ -227,6 +262,7 @@ class Trainer:
             outcome = f"partner message refused by the worker: {error}"
             outer_step(self.outer_config, self.outer, own, [])
         self._load(self.slow)
+        self.round_steps = 0
         return outcome
 
     @torch.no_grad()
@@ -236,18 +272,20 @@ class Trainer:
 
     # --- checkpoint ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed peer needs to go on exactly where it stopped (docs/outer-methods.md, P20)."""
+        """Everything a resumed peer needs to go on exactly where it stopped (docs/outer-methods.md, P20),
+        as CPU copies that training does not touch: a background thread may write them meanwhile."""
         return {
             "format": CHECKPOINT_FORMAT,
-            "round": self.round,
+            "round": self.round,  # rounds finished: the outer state's, also when stopped in mid-round
             "inner_step": self.inner_step,
+            "round_steps": self.round_steps,  # inner steps done of round `round` + 1
             "names": self.names,
             "model": self.settings.model,
             "corpus_sha256": self.corpus_sha256,
             "shard": list(self.shard),
             "outer": self.outer.state_dict(),
-            "fast": [p.detach().clone() for p in self.model.parameters()],
-            "optimizer": self.optimizer.state_dict(),
+            "fast": [p.detach().to("cpu", copy=True) for p in self.model.parameters()],
+            "optimizer": _cpu_copy(self.optimizer.state_dict()),  # its tensors change in place otherwise
             "sampler_rng": self.sampler.generator.get_state(),
         }
 
@@ -258,8 +296,7 @@ class Trainer:
             )
         if state["names"] != self.names or state["model"] != self.settings.model:
             raise CheckpointError(
-                f"the checkpoint holds model {state['model']!r}, not {self.settings.model!r}; "
-                "start with another --state-dir or the same --model"
+                f"the checkpoint holds model {state['model']!r}, not {self.settings.model!r}"
             )
         try:
             self.outer = OuterState.from_state_dict(state["outer"])
@@ -270,46 +307,46 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.generator.set_state(state["sampler_rng"])
         self.inner_step = int(state["inner_step"])
+        # Absent from checkpoints written before mid-round stops were kept: those began a round afresh.
+        self.round_steps = min(max(0, int(state.get("round_steps", 0))), self.settings.inner_steps)
 
     def save(self, path: Path) -> None:
-        """Writes the checkpoint atomically: a temporary file in the same folder, fsync, then rename."""
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        except OSError as error:
-            raise CheckpointError(f"cannot write the checkpoint {path}: {error.strerror or error}") from error
-        try:
-            with os.fdopen(fd, "wb") as file:
-                torch.save(self.state_dict(), file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, path)
-        except BaseException as error:
-            Path(tmp).unlink(missing_ok=True)
-            if isinstance(error, OSError):
-                raise CheckpointError(
-                    f"cannot write the checkpoint {path}: {error.strerror or error}; free some disk space or "
-                    "choose another --state-dir"
-                ) from error
-            raise
+        """Writes the checkpoint atomically (the previous one becomes `.prev`), now: see CheckpointWriter."""
+        write_checkpoint(path, self.state_dict())
 
     def load(self, path: Path) -> None:
-        damaged = (
-            f"the checkpoint {path} is damaged and cannot be resumed from; move it away to start this peer "
-            f"fresh (mv {path} {path}.damaged): it then takes the run's weights from a member"
-        )
+        """Resumes from `path`; raises CheckpointError (one line: which file, what is wrong) and leaves the
+        trainer as it was when the file is damaged, unreadable or of another model."""
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except PermissionError as error:
             raise CheckpointError(f"cannot read the checkpoint {path}: {error.strerror}") from error
         except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
             reason = (str(error).splitlines() or [type(error).__name__])[0].split(". ")[0]
-            raise CheckpointError(f"{damaged} ({reason[:160]})") from error
+            if isinstance(error, EOFError) and path.stat().st_size == 0:
+                reason = "an empty file"
+            raise CheckpointError(f"the checkpoint {path} is damaged ({reason[:160]})") from error
         if not isinstance(state, dict):
-            raise CheckpointError(damaged)
+            raise CheckpointError(f"the checkpoint {path} is damaged (not a checkpoint)")
+        before = self.state_dict()  # a load that fails half-way must not leave half of it behind
         try:
             self.load_state_dict(state)
         except CheckpointError as error:
+            self.load_state_dict(before)
             raise CheckpointError(f"{error} (checkpoint {path})") from error
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
-            raise CheckpointError(f"{damaged} ({type(error).__name__}: {str(error)[:160]})") from error
+            self.load_state_dict(before)
+            raise CheckpointError(
+                f"the checkpoint {path} is damaged ({type(error).__name__}: {str(error)[:160]})"
+            ) from error
+
+
+def _cpu_copy(value: Any) -> Any:
+    """`value` (an optimizer's state dict) with every tensor copied to the CPU, containers rebuilt."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cpu_copy(item) for item in value)
+    return value

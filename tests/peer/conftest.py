@@ -89,8 +89,9 @@ class PeerProcess:
 def start_peer(tmp_path):
     started: list[PeerProcess] = []
 
-    def start(name: str, *args: str) -> PeerProcess:
-        peer = PeerProcess([*args, "--state-dir", str(tmp_path / name)], tmp_path / f"{name}.log")
+    def start(name: str, *args: str, log: str | None = None) -> PeerProcess:
+        """A peer with state directory `name` (a restart: the same name again), logging to `log` or `name`."""
+        peer = PeerProcess([*args, "--state-dir", str(tmp_path / name)], tmp_path / f"{log or name}.log")
         started.append(peer)
         return peer
 

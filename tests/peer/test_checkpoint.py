@@ -1,15 +1,21 @@
-"""Checkpoints hold everything a resumed peer needs: stopping and resuming changes nothing, bit for bit."""
+"""Checkpoints hold everything a resumed peer needs: stopping and resuming changes nothing, bit for bit,
+also in the middle of a round; each write keeps the one before it, and a checkpoint that cannot be used is
+set aside for the previous one (or a fresh start) with one log line. The worker processes that write them
+are in test_worker_restarts.py."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sysconfig
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from shoal.peer.worker.train import CheckpointError, Trainer, TrainSettings
+from shoal.peer.worker.checkpoints import CheckpointWriter, previous_of, resume
+from shoal.peer.worker.train import CheckpointError, Interrupted, Trainer, TrainSettings
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -35,7 +41,7 @@ def run_rounds(a: Trainer, b: Trainer, rounds: int) -> None:
     """Two peers in lock step: every other round they swap, the others they train alone."""
     for _ in range(rounds):
         for trainer in (a, b):
-            for _ in range(trainer.settings.inner_steps):
+            while trainer.round_steps < trainer.settings.inner_steps:  # the rest, after a mid-round stop
                 trainer.train_step()
         own_a, own_b = a.message(), b.message()
         swap = a.round % 2 == 0
@@ -85,3 +91,149 @@ def test_a_checkpoint_of_another_model_is_refused(corpus, tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
         Trainer(settings(corpus, "a", "noloco")).load(tmp_path / "broken.pt")
+
+
+def test_a_peer_stopped_in_mid_round_takes_only_the_rest_of_that_round(corpus, tmp_path):
+    method = "compressed-noloco"
+    a, b = Trainer(settings(corpus, "a", method)), Trainer(settings(corpus, "b", method))
+    run_rounds(a, b, 3)
+
+    a2, b2 = Trainer(settings(corpus, "a", method)), Trainer(settings(corpus, "b", method))
+    run_rounds(a2, b2, 1)
+    a2.train_step()
+    a2.train_step()  # stopped after 2 of round 2's 3 inner steps
+    a2.save(tmp_path / "checkpoint.pt")
+    resumed = Trainer(settings(corpus, "a", method))
+    resumed.load(tmp_path / "checkpoint.pt")
+    assert (resumed.round, resumed.inner_step, resumed.round_steps) == (1, 5, 2)
+    run_rounds(resumed, b2, 2)
+
+    assert resumed.inner_step == a.inner_step == 9
+    for p, q in zip(a.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for name in a.outer.slow:
+        assert torch.equal(a.outer.slow[name], resumed.outer.slow[name]), name
+
+
+def test_every_write_keeps_the_one_before_it_and_no_thread_outlives_the_writer(corpus, tmp_path):
+    trainer = Trainer(settings(corpus, "a", "noloco"))
+    path = tmp_path / "checkpoint.pt"
+    writer = CheckpointWriter(path)
+    for _ in range(3):
+        while trainer.round_steps < trainer.settings.inner_steps:
+            trainer.train_step()
+        trainer.outer_step(trainer.message(), None)
+        writer.write(trainer.state_dict())  # in the background
+    writer.close()
+    assert not [t for t in threading.enumerate() if t.name == "checkpoint-writer"]
+    assert torch.load(path, weights_only=True)["round"] == 3
+    assert torch.load(previous_of(path), weights_only=True)["round"] == 2
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*")) == ["checkpoint.pt", "checkpoint.pt.prev"]
+
+
+def test_the_state_written_in_the_background_is_a_copy_that_training_does_not_touch(corpus):
+    trainer = Trainer(settings(corpus, "a", "noloco"))
+    trainer.train_step()
+    state = trainer.state_dict()
+    moments = {k: v["exp_avg"].clone() for k, v in state["optimizer"]["state"].items()}
+    fast = [t.clone() for t in state["fast"]]
+    trainer.train_step()
+    for key, moment in moments.items():
+        assert torch.equal(state["optimizer"]["state"][key]["exp_avg"], moment)
+    for before, saved in zip(fast, state["fast"], strict=True):
+        assert torch.equal(before, saved)
+
+
+def two_checkpoints(corpus: Path, path: Path, model: str = "nano") -> Trainer:
+    """`path` at round 2 and its previous one at round 1."""
+    trainer = Trainer(settings(corpus, "a", "noloco", model))
+    for _ in range(2):
+        while trainer.round_steps < trainer.settings.inner_steps:
+            trainer.train_step()
+        trainer.outer_step(trainer.message(), None)
+        trainer.save(path)
+    return trainer
+
+
+def worker_lines(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "shoal.peer.worker"]
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one_in_one_line(corpus, tmp_path, caplog):
+    path = tmp_path / "checkpoint.pt"
+    two_checkpoints(corpus, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    trainer = Trainer(settings(corpus, "a", "noloco"))
+    with caplog.at_level(logging.INFO):
+        resume(trainer, path)
+    (line,) = worker_lines(caplog)
+    assert line.levelno == logging.WARNING and not line.exc_info
+    assert "damaged" in line.message and "previous checkpoint, checkpoint.pt.prev, at round 1" in line.message
+    assert trainer.round == 1
+    assert not path.exists() and (tmp_path / "checkpoint.pt.rejected").exists()  # set aside, not deleted
+    trainer.save(path)  # the checkpoint it resumed from stays the previous one
+    assert torch.load(previous_of(path), weights_only=True)["round"] == 1
+
+
+@pytest.mark.parametrize("damage", ["empty", "another model", "not a checkpoint"])
+def test_an_unusable_checkpoint_without_a_previous_one_starts_fresh(corpus, tmp_path, caplog, damage):
+    path = tmp_path / "checkpoint.pt"
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "another model":
+        Trainer(settings(corpus, "a", "noloco", "tiny")).save(path)
+    else:
+        torch.save([1, 2, 3], path)
+    trainer = Trainer(settings(corpus, "a", "noloco"))
+    fresh = [p.detach().clone() for p in trainer.model.parameters()]
+    with caplog.at_level(logging.INFO):
+        resume(trainer, path)
+    (line,) = worker_lines(caplog)
+    assert "starting fresh" in line.message and str(path) in line.message, line.message
+    assert {"empty": "empty file", "another model": "'tiny'"}.get(damage, "damaged") in line.message
+    assert trainer.round == 0 and trainer.inner_step == 0
+    assert all(torch.equal(p, q) for p, q in zip(fresh, trainer.model.parameters(), strict=True))
+    assert (tmp_path / "checkpoint.pt.rejected").exists()
+
+
+def test_a_load_that_fails_half_way_leaves_the_trainer_as_it_was(corpus, tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    source = two_checkpoints(corpus, path)
+    state = source.state_dict()
+    state["optimizer"] = {"state": {}, "param_groups": []}  # fails after the fast weights were taken
+    torch.save(state, path)
+    trainer = Trainer(settings(corpus, "a", "noloco"))
+    trainer.train_step()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(CheckpointError, match="damaged"):
+        trainer.load(path)
+    assert all(torch.equal(p, q) for p, q in zip(before, trainer.model.parameters(), strict=True))
+    assert (trainer.round, trainer.inner_step, trainer.round_steps) == (0, 1, 1)
+
+
+@pytest.mark.parametrize("polls", [1, 8, 20])  # nano has 15 leaf modules: forward, then backward
+def test_a_stop_inside_an_inner_step_drops_that_step_whole(corpus, polls):
+    """A stop request is seen as the model runs (not only between steps): the step under way never happened,
+    so the worker saves the state before it, and its resumed self draws the same batch again."""
+    stopped, straight = Trainer(settings(corpus, "a", "noloco")), Trainer(settings(corpus, "a", "noloco"))
+    for trainer in (stopped, straight):
+        trainer.train_step()
+    calls = 0
+
+    def stop_after_some_polls() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls >= polls
+
+    stopped.should_stop = stop_after_some_polls
+    with pytest.raises(Interrupted):
+        stopped.train_step()
+    with pytest.raises(Interrupted):
+        stopped.evaluate()
+    stopped.should_stop = None
+    assert (stopped.inner_step, stopped.round_steps) == (1, 1)
+    for trainer in (stopped, straight):
+        trainer.train_step()
+    for p, q in zip(stopped.model.parameters(), straight.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert stopped.evaluate() == straight.evaluate()

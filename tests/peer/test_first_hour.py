@@ -140,21 +140,28 @@ def test_a_saved_hugging_face_dataset_trains(tmp_path):
     assert "Traceback" not in output and not error_lines(output), output
 
 
-def test_a_truncated_checkpoint_is_named_with_what_to_do(tmp_path):
+def test_a_truncated_checkpoint_without_a_previous_one_starts_fresh_and_says_so_in_one_line(tmp_path):
     checkpoint = damaged_checkpoint(tmp_path / "state")
-    code, output, _ = join(tmp_path)
-    line = assert_one_line_failure(code, output, str(checkpoint), "damaged", "move it away")
-    assert "worker exited unexpectedly" not in output, line
+    text = tmp_path / "book.txt"
+    text.write_text(_some_text())
+    code, output, _ = join(tmp_path, "--data", str(text), "--rounds", "1", "--inner-steps", "2")
+    assert code == 0, output
+    assert "Traceback" not in output and not error_lines(output), output
+    (line,) = [line for line in output.splitlines() if str(checkpoint) in line and "damaged" in line]
+    assert "starting fresh" in line and "checkpoint.pt.rejected" in line, line
+    assert (tmp_path / "state" / "checkpoint.pt.rejected").exists()  # set aside, never deleted
+    assert (tmp_path / "state" / "checkpoint.pt").exists()
 
 
-def test_debug_shows_the_traceback_and_still_the_one_line(tmp_path):
-    checkpoint = damaged_checkpoint(tmp_path / "state")
-    code, output, _ = join(tmp_path, "--debug")
+def test_debug_shows_the_workers_traceback_and_still_the_one_line(tmp_path):
+    model = tmp_path / "not-a-model"  # a folder, so the command line takes it; the worker cannot load it
+    model.mkdir()
+    code, output, _ = join(tmp_path, "--model", f"hf:{model}", "--debug")
     assert code != 0
     assert "Traceback" in output, output
-    assert "CheckpointError" in output  # the worker's own traceback came along
+    assert "ModelError" in output  # the worker's own traceback came along
     (line,) = error_lines(output)
-    assert str(checkpoint) in line and "damaged" in line
+    assert str(model) in line
 
 
 def damaged_checkpoint(state: Path) -> Path:
@@ -186,7 +193,10 @@ def test_sigterm_mid_round_stops_within_a_containers_grace_period_and_keeps_a_ch
     peer.wait_for(lambda e: e["event"] == "progress")  # inside the first round's inner steps
     peer.process.send_signal(signal.SIGTERM)
     assert peer.wait(timeout=10) == 0, peer.log_tail()
-    assert (tmp_path / "stopper" / "checkpoint.pt").exists()
+    import torch
+
+    saved = torch.load(tmp_path / "stopper" / "checkpoint.pt", weights_only=True)
+    assert saved["round"] == 0 and saved["round_steps"] > 0  # the inner steps done are kept
 
 
 def test_joining_with_another_method_is_refused_before_any_weight_is_fetched(start_peer):

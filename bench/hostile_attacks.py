@@ -51,6 +51,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from shoal.dht.protocol import PROTOCOL_ID as DHT_PROTOCOL
+from shoal.gossip.identity_work import mine
 from shoal.gossip.membership import Membership
 from shoal.peer.daemon import PROTOCOL_VERSION, RUN_PROTOCOL
 from shoal.transport import multistream
@@ -378,16 +379,32 @@ async def forged_membership(attack: Attack) -> None:
         await asyncio.sleep(max(0.0, GOSSIP_PERIOD_S - (loop.time() - started)))
 
 
+async def _mint(attack: Attack, peer_id: str) -> int:
+    """The identity work the run asks of a member (the victim's `members` answer says how much), mined
+    for `peer_id`; the time it took is counted, since it is what an identity costs the attacker."""
+    if "work_bits" not in attack.gauges:
+        me = attack.identities[0]
+        answer = await request(attack, me, attack.victim, attack.message(me, "members", table=[]))
+        bits = answer.get("work_bits")
+        attack.gauges["work_bits"] = bits if isinstance(bits, int) else 0
+    started = time.monotonic()
+    nonce = await asyncio.to_thread(mine, peer_id, attack.gauges["work_bits"])
+    attack.counters["identities_minted"] += 1
+    attack.counters["mint_ms"] += int(1000 * (time.monotonic() - started))
+    return nonce or 0
+
+
 async def sybil_members(attack: Attack) -> None:
     """Beyond the issue's list: 50 members that each sign their own entry (ready, at an address where
     nothing listens), kept alive by fresh heartbeats: what a free identity buys in an open run."""
-    sybils = [
-        Membership(generate_key(), attack.run, f"/ip4/127.0.1.2/tcp/{DEAD_PORT}", now=0.0,
-                   incarnation=time.time_ns() // 10**6)
-        for _ in range(INVENTED_MEMBERS)
-    ]  # fmt: skip
-    for sybil in sybils:
+    sybils = []
+    for _ in range(INVENTED_MEMBERS):
+        key = generate_key()
+        work = await _mint(attack, str(peer_id_from_key(key)))
+        sybil = Membership(key, attack.run, f"/ip4/127.0.1.2/tcp/{DEAD_PORT}", now=0.0,
+                           incarnation=time.time_ns() // 10**6, work=work)  # fmt: skip
         sybil.set_ready()
+        sybils.append(sybil)
     loop = asyncio.get_running_loop()
     while True:
         started = loop.time()
@@ -637,7 +654,10 @@ async def weights_self_registered(attack: Attack) -> None:
     async def register_forever(me: Identity) -> None:
         dead = f"/ip4/{attack.bind}/tcp/{DEAD_PORT}/p2p/{me.peer_id}"
         assert me.key is not None
-        self_entry = Membership(me.key, attack.run, dead, now=0.0, incarnation=time.time_ns() // 10**6)
+        work = await _mint(attack, me.peer_id)
+        self_entry = Membership(
+            me.key, attack.run, dead, now=0.0, incarnation=time.time_ns() // 10**6, work=work
+        )
         while True:
             self_entry.beat(0.0, round_number=0)
             try:

@@ -24,6 +24,7 @@ import msgpack
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from shoal.gossip.admission import MAX_TOKEN_BYTES, Admission
+from shoal.gossip.identity_work import meets
 from shoal.transport.identity import PeerID, PublicKey, peer_id_from_key
 
 # A table from the network larger than this is refused whole: far above any run we expect, far below
@@ -41,6 +42,7 @@ MAX_ENTRY_AGE_S = 600.0
 # still gossips their last entry cannot bring them back to life.
 MAX_FORGOTTEN = 4096
 SIGNING_DOMAIN = b"shoal-member/1"
+VERIFY_ALLOWANCE = 64  # signature checks per table beyond two per member we hold (newcomers, a heal)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class MembershipEntry:
     signed_at_ms: int = 0  # the member's wall clock when it signed this entry
     signature: bytes = b""
     token: bytes | None = None  # its join token (gossip/admission.py), in a closed run
+    work: int = 0  # the nonce that proves its identity's work (gossip/identity_work.py)
 
     @property
     def addr(self) -> str:
@@ -63,7 +66,7 @@ class MembershipEntry:
     def signed_part(self, run_id: str) -> bytes:
         return msgpack.packb(
             [SIGNING_DOMAIN, run_id, self.peer_id, list(self.addrs), self.heartbeat, self.round,
-             self.left, self.ready, self.signed_at_ms, self.token]
+             self.left, self.ready, self.signed_at_ms, self.token, self.work]
         )  # fmt: skip
 
     def wire(self) -> dict[str, Any]:
@@ -78,6 +81,7 @@ class MembershipEntry:
             "ready": self.ready,
             "at": self.signed_at_ms,
             "sig": self.signature,
+            "work": self.work,
         }
 
 
@@ -93,6 +97,8 @@ class Membership:
         wall_clock: Callable[[], float] = time.time,
         admission: Admission | None = None,
         token: bytes | None = None,
+        work_bits: int = 0,
+        work: int = 0,
     ):
         self.key = key
         self.run_id = run_id
@@ -100,6 +106,7 @@ class Membership:
         self.fail_after = fail_after
         self.wall_clock = wall_clock
         self.admission = admission  # a closed run's door; None: an open run
+        self.work_bits = work_bits  # the identity work every member must prove (0: none)
         # A restarted peer must out-count the heartbeats its previous life left in others' tables, or they
         # would keep its old address: start from a number that only grows across restarts (the caller
         # passes the wall clock in milliseconds).
@@ -112,6 +119,7 @@ class Membership:
                 left=False,
                 changed_at=now,
                 token=token,
+                work=work,
             )
         }
         # Addresses others gossip for our own id, signed with our key: a previous life of ours, or
@@ -174,12 +182,19 @@ class Membership:
             return []
         new = []
         wall_ms = self.wall_clock() * 1000
+        # Signature checks cost ~0.1 ms each: a table buys a bounded number, one per member it lists.
+        checks_left = 2 * len(self.members) + VERIFY_ALLOWANCE
+        listed: set[str] = set()
         for raw in table:
             entry = _parse_entry(raw, now)
             if entry is None:
                 self.refused["malformed entries"] += 1
                 continue
             peer_id = entry.peer_id
+            if peer_id in listed:
+                self.refused["entries listed twice in one table"] += 1
+                continue
+            listed.add(peer_id)
             if peer_id == self.peer_id:
                 self._note_claims(entry, wall_ms)  # only we speak for ourselves; a twin may be about
                 continue
@@ -191,6 +206,13 @@ class Membership:
             if known is None and abs(wall_ms - entry.signed_at_ms) > MAX_ENTRY_AGE_S * 1000:
                 self.refused["entries signed too long ago or in the future (a replay, or a wrong clock)"] += 1
                 continue
+            if not meets(peer_id, entry.work, self.work_bits):  # one hash: before the signature
+                self.refused[f"entries without {self.work_bits} bits of identity work"] += 1
+                continue
+            if checks_left <= 0:
+                self.refused["entries past the table's signature checks"] += 1
+                continue
+            checks_left -= 1
             if not self._signed_by_member(entry):
                 self.refused["entries not signed by the member they describe"] += 1
                 continue
@@ -286,6 +308,7 @@ def _parse_entry(entry: Any, now: float) -> MembershipEntry | None:
     peer_id, addrs, signature = entry.get("peer_id"), entry.get("addrs"), entry.get("sig")
     heartbeat, round_number, left = entry.get("heartbeat"), entry.get("round"), entry.get("left")
     ready, signed_at, token = entry.get("ready"), entry.get("at"), entry.get("token")
+    work = entry.get("work", 0)
     if not (isinstance(peer_id, str) and 0 < len(peer_id) <= MAX_FIELD_CHARS):
         return None
     if not isinstance(addrs, list) or not 0 < len(addrs) <= MAX_ADDRS:
@@ -296,6 +319,7 @@ def _parse_entry(entry: Any, now: float) -> MembershipEntry | None:
         _bounded_int(heartbeat, 2**63)
         and _bounded_int(round_number, 2**40)
         and _bounded_int(signed_at, 2**63)
+        and _bounded_int(work, 2**64)
     ):
         return None
     if not (isinstance(left, bool) and isinstance(ready, bool)):
@@ -306,7 +330,7 @@ def _parse_entry(entry: Any, now: float) -> MembershipEntry | None:
         return None
     return MembershipEntry(
         peer_id, tuple(addrs), heartbeat, round_number, left, changed_at=now, ready=ready,
-        signed_at_ms=signed_at, signature=signature, token=token,
+        signed_at_ms=signed_at, signature=signature, token=token, work=work,
     )  # fmt: skip
 
 

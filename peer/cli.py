@@ -139,6 +139,14 @@ def main() -> None:
     metavar="TOKEN",
     help="Your join token for a closed run, from its creator's `peer token` (or set SHOAL_TOKEN).",
 )
+@click.option(
+    "--identity-bits",
+    type=int,
+    default=None,
+    envvar="SHOAL_IDENTITY_BITS",
+    help="Bits of work each member's identity proves, the same on every peer of the run (default 20: a "
+    "second or two once per key; makes identities cost something to mint).",
+)
 @click.option("--json-events", is_flag=True, help="Print one JSON object per event on stdout (for tools).")
 @click.option(
     "--metrics", default=None, metavar="HOST:PORT", help="Serve Prometheus metrics here (off by default)."
@@ -172,6 +180,7 @@ def join(
     no_punch,
     closed,
     token,
+    identity_bits,
     json_events,
     metrics,
     log_json,
@@ -209,6 +218,7 @@ def join(
                 "punch": False if no_punch else None,
                 "closed": closed,
                 "token": token,
+                "identity_bits": identity_bits,
             },
         )
     except ConfigError as error:

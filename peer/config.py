@@ -17,6 +17,7 @@ from typing import Any
 
 from shoal.errors import ShoalError
 from shoal.gossip.admission import TokenError, from_text
+from shoal.gossip.identity_work import MAX_BITS
 from shoal.peer.worker.presets import PRESETS
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -38,6 +39,9 @@ class PeerConfig:
     # token `peer token` printed for them. Open runs (neither) take any peer.
     closed: bool = False
     token: str | None = None
+    # Bits of identity work (gossip/identity_work.py) every member proves, the same in the whole run: a
+    # volunteer pays about 2^bits hashes once per key (20: a second or two), an attacker per identity.
+    identity_bits: int = 20
     rounds: int | None = None  # stop after this many outer rounds; None: train until stopped
     wait_peers: int = 1  # start round 1 only once this many peers (self included) are known, or after 60 s
     # Training (the worker)
@@ -106,6 +110,8 @@ class PeerConfig:
             )
         if self.token is not None:
             _check_token(self.token, self.run_id)
+        if not 0 <= self.identity_bits <= MAX_BITS:
+            raise ConfigError(f"identity_bits must be 0..{MAX_BITS}, got {self.identity_bits}")
         for relay in self.relays:
             if not re.fullmatch(r"/(ip4|ip6|dns4|dns6|dns)/[^/]+/tcp/\d+(/p2p/[^/]+)?/?", relay):
                 raise ConfigError(f"relay {relay!r} must look like /ip4/HOST/tcp/PORT[/p2p/ID]")

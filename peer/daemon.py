@@ -19,18 +19,21 @@ import random
 import signal
 import socket
 import time
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from shoal.dht.node import DHTNode
 from shoal.errors import ShoalError
 from shoal.gossip.membership import MAX_ADDRS, Membership
 from shoal.gossip.rounds import payload as dense
+from shoal.peer import deadlines
 from shoal.peer.addresses import advertised_host, listen_multiaddr, parse_address
 from shoal.peer.commands import handlers as control_handlers
 from shoal.peer.commands import resolve_peer
 from shoal.peer.config import PeerConfig
 from shoal.peer.control import SOCKET_NAME, ControlError, ControlServer
 from shoal.peer.events import Events
+from shoal.peer.identity_proof import prove_identity
 from shoal.peer.ipc import SharedBuffer, WorkerGone, WorkerProcess
 from shoal.peer.keys import resolve_identity
 from shoal.peer.metrics import MetricsServer
@@ -57,7 +60,10 @@ T = TypeVar("T")
 
 PROTOCOL_VERSION = 2  # 2: membership entries signed by their members
 RUN_PROTOCOL = "/shoal/run/1.0.0"  # membership, status and the round swap, one request per stream
-REQUEST_TIMEOUT = 10.0  # seconds a peer has to send its request once the stream is open
+# Seconds a peer has to send a request's length prefix once the stream is open; the body then gets the
+# time its size needs at the path's measured rate, and is cut after IDLE_TIMEOUT without a byte
+# (peer/deadlines.py).
+REQUEST_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 BOOTSTRAP_PATIENCE = 30.0  # seconds to keep trying the bootstrap addresses
 # Seconds from the daemon's start after which a joiner gives up when no bootstrap address (nor any DHT
@@ -72,7 +78,6 @@ WAIT_PEERS_PATIENCE = 60.0
 DHT_TABLE_FILE = "dht-table.json"
 WEIGHT_SOURCES = 3  # members a joiner asks for the run's weights, most advanced first
 RESUME_BEHIND_ROUNDS = 2  # rounds a resumed peer may lag the run and still go on from its own checkpoint
-WEIGHTS_TIMEOUT = 60.0
 # The run's weights go to members only, one fetch at a time each, and at most this many copies of the model
 # per member per hour: a joiner needs one (a few when it retries), a stranger none.
 WEIGHT_COPIES_PER_HOUR = 4
@@ -101,7 +106,7 @@ class Daemon:
         self.host: Host | None = None
         self.door = RunDoor(
             config.run_id, self.peer_id, config.token, config.closed,
-            creator=None if config.bootstrap else self.peer_id,
+            creator=None if config.bootstrap else self.peer_id, work_bits=config.identity_bits,
         )  # fmt: skip
         self.creator: str | None = self.door.creator  # the run's creator key
         self._joining = bool(config.bootstrap)
@@ -160,7 +165,7 @@ class Daemon:
         return _set_up(self.membership, "membership")
 
     def stop(self) -> None:
-        """Asks the daemon to stop: the worker finishes its inner steps, saves, and exits."""
+        """Asks the daemon to stop: the worker saves its state mid-round (within a step) and exits."""
         if not self.stopping.is_set():
             log.info("[%s] stopping", self.peer_id)
             self.stopping.set()
@@ -180,6 +185,7 @@ class Daemon:
                 Multiaddr.from_tcp(advertised_host(host), port, PeerID.from_string(self.peer_id))
             )
             self.reach = await PeerReach.start(self.host, self.config, self.address, stack)
+            self.swap.reach = self.reach  # measured path rates set the rounds' deadlines
             self.dht = await DHTNode.on_host(
                 self.host, self.key, bootstrap=list(self.config.bootstrap),
                 table_path=self.state_dir / DHT_TABLE_FILE, addrs=self.reach.dht_addrs(),
@@ -187,6 +193,11 @@ class Daemon:
             )  # fmt: skip
             stack.push_async_callback(self.dht.close)
             loop = asyncio.get_running_loop()
+            work = await prove_identity(
+                self.state_dir, self.peer_id, self.config.identity_bits, self.stopping
+            )
+            if work is None:
+                return 0  # stopped while proving its identity
             self.membership = Membership(
                 self.key,
                 self.config.run_id,
@@ -196,6 +207,8 @@ class Daemon:
                 incarnation=time.time_ns() // 10**6,
                 admission=self.door.admission,
                 token=self.door.packed_token,
+                work_bits=self.config.identity_bits,
+                work=work,
             )
             self.swap.membership = self.membership
 
@@ -483,9 +496,14 @@ class Daemon:
             log.info("[%s] resumed at round %d, the run is at round %d: fetching the run's weights",
                      self.peer_id, resumed, run_round)  # fmt: skip
         self.board.set_activity("joining", "fetching the run's current weights from a member")
+        reasons: list[str] = []  # why each member asked did not send them, for the one warning below
         for peer in sorted(others, key=lambda p: -self._membership.members[p].round)[:WEIGHT_SOURCES]:
             try:
-                reply, received = await self._fetch_weights(peer)
+                fetched = await self._unless_stopping(self._fetch_weights(peer))
+                if fetched is None:  # Ctrl-C or SIGTERM: the worker is told to stop, not to begin
+                    log.info("[%s] stopped while fetching the run's weights from %s", self.peer_id, peer)
+                    return {"type": "begin", "weights_nbytes": 0}
+                reply, received = fetched
                 weights, number = reply.get("data"), reply.get("round")
                 if (
                     reply.get("type") != "weights"
@@ -496,14 +514,16 @@ class Daemon:
                 dense.check_weights(weights, self.swap.spec)
             except (OSError, TimeoutError, asyncio.IncompleteReadError, TransportError, MessageError,
                     dense.PayloadError, ValueError) as error:  # fmt: skip
-                log.warning("[%s] could not fetch weights from %s: %s", self.peer_id, peer, error)
+                log.info("[%s] could not fetch weights from %s: %s", self.peer_id, peer, error)
+                reasons.append(f"{peer}: {error or type(error).__name__}")
                 continue
             nbytes = _shared(worker.inbound).write(weights)
             self.swap.book.last_finished = number
             self.events.emit("weights", source=peer, round=number, bytes_received=received)
             return {"type": "begin", "weights_nbytes": nbytes, "round": number}
         start = f"its checkpoint of round {resumed}" if resumed else "the run's initial weights"
-        log.warning("[%s] no member sent its weights; starting from %s", self.peer_id, start)
+        log.warning("[%s] no member sent its weights (%s); starting from %s",
+                    self.peer_id, "; ".join(reasons) or "none answered", start)  # fmt: skip
         return {"type": "begin", "weights_nbytes": 0}
 
     async def _check_run_settings(self, others: list[str]) -> None:
@@ -521,19 +541,66 @@ class Daemon:
             raise DaemonError(f"cannot join run {self.config.run_id!r}: {problem}")
 
     async def _fetch_weights(self, peer: str) -> tuple[dict[str, Any], int]:
-        """Asks `peer` for its slow weights, showing the transfer as a bar and in `peer status`."""
+        """Asks `peer` for its slow weights, showing the transfer as a bar and in `peer status`. The
+        deadline comes from their size (the model in fp32) at the path's measured rate, or the minimum,
+        at most WEIGHTS_CEILING_S, and the fetch is cut after IDLE_TIMEOUT without a byte; a fetch cut
+        short raises TimeoutError saying what the link delivered and what the weights would need."""
+        nbytes = 4 * dense.spec_size(self.swap.spec)
+        rate = self._peer_reach.rate_bps(peer)
+        ceiling = deadlines.WEIGHTS_CEILING_S
+        deadline = CONNECT_TIMEOUT + deadlines.transfer_deadline(nbytes, rate, ceiling)
+        timer = TransferTimer(from_first_byte=True)
+        size = deadlines.megabytes(nbytes)
+        at = f"the measured {deadlines.mbit(rate)}" if rate else "an unmeasured rate"
+        log.info("[%s] fetching the run's weights (%s) from %s: up to %s at %s",
+                 self.peer_id, size, peer, deadlines.duration(deadline), at)  # fmt: skip
         with transfer_bar(f"weights from {peer[-8:]}", enabled=not self.events.json_lines) as bar:
 
             def progress(done: int, total: int) -> None:
                 bar(done, total)
+                timer(done, total)
+                pace.keep_up(done, total, timer.rate_bps(), CONNECT_TIMEOUT + ceiling)
                 mb = f"{done / 1e6:.1f} of {total / 1e6:.1f} MB"
                 self.board.set_activity("joining", f"fetching the run's weights from {peer}: {mb}")
 
-            async with asyncio.timeout(WEIGHTS_TIMEOUT):
-                reply, _, received = await self._request(
-                    peer, self._message("weights"), self.swap.max_offer_bytes, progress
-                )
+            try:
+                async with deadlines.paced(deadline, idle_now=False) as pace:
+                    reply, _, received = await self._request(
+                        peer, self._message("weights"), self.swap.max_offer_bytes, progress, pace
+                    )
+            except TimeoutError:
+                if not pace.expired():
+                    raise  # a connect's own deadline
+                raise TimeoutError(self._why_fetch_cut(peer, nbytes, pace, timer)) from None
+            finally:
+                self._peer_reach.record(timer, peer, partial=True)
         return reply, received
+
+    def _why_fetch_cut(self, peer: str, nbytes: int, pace: deadlines.Pace, timer: TransferTimer) -> str:
+        """Why a weights fetch was cut, in a line: the peer went silent, or its link is too slow."""
+        got = f"{deadlines.megabytes(timer.nbytes)} of {deadlines.megabytes(nbytes)}"
+        deadline = pace.total_at - pace.started  # as the transfer's pace left it
+        if pace.idled:
+            return f"it sent nothing for {pace.idle:.0f} s (after {got})"
+        delivered = timer.rate_bps()
+        if delivered is None:
+            return f"no weights within {deadlines.duration(deadline)}"
+        limit = f"a weights fetch (at most {deadlines.duration(deadlines.WEIGHTS_CEILING_S)})"
+        return deadlines.describe_slow(f"the link to {peer}", nbytes, delivered, deadline, limit)
+
+    async def _unless_stopping(self, coroutine: Awaitable[T]) -> T | None:
+        """What `coroutine` returns, or None as soon as the daemon is asked to stop (it is cancelled)."""
+        task = asyncio.ensure_future(coroutine)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        return None if task.cancelled() else task.result()
 
     async def _close_worker_on_stop(self, worker: WorkerProcess) -> None:
         await self.stopping.wait()
@@ -634,17 +701,27 @@ class Daemon:
         await self._reach(str(peer))
 
     async def _request(
-        self, target: str, message: dict, limit: int, progress: Any = None
+        self,
+        target: str,
+        message: dict,
+        limit: int,
+        progress: Any = None,
+        pace: deadlines.Pace | None = None,
     ) -> tuple[dict, int, int]:
         """One request on a fresh stream to `target` (a peer id or an address, see `_reach`): returns
-        the answer and the bytes sent and received. `progress(done, total)` follows the answer's bytes."""
+        the answer and the bytes sent and received. `progress(done, total)` follows the answer's bytes;
+        `pace`, when given, sees them arrive (its idle clock starts once the request is sent)."""
         peer = await self._reach(target)
         async with asyncio.timeout(CONNECT_TIMEOUT):
             stream = await self._host.new_stream(peer, RUN_PROTOCOL)
         try:
             sent = await write_message(stream, message)
             await stream.close()  # our side is done: half-close
-            reply, received = await read_frame(stream, limit, progress)
+            reader: Any = stream
+            if pace is not None:
+                pace.restart_idle()
+                reader = pace.watch(stream)
+            reply, received = await read_frame(reader, limit, progress)
         except BaseException:
             await stream.reset()
             raise
@@ -744,14 +821,10 @@ class Daemon:
             await stream.reset()
             return
         try:
-            timer = TransferTimer()
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                request, size = await read_frame(stream, self.swap.max_offer_bytes, timer)
+            request, size = await self._read_request(stream, sender)
             self._requests.read(me)
-            if self.reach is not None:  # not yet while the NAT layer starts
-                self.reach.record(timer, sender)
             # Every answer has a deadline: a peer that stops reading loses its slot, never holds it.
-            async with asyncio.timeout(self._answer_deadline(request.get("type"))):
+            async with asyncio.timeout(self._answer_deadline(request.get("type"), size, sender)):
                 await self._dispatch(sender, request, size, stream)
             await stream.close()
         except (MessageError, dense.PayloadError) as error:
@@ -763,10 +836,44 @@ class Daemon:
         finally:
             self._requests.release(me)
 
-    def _answer_deadline(self, kind: object) -> float:
-        if kind == "offer":  # a responder holds an offer until its own round is ready
-            return self.config.exchange_timeout + REQUEST_TIMEOUT
-        return WEIGHTS_TIMEOUT if kind == "weights" else REQUEST_TIMEOUT
+    async def _read_request(self, stream: Stream, sender: str) -> tuple[dict[str, Any], int]:
+        """One request: its length prefix within REQUEST_TIMEOUT, then its body within the time its size
+        needs at the path's measured rate (or the minimum), at most the exchange ceiling (a large request
+        is an offer), and never IDLE_TIMEOUT without a byte (a slowloris is cut). What arrived of a body
+        cut short still tells the path's rate, and names a link too slow for the rounds."""
+        timer = TransferTimer()
+        rate = self.reach.rate_bps(sender) if self.reach is not None else None
+        stretch = deadlines.exchange_ceiling(self.config.exchange_timeout)  # for the body alone
+        ceiling = REQUEST_TIMEOUT + stretch
+        try:
+            async with deadlines.paced(REQUEST_TIMEOUT) as pace:
+
+                def progress(done: int, total: int) -> None:
+                    timer(done, total)
+                    if done == 0:  # the length prefix is in: the body gets the time its size needs
+                        pace.extend(pace.waited() + deadlines.transfer_deadline(total, rate, stretch))
+                    else:
+                        pace.keep_up(done, total, timer.rate_bps(), ceiling)
+
+                return await read_frame(pace.watch(stream), self.swap.max_offer_bytes, progress)
+        finally:
+            if self.reach is not None:  # not yet while the NAT layer starts
+                self.reach.record(timer, sender, partial=True)
+                if timer.finished is None and timer.nbytes:
+                    self.swap.check_link(sender, timer.total)
+
+    def _answer_deadline(self, kind: object, size: int, sender: str) -> float:
+        """How long writing an answer may take. An offer's responder holds it until its own round is
+        ready (exchange_timeout), then sends a payload about the offer's `size`; weights are the model in
+        fp32; both at the requester's measured rate, or the minimum, within their ceilings."""
+        rate = self.reach.rate_bps(sender) if self.reach is not None else None
+        if kind == "offer":
+            ceiling = deadlines.exchange_ceiling(self.config.exchange_timeout)
+            return self.config.exchange_timeout + deadlines.transfer_deadline(size, rate, ceiling)
+        if kind == "weights":
+            nbytes = 4 * dense.spec_size(self.swap.spec)
+            return deadlines.transfer_deadline(nbytes, rate, deadlines.WEIGHTS_CEILING_S)
+        return REQUEST_TIMEOUT
 
     def _weights_for(self, member: str) -> dict[str, Any]:
         """The answer to a weights request: our slow weights for a member within its hourly budget."""
@@ -803,6 +910,7 @@ class Daemon:
                 creator=self.creator,
                 settings=self.settings,
                 admission=self.door.mode,
+                work_bits=self.config.identity_bits,
             )
             await write_message(writer, reply)
         elif kind == "status":

@@ -179,24 +179,48 @@ class PeerReach:
         except (TimeoutError, OSError, TransportError) as error:
             log.info("[%s] no round-trip time to %s: %s", self.me, partner, error or "timed out")
 
-    def record(self, timer: TransferTimer, peer: str) -> None:
-        """Feeds a timed message body into the path's throughput figure."""
-        if timer.finished is None:
+    def record(self, timer: TransferTimer, peer: str, partial: bool = False) -> None:
+        """Feeds a timed message body into the path's throughput figure; with `partial`, also one cut
+        short (what arrived until the cut: a lower bound of the path's rate, the figure a too-slow link
+        is named by)."""
+        end = timer.finished if timer.finished is not None else timer.last if partial else None
+        if end is None or timer.started is None:
             return
         with contextlib.suppress(ValueError):
-            self.nat.record_transfer(PeerID.from_string(peer), timer.nbytes, timer.finished - timer.started)
+            self.nat.record_transfer(PeerID.from_string(peer), timer.nbytes, end - timer.started)
+
+    def rate_bps(self, peer: str) -> float | None:
+        """The measured throughput of the path to `peer`, in bits per second; None until measured."""
+        try:
+            info = self.nat.paths.get(PeerID.from_string(peer))
+        except ValueError:
+            return None
+        return None if info is None or info.mb_s is None else info.mb_s * 8e6
 
 
 class TransferTimer:
     """A `read_frame` progress callback that times a message from the moment its stream opened to its
     last byte: the throughput a round payload saw on the path. Used where the sender writes at once (an
-    offer arriving); an answer comes only when the partner is ready, and its wait is not transfer time."""
+    offer arriving); an answer comes only when the partner is ready, and its wait is not transfer time:
+    there `from_first_byte` starts the clock when the answer's length arrives."""
 
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
+    def __init__(self, from_first_byte: bool = False) -> None:
+        self.started: float | None = None if from_first_byte else time.perf_counter()
         self.finished: float | None = None
-        self.nbytes = 0
+        self.last: float | None = None  # when the latest piece arrived
+        self.nbytes = 0  # the body's bytes so far
+        self.total = 0  # the body's length, once known
 
     def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if self.started is None:
+            self.started = now
+        self.last, self.nbytes, self.total = now, done, total
         if done == total:
-            self.finished, self.nbytes = time.perf_counter(), total
+            self.finished = now
+
+    def rate_bps(self) -> float | None:
+        """What the body delivered so far, in bits per second (None before a piece arrived)."""
+        if self.started is None or self.last is None or self.last <= self.started or not self.nbytes:
+            return None
+        return 8 * self.nbytes / (self.last - self.started)

@@ -23,7 +23,9 @@ from shoal.gossip.rounds import clock
 from shoal.gossip.rounds import payload as dense
 from shoal.gossip.rounds.pairing import partner_of
 from shoal.gossip.rounds.swap import SwapBook, Verdict, should_stop_waiting
+from shoal.peer import deadlines
 from shoal.peer.config import PeerConfig
+from shoal.peer.reach import PeerReach, TransferTimer
 from shoal.peer.status import StatusBoard
 from shoal.transport.errors import TransportError
 from shoal.transport.host import Stream
@@ -38,8 +40,9 @@ ROUND_QUERY_TIMEOUT = 2.0  # seconds a member has to say which round it finished
 ROUND_REPORTS_KEPT = 100
 MAX_STRIKES = 3  # invalid round messages before a peer is banned here (an honest peer sends none)
 
-# request(target, message, limit) -> (answer, bytes sent, bytes received), on a fresh stream
-Request = Callable[[str, dict, int], Awaitable[tuple[dict, int, int]]]
+# request(target, message, limit[, progress]) -> (answer, bytes sent, bytes received), on a fresh stream;
+# progress(done, total) follows the answer's bytes
+Request = Callable[..., Awaitable[tuple[dict, int, int]]]
 
 
 @dataclass
@@ -72,6 +75,8 @@ class RoundSwap:
         self._message = message  # message(kind, **fields): a run-protocol message from us
         self._on_ban = on_ban  # on_ban(peer, why): we banned `peer` for invalid messages
         self.membership: Membership | None = None  # the daemon's, once it listens
+        self.reach: PeerReach | None = None  # the daemon's, once the NAT layer is up: measured path rates
+        self._named_slow: set[str] = set()  # partners whose slow link the log named (until they swap)
         self.book = SwapBook(peer_id)
         self.changed = asyncio.Condition()  # notified whenever the book changes
         self.incoming: dict[int, asyncio.Future[tuple[bytes, int, int]]] = {}
@@ -108,6 +113,8 @@ class RoundSwap:
             )
         report = await self._exchange(number, payload)
         report.jumped_from = proposed if number != proposed else None
+        if report.outcome == "swapped" and report.partner is not None:
+            self._named_slow.discard(report.partner)  # it keeps up again: name it anew if it falls behind
         self.reports = [*self.reports[-ROUND_REPORTS_KEPT:], report]
         return report
 
@@ -118,31 +125,38 @@ class RoundSwap:
     async def _round_number(self, proposed: int) -> int:
         """The worker's next round while we keep pace (we swapped last round). After a skip, or for the
         first round, the run's round if we are behind it and our partner is done with ours; if we are
-        further ahead than partners hold offers for, we first wait for the run to catch up, up to the
-        exchange deadline (gossip/rounds/clock.py)."""
+        further ahead than partners hold offers for, we first wait for the run to catch up (or for our
+        partner to come to our round), up to the exchange deadline, then go past our round if the run
+        did meanwhile (gossip/rounds/clock.py)."""
         if not (self._first_round or (self.reports and self.reports[-1].outcome != "swapped")):
             return proposed
         self._first_round = False
         loop = asyncio.get_running_loop()
-        run, partner_waits = await self._ask_the_run(proposed)
-        number = clock.next_round(proposed, run, self.config.rounds, partner_waits)
+        run, partner = await self._ask_the_run(proposed)
+        number = clock.next_round(proposed, run, self.config.rounds, _waits(proposed, partner))
         deadline = loop.time() + self.config.exchange_timeout
-        while clock.lead(number, run) and loop.time() < deadline and not self.stopping.is_set():
+        waited = False
+        while (
+            clock.lead(number, run, _here(partner)) and loop.time() < deadline and not self.stopping.is_set()
+        ):
             self.board.set_activity(
                 "waiting", f"round {number} is ahead of the run (at round {run}): waiting for it to catch up"
             )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(PROBE_INTERVAL):
                     await self.stopping.wait()
-            run, _ = await self._ask_the_run(number)
-        if clock.lead(number, run) and not self.stopping.is_set():
+            run, partner = await self._ask_the_run(number)
+            waited = True
+        if waited:  # our partner may have given up our round meanwhile (it is done with it): go past it
+            number = clock.next_round(number, run, self.config.rounds, _waits(number, partner))
+        if clock.lead(number, run, _here(partner)) and not self.stopping.is_set():
             log.info("[%s] round %d: still ahead of the run (round %s); going on", self.peer_id, number, run)
         return number
 
-    async def _ask_the_run(self, number: int) -> tuple[int | None, bool]:
+    async def _ask_the_run(self, number: int) -> tuple[int | None, tuple[int, int] | None]:
         """The run's current round (the median of what a few live members say they finished, plus one;
-        asked afresh, as gossip lags behind rounds that take a fraction of a second) and whether our
-        partner in round `number` has yet to swap it, i.e. waits for us."""
+        asked afresh, as gossip lags behind rounds that take a fraction of a second) and where our
+        partner in round `number` is by its word, (finished, round), when it answered."""
         loop = asyncio.get_running_loop()
         members = self.eligible(loop.time())
         others = [p for p in members if p != self.peer_id]
@@ -154,8 +168,7 @@ class RoundSwap:
         answers = dict(zip(asked, replies, strict=True))
         finished = [a[0] for a in answers.values() if a is not None]
         run = clock.run_round(finished or [self._members.members[p].round for p in others])
-        where = answers.get(partner) if partner is not None else None
-        return run, where is not None and clock.still_in(number, *where)
+        return run, answers.get(partner) if partner is not None else None
 
     async def _status_of(self, peer: str, number: int) -> tuple[int, int] | None:
         """(the last round `peer` finished, the round it is in), by its own word; None if it does not
@@ -182,22 +195,35 @@ class RoundSwap:
             self.book.ready(number, partner, payload)
             self.changed.notify_all()
         report = RoundReport(number, partner, "skipped: no partner this round", 0, 0)
+        deadline = self.config.exchange_timeout
+        answer = TransferTimer(from_first_byte=True)  # the partner's answer, when we offer
+        limit: asyncio.Timeout | None = None
         try:
             if partner is not None:
-                async with asyncio.timeout(self.config.exchange_timeout):
+                deadline, stretched = self.exchange_deadline(partner, len(payload))
+                async with asyncio.timeout(deadline) as limit:
                     if self.peer_id < partner:
                         waiting = f"sent round {number} to partner {partner}, waiting for its answer"
-                        swap = self._initiate(partner, number, payload, report)
+                        swap = self._initiate(partner, number, payload, report, answer)
                     else:
                         waiting = f"waiting for partner {partner} to send its round {number}"
                         swap = self._await_offer(partner, number, report)
+                    if stretched:  # the bytes need longer than --exchange-timeout: say how long and why
+                        log.info("[%s] round %d: %s", self.peer_id, number, stretched)
+                        waiting = f"{waiting} ({stretched})"
                     self.board.set_activity("waiting", waiting)
                     if not await _unless_stopped(swap, self.stopping):
                         report.outcome = "skipped: the peer is stopping"
         except TimeoutError:
-            report.outcome = (
-                f"skipped: partner {partner} did not answer within {self.config.exchange_timeout:.0f}s"
-            )
+            assert partner is not None  # only an exchange with a partner has a deadline
+            if limit is not None and limit.expired():
+                report.outcome = f"skipped: partner {partner} did not answer within {deadline:.0f}s"
+                if self.reach is not None:  # what of its answer arrived tells the path's rate
+                    self.reach.record(answer, partner, partial=True)
+                self.check_link(partner, len(payload))
+            else:  # a connect's own deadline, not the round's
+                report.outcome = f"skipped: connection to partner {partner} failed (timed out)"
+                log.info("[%s] round %d: %s", self.peer_id, number, report.outcome)
         except (OSError, asyncio.IncompleteReadError, TransportError, ValueError) as error:
             # ValueError: a member id gossiped to us that is no peer id cannot be dialed
             why = f"{type(error).__name__}: {str(error)[:160]}" if str(error) else type(error).__name__
@@ -216,10 +242,14 @@ class RoundSwap:
                 self.changed.notify_all()
         return report
 
-    async def _initiate(self, partner: str, number: int, payload: bytes, report: RoundReport) -> None:
+    async def _initiate(
+        self, partner: str, number: int, payload: bytes, report: RoundReport, answer: TransferTimer
+    ) -> None:
         offer = self._message("offer", round=number, payload=payload)
-        reply, sent, received = await self._request(partner, offer, self.max_offer_bytes)
+        reply, sent, received = await self._request(partner, offer, self.max_offer_bytes, answer)
         report.bytes_sent, report.bytes_received = sent, received
+        if self.reach is not None:  # the answer's bytes from its first: the path's rate towards us
+            self.reach.record(answer, partner)
         if reply.get("type") == "refuse":
             report.outcome = f"skipped: partner refused ({str(reply.get('reason'))[:200]})"
             return
@@ -241,9 +271,16 @@ class RoundSwap:
                     payload, sent, received = await asyncio.shield(arrival)
                 break
             except TimeoutError:
-                status, _, _ = await self._request(
-                    partner, self._message("status", round=number), CONTROL_MESSAGE_LIMIT
-                )
+                try:
+                    status, _, _ = await self._request(
+                        partner, self._message("status", round=number), CONTROL_MESSAGE_LIMIT
+                    )
+                except TimeoutError:  # no news, not bad news: its offer may fill a slow link
+                    continue
+                except (OSError, asyncio.IncompleteReadError, TransportError):
+                    if arrival.done():  # its offer came in meanwhile (it may be gone since: its last round)
+                        continue
+                    raise
                 reason = should_stop_waiting(status, self.peer_id, number)
                 if reason is not None and not arrival.done():
                     report.outcome = f"skipped: {reason}"
@@ -251,6 +288,42 @@ class RoundSwap:
         report.payload = payload
         report.bytes_sent, report.bytes_received = sent, received
         report.outcome = "swapped"
+
+    def exchange_deadline(self, partner: str, nbytes: int) -> tuple[float, str]:
+        """The round's deadline for `nbytes` each way with `partner` (`deadlines.exchange_deadline`) and,
+        when the bytes rather than --exchange-timeout set it, why, for the log and `peer status`."""
+        rate = self.reach.rate_bps(partner) if self.reach is not None else None
+        timeout = self.config.exchange_timeout
+        deadline = deadlines.exchange_deadline(nbytes, rate, timeout)
+        self.check_link(partner, nbytes)
+        if deadline <= timeout:
+            return deadline, ""
+        at = f"the measured {deadlines.mbit(rate)}" if rate else (
+            f"an assumed {deadlines.mbit(deadlines.MIN_RATE_BPS)} (not measured yet)"
+        )  # fmt: skip
+        return deadline, f"waiting up to {deadline:.0f} s: 2 × {deadlines.megabytes(nbytes)} at {at}"
+
+    def check_link(self, partner: str, nbytes: int) -> None:
+        """Names the link to `partner` too slow when, at its measured rate, a round's bytes (`nbytes` each
+        way) would take longer than the longest exchange allowed, however long it may be stretched."""
+        rate = self.reach.rate_bps(partner) if self.reach is not None else None
+        ceiling = deadlines.exchange_ceiling(self.config.exchange_timeout)
+        if rate is None or deadlines.transfer_seconds(2 * nbytes, rate) <= ceiling:
+            return
+        limit = (
+            f"a round ({deadlines.EXCHANGE_STRETCH:.0f} × --exchange-timeout "
+            f"{self.config.exchange_timeout:.0f} s)"
+        )
+        text = deadlines.describe_slow(f"the link to {partner}", 2 * nbytes, rate, ceiling, limit)
+        self.slow_link(partner, f"{text} (or a larger --exchange-timeout)")
+
+    def slow_link(self, partner: str, text: str) -> None:
+        """Says once per partner in the log, and in `peer status` until a swap with it goes through, that
+        its link cannot carry a round in time."""
+        self.board.slow_link(partner, text)
+        if partner not in self._named_slow:
+            self._named_slow.add(partner)
+            log.warning("[%s] %s", self.peer_id, text)
 
     def strike(self, peer: str, why: str) -> None:
         """Scores a peer down for an invalid message; one that keeps sending them is banned here."""
@@ -300,6 +373,15 @@ class RoundSwap:
         arrival = self.incoming.get(number)
         if arrival is not None and not arrival.done():
             arrival.set_result((payload, sent, size))
+
+
+def _waits(number: int, partner: tuple[int, int] | None) -> bool:
+    """Whether our partner in round `number`, at (finished, round), has yet to swap it: it waits for us."""
+    return partner is not None and clock.still_in(number, *partner)
+
+
+def _here(partner: tuple[int, int] | None) -> int | None:
+    return partner[1] if partner is not None else None
 
 
 def round_field(request: dict[str, Any]) -> int:

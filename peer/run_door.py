@@ -21,8 +21,12 @@ class DoorError(ShoalError):
 
 
 class RunDoor:
-    def __init__(self, run: str, peer_id: str, token_text: str | None, closed: bool, creator: str | None):
+    def __init__(
+        self, run: str, peer_id: str, token_text: str | None, closed: bool, creator: str | None,
+        work_bits: int = 0,
+    ):  # fmt: skip
         self.run = run
+        self.work_bits = work_bits
         self.peer_id = peer_id
         self.token: JoinToken | None = from_text(token_text) if token_text else None
         if self.token is not None:
@@ -48,7 +52,12 @@ class RunDoor:
 
     def check_run(self, reply: dict[str, Any], address: str) -> None:
         """At join: a clear error if the run at `address` will not take us."""
-        said, creator = reply.get("admission"), reply.get("creator")
+        said, creator, work_bits = reply.get("admission"), reply.get("creator"), reply.get("work_bits")
+        if isinstance(work_bits, int) and work_bits != self.work_bits:
+            raise DoorError(
+                f"run {self.run!r} asks each member for {work_bits} bits of identity work, this peer for "
+                f"{self.work_bits}; join with --identity-bits {work_bits}"
+            )
         if said == "token" and self.token is None:
             raise DoorError(
                 f"run {self.run!r} is closed: it takes only peers with a join token from its creator. Ask "

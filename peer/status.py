@@ -60,6 +60,9 @@ class StatusBoard:
         self.losses: collections.deque[dict[str, Any]] = collections.deque(maxlen=LOSS_HISTORY)
         self.links: dict[str, LinkStats] = {}
         self.last_error = ""
+        # Partners whose link is too slow for the round's schedule: what was measured and what it needs,
+        # until a swap with them goes through (bounded: one entry per partner of the round history).
+        self.slow_links: dict[str, str] = {}
         self.totals: dict[str, float] = {
             "bytes_sent": 0, "bytes_received": 0, "rounds": 0, "swapped": 0, "exchange_seconds": 0.0
         }  # fmt: skip
@@ -70,6 +73,13 @@ class StatusBoard:
 
     def error(self, text: str) -> None:
         self.last_error = f"{time.strftime('%H:%M:%S')} {text}"
+
+    def slow_link(self, partner: str, text: str) -> None:
+        """Notes that the link to `partner` cannot carry a round in time; `why` says so until it does."""
+        self.slow_links.pop(partner, None)  # the latest note last
+        self.slow_links[partner] = text
+        while len(self.slow_links) > ROUND_HISTORY:
+            del self.slow_links[next(iter(self.slow_links))]
 
     def on_event(self, kind: str, fields: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -120,6 +130,8 @@ class StatusBoard:
             link.last_exchange_at = time.time()
             link.last_seconds = fields.get("seconds", 0.0)
             link.last_bytes = fields["bytes_sent"] + fields["bytes_received"]
+            if fields["outcome"] == "swapped":
+                self.slow_links.pop(partner, None)
         if fields["outcome"] != "swapped":
             self.values["last_skip"] = f"round {fields['round']}: {fields['outcome']}"
 
@@ -133,13 +145,14 @@ class StatusBoard:
         """Why the peer is idle or slow right now, in one sentence."""
         seconds = time.monotonic() - self.activity.since
         detail = self.activity.detail
+        slow = f" Slow link: {next(reversed(self.slow_links.values()))}." if self.slow_links else ""
         if self.activity.what == "waiting":
-            return f"Waiting {seconds:.0f}s so far: {detail}."
+            return f"Waiting {seconds:.0f}s so far: {detail}.{slow}"
         if self.activity.what == "training":
             rate = self.steps_per_second()
             pace = f" at {rate:.1f} inner steps/s" if rate else ""
-            return f"Busy training{pace}: {detail}; the next exchange comes at the end of the round."
-        return f"{detail[:1].upper()}{detail[1:]} ({seconds:.0f}s)."
+            return f"Busy training{pace}: {detail}; the next exchange comes at the end of the round.{slow}"
+        return f"{detail[:1].upper()}{detail[1:]} ({seconds:.0f}s).{slow}"
 
     def snapshot(self) -> dict[str, Any]:
         rounds = self.totals["rounds"]

@@ -2,9 +2,14 @@
 
 import asyncio
 import inspect
+import os
 
 import pytest
 import uvloop
+
+# Peers started by tests prove 8 bits of identity work, not the product's 20 (a second or two each, on
+# every one of the suite's hundred-odd peers); tests/peer/test_closed_run.py runs the default.
+os.environ.setdefault("SHOAL_IDENTITY_BITS", "8")
 
 # A test that has not finished after this long is hung (a missed wake-up, a lost frame): fail it.
 TEST_DEADLINE_S = 60.0

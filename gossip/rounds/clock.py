@@ -11,8 +11,9 @@ round, which round they finished and which they are in. The run's round is the m
 rounds, plus one: a minority of liars moves it nowhere. Behind the run, the peer jumps to the run's
 round, unless its partner has yet to swap the peer's round (it waits for us: stay). Ahead of the run by
 more than partners hold offers for, it waits for the run to catch up (bounded by a deadline), as
-stale-synchronous training bounds how far one worker may lead. Sans-I/O: the shell gathers the answers
-and does the waiting.
+stale-synchronous training bounds how far one worker may lead, or until its partner is in its round;
+after a wait it asks once more, as the run may have gone past it meanwhile. Sans-I/O: the shell gathers
+the answers and does the waiting.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def still_in(number: int, finished: int, here: int) -> bool:
     return finished < number and here <= number
 
 
-def lead(number: int, run: int | None) -> int:
-    """How many rounds `number` is ahead of the run by more than partners hold an offer for (0: none)."""
-    return 0 if run is None else max(0, number - run - MAX_ROUNDS_AHEAD)
+def lead(number: int, run: int | None, partner_here: int | None = None) -> int:
+    """How many rounds `number` is ahead of the run by more than partners hold an offer for (0: none).
+
+    0 while our partner in `number` is in that round (`partner_here`): it jumped to us and waits
+    there, and what it finished, which is the run's round in a run of two, moves only once it swaps
+    with us. Waiting on, the pair would meet only if our wait ended before its exchange deadline."""
+    if run is None or partner_here == number:
+        return 0
+    return max(0, number - run - MAX_ROUNDS_AHEAD)

@@ -145,6 +145,27 @@ def test_nobody_speaks_for_another_member():
     assert b.members[a.peer_id].round == 3
 
 
+def test_a_table_of_forgeries_costs_a_bounded_number_of_signature_checks():
+    a, b = _member(), _member()
+    b.merge(a.table(), now=0.0)
+    entry = a.table()[0]
+    strangers = [_member() for _ in range(100)]
+    forged = [{**m.table()[0], "round": 7} for m in strangers]  # valid ids, broken signatures
+    repeated = [{**entry, "heartbeat": entry["heartbeat"] + i, "left": True} for i in range(1, 1000)]
+    checked = 0
+    original = b._signed_by_member
+
+    def counting(e):
+        nonlocal checked
+        checked += 1
+        return original(e)
+
+    b._signed_by_member = counting
+    assert b.merge(forged + repeated, now=1.0) == []
+    assert checked <= 2 * 2 + 64 and b.is_live(a.peer_id, 1.0)
+    assert b.refused["entries listed twice in one table"] == 998
+
+
 def test_entries_of_another_run_and_replays_are_refused():
     a = _member()
     other_run = Membership(a.key, "another-run", "/ip4/10.0.0.1/tcp/1", now=0.0)
@@ -234,6 +255,47 @@ def test_a_peer_behind_jumps_and_one_far_ahead_waits():
     assert clock.lead(40, 40) == 0 and clock.lead(42, 40) == 0  # partners hold offers this far ahead
     assert clock.lead(50, 40) == 8  # further: wait for the run
     assert clock.lead(50, None) == 0
+
+
+def _decide(proposed: int, partner: SwapBook, number: int | None = None) -> tuple[int, int | None, int]:
+    """What a peer of a two-peer run takes from its partner's status: (round, run, partner's round)."""
+    where = partner.status(number or proposed)
+    run = clock.run_round([where["finished"]])
+    waits = clock.still_in(proposed, where["finished"], where["round"])
+    return clock.next_round(proposed, run, partner_waits=waits), run, where["round"]
+
+
+def test_two_peers_meet_after_one_restarts_behind_the_other():
+    """The survivor q skipped round 9 (p was gone) and is in round 10; p restarted from its checkpoint of
+    round 6. Each decides from the other's status, in either order: they meet in round 10."""
+    q, p = SwapBook("q"), SwapBook("p")
+    q.finish(9)
+    p.finish(6)
+    # q asks first: p is 3 rounds behind, further than partners hold offers for, so q waits.
+    number_q, run, here = _decide(10, p)
+    assert (number_q, run) == (10, 7) and clock.lead(number_q, run, here) == 1
+    # p's first round: behind, it jumps to q's round and is ready there.
+    number_p, _, _ = _decide(7, q)
+    assert number_p == 10
+    p.ready(number_p, "q", b"p's payload")
+    # q asks again: p still says it finished round 6, but it is in q's round, waiting for it. Before,
+    # q waited for p's finished round to catch up, which it does only once they swap: until q's
+    # deadline, past which p had given up round 10 (when it asked q before q began to wait).
+    _, run, here = _decide(number_q, p)
+    assert run == 7 and clock.lead(number_q, run, here) == 0
+
+
+def test_a_waiting_peer_follows_a_partner_that_gave_up_its_round():
+    """q waits in round 10 for a run at round 7 (its partner p); p jumped to round 10, gave up waiting
+    for q there, and went on to round 11. q must follow it to 11, not swap alone in 10 while p waits in
+    11 (the pair leapfrogging each other: 7 -> 10, 10 -> 11 ...)."""
+    q, p = SwapBook("q"), SwapBook("p")
+    q.finish(9)
+    p.finish(10)  # p jumped to round 10 from round 7 and skipped it: q was still waiting
+    assert _decide(11, q)[0] == 11  # p stays in its next round, 11: q has finished only round 9
+    p.ready(11, "q", b"p's payload")
+    number_q, run, here = _decide(10, p)  # the shell's decision after q's wait: past round 10
+    assert (number_q, run) == (11, 11) and clock.lead(number_q, run, here) == 0
 
 
 SPEC = [("w", (3, 4)), ("b", (4,))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -78,3 +79,18 @@ def test_token_command_errors_are_one_line(tmp_path):
         result = _peer_cli("token", *args)
         assert result.returncode != 0 and expected in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_a_run_asks_every_member_for_its_identity_work(start_peer, monkeypatch):
+    monkeypatch.delenv("SHOAL_IDENTITY_BITS")  # the product's default
+    first = start_peer("first", *COMMON)
+    address = first.wait_for(lambda e: e["event"] == "listening", timeout=180)["address"]
+    state = first.log_path.parent / "first"
+    assert json.loads((state / "identity-work.json").read_text())["bits"] == 20
+    cheap = start_peer("cheap", *COMMON, "--bootstrap", address, "--identity-bits", "4")
+    assert cheap.wait(timeout=120) == 1
+    output = cheap.log_path.read_text()
+    assert "asks each member for 20 bits of identity work" in output and "--identity-bits 20" in output
+    assert "Traceback" not in output
+    second = start_peer("second", *COMMON, "--bootstrap", address)
+    second.wait_for(lambda e: e["event"] == "round" and e["outcome"] == "swapped", timeout=240)

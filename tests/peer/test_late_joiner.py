@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import signal
+
 import pytest
 
 pytestmark = pytest.mark.slow  # real peer processes
@@ -41,3 +44,39 @@ def test_a_late_joiner_starts_from_the_runs_weights_and_swaps(start_peer):
     assert swap["round"] > fetched["round"]
     assert "refused by the worker" not in late.log_path.read_text()
     assert second.process.poll() is None
+
+
+def test_a_peer_restarted_behind_the_run_fetches_its_weights(start_peer):
+    """The run went on while a peer was down (its daemon killed): it resumes from its checkpoint, sees that
+    the run is rounds past it, and takes the run's newer weights instead of training from its old ones."""
+    common = [
+        "--run",
+        "restart",
+        "--listen",
+        "127.0.0.1:0",
+        "--rounds",
+        "1000",
+        "--inner-steps",
+        "5",
+        "--threads",
+        "1",
+    ]
+    first = start_peer("first", *common)
+    address = first.wait_for(lambda e: e["event"] == "listening")["address"]
+    second = start_peer("second", *common, "--bootstrap", address)
+    killed = second.wait_for(
+        lambda e: e["event"] == "round" and e["round"] >= 2 and e["outcome"] == "swapped", timeout=240
+    )
+    second.process.send_signal(signal.SIGKILL)  # its worker sees the channel close, saves and exits
+    second.wait(timeout=30)
+    first.wait_for(lambda e: e["event"] == "round" and e["round"] >= killed["round"] + 8, timeout=240)
+
+    again = start_peer("second", *common, "--bootstrap", address, log="second-again")
+    fetched = again.wait_for(lambda e: e["event"] == "weights", timeout=180)
+    assert again.wait_for(lambda e: e["event"] == "eval", timeout=60)["round"] == fetched["round"]
+    found = re.search(r"resumed at round (\d+), the run is at round (\d+)", again.log_path.read_text())
+    assert found, again.log_tail()
+    resumed = int(found[1])
+    # Its own checkpoint is of a round it finished (every round is saved; one the daemon jumped to and the
+    # worker never heard of before the kill is not), and the run's weights are more than 2 rounds newer.
+    assert resumed >= 1 and fetched["round"] > resumed + 2

@@ -486,6 +486,9 @@ def test_compose_swarm_with_nat_routers_trains_and_tears_down_cleanly():
         victim = next(c for c, s in sorted(peers.items()) if s == "peer")
         counts = {c: len(_rounds(swarm.events(c))) for c in peers if c != victim}
         _sh("docker", "stop", "--time", "20", victim, env=env)
+        # A stopped peer saves and exits 0 inside its grace period (before: 137, killed at the grace's end).
+        exit_code = _sh("docker", "inspect", "--format", "{{.State.ExitCode}}", victim, env=env).strip()
+        assert exit_code == "0", (exit_code, swarm.log_lines(victim)[-20:])
         _wait_for(
             lambda: all(len(_rounds(swarm.events(c))) >= counts[c] + ROUNDS_AFTER for c in counts),
             TRAIN_TIMEOUT,
@@ -525,6 +528,13 @@ def test_compose_swarm_with_nat_routers_trains_and_tears_down_cleanly():
             ),
         }
         print("compose swarm:", json.dumps(summary))
+        # Ctrl-C on `docker compose up` (or `compose stop`): every peer exits 0 within its grace period.
+        swarm.run("stop", "--timeout", "20")
+        codes = {
+            name[c]: _sh("docker", "inspect", "--format", "{{.State.ExitCode}}", c, env=env).strip()
+            for c in peers
+        }
+        assert set(codes.values()) == {"0"}, codes
     finally:
         try:
             swarm.run("down", "--volumes", "--remove-orphans", "--timeout", "20")

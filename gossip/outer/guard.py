@@ -1,0 +1,317 @@
+"""A peer's judgement of its partner's message before it pulls toward it (issue 18, "Poisoned updates").
+
+The format, shape, finiteness and lattice-step checks of the methods (`wire.unpack`, `compressed_noloco`'s
+MAX_STEP_RATIO) stop malformed messages; this module stops well-formed harmful ones. With pairwise gossip a
+peer must judge its partner alone, from what it holds: its slow weights φ, its own fast weights θ_i after H
+inner steps, and the partner's decoded θ_p. Everything is measured on the partner's *implied update*
+u_p = θ_p − φ against this peer's own u_i = θ_i − φ (see docs/outer-methods.md, "The partner guard"):
+
+* header: the message must come from this round's partner and carry this round's number;
+* repeats: a digest of the message's payload (codes and steps, not the header), kept for `replay_rounds`
+  rounds, and a sketch (the decoded θ at a fixed seeded sample of coordinates): an exact or near-exact
+  repeat is refused;
+* gross norms and angles: ‖u_p‖/‖u_i‖ above ratio_refuse (a scaled update) or below ratio_floor (a free
+  rider that sends φ back), or cos(u_p, u_i) below cos_refuse (a flipped update), is refused;
+* a loss probe (optional: the caller evaluates θ_i and θ_p on a few held-out batches of its own shard, as
+  Covenant's Gauntlet scores a submission by the loss it brings): the gap L(θ_p) − L(θ_i);
+* robust history: the log norm ‖u_p‖, the cosine and the probe gap of recent partners (median and MAD of
+  the last `window` not refused); the partner's one-sided z-scores against them are summed into a
+  suspicion: beyond suspicion_clip the pull is down-weighted, beyond suspicion_refuse refused;
+* strikes: `strikes_to_exclude` refusals of one origin within `strike_rounds` rounds exclude it locally
+  (every later message refused; the live worker will publish that as evidence).
+
+The fraction of the partner's lattice values that wrapped is reported, not judged: the method already
+applies no pull in wrapped blocks.
+
+A verdict's `weight` w is what the caller applies: 1 the full pull, 0 none (this peer steps alone, as when
+sitting out), in between the partner's θ mixed toward this peer's own, θ_p' = θ_i + w·(θ_p − θ_i). For the
+NoLoCo methods the step is affine in θ_p, so this is (1 − w)·step-alone + w·step-with-partner. Pure tensor
+math and no I/O; deterministic for the same inputs; `state_dict` round-trips for checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from shoal.gossip.outer.wire import Message
+
+ACCEPT, CLIP, REFUSE = "accept", "clip", "refuse"
+HISTORY_KEYS = ("log_norm", "cos", "probe")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Thresholds, calibrated on the honest exchanges of `python -m bench.byzantine` (docs/benchmarks.md):
+    with the simulator's non-IID shards an honest partner's implied update reached 6.4x this peer's own
+    norm, a cosine of −0.48 and a probe loss 0.6 nats above this peer's θ, so the absolute rules only stop
+    gross attacks and the rest is left to the robust history, which compares a partner with recent ones."""
+
+    ratio_refuse: float = 16.0  # ‖u_p‖/‖u_i‖ above: refuse (x100 scaled updates)
+    ratio_floor: float = 0.5  # below: refuse (no training: the partner sent φ back while φs agree)
+    cos_refuse: float = -0.7  # cos(u_p, u_i) below: refuse (a flipped pseudo-gradient, early in a run)
+    window: int = 32  # past verdicts kept for the robust statistics
+    min_history: int = 8  # judged partners before the robust rules apply
+    # Suspicion: the sum of the one-sided robust z-scores (|x − median| / (1.4826·MAD)) of the log norm
+    # ‖u_p‖, the cosine and the probe's loss gap. Honest partners reached 12 in the calibration run.
+    suspicion_clip: float = 6.0  # beyond: the pull is down-weighted by suspicion_clip / suspicion
+    suspicion_refuse: float = 16.0  # beyond: refused
+    mad_floor: dict[str, float] = field(
+        default_factory=lambda: {"log_norm": 0.05, "cos": 0.02, "probe": 0.01}
+    )  # the MAD never counts as smaller: a few near-identical partners must not make everything an outlier
+    replay_rounds: int = 16  # rounds a payload digest and a sketch are remembered
+    sketch_size: int = 2048  # coordinates of the decoded θ kept per judged message
+    near_repeat: float = 0.02  # sketch distance to a remembered one / own update (on the sketch): a repeat
+    strikes_to_exclude: int = 3  # refusals (not clips) of one origin ...
+    strike_rounds: int = 20  # ... within this many rounds exclude it locally
+    seed: int = 0  # the sketch's coordinates
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Held-out loss of this peer's φ, its own θ_i and the partner's θ_p on the same batches of its shard."""
+
+    slow: float
+    own: float
+    partner: float
+
+    def score(self) -> float:
+        """How much worse (nats) the partner's θ does on this peer's data than its own θ. Not compared with
+        a fixed bar: with non-IID shards an honest partner's θ is often worse here than this peer's."""
+        return self.partner - self.own
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: str  # ACCEPT, CLIP or REFUSE
+    weight: float  # 1, in (0, 1) or 0: how much of the partner's pull to apply (see the module docstring)
+    reason: str  # the rule that decided ("ok" when accepted)
+    scores: dict[str, float]  # ratio, cos, probe, wrapped, z: the evidence the live worker can publish
+
+    @property
+    def flagged(self) -> bool:
+        return self.action != ACCEPT
+
+
+def payload_digest(message: Message) -> bytes:
+    """A digest of what a message carries, not of its header: a replay restamped with a new round or origin
+    still matches (its codes and steps are the same)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in (*message.tensors, *message.checks):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    h.update(repr(message.steps).encode())
+    if message.update is not None:
+        h.update(message.update)
+    return h.digest()
+
+
+@dataclass(frozen=True)
+class Measures:
+    ratio: float  # ‖u_p‖ / ‖u_i‖
+    norm: float  # ‖u_p‖
+    cos: float  # cos(u_p, u_i)
+    own_sketch: torch.Tensor  # u_i at the sketch's coordinates
+    sketch: torch.Tensor  # θ_p at the sketch's coordinates
+
+
+class Guard:
+    """One peer's guard: its thresholds and what it remembers of past partners (one per peer)."""
+
+    def __init__(self, config: GuardConfig | None = None) -> None:
+        self.config = config or GuardConfig()
+        self.history: dict[str, deque[float]] = {k: deque(maxlen=self.config.window) for k in HISTORY_KEYS}
+        self.digests: dict[bytes, int] = {}  # payload digest -> round seen
+        self.sketches: deque[tuple[int, torch.Tensor]] = deque()  # (round, θ_p sketch)
+        self.strikes: dict[str, list[int]] = {}  # origin -> rounds it was refused
+        self.excluded: dict[str, int] = {}  # origin -> round it was excluded
+        self._index: dict[tuple[str, int], torch.Tensor] = {}
+
+    # -- measures ------------------------------------------------------------------------------------------
+
+    def _coords(self, name: str, numel: int, total: int, position: int) -> torch.Tensor:
+        key = (name, numel)
+        if key not in self._index:
+            share = max(1, round(self.config.sketch_size * numel / max(1, total)))
+            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + position)
+            self._index[key] = torch.randint(0, numel, (min(share, numel),), generator=g)
+        return self._index[key]
+
+    def measure(
+        self,
+        slow: Mapping[str, torch.Tensor],
+        own: Mapping[str, torch.Tensor],
+        partner: Mapping[str, torch.Tensor],
+    ) -> Measures:
+        """Norm ratio and cosine of the implied updates over all tensors (float64 sums), and the sketches."""
+        dot = own_sq = partner_sq = 0.0
+        total = sum(t.numel() for t in slow.values())
+        own_parts, parts = [], []
+        for position, name in enumerate(sorted(slow)):
+            phi = slow[name].detach().float().reshape(-1)
+            u_i = own[name].detach().float().reshape(-1) - phi
+            theta_p = partner[name].detach().float().reshape(-1)
+            u_p = theta_p - phi
+            dot += float(torch.dot(u_p.double(), u_i.double()))
+            own_sq += float(u_i.double().pow(2).sum())
+            partner_sq += float(u_p.double().pow(2).sum())
+            idx = self._coords(name, phi.numel(), total, position)
+            own_parts.append(u_i[idx])
+            parts.append(theta_p[idx])
+        own_norm, partner_norm = math.sqrt(own_sq), math.sqrt(partner_sq)
+        ratio = partner_norm / own_norm if own_norm > 0 else (0.0 if partner_norm == 0 else math.inf)
+        cos = dot / (own_norm * partner_norm) if own_norm > 0 and partner_norm > 0 else 0.0
+        return Measures(ratio, partner_norm, cos, torch.cat(own_parts), torch.cat(parts))
+
+    # -- the verdict ---------------------------------------------------------------------------------------
+
+    def judge(
+        self,
+        round_: int,
+        expected_origin: str,
+        message: Message,
+        slow: Mapping[str, torch.Tensor],
+        own_fast: Mapping[str, torch.Tensor],
+        partner_fast: Mapping[str, torch.Tensor],
+        wrapped: float = 0.0,
+        probe: Probe | None = None,
+    ) -> Verdict:
+        """This round's verdict on `message` (already unpacked and decoded to `partner_fast` by the method,
+        wrapped lattice blocks replaced by this peer's own values), and what the guard remembers of it."""
+        self._forget(round_)
+        m = self.measure(slow, own_fast, partner_fast)
+        scores = {"ratio": m.ratio, "cos": m.cos, "wrapped": wrapped}
+        if probe is not None:
+            scores["probe"] = probe.score()
+        digest = payload_digest(message)
+        verdict = self._rules(round_, expected_origin, message, m, digest, scores)
+        if verdict.action == REFUSE:
+            self._strike(message.origin if message.origin == expected_origin else expected_origin, round_)
+        else:
+            values = {"log_norm": math.log(max(m.norm, 1e-30)), "cos": -m.cos}
+            if "probe" in scores:
+                values["probe"] = scores["probe"]
+            for key, value in values.items():
+                self.history[key].append(value)
+        # Remembered whatever the verdict: a refused message replayed later is still a replay.
+        self.digests.setdefault(digest, round_)
+        self.sketches.append((round_, m.sketch))
+        return verdict
+
+    def refuse_malformed(self, round_: int, expected_origin: str, reason: str) -> Verdict:
+        """The verdict on a message the method itself refused (format, layout, lattice step): a strike."""
+        self._forget(round_)
+        self._strike(expected_origin, round_)
+        return Verdict(REFUSE, 0.0, reason, {})
+
+    def _rules(
+        self,
+        round_: int,
+        expected_origin: str,
+        message: Message,
+        m: Measures,
+        digest: bytes,
+        scores: dict[str, float],
+    ) -> Verdict:
+        cfg = self.config
+
+        def refuse(reason: str) -> Verdict:
+            return Verdict(REFUSE, 0.0, reason, scores)
+
+        if message.origin != expected_origin or message.round != round_:
+            return refuse("header")  # another peer's message, or another round's
+        if expected_origin in self.excluded:
+            return refuse("excluded")
+        if digest in self.digests:
+            return refuse("replay")
+        own_scale = float(m.own_sketch.norm())
+        for _, old in self.sketches:
+            if own_scale > 0 and float((m.sketch - old).norm()) <= cfg.near_repeat * own_scale:
+                return refuse("repeat")
+        if not all(math.isfinite(v) for v in scores.values()):
+            return refuse("non-finite")
+        # Late in a run this peer's own update shrinks with the learning rate while the replicas stay apart:
+        # a partner's norm is gross only if it is far above both this peer's and recent partners'.
+        past_norms = self.history["log_norm"]
+        usual = math.exp(_median_mad(past_norms)[0]) if len(past_norms) >= cfg.min_history else 0.0
+        if m.ratio > cfg.ratio_refuse and m.norm > cfg.ratio_refuse * usual:
+            return refuse("norm")
+        if m.ratio < cfg.ratio_floor:
+            return refuse("no-update")
+        if m.cos < cfg.cos_refuse:
+            return refuse("direction")
+        # Robust rules: how far this partner is from the recent ones, in MADs, one-sided (only a larger
+        # update, a smaller cosine or a worse probe is suspicious), summed: attacks move several at once.
+        # The norm against recent partners' norms, not as a ratio to this peer's own update: that ratio
+        # jumps whenever the own update shrinks (the lr schedule) while the replicas stay apart.
+        values = {"log_norm": math.log(max(m.norm, 1e-30)), "cos": -m.cos, "probe": scores.get("probe")}
+        suspicion, worst, worst_key = 0.0, 0.0, ""
+        for key, value in values.items():
+            past = self.history[key]
+            if value is None or len(past) < cfg.min_history:
+                continue
+            med, mad = _median_mad(past)
+            z = (value - med) / (1.4826 * max(mad, cfg.mad_floor.get(key, 0.0)))
+            scores[f"z_{key}"] = z
+            suspicion += max(0.0, z)
+            if z > worst:
+                worst, worst_key = z, key
+        scores["suspicion"] = suspicion
+        if suspicion > cfg.suspicion_refuse:
+            return refuse(f"outlier-{worst_key}")
+        if suspicion > cfg.suspicion_clip:
+            return Verdict(CLIP, cfg.suspicion_clip / suspicion, f"outlier-{worst_key}", scores)
+        return Verdict(ACCEPT, 1.0, "ok", scores)
+
+    def _strike(self, origin: str, round_: int) -> None:
+        rounds = [r for r in self.strikes.get(origin, []) if r > round_ - self.config.strike_rounds]
+        rounds.append(round_)
+        self.strikes[origin] = rounds
+        if len(rounds) >= self.config.strikes_to_exclude:
+            self.excluded.setdefault(origin, round_)
+
+    def _forget(self, round_: int) -> None:
+        horizon = round_ - self.config.replay_rounds
+        self.digests = {d: r for d, r in self.digests.items() if r > horizon}
+        while self.sketches and self.sketches[0][0] <= horizon:
+            self.sketches.popleft()
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "history": {k: list(v) for k, v in self.history.items()},
+            "digests": [[d, r] for d, r in self.digests.items()],
+            "sketches": [[r, s.clone()] for r, s in self.sketches],
+            "strikes": {o: list(r) for o, r in self.strikes.items()},
+            "excluded": dict(self.excluded),
+        }
+
+    @classmethod
+    def from_state_dict(cls, saved: Mapping, config: GuardConfig | None = None) -> Guard:
+        guard = cls(config)
+        for key, values in saved["history"].items():
+            guard.history[key].extend(float(v) for v in values)
+        guard.digests = {bytes(d): int(r) for d, r in saved["digests"]}
+        guard.sketches = deque((int(r), s.clone()) for r, s in saved["sketches"])
+        guard.strikes = {str(o): [int(r) for r in rs] for o, rs in saved["strikes"].items()}
+        guard.excluded = {str(o): int(r) for o, r in saved["excluded"].items()}
+        return guard
+
+
+def _median_mad(values: deque[float]) -> tuple[float, float]:
+    t = torch.tensor(list(values), dtype=torch.float64)
+    med = float(t.median())
+    return med, float((t - med).abs().median())
+
+
+def mix(
+    own: Mapping[str, torch.Tensor], partner: Mapping[str, torch.Tensor], weight: float
+) -> dict[str, torch.Tensor]:
+    """θ_i + w·(θ_p − θ_i): the partner's θ as a verdict of weight w lets it pull (1: unchanged)."""
+    return {n: own[n].float() + weight * (partner[n].float() - own[n].float()) for n in own}

@@ -40,7 +40,7 @@ from shoal.peer.metrics import MetricsServer
 from shoal.peer.progress import progress_bar, transfer_bar
 from shoal.peer.reach import PeerReach, TransferTimer
 from shoal.peer.request_slots import RequestSlots
-from shoal.peer.round_swap import CONTROL_MESSAGE_LIMIT, RoundSwap
+from shoal.peer.round_swap import CONTROL_MESSAGE_LIMIT, RoundSwap, until_stopped
 from shoal.peer.run_door import RunDoor
 from shoal.peer.run_settings import run_settings, settings_mismatch, valid_settings
 from shoal.peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of, peer_id_of
@@ -64,6 +64,9 @@ RUN_PROTOCOL = "/shoal/run/1.0.0"  # membership, status and the round swap, one 
 # time its size needs at the path's measured rate, and is cut after IDLE_TIMEOUT without a byte
 # (peer/deadlines.py).
 REQUEST_TIMEOUT = 10.0
+# A request from a peer not (yet) in the membership: a joiner's membership swap (its table and settings),
+# about 300 bytes a member it knows; 64 request slots of strangers hold at most 16 MiB.
+STRANGER_REQUEST_LIMIT = 256 * 1024
 CONNECT_TIMEOUT = 5.0
 BOOTSTRAP_PATIENCE = 30.0  # seconds to keep trying the bootstrap addresses
 # Seconds from the daemon's start after which a joiner gives up when no bootstrap address (nor any DHT
@@ -134,7 +137,7 @@ class Daemon:
         self._their_settings: dict[str, dict[str, Any]] = {}
         self._started = 0.0  # the event loop's clock when run() began
         self.stopping = asyncio.Event()
-        self._requests: RequestSlots[asyncio.Task[Any]] = RequestSlots()
+        self._requests: RequestSlots[Stream] = RequestSlots()
         self._strangers = LogThrottle(log)  # refused and bad requests: a few lines a minute per peer
         self._weights_served: dict[str, list[tuple[float, int]]] = {}  # member -> (time, bytes) this hour
         self._fetching: set[str] = set()  # members whose weights fetch is being answered
@@ -590,17 +593,7 @@ class Daemon:
 
     async def _unless_stopping(self, coroutine: Awaitable[T]) -> T | None:
         """What `coroutine` returns, or None as soon as the daemon is asked to stop (it is cancelled)."""
-        task = asyncio.ensure_future(coroutine)
-        stop = asyncio.ensure_future(self.stopping.wait())
-        try:
-            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        return None if task.cancelled() else task.result()
+        return (await until_stopped(coroutine, self.stopping))[1]
 
     async def _close_worker_on_stop(self, worker: WorkerProcess) -> None:
         await self.stopping.wait()
@@ -774,9 +767,10 @@ class Daemon:
     def _merge_members(self, table: Any, now: float, source: str) -> None:
         new = self._membership.merge(table, now)
         refused = self._membership.refused
-        for why, count in refused.items():
-            self._strangers.note(logging.WARNING, "refused membership entries", source, f"{count} {why}")
-        refused.clear()
+        if refused:  # one note per table, whatever it held: the throttle counts tables, not entries
+            why = "; ".join(f"{count} {reason}" for reason, count in refused.most_common(4))
+            self._strangers.note(logging.WARNING, "refused membership entries", source, why)
+            refused.clear()
         for peer in new:
             self.events.emit("peer_joined", partner=peer, address=self._membership.addr_of(peer),
                              addresses=self._membership.addrs_of(peer))  # fmt: skip
@@ -811,18 +805,16 @@ class Daemon:
     # --- serving other peers ----------------------------------------------------------------------
     async def _serve(self, stream: Stream) -> None:
         sender = str(stream.remote_peer_id)  # proven by the Noise handshake
-        me = asyncio.current_task()
-        assert me is not None  # a stream handler runs in its own task
-        admitted, evicted, why = self._requests.admit(sender, me)
-        if evicted is not None:
-            evicted.cancel()  # a request parked unread the longest gives its slot to a newcomer
+        admitted, evicted, why = self._requests.admit(sender, stream)
+        if evicted is not None:  # a request parked unread the longest gives its slot to a newcomer
+            evicted.reset_now("was reset: its request slot went to another request")
         if not admitted:
             self._strangers.note(logging.INFO, "refused a request", sender, why)
             await stream.reset()
             return
         try:
             request, size = await self._read_request(stream, sender)
-            self._requests.read(me)
+            self._requests.read(stream)
             # Every answer has a deadline: a peer that stops reading loses its slot, never holds it.
             async with asyncio.timeout(self._answer_deadline(request.get("type"), size, sender)):
                 await self._dispatch(sender, request, size, stream)
@@ -834,7 +826,7 @@ class Daemon:
             self._strangers.note(logging.INFO, "request ended early", sender, type(error).__name__)
             await stream.reset()
         finally:
-            self._requests.release(me)
+            self._requests.release(stream)
 
     async def _read_request(self, stream: Stream, sender: str) -> tuple[dict[str, Any], int]:
         """One request: its length prefix within REQUEST_TIMEOUT, then its body within the time its size
@@ -855,12 +847,19 @@ class Daemon:
                     else:
                         pace.keep_up(done, total, timer.rate_bps(), ceiling)
 
-                return await read_frame(pace.watch(stream), self.swap.max_offer_bytes, progress)
+                return await read_frame(pace.watch(stream), self._request_limit(sender), progress)
         finally:
             if self.reach is not None:  # not yet while the NAT layer starts
                 self.reach.record(timer, sender, partial=True)
                 if timer.finished is None and timer.nbytes:
                     self.swap.check_link(sender, timer.total)
+
+    def _request_limit(self, sender: str) -> int:
+        """The largest request `sender` may send: an offer's size for a member (a partner's payload), a
+        membership swap's for anyone else, so that strangers holding request slots hold little memory."""
+        if self.membership is not None and sender in self.membership.members:
+            return self.swap.max_offer_bytes
+        return STRANGER_REQUEST_LIMIT
 
     def _answer_deadline(self, kind: object, size: int, sender: str) -> float:
         """How long writing an answer may take. An offer's responder holds it until its own round is

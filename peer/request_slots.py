@@ -3,8 +3,10 @@
 A request holds a slot from the moment its stream opens until its answer is written. Identities cost
 nothing, so no peer may hold more than a few slots, and a full table never makes a newcomer wait: its
 request evicts the oldest one still being read (an honest request arrives in milliseconds; one that is
-still unread after a while is a stream parked to hold the slot). Pure bookkeeping: the daemon cancels the
-task it is told to evict.
+still unread after a while is a stream parked to hold the slot). Pure bookkeeping: the daemon resets the
+stream it is told to evict (a reset, not a task cancel: the request's reader then ends on a plain error,
+and what it had read is freed at once rather than kept by a cancelled task's traceback until the cyclic
+garbage collector runs).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from shoal.errors import ShoalError
 from shoal.gossip.membership import Membership
@@ -31,6 +31,7 @@ from shoal.transport.errors import TransportError
 from shoal.transport.host import Stream
 from shoal.transport.messages import MessageError, write_message
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 CONTROL_MESSAGE_LIMIT = 1 << 20  # members/status requests and answers
@@ -212,7 +213,8 @@ class RoundSwap:
                         log.info("[%s] round %d: %s", self.peer_id, number, stretched)
                         waiting = f"{waiting} ({stretched})"
                     self.board.set_activity("waiting", waiting)
-                    if not await _unless_stopped(swap, self.stopping):
+                    finished, _ = await until_stopped(swap, self.stopping)
+                    if not finished:
                         report.outcome = "skipped: the peer is stopping"
         except TimeoutError:
             assert partner is not None  # only an exchange with a partner has a deadline
@@ -391,8 +393,9 @@ def round_field(request: dict[str, Any]) -> int:
     return number
 
 
-async def _unless_stopped(coroutine: Any, stopping: asyncio.Event) -> bool:
-    """Runs `coroutine` until it ends or `stopping` is set; False if it was cut short.
+async def until_stopped(coroutine: Awaitable[T], stopping: asyncio.Event) -> tuple[bool, T | None]:
+    """Runs `coroutine` until it ends or `stopping` is set: (True, what it returned), or (False, None) if
+    it was cut short. What it raised is raised here.
 
     Whatever way this returns or is cancelled (by a deadline around it), no task is left behind."""
     task = asyncio.ensure_future(coroutine)
@@ -406,6 +409,5 @@ async def _unless_stopped(coroutine: Any, stopping: asyncio.Event) -> bool:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     if task.cancelled():
-        return False
-    task.result()  # re-raise what the exchange raised
-    return True
+        return False, None
+    return True, task.result()

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 WINDOW_S = 60.0
-BURST = 10  # lines per kind per window before the rest are only counted
+BURST = 3  # lines per kind per window before the rest are only counted
 MAX_SOURCES = 4096  # distinct sources counted per window; past it they are counted as one
 
 

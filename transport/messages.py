@@ -27,8 +27,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 # would let a small frame expand into a large allocation.
 MAX_CONTAINER_ITEMS = 100_000
 MAX_STRING_BYTES = 64 * 1024
-# A body read with a progress callback arrives in pieces of this size.
-PROGRESS_CHUNK = 256 * 1024
+# A body read with a progress callback arrives in pieces of this size: small enough that a slow sender's
+# pace is measured (peer/deadlines.py) well before a request's first deadline.
+PROGRESS_CHUNK = 64 * 1024
 
 
 class MessageError(ShoalError):

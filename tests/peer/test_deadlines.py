@@ -190,13 +190,14 @@ def test_a_daemon_reads_a_slow_steady_request_past_the_old_10_s_and_cuts_a_silen
         target = Multiaddr.parse(address)
         async with await Host.create(generate_key(), []) as host:
             me = str(host.peer_id)
-            # 1.2 MB (a members request, padded) at about 0.6 Mbit/s: some 16 s, past the old 10 s.
+            # 200 KB (a members request, padded; a stranger's requests stay under 256 KiB) at about
+            # 80 kbit/s: some 20 s, past the old 10 s.
             request = {"v": PROTOCOL_VERSION, "type": "members", "run": "slow", "from": me, "table": []}
-            frame = encode_message({**request, "pad": bytes(1_200_000)})
+            frame = encode_message({**request, "pad": bytes(200_000)})
             stream = await host.new_stream(target.peer_id, RUN_PROTOCOL, [target])
             started = time.monotonic()
-            for i in range(0, len(frame), 40_000):
-                await stream.write(frame[i : i + 40_000])
+            for i in range(0, len(frame), 5_000):
+                await stream.write(frame[i : i + 5_000])
                 await asyncio.sleep(0.5)
             await stream.close()
             async with asyncio.timeout(30):
@@ -205,7 +206,7 @@ def test_a_daemon_reads_a_slow_steady_request_past_the_old_10_s_and_cuts_a_silen
 
             # The same start, then silence: cut IDLE_TIMEOUT after the last byte.
             stream = await host.new_stream(target.peer_id, RUN_PROTOCOL, [target])
-            await stream.write(frame[:100_000])
+            await stream.write(frame[:50_000])
             last_byte = time.monotonic()
             cut: dict | None = None
             try:

@@ -164,10 +164,12 @@ def test_four_peers_two_behind_nats_train_together(tmp_path, nat_types):
                 "joined_at_round": [e["round"] for e in peer.of_kind("weights")],
                 "swapped_with": sorted(names.get(r["partner"], "?") for r in swapped),
                 "skipped": [r["outcome"] for r in rounds if r["outcome"] != "swapped"],
-                "paths": {names.get(link["partner"], "?"): link["path"] for link in links[peer.name]},
+                # A public peer may finish its rounds between two polls: only NATed peers' paths are checked.
+                "paths": {names.get(link["partner"], "?"): link["path"] for link in links.get(peer.name, [])},
             }
         print(json.dumps(summary, indent=1))
         for peer in natted:
+            assert peer.name in links, (peer.name, "its `links` never answered while it trained")
             assert summary[peer.name]["swapped_with"], (peer.name, summary, peer.log_tail())
             evals = [e["eval_loss"] for e in peer.of_kind("eval")]
             assert evals[-1] < evals[0], (peer.name, evals)

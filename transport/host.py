@@ -521,7 +521,7 @@ class Host:
                 break  # the rest are being read (each bounded by its window): only a flood past twice goes
             stream.reset_now("was reset: the host holds too much unread data")
             self.note_stranger(
-                logging.WARNING, "reset a stream over the memory budget", stream._conn.who(),
+                logging.WARNING, "reset a stream over the memory budget", stream.remote_peer_id.short(),
                 f"{held >> 10} KiB unread, {read}, all streams {self.buffered >> 20} MiB unread "
                 f"(budget {budget >> 20} MiB)",
             )  # fmt: skip

@@ -71,6 +71,9 @@ class Host:
         self._strangers = LogThrottle(log)  # refusals and evictions: rate-limited, summed up per minute
         # Unread bytes in all streams, kept incrementally; recounted exactly whenever it passes the budget.
         self.buffered = 0
+        # Above the budget with only streams being read, recount only once this much more has arrived: the
+        # recount walks every stream, and would otherwise run on every frame until they are read.
+        self._recount_at = 0
         self._closing = False
         # What peers told us through identify, and the addresses we know them by.
         self.peer_addrs: dict[PeerID, list[Multiaddr]] = {}
@@ -500,8 +503,11 @@ class Host:
 
     def on_buffered(self, delta: int) -> None:
         self.buffered += delta
-        if self.buffered > self.limits.max_buffered_bytes:
+        if self.buffered > max(self.limits.max_buffered_bytes, self._recount_at):
             self._enforce_buffer_budget()
+            self._recount_at = self.buffered + self.limits.max_buffered_bytes // 8
+        elif self.buffered <= self.limits.max_buffered_bytes:
+            self._recount_at = 0
 
     def _enforce_buffer_budget(self) -> None:
         """Resets streams, the one read least recently first, until a quarter of the budget is free; streams

@@ -154,6 +154,7 @@ def main() -> None:
 @click.option("--log-json", is_flag=True, help="Write log lines as JSON objects.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.option("--debug", is_flag=True, help="On a failure, print the full traceback (the worker's too).")
+@click.option("--behave", default=None, hidden=True, help="Test only: play a hostile partner (an attack).")
 def join(
     run_id,
     bootstrap,
@@ -186,6 +187,7 @@ def join(
     log_json,
     verbose,
     debug,
+    behave,
 ) -> None:
     """Join the run RUN (or start it) and train with its peers until stopped (Ctrl-C)."""
     _setup_logging(verbose, log_json)
@@ -219,6 +221,7 @@ def join(
                 "closed": closed,
                 "token": token,
                 "identity_bits": identity_bits,
+                "behave": behave,
             },
         )
     except ConfigError as error:
@@ -316,7 +319,17 @@ def _leaf_exceptions(error: BaseException):
 )
 @click.option("--threads", type=int, default=1, show_default=True, help="Torch threads per worker.")
 @click.option("--debug", is_flag=True, help="Peers write the full traceback of a failure to their logs.")
-def swarm(peer_count, run_id, rounds, inner_steps, model, json_path, swarm_dir, threads, debug) -> None:
+@click.option(
+    "--behave",
+    "behaviours",
+    multiple=True,
+    hidden=True,
+    metavar="INDEX:ATTACK",
+    help="Test only: peer INDEX plays a hostile partner (the live Byzantine benchmark). Repeatable.",
+)
+def swarm(
+    peer_count, run_id, rounds, inner_steps, model, json_path, swarm_dir, threads, debug, behaviours
+) -> None:
     """Start PEERS real `peer join` processes on this machine and show them training together.
 
     The first peer starts the run and the others join through it. A live table shows each peer's
@@ -325,8 +338,14 @@ def swarm(peer_count, run_id, rounds, inner_steps, model, json_path, swarm_dir, 
     """
     from shoal.peer.swarm import SwarmOptions, run_swarm
 
+    behave: dict[int, str] = {}
+    for item in behaviours:
+        index, _, attack = item.partition(":")
+        if not index.isdigit() or not attack or int(index) >= peer_count:
+            raise click.UsageError(f"--behave {item!r} must be INDEX:ATTACK with INDEX < --peers")
+        behave[int(index)] = attack
     options = SwarmOptions(
-        peer_count, run_id, rounds, inner_steps, model, json_path, swarm_dir, threads, debug
+        peer_count, run_id, rounds, inner_steps, model, json_path, swarm_dir, threads, debug, behave
     )
     sys.exit(run_swarm(options))
 

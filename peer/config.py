@@ -71,6 +71,9 @@ class PeerConfig:
     serve_relay: bool = False
     serve_stun: int | None = None  # a port: answer STUN over UDP and TCP there
     punch: bool = True  # replace a relayed path by a punched one when possible
+    # Test-only (the live Byzantine benchmark): this peer's worker plays a hostile partner, one of
+    # gossip/outer/byzantine.py ATTACKS. Hidden from --help; never set on a real peer.
+    behave: str | None = None
 
     def __post_init__(self) -> None:
         if not RUN_ID_PATTERN.match(self.run_id):
@@ -122,6 +125,8 @@ class PeerConfig:
             if len(parts) != 4 or not all(parts):
                 raise ConfigError(f"TURN server {server!r} must look like HOST:PORT:USER:PASSWORD")
             _host_port(":".join(parts[:2]), "TURN server")
+        if self.behave is not None and not re.fullmatch(r"[a-z_]{1,32}", self.behave):
+            raise ConfigError(f"behave {self.behave!r} is not an attack name")  # the worker knows the list
         if self.serve_stun is not None and not 0 <= self.serve_stun < 65536:
             raise ConfigError(f"serve_stun must be a port number, got {self.serve_stun}")
 
@@ -129,7 +134,7 @@ class PeerConfig:
         """The fields the training worker needs, as plain values for the control channel."""
         names = (
             *("model", "inner_steps", "batch_size", "lr", "warmup_steps", "total_steps", "weight_decay"),
-            *("eval_windows", "seed", "threads", "method", "data", "rounds"),
+            *("eval_windows", "seed", "threads", "method", "data", "rounds", "behave"),
         )
         values = {name: getattr(self, name) for name in names}
         values["shard"] = list(self.shard) if self.shard else None

@@ -83,6 +83,9 @@ class RoundSwap:
         self.incoming: dict[int, asyncio.Future[tuple[bytes, int, int]]] = {}
         self.reports: list[RoundReport] = []
         self.banned: set[str] = set()
+        # Peers the run excluded from pairing on published evidence (the run state's `excluded`, which every
+        # member computes alike, so the seeded pairing stays the same everywhere); the daemon sets it.
+        self.excluded: Callable[[], set[str]] = set
         self.strikes: dict[str, int] = {}  # invalid messages per peer
         self.spec: list[tuple[str, tuple[int, ...]]] = []  # the model's tensors, once the worker says
         self.method = ""  # the outer method, as the worker resolved it
@@ -339,8 +342,9 @@ class RoundSwap:
 
     def eligible(self, now: float) -> list[str]:
         """The members we would pair with: live, training (their worker is ready and they hold the run's
-        weights) and not banned by us."""
-        return [p for p in self._members.ready(now) if p not in self.banned]
+        weights), not banned by us and not excluded by the run."""
+        excluded = self.excluded()
+        return [p for p in self._members.ready(now) if p not in self.banned and p not in excluded]
 
     async def answer_offer(self, sender: str, request: dict[str, Any], size: int, writer: Stream) -> None:
         number, payload = round_field(request), request.get("payload")

@@ -147,6 +147,7 @@ class RunStateLink:
                 for m in self.state.members(now)
             ],
             "bans": {str(peer_id_of(k)): reason for k, reason in self.state.bans().items()},
+            "excluded": {str(peer_id_of(k)): reason for k, reason in self.state.excluded().items()},
             "manifest": None if manifest is None else dataclasses.asdict(manifest),
             "size_bytes": self.state.size_bytes(),
         }

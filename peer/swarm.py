@@ -37,6 +37,7 @@ class SwarmOptions:
     swarm_dir: str | None
     threads: int
     debug: bool = False  # each peer's log (peer-N.log) gets the full traceback of a failure
+    behave: dict[int, str] = field(default_factory=dict)  # test only: peer index -> attack it plays
 
 
 @dataclass
@@ -62,6 +63,11 @@ class PeerView:
     log_path: Path | None = None
     error: str = ""  # the one line a failed peer printed (its `error` event)
     extra: dict[str, Any] = field(default_factory=dict)
+    # The guard's verdicts on this peer's partners: peer id -> refusals / clips; peers the run excluded.
+    refused: dict[str, int] = field(default_factory=dict)
+    clipped: dict[str, int] = field(default_factory=dict)
+    excluded: dict[str, int] = field(default_factory=dict)  # peer id -> round this peer learned it
+    first_flagged: dict[str, int] = field(default_factory=dict)  # peer id -> first round refused or clipped
 
     def apply(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
@@ -88,6 +94,13 @@ class PeerView:
             if event.get("bits_per_param") is not None:
                 self.bits_per_param = event["bits_per_param"]
             self.bytes_received += event["bytes_received"]
+        elif kind == "verdict":
+            counts = {"refuse": self.refused, "clip": self.clipped}.get(event.get("action", ""))
+            if counts is not None:
+                counts[event["peer"]] = counts.get(event["peer"], 0) + 1
+                self.first_flagged.setdefault(event["peer"], event.get("round", 0))
+        elif kind == "excluded":
+            self.excluded.setdefault(event["peer"], event.get("round", 0))
         elif kind == "done":
             self.state = "done"
         elif kind == "error":
@@ -162,6 +175,12 @@ def summarize(views: list[PeerView], options: SwarmOptions, wall_s: float) -> di
                 "exit_code": v.exit_code,
                 "parameters": v.parameters,
                 "bits_per_param": v.bits_per_param,
+                "guard": {
+                    "refused": v.refused,
+                    "clipped": v.clipped,
+                    "first_flagged": v.first_flagged,
+                    "excluded": v.excluded,
+                },
             }
             for v in views
         ],
@@ -254,6 +273,8 @@ class Swarm:
         ]
         if o.debug:
             args.append("--debug")
+        if index in o.behave:
+            args += ["--behave", o.behave[index]]
         return [*args, "--bootstrap", bootstrap] if bootstrap else args
 
     async def start_peer(self, index: int, bootstrap: str | None) -> asyncio.subprocess.Process:

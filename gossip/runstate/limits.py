@@ -52,6 +52,14 @@ MAX_PENDING_PER_OWNER = 32
 MAX_PENDING_TOTAL = 4096
 # Ban reasons and similar free text written into documents.
 MAX_REASON_CHARS = 200
+# Exclusion from pairing by evidence (RunState.excluded): a peer is excluded once this many distinct members
+# (at least EVIDENCE_QUORUM_MIN, so no single accuser can exclude anyone, and a share of the members in a
+# large run) publish evidence against it; an accuser with more than MAX_LONE_ACCUSATIONS accusations that
+# nobody else backs loses its voice and is excluded itself (a false accusation costs the accuser).
+EVIDENCE_QUORUM_MIN = 2
+EVIDENCE_ACTIVE_ROUNDS = 100  # members count toward the share if their round is this close to the newest
+EVIDENCE_QUORUM_SHARE = 0.25
+MAX_LONE_ACCUSATIONS = 2
 
 # --- sync timing (seconds of the caller's clock) ----------------------------------------------------
 # Anti-entropy with one random peer this often: push-pull spreads a change to N peers in about

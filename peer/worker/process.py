@@ -5,7 +5,8 @@ It talks to its daemon over a control channel (stdin/stdout) and passes payloads
     worker -> daemon: hello {spec, shared-memory names, parameters, corpus hash}
     worker -> daemon: eval {round, eval_loss}; progress {round, inner_step, train_loss}
     worker -> daemon: payload {round, nbytes}         (our fast weights are in the outbound segment)
-    daemon -> worker: partner {round, nbytes} | skip {round, reason}
+    daemon -> worker: partner {round, nbytes, peer} | skip {round, reason}
+    worker -> daemon: verdict {round, peer, action, reason, weight, scores, excluded, strikes}  (the guard's)
     daemon -> worker: stop                            (any time it trains or evaluates, or as the reply)
     worker -> daemon: done {round}                    (after the last round; also on a closed channel)
     worker -> daemon: error {message, bug, traceback}  (it cannot go on: bad data, a damaged checkpoint, ...)
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import sys
 import threading
@@ -127,7 +129,7 @@ def _train(
                     }
                 )
         own = trainer.message()
-        nbytes = outbound.write(own)
+        nbytes = outbound.write(trainer.outgoing(own))
         channel.send(
             {
                 "type": "payload",
@@ -149,9 +151,13 @@ def _train(
         partner = inbound.read(int(reply["nbytes"])) if reply.get("type") == "partner" else None
         trainer.round = number - 1
         trainer.inner_step = max(trainer.inner_step, number * settings.inner_steps)  # the run's schedule
-        outcome = trainer.outer_step(own, partner)
+        partner_id = reply.get("peer") if isinstance(reply.get("peer"), str) else None
+        excluded_before = set(trainer.guard.excluded) if trainer.guard is not None else set()
+        outcome = trainer.outer_step(own, partner, partner_id)
         if outcome.startswith("partner message refused"):
             log.warning("round %d: %s", number, outcome)
+        if trainer.verdict is not None and partner_id is not None:
+            channel.send(_verdict_message(trainer, number, partner_id, excluded_before))
         writer.write(trainer.state_dict())  # every round, written while the next round trains
         channel.send(
             {"type": "snapshot", "round": trainer.round, "nbytes": snapshot.write(trainer.slow_bytes())}
@@ -160,6 +166,24 @@ def _train(
     writer.wait()  # the last round's checkpoint is the final one
     channel.send({"type": "done", "round": trainer.round, "checkpoint": str(writer.path)})
     return 0
+
+
+def _verdict_message(trainer: Trainer, number: int, peer: str, excluded_before: set[str]) -> dict:
+    """The guard's verdict on this round's partner, for the daemon's log and events; `excluded` when this
+    verdict excluded the partner here (its strikes), which the daemon publishes as evidence."""
+    verdict = trainer.verdict
+    assert verdict is not None and trainer.guard is not None
+    return {
+        "type": "verdict",
+        "round": number,
+        "peer": peer,
+        "action": verdict.action,
+        "reason": verdict.reason,
+        "weight": round(verdict.weight, 4),
+        "scores": {k: round(v, 4) for k, v in verdict.scores.items() if math.isfinite(v)},
+        "excluded": peer in trainer.guard.excluded and peer not in excluded_before,
+        "strikes": len(trainer.guard.strikes.get(peer, [])),
+    }
 
 
 def _stop_poll(channel: ControlChannel) -> Callable[[], bool]:

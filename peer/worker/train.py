@@ -23,7 +23,10 @@ import numpy as np
 import torch
 
 from shoal.errors import ShoalError
-from shoal.gossip.outer.errors import OuterError
+from shoal.gossip.outer import byzantine
+from shoal.gossip.outer.errors import OuterError, OuterMessageError
+from shoal.gossip.outer.guard import CLIP, REFUSE, Guard, Probe, Verdict
+from shoal.gossip.outer.guarded_step import JUDGED, MAX_ROUND_LAG, partner_fast, weighted_step
 from shoal.gossip.outer.methods import (
     DEFAULT_METHOD,
     METHODS,
@@ -43,6 +46,10 @@ from shoal.peer.worker.presets import peer_number
 CHECKPOINT_FORMAT = 2  # 2: the outer method's whole state (phi, error feedback, momentum)
 EVAL_SEED = 1234  # the same evaluation windows on every peer of every run on this corpus
 DEFAULT_SHARDS = 16
+# The guard's loss probe: this many fixed windows of the peer's own shard, on which its own θ, its φ and the
+# partner's θ are evaluated before it pulls toward the partner (three forward passes of a small batch).
+PROBE_WINDOWS = 8
+PROBE_SEED = 4321
 
 
 class Interrupted(ShoalError):
@@ -68,6 +75,9 @@ class TrainSettings:
     init_seed: int  # the model's initial weights: the same for every peer of a run
     data_seed: int  # this peer's batch order
     peer_id: str
+    # Test-only: the hostile behaviour this worker plays (gossip/outer/byzantine.py ATTACKS), for the live
+    # Byzantine benchmark; None for every real peer.
+    behave: str | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainSettings:
@@ -102,6 +112,7 @@ class Trainer:
         self.sampler = BatchSampler(
             shard(corpus.train, index, count, block + 2), block, settings.batch_size, settings.data_seed
         )
+        self.probe_x, self.probe_y = fixed_windows(self.sampler.data, block, PROBE_WINDOWS, PROBE_SEED)
         self.eval_x, self.eval_y = fixed_windows(corpus.validation, block, settings.eval_windows, EVAL_SEED)
 
         params = dict(self.model.named_parameters())
@@ -123,6 +134,18 @@ class Trainer:
             raise ConfigError(f"outer method {method!r} cannot run here; choose one of {', '.join(pairwise)}")
         self.outer_config = OuterConfig.tuned(method)
         self.outer = OuterState.fresh(settings.peer_id, self.fast())  # phi, error feedback, momentum (CPU)
+        # The partner guard (gossip/outer/guard.py) judges each partner's message before this peer pulls
+        # toward it; `verdict` is the last round's, for the daemon to report and publish.
+        self.guard = Guard() if method in JUDGED else None
+        self.verdict: Verdict | None = None
+        self.attack: byzantine.Memory | None = None
+        self.cipher: torch.Tensor | None = None
+        if settings.behave is not None:
+            if settings.behave not in byzantine.ATTACKS or method not in JUDGED:
+                raise ConfigError(f"--behave {settings.behave!r}: one of {', '.join(byzantine.ATTACKS)}")
+            self.attack = byzantine.Memory(seed=settings.data_seed)
+            if settings.behave == "other_data":
+                self.cipher = byzantine.byte_cipher(settings.data_seed, corpus.vocab_size)
         self.inner_step = 0
         # Inner steps done in the round under way: a worker stopped in the middle of a round saves them,
         # and the resumed one takes only the rest of that round's H before its outer step.
@@ -191,6 +214,8 @@ class Trainer:
             group["lr"] = self.lr_at(self.inner_step)
         rng = self.sampler.generator.get_state()
         x, y = self.sampler.next()
+        if self.cipher is not None:  # --behave other_data: the same windows of another "corpus"
+            x, y = byzantine.cipher_batch(x, y, self.cipher)
         try:
             with self._autocast():
                 _, loss = self.model(x.to(self.device), y.to(self.device))
@@ -250,20 +275,84 @@ class Trainer:
             return make_message(self.outer_config, self.outer, self.fast())
 
     @torch.no_grad()
-    def outer_step(self, own: bytes, partner: bytes | None) -> str:
+    def outgoing(self, own: bytes) -> bytes:
+        """What this peer sends its partner: its own message, or with --behave (tests only) the attack's."""
+        if self.attack is None or self.settings.behave is None:
+            return own
+        fast = self.fast()
+        forged = byzantine.forge(self.settings.behave, self.round, self.outer.slow, fast, self.attack)
+        self.attack.remember(self.round, own, fast)
+        if forged.raw is not None:
+            return forged.raw
+        assert forged.fast is not None
+        return make_message(self.outer_config, self.outer, forged.fast)
+
+    @torch.no_grad()
+    def outer_step(self, own: bytes, partner: bytes | None, partner_id: str | None = None) -> str:
         """Moves the slow weights with our message and the partner's; returns what happened.
 
-        The partner's message is validated in full before anything changes; if it fails, the round
-        proceeds as one without a partner, and the reason is returned."""
+        The partner's message is validated in full, then judged by the guard (when `partner_id` names the
+        partner), before anything changes: refused, the round proceeds as one without a partner and the
+        reason is returned; clipped, its pull is down-weighted. `self.verdict` keeps the guard's verdict."""
         outcome = "swapped" if partner is not None else "alone"
+        self.verdict, weight = None, 1.0
+        if partner is not None and self.guard is not None and partner_id is not None:
+            self.verdict = self._judge(own, partner, partner_id)
+            weight = self.verdict.weight
+            if self.verdict.action == REFUSE:
+                outcome = f"partner message refused by the guard: {self.verdict.reason}"
+            elif self.verdict.action == CLIP:
+                outcome = f"swapped, the partner's pull clipped to {weight:.2f} ({self.verdict.reason})"
         try:
-            outer_step(self.outer_config, self.outer, own, [partner] if partner is not None else [])
+            if partner is None or weight <= 0.0:
+                outer_step(self.outer_config, self.outer, own, [])
+            else:
+                weighted_step(self.outer_config, self.outer, own, partner, weight)
         except OuterError as error:
             outcome = f"partner message refused by the worker: {error}"
             outer_step(self.outer_config, self.outer, own, [])
         self._load(self.slow)
         self.round_steps = 0
         return outcome
+
+    def _judge(self, own: bytes, partner: bytes, partner_id: str) -> Verdict:
+        """The guard's verdict on the partner's message (self.round: the rounds finished before this one)."""
+        assert self.guard is not None
+        fast = self.fast()
+        try:
+            message, theta_p, wrapped = partner_fast(self.outer_config, self.outer, own, partner, fast)
+        except OuterMessageError as error:
+            return self.guard.refuse_malformed(self.round, partner_id, str(error)[:200])
+        if self.attack is not None and self.settings.behave == "copy":
+            self.attack.received = theta_p  # what it will send back as its own next round
+        # A partner that jumped to the run's round after making its message stamped the round it had
+        # finished: judged at that round. Out of range is another round's message: refused, no strike.
+        if not self.round - MAX_ROUND_LAG <= message.round <= self.round:
+            return Verdict(REFUSE, 0.0, f"round {message.round}, not this round's ({self.round})", {})
+        probe = self._probe(theta_p)
+        return self.guard.judge(
+            message.round, partner_id, message, self.outer.slow, fast, theta_p, wrapped, probe
+        )
+
+    @torch.no_grad()
+    def _probe(self, partner: dict[str, torch.Tensor]) -> Probe:
+        """Loss of φ, of our θ and of the partner's θ on PROBE_WINDOWS fixed windows of our own shard (a
+        cheap Gauntlet). Short and not interruptible: a stop waits for it, as for the outer step."""
+        self.model.eval()
+        polling, self.should_stop = self.should_stop, None
+        try:
+            x, y = self.probe_x.to(self.device), self.probe_y.to(self.device)
+
+            def loss(weights: dict[str, torch.Tensor] | None) -> float:
+                with self._autocast():
+                    if weights is None:
+                        return float(self.model(x, y)[1])
+                    on_device = {n: t.to(self.device) for n, t in weights.items()}
+                    return float(torch.func.functional_call(self.model, on_device, (x, y))[1])
+
+            return Probe(slow=loss(self.outer.slow), own=loss(None), partner=loss(partner))
+        finally:
+            self.should_stop = polling
 
     @torch.no_grad()
     def _load(self, weights: list[torch.Tensor]) -> None:
@@ -287,6 +376,7 @@ class Trainer:
             "fast": [p.detach().to("cpu", copy=True) for p in self.model.parameters()],
             "optimizer": _cpu_copy(self.optimizer.state_dict()),  # its tensors change in place otherwise
             "sampler_rng": self.sampler.generator.get_state(),
+            "guard": self.guard.state_dict() if self.guard is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -306,6 +396,9 @@ class Trainer:
             self._load(state["fast"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.generator.set_state(state["sampler_rng"])
+        if self.guard is not None:  # absent from checkpoints written before the guard: a fresh one
+            saved = state.get("guard")
+            self.guard = Guard.from_state_dict(saved) if saved else Guard()
         self.inner_step = int(state["inner_step"])
         # Absent from checkpoints written before mid-round stops were kept: those began a round afresh.
         self.round_steps = min(max(0, int(state.get("round_steps", 0))), self.settings.inner_steps)

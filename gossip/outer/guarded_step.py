@@ -1,0 +1,95 @@
+"""The outer step with the partner guard: read the partner's θ as the step would apply it, and step with a
+verdict's weight (issue 18, "Poisoned updates"; the verdict itself is `guard.Guard`'s).
+
+`partner_fast` decodes a partner's message into the θ_p this peer's step would pull toward (for the lattice
+code: against this peer's φ, with this peer's own θ in the blocks that wrapped), which the guard measures and
+probes. `weighted_step` then applies the verdict: the method's step with weight 1, the step alone with 0, and
+in between (1 − w)·alone + w·with-partner, exact for the NoLoCo methods, whose step is affine in θ_p. Only the
+NoLoCo methods are judged (JUDGED): pair-sparseloco's partners apply a shared contributor-mean, not a pull.
+Pure tensor math, no I/O: the worker and `bench.byzantine` share it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from shoal.gossip.outer import compressed_noloco, noloco
+from shoal.gossip.outer.config import OuterConfig, OuterState
+from shoal.gossip.outer.methods import outer_step
+from shoal.gossip.outer.tensors import Named
+from shoal.gossip.outer.wire import Message, unpack
+
+# The methods whose partner messages the guard judges: a pull toward the partner's θ, affine in θ.
+JUDGED = ("compressed-noloco", "noloco")
+# A partner that jumped to the run's round after it made its message (it had skipped rounds) stamps it with
+# the round it had finished, a few rounds back; older than this is not this round's message.
+MAX_ROUND_LAG = 16
+
+
+def partner_fast(
+    config: OuterConfig,
+    state: OuterState,
+    own: bytes,
+    message: bytes,
+    own_fast: Mapping[str, torch.Tensor],
+) -> tuple[Message, Named, float]:
+    """The partner's message, the θ_p this peer's step would pull toward, and the fraction of its values
+    that wrapped (replaced by this peer's own θ: no pull there). Raises OuterMessageError for a message the
+    method would refuse (format, layout, non-finite values, a lattice step far above this peer's own)."""
+    if config.method not in JUDGED:
+        raise ValueError(f"the guard judges {', '.join(JUDGED)} messages, not {config.method!r}")
+    parsed = unpack(message, config.method)
+    if config.method == "noloco":
+        views = noloco.dense_views(parsed, state.slow)
+        return (
+            parsed,
+            {k: torch.from_numpy(v.copy()).view(state.slow[k].shape) for k, v in views.items()},
+            0.0,
+        )
+    compressed_noloco.check_steps(parsed, unpack(own, config.method).steps)
+    decoded = compressed_noloco.read_lattice(parsed, state.slow, config)
+    wrapped = total = 0
+    for name, values in decoded.values.items():
+        mask = decoded.wrapped[name]
+        values[mask] = own_fast[name].detach().float()[mask]
+        wrapped += int(mask.sum())
+        total += mask.numel()
+    return parsed, decoded.values, wrapped / max(1, total)
+
+
+def weighted_step(config: OuterConfig, state: OuterState, own: bytes, partner: bytes, weight: float) -> None:
+    """The outer step with the partner's pull weighted by `weight` (1: the method's step, 0: alone).
+
+    A message the method refuses raises OuterMessageError and leaves `state` as it was."""
+    if weight <= 0.0:
+        outer_step(config, state, own, [])
+        return
+    if weight >= 1.0:
+        outer_step(config, state, own, [partner])
+        return
+    saved = (state.slow, state.momentum, state.round, dict(state.drift), dict(state.counters))
+    outer_step(config, state, own, [partner])  # raises before anything changes
+    with_slow, with_momentum, with_drift, with_counters = (
+        state.slow,
+        state.momentum,
+        state.drift,
+        state.counters,
+    )
+    state.slow, state.momentum, state.round, state.drift, state.counters = saved
+    outer_step(config, state, own, [])
+    state.drift, state.counters = with_drift, with_counters  # what the partner's decode measured
+    for name, alone in state.slow.items():
+        _mix_into(alone, with_slow[name], weight)
+        _mix_into(state.momentum[name], with_momentum[name], weight)
+
+
+def _mix_into(alone: torch.Tensor, partnered: torch.Tensor, weight: float) -> None:
+    """alone ← alone + w·(partnered − alone), in place, a float32 chunk at a time."""
+    a, p = alone.view(-1).numpy(), partnered.view(-1).numpy()
+    for start, stop in noloco.chunk_bounds(a.size):
+        d = np.subtract(p[start:stop], a[start:stop])
+        d *= np.float32(weight)
+        a[start:stop] += d

@@ -33,6 +33,7 @@ from shoal.peer.commands import resolve_peer
 from shoal.peer.config import PeerConfig
 from shoal.peer.control import SOCKET_NAME, ControlError, ControlServer
 from shoal.peer.events import Events
+from shoal.peer.guard_reports import GuardReports
 from shoal.peer.identity_proof import prove_identity
 from shoal.peer.ipc import SharedBuffer, WorkerGone, WorkerProcess
 from shoal.peer.keys import resolve_identity
@@ -144,8 +145,8 @@ class Daemon:
         self.swap = RoundSwap(
             self.peer_id, config, self.board, self.stopping, self._request, self._message, self.publish_ban
         )
-        self.swap.excluded = self.run_excluded
-        self._exclusions_told: set[str] = set()
+        self.guard_reports = GuardReports(self.peer_id, self.events, lambda: self.runstate)
+        self.swap.excluded = self.guard_reports.excluded
 
     @property
     def join_address(self) -> str:
@@ -457,7 +458,7 @@ class Daemon:
                     weights = _shared(worker.snapshot).read(int(message["nbytes"]))
                     self.snapshot = (int(message["round"]), weights)
                 elif kind == "verdict":
-                    self._on_verdict(message)
+                    self.guard_reports.on_verdict(message)
                 elif kind in ("progress", "eval"):
                     self.events.emit(kind, **{k: v for k, v in message.items() if k != "type"})
                 elif kind == "payload":
@@ -626,7 +627,7 @@ class Daemon:
             seconds=round(seconds, 3),
             bits_per_param=round(8 * len(payload) / max(1, self.parameters), 3),
         )
-        self._note_exclusions(number)
+        self.guard_reports.note_exclusions(number)
         if self.runstate is not None:
             self.runstate.change("set_round", number)
             self.runstate.state.set_metrics(train_loss=message.get("train_loss"), outcome=report.outcome[:40])
@@ -678,51 +679,6 @@ class Daemon:
             raise ControlError(f"{target} is not banned")
         self.swap.banned.discard(target)
         return target
-
-    def _on_verdict(self, message: dict[str, Any]) -> None:
-        """The worker's guard judged this round's partner: say so, and when the guard excluded it (refused
-        again and again), publish the evidence in the run state; enough members' evidence excludes it from
-        every member's pairing (RunState.excluded)."""
-        fields = {k: message.get(k) for k in ("round", "peer", "action", "reason", "weight", "strikes")}
-        self.events.emit("verdict", **fields, scores=message.get("scores"))
-        peer, action = str(message.get("peer")), message.get("action")
-        if action != "accept":
-            log.info(
-                "[%s] round %s: the guard %s %s's update (%s, weight %s)",
-                self.peer_id,
-                fields["round"],
-                "refused" if action == "refuse" else "clipped",
-                peer,
-                fields["reason"],
-                fields["weight"],
-            )
-        if message.get("excluded") and _is_peer_id(peer):
-            why = f"guard: {fields['strikes']} refusals by round {fields['round']}, last {fields['reason']}"
-            log.warning(
-                "[%s] %s sent poisoned updates (%s): publishing the evidence", self.peer_id, peer, why
-            )
-            key = key_of(peer)
-            if self.runstate is not None and key is not None:
-                self.runstate.change("accuse", key, int(message.get("round") or 0), why)
-
-    def _note_exclusions(self, number: int) -> None:
-        """Says once, in the log and the events, when the run excludes a peer from pairing."""
-        if self.runstate is None:
-            return
-        for key, why in self.runstate.state.excluded().items():
-            peer = str(peer_id_of(key))
-            if peer not in self._exclusions_told:
-                self._exclusions_told.add(peer)
-                log.warning(
-                    "[%s] round %d: the run excluded %s from pairing: %s", self.peer_id, number, peer, why
-                )
-                self.events.emit("excluded", round=number, peer=peer, reason=why)
-
-    def run_excluded(self) -> set[str]:
-        """Peers the run excluded from pairing on its members' published evidence."""
-        if self.runstate is None:
-            return set()
-        return {str(peer_id_of(key)) for key in self.runstate.state.excluded()}
 
     def publish_ban(self, peer: str, why: str) -> None:
         """Records a ban of ours in our run-state document, for the other members to see."""
@@ -950,7 +906,7 @@ class Daemon:
         if sender in self.swap.banned and kind == "offer":
             await write_message(writer, self._message("refuse", reason="you are banned by this peer"))
             return
-        if kind == "offer" and sender in self.run_excluded():
+        if kind == "offer" and sender in self.guard_reports.excluded():
             reason = "you are excluded from pairing: members published evidence of poisoned updates"
             await write_message(writer, self._message("refuse", reason=reason))
             return

@@ -1,0 +1,69 @@
+"""What the daemon does with its worker's partner-guard verdicts, and with the run's exclusions (issue 18).
+
+The worker judges each partner's message (gossip/outer/guard.py) and sends the verdict. Here it is logged
+and emitted as a `verdict` event; when the guard excluded the partner (refused again and again), the
+evidence goes into this peer's signed run-state document (`RunState.accuse`). The run state turns a quorum
+of members' evidence into exclusions every member computes alike (`RunState.excluded`); `excluded()` is
+what the round swap leaves out of the pairing, and the daemon says once when the run excludes a peer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from shoal.peer.events import Events
+from shoal.peer.runstate_link import RunStateLink, key_of, peer_id_of
+
+log = logging.getLogger("shoal.peer.daemon")
+
+
+class GuardReports:
+    def __init__(self, peer_id: str, events: Events, runstate: Callable[[], RunStateLink | None]) -> None:
+        self.peer_id = peer_id
+        self.events = events
+        self._runstate = runstate  # the daemon's link, once it is up
+        self._told: set[str] = set()  # exclusions already said
+
+    def on_verdict(self, message: dict[str, Any]) -> None:
+        """The worker's guard judged this round's partner: say so, and publish the evidence when it excluded
+        the partner."""
+        fields = {k: message.get(k) for k in ("round", "peer", "action", "reason", "weight", "strikes")}
+        self.events.emit("verdict", **fields, scores=message.get("scores"))
+        peer, action = str(message.get("peer")), message.get("action")
+        if action != "accept":
+            verb = "refused" if action == "refuse" else "clipped"
+            log.info(
+                "[%s] round %s: the guard %s %s's update (%s, weight %s)",
+                *(self.peer_id, fields["round"], verb, peer, fields["reason"], fields["weight"]),
+            )
+        if not message.get("excluded"):
+            return
+        key = key_of(peer)  # the partner's id, as the daemon told the worker: a valid peer id
+        if key is None:
+            return
+        why = f"guard: {fields['strikes']} refusals by round {fields['round']}, last {fields['reason']}"
+        log.warning("[%s] %s sent poisoned updates (%s): publishing the evidence", self.peer_id, peer, why)
+        link = self._runstate()
+        if link is not None:
+            link.change("accuse", key, int(message.get("round") or 0), why)
+
+    def excluded(self) -> set[str]:
+        """Peers the run excluded from pairing on its members' published evidence."""
+        link = self._runstate()
+        return set() if link is None else {str(peer_id_of(key)) for key in link.state.excluded()}
+
+    def note_exclusions(self, number: int) -> None:
+        """Says once, in the log and as an `excluded` event, when the run excludes a peer."""
+        link = self._runstate()
+        if link is None:
+            return
+        for key, why in link.state.excluded().items():
+            peer = str(peer_id_of(key))
+            if peer not in self._told:
+                self._told.add(peer)
+                log.warning(
+                    "[%s] round %d: the run excluded %s from pairing: %s", self.peer_id, number, peer, why
+                )
+                self.events.emit("excluded", round=number, peer=peer, reason=why)

@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PROTOCOL_VERSION = 2  # 2: membership entries signed by their members
+PROTOCOL_VERSION = 3  # 2: membership entries signed by their members; 3: full-duplex swaps
 RUN_PROTOCOL = "/shoal/run/1.0.0"  # membership, status and the round swap, one request per stream
 # Seconds a peer has to send a request's length prefix once the stream is open; the body then gets the
 # time its size needs at the path's measured rate, and is cut after IDLE_TIMEOUT without a byte
@@ -868,13 +868,13 @@ class Daemon:
         return STRANGER_REQUEST_LIMIT
 
     def _answer_deadline(self, kind: object, size: int, sender: str) -> float:
-        """How long writing an answer may take. An offer's responder holds it until its own round is
-        ready (exchange_timeout), then sends a payload about the offer's `size`; weights are the model in
-        fp32; both at the requester's measured rate, or the minimum, within their ceilings."""
+        """How long writing an answer may take. An offer is held until our own round is ready
+        (exchange_timeout), then answered with a short accept (our payload travels in our own offer);
+        weights are the model in fp32, at the requester's measured rate, or the minimum, within their
+        ceiling."""
         rate = self.reach.rate_bps(sender) if self.reach is not None else None
         if kind == "offer":
-            ceiling = deadlines.exchange_ceiling(self.config.exchange_timeout)
-            return self.config.exchange_timeout + deadlines.transfer_deadline(size, rate, ceiling)
+            return self.config.exchange_timeout + REQUEST_TIMEOUT
         if kind == "weights":
             nbytes = 4 * dense.spec_size(self.swap.spec)
             return deadlines.transfer_deadline(nbytes, rate, deadlines.WEIGHTS_CEILING_S)

@@ -2,9 +2,11 @@
 
 Each round the worker hands the daemon its payload; `RoundSwap.swap` picks the round (the worker's next
 one, or the run's after a skip: gossip/rounds/clock.py), the partner (the seeded pairing over the live
-members) and swaps under the exchange deadline: the peer with the smaller id offers, the other answers
-from `answer_offer`, which the daemon's request dispatcher calls. A round yields a whole, validated
-partner payload or none. Invalid messages score their sender down; enough of them ban it here.
+members) and swaps under the exchange deadline, full duplex: both partners send their payload in an offer
+at once (each on its own stream) and each answers the other's offer from `answer_offer`, which the
+daemon's request dispatcher calls, with a payload-less accept once its own round is ready. The round is
+swapped when our offer was accepted and the partner's arrived: a whole, validated partner payload or none.
+Invalid messages score their sender down; enough of them ban it here.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from shoal.gossip.rounds.pairing import partner_of
 from shoal.gossip.rounds.swap import SwapBook, Verdict, should_stop_waiting
 from shoal.peer import deadlines
 from shoal.peer.config import PeerConfig
-from shoal.peer.reach import PeerReach, TransferTimer
+from shoal.peer.reach import PeerReach
 from shoal.peer.status import StatusBoard
 from shoal.transport.errors import TransportError
 from shoal.transport.host import Stream
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 
 CONTROL_MESSAGE_LIMIT = 1 << 20  # members/status requests and answers
 PAYLOAD_SLACK = 64 * 1024  # message fields around a payload
-PROBE_INTERVAL = 0.5  # how often a waiting responder asks its partner how it is doing
+PROBE_INTERVAL = 0.5  # how often a peer waiting for its partner's offer asks it how it is doing
 ROUND_QUERY_TIMEOUT = 2.0  # seconds a member has to say which round it finished
 ROUND_REPORTS_KEPT = 100
 MAX_STRIKES = 3  # invalid round messages before a peer is banned here (an honest peer sends none)
@@ -80,7 +82,7 @@ class RoundSwap:
         self._named_slow: set[str] = set()  # partners whose slow link the log named (until they swap)
         self.book = SwapBook(peer_id)
         self.changed = asyncio.Condition()  # notified whenever the book changes
-        self.incoming: dict[int, asyncio.Future[tuple[bytes, int, int]]] = {}
+        self.incoming: dict[int, asyncio.Future[tuple[bytes, int]]] = {}  # round -> (payload, bytes)
         self.reports: list[RoundReport] = []
         self.banned: set[str] = set()
         # Peers the run excluded from pairing on published evidence (the run state's `excluded`, which every
@@ -200,18 +202,13 @@ class RoundSwap:
             self.changed.notify_all()
         report = RoundReport(number, partner, "skipped: no partner this round", 0, 0)
         deadline = self.config.exchange_timeout
-        answer = TransferTimer(from_first_byte=True)  # the partner's answer, when we offer
         limit: asyncio.Timeout | None = None
         try:
             if partner is not None:
                 deadline, stretched = self.exchange_deadline(partner, len(payload))
                 async with asyncio.timeout(deadline) as limit:
-                    if self.peer_id < partner:
-                        waiting = f"sent round {number} to partner {partner}, waiting for its answer"
-                        swap = self._initiate(partner, number, payload, report, answer)
-                    else:
-                        waiting = f"waiting for partner {partner} to send its round {number}"
-                        swap = self._await_offer(partner, number, report)
+                    waiting = f"swapping round {number} with partner {partner}"
+                    swap = self._both_ways(partner, number, payload, report)
                     if stretched:  # the bytes need longer than --exchange-timeout: say how long and why
                         log.info("[%s] round %d: %s", self.peer_id, number, stretched)
                         waiting = f"{waiting} ({stretched})"
@@ -222,9 +219,8 @@ class RoundSwap:
         except TimeoutError:
             assert partner is not None  # only an exchange with a partner has a deadline
             if limit is not None and limit.expired():
+                # (what of its offer arrived told the path's rate: the daemon's request reader records it)
                 report.outcome = f"skipped: partner {partner} did not answer within {deadline:.0f}s"
-                if self.reach is not None:  # what of its answer arrived tells the path's rate
-                    self.reach.record(answer, partner, partial=True)
                 self.check_link(partner, len(payload))
             else:  # a connect's own deadline, not the round's
                 report.outcome = f"skipped: connection to partner {partner} failed (timed out)"
@@ -247,33 +243,47 @@ class RoundSwap:
                 self.changed.notify_all()
         return report
 
-    async def _initiate(
-        self, partner: str, number: int, payload: bytes, report: RoundReport, answer: TransferTimer
-    ) -> None:
-        offer = self._message("offer", round=number, payload=payload)
-        reply, sent, received = await self._request(partner, offer, self.max_offer_bytes, answer)
-        report.bytes_sent, report.bytes_received = sent, received
-        if self.reach is not None:  # the answer's bytes from its first: the path's rate towards us
-            self.reach.record(answer, partner)
-        if reply.get("type") == "refuse":
-            report.outcome = f"skipped: partner refused ({str(reply.get('reason'))[:200]})"
-            return
-        if (
-            reply.get("type") != "accept"
-            or reply.get("round") != number
-            or not isinstance(reply.get("payload"), bytes)
-        ):
-            raise MessageError(f"unexpected answer to an offer: type {reply.get('type')!r}")
-        dense.check_message(reply["payload"], self.method, self.spec, self.lattice_bits)
-        report.payload = reply["payload"]
-        report.outcome = "swapped"
+    async def _both_ways(self, partner: str, number: int, payload: bytes, report: RoundReport) -> None:
+        """Our offer to the partner and the partner's offer to us, at once (full duplex). The first side to
+        give up (refused, the partner moved on) ends the other; swapped only when both went through."""
+        sending = asyncio.ensure_future(self._offer(partner, number, payload, report))
+        receiving = asyncio.ensure_future(self._await_offer(partner, number, report))
+        try:
+            pending = {sending, receiving}
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    reason = task.result()  # what it raised is raised here
+                    if reason is not None:
+                        report.outcome = f"skipped: {reason}"
+                        return
+            report.outcome = "swapped"
+        finally:
+            for task in (sending, receiving):
+                task.cancel()
+            await asyncio.gather(sending, receiving, return_exceptions=True)
+        if report.outcome != "swapped":
+            report.payload = None
 
-    async def _await_offer(self, partner: str, number: int, report: RoundReport) -> None:
+    async def _offer(self, partner: str, number: int, payload: bytes, report: RoundReport) -> str | None:
+        """Sends our payload; None once the partner accepted it, else why not."""
+        offer = self._message("offer", round=number, payload=payload)
+        reply, sent, _ = await self._request(partner, offer, CONTROL_MESSAGE_LIMIT)
+        report.bytes_sent = sent
+        if reply.get("type") == "refuse":
+            return f"partner refused ({str(reply.get('reason'))[:200]})"
+        if reply.get("type") != "accept" or reply.get("round") != number:
+            raise MessageError(f"unexpected answer to an offer: type {reply.get('type')!r}")
+        return None
+
+    async def _await_offer(self, partner: str, number: int, report: RoundReport) -> str | None:
+        """Waits for the partner's offer (answered by `answer_offer`); None once it is here, else why we
+        stopped waiting (the partner's status says it will not come)."""
         arrival = self.incoming[number]
         while True:
             try:
                 async with asyncio.timeout(PROBE_INTERVAL):
-                    payload, sent, received = await asyncio.shield(arrival)
+                    payload, received = await asyncio.shield(arrival)
                 break
             except TimeoutError:
                 try:
@@ -288,11 +298,10 @@ class RoundSwap:
                     raise
                 reason = should_stop_waiting(status, self.peer_id, number)
                 if reason is not None and not arrival.done():
-                    report.outcome = f"skipped: {reason}"
-                    return
+                    return reason
         report.payload = payload
-        report.bytes_sent, report.bytes_received = sent, received
-        report.outcome = "swapped"
+        report.bytes_received = received
+        return None
 
     def exchange_deadline(self, partner: str, nbytes: int) -> tuple[float, str]:
         """The round's deadline for `nbytes` each way with `partner` (`deadlines.exchange_deadline`) and,
@@ -373,12 +382,10 @@ class RoundSwap:
                 reason = decision.reason if decision else f"not ready for round {number} in time"
                 await write_message(writer, self._message("refuse", reason=reason or "duplicate"))
                 return
-            assert self.book.current is not None  # on_offer accepts only for the round we are ready for
-            ours = self.book.current.payload
-        sent = await write_message(writer, self._message("accept", round=number, payload=ours))
+        await write_message(writer, self._message("accept", round=number))
         arrival = self.incoming.get(number)
         if arrival is not None and not arrival.done():
-            arrival.set_result((payload, sent, size))
+            arrival.set_result((payload, size))
 
 
 def _waits(number: int, partner: tuple[int, int] | None) -> bool:

@@ -1,10 +1,10 @@
 """The round protocol's rules, without I/O: who may swap with us in which round, and what we answer.
 
-Each round, the peer with the smaller id of a pair is the initiator: it sends an OFFER (round, its
-payload) and the responder answers with its own payload or a REFUSE with a reason. The responder may
-receive the offer before its own payload is ready; it holds it (the shell waits, under a deadline).
-A waiting responder asks its partner for a STATUS now and then, to stop waiting early when the
-partner is gone, has moved past the round, or paired with someone else.
+Each round, both partners send an OFFER (round, their payload) to each other at once (full duplex), and
+each answers the other's with a short ACCEPT or a REFUSE with a reason. A peer may receive its partner's
+offer before its own payload is ready; it holds it (the shell waits, under a deadline). A peer waiting
+for its partner's offer asks it for a STATUS now and then, to stop waiting early when the partner is
+gone, has moved past the round, or paired with someone else.
 
 A round's exchange completes at most once: the first validated payload from the right partner wins,
 everything else for that round is refused. Nothing here touches weights: the shell hands a complete,
@@ -23,7 +23,7 @@ MAX_ROUNDS_AHEAD = 2
 
 class Verdict(enum.Enum):
     HOLD = "hold"  # not ready for that round yet: wait, then ask again
-    ACCEPT = "accept"  # answer with our payload
+    ACCEPT = "accept"  # take the payload: our own travels in our own offer
     REFUSE = "refuse"
 
 

@@ -907,7 +907,7 @@ class Daemon:
             await write_message(writer, self._message("refuse", reason="you are banned by this peer"))
             return
         if kind == "offer" and sender in self.guard_reports.excluded():
-            reason = "you are excluded from pairing: members published evidence of poisoned updates"
+            reason = "you are excluded from pairing by the run (banned, or evidence of poisoned updates)"
             await write_message(writer, self._message("refuse", reason=reason))
             return
         loop = asyncio.get_running_loop()

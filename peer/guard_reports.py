@@ -50,16 +50,21 @@ class GuardReports:
             link.change("accuse", key, int(message.get("round") or 0), why)
 
     def excluded(self) -> set[str]:
-        """Peers the run excluded from pairing on its members' published evidence."""
+        """Peers no member pairs with: excluded on its members' published evidence, or banned from the run
+        (by its creator or a delegate, for proven equivocation, or by a majority vote of its members)."""
         link = self._runstate()
-        return set() if link is None else {str(peer_id_of(key)) for key in link.state.excluded()}
+        return set() if link is None else {str(peer_id_of(key)) for key in self._reasons(link)}
+
+    @staticmethod
+    def _reasons(link: RunStateLink) -> dict[bytes, str]:
+        return {**link.state.bans(), **link.state.excluded()}
 
     def note_exclusions(self, number: int) -> None:
-        """Says once, in the log and as an `excluded` event, when the run excludes a peer."""
+        """Says once, in the log and as an `excluded` event, when the run excludes or bans a peer."""
         link = self._runstate()
         if link is None:
             return
-        for key, why in link.state.excluded().items():
+        for key, why in self._reasons(link).items():
             peer = str(peer_id_of(key))
             if peer not in self._told:
                 self._told.add(peer)

@@ -326,12 +326,13 @@ class Trainer:
         if self.attack is not None and self.settings.behave == "copy":
             self.attack.received = theta_p  # what it will send back as its own next round
         # A partner that jumped to the run's round after making its message stamped the round it had
-        # finished: judged at that round. Out of range is another round's message: refused, no strike.
+        # finished: judged as this round's. Out of range is another round's message: refused, no strike.
         if not self.round - MAX_ROUND_LAG <= message.round <= self.round:
             return Verdict(REFUSE, 0.0, f"round {message.round}, not this round's ({self.round})", {})
         probe = self._probe(theta_p)
+        this_round = replace(message, round=self.round)  # the digest ignores the header
         return self.guard.judge(
-            message.round, partner_id, message, self.outer.slow, fast, theta_p, wrapped, probe
+            self.round, partner_id, this_round, self.outer.slow, fast, theta_p, wrapped, probe
         )
 
     @torch.no_grad()

@@ -12,13 +12,25 @@ u_p = θ_p − φ against this peer's own u_i = θ_i − φ (see docs/outer-meth
   repeat is refused;
 * gross norms and angles: ‖u_p‖/‖u_i‖ above ratio_refuse (a scaled update) or below ratio_floor (a free
   rider that sends φ back), or cos(u_p, u_i) below cos_refuse (a flipped update), is refused;
+* lag: this peer remembers its own φ of the last `replay_rounds` rounds (at the sketch's coordinates); a θ_p
+  that sits behind φ_{t−k} (k >= lag_min_rounds) by more than lag_refuse of the way φ moved since, an old θ
+  re-encoded as this round's, is refused ("stale");
 * a loss probe (optional: the caller evaluates θ_i and θ_p on a few held-out batches of its own shard, as
   Covenant's Gauntlet scores a submission by the loss it brings): the gap L(θ_p) − L(θ_i);
-* robust history: the log norm ‖u_p‖, the cosine and the probe gap of recent partners (median and MAD of
-  the last `window` not refused); the partner's one-sided z-scores against them are summed into a
-  suspicion: beyond suspicion_clip the pull is down-weighted, beyond suspicion_refuse refused;
+* robust history: the log norm ‖u_p‖, the cosine, the probe gap and the progress cosine cos(u_p, φ − φ_{t−k})
+  (k up to progress_rounds: the way this peer's φ moved, which averages out the partners' shards better than
+  u_i does) of recent partners (median and MAD of the last `window` not refused); the partner's one-sided
+  z-scores against them are summed into a suspicion: beyond suspicion_clip the pull is down-weighted by
+  (suspicion_clip / suspicion)², beyond suspicion_refuse refused;
+* suspects: an origin this peer refused within `suspect_rounds` rounds is judged more strictly (clipped
+  beyond suspect_clip, at most suspect_weight while the history is too short to judge; refused only by the
+  same rules as anyone, so that a mistaken refusal cannot snowball into an exclusion) and its values are
+  kept out of the history, so that an attacker caught once cannot hide in the honest spread afterwards;
 * strikes: `strikes_to_exclude` refusals of one origin within `strike_rounds` rounds exclude it locally
   (every later message refused; the live worker will publish that as evidence).
+
+What the guard keeps per origin (strikes, suspects, exclusions) is bounded by `origin_cap`, the oldest
+forgotten first; the rest by `window` and `replay_rounds`.
 
 The fraction of the partner's lattice values that wrapped is reported, not judged: the method already
 applies no pull in wrapped blocks.
@@ -42,7 +54,7 @@ import torch
 from shoal.gossip.outer.wire import Message
 
 ACCEPT, CLIP, REFUSE = "accept", "clip", "refuse"
-HISTORY_KEYS = ("log_norm", "cos", "probe")
+HISTORY_KEYS = ("log_norm", "cos", "probe", "progress")
 
 
 @dataclass(frozen=True)
@@ -55,14 +67,31 @@ class GuardConfig:
     ratio_refuse: float = 16.0  # ‖u_p‖/‖u_i‖ above: refuse (x100 scaled updates)
     ratio_floor: float = 0.5  # below: refuse (no training: the partner sent φ back while φs agree)
     cos_refuse: float = -0.7  # cos(u_p, u_i) below: refuse (a flipped pseudo-gradient, early in a run)
+    # Stale: θ_p sits behind this peer's own φ of k rounds ago (k >= lag_min_rounds) by more than lag_refuse
+    # of the distance this peer's φ moved since: -<θ_p - φ, φ - φ_{t-k}> / ‖φ - φ_{t-k}‖² (on the sketch's
+    # coordinates). An honest θ is at or ahead of φ (its H inner steps point the way φ moved); the θ of 8
+    # rounds ago re-encoded sits about a full 8 rounds back. Honest partners reached 0.35 in the calibration.
+    lag_min_rounds: int = 6
+    lag_refuse: float = 0.6
+    progress_rounds: int = 8  # the robust "progress" cosine: of u_p with φ - φ_{t-k}, k up to this
     window: int = 32  # past verdicts kept for the robust statistics
     min_history: int = 8  # judged partners before the robust rules apply
     # Suspicion: the sum of the one-sided robust z-scores (|x − median| / (1.4826·MAD)) of the log norm
     # ‖u_p‖, the cosine and the probe's loss gap. Honest partners reached 12 in the calibration run.
-    suspicion_clip: float = 6.0  # beyond: the pull is down-weighted by suspicion_clip / suspicion
+    suspicion_clip: float = 7.0  # beyond: the pull is down-weighted by (suspicion_clip / suspicion)²
     suspicion_refuse: float = 16.0  # beyond: refused
+    # The progress cosine's z-score adds at most this much to the suspicion: evidence, never a refusal alone
+    # (a peer's own path of φ can turn, and then every partner looks behind it for a few rounds).
+    progress_z_cap: float = 4.0
+    # A suspect origin (refused by this peer within suspect_rounds rounds) is judged more strictly: clipped
+    # beyond suspect_clip (weight (suspect_clip / suspicion)²) and pulled with suspect_weight at most while
+    # this peer has too little history to judge it; its values stay out of the robust history.
+    suspect_rounds: int = 40
+    suspect_clip: float = 3.0
+    suspect_weight: float = 0.5
+    origin_cap: int = 1024  # origins remembered (strikes, suspects, exclusions): the oldest are forgotten
     mad_floor: dict[str, float] = field(
-        default_factory=lambda: {"log_norm": 0.05, "cos": 0.02, "probe": 0.01}
+        default_factory=lambda: {"log_norm": 0.05, "cos": 0.02, "probe": 0.01, "progress": 0.02}
     )  # the MAD never counts as smaller: a few near-identical partners must not make everything an outlier
     replay_rounds: int = 16  # rounds a payload digest and a sketch are remembered
     sketch_size: int = 2048  # coordinates of the decoded θ kept per judged message
@@ -118,6 +147,7 @@ class Measures:
     cos: float  # cos(u_p, u_i)
     own_sketch: torch.Tensor  # u_i at the sketch's coordinates
     sketch: torch.Tensor  # θ_p at the sketch's coordinates
+    slow_sketch: torch.Tensor  # φ at the sketch's coordinates
 
 
 class Guard:
@@ -128,8 +158,10 @@ class Guard:
         self.history: dict[str, deque[float]] = {k: deque(maxlen=self.config.window) for k in HISTORY_KEYS}
         self.digests: dict[bytes, int] = {}  # payload digest -> round seen
         self.sketches: deque[tuple[int, torch.Tensor]] = deque()  # (round, θ_p sketch)
+        self.slow_sketches: deque[tuple[int, torch.Tensor]] = deque()  # (round, this peer's φ sketch)
         self.strikes: dict[str, list[int]] = {}  # origin -> rounds it was refused
         self.excluded: dict[str, int] = {}  # origin -> round it was excluded
+        self.suspects: dict[str, int] = {}  # origin -> the last round this peer refused it
         self._index: dict[tuple[str, int], torch.Tensor] = {}
 
     # -- measures ------------------------------------------------------------------------------------------
@@ -151,7 +183,7 @@ class Guard:
         """Norm ratio and cosine of the implied updates over all tensors (float64 sums), and the sketches."""
         dot = own_sq = partner_sq = 0.0
         total = sum(t.numel() for t in slow.values())
-        own_parts, parts = [], []
+        own_parts, parts, slow_parts = [], [], []
         for position, name in enumerate(sorted(slow)):
             phi = slow[name].detach().float().reshape(-1)
             u_i = own[name].detach().float().reshape(-1) - phi
@@ -163,10 +195,38 @@ class Guard:
             idx = self._coords(name, phi.numel(), total, position)
             own_parts.append(u_i[idx])
             parts.append(theta_p[idx])
+            slow_parts.append(phi[idx])
         own_norm, partner_norm = math.sqrt(own_sq), math.sqrt(partner_sq)
         ratio = partner_norm / own_norm if own_norm > 0 else (0.0 if partner_norm == 0 else math.inf)
         cos = dot / (own_norm * partner_norm) if own_norm > 0 and partner_norm > 0 else 0.0
-        return Measures(ratio, partner_norm, cos, torch.cat(own_parts), torch.cat(parts))
+        return Measures(
+            ratio, partner_norm, cos, torch.cat(own_parts), torch.cat(parts), torch.cat(slow_parts)
+        )
+
+    def progress(self, round_: int, m: Measures) -> tuple[float | None, float | None]:
+        """Where θ_p sits along this peer's own recent path of φ, on the sketch's coordinates: the lag (the
+        most negative projection of u_p on φ − φ_{t−k} over the remembered k >= lag_min_rounds, in units of
+        that distance: −1 is a full k rounds back) and the cosine of u_p with φ − φ_{t−k} for the largest
+        remembered k <= progress_rounds (None while nothing old enough is remembered)."""
+        cfg = self.config
+        phi = m.slow_sketch.double()
+        u_p = m.sketch.double() - phi
+        u_norm = float(u_p.norm())
+        lag: float | None = None
+        cos: float | None = None
+        for r, old in self.slow_sketches:
+            k = round_ - r
+            if k < cfg.lag_min_rounds:
+                continue
+            delta = phi - old.double()
+            sq = float(delta.pow(2).sum())
+            if sq <= 0.0:
+                continue
+            along = float(torch.dot(u_p, delta))
+            lag = along / sq if lag is None else min(lag, along / sq)
+            if k <= cfg.progress_rounds and cos is None and u_norm > 0:
+                cos = along / (math.sqrt(sq) * u_norm)  # the oldest such k: the deque is in round order
+        return lag, cos
 
     # -- the verdict ---------------------------------------------------------------------------------------
 
@@ -188,19 +248,30 @@ class Guard:
         scores = {"ratio": m.ratio, "cos": m.cos, "wrapped": wrapped}
         if probe is not None:
             scores["probe"] = probe.score()
+        lag, progress = self.progress(round_, m)
+        if lag is not None:
+            scores["lag"] = lag
+        if progress is not None:
+            scores["progress"] = progress
         digest = payload_digest(message)
-        verdict = self._rules(round_, expected_origin, message, m, digest, scores)
+        origin = message.origin if message.origin == expected_origin else expected_origin
+        suspect = self._suspect(origin, round_)
+        verdict = self._rules(round_, expected_origin, message, m, digest, scores, suspect)
         if verdict.action == REFUSE:
-            self._strike(message.origin if message.origin == expected_origin else expected_origin, round_)
-        else:
+            self._strike(origin, round_)
+        elif not suspect:
             values = {"log_norm": math.log(max(m.norm, 1e-30)), "cos": -m.cos}
             if "probe" in scores:
                 values["probe"] = scores["probe"]
+            if progress is not None:
+                values["progress"] = -progress
             for key, value in values.items():
                 self.history[key].append(value)
         # Remembered whatever the verdict: a refused message replayed later is still a replay.
         self.digests.setdefault(digest, round_)
         self.sketches.append((round_, m.sketch))
+        if not self.slow_sketches or self.slow_sketches[-1][0] < round_:
+            self.slow_sketches.append((round_, m.slow_sketch))
         return verdict
 
     def refuse_malformed(self, round_: int, expected_origin: str, reason: str) -> Verdict:
@@ -217,6 +288,7 @@ class Guard:
         m: Measures,
         digest: bytes,
         scores: dict[str, float],
+        suspect: bool = False,
     ) -> Verdict:
         cfg = self.config
 
@@ -245,41 +317,70 @@ class Guard:
             return refuse("no-update")
         if m.cos < cfg.cos_refuse:
             return refuse("direction")
+        if scores.get("lag", 0.0) < -cfg.lag_refuse:
+            return refuse("stale")
         # Robust rules: how far this partner is from the recent ones, in MADs, one-sided (only a larger
         # update, a smaller cosine or a worse probe is suspicious), summed: attacks move several at once.
         # The norm against recent partners' norms, not as a ratio to this peer's own update: that ratio
         # jumps whenever the own update shrinks (the lr schedule) while the replicas stay apart.
-        values = {"log_norm": math.log(max(m.norm, 1e-30)), "cos": -m.cos, "probe": scores.get("probe")}
-        suspicion, worst, worst_key = 0.0, 0.0, ""
+        values = {
+            "log_norm": math.log(max(m.norm, 1e-30)),
+            "cos": -m.cos,
+            "probe": scores.get("probe"),
+            "progress": None if "progress" not in scores else -scores["progress"],
+        }
+        suspicion, worst, worst_key, judged = 0.0, 0.0, "", False
         for key, value in values.items():
             past = self.history[key]
             if value is None or len(past) < cfg.min_history:
                 continue
+            judged = True
             med, mad = _median_mad(past)
             z = (value - med) / (1.4826 * max(mad, cfg.mad_floor.get(key, 0.0)))
             scores[f"z_{key}"] = z
-            suspicion += max(0.0, z)
+            suspicion += min(max(0.0, z), cfg.progress_z_cap) if key == "progress" else max(0.0, z)
             if z > worst:
                 worst, worst_key = z, key
         scores["suspicion"] = suspicion
+        # A suspect origin: the clip threshold is lowered to suspect_clip (the reason says "suspect" where
+        # the ordinary threshold alone would have accepted it).
+        clip = cfg.suspect_clip if suspect else cfg.suspicion_clip
         if suspicion > cfg.suspicion_refuse:
             return refuse(f"outlier-{worst_key}")
-        if suspicion > cfg.suspicion_clip:
-            return Verdict(CLIP, cfg.suspicion_clip / suspicion, f"outlier-{worst_key}", scores)
+        if suspicion > clip:
+            strict = suspicion <= cfg.suspicion_clip
+            reason = f"{'suspect' if strict else 'outlier'}-{worst_key}"
+            return Verdict(CLIP, (clip / suspicion) ** 2, reason, scores)
+        if suspect and not judged:
+            return Verdict(CLIP, cfg.suspect_weight, "suspect", scores)
         return Verdict(ACCEPT, 1.0, "ok", scores)
 
+    def _suspect(self, origin: str, round_: int) -> bool:
+        last = self.suspects.get(origin)
+        return last is not None and last > round_ - self.config.suspect_rounds
+
     def _strike(self, origin: str, round_: int) -> None:
-        rounds = [r for r in self.strikes.get(origin, []) if r > round_ - self.config.strike_rounds]
+        rounds = [r for r in self.strikes.pop(origin, []) if r > round_ - self.config.strike_rounds]
         rounds.append(round_)
-        self.strikes[origin] = rounds
+        self.strikes[origin] = rounds  # re-inserted: the dicts are in the order origins were last refused
+        self.suspects.pop(origin, None)
+        self.suspects[origin] = round_
         if len(rounds) >= self.config.strikes_to_exclude:
             self.excluded.setdefault(origin, round_)
+        cap = self.config.origin_cap
+        for table in (self.strikes, self.suspects, self.excluded):
+            while len(table) > cap:
+                del table[next(iter(table))]
 
     def _forget(self, round_: int) -> None:
         horizon = round_ - self.config.replay_rounds
         self.digests = {d: r for d, r in self.digests.items() if r > horizon}
         while self.sketches and self.sketches[0][0] <= horizon:
             self.sketches.popleft()
+        while self.slow_sketches and self.slow_sketches[0][0] <= horizon:
+            self.slow_sketches.popleft()
+        suspect_horizon = round_ - self.config.suspect_rounds
+        self.suspects = {o: r for o, r in self.suspects.items() if r > suspect_horizon}
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
@@ -288,19 +389,24 @@ class Guard:
             "history": {k: list(v) for k, v in self.history.items()},
             "digests": [[d, r] for d, r in self.digests.items()],
             "sketches": [[r, s.clone()] for r, s in self.sketches],
+            "slow_sketches": [[r, s.clone()] for r, s in self.slow_sketches],
             "strikes": {o: list(r) for o, r in self.strikes.items()},
             "excluded": dict(self.excluded),
+            "suspects": dict(self.suspects),
         }
 
     @classmethod
     def from_state_dict(cls, saved: Mapping, config: GuardConfig | None = None) -> Guard:
         guard = cls(config)
         for key, values in saved["history"].items():
-            guard.history[key].extend(float(v) for v in values)
+            if key in guard.history:
+                guard.history[key].extend(float(v) for v in values)
         guard.digests = {bytes(d): int(r) for d, r in saved["digests"]}
         guard.sketches = deque((int(r), s.clone()) for r, s in saved["sketches"])
+        guard.slow_sketches = deque((int(r), s.clone()) for r, s in saved.get("slow_sketches", []))
         guard.strikes = {str(o): [int(r) for r in rs] for o, rs in saved["strikes"].items()}
         guard.excluded = {str(o): int(r) for o, r in saved["excluded"].items()}
+        guard.suspects = {str(o): int(r) for o, r in saved.get("suspects", {}).items()}
         return guard
 
 

@@ -9,7 +9,7 @@ from bench.byzantine_run import run_byzantine
 from bench.convergence.jobs import outer_config, sim_config
 from bench.convergence.sim import Batches, initial_weights
 from shoal.gossip.outer import byzantine
-from shoal.gossip.outer.guard import ACCEPT, REFUSE, Guard, Probe, mix
+from shoal.gossip.outer.guard import ACCEPT, REFUSE, Guard, GuardConfig, Probe, mix
 from shoal.gossip.outer.methods import OuterConfig, OuterState, make_message
 from shoal.gossip.outer.wire import pack, unpack
 from shoal.peer.worker.data import load_stdlib_corpus
@@ -131,3 +131,102 @@ def test_a_small_simulated_run_accepts_its_honest_partners():
     res = run_byzantine(cfg, batches, initial_weights(cfg), outer_config("compressed-noloco"), None, True)
     assert len(res["exchanges"]) == 40
     assert [e for e in res["exchanges"] if e["action"] != ACCEPT] == []
+
+
+def test_a_consistently_flipped_partner_is_refused_and_then_excluded_within_a_few_rounds():
+    guard = Guard()
+    memory = byzantine.Memory()
+    verdicts = []
+    for t, slow, own, partner, partner_fast in rounds(16):
+        if t < 10:
+            assert judge(guard, t, slow, own, partner, partner_fast).action == ACCEPT
+            continue
+        forged = byzantine.forge("sign_flip", t, partner.slow, partner_fast, memory)
+        assert forged.fast is not None
+        verdicts.append(judge(guard, t, slow, own, partner, forged.fast))
+    assert [v.action for v in verdicts[:3]] == [REFUSE] * 3
+    assert guard.excluded == {"partner": 12}
+    assert all(v.reason == "excluded" for v in verdicts[3:])
+
+
+def test_an_origin_once_refused_is_judged_more_strictly_afterwards():
+    """The same mildly suspicious message (a worse probe gap than recent partners', below the ordinary clip
+    threshold) is accepted from an origin in good standing and clipped from one refused recently."""
+    fresh, warned = Guard(), Guard()
+    last = None
+    for t, slow, own, partner, partner_fast in rounds(12):
+        if t < 10:
+            for guard in (fresh, warned):
+                assert (
+                    judge(guard, t, slow, own, partner, partner_fast, Probe(2.0, 1.9, 1.9)).action == ACCEPT
+                )
+        elif t == 10:
+            # A free rider's message refused by one guard only: refusals leave the history alone.
+            verdict = judge(warned, t, slow, own, partner, dict(partner.slow))
+            assert verdict.action == REFUSE and verdict.reason == "no-update"
+            assert fresh.history == warned.history
+        else:
+            last = (t, slow, own, partner, partner_fast)
+    assert last is not None
+    mild = Probe(2.0, 1.9, 1.975)  # 0.075 nats worse than the partners before: about 5 robust MADs
+    ok = judge(fresh, *last, mild)
+    strict = judge(warned, *last, mild)
+    assert ok.action == ACCEPT and Guard().config.suspect_clip < ok.scores["suspicion"]
+    assert strict.action == "clip" and strict.reason.startswith("suspect-") and 0 < strict.weight < 1
+    assert warned.strikes == {"partner": [10]} and warned.excluded == {}
+
+
+def test_a_stale_theta_re_encoded_is_refused_and_its_sender_excluded():
+    """A θ of 8 rounds ago sent as this round's: behind this peer's own φ of 8 rounds ago. (Not the one this
+    peer was sent then, which the repeat rule refuses: another replica's θ of that round.)"""
+    guard = Guard()
+    past = {}
+    verdicts = []
+    for t, slow, own, partner, partner_fast in rounds(16):
+        past[t] = trained(slow, {k: partner_fast[k] - slow[k] for k in slow}, 500 + t)
+        if t < 12:
+            verdict = judge(guard, t, slow, own, partner, partner_fast)
+            assert verdict.action == ACCEPT and verdict.scores.get("lag", 0.0) > -0.3
+            continue
+        verdicts.append(judge(guard, t, slow, own, partner, past[t - 8]))
+    assert [v.reason for v in verdicts] == ["stale", "stale", "stale", "excluded"]
+    assert all(v.scores.get("lag", -1.0) < -Guard().config.lag_refuse for v in verdicts[:3])
+    assert guard.excluded == {"partner": 14}
+
+
+def test_honest_partners_over_a_long_run_are_never_excluded_and_the_memory_stays_bounded():
+    guard = Guard()
+    for t, slow, own, partner, partner_fast in rounds(60):
+        assert judge(guard, t, slow, own, partner, partner_fast, Probe(2.0, 1.9, 1.9)).action != REFUSE
+    assert guard.strikes == {} and guard.excluded == {} and guard.suspects == {}
+    assert len(guard.slow_sketches) <= guard.config.replay_rounds
+    assert all(len(h) <= guard.config.window for h in guard.history.values())
+    capped = Guard(GuardConfig(origin_cap=4, strikes_to_exclude=1))
+    for t in range(10):
+        capped.refuse_malformed(t, f"peer{t}", "format")
+    assert list(capped.excluded) == ["peer6", "peer7", "peer8", "peer9"]
+    assert len(capped.strikes) == 4 and len(capped.suspects) == 4
+
+
+def test_state_dict_round_trips_the_per_origin_state():
+    guard = Guard()
+    for t, slow, own, partner, partner_fast in rounds(14):
+        if t == 10:
+            judge(guard, t, slow, own, partner, dict(partner.slow))  # refused: a suspect from now on
+        else:
+            judge(guard, t, slow, own, partner, partner_fast)
+    saved = guard.state_dict()
+    copy = Guard.from_state_dict(saved)
+    assert copy.suspects == guard.suspects == {"partner": 10}
+    assert [r for r, _ in copy.slow_sketches] == [r for r, _ in guard.slow_sketches]
+    assert all(
+        torch.equal(a, b) for (_, a), (_, b) in zip(copy.slow_sketches, guard.slow_sketches, strict=True)
+    )
+    t, slow, own, partner, partner_fast = list(rounds(15))[-1]
+    assert judge(guard, t, slow, own, partner, partner_fast) == judge(
+        copy, t, slow, own, partner, partner_fast
+    )
+    # A checkpoint written before the per-origin state existed still loads.
+    old = {k: v for k, v in saved.items() if k not in ("suspects", "slow_sketches")}
+    old["history"] = {k: v for k, v in saved["history"].items() if k != "progress"}
+    assert Guard.from_state_dict(old).suspects == {}

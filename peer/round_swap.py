@@ -253,6 +253,10 @@ class RoundSwap:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
+                    if task.cancelled():  # not by us (we are still running): say so, not "stopping"
+                        log.warning("[%s] round %d: a side of the swap was cancelled", self.peer_id, number)
+                        report.outcome = "skipped: a side of the swap was cancelled"
+                        return
                     reason = task.result()  # what it raised is raised here
                     if reason is not None:
                         report.outcome = f"skipped: {reason}"

@@ -69,9 +69,12 @@ class _Waiter:
         self.future = None
 
     async def wait(self) -> None:
-        if self.future is None or self.future.done():  # done: a previous waiter was cancelled
+        if self.future is None or self.future.done():
             self.future = asyncio.get_running_loop().create_future()
-        await self.future
+        # Shielded: several tasks may wait on one future (every stream writing on a paused connection
+        # waits for it to drain), and a waiter cancelled by its own deadline must not cancel the future
+        # under the others: that ended an unrelated swap's write with CancelledError.
+        await asyncio.shield(self.future)
 
 
 class Stream:

@@ -136,6 +136,28 @@ async def test_slow_reader_slows_the_writer_and_nothing_fails():
         assert bytes(received) == payload
 
 
+async def test_a_writer_cancelled_on_a_congested_connection_leaves_the_others_writing():
+    """Streams writing on a connection whose socket is full all wait for it to drain; one of them given up
+    (its own deadline) must not take the others down with it."""
+    async with two_hosts() as (a, b):
+        await a.connect(full_addr(b))
+        first = await a.new_stream(b.peer_id, "/echo/1")
+        second = await a.new_stream(b.peer_id, "/echo/1")
+        conn = next(iter(a._all_conns))
+        conn.pause_writing()  # as asyncio does when the socket's buffer is over its high mark
+        given_up = asyncio.create_task(first.write(b"x" * 1000))
+        waiting = asyncio.create_task(second.write(b"y" * 1000))
+        await asyncio.sleep(0.05)
+        assert not given_up.done() and not waiting.done()  # both wait for the drain
+        given_up.cancel()
+        await asyncio.sleep(0.05)
+        conn.resume_writing()
+        await asyncio.wait_for(waiting, 5)  # it went on: no CancelledError of someone else's
+        assert given_up.cancelled()
+        await second.close()
+        assert await second.readexactly(1000) == b"y" * 1000
+
+
 async def test_half_close_lets_the_other_side_answer():
     async def upper(stream):
         data = b""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -25,7 +24,7 @@ from bench.convergence.jobs import job_init, outer_config, sim_config
 from bench.convergence.sim import Batches, initial_weights
 from shoal.gossip.outer.guard import GuardConfig
 from shoal.gossip.outer.methods import DEFAULT_METHOD
-from shoal.gossip.runstate.limits import EVIDENCE_QUORUM_MIN, EVIDENCE_QUORUM_SHARE
+from shoal.gossip.runstate.evidence import exclusions, quorum
 from shoal.peer.worker.data import load_stdlib_corpus
 
 PEERS = 8
@@ -35,7 +34,9 @@ def one_run(rounds: int, guarded: bool, seed: int) -> dict:
     base = sim_config("quick", seed, PEERS)
     cfg = replace(base, total_steps=rounds * base.inner_steps, eval_every=max(1, rounds // 25))
     batches = Batches(load_stdlib_corpus(), cfg)
-    result = run_byzantine(cfg, batches, initial_weights(cfg), outer_config(DEFAULT_METHOD), None, guarded)
+    outer = outer_config(DEFAULT_METHOD)
+    assert outer is not None  # the default is a product method, which has an outer config
+    result = run_byzantine(cfg, batches, initial_weights(cfg), outer, None, guarded)
     result["config"] = {**asdict(cfg), "model": asdict(cfg.model)}
     return result
 
@@ -47,10 +48,12 @@ def summarise(guarded: dict, unguarded: dict | None, rounds: int) -> dict:
     by_round: Counter[int] = Counter(
         e["round"] // max(1, rounds // 10) for e in verdicts if e["action"] != "accept"
     )
-    accusations: dict[str, set[int]] = {}
-    for x in guarded["excluded"]:  # a local exclusion is what a live peer publishes as evidence
-        accusations.setdefault(str(x["origin"]), set()).add(int(x["receiver"]))
-    quorum = max(EVIDENCE_QUORUM_MIN, math.ceil(PEERS * EVIDENCE_QUORUM_SHARE))
+    # A local exclusion is what a live peer publishes as evidence; the run state's rule decides.
+    evidence: dict[bytes, dict[bytes, dict]] = {}
+    for x in guarded["excluded"]:
+        accuser, accused = str(x["receiver"]).encode(), str(x["origin"]).encode()
+        evidence.setdefault(accused, {})[accuser] = {"round": x["round"], "why": "guard"}
+    member_rounds = [rounds] * PEERS
     out = {
         "rounds": rounds,
         "peers": PEERS,
@@ -61,9 +64,9 @@ def summarise(guarded: dict, unguarded: dict | None, rounds: int) -> dict:
         "flag_reasons": dict(reasons.most_common()),
         "flags_per_tenth_of_the_run": [by_round.get(i, 0) for i in range(10)],
         "local_exclusions": guarded["excluded"],
-        "accused_by": {origin: sorted(by) for origin, by in accusations.items()},
-        "quorum": quorum,
-        "run_exclusions": sorted(o for o, by in accusations.items() if len(by) >= quorum),
+        "accused_by": {k.decode(): sorted(a.decode() for a in by) for k, by in evidence.items()},
+        "quorum": quorum(member_rounds),
+        "run_exclusions": sorted(k.decode() for k in exclusions(evidence, member_rounds)),
         "loss_guarded": guarded["honest_loss"],
         "curve_guarded": guarded["curve"],
         "seconds_guarded": guarded["seconds"],

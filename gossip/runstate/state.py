@@ -23,7 +23,6 @@ generations and record counters of this peer across restarts, and times the loca
 import enum
 import hashlib
 import logging
-import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from . import wire
 from .docs import DocReplica
 from .envelope import KIND_PEER, KIND_RUN, Entry, MetricsRecord, public_bytes
 from .errors import NotAuthorized, Rejected
+from .evidence import exclusions
 from .limiter import Limiter
 from .limits import (
     ANTI_ENTROPY_FANOUT,
@@ -44,13 +44,9 @@ from .limits import (
     COMPACT_GROWTH,
     COMPACT_MIN_BYTES,
     DEAD_AFTER_S,
-    EVIDENCE_ACTIVE_ROUNDS,
-    EVIDENCE_QUORUM_MIN,
-    EVIDENCE_QUORUM_SHARE,
     HEARTBEAT_INTERVAL_S,
     MAX_DOCUMENTS,
     MAX_ITEMS_PER_PUSH,
-    MAX_LONE_ACCUSATIONS,
     MAX_PENDING_PER_OWNER,
     MAX_PENDING_TOTAL,
     MAX_REASON_CHARS,
@@ -278,46 +274,19 @@ class RunState:
         return out
 
     def excluded(self) -> dict[bytes, str]:
-        """Peers excluded from pairing, with the reason: those at least `quorum` distinct members published
-        evidence against (quorum = max(EVIDENCE_QUORUM_MIN, EVIDENCE_QUORUM_SHARE of the members): no
-        single accuser excludes anyone), and accusers with more than MAX_LONE_ACCUSATIONS accusations that
-        no other member backs (their accusations then count for nothing). Deterministic in the state, so
-        every replica that holds the same documents pairs the same peers."""
+        """Peers excluded from pairing on the members' evidence, with the reason (`evidence.exclusions`:
+        a quorum of accusers, never one; an accuser nobody backs loses its voice). Deterministic in the
+        state, so every replica that holds the same documents pairs the same peers."""
         return dict(self._memo("excluded", (self._docs_version, self._run_version), self._excluded))
 
     def _excluded(self) -> dict[bytes, str]:
-        evidence = self.evidence()
         banned = self.bans()
-        # The members that count: those whose published round is recent (members long gone would make a
-        # share of "everyone who ever joined" unreachable), from replicated state, as every replica sees it.
         rounds = [
             _int(self._read(KIND_PEER, o).get("member", {}).get("round"))
             for k, o in self.docs
             if k == KIND_PEER and o not in banned and self.admitted(o)
         ]
-        members = sum(1 for r in rounds if r >= max(rounds, default=0) - EVIDENCE_ACTIVE_ROUNDS)
-        quorum = max(EVIDENCE_QUORUM_MIN, math.ceil(members * EVIDENCE_QUORUM_SHARE))
-        backed = {accused for accused, by in evidence.items() if len(by) >= quorum}
-        lone: dict[bytes, int] = {}
-        for accused, by in evidence.items():
-            if accused not in backed:
-                for accuser in by:
-                    lone[accuser] = lone.get(accuser, 0) + 1
-        silenced = {a for a, n in lone.items() if n > MAX_LONE_ACCUSATIONS}
-        out = {
-            a: f"accused {lone[a]} peers that no other member accused (over {MAX_LONE_ACCUSATIONS})"
-            for a in silenced
-        }
-        for accused, by in evidence.items():
-            voices = sorted(set(by) - silenced)
-            if len(voices) >= quorum:
-                whys = sorted({by[v]["why"] for v in voices if by[v]["why"]})
-                out.setdefault(
-                    accused,
-                    f"evidence of poisoned updates from {len(voices)} members (quorum {quorum}): "
-                    + "; ".join(whys)[:MAX_REASON_CHARS],
-                )
-        return out
+        return exclusions(self.evidence(), rounds)
 
     def liveness(self, key: bytes, now: float) -> Liveness:
         if key == self.me:

@@ -7,6 +7,7 @@ max(EVIDENCE_QUORUM_MIN, ⌈EVIDENCE_QUORUM_SHARE × active members⌉)` (no sin
 active: a published round within EVIDENCE_ACTIVE_ROUNDS of the newest, so members long gone do not make the
 share unreachable). A false accusation costs the accuser: one with more than MAX_LONE_ACCUSATIONS
 accusations that no quorum backs loses its voice (none of its accusations count) and is excluded itself.
+Evidence counts for EVIDENCE_TTL_ROUNDS rounds after the round it names, by the newest published round.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .limits import (
     EVIDENCE_ACTIVE_ROUNDS,
     EVIDENCE_QUORUM_MIN,
     EVIDENCE_QUORUM_SHARE,
+    EVIDENCE_TTL_ROUNDS,
     MAX_LONE_ACCUSATIONS,
     MAX_REASON_CHARS,
 )
@@ -36,6 +38,12 @@ def quorum(member_rounds: Sequence[int]) -> int:
 def exclusions(evidence: Evidence, member_rounds: Sequence[int]) -> dict[bytes, str]:
     """The peers excluded from pairing, with the reason (see the module docstring)."""
     needed = quorum(member_rounds)
+    horizon = max(member_rounds, default=0) - EVIDENCE_TTL_ROUNDS
+    evidence = {
+        accused: live
+        for accused, by in evidence.items()
+        if (live := {a: item for a, item in by.items() if int(item.get("round", 0)) >= horizon})
+    }
     backed = {accused for accused, by in evidence.items() if len(by) >= needed}
     lone: dict[bytes, int] = {}
     for accused, by in evidence.items():

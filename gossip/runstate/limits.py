@@ -58,6 +58,10 @@ MAX_REASON_CHARS = 200
 # nobody else backs loses its voice and is excluded itself (a false accusation costs the accuser).
 EVIDENCE_QUORUM_MIN = 2
 EVIDENCE_ACTIVE_ROUNDS = 100  # members count toward the share if their round is this close to the newest
+# Evidence counts this many rounds after the round it names (the newest round any member published sets the
+# clock): an excluded peer pairs again after it, and is excluded anew if it still misbehaves; a mistaken
+# exclusion heals by itself.
+EVIDENCE_TTL_ROUNDS = 200
 EVIDENCE_QUORUM_SHARE = 0.25
 MAX_LONE_ACCUSATIONS = 2
 

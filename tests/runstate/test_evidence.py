@@ -59,3 +59,20 @@ def test_a_peer_cannot_accuse_itself_and_banned_peers_do_not_count():
     assert s.settle()
     assert st[1].excluded() == {}
     assert st[3].me not in st[1].evidence()
+
+
+def test_evidence_expires_so_an_exclusion_heals_by_itself():
+    from shoal.gossip.runstate.limits import EVIDENCE_TTL_ROUNDS
+
+    s = Swarm(8, seed=45)
+    st = s.states
+    for i in (1, 2):
+        s.do(i, st[i].accuse(st[7].me, 10, "3 refusals"))
+    for i, x in enumerate(st):
+        s.do(i, x.set_round(10 + EVIDENCE_TTL_ROUNDS))
+    assert s.settle()
+    assert set(st[0].excluded()) == {st[7].me}  # the evidence is as old as it may be: it still counts
+    for i, x in enumerate(st):
+        s.do(i, x.set_round(11 + EVIDENCE_TTL_ROUNDS))
+    assert s.settle()
+    assert st[0].excluded() == {}

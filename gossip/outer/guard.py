@@ -73,6 +73,11 @@ class GuardConfig:
     # rounds ago re-encoded sits about a full 8 rounds back. Honest partners reached 0.35 in the calibration.
     lag_min_rounds: int = 6
     lag_refuse: float = 0.6
+    # ... and only when θ_p points back along that path: cos(u_p, φ − φ_{t−k}) below −lag_cos_refuse. Late in
+    # a long run φ moves little a round while the replicas stay apart, so an honest partner's offset, in a
+    # direction of its own, projects far "behind" a short path: over 500 honest rounds the lag alone refused
+    # 160 honest messages and excluded every peer (bench.byzantine_long).
+    lag_cos_refuse: float = 0.5
     progress_rounds: int = 8  # the robust "progress" cosine: of u_p with φ - φ_{t-k}, k up to this
     window: int = 32  # past verdicts kept for the robust statistics
     min_history: int = 8  # judged partners before the robust rules apply
@@ -203,16 +208,18 @@ class Guard:
             ratio, partner_norm, cos, torch.cat(own_parts), torch.cat(parts), torch.cat(slow_parts)
         )
 
-    def progress(self, round_: int, m: Measures) -> tuple[float | None, float | None]:
+    def progress(self, round_: int, m: Measures) -> tuple[float | None, float | None, float | None]:
         """Where θ_p sits along this peer's own recent path of φ, on the sketch's coordinates: the lag (the
         most negative projection of u_p on φ − φ_{t−k} over the remembered k >= lag_min_rounds, in units of
-        that distance: −1 is a full k rounds back) and the cosine of u_p with φ − φ_{t−k} for the largest
-        remembered k <= progress_rounds (None while nothing old enough is remembered)."""
+        that distance: −1 is a full k rounds back), the cosine of u_p with φ − φ_{t−k} at that k, and the
+        cosine of u_p with φ − φ_{t−k} for the largest remembered k <= progress_rounds (None while nothing
+        old enough is remembered)."""
         cfg = self.config
         phi = m.slow_sketch.double()
         u_p = m.sketch.double() - phi
         u_norm = float(u_p.norm())
         lag: float | None = None
+        lag_cos: float | None = None
         cos: float | None = None
         for r, old in self.slow_sketches:
             k = round_ - r
@@ -223,10 +230,12 @@ class Guard:
             if sq <= 0.0:
                 continue
             along = float(torch.dot(u_p, delta))
-            lag = along / sq if lag is None else min(lag, along / sq)
+            if lag is None or along / sq < lag:
+                lag = along / sq
+                lag_cos = along / (math.sqrt(sq) * u_norm) if u_norm > 0 else 0.0
             if k <= cfg.progress_rounds and cos is None and u_norm > 0:
                 cos = along / (math.sqrt(sq) * u_norm)  # the oldest such k: the deque is in round order
-        return lag, cos
+        return lag, lag_cos, cos
 
     # -- the verdict ---------------------------------------------------------------------------------------
 
@@ -248,9 +257,11 @@ class Guard:
         scores = {"ratio": m.ratio, "cos": m.cos, "wrapped": wrapped}
         if probe is not None:
             scores["probe"] = probe.score()
-        lag, progress = self.progress(round_, m)
+        lag, lag_cos, progress = self.progress(round_, m)
         if lag is not None:
             scores["lag"] = lag
+        if lag_cos is not None:
+            scores["lag_cos"] = lag_cos
         if progress is not None:
             scores["progress"] = progress
         digest = payload_digest(message)
@@ -317,7 +328,7 @@ class Guard:
             return refuse("no-update")
         if m.cos < cfg.cos_refuse:
             return refuse("direction")
-        if scores.get("lag", 0.0) < -cfg.lag_refuse:
+        if scores.get("lag", 0.0) < -cfg.lag_refuse and scores.get("lag_cos", 0.0) < -cfg.lag_cos_refuse:
             return refuse("stale")
         # Robust rules: how far this partner is from the recent ones, in MADs, one-sided (only a larger
         # update, a smaller cosine or a worse probe is suspicious), summed: attacks move several at once.

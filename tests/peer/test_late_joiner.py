@@ -60,6 +60,10 @@ def test_a_peer_restarted_behind_the_run_fetches_its_weights(start_peer):
         "5",
         "--threads",
         "1",
+        # Both start at round 1: on a loaded machine a second peer that starts late joins from the first's
+        # weights, and one killed right after it could have no checkpoint of its own to resume from.
+        "--wait-peers",
+        "2",
     ]
     first = start_peer("first", *common)
     address = first.wait_for(lambda e: e["event"] == "listening")["address"]

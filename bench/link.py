@@ -49,6 +49,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from natlab.lab import stop_process
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WALL_CLOCK_GUARD_S = 1200  # the whole benchmark: a hung run is killed (and the namespaces removed)
 COMMAND_TIMEOUT_S = 30
@@ -113,17 +115,7 @@ def _run(argv: list[str], *, check: bool = True, **kwargs: Any) -> str:
 
 
 def _stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for pipe in (proc.stdin, proc.stdout, proc.stderr):
-        if pipe is not None:
-            with contextlib.suppress(OSError):
-                pipe.close()
+    stop_process(proc, STOP_GRACE_S)  # a peer gets the time it needs to stop cleanly
 
 
 class Link:

@@ -41,6 +41,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from shoal.errors import ShoalError
 
@@ -276,7 +277,7 @@ class NatLab:
     def down(self) -> None:
         """Stop our processes, then any left in our namespaces, then delete the namespaces."""
         for proc in self._procs:
-            _stop(proc)
+            stop_process(proc)
         self._procs.clear()
         for ns in self._existing_namespaces():
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
@@ -389,7 +390,7 @@ class NatLab:
         return Path(tempfile.gettempdir()) / f"{self.prefix}-turnserver.pid"
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        _stop(proc)
+        stop_process(proc)
         with contextlib.suppress(ValueError):
             self._procs.remove(proc)
 
@@ -422,11 +423,12 @@ class NatLab:
         return done.stdout
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[Any], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM, then SIGKILL past `grace_s`; its pipes closed."""
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(STOP_GRACE_S)
+            proc.wait(grace_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

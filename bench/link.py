@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from bench.natlab import SINK
 from natlab.lab import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -67,15 +68,6 @@ ALIGNED_FRACTION = 0.1
 # A payload size for the kernel baselines when no peer swapped (`--bytes` overrides): base's ~5.5 MB.
 FALLBACK_BYTES = 5_500_000
 
-SINK = """
-import socket, time
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("{ip}", {port})); s.listen(1); print("ready", flush=True)
-c, _ = s.accept(); n = 0
-while (d := c.recv(1 << 20)):
-    n += len(d)
-c.sendall(n.to_bytes(8, "big")); c.close()
-"""
 # Starts at wall time {start} (both sources of the two-way baseline together); prints its seconds.
 SOURCE = """
 import socket, time

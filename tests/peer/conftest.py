@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """A small corpus folder: three modules of the standard library."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name in ("textwrap.py", "difflib.py", "argparse.py"):
+        shutil.copy(STDLIB / name, folder / name)
+    return folder
 
 
 class PeerProcess:

@@ -6,8 +6,6 @@ are in test_worker_restarts.py."""
 from __future__ import annotations
 
 import logging
-import shutil
-import sysconfig
 import threading
 from pathlib import Path
 
@@ -16,17 +14,6 @@ import torch
 
 from shoal.peer.worker.checkpoints import CheckpointWriter, previous_of, resume
 from shoal.peer.worker.train import CheckpointError, Interrupted, Trainer, TrainSettings
-
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-
-
-@pytest.fixture
-def corpus(tmp_path) -> Path:
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for name in ("textwrap.py", "difflib.py", "argparse.py"):
-        shutil.copy(STDLIB / name, folder / name)
-    return folder
 
 
 def settings(data: Path, peer: str, method: str, model: str = "nano") -> TrainSettings:

@@ -6,26 +6,12 @@ round; what the guard remembers survives a checkpoint."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import sysconfig
 from pathlib import Path
 
-import pytest
 import torch
 
 from shoal.gossip.outer.guard import ACCEPT, REFUSE
 from shoal.peer.worker.train import Trainer, TrainSettings
-
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-
-
-@pytest.fixture
-def corpus(tmp_path) -> Path:
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for name in ("textwrap.py", "difflib.py", "argparse.py"):
-        shutil.copy(STDLIB / name, folder / name)
-    return folder
 
 
 def settings(data: Path, peer: str, behave: str | None = None) -> TrainSettings:

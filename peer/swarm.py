@@ -24,6 +24,7 @@ from rich.table import Table
 
 STOP_GRACE_S = 20.0
 START_TIMEOUT_S = 120.0
+MAX_REASONS = 8  # distinct guard reasons kept per partner in the summary
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class PeerView:
     clipped: dict[str, int] = field(default_factory=dict)
     excluded: dict[str, int] = field(default_factory=dict)  # peer id -> round this peer learned it
     first_flagged: dict[str, int] = field(default_factory=dict)  # peer id -> first round refused or clipped
+    reasons: dict[str, dict[str, int]] = field(default_factory=dict)  # peer id -> "refuse: why" -> count
 
     def apply(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
@@ -99,6 +101,10 @@ class PeerView:
             if counts is not None:
                 counts[event["peer"]] = counts.get(event["peer"], 0) + 1
                 self.first_flagged.setdefault(event["peer"], event.get("round", 0))
+                why = self.reasons.setdefault(event["peer"], {})
+                reason = f"{event['action']}: {str(event.get('reason'))[:80]}"
+                if reason in why or len(why) < MAX_REASONS:
+                    why[reason] = why.get(reason, 0) + 1
         elif kind == "excluded":
             self.excluded.setdefault(event["peer"], event.get("round", 0))
         elif kind == "done":
@@ -179,6 +185,7 @@ def summarize(views: list[PeerView], options: SwarmOptions, wall_s: float) -> di
                     "refused": v.refused,
                     "clipped": v.clipped,
                     "first_flagged": v.first_flagged,
+                    "reasons": v.reasons,
                     "excluded": v.excluded,
                 },
             }

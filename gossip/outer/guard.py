@@ -10,7 +10,9 @@ u_p = θ_p − φ against this peer's own u_i = θ_i − φ (see docs/outer-meth
 * repeats: a digest of the message's payload (codes and steps, not the header), kept for `replay_rounds`
   rounds, and a sketch (the decoded θ at a fixed seeded sample of coordinates): an exact or near-exact
   repeat is refused;
-* gross norms and angles: ‖u_p‖/‖u_i‖ above ratio_refuse (a scaled update) or below ratio_floor (a free
+* gross norms and angles: ‖u_p‖ above ratio_refuse times the largest of this peer's own ‖u_i‖ of the last
+  `window` rounds (a scaled update; not this round's alone, which the learning rate's decay shrinks toward
+  zero at the end of a schedule while the replicas stay apart), ‖u_p‖/‖u_i‖ below ratio_floor (a free
   rider that sends φ back), or cos(u_p, u_i) below cos_refuse (a flipped update), is refused;
 * lag: this peer remembers its own φ of the last `replay_rounds` rounds (at the sketch's coordinates); a θ_p
   that sits behind φ_{t−k} (k >= lag_min_rounds) by more than lag_refuse of the way φ moved since, an old θ
@@ -64,7 +66,7 @@ class GuardConfig:
     norm, a cosine of −0.48 and a probe loss 0.6 nats above this peer's θ, so the absolute rules only stop
     gross attacks and the rest is left to the robust history, which compares a partner with recent ones."""
 
-    ratio_refuse: float = 16.0  # ‖u_p‖/‖u_i‖ above: refuse (x100 scaled updates)
+    ratio_refuse: float = 16.0  # ‖u_p‖ over this many times this peer's recent ‖u_i‖: refuse (x100 scaled)
     ratio_floor: float = 0.5  # below: refuse (no training: the partner sent φ back while φs agree)
     cos_refuse: float = -0.7  # cos(u_p, u_i) below: refuse (a flipped pseudo-gradient, early in a run)
     # Stale: θ_p sits behind this peer's own φ of k rounds ago (k >= lag_min_rounds) by more than lag_refuse
@@ -156,6 +158,7 @@ def payload_digest(message: Message) -> bytes:
 class Measures:
     ratio: float  # ‖u_p‖ / ‖u_i‖
     norm: float  # ‖u_p‖
+    own_norm: float  # ‖u_i‖
     cos: float  # cos(u_p, u_i)
     own_sketch: torch.Tensor  # u_i at the sketch's coordinates
     sketch: torch.Tensor  # θ_p at the sketch's coordinates
@@ -168,6 +171,7 @@ class Guard:
     def __init__(self, config: GuardConfig | None = None) -> None:
         self.config = config or GuardConfig()
         self.history: dict[str, deque[float]] = {k: deque(maxlen=self.config.window) for k in HISTORY_KEYS}
+        self.own_norms: deque[float] = deque(maxlen=self.config.window)  # own ‖u_i‖, every judged round
         self.digests: dict[bytes, int] = {}  # payload digest -> round seen
         self.sketches: deque[tuple[int, torch.Tensor]] = deque()  # (round, θ_p sketch)
         self.slow_sketches: deque[tuple[int, torch.Tensor]] = deque()  # (round, this peer's φ sketch)
@@ -212,7 +216,7 @@ class Guard:
         ratio = partner_norm / own_norm if own_norm > 0 else (0.0 if partner_norm == 0 else math.inf)
         cos = dot / (own_norm * partner_norm) if own_norm > 0 and partner_norm > 0 else 0.0
         return Measures(
-            ratio, partner_norm, cos, torch.cat(own_parts), torch.cat(parts), torch.cat(slow_parts)
+            ratio, partner_norm, own_norm, cos, torch.cat(own_parts), torch.cat(parts), torch.cat(slow_parts)
         )
 
     def progress(self, round_: int, m: Measures) -> tuple[float | None, float | None, float | None]:
@@ -261,6 +265,7 @@ class Guard:
         wrapped lattice blocks replaced by this peer's own values), and what the guard remembers of it."""
         self._forget(round_)
         m = self.measure(slow, own_fast, partner_fast)
+        self.own_norms.append(m.own_norm)
         scores = {"ratio": m.ratio, "cos": m.cos, "wrapped": wrapped}
         if probe is not None:
             scores["probe"] = probe.score()
@@ -331,7 +336,8 @@ class Guard:
         # a partner's norm is gross only if it is far above both this peer's and recent partners'.
         past_norms = self.history["log_norm"]
         usual = math.exp(_median_mad(past_norms)[0]) if len(past_norms) >= cfg.min_history else 0.0
-        if m.ratio > cfg.ratio_refuse and m.norm > cfg.ratio_refuse * usual:
+        own_recent = max(self.own_norms, default=0.0)
+        if m.norm > cfg.ratio_refuse * max(own_recent, usual):
             return refuse("norm")
         if m.ratio < cfg.ratio_floor:
             return refuse("no-update")
@@ -414,6 +420,7 @@ class Guard:
     def state_dict(self) -> dict:
         return {
             "history": {k: list(v) for k, v in self.history.items()},
+            "own_norms": list(self.own_norms),
             "digests": [[d, r] for d, r in self.digests.items()],
             "sketches": [[r, s.clone()] for r, s in self.sketches],
             "slow_sketches": [[r, s.clone()] for r, s in self.slow_sketches],
@@ -428,6 +435,7 @@ class Guard:
         for key, values in saved["history"].items():
             if key in guard.history:
                 guard.history[key].extend(float(v) for v in values)
+        guard.own_norms.extend(float(v) for v in saved.get("own_norms", []))
         guard.digests = {bytes(d): int(r) for d, r in saved["digests"]}
         guard.sketches = deque((int(r), s.clone()) for r, s in saved["sketches"])
         guard.slow_sketches = deque((int(r), s.clone()) for r, s in saved.get("slow_sketches", []))

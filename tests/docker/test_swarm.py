@@ -37,6 +37,7 @@ SETUP_TIMEOUT = 900  # seconds for a first build from nothing (debootstrap, torc
 TRAIN_TIMEOUT = 300  # seconds for every peer to finish its first rounds on a loaded 2-core machine
 ROUNDS_BEFORE = 2  # rounds every peer must report before one peer is stopped
 ROUNDS_AFTER = 2  # further rounds every remaining peer must report after it
+LOST_TIMEOUT = 60  # seconds for a remaining peer to report a stopped one lost (fail_after is 5 s)
 SWAP_AGAIN_TIMEOUT = 90  # seconds for every remaining peer to swap again after the stop
 SWARM_ENV = {
     "SHOAL_BASE_IMAGE": BASE_IMAGE,
@@ -505,8 +506,18 @@ def test_compose_swarm_with_nat_routers_trains_and_tears_down_cleanly():
             f"{ROUNDS_AFTER} more rounds from every remaining peer",
             swarm,
         )
-        lost = {e["partner"] for c in counts for e in swarm.events(c) if e.get("event") == "peer_lost"}
-        assert peer_ids[victim] in lost
+        # The run notices: a remaining peer says the victim is gone once its goodbye (or its silence for
+        # fail_after) reaches that peer's membership loop, which may come after those rounds under load.
+        _wait_for(
+            lambda: any(
+                e.get("event") == "peer_lost" and e.get("partner") == peer_ids[victim]
+                for c in counts
+                for e in swarm.events(c)
+            ),
+            LOST_TIMEOUT,
+            f"a remaining peer to report {name[victim]} lost",
+            swarm,
+        )
         # ... and they still exchange: every remaining peer swaps again after the stop
         stalled = ""
         deadline = time.monotonic() + SWAP_AGAIN_TIMEOUT

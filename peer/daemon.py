@@ -46,6 +46,16 @@ from shoal.peer.run_door import RunDoor
 from shoal.peer.run_settings import run_settings, settings_mismatch, valid_settings
 from shoal.peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of, peer_id_of
 from shoal.peer.status import LogTail, StatusBoard
+from shoal.peer.weights import (
+    Fetch,
+    Served,
+    Snapshots,
+    WeightsError,
+    check_header,
+    fetch_resuming,
+    receive_into,
+    send_from,
+)
 from shoal.peer.worker.presets import peer_number
 from shoal.peer.worker.sources import resolve_data
 from shoal.transport.errors import TransportError
@@ -59,7 +69,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PROTOCOL_VERSION = 3  # 2: membership entries signed by their members; 3: full-duplex swaps
+PROTOCOL_VERSION = 4  # 2: signed membership entries; 3: full-duplex swaps; 4: weights streamed, resumable
 RUN_PROTOCOL = "/shoal/run/1.0.0"  # membership, status and the round swap, one request per stream
 # Seconds a peer has to send a request's length prefix once the stream is open; the body then gets the
 # time its size needs at the path's measured rate, and is cut after IDLE_TIMEOUT without a byte
@@ -81,6 +91,7 @@ MEMBERS_TIMEOUT = 2.0  # one membership swap
 WAIT_PEERS_PATIENCE = 60.0
 DHT_TABLE_FILE = "dht-table.json"
 WEIGHT_SOURCES = 3  # members a joiner asks for the run's weights, most advanced first
+WEIGHT_RESUMES = 3  # times a cut weights fetch is resumed from the same member, when the last try got bytes
 RESUME_BEHIND_ROUNDS = 2  # rounds a resumed peer may lag the run and still go on from its own checkpoint
 # The run's weights go to members only, one fetch at a time each, and at most this many copies of the model
 # per member per hour: a joiner needs one (a few when it retries), a stranger none.
@@ -123,7 +134,7 @@ class Daemon:
         self.log_tail = LogTail()
         self.membership: Membership | None = None
         self.worker: WorkerProcess | None = None
-        self.snapshot: tuple[int, bytes] | None = None  # (round, our slow weights) for joiners
+        self.snapshots = Snapshots()  # our slow weights of the last rounds, on disk, for joiners
         self.address = ""  # the address we listen on, as others on our network would dial it
         self.reach: PeerReach | None = None
         # Addresses of run peers found in the DHT before they are members (peer id -> addresses).
@@ -238,6 +249,7 @@ class Daemon:
             self.events.emit("listening", address=self.join_address, run=self.config.run_id)
             self.worker = await WorkerProcess.start()
             stack.push_async_callback(self.worker.stop)
+            stack.callback(self.snapshots.close)
             stack.push_async_callback(self._leave)
             async with asyncio.TaskGroup() as group:
                 background = [
@@ -454,9 +466,9 @@ class Daemon:
                     begin = await self._begin(worker, resumed=int(message.get("round") or 0))
                     if not self.stopping.is_set():  # a stopping worker was told so and no longer listens
                         await worker.send(begin)
-                elif kind == "snapshot":  # kept so that a joining peer can start from our weights
-                    weights = _shared(worker.snapshot).read(int(message["nbytes"]))
-                    self.snapshot = (int(message["round"]), weights)
+                elif kind == "snapshot":  # the file a joining peer's fetch streams our weights from
+                    number, nbytes = int(message["round"]), int(message["nbytes"])
+                    self.snapshots.add(number, str(message["path"]), nbytes, str(message["sha256"]))
                 elif kind == "verdict":
                     self.guard_reports.on_verdict(message)
                 elif kind in ("progress", "eval"):
@@ -505,30 +517,38 @@ class Daemon:
                      self.peer_id, resumed, run_round)  # fmt: skip
         self.board.set_activity("joining", "fetching the run's current weights from a member")
         reasons: list[str] = []  # why each member asked did not send them, for the one warning below
-        for peer in sorted(others, key=lambda p: -self._membership.members[p].round)[:WEIGHT_SOURCES]:
-            try:
-                fetched = await self._unless_stopping(self._fetch_weights(peer))
+        nbytes = 4 * dense.spec_size(self.swap.spec)
+        into = _shared(worker.inbound).view(nbytes)  # the weights land in the worker's segment as they arrive
+
+        def resuming(fetch: Fetch, error: BaseException) -> None:
+            at = f"{deadlines.megabytes(fetch.done)} of {deadlines.megabytes(nbytes)}"
+            log.info("[%s] the weights fetch was cut (%s); resuming at %s", self.peer_id, error, at)
+
+        try:
+            for peer in sorted(others, key=lambda p: -self._membership.members[p].round)[:WEIGHT_SOURCES]:
+
+                async def attempt(fetch: Fetch, peer: str = peer) -> int:
+                    return await self._fetch_weights(peer, into, fetch)
+
+                try:
+                    fetched = await self._unless_stopping(
+                        fetch_resuming(attempt, nbytes, WEIGHT_RESUMES, resuming)
+                    )
+                except (OSError, TimeoutError, asyncio.IncompleteReadError, TransportError, MessageError,
+                        WeightsError, ValueError) as error:  # fmt: skip
+                    log.info("[%s] could not fetch weights from %s: %s", self.peer_id, peer, error)
+                    reasons.append(f"{peer}: {error or type(error).__name__}")
+                    continue
                 if fetched is None:  # Ctrl-C or SIGTERM: the worker is told to stop, not to begin
                     log.info("[%s] stopped while fetching the run's weights from %s", self.peer_id, peer)
                     return {"type": "begin", "weights_nbytes": 0}
-                reply, received = fetched
-                weights, number = reply.get("data"), reply.get("round")
-                if (
-                    reply.get("type") != "weights"
-                    or not isinstance(weights, bytes)
-                    or not isinstance(number, int)
-                ):
-                    raise MessageError(f"unexpected answer to a weights request: {reply.get('type')!r}")
-                dense.check_weights(weights, self.swap.spec)
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, TransportError, MessageError,
-                    dense.PayloadError, ValueError) as error:  # fmt: skip
-                log.info("[%s] could not fetch weights from %s: %s", self.peer_id, peer, error)
-                reasons.append(f"{peer}: {error or type(error).__name__}")
-                continue
-            nbytes = _shared(worker.inbound).write(weights)
-            self.swap.book.last_finished = number
-            self.events.emit("weights", source=peer, round=number, bytes_received=received)
-            return {"type": "begin", "weights_nbytes": nbytes, "round": number}
+                assert fetched.partial is not None  # a fetch that returned read a header
+                number = fetched.partial.round
+                self.swap.book.last_finished = number
+                self.events.emit("weights", source=peer, round=number, bytes_received=fetched.received)
+                return {"type": "begin", "weights_nbytes": nbytes, "round": number}
+        finally:
+            into.release()
         start = f"its checkpoint of round {resumed}" if resumed else "the run's initial weights"
         log.warning("[%s] no member sent its weights (%s); starting from %s",
                     self.peer_id, "; ".join(reasons) or "none answered", start)  # fmt: skip
@@ -548,41 +568,71 @@ class Daemon:
         if problem:
             raise DaemonError(f"cannot join run {self.config.run_id!r}: {problem}")
 
-    async def _fetch_weights(self, peer: str) -> tuple[dict[str, Any], int]:
-        """Asks `peer` for its slow weights, showing the transfer as a bar and in `peer status`. The
-        deadline comes from their size (the model in fp32) at the path's measured rate, or the minimum,
-        at most WEIGHTS_CEILING_S, and the fetch is cut after IDLE_TIMEOUT without a byte; a fetch cut
-        short raises TimeoutError saying what the link delivered and what the weights would need."""
-        nbytes = 4 * dense.spec_size(self.swap.spec)
+    async def _fetch_weights(self, peer: str, into: memoryview, fetch: Fetch) -> int:
+        """Fetches `peer`'s slow weights into `into` (the rest of them, when `fetch` resumes a cut one),
+        showing the transfer as a bar and in `peer status`; returns the bytes received. The deadline comes
+        from the bytes left at the path's measured rate, or the minimum, at most WEIGHTS_CEILING_S, and the
+        fetch is cut after IDLE_TIMEOUT without a byte; a fetch cut short raises TimeoutError saying what
+        the link delivered and what the weights would need."""
+        nbytes, offset = len(into), fetch.done
         rate = self._peer_reach.rate_bps(peer)
         ceiling = deadlines.WEIGHTS_CEILING_S
-        deadline = CONNECT_TIMEOUT + deadlines.transfer_deadline(nbytes, rate, ceiling)
+        deadline = CONNECT_TIMEOUT + deadlines.transfer_deadline(nbytes - offset, rate, ceiling)
         timer = TransferTimer(from_first_byte=True)
         size = deadlines.megabytes(nbytes)
         at = f"the measured {deadlines.mbit(rate)}" if rate else "an unmeasured rate"
-        log.info("[%s] fetching the run's weights (%s) from %s: up to %s at %s",
-                 self.peer_id, size, peer, deadlines.duration(deadline), at)  # fmt: skip
+        part = f" from {deadlines.megabytes(offset)}" if offset else ""
+        log.info("[%s] fetching the run's weights (%s%s) from %s: up to %s at %s",
+                 self.peer_id, size, part, peer, deadlines.duration(deadline), at)  # fmt: skip
         with transfer_bar(f"weights from {peer[-8:]}", enabled=not self.events.json_lines) as bar:
 
             def progress(done: int, total: int) -> None:
                 bar(done, total)
-                timer(done, total)
-                pace.keep_up(done, total, timer.rate_bps(), CONNECT_TIMEOUT + ceiling)
+                timer(done - offset, total - offset)  # this attempt's bytes: its rate
+                pace.keep_up(done - offset, total - offset, timer.rate_bps(), CONNECT_TIMEOUT + ceiling)
                 mb = f"{done / 1e6:.1f} of {total / 1e6:.1f} MB"
                 self.board.set_activity("joining", f"fetching the run's weights from {peer}: {mb}")
 
             try:
                 async with deadlines.paced(deadline, idle_now=False) as pace:
-                    reply, _, received = await self._request(
-                        peer, self._message("weights"), self.swap.max_offer_bytes, progress, pace
-                    )
+                    await self._request_weights(peer, into, fetch, progress, pace)
             except TimeoutError:
                 if not pace.expired():
                     raise  # a connect's own deadline
-                raise TimeoutError(self._why_fetch_cut(peer, nbytes, pace, timer)) from None
+                raise TimeoutError(self._why_fetch_cut(peer, nbytes - offset, pace, timer)) from None
             finally:
                 self._peer_reach.record(timer, peer, partial=True)
-        return reply, received
+        return fetch.received
+
+    async def _request_weights(
+        self, peer: str, into: memoryview, fetch: Fetch, progress: Any, pace: deadlines.Pace
+    ) -> None:
+        """One weights request on a fresh stream: the header, then the bytes, written into `into`."""
+        peer_id = await self._reach(peer)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            stream = await self._host.new_stream(peer_id, RUN_PROTOCOL)
+        try:
+            await write_message(stream, self._message("weights", **fetch.request_fields()))
+            await stream.close()  # our side is done: half-close
+            pace.restart_idle()
+            reader = pace.watch(stream)
+            reply, size = await read_frame(reader, CONTROL_MESSAGE_LIMIT)
+            fetch.received += size
+            if reply.get("type") == "refuse":
+                raise MessageError(f"refused: {str(reply.get('reason'))[:200]}")
+            if reply.get("type") != "weights":
+                raise MessageError(f"unexpected answer to a weights request: {reply.get('type')!r}")
+            fetch.partial = check_header(reply, len(into), fetch.partial)
+            offset = fetch.partial.done
+            progress(offset, len(into))
+            before = fetch.partial.done
+            try:
+                await receive_into(reader, into, fetch.partial, progress)
+            finally:
+                fetch.received += fetch.partial.done - before
+        except BaseException:
+            await stream.reset()
+            raise
 
     def _why_fetch_cut(self, peer: str, nbytes: int, pace: deadlines.Pace, timer: TransferTimer) -> str:
         """Why a weights fetch was cut, in a line: the peer went silent, or its link is too slow."""
@@ -880,22 +930,37 @@ class Daemon:
             return deadlines.transfer_deadline(nbytes, rate, deadlines.WEIGHTS_CEILING_S)
         return REQUEST_TIMEOUT
 
-    def _weights_for(self, member: str) -> dict[str, Any]:
-        """The answer to a weights request: our slow weights for a member within its hourly budget."""
+    def _weights_for(self, member: str, request: dict[str, Any]) -> tuple[dict[str, Any], Served | None]:
+        """The answer to a weights request: a header, and the file to stream from the asked offset (a
+        descriptor of its own: `send_from` closes it), for a member within its hourly budget; a refusal
+        and None otherwise."""
+
+        def refuse(reason: str) -> tuple[dict[str, Any], None]:
+            return self._message("refuse", reason=reason), None
+
         if self.membership is None or member not in self.membership.members:
-            return self._message("refuse", reason="the run's weights go to its members; join the run first")
-        if self.snapshot is None:
-            return self._message("refuse", reason="no weights yet: the first round is not over")
+            return refuse("the run's weights go to its members; join the run first")
+        asked, offset = request.get("round"), request.get("offset", 0)
+        if (asked is not None and not isinstance(asked, int)) or not isinstance(offset, int) or offset < 0:
+            raise MessageError("a weights request with a bad round or offset")
+        snapshot = self.snapshots.latest() if asked is None else self.snapshots.of_round(asked)
+        if snapshot is None:
+            if asked is None:
+                return refuse("no weights yet: the first round is not over")
+            return refuse(f"the weights of round {asked} are gone (held: {self.snapshots.rounds()})")
+        if offset > snapshot.nbytes or (asked is None and offset):
+            raise MessageError(f"a weights request from byte {offset} of {snapshot.nbytes}")
         now = time.monotonic()
         served = [(t, n) for t, n in self._weights_served.get(member, []) if now - t < 3600.0]
         self._weights_served[member] = served
-        size = len(self.snapshot[1])
-        if sum(n for _, n in served) + size > WEIGHT_COPIES_PER_HOUR * size:
-            return self._message(
-                "refuse", reason=f"this member fetched the weights {len(served)} times in the last hour"
-            )
+        size = snapshot.nbytes - offset
+        if sum(n for _, n in served) + size > WEIGHT_COPIES_PER_HOUR * snapshot.nbytes:
+            return refuse(f"this member fetched the weights {len(served)} times in the last hour")
         served.append((now, size))
-        return self._message("weights", round=self.snapshot[0], data=self.snapshot[1])
+        header = self._message(
+            "weights", round=snapshot.round, nbytes=snapshot.nbytes, sha256=snapshot.sha256, offset=offset
+        )
+        return header, snapshot.serve(offset)
 
     async def _dispatch(self, sender: str, request: dict[str, Any], size: int, writer: Stream) -> None:
         if request.get("v") != PROTOCOL_VERSION or request.get("run") != self.config.run_id:
@@ -929,7 +994,14 @@ class Daemon:
                 raise MessageError("a second weights request while the first is being answered")
             self._fetching.add(sender)
             try:
-                await write_message(writer, self._weights_for(sender))
+                header, served = self._weights_for(sender, request)
+                try:
+                    await write_message(writer, header)
+                    if served is not None:
+                        await send_from(writer, served)
+                finally:
+                    if served is not None:
+                        served.close()
             finally:
                 self._fetching.discard(sender)
         elif kind == "offer":

@@ -77,6 +77,12 @@ class SharedBuffer:
         self._buf[: len(data)] = data
         return len(data)
 
+    def view(self, nbytes: int) -> memoryview:
+        """The first `nbytes` of the segment, to fill in place (a transfer written as it arrives)."""
+        if not 0 <= nbytes <= self.capacity:
+            raise ValueError(f"{nbytes} bytes do not fit the {self.capacity}-byte shared buffer")
+        return self._buf[:nbytes]
+
     def read(self, nbytes: int) -> bytes:
         if not 0 <= nbytes <= self.capacity:
             raise ValueError(f"{nbytes} bytes are outside the {self.capacity}-byte shared buffer")
@@ -148,7 +154,6 @@ class WorkerProcess:
         self.process = process
         self.outbound: SharedBuffer | None = None  # the worker writes its payloads here
         self.inbound: SharedBuffer | None = None  # we write the partner's payload here
-        self.snapshot: SharedBuffer | None = None  # the worker's slow weights after each round
         self._stderr_relay: asyncio.Task[None] | None = None
 
     @classmethod
@@ -189,11 +194,10 @@ class WorkerProcess:
     def attach(self, hello: dict[str, Any]) -> None:
         self.outbound = SharedBuffer.attach(hello["outbound"])
         self.inbound = SharedBuffer.attach(hello["inbound"])
-        self.snapshot = SharedBuffer.attach(hello["snapshot"])
 
     async def stop(self, grace: float = 10.0) -> int:
         """Closes the control channel (the worker saves and exits), then waits; kills it past `grace`."""
-        for buffer in (self.outbound, self.inbound, self.snapshot):
+        for buffer in (self.outbound, self.inbound):
             if buffer is not None:
                 buffer.close()
         if self.process.returncode is None and self.process.stdin is not None:

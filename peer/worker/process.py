@@ -7,6 +7,7 @@ It talks to its daemon over a control channel (stdin/stdout) and passes payloads
     worker -> daemon: payload {round, nbytes}         (our fast weights are in the outbound segment)
     daemon -> worker: partner {round, nbytes, peer} | skip {round, reason}
     worker -> daemon: verdict {round, peer, action, reason, weight, scores, excluded, strikes}  (the guard's)
+    worker -> daemon: snapshot {round, path, nbytes, sha256}  (φ after the round, in a file for joiners)
     daemon -> worker: stop                            (any time it trains or evaluates, or as the reply)
     worker -> daemon: done {round}                    (after the last round; also on a closed channel)
     worker -> daemon: error {message, bug, traceback}  (it cannot go on: bad data, a damaged checkpoint, ...)
@@ -37,6 +38,7 @@ from shoal.gossip.rounds import payload as dense
 from shoal.peer import logs
 from shoal.peer.ipc import ControlChannel, SharedBuffer
 from shoal.peer.worker.checkpoints import CheckpointWriter, resume
+from shoal.peer.worker.snapshots import write_snapshot
 from shoal.peer.worker.train import Interrupted, Trainer, TrainSettings
 
 log = logging.getLogger("shoal.peer.worker")
@@ -64,7 +66,6 @@ def run(channel: ControlChannel) -> int:
     spec = trainer.spec()
     capacity = dense.max_payload_bytes(spec)  # a dense fp32 message bounds every method's
     outbound, inbound = SharedBuffer.create(capacity), SharedBuffer.create(capacity)
-    snapshot = SharedBuffer.create(4 * trainer.parameter_count())  # phi, for peers that join the run
     try:
         channel.send(
             {
@@ -72,7 +73,6 @@ def run(channel: ControlChannel) -> int:
                 "spec": [[name, list(shape)] for name, shape in spec],
                 "outbound": outbound.name,
                 "inbound": inbound.name,
-                "snapshot": snapshot.name,
                 "capacity": capacity,
                 "parameters": trainer.parameter_count(),
                 "corpus_sha256": trainer.corpus_sha256,
@@ -92,14 +92,14 @@ def run(channel: ControlChannel) -> int:
         trainer.should_stop = _stop_poll(channel)
         try:
             channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate()})
-            return _train(channel, trainer, outbound, inbound, snapshot, writer)
+            return _train(channel, trainer, outbound, inbound, writer)
         except Interrupted:  # in an inner step (dropped: it never happened) or an evaluation (not needed)
             done, steps = trainer.round_steps, settings.inner_steps
             log.info("stopping in round %d after %d of %d inner steps", trainer.round + 1, done, steps)
             return _stop(channel, trainer, writer)
     finally:
         writer.close()  # no checkpoint thread outlives the worker
-        for buffer in (outbound, inbound, snapshot):
+        for buffer in (outbound, inbound):
             buffer.close()
 
 
@@ -108,7 +108,6 @@ def _train(
     trainer: Trainer,
     outbound: SharedBuffer,
     inbound: SharedBuffer,
-    snapshot: SharedBuffer,
     writer: CheckpointWriter,
 ) -> int:
     settings = trainer.settings
@@ -154,14 +153,18 @@ def _train(
         partner_id = reply.get("peer") if isinstance(reply.get("peer"), str) else None
         excluded_before = set(trainer.guard.excluded) if trainer.guard is not None else set()
         outcome = trainer.outer_step(own, partner, partner_id)
+        # Every round, written while the next round trains; before anything is sent, so that a daemon
+        # that dies now (a broken pipe below) still leaves this round saved.
+        writer.write(trainer.state_dict())
         if outcome.startswith("partner message refused"):
             log.warning("round %d: %s", number, outcome)
         if trainer.verdict is not None and partner_id is not None:
             channel.send(_verdict_message(trainer, number, partner_id, excluded_before))
-        writer.write(trainer.state_dict())  # every round, written while the next round trains
-        channel.send(
-            {"type": "snapshot", "round": trainer.round, "nbytes": snapshot.write(trainer.slow_bytes())}
-        )
+        weights = trainer.slow_bytes()
+        path, sha256 = write_snapshot(writer.path.parent, trainer.round, weights)
+        snapshot = {"round": trainer.round, "path": str(path), "nbytes": len(weights), "sha256": sha256}
+        channel.send({"type": "snapshot", **snapshot})
+        del weights
         channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate()})
     writer.wait()  # the last round's checkpoint is the final one
     channel.send({"type": "done", "round": trainer.round, "checkpoint": str(writer.path)})

@@ -328,6 +328,11 @@ def measure_tree(args: argparse.Namespace, code: Path | None, run_dir: Path) -> 
             c = start("c", address)
             weights = c.wait_for("weights", WEIGHTS_TIMEOUT_S)
             c.wait_for("eval", EVAL_TIMEOUT_S)  # its worker adopted the weights: the fetch is over
+            for peer in peers.values():  # a peer gone takes its VmHWM with it
+                if peer.proc.poll() is not None:
+                    raise BenchError(
+                        f"peer {peer.name} exited ({peer.proc.returncode}) before the measurement"
+                    )
             memory = {name: peer.memory() for name, peer in peers.items()}
             rounds_at_join = {
                 name: max((int(e["round"]) for e in peer.events if e.get("event") == "round"), default=0)

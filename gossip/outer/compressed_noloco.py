@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 # Partners on the same data distribution and schedule move by similar amounts per round: a lattice step
 # more than this many times this peer's own is refused (pitfall P17: norm checks on what arrives).
+ERROR_FEEDBACK = False  # the lattice code sends θ itself each round: no residual carried over
 MAX_STEP_RATIO = 16.0
 MIN_STEP_ALLOWANCE = 1e-6  # tensors this peer did not move (zero Δ) still accept a small partner step
 # OuterState.drift forgets this fraction a round, so the step narrows again as the replicas come together.

@@ -9,7 +9,7 @@ modules import this one for their types, so it imports none of them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import ModuleType
 
@@ -95,7 +95,7 @@ class OuterState:
 
     origin: str  # this peer's id (names its gossip messages)
     slow: Named  # φ
-    error: Named  # EF buffer (sparse methods), fp32
+    error: Named  # EF buffer (sparse methods), fp32; empty for the methods that keep none
     momentum: Named  # DiLoCo m / NoLoCo δ, fp32
     round: int = 0
     # Messages kept for relaying, by id (origin, round): only the gossip research variant (V-A, bench) fills
@@ -107,18 +107,28 @@ class OuterState:
     counters: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def fresh(cls, origin: str, slow: Mapping[str, torch.Tensor], round_: int = 0) -> OuterState:
+    def fresh(
+        cls, origin: str, slow: Mapping[str, torch.Tensor], round_: int = 0, error_feedback: bool = True
+    ) -> OuterState:
+        """φ from `slow`, zero momentum, and a zero EF buffer unless `error_feedback` is False (a method
+        that keeps none: the dense NoLoCo methods; a model's worth of memory saved)."""
         slow32 = {n: t.detach().float().clone() for n, t in slow.items()}
-        return cls(origin, slow32, zeros_like(slow32), zeros_like(slow32), round_)
+        error = zeros_like(slow32) if error_feedback else {}
+        return cls(origin, slow32, error, zeros_like(slow32), round_)
 
-    def state_dict(self) -> dict:
-        """Everything a resumed peer needs for its outer method (P20), as tensors and plain values."""
+    def state_dict(self, clone: bool = True) -> dict:
+        """Everything a resumed peer needs for its outer method (P20), as tensors and plain values.
+
+        `clone=False` hands out this state's own tensors: the outer steps never write into them (each step
+        makes new ones), so a checkpoint written in the background may hold them while training goes on,
+        without three models' worth of copies."""
+        own: Callable[[torch.Tensor], torch.Tensor] = torch.clone if clone else _same
         return {
             "origin": self.origin,
             "round": self.round,
-            "slow": {n: t.clone() for n, t in self.slow.items()},
-            "error": {n: t.clone() for n, t in self.error.items()},
-            "momentum": {n: t.clone() for n, t in self.momentum.items()},
+            "slow": {n: own(t) for n, t in self.slow.items()},
+            "error": {n: own(t) for n, t in self.error.items()},
+            "momentum": {n: own(t) for n, t in self.momentum.items()},
             "store": [[origin, rnd, msg] for (origin, rnd), msg in sorted(self.store.items())],
             "drift": dict(self.drift),
             "counters": dict(self.counters),
@@ -141,6 +151,11 @@ class OuterState:
             state.counters = {str(n): int(v) for n, v in saved.get("counters", {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise OuterError(f"outer state in checkpoint is incomplete or malformed: {exc!r}") from exc
-        check_same_layout(state.slow, state.error, "checkpointed error feedback")
+        if state.error:  # empty: a method that keeps no EF buffer
+            check_same_layout(state.slow, state.error, "checkpointed error feedback")
         check_same_layout(state.slow, state.momentum, "checkpointed outer momentum")
         return state
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor

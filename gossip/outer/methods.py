@@ -99,6 +99,12 @@ METHODS = ("noloco", "pair-sparseloco", "compressed-noloco")
 DEFAULT_METHOD = "compressed-noloco"
 
 
+def uses_error_feedback(method: str) -> bool:
+    """Does `method` keep an error-feedback buffer (sparse methods: what was not sent, sent later)? A
+    module says so with ERROR_FEEDBACK; one that does not say is given a buffer."""
+    return bool(getattr(MODULES[method], "ERROR_FEEDBACK", True))
+
+
 def make_message(config: OuterConfig, state: OuterState, fast: Mapping[str, torch.Tensor]) -> bytes:
     """This peer's message for the round. Sparse methods fold Δ into the EF buffer (state.error changes)."""
     return MODULES[config.method].make_message(config, state, fast)

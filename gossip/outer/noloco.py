@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from shoal.gossip.outer.config import OuterConfig, OuterState
 
 # NoLoCo reference hyper-parameters (gensyn-ai/noloco configs): outer momentum α, outer lr β, averaging γ.
+ERROR_FEEDBACK = False  # dense: everything is sent every round, nothing left over for later
 DEFAULT_ALPHA = 0.5
 DEFAULT_BETA = 0.7
 DEFAULT_GAMMA = 0.7

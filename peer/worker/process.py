@@ -160,11 +160,16 @@ def _train(
             log.warning("round %d: %s", number, outcome)
         if trainer.verdict is not None and partner_id is not None:
             channel.send(_verdict_message(trainer, number, partner_id, excluded_before))
-        weights = trainer.slow_bytes()
-        path, sha256 = write_snapshot(writer.path.parent, trainer.round, weights)
-        snapshot = {"round": trainer.round, "path": str(path), "nbytes": len(weights), "sha256": sha256}
-        channel.send({"type": "snapshot", **snapshot})
-        del weights
+        path, nbytes, sha256 = write_snapshot(writer.path.parent, trainer.round, trainer.slow_chunks())
+        channel.send(
+            {
+                "type": "snapshot",
+                "round": trainer.round,
+                "path": str(path),
+                "nbytes": nbytes,
+                "sha256": sha256,
+            }
+        )
         channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate()})
     writer.wait()  # the last round's checkpoint is the final one
     channel.send({"type": "done", "round": trainer.round, "checkpoint": str(writer.path)})

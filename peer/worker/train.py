@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from shoal.gossip.outer.methods import (
     OuterState,
     make_message,
     outer_step,
+    uses_error_feedback,
 )
 from shoal.peer.config import ConfigError
 from shoal.peer.worker.checkpoints import CheckpointError, write_checkpoint
@@ -133,7 +134,9 @@ class Trainer:
         if method not in pairwise:  # the daemon swaps with one partner a round: no all-gather, no relaying
             raise ConfigError(f"outer method {method!r} cannot run here; choose one of {', '.join(pairwise)}")
         self.outer_config = OuterConfig.tuned(method)
-        self.outer = OuterState.fresh(settings.peer_id, self.fast())  # phi, error feedback, momentum (CPU)
+        # phi and momentum (CPU); an error-feedback buffer only for a method that uses one
+        self.error_feedback = uses_error_feedback(method)
+        self.outer = OuterState.fresh(settings.peer_id, self.fast(), error_feedback=self.error_feedback)
         # The partner guard (gossip/outer/guard.py) judges each partner's message before this peer pulls
         # toward it; `verdict` is the last round's, for the daemon to report and publish.
         self.guard = Guard() if method in JUDGED else None
@@ -233,24 +236,33 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, weights: list[torch.Tensor] | None = None) -> float:
-        """Mean loss (nats per byte) on the run's fixed validation windows, of `weights` or of phi."""
+        """Mean loss (nats per byte) on the run's fixed validation windows, of `weights` or of phi. Run
+        with those weights in place of the model's (`torch.func.functional_call`): the fast weights are
+        neither copied aside nor touched."""
         self.model.eval()
-        backup = [p.detach().clone() for p in self.model.parameters()]
-        self._load(weights if weights is not None else self.slow)
-        try:
-            with self._autocast():
-                losses = [
-                    self.model(x.to(self.device), y.to(self.device))[1].item()
-                    for x, y in zip(self.eval_x.split(16), self.eval_y.split(16), strict=True)
-                ]
-        finally:  # the fast weights come back also when a stop cuts the evaluation short
-            self._load(backup)
+        chosen = weights if weights is not None else self.slow
+        on_device = {n: t.to(self.device) for n, t in zip(self.names, chosen, strict=True)}
+        with self._autocast():
+            losses = [
+                float(
+                    torch.func.functional_call(self.model, on_device, (x.to(self.device), y.to(self.device)))[
+                        1
+                    ]
+                )
+                for x, y in zip(self.eval_x.split(16), self.eval_y.split(16), strict=True)
+            ]
         return float(np.mean(losses))
 
     # --- the run's weights, for joiners --------------------------------------------------------------
     def slow_bytes(self) -> bytes:
         """phi as little-endian fp32, tensors in model order: what a joining peer starts from."""
-        return torch.cat([self.outer.slow[name].reshape(-1).float() for name in self.names]).numpy().tobytes()
+        return b"".join(bytes(chunk) for chunk in self.slow_chunks())
+
+    def slow_chunks(self) -> Iterator[memoryview]:
+        """The same bytes, a tensor at a time and without copies (for the snapshot file)."""
+        for name in self.names:
+            tensor = self.outer.slow[name].detach().reshape(-1).float().contiguous()
+            yield memoryview(tensor.numpy().data).cast("B")
 
     @torch.no_grad()
     def adopt(self, values: bytes, round_: int) -> None:
@@ -260,7 +272,7 @@ class Trainer:
             raise CheckpointError("a member's weights do not fit this model or are not finite")
         fresh = dict(zip(self.names, flat.split([p.numel() for p in self.model.parameters()]), strict=True))
         shaped = {name: fresh[name].view_as(param) for name, param in self.model.named_parameters()}
-        self.outer = OuterState.fresh(self.settings.peer_id, shaped, round_)
+        self.outer = OuterState.fresh(self.settings.peer_id, shaped, round_, self.error_feedback)
         self._load(self.slow)
         self.inner_step = max(self.inner_step, round_ * self.settings.inner_steps)
         # A resumed peer that fell behind drops its own round under way (its fast weights are replaced);
@@ -373,7 +385,7 @@ class Trainer:
             "model": self.settings.model,
             "corpus_sha256": self.corpus_sha256,
             "shard": list(self.shard),
-            "outer": self.outer.state_dict(),
+            "outer": self.outer.state_dict(clone=False),  # the outer steps replace these, never write them
             "fast": [p.detach().to("cpu", copy=True) for p in self.model.parameters()],
             "optimizer": _cpu_copy(self.optimizer.state_dict()),  # its tensors change in place otherwise
             "sampler_rng": self.sampler.generator.get_state(),

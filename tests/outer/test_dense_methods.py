@@ -79,3 +79,32 @@ def test_compressed_noloco_tracks_fp32_noloco_closely():
     # The lattice error is ≤ step/2 = 3·max|Δ|/256 per round: a few percent of how far the weights moved.
     assert err < 0.1 * moved
     assert err > 0  # it is a lossy code: this test would not notice if V-C silently sent fp32
+
+
+def test_a_checkpoint_holding_the_outer_state_is_not_changed_by_later_outer_steps():
+    # The worker's background checkpoint holds the outer state's own tensors (state_dict(clone=False)) while
+    # the next rounds train and step: every outer step of the dense methods, pulled fully, partly (the
+    # guard's clip), or not at all (alone, a refusal), must make new tensors rather than write into them.
+    from shoal.gossip.outer.guarded_step import weighted_step
+
+    torch.manual_seed(5)
+    for method in ("noloco", "compressed-noloco"):
+        config = OuterConfig.tuned(method)
+        init = {"w": torch.randn(64, 32), "b": torch.randn(32)}
+        a = OuterState.fresh("a", init, error_feedback=False)
+        b = OuterState.fresh("b", {k: v + 0.01 * torch.randn_like(v) for k, v in init.items()})
+        assert a.error == {}
+        held = a.state_dict(clone=False)
+        frozen = {part: {k: v.clone() for k, v in held[part].items()} for part in ("slow", "momentum")}
+        for weight in (1.0, 0.5, 0.0):
+            fa = {k: v + 0.05 * torch.randn_like(v) for k, v in a.slow.items()}
+            fb = {k: v + 0.05 * torch.randn_like(v) for k, v in b.slow.items()}
+            ma, mb = make_message(config, a, fa), make_message(config, b, fb)
+            weighted_step(config, a, ma, mb, weight)
+            outer_step(config, b, mb, [ma])
+        for part, tensors in frozen.items():
+            for k, v in tensors.items():
+                assert torch.equal(held[part][k], v), (method, part, k)
+        assert not torch.equal(a.slow["w"], frozen["slow"]["w"])  # the state itself moved on
+        restored = OuterState.from_state_dict(held)  # a checkpoint without an EF buffer loads
+        assert restored.error == {} and restored.round == 0

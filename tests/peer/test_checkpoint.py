@@ -52,6 +52,8 @@ def test_a_resumed_peer_continues_exactly_where_it_stopped(corpus, tmp_path, met
     for name in a.outer.slow:
         assert torch.equal(a.outer.slow[name], resumed.outer.slow[name]), name
         assert torch.equal(a.outer.momentum[name], resumed.outer.momentum[name]), name
+    assert a.outer.error.keys() == resumed.outer.error.keys()  # empty for the dense methods: no EF buffer
+    for name in a.outer.error:
         assert torch.equal(a.outer.error[name], resumed.outer.error[name]), name
     for p, q in zip(a.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(p, q)

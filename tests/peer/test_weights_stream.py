@@ -100,7 +100,7 @@ def test_a_cut_fetch_resumes_where_it_stopped_and_gets_exactly_the_served_round(
     async def main() -> None:
         snapshots = Snapshots()
         data = weights(1)
-        path, sha256 = write_snapshot(tmp_path, 7, data)
+        path, _, sha256 = write_snapshot(tmp_path, 7, [data])
         snapshots.add(7, str(path), len(data), sha256)
         server, sent = await serve(snapshots, cut_after=[CHUNK + 123, CHUNK])
         port = server.sockets[0].getsockname()[1]
@@ -128,7 +128,7 @@ def test_a_fetch_cut_too_often_fails_and_one_without_progress_is_not_resumed(tmp
     async def main() -> None:
         snapshots = Snapshots()
         data = weights(2)
-        path, sha256 = write_snapshot(tmp_path, 3, data)
+        path, _, sha256 = write_snapshot(tmp_path, 3, [data])
         snapshots.add(3, str(path), len(data), sha256)
         into = memoryview(bytearray(NBYTES))
         server, sent = await serve(snapshots, cut_after=[CHUNK, CHUNK, CHUNK])
@@ -151,12 +151,12 @@ def test_a_fetch_cut_too_often_fails_and_one_without_progress_is_not_resumed(tmp
 def test_an_answer_in_progress_reads_its_round_to_the_end_while_newer_rounds_replace_it(tmp_path: Path):
     snapshots = Snapshots()
     first = weights(3)
-    path, sha256 = write_snapshot(tmp_path, 1, first)
+    path, _, sha256 = write_snapshot(tmp_path, 1, [first])
     snapshots.add(1, str(path), len(first), sha256)
     served = snapshots.latest().serve(0)  # a joiner's fetch began on round 1
     for number in range(2, 2 + KEEP_SNAPSHOTS + 2):  # newer rounds: round 1's file is unlinked and closed
         data = weights(number + 10)
-        path, sha256 = write_snapshot(tmp_path, number, data)
+        path, _, sha256 = write_snapshot(tmp_path, number, [data])
         snapshots.add(number, str(path), len(data), sha256)
     assert not snapshot_path(tmp_path, 1).exists()
     assert snapshots.rounds() == [2 + KEEP_SNAPSHOTS, 3 + KEEP_SNAPSHOTS]
@@ -221,7 +221,7 @@ def test_wrong_hashes_values_sizes_and_resumes_are_refused(tmp_path: Path):
 
 def test_snapshot_files_of_a_later_round_from_an_earlier_life_are_removed(tmp_path: Path):
     for number in (40, 41, 42):
-        write_snapshot(tmp_path, number, b"\0" * 8)
-    write_snapshot(tmp_path, 10, b"\1" * 8)  # restarted from an older checkpoint
+        write_snapshot(tmp_path, number, [b"\0" * 8])
+    write_snapshot(tmp_path, 10, [b"\1" * 8])  # restarted from an older checkpoint
     assert sorted(p.name for p in tmp_path.glob("weights-*.bin")) == ["weights-00000010.bin"]
     assert os.path.getsize(snapshot_path(tmp_path, 10)) == 8

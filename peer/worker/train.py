@@ -386,7 +386,11 @@ class Trainer:
             "corpus_sha256": self.corpus_sha256,
             "shard": list(self.shard),
             "outer": self.outer.state_dict(clone=False),  # the outer steps replace these, never write them
-            "fast": [p.detach().to("cpu", copy=True) for p in self.model.parameters()],
+            # At a round's start the fast weights are φ itself (the outer step loaded it): the checkpoint
+            # holds φ's tensors, which no step writes into, instead of a copy of the model.
+            "fast": list(self.slow)
+            if self.round_steps == 0
+            else [p.detach().to("cpu", copy=True) for p in self.model.parameters()],
             "optimizer": _cpu_copy(self.optimizer.state_dict()),  # its tensors change in place otherwise
             "sampler_rng": self.sampler.generator.get_state(),
             "guard": self.guard.state_dict() if self.guard is not None else None,

@@ -50,6 +50,9 @@ DEFAULT_SHARDS = 16
 # The guard's loss probe: this many fixed windows of the peer's own shard, on which its own θ, its φ and the
 # partner's θ are evaluated before it pulls toward the partner (three forward passes of a small batch).
 PROBE_WINDOWS = 8
+# Tokens per probe window at most: the probe runs three forward passes every round (φ, our θ, the
+# partner's θ), and full 1024-token windows of gpt2-small took about 100 s a round on one CPU thread.
+PROBE_TOKENS = 256
 PROBE_SEED = 4321
 
 
@@ -113,7 +116,8 @@ class Trainer:
         self.sampler = BatchSampler(
             shard(corpus.train, index, count, block + 2), block, settings.batch_size, settings.data_seed
         )
-        self.probe_x, self.probe_y = fixed_windows(self.sampler.data, block, PROBE_WINDOWS, PROBE_SEED)
+        probe_block = min(block, PROBE_TOKENS)
+        self.probe_x, self.probe_y = fixed_windows(self.sampler.data, probe_block, PROBE_WINDOWS, PROBE_SEED)
         self.eval_x, self.eval_y = fixed_windows(corpus.validation, block, settings.eval_windows, EVAL_SEED)
 
         params = dict(self.model.named_parameters())

@@ -625,11 +625,10 @@ class Daemon:
             fetch.partial = check_header(reply, len(into), fetch.partial)
             offset = fetch.partial.done
             progress(offset, len(into))
-            before = fetch.partial.done
             try:
                 await receive_into(reader, into, fetch.partial, progress)
             finally:
-                fetch.received += fetch.partial.done - before
+                fetch.received += fetch.partial.done - offset
         except BaseException:
             await stream.reset()
             raise
@@ -932,7 +931,7 @@ class Daemon:
 
     def _weights_for(self, member: str, request: dict[str, Any]) -> tuple[dict[str, Any], Served | None]:
         """The answer to a weights request: a header, and the file to stream from the asked offset (a
-        descriptor of its own: `send_from` closes it), for a member within its hourly budget; a refusal
+        descriptor of its own, which the caller closes), for a member within its hourly budget; a refusal
         and None otherwise."""
 
         def refuse(reason: str) -> tuple[dict[str, Any], None]:

@@ -87,11 +87,3 @@ def check_message(payload: bytes, method: str, spec: TensorSpec, lattice_bits: i
             codec_wire.read(message.update, {name: (shape, "float32") for name, shape in layout})
         except CodecError as error:
             raise PayloadError(f"codec payload: {error}") from error
-
-
-def check_weights(values: bytes, spec: TensorSpec) -> None:
-    """A member's slow weights, sent to a joining peer: exactly the model's size in fp32, all finite."""
-    if len(values) != 4 * spec_size(spec):
-        raise PayloadError(f"weights of {len(values)} bytes do not fit the model's {4 * spec_size(spec)}")
-    if not np.isfinite(np.frombuffer(values, dtype="<f4")).all():
-        raise PayloadError("weights carry non-finite values")

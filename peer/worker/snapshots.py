@@ -1,6 +1,6 @@
 """The worker's slow weights after each round, as files its daemon streams to peers joining the run.
 
-Each round's φ (little-endian fp32 in model order, `Trainer.slow_bytes`) goes to `weights-ROUND.bin` in the
+Each round's φ (little-endian fp32 in model order, `Trainer.slow_chunks`) goes to `weights-ROUND.bin` in the
 peer's state directory, written under a temporary name and renamed, so that no reader sees half a file. The
 worker keeps the last KEEP_SNAPSHOTS and unlinks older ones. The daemon opens each file when told of it and
 streams it from disk (peer/weights.py): a file it holds open outlives the unlink, so a fetch in progress

@@ -246,24 +246,19 @@ class Trainer:
         self.model.eval()
         chosen = weights if weights is not None else self.slow
         on_device = {n: t.to(self.device) for n, t in zip(self.names, chosen, strict=True)}
+
+        def loss(x: torch.Tensor, y: torch.Tensor) -> float:
+            batch = (x.to(self.device), y.to(self.device))
+            return float(torch.func.functional_call(self.model, on_device, batch)[1])
+
         with self._autocast():
-            losses = [
-                float(
-                    torch.func.functional_call(self.model, on_device, (x.to(self.device), y.to(self.device)))[
-                        1
-                    ]
-                )
-                for x, y in zip(self.eval_x.split(16), self.eval_y.split(16), strict=True)
-            ]
+            losses = [loss(x, y) for x, y in zip(self.eval_x.split(16), self.eval_y.split(16), strict=True)]
         return float(np.mean(losses))
 
     # --- the run's weights, for joiners --------------------------------------------------------------
-    def slow_bytes(self) -> bytes:
-        """phi as little-endian fp32, tensors in model order: what a joining peer starts from."""
-        return b"".join(bytes(chunk) for chunk in self.slow_chunks())
-
     def slow_chunks(self) -> Iterator[memoryview]:
-        """The same bytes, a tensor at a time and without copies (for the snapshot file)."""
+        """phi as little-endian fp32, tensors in model order (what a joining peer starts from), a tensor
+        at a time and without copies."""
         for name in self.names:
             tensor = self.outer.slow[name].detach().reshape(-1).float().contiguous()
             yield memoryview(tensor.numpy().data).cast("B")

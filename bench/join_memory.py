@@ -44,6 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.peer_events import pump_events
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_ID = "join-memory"
 WALL_CLOCK_GUARD_S = 3600  # the whole benchmark: a hung run is stopped (its peers with it)
@@ -183,20 +185,13 @@ class Peer:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        with contextlib.suppress(ValueError, OSError):
-            for line in self.proc.stdout:
-                self._log.write(line)
-                self._log.flush()
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(event, dict):
-                    event.setdefault("t", time.time())
-                    self.events.append(event)
-                    self._queue.put(event)
+        pump_events(self.proc.stdout, self._log, self._keep, stamp=True)
         self._queue.put(None)
         self._log.close()
+
+    def _keep(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        self._queue.put(event)
 
     def wait_for(
         self, kind: str, timeout_s: float, match: Callable[[dict[str, Any]], bool] = lambda _: True

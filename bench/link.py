@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bench.natlab import SINK
+from bench.peer_events import pump_events
 from natlab.lab import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -256,18 +257,12 @@ class PeerRun:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        with contextlib.suppress(ValueError, OSError):
-            for line in self.proc.stdout:
-                self._log.write(line)
-                self._log.flush()
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(event, dict):
-                    self.events.append(event)
-                    self.lines.put(event)
+        pump_events(self.proc.stdout, self._log, self._keep)
         self.lines.put(None)
+
+    def _keep(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        self.lines.put(event)
 
     def wait_for(self, kind: str, timeout_s: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s

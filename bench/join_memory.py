@@ -44,9 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.peer_events import pump_events
+from bench.peer_runs import REPO_ROOT, BenchError, parse_code, pump_events, run_guarded, tree_env, tree_label
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_ID = "join-memory"
 WALL_CLOCK_GUARD_S = 3600  # the whole benchmark: a hung run is stopped (its peers with it)
 LISTEN_TIMEOUT_S = 180.0  # a peer's `listening` event
@@ -57,10 +56,6 @@ STOP_GRACE_S = 30.0
 SAMPLE_S = 0.2
 STATUS_FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem")
 PEERS = ("a", "b", "c")
-
-
-class BenchError(Exception):
-    """A peer failed or was too slow: the tree's measurement could not be made."""
 
 
 # ---------------------------------------------------------------------------------------- /proc
@@ -110,50 +105,6 @@ def mb(kb: int | None) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------- trees
-
-
-def _git(path: Path, *argv: str) -> str:
-    return subprocess.run(
-        ["git", "--no-optional-locks", "-C", str(path), *argv],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout
-
-
-def tree_label(path: Path) -> str:
-    """The tree's short commit, `+dirty` when tracked files are modified; `?` outside a git checkout."""
-    try:
-        commit = _git(path, "rev-parse", "--short", "HEAD").strip()
-        dirty = _git(path, "status", "--porcelain", "--untracked-files=no").strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-    return commit + ("+dirty" if dirty else "")
-
-
-def tree_env(code: Path | None) -> dict[str, str]:
-    """The peers' environment: a fast identity proof, and `code`'s package ahead of the editable install
-    (checked here: a tree that imports another's code would measure the wrong one)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["SHOAL_IDENTITY_BITS"] = "8"
-    env["PYTHONUNBUFFERED"] = "1"
-    if code is not None:
-        env["PYTHONPATH"] = str(code)
-    root = code or REPO_ROOT
-    probe = [sys.executable, "-P", "-c", "import shoal; print(shoal.__file__)"]
-    where = subprocess.run(probe, capture_output=True, text=True, env=env, cwd=root, timeout=60)
-    if where.returncode != 0 or not Path(where.stdout.strip()).resolve().is_relative_to(root.resolve()):
-        raise BenchError(f"from {root}, `import shoal` found {where.stdout.strip() or where.stderr.strip()}")
-    return env
-
-
-def parse_code(values: list[str]) -> list[Path]:
-    paths = [Path(p.strip()).resolve() for value in values for p in value.split(",") if p.strip()]
-    for path in paths:
-        if not (path / "shoal" / "__init__.py").is_file():
-            raise SystemExit(f"bench.join_memory: --code {path}: no shoal package there")
-    return paths
 
 
 # ---------------------------------------------------------------------------------------- peers
@@ -380,7 +331,7 @@ def measure_tree(args: argparse.Namespace, code: Path | None, run_dir: Path) -> 
 
 
 def run(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
-    codes = parse_code(args.code)
+    codes = parse_code(args.code, "bench.join_memory")
     trees: list[Path | None] = [None, *codes]
     results: list[dict[str, Any]] = []
     for index, code in enumerate(trees):
@@ -477,21 +428,7 @@ def main() -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"run directory (logs): {run_dir}", flush=True)
 
-    def _guard(*_: object) -> None:
-        raise TimeoutError(f"bench.join_memory passed its {args.guard_s} s wall-clock guard")
-
-    def _terminated(*_: object) -> None:
-        raise KeyboardInterrupt("SIGTERM")  # unwinds through the finally that stops the peers
-
-    signal.signal(signal.SIGALRM, _guard)
-    signal.signal(signal.SIGTERM, _terminated)
-    signal.alarm(args.guard_s)
-    started = time.monotonic()
-    try:
-        result = run(args, run_dir)
-    finally:
-        signal.alarm(0)
-    result["wall_s"] = round(time.monotonic() - started, 1)
+    result = run_guarded("bench.join_memory", args.guard_s, lambda: run(args, run_dir))
     print_table(result)
     print(f"wall {result['wall_s']} s")
     if args.json:

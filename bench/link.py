@@ -50,10 +50,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bench.natlab import SINK
-from bench.peer_events import pump_events
+from bench.peer_runs import REPO_ROOT, BenchError, parse_code, pump_events, run_guarded, tree_env, tree_label
 from natlab.lab import stop_process
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 WALL_CLOCK_GUARD_S = 1200  # the whole benchmark: a hung run is killed (and the namespaces removed)
 COMMAND_TIMEOUT_S = 30
 STOP_GRACE_S = 20.0
@@ -80,10 +79,6 @@ while left > 0:
 c.shutdown(socket.SHUT_WR); n = int.from_bytes(c.recv(8), "big")
 print(time.perf_counter() - t if n == {size} else -1)
 """
-
-
-class BenchError(Exception):
-    """The link could not be built, or a measurement could not be made."""
 
 
 def unavailable_reason() -> str | None:
@@ -218,29 +213,6 @@ def kernel_tcp(link: Link, size: int, both_ways: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- peers
-
-
-def tree_label(path: Path) -> str:
-    commit = _run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"]).strip()
-    status = _run(["git", "--no-optional-locks", "-C", str(path), "status", "--porcelain"])
-    dirty = any(line and not line.startswith("??") for line in status.splitlines())
-    return commit + ("+dirty" if dirty else "")
-
-
-def tree_env(path: Path | None) -> dict[str, str]:
-    """The peers' environment: this tree's code wins over the editable install (checked here)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["SHOAL_IDENTITY_BITS"] = "8"
-    env["PYTHONUNBUFFERED"] = "1"
-    if path is not None:
-        env["PYTHONPATH"] = str(path)
-    root = path or REPO_ROOT
-    where = _run(
-        [sys.executable, "-P", "-c", "import shoal; print(shoal.__file__)"], env=env, cwd=root
-    ).strip()
-    if not Path(where).resolve().is_relative_to(root.resolve()):
-        raise BenchError(f"with PYTHONPATH={path} `import shoal` found {where}, not the tree at {root}")
-    return env
 
 
 class PeerRun:
@@ -415,16 +387,8 @@ def add_ratios(result: dict[str, Any], line_rate: float, kernel_two_way: float) 
 # ---------------------------------------------------------------------------------------- the run
 
 
-def parse_code(values: list[str]) -> list[Path]:
-    paths = [Path(p).resolve() for value in values for p in value.split(",") if p.strip()]
-    for path in paths:
-        if not (path / "shoal" / "__init__.py").is_file():
-            raise SystemExit(f"bench.link: --code {path}: no shoal package there")
-    return paths
-
-
 def run(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
-    trees: list[Path | None] = [None, *parse_code(args.code)]
+    trees: list[Path | None] = [None, *parse_code(args.code, "bench.link")]
     results: list[dict[str, Any]] = []
     with Link(args.rate) as link:
         for index, code in enumerate(trees):
@@ -538,21 +502,7 @@ def main() -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"run directory (logs): {run_dir}", flush=True)
 
-    def _guard(*_: object) -> None:
-        raise TimeoutError(f"bench.link passed its {args.guard_s} s wall-clock guard")
-
-    def _terminated(*_: object) -> None:
-        raise KeyboardInterrupt("SIGTERM")
-
-    signal.signal(signal.SIGALRM, _guard)
-    signal.signal(signal.SIGTERM, _terminated)
-    signal.alarm(args.guard_s)
-    started = time.monotonic()
-    try:
-        result = run(args, run_dir)
-    finally:
-        signal.alarm(0)
-    result["wall_s"] = round(time.monotonic() - started, 1)
+    result = run_guarded("bench.link", args.guard_s, lambda: run(args, run_dir))
     print_table(result)
     print(
         f"med: all swapped rounds; med*: aligned rounds only (peers ready within "

@@ -31,6 +31,12 @@ def weights(seed: int) -> bytes:
     return np.random.default_rng(seed).standard_normal(NBYTES // 4).astype("<f4").tobytes()
 
 
+def publish(snapshots: Snapshots, directory: Path, round_: int, data: bytes) -> None:
+    """What the worker and its daemon do after a round: the file written, then held open."""
+    path, nbytes, sha256 = write_snapshot(directory, round_, [data])
+    snapshots.add(round_, str(path), nbytes, sha256)
+
+
 class AsyncWriter:
     """An asyncio StreamWriter with the transport streams' awaitable write."""
 
@@ -100,8 +106,7 @@ def test_a_cut_fetch_resumes_where_it_stopped_and_gets_exactly_the_served_round(
     async def main() -> None:
         snapshots = Snapshots()
         data = weights(1)
-        path, _, sha256 = write_snapshot(tmp_path, 7, [data])
-        snapshots.add(7, str(path), len(data), sha256)
+        publish(snapshots, tmp_path, 7, data)
         server, sent = await serve(snapshots, cut_after=[CHUNK + 123, CHUNK])
         port = server.sockets[0].getsockname()[1]
         into = memoryview(bytearray(NBYTES))
@@ -127,9 +132,7 @@ def test_a_cut_fetch_resumes_where_it_stopped_and_gets_exactly_the_served_round(
 def test_a_fetch_cut_too_often_fails_and_one_without_progress_is_not_resumed(tmp_path: Path):
     async def main() -> None:
         snapshots = Snapshots()
-        data = weights(2)
-        path, _, sha256 = write_snapshot(tmp_path, 3, [data])
-        snapshots.add(3, str(path), len(data), sha256)
+        publish(snapshots, tmp_path, 3, weights(2))
         into = memoryview(bytearray(NBYTES))
         server, sent = await serve(snapshots, cut_after=[CHUNK, CHUNK, CHUNK])
         port = server.sockets[0].getsockname()[1]
@@ -151,13 +154,10 @@ def test_a_fetch_cut_too_often_fails_and_one_without_progress_is_not_resumed(tmp
 def test_an_answer_in_progress_reads_its_round_to_the_end_while_newer_rounds_replace_it(tmp_path: Path):
     snapshots = Snapshots()
     first = weights(3)
-    path, _, sha256 = write_snapshot(tmp_path, 1, [first])
-    snapshots.add(1, str(path), len(first), sha256)
+    publish(snapshots, tmp_path, 1, first)
     served = snapshots.latest().serve(0)  # a joiner's fetch began on round 1
     for number in range(2, 2 + KEEP_SNAPSHOTS + 2):  # newer rounds: round 1's file is unlinked and closed
-        data = weights(number + 10)
-        path, _, sha256 = write_snapshot(tmp_path, number, [data])
-        snapshots.add(number, str(path), len(data), sha256)
+        publish(snapshots, tmp_path, number, weights(number + 10))
     assert not snapshot_path(tmp_path, 1).exists()
     assert snapshots.rounds() == [2 + KEEP_SNAPSHOTS, 3 + KEEP_SNAPSHOTS]
     assert len(list(tmp_path.glob("weights-*.bin"))) == KEEP_SNAPSHOTS

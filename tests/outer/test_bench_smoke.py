@@ -1,5 +1,7 @@
 """A seconds-long run of the convergence harness: the JSON the issue asks for, from real components."""
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -125,3 +127,16 @@ def test_a_run_without_diloco_or_the_default_exits_non_zero(capsys):
     # A zero budget stops every run at its first evaluation: nothing to compare, so the exit code says so.
     assert main(["--smoke", "--methods", "noloco", "--budget", "0", "--no-cache", "--jobs", "1"]) == 1
     assert "no result for diloco at R = 4" in capsys.readouterr().err
+
+
+def test_the_modules_left_out_of_the_code_version_are_not_imported_by_a_run():
+    # The cache's code version skips the guard's modules; a run that imported one would reuse stale results.
+    script = (
+        "import sys, bench.convergence.__main__, bench.convergence.jobs\n"
+        "print('\\n'.join(getattr(m, '__file__', None) or '' for m in list(sys.modules.values())))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=cache.ROOT
+    ).stdout
+    for name in cache.NOT_RUN:
+        assert name not in loaded, f"{name} is imported by a simulated run but left out of the code version"

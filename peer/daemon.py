@@ -38,6 +38,7 @@ from shoal.peer.identity_proof import prove_identity
 from shoal.peer.ipc import SharedBuffer, WorkerGone, WorkerProcess
 from shoal.peer.keys import resolve_identity
 from shoal.peer.metrics import MetricsServer
+from shoal.peer.offers import send_while_answered
 from shoal.peer.progress import progress_bar, transfer_bar
 from shoal.peer.reach import PeerReach, TransferTimer
 from shoal.peer.request_slots import RequestSlots
@@ -69,7 +70,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PROTOCOL_VERSION = 4  # 2: signed membership entries; 3: full-duplex swaps; 4: weights streamed, resumable
+# 2: signed membership entries; 3: full-duplex swaps; 4: weights streamed, resumable; 5: offers streamed
+PROTOCOL_VERSION = 5
 RUN_PROTOCOL = "/shoal/run/1.0.0"  # membership, status and the round swap, one request per stream
 # Seconds a peer has to send a request's length prefix once the stream is open; the body then gets the
 # time its size needs at the path's measured rate, and is cut after IDLE_TIMEOUT without a byte
@@ -249,6 +251,7 @@ class Daemon:
             self.events.emit("listening", address=self.join_address, run=self.config.run_id)
             self.worker = await WorkerProcess.start()
             stack.push_async_callback(self.worker.stop)
+            stack.callback(setattr, self.swap, "inbox", None)  # no payload lands in a segment being closed
             stack.callback(self.snapshots.close)
             stack.push_async_callback(self._leave)
             async with asyncio.TaskGroup() as group:
@@ -457,6 +460,7 @@ class Daemon:
                     worker.attach(message)
                     spec = [(name, tuple(shape)) for name, shape in message["spec"]]
                     self.swap.use_model(spec, str(message["method"]), int(message["lattice_bits"]))
+                    self.swap.inbox = _shared(worker.inbound).view  # partners' payloads land there
                     self.parameters = int(message["parameters"])
                     self.settings = run_settings(self.config, message)
                     if message.get("round"):  # resumed from a checkpoint
@@ -655,14 +659,12 @@ class Daemon:
             await worker.send({"type": "stop"})
 
     async def _round(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
-        payload = _shared(worker.outbound).read(int(message["nbytes"]))
         started = time.monotonic()
-        report = await self.swap.swap(int(message["round"]), payload)
+        # Our payload is sent from the worker's segment, which it leaves alone until it hears back.
+        with _shared(worker.outbound).view(int(message["nbytes"])) as payload:
+            report = await self.swap.swap(int(message["round"]), payload)
+            sent_bytes = len(payload)
         number, seconds = report.number, time.monotonic() - started
-        if report.outcome == "swapped":
-            assert report.payload is not None  # a swapped round brought the partner's payload
-            nbytes = _shared(worker.inbound).write(report.payload)
-            report.payload = None  # the worker has it; keep no model-sized copies in the history
         self.events.emit(
             "round",
             round=number,
@@ -674,7 +676,7 @@ class Daemon:
             inner_step=message.get("inner_step"),
             train_loss=message.get("train_loss"),
             seconds=round(seconds, 3),
-            bits_per_param=round(8 * len(payload) / max(1, self.parameters), 3),
+            bits_per_param=round(8 * sent_bytes / max(1, self.parameters), 3),
         )
         self.guard_reports.note_exclusions(number)
         if self.runstate is not None:
@@ -690,7 +692,9 @@ class Daemon:
             return
         if report.outcome == "swapped":
             assert report.partner is not None  # a swapped round had a partner
-            await worker.send({"type": "partner", "round": number, "nbytes": nbytes, "peer": report.partner})
+            await worker.send(
+                {"type": "partner", "round": number, "nbytes": report.payload_bytes, "peer": report.partner}
+            )
             await self._peer_reach.measure_rtt(report.partner, number)
         else:
             await worker.send({"type": "skip", "round": number, "reason": report.outcome})
@@ -755,21 +759,29 @@ class Daemon:
         limit: int,
         progress: Any = None,
         pace: deadlines.Pace | None = None,
+        body: memoryview | None = None,
     ) -> tuple[dict, int, int]:
         """One request on a fresh stream to `target` (a peer id or an address, see `_reach`): returns
         the answer and the bytes sent and received. `progress(done, total)` follows the answer's bytes;
-        `pace`, when given, sees them arrive (its idle clock starts once the request is sent)."""
+        `pace`, when given, sees them arrive (its idle clock starts once the request is sent). `body`
+        (an offer's payload) follows the message, streamed while the answer is awaited."""
         peer = await self._reach(target)
         async with asyncio.timeout(CONNECT_TIMEOUT):
             stream = await self._host.new_stream(peer, RUN_PROTOCOL)
         try:
             sent = await write_message(stream, message)
-            await stream.close()  # our side is done: half-close
             reader: Any = stream
             if pace is not None:
                 pace.restart_idle()
                 reader = pace.watch(stream)
-            reply, received = await read_frame(reader, limit, progress)
+            if body is None:
+                await stream.close()  # our side is done: half-close
+                reply, received = await read_frame(reader, limit, progress)
+            else:
+                (reply, received), body_sent = await send_while_answered(
+                    stream, body, read_frame(reader, limit, progress)
+                )
+                sent += body_sent
         except BaseException:
             await stream.reset()
             raise
@@ -910,20 +922,23 @@ class Daemon:
                     self.swap.check_link(sender, timer.total)
 
     def _request_limit(self, sender: str) -> int:
-        """The largest request `sender` may send: an offer's size for a member (a partner's payload), a
-        membership swap's for anyone else, so that strangers holding request slots hold little memory."""
+        """The largest request `sender` may send: a control message's for a member (an offer's payload is
+        streamed after its header, not read as one frame), a membership swap's for anyone else, so that
+        strangers holding request slots hold little memory."""
         if self.membership is not None and sender in self.membership.members:
-            return self.swap.max_offer_bytes
+            return CONTROL_MESSAGE_LIMIT
         return STRANGER_REQUEST_LIMIT
 
     def _answer_deadline(self, kind: object, size: int, sender: str) -> float:
-        """How long writing an answer may take. An offer is held until our own round is ready
-        (exchange_timeout), then answered with a short accept (our payload travels in our own offer);
-        weights are the model in fp32, at the requester's measured rate, or the minimum, within their
-        ceiling."""
+        """How long answering may take. An offer is held until our own round is ready
+        (exchange_timeout), then its payload is read (at most the exchange ceiling; its own pace cuts a
+        slow or silent sender sooner) and answered with a short accept (our payload travels in our own
+        offer); weights are the model in fp32, at the requester's measured rate, or the minimum, within
+        their ceiling."""
         rate = self.reach.rate_bps(sender) if self.reach is not None else None
         if kind == "offer":
-            return self.config.exchange_timeout + REQUEST_TIMEOUT
+            ceiling = deadlines.exchange_ceiling(self.config.exchange_timeout)
+            return self.config.exchange_timeout + ceiling + REQUEST_TIMEOUT
         if kind == "weights":
             nbytes = 4 * dense.spec_size(self.swap.spec)
             return deadlines.transfer_deadline(nbytes, rate, deadlines.WEIGHTS_CEILING_S)

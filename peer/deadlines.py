@@ -169,6 +169,12 @@ class Watched:
         self._source = source
         self._pace = pace
 
+    async def read(self, n: int = -1) -> bytes:
+        chunk = await self._source.read(n)
+        if chunk:
+            self._pace.arrived(len(chunk))
+        return chunk
+
     async def readexactly(self, n: int) -> bytes:
         parts: list[bytes] = []
         got = 0

@@ -89,7 +89,10 @@ class SharedBuffer:
         return bytes(self._buf[:nbytes])
 
     def close(self) -> None:
-        self.segment.close()
+        # BufferError: a transfer cut by a stop still holds a view of the segment for a moment; its mapping
+        # goes when the last view does (or with the process), and the name is unlinked below all the same.
+        with contextlib.suppress(BufferError):
+            self.segment.close()
         if self.owner:
             with contextlib.suppress(FileNotFoundError):
                 self.segment.unlink()

@@ -4,9 +4,11 @@ Each round the worker hands the daemon its payload; `RoundSwap.swap` picks the r
 one, or the run's after a skip: gossip/rounds/clock.py), the partner (the seeded pairing over the live
 members) and swaps under the exchange deadline, full duplex: both partners send their payload in an offer
 at once (each on its own stream) and each answers the other's offer from `answer_offer`, which the
-daemon's request dispatcher calls, with a payload-less accept once its own round is ready. The round is
-swapped when our offer was accepted and the partner's arrived: a whole, validated partner payload or none.
-Invalid messages score their sender down; enough of them ban it here.
+daemon's request dispatcher calls, with a payload-less accept once its own round is ready. An offer is a
+small header followed by the payload's raw bytes (peer/offers.py): the sender streams them from the worker's
+outbound segment and the receiver into the worker's inbound one, so the daemon never holds a payload. The
+round is swapped when our offer was accepted and the partner's arrived: a whole, validated partner payload
+or none. Invalid messages score their sender down; enough of them ban it here.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from shoal.gossip.rounds.pairing import partner_of
 from shoal.gossip.rounds.swap import SwapBook, Verdict, should_stop_waiting
 from shoal.peer import deadlines
 from shoal.peer.config import PeerConfig
-from shoal.peer.reach import PeerReach
+from shoal.peer.offers import RoundClosed, receive_body
+from shoal.peer.reach import PeerReach, TransferTimer
 from shoal.peer.status import StatusBoard
 from shoal.transport.errors import TransportError
 from shoal.transport.host import Stream
@@ -43,9 +46,20 @@ ROUND_QUERY_TIMEOUT = 2.0  # seconds a member has to say which round it finished
 ROUND_REPORTS_KEPT = 100
 MAX_STRIKES = 3  # invalid round messages before a peer is banned here (an honest peer sends none)
 
-# request(target, message, limit[, progress]) -> (answer, bytes sent, bytes received), on a fresh stream;
-# progress(done, total) follows the answer's bytes
+# request(target, message, limit[, progress][, body=view]) -> (answer, bytes sent, bytes received), on a
+# fresh stream; progress(done, total) follows the answer's bytes; `body` is streamed after the message
 Request = Callable[..., Awaitable[tuple[dict, int, int]]]
+# inbox(nbytes) -> a writable view of the worker's inbound segment, where a partner's payload lands
+Inbox = Callable[[int], memoryview]
+
+
+@dataclass
+class Arrival:
+    """What became of the partner's offer in our round: its bytes off the wire, or why it was not taken."""
+
+    payload_bytes: int = 0  # in the worker's inbound segment
+    wire_bytes: int = 0  # the offer's header and payload
+    failure: str | None = None
 
 
 @dataclass
@@ -55,7 +69,7 @@ class RoundReport:
     outcome: str  # "swapped" or "skipped: <reason>"
     bytes_sent: int
     bytes_received: int
-    payload: bytes | None = None  # the partner's validated payload, when swapped
+    payload_bytes: int = 0  # when swapped: the size of the partner's payload, now in the worker's segment
     jumped_from: int | None = None  # the worker's round, when the peer moved to the run's round instead
 
 
@@ -82,7 +96,8 @@ class RoundSwap:
         self._named_slow: set[str] = set()  # partners whose slow link the log named (until they swap)
         self.book = SwapBook(peer_id)
         self.changed = asyncio.Condition()  # notified whenever the book changes
-        self.incoming: dict[int, asyncio.Future[tuple[bytes, int]]] = {}  # round -> (payload, bytes)
+        self.incoming: dict[int, asyncio.Future[Arrival]] = {}  # round -> the partner's offer, once decided
+        self.inbox: Inbox | None = None  # the daemon's, once the worker said hello
         self.reports: list[RoundReport] = []
         self.banned: set[str] = set()
         # Peers the run excluded from pairing on published evidence (the run state's `excluded`, which every
@@ -107,7 +122,7 @@ class RoundSwap:
             raise RuntimeError("a round needs the daemon's membership, and it has not been set yet")
         return self.membership
 
-    async def swap(self, proposed: int, payload: bytes) -> RoundReport:
+    async def swap(self, proposed: int, payload: bytes | memoryview) -> RoundReport:
         """Swaps our payload for round `proposed` (or the run's round) with that round's partner."""
         number = await self._round_number(proposed)
         if number != proposed:
@@ -193,12 +208,12 @@ class RoundSwap:
             return None
         return finished, here
 
-    async def _exchange(self, number: int, payload: bytes) -> RoundReport:
+    async def _exchange(self, number: int, payload: bytes | memoryview) -> RoundReport:
         loop = asyncio.get_running_loop()
         partner = partner_of(self.peer_id, self.eligible(loop.time()), self.config.run_id, number)
         self.incoming[number] = loop.create_future()
         async with self.changed:
-            self.book.ready(number, partner, payload)
+            self.book.ready(number, partner)
             self.changed.notify_all()
         report = RoundReport(number, partner, "skipped: no partner this round", 0, 0)
         deadline = self.config.exchange_timeout
@@ -243,7 +258,9 @@ class RoundSwap:
                 self.changed.notify_all()
         return report
 
-    async def _both_ways(self, partner: str, number: int, payload: bytes, report: RoundReport) -> None:
+    async def _both_ways(
+        self, partner: str, number: int, payload: bytes | memoryview, report: RoundReport
+    ) -> None:
         """Our offer to the partner and the partner's offer to us, at once (full duplex). The first side to
         give up (refused, the partner moved on) ends the other; swapped only when both went through."""
         sending = asyncio.ensure_future(self._offer(partner, number, payload, report))
@@ -267,12 +284,14 @@ class RoundSwap:
                 task.cancel()
             await asyncio.gather(sending, receiving, return_exceptions=True)
         if report.outcome != "swapped":
-            report.payload = None
+            report.payload_bytes = 0
 
-    async def _offer(self, partner: str, number: int, payload: bytes, report: RoundReport) -> str | None:
+    async def _offer(
+        self, partner: str, number: int, payload: bytes | memoryview, report: RoundReport
+    ) -> str | None:
         """Sends our payload; None once the partner accepted it, else why not."""
-        offer = self._message("offer", round=number, payload=payload)
-        reply, sent, _ = await self._request(partner, offer, CONTROL_MESSAGE_LIMIT)
+        offer = self._message("offer", round=number, nbytes=len(payload))
+        reply, sent, _ = await self._request(partner, offer, CONTROL_MESSAGE_LIMIT, body=memoryview(payload))
         report.bytes_sent = sent
         if reply.get("type") == "refuse":
             return f"partner refused ({str(reply.get('reason'))[:200]})"
@@ -287,7 +306,7 @@ class RoundSwap:
         while True:
             try:
                 async with asyncio.timeout(PROBE_INTERVAL):
-                    payload, received = await asyncio.shield(arrival)
+                    arrived = await asyncio.shield(arrival)
                 break
             except TimeoutError:
                 try:
@@ -303,8 +322,10 @@ class RoundSwap:
                 reason = should_stop_waiting(status, self.peer_id, number)
                 if reason is not None and not arrival.done():
                     return reason
-        report.payload = payload
-        report.bytes_received = received
+        if arrived.failure is not None:
+            return arrived.failure
+        report.payload_bytes = arrived.payload_bytes
+        report.bytes_received = arrived.wire_bytes
         return None
 
     def exchange_deadline(self, partner: str, nbytes: int) -> tuple[float, str]:
@@ -359,37 +380,88 @@ class RoundSwap:
         excluded = self.excluded()
         return [p for p in self._members.ready(now) if p not in self.banned and p not in excluded]
 
-    async def answer_offer(self, sender: str, request: dict[str, Any], size: int, writer: Stream) -> None:
-        number, payload = round_field(request), request.get("payload")
-        if not isinstance(payload, bytes):
-            raise MessageError("offer without a payload")
-        if not self.spec:  # our worker has not said what the model looks like yet
-            await write_message(
-                writer, self._message("refuse", reason="not ready: the model is still loading")
-            )
+    async def answer_offer(self, sender: str, request: dict[str, Any], size: int, stream: Stream) -> None:
+        """Answers `sender`'s offer, whose payload follows its header on `stream`: held until our own round
+        is ready, then refused without reading the payload, or read into the worker's inbound segment,
+        checked, and accepted (or refused as invalid)."""
+        number, nbytes = round_field(request), request.get("nbytes")
+        if not isinstance(nbytes, int) or not 0 < nbytes <= self.max_offer_bytes:
+            raise MessageError(f"an offer of {nbytes!r} bytes (at most {self.max_offer_bytes})")
+        if not self.spec or self.inbox is None:  # our worker has not said what the model looks like yet
+            await self._refuse_unread(stream, "not ready: the model is still loading")
             return
-        try:
-            dense.check_message(payload, self.method, self.spec, self.lattice_bits)
-        except dense.PayloadError as error:
-            log.warning("[%s] round %d: refused the payload of %s: %s", self.peer_id, number, sender, error)
-            await write_message(writer, self._message("refuse", reason=f"invalid payload: {error}"))
-            self.strike(sender, str(error))
-            return
+        held = False
         async with self.changed:
             try:
                 async with asyncio.timeout(self.config.exchange_timeout):
                     while (decision := self.book.on_offer(sender, number)).verdict is Verdict.HOLD:
+                        held = True
                         await self.changed.wait()
             except TimeoutError:
                 decision = None
             if decision is None or decision.verdict is Verdict.REFUSE or not self.book.complete(number):
                 reason = decision.reason if decision else f"not ready for round {number} in time"
-                await write_message(writer, self._message("refuse", reason=reason or "duplicate"))
+                await self._refuse_unread(stream, reason or "duplicate")
                 return
-        await write_message(writer, self._message("accept", round=number))
         arrival = self.incoming.get(number)
-        if arrival is not None and not arrival.done():
-            arrival.set_result((payload, size))
+        outcome = Arrival(failure=f"the offer of round {number} was cut")
+        try:
+            try:
+                await self._receive_payload(sender, number, nbytes, stream, timed=not held)
+            except dense.PayloadError as error:
+                log.warning(
+                    "[%s] round %d: refused the payload of %s: %s", self.peer_id, number, sender, error
+                )
+                outcome.failure = f"partner {sender} sent an invalid payload ({error})"
+                await write_message(stream, self._message("refuse", reason=f"invalid payload: {error}"))
+                self.strike(sender, str(error))
+                return
+            except RoundClosed:
+                outcome.failure = f"round {number} ended while the partner's payload arrived"
+                await self._refuse_unread(stream, f"round {number} is over here")
+                return
+            await write_message(stream, self._message("accept", round=number))
+            outcome = Arrival(nbytes, size + nbytes)
+        finally:  # whatever happened, our side of the round hears it now, not at its deadline
+            if arrival is not None and not arrival.done():
+                arrival.set_result(outcome)
+
+    async def _refuse_unread(self, stream: Stream, reason: str) -> None:
+        """Refuses an offer whose payload we do not read: the answer, then a reset, so that the sender stops
+        sending at once and the window's worth already here is dropped rather than held."""
+        await write_message(stream, self._message("refuse", reason=reason))
+        await stream.reset()
+
+    async def _receive_payload(
+        self, sender: str, number: int, nbytes: int, stream: Stream, timed: bool
+    ) -> None:
+        """The offer's payload, into the worker's inbound segment while round `number` is still ours, under
+        a deadline from its size at the path's rate and an idle cut; then its checks (PayloadError).
+        `timed`: the sender wrote it at once and we read it at once, so its arrival times the path."""
+        assert self.inbox is not None  # the caller checked
+        rate = self.reach.rate_bps(sender) if self.reach is not None else None
+        ceiling = deadlines.exchange_ceiling(self.config.exchange_timeout)
+        timer = TransferTimer()
+
+        def still_open() -> bool:
+            current = self.book.current
+            return current is not None and current.number == number
+
+        try:
+            with self.inbox(nbytes) as into:
+                async with deadlines.paced(deadlines.transfer_deadline(nbytes, rate, ceiling)) as pace:
+
+                    def progress(done: int, total: int) -> None:
+                        timer(done, total)
+                        pace.keep_up(done, total, timer.rate_bps(), ceiling)
+
+                    await receive_body(pace.watch(stream), into, still_open, progress)
+                dense.check_message(into, self.method, self.spec, self.lattice_bits)
+        finally:
+            if timed and self.reach is not None:
+                self.reach.record(timer, sender, partial=True)
+                if timer.finished is None and timer.nbytes:
+                    self.check_link(sender, nbytes)
 
 
 def _waits(number: int, partner: tuple[int, int] | None) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def max_payload_bytes(spec: TensorSpec) -> int:
     return 4 * spec_size(spec) + ENVELOPE_SLACK
 
 
-def check_message(payload: bytes, method: str, spec: TensorSpec, lattice_bits: int) -> None:
+def check_message(payload: bytes | memoryview, method: str, spec: TensorSpec, lattice_bits: int) -> None:
     """Raises PayloadError for anything wrong with a partner's message that the model's shapes reveal.
 
     `lattice_bits`: the bits per value of the run's lattice code (the worker says, in its hello).
@@ -50,7 +51,8 @@ def check_message(payload: bytes, method: str, spec: TensorSpec, lattice_bits: i
             f"message of {len(payload)} bytes exceeds the model's bound {max_payload_bytes(spec)}"
         )
     try:
-        message = unpack(payload, method)
+        # msgpack reads any buffer: the payload is checked where it lies (the worker's segment), uncopied
+        message = unpack(cast(bytes, payload), method)
     except OuterMessageError as error:
         raise PayloadError(str(error)) from error
     layout = sorted(spec)  # the outer methods list tensors in sorted-name order

@@ -37,7 +37,6 @@ class Decision:
 class RoundSlot:
     number: int
     partner: str | None
-    payload: bytes
     done: bool = False
 
 
@@ -50,9 +49,9 @@ class SwapBook:
     last_finished: int = 0
     completed: set[int] = field(default_factory=set)
 
-    def ready(self, number: int, partner: str | None, payload: bytes) -> None:
+    def ready(self, number: int, partner: str | None) -> None:
         """Our payload for round `number` exists and our view of the run named `partner`."""
-        self.current = RoundSlot(number, partner, payload)
+        self.current = RoundSlot(number, partner)
 
     def finish(self, number: int) -> None:
         self.last_finished = max(self.last_finished, number)

@@ -205,7 +205,7 @@ def test_swap_book_holds_accepts_and_refuses():
     book = SwapBook("b")
     assert book.on_offer("a", 1).verdict is Verdict.HOLD  # not ready yet
     assert book.on_offer("a", 9).verdict is Verdict.REFUSE  # too far ahead
-    book.ready(1, "a", b"payload")
+    book.ready(1, "a")
     assert book.on_offer("c", 1).verdict is Verdict.REFUSE  # not our partner
     assert book.on_offer("a", 1).verdict is Verdict.ACCEPT
     assert book.complete(1) and not book.complete(1)  # a round is swapped at most once
@@ -227,7 +227,7 @@ def test_a_waiting_responder_gives_up_when_its_partner_moved_on_or_paired_elsewh
 def test_a_peer_that_jumped_to_the_run_round_holds_offers_near_that_round():
     book = SwapBook("b")
     book.finish(5)
-    book.ready(20, "a", b"payload")  # skipped round 5, then jumped to the run's round 20
+    book.ready(20, "a")  # skipped round 5, then jumped to the run's round 20
     assert book.status(20)["round"] == 20 and book.status(20)["finished"] == 5
     assert book.on_offer("a", 20).verdict is Verdict.ACCEPT
     assert book.on_offer("c", 21).verdict is Verdict.HOLD  # the next round, not "too far ahead of 6"
@@ -277,7 +277,7 @@ def test_two_peers_meet_after_one_restarts_behind_the_other():
     # p's first round: behind, it jumps to q's round and is ready there.
     number_p, _, _ = _decide(7, q)
     assert number_p == 10
-    p.ready(number_p, "q", b"p's payload")
+    p.ready(number_p, "q")
     # q asks again: p still says it finished round 6, but it is in q's round, waiting for it. Before,
     # q waited for p's finished round to catch up, which it does only once they swap: until q's
     # deadline, past which p had given up round 10 (when it asked q before q began to wait).
@@ -293,7 +293,7 @@ def test_a_waiting_peer_follows_a_partner_that_gave_up_its_round():
     q.finish(9)
     p.finish(10)  # p jumped to round 10 from round 7 and skipped it: q was still waiting
     assert _decide(11, q)[0] == 11  # p stays in its next round, 11: q has finished only round 9
-    p.ready(11, "q", b"p's payload")
+    p.ready(11, "q")
     number_q, run, here = _decide(10, p)  # the shell's decision after q's wait: past round 10
     assert (number_q, run) == (11, 11) and clock.lead(number_q, run, here) == 0
 

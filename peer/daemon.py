@@ -90,6 +90,7 @@ BOOTSTRAP_PATIENCE = 30.0  # seconds to keep trying the bootstrap addresses
 BOOTSTRAP_UNREACHABLE_S = 10.0
 BOOTSTRAP_MIN_TRIES_S = 4.0
 MEMBERS_TIMEOUT = 2.0  # one membership swap
+READY_FANOUT = 8  # members told at once that we are ready; gossip tells the rest
 WAIT_PEERS_PATIENCE = 60.0
 DHT_TABLE_FILE = "dht-table.json"
 WEIGHT_SOURCES = 3  # members a joiner asks for the run's weights, most advanced first
@@ -504,7 +505,17 @@ class Daemon:
             await self._wait_for_peers()
         begin = await self._join_weights(worker, resumed)
         self._membership.set_ready()
+        await self._say_ready()
         return begin
+
+    async def _say_ready(self) -> None:
+        """Tells up to READY_FANOUT live members at once that we may be paired (our signed entry says so),
+        in parallel, each within MEMBERS_TIMEOUT. Left to gossip (one member a second), the news took up to a
+        second or two: a peer that restarted or joined chased a run of fast rounds that went on without it."""
+        loop = asyncio.get_running_loop()
+        others = [p for p in self._membership.live(loop.time()) if p != self.peer_id]
+        random.shuffle(others)
+        await asyncio.gather(*(self._exchange_members(p) for p in others[:READY_FANOUT]))
 
     async def _join_weights(self, worker: WorkerProcess, resumed: int) -> dict[str, Any]:
         """The weights the worker begins from: none (its own) unless the run is in progress, and for a peer

@@ -4,8 +4,14 @@ The files in a peer's state directory:
     checkpoint.pt           the latest: after a round, or when the worker stopped in the middle of one
     checkpoint.pt.prev      the one before it; a resume falls back to it when the latest cannot be used
     checkpoint.pt.rejected  a checkpoint a resume could not use (damaged, another model), moved aside
+    optimizer-N.pt          the inner optimizer's state a round's checkpoint names (the newest few kept)
 A write goes to a temporary file in the same folder, is fsynced, and only then renames the latest to
 `.prev` and itself to the latest, so a crash at any point leaves at least one whole checkpoint.
+
+A round's checkpoint is written while the next round trains, so it must not read what training changes.
+The inner optimizer's moments (two models' worth) change in place at every inner step; rather than copy
+them, the worker writes them to a file of their own while the daemon swaps the round (`write_optimizer`),
+when nothing changes them, and the checkpoint that follows names that file.
 """
 
 from __future__ import annotations
@@ -13,8 +19,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
+import re
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +35,8 @@ log = logging.getLogger("shoal.peer.worker")
 
 PREVIOUS = ".prev"
 REJECTED = ".rejected"
+OPTIMIZER_FILE = re.compile(r"optimizer-\d{1,24}\.pt")
+OPTIMIZER_FILES_KEPT = 3  # the latest checkpoint's, the previous one's, and one to spare
 
 
 class Resumable(Protocol):
@@ -44,8 +55,9 @@ def previous_of(path: Path) -> Path:
     return path.with_name(path.name + PREVIOUS)
 
 
-def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Writes `state` to `path` atomically (temporary file, fsync, rename); the old `path` becomes `.prev`."""
+def write_checkpoint(path: Path, state: dict[str, Any], keep_previous: bool = True) -> None:
+    """Writes `state` to `path` atomically (temporary file, fsync, rename); the old `path` becomes `.prev`
+    (with `keep_previous`)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -56,7 +68,7 @@ def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
             torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
-        if path.exists():  # only once the new one is whole: never a moment without a usable checkpoint
+        if keep_previous and path.exists():  # only once the new one is whole: never without a usable one
             os.replace(path, previous_of(path))
         os.replace(tmp, path)
         _fsync_folder(path.parent)
@@ -93,19 +105,46 @@ class CheckpointWriter:
         self._error: Exception | None = None
 
     def write(self, state: dict[str, Any], background: bool = True) -> None:
-        """Writes `state`, which must be the worker's own copy (Trainer.state_dict): it is read meanwhile."""
+        """Writes `state`, which must be the worker's own copy (Trainer.state_dict): it is read meanwhile.
+        Then removes the optimizer files older than the newest OPTIMIZER_FILES_KEPT."""
         self.wait()
         if not background:
             write_checkpoint(self.path, state)
+            self._prune()
             return
-        self._thread = threading.Thread(target=self._write, args=(state,), name="checkpoint-writer")
+        self._start(self._write, state)
+
+    def write_optimizer(self, state: dict[str, Any]) -> str:
+        """Starts writing an optimizer's state dict (its own tensors, not a copy: the caller changes none of
+        them before the next `write` or `wait`) to a new file beside the checkpoint; returns the file's name,
+        for the checkpoint that follows (Trainer.state_dict(optimizer_file=...))."""
+        self.wait()
+        name = f"optimizer-{time.time_ns()}.pt"
+        self._start(self._write_to, self.path.with_name(name), state)
+        return name
+
+    def _start(self, target: Any, *args: Any) -> None:
+        self._thread = threading.Thread(target=target, args=args, name="checkpoint-writer")
         self._thread.start()
 
     def _write(self, state: dict[str, Any]) -> None:
+        self._write_to(self.path, state)
+        self._prune()
+
+    def _write_to(self, path: Path, state: dict[str, Any]) -> None:
         try:
-            write_checkpoint(self.path, state)
+            write_checkpoint(path, state, keep_previous=path == self.path)
         except Exception as error:  # handed to the main thread, which stops the worker with it
             self._error = error
+
+    def _prune(self) -> None:
+        """Optimizer files no checkpoint can name any more (a checkpoint names the newest when written)."""
+        files = sorted(
+            (f for f in self.path.parent.glob("optimizer-*.pt") if OPTIMIZER_FILE.fullmatch(f.name)),
+            key=lambda f: int(f.name[len("optimizer-") : -len(".pt")]),
+        )
+        for old in files[:-OPTIMIZER_FILES_KEPT]:
+            old.unlink(missing_ok=True)
 
     def wait(self) -> None:
         if self._thread is not None:
@@ -127,8 +166,9 @@ def resume(trainer: Resumable, path: Path) -> None:
     """Loads the newest usable checkpoint into `trainer`: `path`, else its `.prev`, else none (the trainer
     stays fresh and the daemon gives it the run's weights). A checkpoint that cannot be used is moved
     aside (`.rejected`, never deleted) and the fallback is said in one log line."""
-    for stale in path.parent.glob(f"{path.name}*.tmp"):  # a write cut short by SIGKILL or a crash
-        stale.unlink(missing_ok=True)
+    for pattern in (f"{path.name}*.tmp", "optimizer-*.pt*.tmp"):  # writes cut short by SIGKILL or a crash
+        for stale in path.parent.glob(pattern):
+            stale.unlink(missing_ok=True)
     candidates = [c for c in (path, previous_of(path)) if c.exists()]
     rejected: list[str] = []
     for candidate in candidates:
@@ -148,6 +188,24 @@ def resume(trainer: Resumable, path: Path) -> None:
         return
     if rejected:
         log.warning("%s; starting fresh: the peer takes the run's weights from a member", "; ".join(rejected))
+
+
+def load_optimizer_file(checkpoint: Path, name: object) -> dict[str, Any]:
+    """The optimizer state a checkpoint names; CheckpointError when the name is not one of ours, or the
+    file is missing or damaged (the resume then falls back, as for a damaged checkpoint)."""
+    if not isinstance(name, str) or not OPTIMIZER_FILE.fullmatch(name):
+        raise CheckpointError(f"the checkpoint {checkpoint} names no optimizer file ({str(name)[:60]!r})")
+    path = checkpoint.with_name(name)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"the optimizer state {path} of {checkpoint} is missing") from error
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:160]
+        raise CheckpointError(f"the optimizer state {path} is damaged ({reason})") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"the optimizer state {path} is damaged (not a state dict)")
+    return state
 
 
 def _set_aside(path: Path) -> str:

@@ -138,13 +138,16 @@ def _train(
                 "train_loss": sum(losses) / len(losses) if losses else None,
             }
         )
+        # While the daemon swaps, nothing changes the inner optimizer: its state goes to disk now, as it is,
+        # for this round's checkpoint (no copy of it held while the next round trains).
+        optimizer_file = writer.write_optimizer(trainer.optimizer.state_dict())
         reply = channel.receive()
         if reply is None or reply.get("type") == "stop":
             # The message is made (sparse methods folded it into their error feedback): end the round as
             # one without a partner, as a skip would, so that the checkpoint holds a whole outer state.
             trainer.outer_step(own, None)
             log.info("stopping after round %d, ended without a partner", trainer.round)
-            return _stop(channel, trainer, writer)
+            return _stop(channel, trainer, writer, optimizer_file)
         # The daemon may move us to the run's round when we joined late or fell behind.
         number = max(number, int(reply.get("round", number)))
         partner = inbound.read(int(reply["nbytes"])) if reply.get("type") == "partner" else None
@@ -155,7 +158,7 @@ def _train(
         outcome = trainer.outer_step(own, partner, partner_id)
         # Every round, written while the next round trains; before anything is sent, so that a daemon
         # that dies now (a broken pipe below) still leaves this round saved.
-        writer.write(trainer.state_dict())
+        writer.write(trainer.state_dict(optimizer_file))
         if outcome.startswith("partner message refused"):
             log.warning("round %d: %s", number, outcome)
         if trainer.verdict is not None and partner_id is not None:
@@ -212,9 +215,12 @@ def _stop_poll(channel: ControlChannel) -> Callable[[], bool]:
     return stop_requested
 
 
-def _stop(channel: ControlChannel, trainer: Trainer, writer: CheckpointWriter) -> int:
-    """Saves the state as it is now (after the write in progress, if any) and tells the daemon."""
-    writer.write(trainer.state_dict(), background=False)
+def _stop(
+    channel: ControlChannel, trainer: Trainer, writer: CheckpointWriter, optimizer_file: str | None = None
+) -> int:
+    """Saves the state as it is now (after the write in progress, if any) and tells the daemon.
+    `optimizer_file`: the optimizer's state is already in that file (no inner step since it was written)."""
+    writer.write(trainer.state_dict(optimizer_file), background=False)
     with contextlib.suppress(BrokenPipeError):  # a daemon that was killed closed the channel: nobody to tell
         channel.send({"type": "done", "round": trainer.round, "checkpoint": str(writer.path)})
     return 0

@@ -38,7 +38,7 @@ from shoal.gossip.outer.methods import (
     uses_error_feedback,
 )
 from shoal.peer.config import ConfigError
-from shoal.peer.worker.checkpoints import CheckpointError, write_checkpoint
+from shoal.peer.worker.checkpoints import CheckpointError, load_optimizer_file, write_checkpoint
 from shoal.peer.worker.data import BatchSampler, fixed_windows, load_corpus, shard
 from shoal.peer.worker.hf import HFCausalLM, tokenize_text
 from shoal.peer.worker.model import GPT, PRESETS
@@ -372,9 +372,11 @@ class Trainer:
             p.copy_(w)
 
     # --- checkpoint ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, optimizer_file: str | None = None) -> dict[str, Any]:
         """Everything a resumed peer needs to go on exactly where it stopped (docs/outer-methods.md, P20),
-        as CPU copies that training does not touch: a background thread may write them meanwhile."""
+        as CPU copies that training does not touch: a background thread may write them meanwhile.
+        `optimizer_file`: the inner optimizer's state is in that file (CheckpointWriter.write_optimizer,
+        written while nothing changed it), not copied in here."""
         return {
             "format": CHECKPOINT_FORMAT,
             "round": self.round,  # rounds finished: the outer state's, also when stopped in mid-round
@@ -390,7 +392,9 @@ class Trainer:
             "fast": list(self.slow)
             if self.round_steps == 0
             else [p.detach().to("cpu", copy=True) for p in self.model.parameters()],
-            "optimizer": _cpu_copy(self.optimizer.state_dict()),  # its tensors change in place otherwise
+            # Its tensors change in place at every inner step: a copy, unless a file of its own holds them.
+            "optimizer": None if optimizer_file else _cpu_copy(self.optimizer.state_dict()),
+            "optimizer_file": optimizer_file,
             "sampler_rng": self.sampler.generator.get_state(),
             "guard": self.guard.state_dict() if self.guard is not None else None,
         }
@@ -437,6 +441,8 @@ class Trainer:
             raise CheckpointError(f"the checkpoint {path} is damaged ({reason[:160]})") from error
         if not isinstance(state, dict):
             raise CheckpointError(f"the checkpoint {path} is damaged (not a checkpoint)")
+        if state.get("optimizer_file") is not None:
+            state["optimizer"] = load_optimizer_file(path, state["optimizer_file"])
         before = self.state_dict()  # a load that fails half-way must not leave half of it behind
         try:
             self.load_state_dict(state)

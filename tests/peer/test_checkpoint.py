@@ -133,6 +133,61 @@ def test_the_state_written_in_the_background_is_a_copy_that_training_does_not_to
         assert torch.equal(before, saved)
 
 
+def round_with_optimizer_file(trainer: Trainer, writer: CheckpointWriter) -> None:
+    """One round as the worker's loop runs it: the optimizer's state written while the daemon would swap,
+    then the round's checkpoint naming that file, in the background while the next round trains."""
+    while trainer.round_steps < trainer.settings.inner_steps:
+        trainer.train_step()
+    own = trainer.message()
+    name = writer.write_optimizer(trainer.optimizer.state_dict())
+    trainer.outer_step(own, None)
+    writer.write(trainer.state_dict(name))
+
+
+def test_the_optimizer_goes_to_a_file_of_its_own_and_a_resume_from_it_continues_exactly(corpus, tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    twin = Trainer(settings(corpus, "a", "noloco"))
+    trainer = Trainer(settings(corpus, "a", "noloco"))
+    writer, twin_writer = CheckpointWriter(path), CheckpointWriter(tmp_path / "twin" / "checkpoint.pt")
+    for _ in range(5):
+        round_with_optimizer_file(trainer, writer)
+        round_with_optimizer_file(twin, twin_writer)
+    writer.close()
+    twin_writer.close()
+    saved = torch.load(path, weights_only=True)
+    assert saved["optimizer"] is None  # no copy of the moments in the round's checkpoint
+    files = sorted(p.name for p in tmp_path.glob("optimizer-*.pt"))
+    assert saved["optimizer_file"] in files and len(files) == 3  # older ones removed
+    # Train on past the checkpoint (the moments change in place), then resume from it: the file holds the
+    # moments as they were at the round's end, so the resumed peer matches its uninterrupted twin.
+    trainer.train_step()
+    resumed = Trainer(settings(corpus, "a", "noloco"))
+    resume(resumed, path)
+    assert resumed.round == 5
+    for peer in (resumed, twin):
+        while peer.round_steps < peer.settings.inner_steps:
+            peer.train_step()
+    for p, q in zip(twin.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_a_checkpoint_whose_optimizer_file_is_gone_falls_back_to_the_previous_one(corpus, tmp_path, caplog):
+    path = tmp_path / "checkpoint.pt"
+    trainer = Trainer(settings(corpus, "a", "noloco"))
+    writer = CheckpointWriter(path)
+    for _ in range(2):
+        round_with_optimizer_file(trainer, writer)
+    writer.close()
+    (tmp_path / torch.load(path, weights_only=True)["optimizer_file"]).unlink()
+    resumed = Trainer(settings(corpus, "a", "noloco"))
+    with caplog.at_level(logging.INFO):
+        resume(resumed, path)
+    (line,) = worker_lines(caplog)
+    assert "is missing" in line.message
+    assert "previous checkpoint, checkpoint.pt.prev, at round 1" in line.message
+    assert resumed.round == 1
+
+
 def two_checkpoints(corpus: Path, path: Path, model: str = "nano") -> Trainer:
     """`path` at round 2 and its previous one at round 1."""
     trainer = Trainer(settings(corpus, "a", "noloco", model))

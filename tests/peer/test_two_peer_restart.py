@@ -34,7 +34,7 @@ def test_two_peers_swap_again_soon_after_one_restarts(start_peer, tmp_path):
     survivor.wait_for(lambda e: e["event"] == "round" and e["round"] >= back[-1]["round"] + 5, timeout=120)
     back = restarted.of_kind("round")
     first_swap = next(i for i, r in enumerate(back) if r["outcome"] == "swapped")
-    assert first_swap < RESTART_ROUNDS, back
+    assert first_swap < RESTART_ROUNDS, [(r["round"], r["outcome"], r.get("jumped_from")) for r in back]
     # They swap in the same rounds: the restarted peer's first swap is one of the survivor's.
     after = survivor.of_kind("round")[killed_at:]
     assert back[first_swap]["round"] in {r["round"] for r in after if r["outcome"] == "swapped"}, (

@@ -39,7 +39,7 @@ from shoal.peer.ipc import SharedBuffer, WorkerGone, WorkerProcess
 from shoal.peer.keys import resolve_identity
 from shoal.peer.metrics import MetricsServer
 from shoal.peer.offers import send_while_answered
-from shoal.peer.progress import progress_bar, transfer_bar
+from shoal.peer.progress import progress_bar
 from shoal.peer.reach import PeerReach, TransferTimer
 from shoal.peer.request_slots import RequestSlots
 from shoal.peer.round_swap import CONTROL_MESSAGE_LIMIT, RoundSwap, until_stopped
@@ -52,11 +52,10 @@ from shoal.peer.weights import (
     Served,
     Snapshots,
     WeightsError,
-    check_header,
     fetch_resuming,
-    receive_into,
     send_from,
 )
+from shoal.peer.weights_fetch import WeightsFetcher
 from shoal.peer.worker.presets import peer_number
 from shoal.peer.worker.sources import resolve_data
 from shoal.transport.errors import TransportError
@@ -535,6 +534,19 @@ class Daemon:
         nbytes = 4 * dense.spec_size(self.swap.spec)
         into = _shared(worker.inbound).view(nbytes)  # the weights land in the worker's segment as they arrive
 
+        def showing(peer: str, text: str) -> None:
+            self.board.set_activity("joining", f"fetching the run's weights from {peer}: {text}")
+
+        fetcher = WeightsFetcher(
+            self.peer_id,
+            self._open_run_stream,
+            self._message,
+            self._peer_reach,
+            showing,
+            bars=not self.events.json_lines,
+            connect_timeout=CONNECT_TIMEOUT,
+        )
+
         def resuming(fetch: Fetch, error: BaseException) -> None:
             at = f"{deadlines.megabytes(fetch.done)} of {deadlines.megabytes(nbytes)}"
             log.info("[%s] the weights fetch was cut (%s); resuming at %s", self.peer_id, error, at)
@@ -543,7 +555,7 @@ class Daemon:
             for peer in sorted(others, key=lambda p: -self._membership.members[p].round)[:WEIGHT_SOURCES]:
 
                 async def attempt(fetch: Fetch, peer: str = peer) -> int:
-                    return await self._fetch_weights(peer, into, fetch)
+                    return await fetcher.attempt(peer, into, fetch)
 
                 try:
                     fetched = await self._unless_stopping(
@@ -582,83 +594,6 @@ class Daemon:
         problem = settings_mismatch(self.settings, run)
         if problem:
             raise DaemonError(f"cannot join run {self.config.run_id!r}: {problem}")
-
-    async def _fetch_weights(self, peer: str, into: memoryview, fetch: Fetch) -> int:
-        """Fetches `peer`'s slow weights into `into` (the rest of them, when `fetch` resumes a cut one),
-        showing the transfer as a bar and in `peer status`; returns the bytes received. The deadline comes
-        from the bytes left at the path's measured rate, or the minimum, at most WEIGHTS_CEILING_S, and the
-        fetch is cut after IDLE_TIMEOUT without a byte; a fetch cut short raises TimeoutError saying what
-        the link delivered and what the weights would need."""
-        nbytes, offset = len(into), fetch.done
-        rate = self._peer_reach.rate_bps(peer)
-        ceiling = deadlines.WEIGHTS_CEILING_S
-        deadline = CONNECT_TIMEOUT + deadlines.transfer_deadline(nbytes - offset, rate, ceiling)
-        timer = TransferTimer(from_first_byte=True)
-        size = deadlines.megabytes(nbytes)
-        at = f"the measured {deadlines.mbit(rate)}" if rate else "an unmeasured rate"
-        part = f" from {deadlines.megabytes(offset)}" if offset else ""
-        log.info("[%s] fetching the run's weights (%s%s) from %s: up to %s at %s",
-                 self.peer_id, size, part, peer, deadlines.duration(deadline), at)  # fmt: skip
-        with transfer_bar(f"weights from {peer[-8:]}", enabled=not self.events.json_lines) as bar:
-
-            def progress(done: int, total: int) -> None:
-                bar(done, total)
-                timer(done - offset, total - offset)  # this attempt's bytes: its rate
-                pace.keep_up(done - offset, total - offset, timer.rate_bps(), CONNECT_TIMEOUT + ceiling)
-                mb = f"{done / 1e6:.1f} of {total / 1e6:.1f} MB"
-                self.board.set_activity("joining", f"fetching the run's weights from {peer}: {mb}")
-
-            try:
-                async with deadlines.paced(deadline, idle_now=False) as pace:
-                    await self._request_weights(peer, into, fetch, progress, pace)
-            except TimeoutError:
-                if not pace.expired():
-                    raise  # a connect's own deadline
-                raise TimeoutError(self._why_fetch_cut(peer, nbytes - offset, pace, timer)) from None
-            finally:
-                self._peer_reach.record(timer, peer, partial=True)
-        return fetch.received
-
-    async def _request_weights(
-        self, peer: str, into: memoryview, fetch: Fetch, progress: Any, pace: deadlines.Pace
-    ) -> None:
-        """One weights request on a fresh stream: the header, then the bytes, written into `into`."""
-        peer_id = await self._reach(peer)
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            stream = await self._host.new_stream(peer_id, RUN_PROTOCOL)
-        try:
-            await write_message(stream, self._message("weights", **fetch.request_fields()))
-            await stream.close()  # our side is done: half-close
-            pace.restart_idle()
-            reader = pace.watch(stream)
-            reply, size = await read_frame(reader, CONTROL_MESSAGE_LIMIT)
-            fetch.received += size
-            if reply.get("type") == "refuse":
-                raise MessageError(f"refused: {str(reply.get('reason'))[:200]}")
-            if reply.get("type") != "weights":
-                raise MessageError(f"unexpected answer to a weights request: {reply.get('type')!r}")
-            fetch.partial = check_header(reply, len(into), fetch.partial)
-            offset = fetch.partial.done
-            progress(offset, len(into))
-            try:
-                await receive_into(reader, into, fetch.partial, progress)
-            finally:
-                fetch.received += fetch.partial.done - offset
-        except BaseException:
-            await stream.reset()
-            raise
-
-    def _why_fetch_cut(self, peer: str, nbytes: int, pace: deadlines.Pace, timer: TransferTimer) -> str:
-        """Why a weights fetch was cut, in a line: the peer went silent, or its link is too slow."""
-        got = f"{deadlines.megabytes(timer.nbytes)} of {deadlines.megabytes(nbytes)}"
-        deadline = pace.total_at - pace.started  # as the transfer's pace left it
-        if pace.idled:
-            return f"it sent nothing for {pace.idle:.0f} s (after {got})"
-        delivered = timer.rate_bps()
-        if delivered is None:
-            return f"no weights within {deadlines.duration(deadline)}"
-        limit = f"a weights fetch (at most {deadlines.duration(deadlines.WEIGHTS_CEILING_S)})"
-        return deadlines.describe_slow(f"the link to {peer}", nbytes, delivered, deadline, limit)
 
     async def _unless_stopping(self, coroutine: Awaitable[T]) -> T | None:
         """What `coroutine` returns, or None as soon as the daemon is asked to stop (it is cancelled)."""
@@ -776,9 +711,7 @@ class Daemon:
         the answer and the bytes sent and received. `progress(done, total)` follows the answer's bytes;
         `pace`, when given, sees them arrive (its idle clock starts once the request is sent). `body`
         (an offer's payload) follows the message, streamed while the answer is awaited."""
-        peer = await self._reach(target)
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            stream = await self._host.new_stream(peer, RUN_PROTOCOL)
+        stream = await self._open_run_stream(target)
         try:
             sent = await write_message(stream, message)
             reader: Any = stream
@@ -797,6 +730,12 @@ class Daemon:
             await stream.reset()
             raise
         return reply, sent, received
+
+    async def _open_run_stream(self, target: str) -> Stream:
+        """A fresh run-protocol stream to `target` (a peer id or an address, see `_reach`)."""
+        peer = await self._reach(target)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            return await self._host.new_stream(peer, RUN_PROTOCOL)
 
     async def _exchange_members(self, target: str, timeout: float = MEMBERS_TIMEOUT) -> bool:
         """Swaps membership tables with `target` (a peer id or an address); False if it did not answer."""

@@ -47,14 +47,7 @@ from shoal.peer.run_door import RunDoor
 from shoal.peer.run_settings import run_settings, settings_mismatch, valid_settings
 from shoal.peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of, peer_id_of
 from shoal.peer.status import LogTail, StatusBoard
-from shoal.peer.weights import (
-    Fetch,
-    Served,
-    Snapshots,
-    WeightsError,
-    fetch_resuming,
-    send_from,
-)
+from shoal.peer.weights import Fetch, Snapshots, WeightsError, WeightsServer, fetch_resuming
 from shoal.peer.weights_fetch import WeightsFetcher
 from shoal.peer.worker.presets import peer_number
 from shoal.peer.worker.sources import resolve_data
@@ -95,9 +88,6 @@ DHT_TABLE_FILE = "dht-table.json"
 WEIGHT_SOURCES = 3  # members a joiner asks for the run's weights, most advanced first
 WEIGHT_RESUMES = 3  # times a cut weights fetch is resumed from the same member, when the last try got bytes
 RESUME_BEHIND_ROUNDS = 2  # rounds a resumed peer may lag the run and still go on from its own checkpoint
-# The run's weights go to members only, one fetch at a time each, and at most this many copies of the model
-# per member per hour: a joiner needs one (a few when it retries), a stranger none.
-WEIGHT_COPIES_PER_HOUR = 4
 DHT_LOOKUP_TIMEOUT = 10.0
 DHT_LOOKUPS_BEFORE_STARTING = 2  # empty run lookups in a live DHT before a joiner starts the run itself
 
@@ -137,6 +127,7 @@ class Daemon:
         self.membership: Membership | None = None
         self.worker: WorkerProcess | None = None
         self.snapshots = Snapshots()  # our slow weights of the last rounds, on disk, for joiners
+        self.weights_server = WeightsServer(self.snapshots, self._message)
         self.address = ""  # the address we listen on, as others on our network would dial it
         self.reach: PeerReach | None = None
         # Addresses of run peers found in the DHT before they are members (peer id -> addresses).
@@ -153,8 +144,6 @@ class Daemon:
         self.stopping = asyncio.Event()
         self._requests: RequestSlots[Stream] = RequestSlots()
         self._strangers = LogThrottle(log)  # refused and bad requests: a few lines a minute per peer
-        self._weights_served: dict[str, list[tuple[float, int]]] = {}  # member -> (time, bytes) this hour
-        self._fetching: set[str] = set()  # members whose weights fetch is being answered
         self.swap = RoundSwap(
             self.peer_id, config, self.board, self.stopping, self._request, self._message, self.publish_ban
         )
@@ -894,38 +883,6 @@ class Daemon:
             return deadlines.transfer_deadline(nbytes, rate, deadlines.WEIGHTS_CEILING_S)
         return REQUEST_TIMEOUT
 
-    def _weights_for(self, member: str, request: dict[str, Any]) -> tuple[dict[str, Any], Served | None]:
-        """The answer to a weights request: a header, and the file to stream from the asked offset (a
-        descriptor of its own, which the caller closes), for a member within its hourly budget; a refusal
-        and None otherwise."""
-
-        def refuse(reason: str) -> tuple[dict[str, Any], None]:
-            return self._message("refuse", reason=reason), None
-
-        if self.membership is None or member not in self.membership.members:
-            return refuse("the run's weights go to its members; join the run first")
-        asked, offset = request.get("round"), request.get("offset", 0)
-        if (asked is not None and not isinstance(asked, int)) or not isinstance(offset, int) or offset < 0:
-            raise MessageError("a weights request with a bad round or offset")
-        snapshot = self.snapshots.latest() if asked is None else self.snapshots.of_round(asked)
-        if snapshot is None:
-            if asked is None:
-                return refuse("no weights yet: the first round is not over")
-            return refuse(f"the weights of round {asked} are gone (held: {self.snapshots.rounds()})")
-        if offset > snapshot.nbytes or (asked is None and offset):
-            raise MessageError(f"a weights request from byte {offset} of {snapshot.nbytes}")
-        now = time.monotonic()
-        served = [(t, n) for t, n in self._weights_served.get(member, []) if now - t < 3600.0]
-        self._weights_served[member] = served
-        size = snapshot.nbytes - offset
-        if sum(n for _, n in served) + size > WEIGHT_COPIES_PER_HOUR * snapshot.nbytes:
-            return refuse(f"this member fetched the weights {len(served)} times in the last hour")
-        served.append((now, size))
-        header = self._message(
-            "weights", round=snapshot.round, nbytes=snapshot.nbytes, sha256=snapshot.sha256, offset=offset
-        )
-        return header, snapshot.serve(offset)
-
     async def _dispatch(self, sender: str, request: dict[str, Any], size: int, writer: Stream) -> None:
         if request.get("v") != PROTOCOL_VERSION or request.get("run") != self.config.run_id:
             raise MessageError(f"request for run {request.get('run')!r} version {request.get('v')!r}")
@@ -954,20 +911,8 @@ class Daemon:
         elif kind == "status":
             await write_message(writer, self._message("status", **self.swap.status(request)))
         elif kind == "weights":
-            if sender in self._fetching:
-                raise MessageError("a second weights request while the first is being answered")
-            self._fetching.add(sender)
-            try:
-                header, served = self._weights_for(sender, request)
-                try:
-                    await write_message(writer, header)
-                    if served is not None:
-                        await send_from(writer, served)
-                finally:
-                    if served is not None:
-                        served.close()
-            finally:
-                self._fetching.discard(sender)
+            member = self.membership is not None and sender in self.membership.members
+            await self.weights_server.serve(sender, member, request, writer)
         elif kind == "offer":
             await self.swap.answer_offer(sender, request, size, writer)
         else:

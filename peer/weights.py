@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,10 +24,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from shoal.transport.errors import TransportError
+from shoal.transport.messages import MessageError, write_message
 
 log = logging.getLogger(__name__)
 
 HELD_SNAPSHOTS = 2  # rounds a fetch may resume in; a fetch in progress keeps its own file open anyway
+# The run's weights go to members only, one fetch at a time each, and at most this many copies of the model
+# per member per hour: a joiner needs one (a few when it retries), a stranger none.
+WEIGHT_COPIES_PER_HOUR = 4
+BUDGET_WINDOW_S = 3600.0
 CHUNK = 1 << 20  # bytes read from the file, written to the stream, and checked, at a time
 
 
@@ -100,6 +106,81 @@ class Snapshots:
 
 class _Writer(Protocol):
     async def write(self, data: bytes) -> None: ...
+
+
+class WeightsServer:
+    """Answers `weights` requests from the snapshot files: to members only, one fetch at a time per member,
+    at most WEIGHT_COPIES_PER_HOUR copies of the model's bytes per member per hour.
+
+    message(kind, **fields): a run-protocol message from us."""
+
+    def __init__(self, snapshots: Snapshots, message: Callable[..., dict[str, Any]]) -> None:
+        self.snapshots = snapshots
+        self._message = message
+        self._served: dict[str, list[tuple[float, int]]] = {}  # member -> (time, bytes) in the window
+        self._fetching: set[str] = set()  # members whose fetch is being answered
+
+    async def serve(self, sender: str, is_member: bool, request: dict[str, Any], writer: Any) -> None:
+        """Writes the answer: a header, then the bytes from the asked offset, or a refusal. MessageError
+        for a malformed request, or a second one from a member whose first is still being answered."""
+        if sender in self._fetching:
+            raise MessageError("a second weights request while the first is being answered")
+        self._fetching.add(sender)
+        try:
+            header, served = self.answer(sender, is_member, request)
+            try:
+                await write_message(writer, header)
+                if served is not None:
+                    await send_from(writer, served)
+            finally:
+                if served is not None:
+                    served.close()
+        finally:
+            self._fetching.discard(sender)
+
+    def answer(
+        self, sender: str, is_member: bool, request: dict[str, Any]
+    ) -> tuple[dict[str, Any], Served | None]:
+        """The answer to a weights request: a header, and the file to stream from the asked offset (a
+        descriptor of its own, which the caller closes), for a member within its hourly budget; a refusal
+        and None otherwise."""
+
+        def refuse(reason: str) -> tuple[dict[str, Any], None]:
+            return self._message("refuse", reason=reason), None
+
+        if not is_member:
+            return refuse("the run's weights go to its members; join the run first")
+        asked, offset = request.get("round"), request.get("offset", 0)
+        if (asked is not None and not isinstance(asked, int)) or not isinstance(offset, int) or offset < 0:
+            raise MessageError("a weights request with a bad round or offset")
+        snapshot = self.snapshots.latest() if asked is None else self.snapshots.of_round(asked)
+        if snapshot is None:
+            if asked is None:
+                return refuse("no weights yet: the first round is not over")
+            return refuse(f"the weights of round {asked} are gone (held: {self.snapshots.rounds()})")
+        if offset > snapshot.nbytes or (asked is None and offset):
+            raise MessageError(f"a weights request from byte {offset} of {snapshot.nbytes}")
+        now = time.monotonic()
+        self._forget_before(now - BUDGET_WINDOW_S)
+        served = self._served.setdefault(sender, [])
+        size = snapshot.nbytes - offset
+        if sum(n for _, n in served) + size > WEIGHT_COPIES_PER_HOUR * snapshot.nbytes:
+            return refuse(f"this member fetched the weights {len(served)} times in the last hour")
+        served.append((now, size))
+        header = self._message(
+            "weights", round=snapshot.round, nbytes=snapshot.nbytes, sha256=snapshot.sha256, offset=offset
+        )
+        return header, snapshot.serve(offset)
+
+    def _forget_before(self, start: float) -> None:
+        """Drops fetches older than the budget's window, and members with none left (the map stays as
+        small as the members who fetched in the last hour, whoever came and went)."""
+        for member in list(self._served):
+            recent = [(t, n) for t, n in self._served[member] if t >= start]
+            if recent:
+                self._served[member] = recent
+            else:
+                del self._served[member]
 
 
 async def send_from(writer: _Writer, served: Served) -> int:

@@ -12,17 +12,20 @@ import numpy as np
 import pytest
 
 from shoal.peer.weights import (
+    BUDGET_WINDOW_S,
     CHUNK,
+    WEIGHT_COPIES_PER_HOUR,
     Fetch,
     Snapshots,
     WeightsError,
+    WeightsServer,
     check_header,
     fetch_resuming,
     receive_into,
     send_from,
 )
 from shoal.peer.worker.snapshots import KEEP_SNAPSHOTS, snapshot_path, write_snapshot
-from shoal.transport.messages import read_frame, read_message, write_message
+from shoal.transport.messages import MessageError, read_frame, read_message, write_message
 
 NBYTES = 3 * CHUNK + 4 * 1000  # a few chunks and a short last one
 
@@ -225,3 +228,65 @@ def test_snapshot_files_of_a_later_round_from_an_earlier_life_are_removed(tmp_pa
     write_snapshot(tmp_path, 10, [b"\1" * 8])  # restarted from an older checkpoint
     assert sorted(p.name for p in tmp_path.glob("weights-*.bin")) == ["weights-00000010.bin"]
     assert os.path.getsize(snapshot_path(tmp_path, 10)) == 8
+
+
+def test_the_weights_go_to_members_only_within_a_budget_and_the_budget_map_forgets_old_fetches(tmp_path):
+    snapshots = Snapshots()
+    server = WeightsServer(snapshots, lambda kind, **fields: {"type": kind, **fields})
+    try:
+        header, served = server.answer("m", True, {})
+        assert header["type"] == "refuse" and "no weights yet" in header["reason"] and served is None
+        publish(snapshots, tmp_path, 1, weights(1))
+        header, served = server.answer("stranger", False, {})
+        assert header["type"] == "refuse" and "go to its members" in header["reason"] and served is None
+        answers = [server.answer("m", True, {}) for _ in range(WEIGHT_COPIES_PER_HOUR + 1)]
+        for header, served in answers[:-1]:
+            assert header["type"] == "weights" and header["nbytes"] == NBYTES and served is not None
+            served.close()
+        header, served = answers[-1]
+        assert header["type"] == "refuse" and "times in the last hour" in header["reason"]
+        # Another member has its own budget; an hour later the first has its budget back, and members
+        # that fetched nothing in the last hour are not kept.
+        header, served = server.answer("other", True, {})
+        assert header["type"] == "weights" and served is not None
+        served.close()
+        for member in server._served:
+            server._served[member] = [(t - BUDGET_WINDOW_S - 1, n) for t, n in server._served[member]]
+        header, served = server.answer("m", True, {})
+        assert header["type"] == "weights" and served is not None
+        served.close()
+        assert set(server._served) == {"m"}
+        with pytest.raises(MessageError):
+            server.answer("m", True, {"round": 1, "offset": NBYTES + 1})
+    finally:
+        snapshots.close()
+
+
+def test_a_second_weights_request_while_the_first_is_answered_is_dropped(tmp_path):
+    snapshots = Snapshots()
+    publish(snapshots, tmp_path, 1, weights(1))
+    server = WeightsServer(snapshots, lambda kind, **fields: {"type": kind, **fields})
+
+    class Stalled:
+        """A requester that never reads: the answer's first write waits until it is let go."""
+
+        def __init__(self) -> None:
+            self.go = asyncio.Event()
+
+        async def write(self, data: bytes) -> None:
+            await self.go.wait()
+
+    async def scenario() -> None:
+        stalled = Stalled()
+        first = asyncio.create_task(server.serve("m", True, {}, stalled))
+        await asyncio.sleep(0.01)
+        with pytest.raises(MessageError, match="second weights request"):
+            await server.serve("m", True, {}, stalled)
+        stalled.go.set()
+        await first
+        await server.serve("m", True, {}, stalled)  # the first done: the next is served
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        snapshots.close()

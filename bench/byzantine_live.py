@@ -13,6 +13,7 @@ all-honest swarm more than once: the spread of its losses is the noise floor the
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -65,6 +66,9 @@ def judge(summary: dict, attack: str | None, baseline: float) -> dict:
     honest_ids = {p["peer"] for p in honest}
     flagged_rounds = []
     refused = clipped = false_refused = false_clipped = 0
+    # Why honest guards refused or clipped honest partners ("refuse: outlier-probe": n): an outlier run
+    # explains itself from the JSON alone (the swarms' logs are in a temporary folder unless --dir).
+    false_reasons: collections.Counter[str] = collections.Counter()
     for p in honest:
         guard = p.get("guard", {})
         refused += guard.get("refused", {}).get(attacker, 0)
@@ -72,6 +76,9 @@ def judge(summary: dict, attack: str | None, baseline: float) -> dict:
         false_refused += sum(n for peer, n in guard.get("refused", {}).items() if peer in honest_ids)
         false_clipped += sum(n for peer, n in guard.get("clipped", {}).items() if peer in honest_ids)
         flagged_rounds += [r for peer, r in guard.get("first_flagged", {}).items() if peer == attacker]
+        for peer, reasons in guard.get("reasons", {}).items():
+            if peer in honest_ids:
+                false_reasons.update(reasons)
     excluded_rounds = [p["guard"]["excluded"][attacker] for p in honest if attacker in p["guard"]["excluded"]]
     false_exclusions = sorted({x for p in honest for x in p["guard"]["excluded"] if x in honest_ids})
     loss = honest_loss(summary, hostile)
@@ -85,6 +92,7 @@ def judge(summary: dict, attack: str | None, baseline: float) -> dict:
         "excluded_by": len(excluded_rounds),
         "false_refusals": false_refused,
         "false_clips": false_clipped,
+        "false_reasons": dict(false_reasons),
         "false_exclusions": false_exclusions,
         "rounds_swapped_honest": sum(p["rounds_swapped"] for p in honest),
         "rounds_done_honest": sum(p["rounds_done"] for p in honest),

@@ -40,7 +40,6 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 CONTROL_MESSAGE_LIMIT = 1 << 20  # members/status requests and answers
-PAYLOAD_SLACK = 64 * 1024  # message fields around a payload
 PROBE_INTERVAL = 0.5  # how often a peer waiting for its partner's offer asks it how it is doing
 ROUND_QUERY_TIMEOUT = 2.0  # seconds a member has to say which round it finished
 ROUND_REPORTS_KEPT = 100
@@ -113,7 +112,8 @@ class RoundSwap:
     def use_model(self, spec: list[tuple[str, tuple[int, ...]]], method: str, lattice_bits: int) -> None:
         """What payloads must look like, from the worker's hello."""
         self.spec, self.method, self.lattice_bits = spec, method, lattice_bits
-        self.max_offer_bytes = dense.max_payload_bytes(spec) + PAYLOAD_SLACK
+        # The payload travels raw after the offer's header: at most what the worker's segments hold.
+        self.max_offer_bytes = dense.max_payload_bytes(spec)
 
     @property
     def _members(self) -> Membership:

@@ -18,6 +18,7 @@ import pytest
 
 from shoal.gossip.outer.methods import OuterConfig
 from shoal.gossip.outer.wire import Message, pack, packed_bits
+from shoal.gossip.rounds import payload as dense
 from shoal.peer.config import PeerConfig
 from shoal.peer.offers import send_while_answered
 from shoal.peer.round_swap import CONTROL_MESSAGE_LIMIT, Arrival, RoundSwap
@@ -57,7 +58,7 @@ class Receiver:
             lambda *_: None,
         )
         self.swap.use_model(SPEC, METHOD, BITS)
-        self.segment = bytearray(self.swap.max_offer_bytes)
+        self.segment = bytearray(dense.max_payload_bytes(SPEC))  # as large as the worker makes its segments
         self.swap.inbox = lambda nbytes: memoryview(self.segment)[:nbytes]
         self.streams: list[Stream] = []
         host.set_stream_handler(PROTOCOL, self.serve)
@@ -178,3 +179,12 @@ async def test_a_payload_still_arriving_when_its_round_ends_writes_nothing_more_
         assert not any(receiver.segment[half:])  # the second half never landed
         arrived = await asyncio.wait_for(arrival, 5)
         assert arrived.failure is not None and "ended while" in arrived.failure
+
+
+async def test_an_offer_as_large_as_the_model_allows_fits_the_inbox_and_is_judged():
+    async with two_hosts() as (sender, receiver):
+        partner = str(sender.peer_id)
+        receiver.in_round(1, partner)
+        reply, sent = await offer(sender, receiver, 1, bytes(receiver.swap.max_offer_bytes))
+        assert sent == receiver.swap.max_offer_bytes == len(receiver.segment)  # read whole, into the inbox
+        assert reply["type"] == "refuse" and "invalid payload" in reply["reason"], reply  # zeros: no message

@@ -26,7 +26,7 @@ from shoal.gossip.membership import Membership
 from shoal.gossip.rounds import clock
 from shoal.gossip.rounds import payload as dense
 from shoal.gossip.rounds.pairing import partner_of
-from shoal.gossip.rounds.swap import SwapBook, Verdict, should_stop_waiting
+from shoal.gossip.rounds.swap import MAX_ROUNDS_AHEAD, SwapBook, Verdict, should_stop_waiting
 from shoal.peer import deadlines
 from shoal.peer.config import PeerConfig
 from shoal.peer.offers import RoundClosed, receive_body
@@ -41,7 +41,12 @@ log = logging.getLogger(__name__)
 
 CONTROL_MESSAGE_LIMIT = 1 << 20  # members/status requests and answers
 PROBE_INTERVAL = 0.5  # how often a peer waiting for its partner's offer asks it how it is doing
-ROUND_QUERY_TIMEOUT = 2.0  # seconds a member has to say which round it finished
+ROUND_QUERY_TIMEOUT = 2.0  # seconds a member has to say which round it finished (or a partner, how it is)
+# A partner that answers nothing at all for this long (no status, no offer) is given up for the round: a
+# member that keeps its signed heartbeats going but never answers would otherwise cost each partner the
+# whole exchange deadline (up to EXCHANGE_STRETCH × --exchange-timeout).
+SILENT_PARTNER_S = 15.0
+OFFERS_NOTED = 8  # senders noted per round whose offer arrived (the partner's among them, bar a flood)
 ROUND_REPORTS_KEPT = 100
 MAX_STRIKES = 3  # invalid round messages before a peer is banned here (an honest peer sends none)
 
@@ -96,6 +101,7 @@ class RoundSwap:
         self.book = SwapBook(peer_id)
         self.changed = asyncio.Condition()  # notified whenever the book changes
         self.incoming: dict[int, asyncio.Future[Arrival]] = {}  # round -> the partner's offer, once decided
+        self.offered: dict[int, set[str]] = {}  # round -> peers whose offer for it arrived (while it is open)
         self.inbox: Inbox | None = None  # the daemon's, once the worker said hello
         self.reports: list[RoundReport] = []
         self.banned: set[str] = set()
@@ -252,6 +258,8 @@ class RoundSwap:
             self.strike(partner, str(error))
         finally:
             self.incoming.pop(number, None)
+            for old in [n for n in self.offered if n <= number]:
+                del self.offered[old]
             async with self.changed:
                 self.book.finish(number)
                 self._members.beat(loop.time(), self.book.last_finished)
@@ -301,24 +309,33 @@ class RoundSwap:
 
     async def _await_offer(self, partner: str, number: int, report: RoundReport) -> str | None:
         """Waits for the partner's offer (answered by `answer_offer`); None once it is here, else why we
-        stopped waiting (the partner's status says it will not come)."""
+        stopped waiting (the partner's status says it will not come, or it answered nothing at all for
+        SILENT_PARTNER_S: neither a status nor its offer)."""
         arrival = self.incoming[number]
+        loop = asyncio.get_running_loop()
+        heard = loop.time()  # when the partner last showed it is there
         while True:
             try:
                 async with asyncio.timeout(PROBE_INTERVAL):
                     arrived = await asyncio.shield(arrival)
                 break
             except TimeoutError:
+                if partner in self.offered.get(number, ()):  # its offer is in: the transfer's deadlines rule
+                    heard = loop.time()
+                elif loop.time() - heard > SILENT_PARTNER_S:
+                    return f"partner {partner} answered nothing for {SILENT_PARTNER_S:.0f} s"
                 try:
-                    status, _, _ = await self._request(
-                        partner, self._message("status", round=number), CONTROL_MESSAGE_LIMIT
-                    )
+                    async with asyncio.timeout(ROUND_QUERY_TIMEOUT):
+                        status, _, _ = await self._request(
+                            partner, self._message("status", round=number), CONTROL_MESSAGE_LIMIT
+                        )
                 except TimeoutError:  # no news, not bad news: its offer may fill a slow link
                     continue
                 except (OSError, asyncio.IncompleteReadError, TransportError):
                     if arrival.done():  # its offer came in meanwhile (it may be gone since: its last round)
                         continue
                     raise
+                heard = loop.time()
                 reason = should_stop_waiting(status, self.peer_id, number)
                 if reason is not None and not arrival.done():
                     return reason
@@ -390,6 +407,10 @@ class RoundSwap:
         if not self.spec or self.inbox is None:  # our worker has not said what the model looks like yet
             await self._refuse_unread(stream, "not ready: the model is still loading")
             return
+        if self.book.last_finished < number <= self.book.here + MAX_ROUNDS_AHEAD:
+            seen = self.offered.setdefault(number, set())  # a partner waiting in it knows the sender is there
+            if len(seen) < OFFERS_NOTED:
+                seen.add(sender)
         held = False
         async with self.changed:
             try:

@@ -1,10 +1,11 @@
-"""Round payloads streamed between two real hosts on 127.0.0.1: the offer's header, then its raw bytes.
+"""Round payloads streamed between real hosts on 127.0.0.1: the offer's header, then its raw bytes.
 
 The receiver is the daemon's own `RoundSwap.answer_offer` behind a real run-protocol stream handler; its
 inbox stands in for the worker's inbound segment. What a user relies on: a partner's payload lands whole and
 checked or not at all, an offer that is refused is never read (a stranger cannot make us download its
 bytes, and our upload stops when the partner refuses ours), and a transfer that outlives its round never
-writes into the segment the next round uses.
+writes into the segment the next round uses. And a partner that answers nothing at all costs a round a
+few seconds, not the exchange deadline.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import pytest
 from shoal.gossip.outer.methods import OuterConfig
 from shoal.gossip.outer.wire import Message, pack, packed_bits
 from shoal.gossip.rounds import payload as dense
+from shoal.peer import round_swap
 from shoal.peer.config import PeerConfig
 from shoal.peer.offers import send_while_answered
-from shoal.peer.round_swap import CONTROL_MESSAGE_LIMIT, Arrival, RoundSwap
+from shoal.peer.round_swap import CONTROL_MESSAGE_LIMIT, Arrival, RoundReport, RoundSwap
 from shoal.peer.status import StatusBoard
 from shoal.peer.worker.model import GPT, PRESETS
 from shoal.transport.errors import TransportError
 from shoal.transport.host import Host, Stream
-from shoal.transport.identity import generate_key
+from shoal.transport.identity import PeerID, generate_key
 from shoal.transport.messages import encode_message, read_frame, write_message
 
 PROTOCOL = "/shoal-test/run/1"
@@ -188,3 +190,79 @@ async def test_an_offer_as_large_as_the_model_allows_fits_the_inbox_and_is_judge
         reply, sent = await offer(sender, receiver, 1, bytes(receiver.swap.max_offer_bytes))
         assert sent == receiver.swap.max_offer_bytes == len(receiver.segment)  # read whole, into the inbox
         assert reply["type"] == "refuse" and "invalid payload" in reply["reason"], reply  # zeros: no message
+
+
+class Waiter:
+    """A RoundSwap in its round with `partner`, whose requests go over a real host: the side of a round that
+    sends its offer and waits for the partner's."""
+
+    def __init__(self, host: Host):
+        async def request(target, message, limit, progress=None, pace=None, body=None):
+            stream = await host.new_stream(PeerID.from_string(target), PROTOCOL)
+            await write_message(stream, message)
+            if body is None:
+                await stream.close()
+                reply, received = await read_frame(stream, limit)
+                return reply, 0, received
+            (reply, received), sent = await send_while_answered(stream, body, read_frame(stream, limit))
+            return reply, sent, received
+
+        self.swap = RoundSwap(
+            str(host.peer_id),
+            PeerConfig(run_id="r", exchange_timeout=60.0),
+            StatusBoard(str(host.peer_id), "r"),
+            asyncio.Event(),
+            request,
+            lambda kind, **fields: {"type": kind, **fields},
+            lambda *_: None,
+        )
+
+    def round_with(self, partner: str, number: int) -> asyncio.Task:
+        self.swap.incoming[number] = asyncio.get_running_loop().create_future()
+        self.swap.book.ready(number, partner)
+        report = RoundReport(number, partner, "", 0, 0)
+        payload = memoryview(lattice_message(str(self.swap.peer_id)))
+        task = asyncio.ensure_future(self.swap._both_ways(partner, number, payload, report))
+        task.report = report  # type: ignore[attr-defined]
+        return task
+
+
+async def test_a_partner_that_answers_nothing_is_given_up_early_and_one_that_answers_is_waited_for(
+    monkeypatch,
+):
+    monkeypatch.setattr(round_swap, "SILENT_PARTNER_S", 1.0)
+
+    async def silent(stream: Stream) -> None:  # a member that heartbeats but never answers: a sybil
+        await asyncio.sleep(3600)
+
+    async def training(stream: Stream) -> None:  # an honest partner still training its round
+        request, _ = await read_frame(stream, CONTROL_MESSAGE_LIMIT)
+        if request["type"] == "status":
+            await write_message(stream, {"type": "status", "round": 1, "finished": 0, "partner": None,
+                                         "ready": False})  # fmt: skip
+            await stream.close()
+        else:
+            await asyncio.sleep(3600)  # its offer is held until its own round is ready
+
+    async with (
+        await Host.create(generate_key(), ["/ip4/127.0.0.1/tcp/0"]) as me,
+        await Host.create(generate_key(), ["/ip4/127.0.0.1/tcp/0"]) as sybil,
+        await Host.create(generate_key(), ["/ip4/127.0.0.1/tcp/0"]) as honest,
+    ):
+        sybil.set_stream_handler(PROTOCOL, silent)
+        honest.set_stream_handler(PROTOCOL, training)
+        for other in (sybil, honest):
+            await me.connect(f"{other.listen_addrs[0]}/p2p/{other.peer_id}")
+        waiter = Waiter(me)
+        started = asyncio.get_running_loop().time()
+        with_sybil = waiter.round_with(str(sybil.peer_id), 1)
+        await asyncio.wait_for(asyncio.shield(with_sybil), 10)
+        assert with_sybil.report.outcome == f"skipped: partner {sybil.peer_id} answered nothing for 1 s"
+        assert asyncio.get_running_loop().time() - started < 10  # not the 60 s exchange deadline
+        waiter.swap.book.finish(1)
+
+        with_honest = waiter.round_with(str(honest.peer_id), 2)
+        await asyncio.sleep(4)  # four times the silence allowed: its status answers say it is coming
+        assert not with_honest.done(), with_honest.report.outcome
+        with_honest.cancel()
+        await asyncio.gather(with_honest, return_exceptions=True)

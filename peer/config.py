@@ -27,6 +27,11 @@ class ConfigError(ShoalError):
     """A configuration value is missing, malformed or out of range."""
 
 
+# Test-only hostile behaviours the daemon plays (`behave`): "silent" keeps its signed heartbeats (and the
+# run-state and membership gossip) going but never answers a partner's status or offer, nor offers itself.
+DAEMON_BEHAVIOURS = ("silent",)
+
+
 @dataclass(frozen=True)
 class PeerConfig:
     run_id: str
@@ -72,7 +77,8 @@ class PeerConfig:
     serve_stun: int | None = None  # a port: answer STUN over UDP and TCP there
     punch: bool = True  # replace a relayed path by a punched one when possible
     # Test-only (the live Byzantine benchmark): this peer's worker plays a hostile partner, one of
-    # gossip/outer/byzantine.py ATTACKS. Hidden from --help; never set on a real peer.
+    # gossip/outer/byzantine.py ATTACKS, or its daemon one of DAEMON_BEHAVIOURS. Hidden from --help; never
+    # set on a real peer.
     behave: str | None = None
 
     def __post_init__(self) -> None:
@@ -137,6 +143,8 @@ class PeerConfig:
             *("eval_windows", "seed", "threads", "method", "data", "rounds", "behave"),
         )
         values = {name: getattr(self, name) for name in names}
+        if self.behave in DAEMON_BEHAVIOURS:  # the daemon plays it; the worker trains as usual
+            values["behave"] = None
         values["shard"] = list(self.shard) if self.shard else None
         return values
 

@@ -42,10 +42,11 @@ from shoal.peer.offers import send_while_answered
 from shoal.peer.progress import progress_bar
 from shoal.peer.reach import PeerReach, TransferTimer
 from shoal.peer.request_slots import RequestSlots
-from shoal.peer.round_swap import CONTROL_MESSAGE_LIMIT, RoundSwap, until_stopped
+from shoal.peer.round_swap import CONTROL_MESSAGE_LIMIT, RoundReport, RoundSwap, until_stopped
 from shoal.peer.run_door import RunDoor
 from shoal.peer.run_settings import run_settings, settings_mismatch, valid_settings
 from shoal.peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of, peer_id_of
+from shoal.peer.silence import SilenceWatch
 from shoal.peer.status import LogTail, StatusBoard
 from shoal.peer.weights import Fetch, Snapshots, WeightsError, WeightsServer, fetch_resuming
 from shoal.peer.weights_fetch import WeightsFetcher
@@ -149,6 +150,9 @@ class Daemon:
         )
         self.guard_reports = GuardReports(self.peer_id, self.events, lambda: self.runstate)
         self.swap.excluded = self.guard_reports.excluded
+        self.silence = SilenceWatch(
+            self.peer_id, lambda: self.membership, self._report_silence, confirm_s=2 * config.fail_after
+        )
 
     @property
     def join_address(self) -> str:
@@ -597,7 +601,11 @@ class Daemon:
         started = time.monotonic()
         # Our payload is sent from the worker's segment, which it leaves alone until it hears back.
         with _shared(worker.outbound).view(int(message["nbytes"])) as payload:
-            report = await self.swap.swap(int(message["round"]), payload)
+            if self.config.behave == "silent":  # test only: no offer, no partner, and in no hurry
+                await self._unless_stopping(asyncio.sleep(self.config.exchange_timeout))
+                report = RoundReport(int(message["round"]), None, "skipped: silent (test behaviour)", 0, 0)
+            else:
+                report = await self.swap.swap(int(message["round"]), payload)
             sent_bytes = len(payload)
         number, seconds = report.number, time.monotonic() - started
         self.events.emit(
@@ -614,6 +622,9 @@ class Daemon:
             bits_per_param=round(8 * sent_bytes / max(1, self.parameters), 3),
         )
         self.guard_reports.note_exclusions(number)
+        if report.partner is not None and not report.heard and not self.stopping.is_set():
+            why = report.outcome.removeprefix("skipped: ")
+            self.silence.note(report.partner, number, why, asyncio.get_running_loop().time())
         if self.runstate is not None:
             self.runstate.change("set_round", number)
             self.runstate.state.set_metrics(train_loss=message.get("train_loss"), outcome=report.outcome[:40])
@@ -633,6 +644,11 @@ class Daemon:
             await self._peer_reach.measure_rtt(report.partner, number)
         else:
             await worker.send({"type": "skip", "round": number, "reason": report.outcome})
+
+    def _report_silence(self, partner: str, number: int, why: str) -> None:
+        key = key_of(partner)
+        if key is not None and self.runstate is not None:
+            self.runstate.change("report_silence", key, number, why)
 
     def status(self) -> dict[str, Any]:
         """What `peer status` shows; also the metrics endpoint's source."""
@@ -804,6 +820,7 @@ class Daemon:
                 candidates = [*self.config.bootstrap, *known]
                 if candidates:
                     await self._exchange_members(random.choice(candidates))
+            self.silence.check(now)
             self._membership.forget_dead(now)
             self._strangers.flush()  # sum up refused requests once their minute is over
             await asyncio.sleep(self.config.gossip_interval * random.uniform(0.8, 1.2))
@@ -897,6 +914,9 @@ class Daemon:
             await write_message(writer, self._message("refuse", reason=reason))
             return
         loop = asyncio.get_running_loop()
+        if self.config.behave == "silent" and kind in ("status", "offer"):
+            await self.stopping.wait()  # test only (a sybil that stays in the run): held until cut
+            return
         if kind == "members":
             self._merge_members(request.get("table"), loop.time(), sender)
             reply = self._message(

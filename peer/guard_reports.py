@@ -4,7 +4,8 @@ The worker judges each partner's message (gossip/outer/guard.py) and sends the v
 and emitted as a `verdict` event; when the guard excluded the partner (refused again and again), the
 evidence goes into this peer's signed run-state document (`RunState.accuse`). The run state turns a quorum
 of members' evidence into exclusions every member computes alike (`RunState.excluded`); `excluded()` is
-what the round swap leaves out of the pairing, and the daemon says once when the run excludes a peer.
+what the round swap leaves out of the pairing, and the daemon says when the run excludes a peer, and when
+an exclusion lapses. Silence evidence (peer/silence.py) takes the same road.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class GuardReports:
         self.peer_id = peer_id
         self.events = events
         self._runstate = runstate  # the daemon's link, once it is up
-        self._told: set[str] = set()  # exclusions already said
+        self._told: set[str] = set()  # peers excluded when we last looked (said once per exclusion)
 
     def on_verdict(self, message: dict[str, Any]) -> None:
         """The worker's guard judged this round's partner: say so, and publish the evidence when it excluded
@@ -60,15 +61,21 @@ class GuardReports:
         return {**link.state.bans(), **link.state.excluded()}
 
     def note_exclusions(self, number: int) -> None:
-        """Says once, in the log and as an `excluded` event, when the run excludes or bans a peer."""
+        """Says, in the log and as an `excluded` event, when the run excludes or bans a peer, and when an
+        exclusion lapses (evidence ages out) and the run pairs the peer again."""
         link = self._runstate()
         if link is None:
             return
-        for key, why in self._reasons(link).items():
-            peer = str(peer_id_of(key))
+        now = {str(peer_id_of(key)): why for key, why in self._reasons(link).items()}
+        for peer, why in now.items():
             if peer not in self._told:
-                self._told.add(peer)
                 log.warning(
                     "[%s] round %d: the run excluded %s from pairing: %s", self.peer_id, number, peer, why
                 )
                 self.events.emit("excluded", round=number, peer=peer, reason=why)
+        for peer in sorted(self._told - set(now)):
+            log.info(
+                "[%s] round %d: the run pairs %s again (its exclusion lapsed)", self.peer_id, number, peer
+            )
+            self.events.emit("readmitted", round=number, peer=peer)
+        self._told = set(now)

@@ -75,6 +75,7 @@ class RoundReport:
     bytes_received: int
     payload_bytes: int = 0  # when swapped: the size of the partner's payload, now in the worker's segment
     jumped_from: int | None = None  # the worker's round, when the peer moved to the run's round instead
+    heard: bool = False  # the partner gave a sign of life this round: a status answer, its offer, a reply
 
 
 class RoundSwap:
@@ -300,7 +301,7 @@ class RoundSwap:
         """Sends our payload; None once the partner accepted it, else why not."""
         offer = self._message("offer", round=number, nbytes=len(payload))
         reply, sent, _ = await self._request(partner, offer, CONTROL_MESSAGE_LIMIT, body=memoryview(payload))
-        report.bytes_sent = sent
+        report.bytes_sent, report.heard = sent, True
         if reply.get("type") == "refuse":
             return f"partner refused ({str(reply.get('reason'))[:200]})"
         if reply.get("type") != "accept" or reply.get("round") != number:
@@ -321,7 +322,7 @@ class RoundSwap:
                 break
             except TimeoutError:
                 if partner in self.offered.get(number, ()):  # its offer is in: the transfer's deadlines rule
-                    heard = loop.time()
+                    heard, report.heard = loop.time(), True
                 elif loop.time() - heard > SILENT_PARTNER_S:
                     return f"partner {partner} answered nothing for {SILENT_PARTNER_S:.0f} s"
                 try:
@@ -335,10 +336,11 @@ class RoundSwap:
                     if arrival.done():  # its offer came in meanwhile (it may be gone since: its last round)
                         continue
                     raise
-                heard = loop.time()
+                heard, report.heard = loop.time(), True
                 reason = should_stop_waiting(status, self.peer_id, number)
                 if reason is not None and not arrival.done():
                     return reason
+        report.heard = True
         if arrived.failure is not None:
             return arrived.failure
         report.payload_bytes = arrived.payload_bytes

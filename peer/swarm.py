@@ -22,6 +22,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from shoal.peer.config import DAEMON_BEHAVIOURS
+
 STOP_GRACE_S = 20.0
 START_TIMEOUT_S = 120.0
 MAX_REASONS = 8  # distinct guard reasons kept per partner in the summary
@@ -336,7 +338,8 @@ class Swarm:
                     for index in range(1, self.options.peers):
                         process = await self.start_peer(index, self.views[0].address)
                         followers.append(group.create_task(self.follow(index, process, None)))
-                    await asyncio.gather(*followers)
+                    # A peer that plays a silent member (test only) stays until the others are done.
+                    await asyncio.gather(*(f for i, f in enumerate(followers) if not self._lingers(i)))
                     self.stopping.set()  # ends the refresher and the stop watcher
             finally:
                 await self._stop_all()
@@ -347,11 +350,14 @@ class Swarm:
             Path(self.options.json_path).write_text(json.dumps(summary, indent=2))
             self.console.print(f"summary written to {self.options.json_path}")
         self.console.print(f"peer logs and checkpoints: {self.dir}/")
-        failed = [v for v in self.views if v.state != "done"]
+        failed = [v for v in self.views if v.state != "done" and not self._lingers(v.index)]
         for v in failed:
             if v.error:
                 self.console.print(f"peer {v.index} failed: {v.error} (log: {v.log_path})", markup=False)
         return 1 if failed else 0
+
+    def _lingers(self, index: int) -> bool:
+        return self.options.behave.get(index) in DAEMON_BEHAVIOURS
 
     async def _refresh(self, live: Live) -> None:
         while not self.stopping.is_set():

@@ -64,6 +64,12 @@ EVIDENCE_ACTIVE_ROUNDS = 100  # members count toward the share if their round is
 EVIDENCE_TTL_ROUNDS = 200
 EVIDENCE_QUORUM_SHARE = 0.25
 MAX_LONE_ACCUSATIONS = 2
+# Silence evidence (a partner that stays in the run but never answers) excludes for this many rounds after
+# the newest accusation: long enough that a silent identity costs its partners a few rounds per exclusion,
+# short enough that an honest peer whose daemon stalled for a while pairs again soon.
+SILENCE_TTL_ROUNDS = 50
+# Silence accusations one member keeps in its own document (the newest).
+MAX_SILENCE_ENTRIES = 64
 
 # --- sync timing (seconds of the caller's clock) ----------------------------------------------------
 # Anti-entropy with one random peer this often: push-pull spreads a change to N peers in about

@@ -35,7 +35,7 @@ from . import wire
 from .docs import DocReplica
 from .envelope import KIND_PEER, KIND_RUN, Entry, MetricsRecord, public_bytes
 from .errors import NotAuthorized, Rejected
-from .evidence import exclusions
+from .evidence import exclusions, silence_exclusions
 from .limiter import Limiter
 from .limits import (
     ANTI_ENTROPY_FANOUT,
@@ -50,8 +50,10 @@ from .limits import (
     MAX_PENDING_PER_OWNER,
     MAX_PENDING_TOTAL,
     MAX_REASON_CHARS,
+    MAX_SILENCE_ENTRIES,
     MAX_SYNC_MESSAGE_BYTES,
     PUSH_FANOUT,
+    SILENCE_TTL_ROUNDS,
     SUSPECT_AFTER_S,
 )
 from .wire import KEY_ID_BYTES
@@ -256,15 +258,24 @@ class RunState:
     def evidence(self) -> dict[bytes, dict[bytes, dict[str, Any]]]:
         """Published evidence of poisoned updates: accused key -> accuser key -> {"round", "why"}, from
         admitted, unbanned members' own signed documents."""
-        return self._memo("evidence", (self._docs_version, self._run_version), self._evidence)
+        return self._memo(
+            "evidence", (self._docs_version, self._run_version), lambda: self._accusations("evidence")
+        )
 
-    def _evidence(self) -> dict[bytes, dict[bytes, dict[str, Any]]]:
+    def silence(self) -> dict[bytes, dict[bytes, dict[str, Any]]]:
+        """Published evidence of silence (a partner that stays in the run and never answers): accused key ->
+        accuser key -> {"round", "why"}, read as `evidence`."""
+        return self._memo(
+            "silence", (self._docs_version, self._run_version), lambda: self._accusations("silent")
+        )
+
+    def _accusations(self, root: str) -> dict[bytes, dict[bytes, dict[str, Any]]]:
         banned = self.bans()
         out: dict[bytes, dict[bytes, dict[str, Any]]] = {}
         for kind, accuser in sorted(self.docs):
             if kind != KIND_PEER or accuser in banned or not self.admitted(accuser):
                 continue
-            for h, item in self._read(KIND_PEER, accuser).get("evidence", {}).items():
+            for h, item in self._read(KIND_PEER, accuser).get(root, {}).items():
                 if _is_key_hex(h) and isinstance(item, dict) and bytes.fromhex(h) != accuser:
                     why = item.get("why")
                     out.setdefault(bytes.fromhex(h), {})[accuser] = {
@@ -275,8 +286,9 @@ class RunState:
 
     def excluded(self) -> dict[bytes, str]:
         """Peers excluded from pairing on the members' evidence, with the reason (`evidence.exclusions`:
-        a quorum of accusers, never one; an accuser nobody backs loses its voice). Deterministic in the
-        state, so every replica that holds the same documents pairs the same peers."""
+        a quorum of accusers, never one; an accuser nobody backs loses its voice; and, for a while,
+        `evidence.silence_exclusions`). Deterministic in the state, so every replica that holds the same
+        documents pairs the same peers."""
         return dict(self._memo("excluded", (self._docs_version, self._run_version), self._excluded))
 
     def _excluded(self) -> dict[bytes, str]:
@@ -286,7 +298,7 @@ class RunState:
             for k, o in self.docs
             if k == KIND_PEER and o not in banned and self.admitted(o)
         ]
-        return exclusions(self.evidence(), rounds)
+        return {**silence_exclusions(self.silence(), rounds), **exclusions(self.evidence(), rounds)}
 
     def liveness(self, key: bytes, now: float) -> Liveness:
         if key == self.me:
@@ -361,6 +373,30 @@ class RunState:
         """Publish evidence that `key` sent poisoned updates (this peer's guard excluded it at `round_`)."""
         item = {"round": int(round_), "why": why[:MAX_REASON_CHARS]}
         return self._write(KIND_PEER, lambda r: r["evidence"].__setitem__(key.hex(), item))
+
+    def report_silence(self, key: bytes, round_: int, why: str) -> list[Outgoing]:
+        """Publish that `key`, this peer's partner in `round_`, stayed in the run but never answered; this
+        peer's accusations older than SILENCE_TTL_ROUNDS, or beyond the MAX_SILENCE_ENTRIES newest, go."""
+        item = {"round": int(round_), "why": why[:MAX_REASON_CHARS]}
+
+        def mutate(roots: dict[str, Map]) -> None:
+            silent = roots["silent"]
+            silent[key.hex()] = item
+            kept = sorted(
+                (
+                    (_int(v.get("round")), h)
+                    for h, v in silent.items()
+                    if isinstance(v, dict) and h != key.hex()
+                ),
+                reverse=True,
+            )
+            keep = {key.hex()} | {
+                h for r, h in kept[: MAX_SILENCE_ENTRIES - 1] if r >= round_ - SILENCE_TTL_ROUNDS
+            }
+            for h in set(silent.keys()) - keep:
+                del silent[h]
+
+        return self._write(KIND_PEER, mutate)
 
     def withdraw_vote(self, key: bytes) -> list[Outgoing]:
         return self._write(KIND_PEER, lambda r: r["votes"].pop(key.hex(), None))

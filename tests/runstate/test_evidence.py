@@ -76,3 +76,69 @@ def test_evidence_expires_so_an_exclusion_heals_by_itself():
         s.do(i, x.set_round(11 + EVIDENCE_TTL_ROUNDS))
     assert s.settle()
     assert st[0].excluded() == {}
+
+
+def test_a_member_silent_to_two_partners_is_excluded_for_a_while_and_then_paired_again():
+    """Issue 16: a member that keeps its heartbeats but never answers its partners sits out for
+    SILENCE_TTL_ROUNDS after the last accusation, everywhere alike; one accuser alone excludes nobody."""
+    from shoal.gossip.runstate.limits import SILENCE_TTL_ROUNDS
+
+    s = Swarm(8, seed=46)
+    st = s.states
+    for i, x in enumerate(st):
+        s.do(i, x.set_round(20))
+    s.do(1, st[1].report_silence(st[7].me, 20, "no answer for 15 s"))
+    assert s.settle()
+    assert st[0].excluded() == {}
+    s.do(2, st[2].report_silence(st[7].me, 21, "connection refused"))
+    assert s.settle()
+    for x in st:
+        assert set(x.excluded()) == {st[7].me}
+        assert "silent to 2 partners" in x.excluded()[st[7].me]
+    for i, x in enumerate(st):
+        s.do(i, x.set_round(20 + SILENCE_TTL_ROUNDS))
+    assert s.settle()
+    assert set(st[0].excluded()) == {st[7].me}  # the older accusation is as old as it may be
+    for i, x in enumerate(st):
+        s.do(i, x.set_round(21 + SILENCE_TTL_ROUNDS))
+    assert s.settle()
+    assert st[0].excluded() == {}  # it lapsed: one voice is left
+
+
+def test_lone_silence_accusations_cost_the_accuser_nothing():
+    """A broken link between two honest peers makes lone accusations; they must not silence the accuser."""
+    s = Swarm(8, seed=47)
+    st = s.states
+    for target in st[1:6]:
+        s.do(6, st[6].report_silence(target.me, 3, "connection refused"))
+    assert s.settle()
+    assert st[0].excluded() == {}
+
+
+def test_a_member_keeps_a_bounded_list_of_its_silence_accusations():
+    from shoal.gossip.runstate.limits import MAX_SILENCE_ENTRIES, SILENCE_TTL_ROUNDS
+
+    s = Swarm(2, seed=48)
+    me = s.states[0]
+    keys = [bytes([i]) * 32 for i in range(1, MAX_SILENCE_ENTRIES + 6)]
+    for n, key in enumerate(keys):
+        s.do(0, me.report_silence(key, 100 + n // 2, "no answer"))
+        assert key in me.silence()
+    assert len(me.silence()) == MAX_SILENCE_ENTRIES
+    assert keys[0] not in me.silence()  # the oldest went
+    s.do(0, me.report_silence(keys[0], 100 + len(keys) // 2 + SILENCE_TTL_ROUNDS + 1, "no answer"))
+    assert set(me.silence()) == {keys[0]}  # accusations older than the TTL go
+
+
+def test_one_made_up_round_does_not_age_out_the_evidence():
+    """The run's round is the third highest any member published, so one member that claims round 2^62
+    cannot make every piece of evidence (and every other member's activity) look ancient."""
+    s = Swarm(8, seed=49)
+    st = s.states
+    for i, x in enumerate(st):
+        s.do(i, x.set_round(10))
+    for i in (1, 2):
+        s.do(i, st[i].accuse(st[7].me, 10, "3 refusals"))
+    s.do(5, st[5].set_round(2**62))
+    assert s.settle()
+    assert set(st[0].excluded()) == {st[7].me}

@@ -24,7 +24,8 @@ task, closes every Host and socket, and writes what it did to `--json-out`:
     weights_to_strangers  a non-member asking for the weights again and again (8 requests at a time)
 
 and, beyond the issue's list (run only when named), `weights_self_registered`: the same stranger after it
-gossiped a membership entry for itself; `sybil_members`: 50 members, each signing its own entry.
+gossiped a membership entry for itself; `sybil_members`: 50 members, each signing its own entry;
+`silent_sybils`: 50 such members minted in advance, at an address that accepts TCP and then says nothing.
 
 With several identities, held resources are split evenly among them (each on its own connections) and
 requests go out from each identity in turn: the total load is the same as from one identity.
@@ -77,6 +78,9 @@ INVENTED_MEMBERS = 50
 GOSSIP_PERIOD_S = 0.5  # forged tables sent to every honest peer this often (honest gossip: 1 s)
 FORGED_HEARTBEAT = 2**62  # above any honest heartbeat (wall clock in ms plus beats)
 DEAD_PORT = 1  # invented members' addresses: nothing listens there, a dial is refused at once
+SILENT_SYBILS = 50
+SYBIL_IP = "127.0.1.2"  # where the silent sybils' socket listens: the attacker's machine, another address
+SYBIL_CACHE = "bench/out/sybil-identities-{bits}.json"  # minted once, reused by every trial
 MALFORMED_ENTRIES = 4096  # gossip/membership.py MAX_MEMBERS: the largest table a peer reads
 
 
@@ -379,16 +383,22 @@ async def forged_membership(attack: Attack) -> None:
         await asyncio.sleep(max(0.0, GOSSIP_PERIOD_S - (loop.time() - started)))
 
 
-async def _mint(attack: Attack, peer_id: str) -> int:
-    """The identity work the run asks of a member (the victim's `members` answer says how much), mined
-    for `peer_id`; the time it took is counted, since it is what an identity costs the attacker."""
+async def _work_bits(attack: Attack) -> int:
+    """The identity work the run asks of a member: the victim's `members` answer says how much."""
     if "work_bits" not in attack.gauges:
         me = attack.identities[0]
         answer = await request(attack, me, attack.victim, attack.message(me, "members", table=[]))
         bits = answer.get("work_bits")
         attack.gauges["work_bits"] = bits if isinstance(bits, int) else 0
+    return attack.gauges["work_bits"]
+
+
+async def _mint(attack: Attack, peer_id: str) -> int:
+    """The identity work the run asks of a member, mined for `peer_id`; the time it took is counted, since
+    it is what an identity costs the attacker."""
+    bits = await _work_bits(attack)
     started = time.monotonic()
-    nonce = await asyncio.to_thread(mine, peer_id, attack.gauges["work_bits"])
+    nonce = await asyncio.to_thread(mine, peer_id, bits)
     attack.counters["identities_minted"] += 1
     attack.counters["mint_ms"] += int(1000 * (time.monotonic() - started))
     return nonce or 0
@@ -418,6 +428,65 @@ async def sybil_members(attack: Attack) -> None:
         ]
         await asyncio.gather(*sends)
         await asyncio.sleep(max(0.0, GOSSIP_PERIOD_S - (loop.time() - started)))
+
+
+async def silent_sybils(attack: Attack) -> None:
+    """Beyond the issue's list: SILENT_SYBILS members minted in advance (an attacker reuses its identities
+    across runs: the work is bound to the peer id only), each signing its own entry (ready), at an address
+    where a socket accepts TCP and then says nothing, kept alive by fresh heartbeats. Every honest peer
+    paired with one waits for it in vain: the handshake's deadline, or the silent partner's."""
+    bits = await _work_bits(attack)
+    minted = await asyncio.to_thread(sybil_identities, SILENT_SYBILS, bits)
+    attack.counters["identities_minted_before"] = len(minted)
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # never read, never answered, never closed while the attack runs
+        attack.counters["silent_connections"] += 1
+
+    server = await asyncio.start_server(hold, SYBIL_IP, 0)
+    port = server.sockets[0].getsockname()[1]
+    sybils = []
+    for key, work in minted:
+        sybil = Membership(key, attack.run, f"/ip4/{SYBIL_IP}/tcp/{port}", now=0.0,
+                           incarnation=time.time_ns() // 10**6, work=work)  # fmt: skip
+        sybil.set_ready()
+        sybils.append(sybil)
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            started = loop.time()
+            table = []
+            for sybil in sybils:
+                sybil.beat(started, round_number=0)
+                table.append(sybil.table()[0])
+            sends = [
+                _guarded(attack, "members", _send_members(attack, attack.next_identity(), target, table))
+                for target in attack.members
+            ]
+            await asyncio.gather(*sends)
+            await asyncio.sleep(max(0.0, GOSSIP_PERIOD_S - (loop.time() - started)))
+    finally:
+        server.close()
+        for writer in held:
+            writer.transport.abort()
+
+
+def sybil_identities(count: int, bits: int) -> list[tuple[ed25519.Ed25519PrivateKey, int]]:
+    """`count` keys with their identity work at `bits`, from SYBIL_CACHE (mined and added when missing)."""
+    path = Path(SYBIL_CACHE.format(bits=bits))
+    saved = json.loads(path.read_text()) if path.exists() else []
+    while len(saved) < count:
+        key = generate_key()
+        saved.append(
+            {"key": key.private_bytes_raw().hex(), "work": mine(str(peer_id_from_key(key)), bits) or 0}
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(saved))
+    return [
+        (ed25519.Ed25519PrivateKey.from_private_bytes(bytes.fromhex(item["key"])), int(item["work"]))
+        for item in saved[:count]
+    ]
 
 
 async def _send_members(attack: Attack, me: Identity, target: Multiaddr, table: list[dict[str, Any]]) -> None:
@@ -692,6 +761,7 @@ ATTACKS: dict[str, Callable[[Attack], Awaitable[None]]] = {
 EXTRA_ATTACKS: dict[str, Callable[[Attack], Awaitable[None]]] = {
     "weights_self_registered": weights_self_registered,
     "sybil_members": sybil_members,
+    "silent_sybils": silent_sybils,
 }
 RAW_ATTACKS = ("slowloris",)  # no Host at all
 

@@ -150,9 +150,11 @@ class Daemon:
         )
         self.guard_reports = GuardReports(self.peer_id, self.events, lambda: self.runstate)
         self.swap.excluded = self.guard_reports.excluded
+        self.gossip_targets = self.swap.targets  # whom to gossip with and ask: who answered lately
         self.silence = SilenceWatch(
             self.peer_id, lambda: self.membership, self._report_silence, confirm_s=2 * config.fail_after
         )
+        self.swap.accused = self.silence.accused
 
     @property
     def join_address(self) -> str:
@@ -811,12 +813,19 @@ class Daemon:
             live_before = live
             others = sorted(live - {self.peer_id})
             await self._refresh_addrs()
-            if others:
-                await self._exchange_members(random.choice(others))
-            else:
+            self.gossip_targets.forget_all_but(self._membership.members)
+            known = [p for p in self._membership.members if p != self.peer_id]
+            if targets := self.gossip_targets.tick(others, known, now):
+                # A member that answered lately and one at random, at once: members that never answer
+                # must not stall the spread of honest heartbeats (gossip/targets.py).
+                answers = await asyncio.gather(*(self._exchange_members(t) for t in targets))
+                for target, answered in zip(targets, answers, strict=True):
+                    (self.gossip_targets.answered if answered else self.gossip_targets.failed)(
+                        target, loop.time()
+                    )
+            elif not others:
                 # Alone: everyone may have been presumed dead while we (or they) were busy, e.g. loading
                 # torch. Knock on the bootstrap peers and the members we gave up on, so a split heals.
-                known = [p for p in self._membership.members if p != self.peer_id]
                 candidates = [*self.config.bootstrap, *known]
                 if candidates:
                     await self._exchange_members(random.choice(candidates))
@@ -918,6 +927,7 @@ class Daemon:
             await self.stopping.wait()  # test only (a sybil that stays in the run): held until cut
             return
         if kind == "members":
+            self.gossip_targets.answered(sender, loop.time())
             self._merge_members(request.get("table"), loop.time(), sender)
             reply = self._message(
                 "members",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -27,6 +26,7 @@ from shoal.gossip.rounds import clock
 from shoal.gossip.rounds import payload as dense
 from shoal.gossip.rounds.pairing import partner_of
 from shoal.gossip.rounds.swap import MAX_ROUNDS_AHEAD, SwapBook, Verdict, should_stop_waiting
+from shoal.gossip.targets import GossipTargets
 from shoal.peer import deadlines
 from shoal.peer.config import PeerConfig
 from shoal.peer.offers import RoundClosed, receive_body
@@ -109,12 +109,15 @@ class RoundSwap:
         # Peers the run excluded from pairing on published evidence (the run state's `excluded`, which every
         # member computes alike, so the seeded pairing stays the same everywhere); the daemon sets it.
         self.excluded: Callable[[], set[str]] = set
+        # accused(peer, now): we published it as silent lately (peer/silence.py): its rounds are skipped
+        self.accused: Callable[[str, float], bool] = lambda peer, now: False
         self.strikes: dict[str, int] = {}  # invalid messages per peer
         self.spec: list[tuple[str, tuple[int, ...]]] = []  # the model's tensors, once the worker says
         self.method = ""  # the outer method, as the worker resolved it
         self.lattice_bits = 0  # bits per value of the method's lattice code, as the worker says
         self.max_offer_bytes = CONTROL_MESSAGE_LIMIT
         self._first_round = True
+        self.targets = GossipTargets()  # who answered us lately; the daemon's gossip uses it too
 
     def use_model(self, spec: list[tuple[str, tuple[int, ...]]], method: str, lattice_bits: int) -> None:
         """What payloads must look like, from the worker's hello."""
@@ -189,13 +192,18 @@ class RoundSwap:
         members = self.eligible(loop.time())
         others = [p for p in members if p != self.peer_id]
         partner = partner_of(self.peer_id, members, self.config.run_id, number)
-        asked = random.sample(others, min(clock.ROUND_SAMPLE, len(others)))
+        # Members that answered lately first (gossip/targets.py): members that never answer would leave
+        # too few answers, and their gossiped rounds (any number they like) would set the run's round.
+        asked = self.targets.sample(others, clock.ROUND_SAMPLE, loop.time())
         if partner is not None and partner not in asked:
             asked.append(partner)
         replies = await asyncio.gather(*(self._status_of(p, number) for p in asked))
         answers = dict(zip(asked, replies, strict=True))
+        for peer, answer in answers.items():
+            (self.targets.failed if answer is None else self.targets.answered)(peer, loop.time())
         finished = [a[0] for a in answers.values() if a is not None]
-        run = clock.run_round(finished or [self._members.members[p].round for p in others])
+        gossiped = [p for p in others if self.targets.responsive(p, loop.time())] or others
+        run = clock.run_round(finished or [self._members.members[p].round for p in gossiped])
         return run, answers.get(partner) if partner is not None else None
 
     async def _status_of(self, peer: str, number: int) -> tuple[int, int] | None:
@@ -218,11 +226,16 @@ class RoundSwap:
     async def _exchange(self, number: int, payload: bytes | memoryview) -> RoundReport:
         loop = asyncio.get_running_loop()
         partner = partner_of(self.peer_id, self.eligible(loop.time()), self.config.run_id, number)
+        report = RoundReport(number, partner, "skipped: no partner this round", 0, 0)
+        if partner is not None and self.accused(partner, loop.time()):  # its offer is refused too
+            report.outcome = (
+                f"skipped: partner {partner} never answered us before (published); not waited for"
+            )
+            partner = None
         self.incoming[number] = loop.create_future()
         async with self.changed:
             self.book.ready(number, partner)
             self.changed.notify_all()
-        report = RoundReport(number, partner, "skipped: no partner this round", 0, 0)
         deadline = self.config.exchange_timeout
         limit: asyncio.Timeout | None = None
         try:

@@ -22,6 +22,11 @@ from shoal.gossip.membership import Membership
 log = logging.getLogger("shoal.peer.daemon")
 
 MAX_NOTED = 64  # partners awaiting confirmation; the oldest go first (one partner a round: rarely more)
+# After we accused a partner, a round that pairs us with it again (in the same life) is skipped at once
+# for this long, rather than costing its dial or the silence cut again: the run's exclusion needs a quorum,
+# and until it has one, a crowd of silent identities would otherwise cost us seconds in most rounds. We
+# still answer its status, so an honest peer we misjudged sees at once that we will not offer.
+FAST_SKIP_S = 120.0
 # Heartbeats one life can add per second (a beat per gossip tick and per finished round; rounds take at
 # least tenths of a second); a restart jumps by about the milliseconds its previous life lasted.
 MAX_BEATS_PER_S = 100.0
@@ -48,9 +53,20 @@ class SilenceWatch:
         self._report = report  # report(partner, round, why): publish the accusation
         self.confirm_s = confirm_s
         self._noted: OrderedDict[str, _Noted] = OrderedDict()
+        self._accused: OrderedDict[str, _Noted] = OrderedDict()  # when, and at which heartbeat
+
+    def accused(self, partner: str, now: float) -> bool:
+        """Whether we accused `partner` within FAST_SKIP_S, and it has not restarted since."""
+        done, members = self._accused.get(partner), self._membership()
+        entry = members.members.get(partner) if members is not None else None
+        if done is None or entry is None or now - done.since > FAST_SKIP_S:
+            return False
+        return entry.heartbeat - done.heartbeat <= MAX_BEATS_PER_S * (now - done.since) + 1
 
     def note(self, partner: str, round_: int, why: str, now: float) -> None:
         """`partner` gave no sign of life in our round `round_`."""
+        if self.accused(partner, now):
+            return  # published already; its round was skipped without waiting
         members = self._membership()
         entry = members.members.get(partner) if members is not None else None
         if entry is None or entry.left:
@@ -85,3 +101,7 @@ class SilenceWatch:
                 *(self.peer_id, noted.round, partner, why),
             )
             self._report(partner, noted.round, why)
+            self._accused.pop(partner, None)
+            self._accused[partner] = _Noted(noted.round, entry.heartbeat, now, why)
+            while len(self._accused) > MAX_NOTED:
+                self._accused.popitem(last=False)

@@ -79,3 +79,25 @@ def test_silence_again_before_the_confirmation_does_not_restart_its_clock():
         watch.check(now=2.0 + k)
     # Confirmed 10 s after the first note (at 12 s, in round 20), not 10 s after the last.
     assert [(p, r) for p, r, _ in reports] == [(sybil.peer_id, 20)]
+
+
+def test_after_accusing_a_partner_its_rounds_are_skipped_at_once_for_a_while_unless_it_restarts():
+    from shoal.peer.silence import FAST_SKIP_S
+
+    me, watch, reports = watcher()
+    sybil = member()
+    beat_into(me, sybil, 1.0)
+    assert not watch.accused(sybil.peer_id, 1.0)
+    watch.note(sybil.peer_id, 7, "connection failed", now=2.0)
+    beat_into(me, sybil, 11.0)
+    watch.check(now=12.0)
+    assert len(reports) == 1
+    assert watch.accused(sybil.peer_id, 13.0)
+    watch.note(sybil.peer_id, 9, "connection failed", now=13.0)  # a skipped round is not noted again
+    watch.check(now=30.0)
+    assert len(reports) == 1
+    assert not watch.accused(sybil.peer_id, 12.0 + FAST_SKIP_S + 1)  # it gets another chance later
+    back = Membership(sybil.key, "run", "/ip4/10.0.0.2/tcp/2", now=20.0, fail_after=FAIL_AFTER,
+                      incarnation=WALL_MS + 20_000, wall_clock=lambda: WALL_MS / 1000 + 20)  # fmt: skip
+    beat_into(me, back, 20.0)
+    assert not watch.accused(sybil.peer_id, 21.0)  # a new life: waited for like anyone

@@ -816,8 +816,8 @@ class Daemon:
             self.gossip_targets.forget_all_but(self._membership.members)
             known = [p for p in self._membership.members if p != self.peer_id]
             if targets := self.gossip_targets.tick(others, known, now):
-                # A member that answered lately and one at random, at once: members that never answer
-                # must not stall the spread of honest heartbeats (gossip/targets.py).
+                # A live member at random and, when that one has not answered lately, one that has, at
+                # once: members that never answer must not stall honest heartbeats (gossip/targets.py).
                 answers = await asyncio.gather(*(self._exchange_members(t) for t in targets))
                 for target, answered in zip(targets, answers, strict=True):
                     (self.gossip_targets.answered if answered else self.gossip_targets.failed)(

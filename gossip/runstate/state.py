@@ -298,7 +298,13 @@ class RunState:
             for k, o in self.docs
             if k == KIND_PEER and o not in banned and self.admitted(o)
         ]
-        return {**silence_exclusions(self.silence(), rounds), **exclusions(self.evidence(), rounds)}
+        poisoned = exclusions(self.evidence(), rounds)
+        # A member excluded for poisoned updates has no voice about silence either.
+        silence = {
+            accused: {a: item for a, item in by.items() if a not in poisoned}
+            for accused, by in self.silence().items()
+        }
+        return {**silence_exclusions(silence, rounds), **poisoned}
 
     def liveness(self, key: bytes, now: float) -> Liveness:
         if key == self.me:

@@ -142,3 +142,14 @@ def test_one_made_up_round_does_not_age_out_the_evidence():
     s.do(5, st[5].set_round(2**62))
     assert s.settle()
     assert set(st[0].excluded()) == {st[7].me}
+
+
+def test_a_member_excluded_for_poisoned_updates_has_no_voice_about_silence():
+    s = Swarm(8, seed=50)
+    st = s.states
+    for i in (1, 2):
+        s.do(i, st[i].accuse(st[6].me, 5, "scaled update"))
+    s.do(6, st[6].report_silence(st[3].me, 5, "made up"))
+    s.do(7, st[7].report_silence(st[3].me, 5, "no answer"))
+    assert s.settle()
+    assert set(st[0].excluded()) == {st[6].me}  # one honest voice left against st[3]: no quorum

@@ -40,6 +40,10 @@ class GossipTargets:
         failures = self._failed.get(peer, (0, 0.0))[0] + 1
         self._failed[peer] = (failures, now + min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (failures - 1)))
 
+    def backing_off(self, peer: str, now: float) -> bool:
+        """Whether `peer` failed to answer us lately and its backoff is not over."""
+        return self._failed.get(peer, (0, 0.0))[1] > now
+
     def responsive(self, peer: str, now: float) -> bool:
         return now - self._answered.get(peer, float("-inf")) < RECENT_S
 
@@ -49,7 +53,7 @@ class GossipTargets:
         know (answering is how a member presumed dead in our view comes back: a view that only picks live
         members would never revive one). In a run where everyone answers that is one swap a tick, as
         plain gossip; none when no member qualifies."""
-        usable = [c for c in live if self._failed.get(c, (0, 0.0))[1] <= now]
+        usable = [c for c in live if not self.backing_off(c, now)]
         picked = [self.rng.choice(usable)] if usable else []
         if not picked or not self.responsive(picked[0], now):
             recent = [c for c in known if self.responsive(c, now) and c not in picked]
@@ -60,7 +64,7 @@ class GossipTargets:
     def sample(self, candidates: Sequence[str], k: int, now: float) -> list[str]:
         """Up to `k` distinct members to ask: each pick responsive with RESPONSIVE_SHARE (while any is
         left), else any member not backing off."""
-        usable = [c for c in candidates if self._failed.get(c, (0, 0.0))[1] <= now]
+        usable = [c for c in candidates if not self.backing_off(c, now)]
         recent = [c for c in usable if self.responsive(c, now)]
         picked: list[str] = []
         while len(picked) < k and usable:

@@ -195,7 +195,13 @@ class RoundSwap:
         # Members that answered lately first (gossip/targets.py): members that never answer would leave
         # too few answers, and their gossiped rounds (any number they like) would set the run's round.
         asked = self.targets.sample(others, clock.ROUND_SAMPLE, loop.time())
-        if partner is not None and partner not in asked:
+        # Our partner too, unless it just failed to answer us (its status would cost the round 2 s for
+        # nothing: the exchange will try it anyway).
+        if (
+            partner is not None
+            and partner not in asked
+            and not self.targets.backing_off(partner, loop.time())
+        ):
             asked.append(partner)
         replies = await asyncio.gather(*(self._status_of(p, number) for p in asked))
         answers = dict(zip(asked, replies, strict=True))

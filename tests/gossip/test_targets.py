@@ -45,7 +45,9 @@ def test_a_member_that_failed_backs_off_longer_each_time_and_is_forgiven_when_it
     targets = GossipTargets(random.Random(4))
     peer = ["silent-0"]
     targets.failed("silent-0", 0.0)
+    assert targets.backing_off("silent-0", BACKOFF_MIN_S - 0.1)
     assert targets.tick(peer, peer, BACKOFF_MIN_S - 0.1) == []
+    assert not targets.backing_off("silent-0", BACKOFF_MIN_S)
     assert targets.tick(peer, peer, BACKOFF_MIN_S) == peer
     targets.failed("silent-0", 10.0)
     assert targets.tick(peer, peer, 10.0 + 2 * BACKOFF_MIN_S - 0.1) == []

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from . import identify as identify_proto
 from . import multistream, noise
 from .admission import PendingHandshakes, extra_connection, table_victim
-from .allocator import keep_freed_memory
+from .allocator import TRIM_INTERVAL_S, give_back_freed_memory, keep_freed_memory
 from .connection import MUXERS, Connection, Stream
 from .errors import (
     ConnectionClosedError,
@@ -95,6 +95,7 @@ class Host:
             for addr in listen:
                 await host.listen(addr)
             host._spawn(host._reap_idle(), "idle reaper")
+            host._spawn(host._give_back_memory(), "memory trimmer")
         except BaseException:
             await host.close()
             raise
@@ -579,6 +580,13 @@ class Host:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _give_back_memory(self) -> None:
+        """The freed heap back to the kernel now and then (allocator.py): a burst of connections or
+        parked streams must not leave the daemon larger once it is over."""
+        while not self._closing:
+            await asyncio.sleep(TRIM_INTERVAL_S)
+            give_back_freed_memory()
 
     async def _reap_idle(self) -> None:
         interval = max(0.05, min(self.limits.idle_timeout_s / 4, 30.0))

@@ -16,6 +16,7 @@ from typing import Any
 
 from shoal.peer.events import Events
 from shoal.peer.runstate_link import RunStateLink, key_of, peer_id_of
+from shoal.transport.lograte import LogThrottle
 
 log = logging.getLogger("shoal.peer.daemon")
 
@@ -26,6 +27,7 @@ class GuardReports:
         self.events = events
         self._runstate = runstate  # the daemon's link, once it is up
         self._told: set[str] = set()  # peers excluded when we last looked (said once per exclusion)
+        self._lines = LogThrottle(log)
 
     def on_verdict(self, message: dict[str, Any]) -> None:
         """The worker's guard judged this round's partner: say so, and publish the evidence when it excluded
@@ -67,15 +69,15 @@ class GuardReports:
         if link is None:
             return
         now = {str(peer_id_of(key)): why for key, why in self._reasons(link).items()}
+        # Every change is an event; the log says the first few a minute, then sums up (a crowd of silent
+        # identities excluded one by one must not flood it).
         for peer, why in now.items():
             if peer not in self._told:
-                log.warning(
-                    "[%s] round %d: the run excluded %s from pairing: %s", self.peer_id, number, peer, why
-                )
+                self._lines.note(logging.WARNING, "the run excluded a peer from pairing", peer,
+                                 f"round {number}: {why}")  # fmt: skip
                 self.events.emit("excluded", round=number, peer=peer, reason=why)
         for peer in sorted(self._told - set(now)):
-            log.info(
-                "[%s] round %d: the run pairs %s again (its exclusion lapsed)", self.peer_id, number, peer
-            )
+            self._lines.note(logging.INFO, "the run pairs a peer again (its exclusion lapsed)", peer,
+                             f"round {number}")  # fmt: skip
             self.events.emit("readmitted", round=number, peer=peer)
         self._told = set(now)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shoal.gossip.membership import Membership
+from shoal.transport.lograte import LogThrottle
 
 log = logging.getLogger("shoal.peer.daemon")
 
@@ -53,6 +54,7 @@ class SilenceWatch:
         self._report = report  # report(partner, round, why): publish the accusation
         self.confirm_s = confirm_s
         self._noted: OrderedDict[str, _Noted] = OrderedDict()
+        self._lines = LogThrottle(log)
         self._accused: OrderedDict[str, _Noted] = OrderedDict()  # when, and at which heartbeat
 
     def accused(self, partner: str, now: float) -> bool:
@@ -96,10 +98,9 @@ class SilenceWatch:
             if not 0 < entry.heartbeat - noted.heartbeat <= MAX_BEATS_PER_S * waited + 1:
                 continue  # a new life (it restarted), or no beat since: nothing proves it stayed
             why = f"{noted.why}; still in the run {waited:.0f} s later"
-            log.warning(
-                "[%s] round %d: %s stays in the run but never answered: publishing it (%s)",
-                *(self.peer_id, noted.round, partner, why),
-            )
+            # A few lines a minute, then one summary: a crowd of silent identities must not flood the log.
+            self._lines.note(logging.WARNING, "published a member that stays in the run but never answered",
+                             partner, f"round {noted.round}: {why}")  # fmt: skip
             self._report(partner, noted.round, why)
             self._accused.pop(partner, None)
             self._accused[partner] = _Noted(noted.round, entry.heartbeat, now, why)

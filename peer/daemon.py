@@ -831,7 +831,12 @@ class Daemon:
                     await self._exchange_members(random.choice(candidates))
             self.silence.check(now)
             self._membership.forget_dead(now)
-            self._strangers.flush()  # sum up refused requests once their minute is over
+            # Sum up throttled lines (refused requests, silent and unreachable partners, exclusions)
+            # once their minute is over.
+            self._strangers.flush()
+            self.swap.flush_logs()
+            self.silence.flush_logs()
+            self.guard_reports.flush_logs()
             await asyncio.sleep(self.config.gossip_interval * random.uniform(0.8, 1.2))
 
     # --- serving other peers ----------------------------------------------------------------------

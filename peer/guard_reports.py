@@ -62,6 +62,9 @@ class GuardReports:
     def _reasons(link: RunStateLink) -> dict[bytes, str]:
         return {**link.state.bans(), **link.state.excluded()}
 
+    def flush_logs(self) -> None:
+        self._lines.flush()
+
     def note_exclusions(self, number: int) -> None:
         """Says, in the log and as an `excluded` event, when the run excludes or bans a peer, and when an
         exclusion lapses (evidence ages out) and the run pairs the peer again."""

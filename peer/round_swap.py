@@ -34,6 +34,7 @@ from shoal.peer.reach import PeerReach, TransferTimer
 from shoal.peer.status import StatusBoard
 from shoal.transport.errors import TransportError
 from shoal.transport.host import Stream
+from shoal.transport.lograte import LogThrottle
 from shoal.transport.messages import MessageError, write_message
 
 T = TypeVar("T")
@@ -48,6 +49,7 @@ ROUND_QUERY_TIMEOUT = 2.0  # seconds a member has to say which round it finished
 SILENT_PARTNER_S = 15.0
 OFFERS_NOTED = 8  # senders noted per round whose offer arrived (the partner's among them, bar a flood)
 ROUND_REPORTS_KEPT = 100
+UNREACHABLE = "skipped a round: could not reach its partner"
 MAX_STRIKES = 3  # invalid round messages before a peer is banned here (an honest peer sends none)
 
 # request(target, message, limit[, progress][, body=view]) -> (answer, bytes sent, bytes received), on a
@@ -117,6 +119,9 @@ class RoundSwap:
         self.lattice_bits = 0  # bits per value of the method's lattice code, as the worker says
         self.max_offer_bytes = CONTROL_MESSAGE_LIMIT
         self._first_round = True
+        # Partners we could not reach: a few lines a minute, then a summary (members at silent addresses
+        # would make one a round); each round's event still says why it was skipped.
+        self._unreachable = LogThrottle(log)
         self.targets = GossipTargets()  # who answered us lately; the daemon's gossip uses it too
 
     def use_model(self, spec: list[tuple[str, tuple[int, ...]]], method: str, lattice_bits: int) -> None:
@@ -148,6 +153,10 @@ class RoundSwap:
             self._named_slow.discard(report.partner)  # it keeps up again: name it anew if it falls behind
         self.reports = [*self.reports[-ROUND_REPORTS_KEPT:], report]
         return report
+
+    def flush_logs(self) -> None:
+        """Sums up the throttled log lines whose minute is over."""
+        self._unreachable.flush()
 
     def status(self, request: dict[str, Any]) -> dict[str, Any]:
         """Our answer to a STATUS request: where we are in the round it asks about."""
@@ -265,12 +274,12 @@ class RoundSwap:
                 self.check_link(partner, len(payload))
             else:  # a connect's own deadline, not the round's
                 report.outcome = f"skipped: connection to partner {partner} failed (timed out)"
-                log.info("[%s] round %d: %s", self.peer_id, number, report.outcome)
+                self._unreachable.note(logging.INFO, UNREACHABLE, str(partner), f"round {number}: timed out")
         except (OSError, asyncio.IncompleteReadError, TransportError, ValueError) as error:
             # ValueError: a member id gossiped to us that is no peer id cannot be dialed
             why = f"{type(error).__name__}: {str(error)[:160]}" if str(error) else type(error).__name__
             report.outcome = f"skipped: connection to partner {partner} failed ({why})"
-            log.info("[%s] round %d: %s", self.peer_id, number, report.outcome)
+            self._unreachable.note(logging.INFO, UNREACHABLE, str(partner), f"round {number}: {why}")
         except (MessageError, dense.PayloadError) as error:
             report.outcome = f"skipped: partner {partner} sent an invalid answer ({error})"
             log.warning("[%s] round %d: %s", self.peer_id, number, report.outcome)

@@ -65,6 +65,9 @@ class SilenceWatch:
             return False
         return entry.heartbeat - done.heartbeat <= MAX_BEATS_PER_S * (now - done.since) + 1
 
+    def flush_logs(self) -> None:
+        self._lines.flush()
+
     def note(self, partner: str, round_: int, why: str, now: float) -> None:
         """`partner` gave no sign of life in our round `round_`."""
         if self.accused(partner, now):

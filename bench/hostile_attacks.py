@@ -415,6 +415,11 @@ async def sybil_members(attack: Attack) -> None:
                            incarnation=time.time_ns() // 10**6, work=work)  # fmt: skip
         sybil.set_ready()
         sybils.append(sybil)
+    await _gossip_sybils(attack, sybils)
+
+
+async def _gossip_sybils(attack: Attack, sybils: list[Membership]) -> None:
+    """Every GOSSIP_PERIOD_S, each sybil's fresh heartbeat, signed by itself, to every honest peer."""
     loop = asyncio.get_running_loop()
     while True:
         started = loop.time()
@@ -452,20 +457,8 @@ async def silent_sybils(attack: Attack) -> None:
                            incarnation=time.time_ns() // 10**6, work=work)  # fmt: skip
         sybil.set_ready()
         sybils.append(sybil)
-    loop = asyncio.get_running_loop()
     try:
-        while True:
-            started = loop.time()
-            table = []
-            for sybil in sybils:
-                sybil.beat(started, round_number=0)
-                table.append(sybil.table()[0])
-            sends = [
-                _guarded(attack, "members", _send_members(attack, attack.next_identity(), target, table))
-                for target in attack.members
-            ]
-            await asyncio.gather(*sends)
-            await asyncio.sleep(max(0.0, GOSSIP_PERIOD_S - (loop.time() - started)))
+        await _gossip_sybils(attack, sybils)
     finally:
         server.close()
         for writer in held:

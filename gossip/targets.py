@@ -7,7 +7,7 @@ each tick spends its timeout on one of them, honest heartbeats stop spreading, h
 each other dead, and a member dead in a view is never picked again (measured: 50 such members among 4
 honest peers stopped every swap, `bench.hostile --attacks silent_sybils`). So a gossip tick picks a live
 member at random among those not backing off, as plain gossip does, and when that one has not answered
-us (or pushed to us) within RECENT_S, swaps at once with one that has, dead in our view or not: honest
+a request of ours within RECENT_S, swaps at once with one that has, dead in our view or not: honest
 heartbeats keep spreading, and newcomers and members that recovered are still reached. A member that did
 not answer is not tried again before a backoff that doubles with each failure in a row (BACKOFF_MIN_S up
 to BACKOFF_MAX_S). Asking a few members (the round clock's sample) picks a responsive one with
@@ -29,7 +29,9 @@ BACKOFF_MAX_S = 60.0
 class GossipTargets:
     def __init__(self, rng: random.Random | None = None) -> None:
         self.rng = rng or random.Random()
-        self._answered: dict[str, float] = {}  # member -> when it last answered us or pushed to us
+        # member -> when it last answered a request of ours. Not when it pushed to us: a member that pushes
+        # its table but never answers must not count as one that answers.
+        self._answered: dict[str, float] = {}
         self._failed: dict[str, tuple[int, float]] = {}  # member -> (failures in a row, not tried before)
 
     def answered(self, peer: str, now: float) -> None:
@@ -37,6 +39,7 @@ class GossipTargets:
         self._failed.pop(peer, None)
 
     def failed(self, peer: str, now: float) -> None:
+        self._answered.pop(peer, None)
         failures = self._failed.get(peer, (0, 0.0))[0] + 1
         self._failed[peer] = (failures, now + min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (failures - 1)))
 

@@ -932,7 +932,6 @@ class Daemon:
             await self.stopping.wait()  # test only (a sybil that stays in the run): held until cut
             return
         if kind == "members":
-            self.gossip_targets.answered(sender, loop.time())
             self._merge_members(request.get("table"), loop.time(), sender)
             reply = self._message(
                 "members",

@@ -78,3 +78,11 @@ def test_what_it_knows_is_bounded_by_the_membership():
         targets.answered(peer + "x", 0.0)
     targets.forget_all_but(HONEST)
     assert targets._answered == {} and targets._failed == {}
+
+
+def test_a_member_that_fails_a_request_is_no_longer_counted_as_answering():
+    targets = GossipTargets(random.Random(6))
+    targets.answered("pushy", 0.0)
+    assert targets.responsive("pushy", 1.0)
+    targets.failed("pushy", 1.0)
+    assert not targets.responsive("pushy", 1.5)

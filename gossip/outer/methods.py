@@ -80,6 +80,9 @@ register("pair-sparseloco", pair_sparseloco, "pair", {"lr": 1.0, "consensus_ever
 # (spread 0.0066 vs 0.0059, tests/peer/test_end_to_end.py); 4/3/1.5: 0.0027 vs 0.0060;
 # 4/6/0: 0.977 / 0.983 / 0.983 (4.08); 3/6/0: 0.979 / 0.981 / 0.990; 3/6/1.0: 0.993 / 0.975 / 0.983;
 # 3/3/1.5: 0.975 / 0.986 / 1.002; 3/3/0: 1.019 / 1.031 / 1.065 (wraps flagged: no pull in 28-47 % of values)
+# Outer β / α at --full (R = 8, seed 0; docs/benchmarks.md "--full: tuning"), loss / DiLoCo: 1.0 / 0.5: 1.039
+# (at --quick 0.984 / 1.004 / 1.000, spread growing with R: the candidate, not adopted on one seed);
+# 0.7 / 0.7: 1.052 (--quick R = 8, 16: 1.010, 1.025); 0.7 / 0.5: 1.056; 0.5 / 0.7: 1.057; 0.4 / 0.8: 1.090
 register(
     "compressed-noloco",
     compressed_noloco,

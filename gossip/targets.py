@@ -52,11 +52,13 @@ class GossipTargets:
 
     def tick(self, live: Sequence[str], known: Sequence[str], now: float) -> list[str]:
         """This gossip tick's targets, swapped with at once: a live member at random among those not
-        backing off and, when that one has not answered lately, also one that has, from every member we
-        know (answering is how a member presumed dead in our view comes back: a view that only picks live
-        members would never revive one). In a run where everyone answers that is one swap a tick, as
-        plain gossip; none when no member qualifies."""
-        usable = [c for c in live if not self.backing_off(c, now)]
+        backing off (among all live ones when all are) and, when that one has not answered lately, also
+        one that has, from every member we know (answering is how a member presumed dead in our view
+        comes back: a view that only picks live members would never revive one). In a run where everyone
+        answers that is one swap a tick, as plain gossip; none when we know no member."""
+        # A backoff only puts a member last: when every live member is backing off (a small run under
+        # load, whose members time out on each other), gossip goes on with them rather than starve.
+        usable = [c for c in live if not self.backing_off(c, now)] or list(live)
         picked = [self.rng.choice(usable)] if usable else []
         if not picked or not self.responsive(picked[0], now):
             recent = [c for c in known if self.responsive(c, now) and c not in picked]
@@ -67,7 +69,7 @@ class GossipTargets:
     def sample(self, candidates: Sequence[str], k: int, now: float) -> list[str]:
         """Up to `k` distinct members to ask: each pick responsive with RESPONSIVE_SHARE (while any is
         left), else any member not backing off."""
-        usable = [c for c in candidates if not self.backing_off(c, now)]
+        usable = [c for c in candidates if not self.backing_off(c, now)] or list(candidates)
         recent = [c for c in usable if self.responsive(c, now)]
         picked: list[str] = []
         while len(picked) < k and usable:

@@ -46,17 +46,27 @@ def test_a_member_that_failed_backs_off_longer_each_time_and_is_forgiven_when_it
     peer = ["silent-0"]
     targets.failed("silent-0", 0.0)
     assert targets.backing_off("silent-0", BACKOFF_MIN_S - 0.1)
-    assert targets.tick(peer, peer, BACKOFF_MIN_S - 0.1) == []
+    assert targets.tick(peer + HONEST, peer, BACKOFF_MIN_S - 0.1)[0] != "silent-0"
     assert not targets.backing_off("silent-0", BACKOFF_MIN_S)
     assert targets.tick(peer, peer, BACKOFF_MIN_S) == peer
     targets.failed("silent-0", 10.0)
-    assert targets.tick(peer, peer, 10.0 + 2 * BACKOFF_MIN_S - 0.1) == []
+    assert targets.backing_off("silent-0", 10.0 + 2 * BACKOFF_MIN_S - 0.1)
     for _ in range(20):
         targets.failed("silent-0", 100.0)
-    assert targets.tick(peer, peer, 100.0 + BACKOFF_MAX_S - 0.1) == []
-    assert targets.tick(peer, peer, 100.0 + BACKOFF_MAX_S) == peer
-    targets.answered("silent-0", 200.0)
-    assert targets.tick(peer, peer, 200.0) == peer
+    assert targets.backing_off("silent-0", 100.0 + BACKOFF_MAX_S - 0.1)
+    assert not targets.backing_off("silent-0", 100.0 + BACKOFF_MAX_S)
+    targets.failed("silent-0", 150.0)
+    targets.answered("silent-0", 151.0)
+    assert not targets.backing_off("silent-0", 151.0)
+
+
+def test_a_backoff_never_starves_gossip_when_every_member_is_backing_off():
+    """Two peers under load that time out on each other keep gossiping, or they would presume each
+    other dead."""
+    targets = GossipTargets(random.Random(7))
+    targets.failed("honest-0", 0.0)
+    assert targets.tick(["honest-0"], ["honest-0"], 1.0) == ["honest-0"]
+    assert targets.sample(["honest-0"], 5, 1.0) == ["honest-0"]
 
 
 def test_the_round_clocks_sample_prefers_members_that_answer_and_skips_those_backing_off():

@@ -43,8 +43,11 @@ class HostLimits:
     ping_idle_timeout_s: float = 30.0
     # A connection with no open stream for this long is closed (the DHT redials cheaply).
     idle_timeout_s: float = 300.0
-    # Bytes one socket may queue in user space before writers wait (on top of the kernel's buffer).
-    write_buffer_high: int = 1024 * 1024
+    # Bytes one socket may queue in user space before writers wait (on top of the kernel's unsent bytes,
+    # capped by connection.UNSENT_LOWAT). Small on purpose: a window update, a protocol answer or a small
+    # message waits behind everything queued before it, so a deep queue of one direction's bulk data
+    # stalls the other direction's flow control (a full-duplex swap then runs at 0.6 of the link, not 0.9).
+    write_buffer_high: int = 128 * 1024
 
     def __post_init__(self) -> None:
         if not yamux.INITIAL_WINDOW <= self.stream_window <= yamux.MAX_WINDOW:

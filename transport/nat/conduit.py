@@ -17,6 +17,7 @@ import logging
 from collections import deque
 from typing import Any
 
+from ..connection import cap_unsent
 from ..errors import ConnectionClosedError, DuplicateIdentityError, ProtocolError, TransportError
 from ..host import Host, Stream
 from ..identity import PeerID
@@ -215,6 +216,7 @@ async def attach(
         transport.start(conn)
     else:
         transport.set_write_buffer_limits(high=host.limits.write_buffer_high)  # type: ignore[attr-defined]
+        cap_unsent(transport.get_extra_info("socket"))  # a punched TCP socket: as Connection does
         with contextlib.suppress(Exception):
             peer = transport.get_extra_info("peername")
             conn.remote_addr = Multiaddr.from_tcp(peer[0], peer[1])

@@ -52,13 +52,13 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from shoal.dht.protocol import PROTOCOL_ID as DHT_PROTOCOL
-from shoal.gossip.identity_work import mine
 from shoal.gossip.membership import Membership
 from shoal.peer.daemon import PROTOCOL_VERSION, RUN_PROTOCOL
 from shoal.transport import multistream
 from shoal.transport.connection import Connection, Stream
 from shoal.transport.host import PING_PROTOCOL_ID, Host
 from shoal.transport.identity import PeerID, generate_key, peer_id_from_key
+from shoal.transport.identity_work import mine
 from shoal.transport.limits import HostLimits
 from shoal.transport.messages import LENGTH_PREFIX, read_frame, write_message
 from shoal.transport.multiaddr import Multiaddr

@@ -46,11 +46,15 @@ class DHTCore:
         k: int = K,
         store: RecordStore | None = None,
         rng: random.Random | None = None,
+        work: int = 0,
     ) -> None:
+        """`work`: the nonce that proves this node's identity work (`keys.node_id`); the driver decodes
+        messages with the bits the network requires, so it must prove them."""
         self.key = key
         self.peer_id = public_bytes(key)
-        self.contact = Contact.of(self.peer_id, addrs)
-        self.table = RoutingTable(self.peer_id, k)
+        self.work = work
+        self.contact = Contact.of(self.peer_id, addrs, work)
+        self.table = RoutingTable(self.peer_id, k, work)
         self.store = store if store is not None else RecordStore()
         self.k = k
         self.pings: deque[Contact] = deque(maxlen=MAX_PENDING_PINGS)
@@ -59,7 +63,7 @@ class DHTCore:
         self.dropped = 0  # requests refused (bad records, quotas): for logs and tests
 
     def set_addrs(self, addrs: list[str] | tuple[str, ...]) -> None:
-        self.contact = Contact.of(self.peer_id, addrs)
+        self.contact = Contact.of(self.peer_id, addrs, self.work)
 
     def observe(self, contact: Contact, now: float) -> None:
         """`contact` showed it is alive; a full bucket may ask for a ping-before-evict."""

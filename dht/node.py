@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shoal.dht.core import DHTCore, Query
 from shoal.dht.errors import DHTError, InvalidMessage, RPCFailed
-from shoal.dht.keys import KEY_BYTES, record_key, run_key, short
+from shoal.dht.keys import DHT_WORK_BITS, KEY_BYTES, record_key, run_key, short
 from shoal.dht.protocol import (
     ADD_PROVIDER,
     FIND_NODE,
@@ -44,11 +44,12 @@ from shoal.dht.protocol import (
     encode_request,
     encode_response,
 )
-from shoal.dht.records import MAX_TTL_S, Record
+from shoal.dht.records import MAX_TTL_S, Record, public_bytes
 from shoal.dht.routing import REFRESH_S, Contact
 from shoal.errors import ShoalError
 from shoal.transport.host import Host
-from shoal.transport.identity import PeerID
+from shoal.transport.identity import PeerID, b58encode
+from shoal.transport.identity_work import meets, mine, valid_nonce
 from shoal.transport.lograte import LogThrottle
 from shoal.transport.messages import LENGTH_PREFIX
 
@@ -170,8 +171,16 @@ class DHTNode:
         addrs: list[str],
         *,
         table_path: str | os.PathLike[str] | None = None,
+        work: int | None = None,
     ) -> None:
-        self.core = DHTCore(key, addrs)
+        """`work`: the nonce proving this identity's DHT_WORK_BITS (the daemon's proven identity work);
+        mined here when not given (about 0.03 s)."""
+        peer = b58encode(public_bytes(key))
+        if work is None:
+            work = mine(peer, DHT_WORK_BITS)
+        if work is None or not meets(peer, work, DHT_WORK_BITS):
+            raise DHTError(f"the DHT needs a nonce proving {DHT_WORK_BITS} bits of identity work for {peer}")
+        self.core = DHTCore(key, addrs, work=work)
         self._dial = dial
         self.table_path = Path(table_path) if table_path else None
         self._pool: OrderedDict[bytes, list[Stream]] = OrderedDict()  # least recently used first
@@ -202,6 +211,7 @@ class DHTNode:
         table_path: str | os.PathLike[str] | None = None,
         *,
         secure: bool = True,
+        work: int | None = None,
     ) -> DHTNode:
         """A node of its own listening on `listen`, joined through `bootstrap` addresses and any saved table.
 
@@ -212,14 +222,14 @@ class DHTNode:
         if secure:
             host = await Host.create(key, [listen])
             try:
-                node = await cls.on_host(host, key, bootstrap=bootstrap, table_path=table_path)
+                node = await cls.on_host(host, key, bootstrap=bootstrap, table_path=table_path, work=work)
             except BaseException:
                 await host.close()
                 raise
             node._host = host
             return node
         transport = TCPTransport()
-        node = cls(key, transport.dial, [], table_path=table_path)
+        node = cls(key, transport.dial, [], table_path=table_path, work=work)
         node._transport = transport
         addrs = await transport.listen(listen, node.serve_stream)
         node.core.set_addrs(addrs)
@@ -236,6 +246,7 @@ class DHTNode:
         table_path: str | os.PathLike[str] | None = None,
         addrs: list[str] | None = None,
         reach: Callable[[PeerID, list[str]], Awaitable[object]] | None = None,
+        work: int | None = None,
     ) -> DHTNode:
         """Run the DHT on the daemon's Host (whose identity `key` is); `addrs` default to its listen addrs.
 
@@ -257,6 +268,7 @@ class DHTNode:
             dial,
             addrs if addrs is not None else [str(a) for a in host.listen_addrs],
             table_path=table_path,
+            work=work,
         )
         host.set_stream_handler(PROTOCOL_ID, node.serve_stream)
         await node._begin(list(bootstrap))
@@ -362,7 +374,7 @@ class DHTNode:
                     async with asyncio.timeout(IDLE_STREAM_S):
                         body = await read_frame(stream)
                     slot.idle_since = None
-                    req = decode_request(body)
+                    req = decode_request(body, DHT_WORK_BITS)
                     if remote is not None and req.sender.peer_id != remote.multihash:
                         raise InvalidMessage(
                             f"request claims to come from {short(req.sender.peer_id)} but "
@@ -430,7 +442,7 @@ class DHTNode:
                 if stream is None:
                     stream = await self._dial(contact)
                 await stream.write(frame(encode_request(req)))
-                resp = decode_response(await read_frame(stream))
+                resp = decode_response(await read_frame(stream), DHT_WORK_BITS)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ShoalError) as e:
             if stream is not None:
                 await stream.close()
@@ -596,10 +608,13 @@ class DHTNode:
         """Write the routing table's contacts to `table_path` (atomically), if one was given."""
         if self.table_path is None:
             return
-        data = [{"peer_id": c.peer_id.hex(), "addrs": list(c.addrs)} for c in self.core.table.contacts()]
+        data = [
+            {"peer_id": c.peer_id.hex(), "addrs": list(c.addrs), "work": c.work}
+            for c in self.core.table.contacts()
+        ]
         tmp = self.table_path.with_suffix(self.table_path.suffix + ".tmp")
         try:
-            tmp.write_text(json.dumps({"version": 1, "contacts": data}))
+            tmp.write_text(json.dumps({"version": 2, "contacts": data}))
             os.replace(tmp, self.table_path)
         except OSError as e:  # a full disk must not stop the DHT; the next save retries
             log.warning("DHT routing table not saved to %s: %s", self.table_path, e)
@@ -611,14 +626,22 @@ class DHTNode:
             if self.table_path.stat().st_size > MAX_TABLE_FILE:
                 raise ValueError(f"larger than {MAX_TABLE_FILE} bytes")
             doc = json.loads(self.table_path.read_text())
+            # Seeds only: each is pinged, and its answer names it with its proven work (a version-1 file
+            # has no work: 0 is as good a placeholder).
             out = [
-                Contact.of(bytes.fromhex(e["peer_id"]), [str(a) for a in e["addrs"]])
+                Contact.of(
+                    bytes.fromhex(e["peer_id"]), [str(a) for a in e["addrs"]], _saved_work(e.get("work"))
+                )
                 for e in doc["contacts"][:MAX_BOOT_CONTACTS]
             ]
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("DHT routing table file %s is unreadable (%s); ignoring it", self.table_path, e)
             return []
         return out
+
+
+def _saved_work(work: object) -> int:
+    return work if valid_nonce(work) else 0
 
 
 @dataclass

@@ -13,9 +13,11 @@ from shoal.dht.errors import InvalidMessage, InvalidRecord
 from shoal.dht.keys import KEY_BYTES
 from shoal.dht.records import MAX_ADDR_LEN, MAX_ADDRS, Record
 from shoal.dht.routing import Contact, K
+from shoal.transport.identity import b58encode
+from shoal.transport.identity_work import meets, valid_nonce
 
-PROTOCOL_ID = "/shoal/kad/1.0.0"  # Shoal's own protocol id: never mixes with the IPFS Amino DHT
-VERSION = 1
+PROTOCOL_ID = "/shoal/kad/2.0.0"  # Shoal's own protocol id: never mixes with the IPFS Amino DHT
+VERSION = 2  # 2: every contact carries its identity-work nonce, and node ids derive from it
 
 PING, FIND_NODE, FIND_VALUE, STORE, ADD_PROVIDER, GET_PROVIDERS = range(1, 7)
 REQUEST_TYPES = frozenset({PING, FIND_NODE, FIND_VALUE, STORE, ADD_PROVIDER, GET_PROVIDERS})
@@ -57,7 +59,7 @@ class Response:
 
 
 def _contact_wire(c: Contact) -> list:
-    return [c.peer_id, list(c.addrs)]
+    return [c.peer_id, list(c.addrs), c.work]
 
 
 def encode_request(req: Request) -> bytes:
@@ -98,26 +100,30 @@ def _unpack(data: bytes) -> dict:
     except (ValueError, msgpack.UnpackException, TypeError) as e:
         raise InvalidMessage(f"DHT message is not bounded msgpack ({e}); dropped") from e
     if not isinstance(m, dict) or m.get("v") != VERSION:
-        raise InvalidMessage("DHT message is not a version-1 map; dropped")
+        raise InvalidMessage(f"DHT message is not a version-{VERSION} map; dropped")
     rid = m.get("rid")
     if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= MAX_RID:
         raise InvalidMessage("DHT message has no valid request id; dropped")
     return m
 
 
-def _contact(obj: object) -> Contact:
-    if not (isinstance(obj, list) and len(obj) == 2):
-        raise InvalidMessage("DHT contact is not [peer_id, addrs]; dropped")
-    pid, addrs = obj
+def _contact(obj: object, work_bits: int) -> Contact:
+    if not (isinstance(obj, list) and len(obj) == 3):
+        raise InvalidMessage("DHT contact is not [peer_id, addrs, work]; dropped")
+    pid, addrs, work = obj
     if not (isinstance(pid, bytes) and 0 < len(pid) <= MAX_PEER_ID):
         raise InvalidMessage("DHT contact has a bad peer id; dropped")
+    if not valid_nonce(work):
+        raise InvalidMessage("DHT contact has a bad identity-work nonce; dropped")
+    if not meets(b58encode(pid), work, work_bits):
+        raise InvalidMessage(f"DHT contact {b58encode(pid)} lacks {work_bits} bits of identity work; dropped")
     if not (
         isinstance(addrs, list)
         and len(addrs) <= MAX_ADDRS
         and all(isinstance(a, str) and 0 < len(a) <= MAX_ADDR_LEN for a in addrs)
     ):
         raise InvalidMessage("DHT contact has bad addresses; dropped")
-    return Contact.of(pid, addrs)
+    return Contact.of(pid, addrs, work)
 
 
 def _record(obj: object) -> Record:
@@ -127,12 +133,13 @@ def _record(obj: object) -> Record:
         raise InvalidMessage(str(e)) from e
 
 
-def decode_request(data: bytes) -> Request:
+def decode_request(data: bytes, work_bits: int = 0) -> Request:
+    """The request in `data`; InvalidMessage if anything is off, its sender's identity work included."""
     m = _unpack(data)
     t = m.get("t")
     if t not in REQUEST_TYPES:
         raise InvalidMessage(f"DHT request type {t!r} is unknown; dropped")
-    sender = _contact(m.get("from"))
+    sender = _contact(m.get("from"), work_bits)
     key = m.get("key", b"")
     if t in (FIND_NODE, FIND_VALUE, GET_PROVIDERS) and not (isinstance(key, bytes) and len(key) == KEY_BYTES):
         raise InvalidMessage("DHT lookup request has no 32-byte key; dropped")
@@ -144,7 +151,10 @@ def decode_request(data: bytes) -> Request:
     return Request(t, m["rid"], sender, key if isinstance(key, bytes) else b"", rec)
 
 
-def decode_response(data: bytes) -> Response:
+def decode_response(data: bytes, work_bits: int = 0) -> Response:
+    """The response in `data`; InvalidMessage if anything is off. A node that names a contact without
+    `work_bits` of identity work is not honest (it could not have learnt it from one): the whole answer
+    is dropped, not only that contact."""
     m = _unpack(data)
     if m.get("t") != RESPONSE:
         raise InvalidMessage("DHT response has the wrong type; dropped")
@@ -154,4 +164,6 @@ def decode_response(data: bytes) -> Response:
         raise InvalidMessage("DHT response lists are malformed; dropped")
     rec = _record(m["rec"]) if m.get("rec") is not None else None
     ok = m.get("ok", True)
-    return Response(m["rid"], [_contact(c) for c in nodes], rec, [_record(r) for r in provs], ok is True)
+    return Response(
+        m["rid"], [_contact(c, work_bits) for c in nodes], rec, [_record(r) for r in provs], ok is True
+    )

@@ -25,15 +25,17 @@ REFRESH_S = 3600.0  # bucket refresh interval, the paper's hour (section 2.3)
 
 @dataclass(frozen=True, slots=True)
 class Contact:
-    """A peer as the DHT knows it: its peer id, the addresses it says it listens on, and its node id."""
+    """A peer as the DHT knows it: its peer id, the addresses it says it listens on, the nonce that proves
+    its identity work, and its node id (derived from the last two: `keys.node_id`)."""
 
     peer_id: bytes
     addrs: tuple[str, ...] = ()
     id: int = field(default=0, compare=False, hash=False)
+    work: int = field(default=0, compare=False, hash=False)
 
     @staticmethod
-    def of(peer_id: bytes, addrs: tuple[str, ...] | list[str] = ()) -> "Contact":
-        return Contact(bytes(peer_id), tuple(addrs)[:MAX_ADDRS], as_int(node_id(peer_id)))
+    def of(peer_id: bytes, addrs: tuple[str, ...] | list[str] = (), work: int = 0) -> "Contact":
+        return Contact(bytes(peer_id), tuple(addrs)[:MAX_ADDRS], as_int(node_id(peer_id, work)), work)
 
 
 @dataclass(slots=True)
@@ -48,9 +50,9 @@ class _Bucket:
 class RoutingTable:
     """256 k-buckets indexed by the length of the XOR distance to our own id."""
 
-    def __init__(self, own_peer_id: bytes, k: int = K) -> None:
+    def __init__(self, own_peer_id: bytes, k: int = K, own_work: int = 0) -> None:
         self.own_peer_id = own_peer_id
-        self.own = as_int(node_id(own_peer_id))
+        self.own = as_int(node_id(own_peer_id, own_work))
         self.k = k
         self._buckets = [_Bucket() for _ in range(KEY_BITS)]
         self._all: dict[int, Contact] = {}  # every live contact, flat: `closest` is the hot path

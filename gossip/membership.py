@@ -24,8 +24,8 @@ import msgpack
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from shoal.gossip.admission import MAX_TOKEN_BYTES, Admission
-from shoal.gossip.identity_work import meets
 from shoal.transport.identity import PeerID, PublicKey, peer_id_from_key
+from shoal.transport.identity_work import meets
 
 # A table from the network larger than this is refused whole: far above any run we expect, far below
 # what would hurt to hold.
@@ -57,7 +57,7 @@ class MembershipEntry:
     signed_at_ms: int = 0  # the member's wall clock when it signed this entry
     signature: bytes = b""
     token: bytes | None = None  # its join token (gossip/admission.py), in a closed run
-    work: int = 0  # the nonce that proves its identity's work (gossip/identity_work.py)
+    work: int = 0  # the nonce that proves its identity's work (transport/identity_work.py)
 
     @property
     def addr(self) -> str:

@@ -39,9 +39,9 @@ import msgpack
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from shoal.gossip.admission import Admission
-from shoal.gossip.identity_work import meets
 from shoal.gossip.membership import MembershipEntry, _as_tuple, _bounded_int, _parse_entry
 from shoal.transport.identity import PeerID, PublicKey, peer_id_from_key
+from shoal.transport.identity_work import meets
 
 PERIOD_S = 1.0
 PROBE_TIMEOUT_S = 0.5  # the caller calls probe_timeout() this long into a period

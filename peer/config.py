@@ -17,8 +17,8 @@ from typing import Any
 
 from shoal.errors import ShoalError
 from shoal.gossip.admission import TokenError, from_text
-from shoal.gossip.identity_work import MAX_BITS
 from shoal.peer.worker.presets import PRESETS
+from shoal.transport.identity_work import MAX_BITS
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -44,7 +44,7 @@ class PeerConfig:
     # token `peer token` printed for them. Open runs (neither) take any peer.
     closed: bool = False
     token: str | None = None
-    # Bits of identity work (gossip/identity_work.py) every member proves, the same in the whole run: a
+    # Bits of identity work (transport/identity_work.py) every member proves, the same in the whole run: a
     # volunteer pays about 2^bits hashes once per key (20: a second or two), an attacker per identity.
     identity_bits: int = 20
     rounds: int | None = None  # stop after this many outer rounds; None: train until stopped

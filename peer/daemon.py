@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+from shoal.dht.keys import DHT_WORK_BITS
 from shoal.dht.node import DHTNode
 from shoal.errors import ShoalError
 from shoal.gossip.membership import MAX_ADDRS, Membership
@@ -200,18 +201,19 @@ class Daemon:
             )
             self.reach = await PeerReach.start(self.host, self.config, self.address, stack)
             self.swap.reach = self.reach  # measured path rates set the rounds' deadlines
-            self.dht = await DHTNode.on_host(
-                self.host, self.key, bootstrap=list(self.config.bootstrap),
-                table_path=self.state_dir / DHT_TABLE_FILE, addrs=self.reach.dht_addrs(),
-                reach=self.reach.connect,
-            )  # fmt: skip
-            stack.push_async_callback(self.dht.close)
-            loop = asyncio.get_running_loop()
+            # One nonce proves the run's identity work and the DHT's (which places the node by it).
             work = await prove_identity(
-                self.state_dir, self.peer_id, self.config.identity_bits, self.stopping
+                self.state_dir, self.peer_id, max(self.config.identity_bits, DHT_WORK_BITS), self.stopping
             )
             if work is None:
                 return 0  # stopped while proving its identity
+            self.dht = await DHTNode.on_host(
+                self.host, self.key, bootstrap=list(self.config.bootstrap),
+                table_path=self.state_dir / DHT_TABLE_FILE, addrs=self.reach.dht_addrs(),
+                reach=self.reach.connect, work=work,
+            )  # fmt: skip
+            stack.push_async_callback(self.dht.close)
+            loop = asyncio.get_running_loop()
             self.membership = Membership(
                 self.key,
                 self.config.run_id,

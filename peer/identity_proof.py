@@ -1,4 +1,4 @@
-"""This peer's proof of identity work (gossip/identity_work.py): mined once per key, kept beside the key."""
+"""This peer's proof of identity work (transport/identity_work.py): mined once per key, kept beside it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import Path
 
-from shoal.gossip.identity_work import meets, mine
+from shoal.transport.identity_work import meets, mine
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shoal.dht.errors import DHTError
+from shoal.dht.keys import DHT_WORK_BITS
 from shoal.dht.node import MAX_INBOUND_PER_PEER, DHTNode
 from shoal.dht.protocol import PING, PROTOCOL_ID, STORE
 from shoal.dht.records import Record
 from shoal.transport.host import Host
-from shoal.transport.identity import PeerID
+from shoal.transport.identity import PeerID, b58encode
+from shoal.transport.identity_work import meets, mine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -114,18 +116,24 @@ def test_hostile_bytes_and_unsigned_records_are_refused_logged_and_never_stored(
             # 2. Garbage msgpack: the node hangs up.
             assert await exchange(b"\xc1\xc1\xc1") is None
             me = PeerID.from_public_key(attacker_key.public_key()).multihash
+            work = mine(b58encode(me), DHT_WORK_BITS)
             # 3. A STORE whose record's signature is zeros: answered "not stored".
             good = Record.value_record(attacker_key, b"n", b"v", 1, time.time() + 600)
             forged = [*good.to_wire()[:8], bytes(64)]
             answer = await exchange(
                 msgpack.packb(
-                    {"v": 1, "t": STORE, "rid": 5, "from": [me, []], "rec": forged}, use_bin_type=True
+                    {"v": 2, "t": STORE, "rid": 5, "from": [me, [], work], "rec": forged}, use_bin_type=True
                 )
             )
             assert answer is not None and answer["rid"] == 5 and answer["ok"] is False
             # 4. A request that claims to come from another peer than the connection proved: hung up on.
-            spoof = {"v": 1, "t": STORE, "rid": 6, "from": [nodes[1].peer_id, []], "rec": good.to_wire()}
+            other = [nodes[1].peer_id, [], nodes[1].core.work]
+            spoof = {"v": 2, "t": STORE, "rid": 6, "from": other, "rec": good.to_wire()}
             assert await exchange(msgpack.packb(spoof, use_bin_type=True)) is None
+            # 5. A request from an identity that never proved the DHT's work: hung up on, nothing stored.
+            lazy = next(n for n in range(1 << 20) if not meets(b58encode(me), n, DHT_WORK_BITS))
+            unworked = {"v": 2, "t": STORE, "rid": 7, "from": [me, [], lazy], "rec": good.to_wire()}
+            assert await exchange(msgpack.packb(unworked, use_bin_type=True)) is None
             assert len(target.core.store) == 0
             # The node still serves honest peers afterwards.
             await nodes[1].put(b"after", b"ok")

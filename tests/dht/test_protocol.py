@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from shoal.dht.core import DHTCore
 from shoal.dht.errors import InvalidMessage
-from shoal.dht.keys import run_key
+from shoal.dht.keys import as_int, node_id, run_key
 from shoal.dht.protocol import (
     ADD_PROVIDER,
     FIND_NODE,
@@ -27,6 +27,8 @@ from shoal.dht.protocol import (
 )
 from shoal.dht.records import Record
 from shoal.dht.routing import Contact
+from shoal.transport.identity import b58encode
+from shoal.transport.identity_work import meets, mine
 
 NOW = 1_000_000.0
 
@@ -44,17 +46,55 @@ def test_requests_and_responses_roundtrip() -> None:
     assert decode_response(encode_response(resp)) == resp
 
 
+def worked_contact(bits: int) -> Contact:
+    peer = os.urandom(32)
+    work = mine(b58encode(peer), bits)
+    assert work is not None
+    return Contact.of(peer, ["/ip4/127.0.0.1/tcp/9"], work)
+
+
+def test_contacts_without_the_networks_identity_work_are_refused() -> None:
+    worked = worked_contact(12)
+    lazy = next(c for c in (me() for _ in range(100)) if not meets(b58encode(c.peer_id), 0, 12))
+    assert decode_request(encode_request(Request(FIND_NODE, 1, worked, bytes(32))), 12).sender == worked
+    with pytest.raises(InvalidMessage, match="12 bits of identity work"):
+        decode_request(encode_request(Request(FIND_NODE, 1, lazy, bytes(32))), 12)
+    # One unworked contact in an answer drops the whole answer: an honest node never learnt it.
+    assert decode_response(encode_response(Response(1, [worked, worked])), 12).nodes == [worked, worked]
+    with pytest.raises(InvalidMessage, match="identity work"):
+        decode_response(encode_response(Response(1, [worked, lazy])), 12)
+
+
+def test_a_node_id_comes_from_the_work_so_a_new_nonce_moves_the_node() -> None:
+    c = worked_contact(4)
+    assert c.id == as_int(node_id(c.peer_id, c.work))
+    # Another nonce for the same key lands elsewhere: where a node sits is bound to work proven for it,
+    # so choosing a spot near a key means mining proofs until one lands there, not only generating keys.
+    assert node_id(c.peer_id, c.work) != node_id(c.peer_id, c.work + 1)
+    assert node_id(c.peer_id, c.work) != node_id(c.peer_id, 0) or c.work == 0
+
+
 @pytest.mark.parametrize(
     "msg",
     [
-        {"v": 2, "t": FIND_NODE, "rid": 1, "from": [b"p", []], "key": bytes(32)},  # unknown version
-        {"v": 1, "t": 99, "rid": 1, "from": [b"p", []]},  # unknown type
-        {"v": 1, "t": FIND_NODE, "rid": -1, "from": [b"p", []], "key": bytes(32)},  # bad rid
-        {"v": 1, "t": FIND_NODE, "rid": 1, "from": [b"p", []], "key": b"short"},  # bad key
-        {"v": 1, "t": FIND_NODE, "rid": 1, "from": [b"", []], "key": bytes(32)},  # empty peer id
-        {"v": 1, "t": FIND_NODE, "rid": 1, "from": [b"p", [1, 2]], "key": bytes(32)},  # addrs not str
-        {"v": 1, "t": STORE, "rid": 1, "from": [b"p", []]},  # store without record
-        {"v": 1, "t": STORE, "rid": 1, "from": [b"p", []], "rec": [1, 2, 3]},  # malformed record
+        {"v": 1, "t": FIND_NODE, "rid": 1, "from": [b"p", [], 0], "key": bytes(32)},  # an old version
+        {"v": 2, "t": 99, "rid": 1, "from": [b"p", [], 0]},  # unknown type
+        {"v": 2, "t": FIND_NODE, "rid": -1, "from": [b"p", [], 0], "key": bytes(32)},  # bad rid
+        {"v": 2, "t": FIND_NODE, "rid": 1, "from": [b"p", [], 0], "key": b"short"},  # bad key
+        {"v": 2, "t": FIND_NODE, "rid": 1, "from": [b"", [], 0], "key": bytes(32)},  # empty peer id
+        {"v": 2, "t": FIND_NODE, "rid": 1, "from": [b"p", [1, 2], 0], "key": bytes(32)},  # addrs not str
+        {
+            "v": 2,
+            "t": FIND_NODE,
+            "rid": 1,
+            "from": [b"p", []],
+            "key": bytes(32),
+        },  # no work (version 1's shape)
+        {"v": 2, "t": FIND_NODE, "rid": 1, "from": [b"p", [], -1], "key": bytes(32)},  # negative nonce
+        {"v": 2, "t": FIND_NODE, "rid": 1, "from": [b"p", [], 1.0], "key": bytes(32)},  # nonce a float
+        {"v": 2, "t": FIND_NODE, "rid": 1, "from": [b"p", [], True], "key": bytes(32)},  # nonce not an int
+        {"v": 2, "t": STORE, "rid": 1, "from": [b"p", [], 0]},  # store without record
+        {"v": 2, "t": STORE, "rid": 1, "from": [b"p", [], 0], "rec": [1, 2, 3]},  # malformed record
         [1, 2, 3],  # not a map
     ],
 )
@@ -69,7 +109,7 @@ def test_oversized_and_bomb_messages_are_refused_before_allocation() -> None:
     # A 5-byte header claiming a 4 GiB array: msgpack's limits refuse it without allocating.
     with pytest.raises(InvalidMessage):
         decode_request(b"\xdd\xff\xff\xff\xff")
-    huge_list = {"v": 1, "t": FIND_NODE, "rid": 1, "from": [b"p", ["/a"] * 1000], "key": bytes(32)}
+    huge_list = {"v": 2, "t": FIND_NODE, "rid": 1, "from": [b"p", ["/a"] * 1000, 0], "key": bytes(32)}
     with pytest.raises(InvalidMessage):
         decode_request(msgpack.packb(huge_list))
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from shoal.gossip.identity_work import meets, mine
 from shoal.gossip.membership import Membership
 from shoal.transport.identity import generate_key, peer_id_from_key
+from shoal.transport.identity_work import meets, mine
 
 BITS = 10
 

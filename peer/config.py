@@ -63,6 +63,9 @@ class PeerConfig:
     threads: int = 0  # torch CPU threads in the worker; 0: torch's default
     # The outer method (gossip/outer): "default" is the one bench/convergence chose; its tuned values apply.
     method: str = "default"
+    # Train the next round while this one is swapped (peer/worker/overlap.py): no training time lost to the
+    # link or the outer step, for the partner's part of each step landing one round late.
+    overlap: bool = False
     # Network
     exchange_timeout: float = 30.0  # seconds a peer waits for its partner in one round
     gossip_interval: float = 1.0
@@ -140,7 +143,7 @@ class PeerConfig:
         """The fields the training worker needs, as plain values for the control channel."""
         names = (
             *("model", "inner_steps", "batch_size", "lr", "warmup_steps", "total_steps", "weight_decay"),
-            *("eval_windows", "seed", "threads", "method", "data", "rounds", "behave"),
+            *("eval_windows", "seed", "threads", "method", "data", "rounds", "behave", "overlap"),
         )
         values = {name: getattr(self, name) for name in names}
         if self.behave in DAEMON_BEHAVIOURS:  # the daemon plays it; the worker trains as usual

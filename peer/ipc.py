@@ -98,12 +98,20 @@ class SharedBuffer:
                 self.segment.unlink()
 
 
+ANSWERS = ("partner", "skip")  # the daemon's answers to a worker's `payload`
+
+
 class ControlChannel:
     """Blocking framed msgpack over two pipes; the worker's side of the control channel."""
 
     def __init__(self, reader: BinaryIO, writer: BinaryIO):
         self.reader = reader
         self.writer = writer
+        # An overlapped worker trains while its daemon swaps: the swap's answer (`partner` or `skip`) may
+        # then arrive between two inner steps, where stops are looked for; it is held here for the worker.
+        self.expecting_answer = False
+        self.held: dict[str, Any] | None = None
+        self._stop_seen = False
 
     @classmethod
     def from_stdio(cls) -> ControlChannel:
@@ -117,7 +125,14 @@ class ControlChannel:
         self.writer.write(encode_message(message))
 
     def receive(self) -> dict[str, Any] | None:
-        """The next message, or None when the daemon closed the channel."""
+        """The next message (an answer held by `stop_requested` first), or None when the daemon closed the
+        channel."""
+        if self.held is not None:
+            held, self.held = self.held, None
+            return held
+        return self._read()
+
+    def _read(self) -> dict[str, Any] | None:
         prefix = self._read_exactly(LENGTH_PREFIX.size)
         if prefix is None:
             return None
@@ -130,14 +145,28 @@ class ControlChannel:
 
     def stop_requested(self) -> bool:
         """Between inner steps: has the daemon asked us to stop, or gone? Never blocks. While the worker
-        trains, the daemon sends nothing but `stop`, so anything readable here is that (or the end)."""
+        trains, the daemon sends nothing but `stop` and, when `expecting_answer` (an overlapped round is
+        being swapped), that round's answer, held for `receive`; anything else breaks the protocol."""
+        if self._stop_seen:
+            return True
         readable, _, _ = select.select([self.reader], [], [], 0)
         if not readable:
             return False
-        message = self.receive()
+        message = self._read()
+        if message is not None and message.get("type") in ANSWERS and self.expecting_answer:
+            self.held, self.expecting_answer = message, False
+            return False
         if message is not None and message.get("type") != "stop":
             raise MessageError(f"the daemon sent {message.get('type')!r} while the worker was training")
+        self._stop_seen = True
         return True
+
+    def answer_ready(self) -> bool:
+        """An overlapped worker between inner steps: is the swap's answer here? Never blocks; a stop read
+        meanwhile is kept (`stop_requested` says so next)."""
+        if self.held is None and self.expecting_answer:
+            self.stop_requested()
+        return self.held is not None
 
     def _read_exactly(self, n: int) -> bytes | None:
         chunks, remaining = [], n

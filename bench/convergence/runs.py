@@ -190,6 +190,45 @@ def exchange_pairs(
     return skipped
 
 
+@dataclass
+class Pending:
+    """An overlapped round: the states before it, its messages and pairs, and the φ each peer trained from."""
+
+    saved: list[tuple]
+    messages: list[bytes]
+    partners: list[int | None]
+    alone: list[dict[str, torch.Tensor]]
+
+
+def step_alone(
+    outer: OuterConfig, states: list[OuterState], messages: list[bytes], partners: list[int | None]
+) -> Pending:
+    """Overlap: every peer steps with its own message only (what it can do before the partner's arrives)
+    and trains the next round from there; the exchange is settled a round later (`settle`)."""
+    saved = [_snapshot(s) for s in states]
+    for i in range(len(states)):
+        outer_step(outer, states[i], messages[i], [])
+    return Pending(saved, messages, partners, [s.slow for s in states])
+
+
+@torch.no_grad()
+def settle(outer: OuterConfig, reps: Replicas, states: list[OuterState], pending: Pending | None) -> int:
+    """The overlapped round's real outer step (with the partner's message, as `exchange_pairs`), and its
+    difference from the step taken alone added to the fast weights trained meanwhile. Skipped pairs."""
+    if pending is None:
+        return 0
+    alone = [s.slow for s in states]
+    assert all(a is b for a, b in zip(alone, pending.alone, strict=True)), "settled out of order"
+    for state, before in zip(states, pending.saved, strict=True):
+        _restore(state, before)
+    skipped = exchange_pairs(outer, states, pending.messages, pending.partners)
+    for name, p in reps.params.items():
+        pairs = zip(states, alone, strict=True)
+        fix = torch.stack([s.slow[name].float() - a[name].float() for s, a in pairs])
+        p.add_(fix.to(p.dtype))
+    return skipped
+
+
 def run_outer(
     name: str,
     cfg: SimConfig,
@@ -213,10 +252,13 @@ def run_outer(
     message_bits = 0.0
     curve = []
     step = 0
+    pending: Pending | None = None  # overlap: the last round's exchange, whose partner part is still due
     for t in range(cfg.outer_steps):
         for _ in range(cfg.inner_steps):
             reps.inner_step(lr_at(cfg, step, cfg.total_steps), batches.x[step], batches.y[step])
             step += 1
+        skipped += settle(outer, reps, states, pending)  # overlap: last round's partner part, before θ goes
+        pending = None
         fast = [reps.replica(i) for i in range(r)]
         messages = [make_message(outer, states[i], fast[i]) for i in range(r)]
         sizes = [wire_bytes(outer, m) for m in messages]
@@ -236,7 +278,10 @@ def run_outer(
                     stats.worst_round_flagged,
                     (stats.flagged - flagged_before) / (stats.values - values_before),
                 )
-            skipped += exchange_pairs(outer, states, messages, partners)
+            if outer.overlap:
+                pending = step_alone(outer, states, messages, partners)
+            else:
+                skipped += exchange_pairs(outer, states, messages, partners)
         else:
             if topology == "all":
                 for i in range(r):
@@ -257,6 +302,10 @@ def run_outer(
                 outer_step(outer, states[i], messages[i], received[i])
         stacked = _stack([s.slow for s in states])
         reps.load(stacked)
+        if pending is not None and t + 1 == cfg.outer_steps:  # the last round's partner part lands too
+            skipped += settle(outer, reps, states, pending)
+            pending = None
+            stacked = _stack([s.slow for s in states])
         if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.outer_steps:
             _guard(deadline)
             curve.append(_point(reps, stacked, batches, step * cfg.tokens_per_step, sent_total))

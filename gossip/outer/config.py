@@ -52,6 +52,10 @@ class OuterConfig:
     # (OuterState.drift); 0 sizes the step from the own update alone.
     lattice_drift: float = 0.0
     gossip_ttl: int = 6  # V-A (research): rounds a message is kept for relaying
+    # Pairwise methods: the next round trains from this peer's own outer step while the exchange runs, and
+    # the partner's part of the step reaches the fast weights one round late (bench.convergence measures
+    # what that costs; the live worker does not do it yet).
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in MODULES:

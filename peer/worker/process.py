@@ -32,11 +32,13 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from shoal.errors import ShoalError
 from shoal.gossip.rounds import payload as dense
 from shoal.peer import logs
 from shoal.peer.ipc import ControlChannel, SharedBuffer
+from shoal.peer.worker import overlap
 from shoal.peer.worker.checkpoints import CheckpointWriter, resume
 from shoal.peer.worker.snapshots import write_snapshot
 from shoal.peer.worker.train import Interrupted, Trainer, TrainSettings
@@ -111,72 +113,134 @@ def _train(
     writer: CheckpointWriter,
 ) -> int:
     settings = trainer.settings
-    while settings.rounds is None or trainer.round < settings.rounds:
-        number = trainer.round + 1
-        losses: list[float] = []
-        last_report = time.monotonic()
-        while trainer.round_steps < settings.inner_steps:  # fewer in a round resumed from a mid-round stop
-            losses.append(trainer.train_step())  # raises Interrupted on a stop request
-            if time.monotonic() - last_report > PROGRESS_EVERY_S:
-                last_report = time.monotonic()
-                channel.send(
-                    {
-                        "type": "progress",
-                        "round": number,
-                        "inner_step": trainer.inner_step,
-                        "train_loss": losses[-1],
-                    }
-                )
-        own = trainer.message()
-        nbytes = outbound.write(trainer.outgoing(own))
-        channel.send(
-            {
-                "type": "payload",
-                "round": number,
-                "nbytes": nbytes,
-                "inner_step": trainer.inner_step,
-                "train_loss": sum(losses) / len(losses) if losses else None,
-            }
-        )
-        # While the daemon swaps, nothing changes the inner optimizer: its state goes to disk now, as it is,
-        # for this round's checkpoint (no copy of it held while the next round trains).
-        optimizer_file = writer.write_optimizer(trainer.optimizer.state_dict())
-        reply = channel.receive()
-        if reply is None or reply.get("type") == "stop":
-            # The message is made (sparse methods folded it into their error feedback): end the round as
-            # one without a partner, as a skip would, so that the checkpoint holds a whole outer state.
-            trainer.outer_step(own, None)
-            log.info("stopping after round %d, ended without a partner", trainer.round)
-            return _stop(channel, trainer, writer, optimizer_file)
-        # The daemon may move us to the run's round when we joined late or fell behind.
-        number = max(number, int(reply.get("round", number)))
-        partner = inbound.read(int(reply["nbytes"])) if reply.get("type") == "partner" else None
-        trainer.round = number - 1
-        trainer.inner_step = max(trainer.inner_step, number * settings.inner_steps)  # the run's schedule
-        partner_id = reply.get("peer") if isinstance(reply.get("peer"), str) else None
-        excluded_before = set(trainer.guard.excluded) if trainer.guard is not None else set()
-        outcome = trainer.outer_step(own, partner, partner_id)
-        # Every round, written while the next round trains; before anything is sent, so that a daemon
-        # that dies now (a broken pipe below) still leaves this round saved.
-        writer.write(trainer.state_dict(optimizer_file))
-        if outcome.startswith("partner message refused"):
-            log.warning("round %d: %s", number, outcome)
-        if trainer.verdict is not None and partner_id is not None:
-            channel.send(_verdict_message(trainer, number, partner_id, excluded_before))
-        path, nbytes, sha256 = write_snapshot(writer.path.parent, trainer.round, trainer.slow_chunks())
-        channel.send(
-            {
-                "type": "snapshot",
-                "round": trainer.round,
-                "path": str(path),
-                "nbytes": nbytes,
-                "sha256": sha256,
-            }
-        )
-        channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate()})
+    pending: overlap.Overlap | None = None  # --overlap: the round being swapped while this one trains
+    pending_number = 0
+    try:
+        while settings.rounds is None or trainer.round < settings.rounds:
+            number = trainer.round + 1
+            losses: list[float] = []
+            last_report = time.monotonic()
+            while (
+                trainer.round_steps < settings.inner_steps
+            ):  # fewer in a round resumed from a mid-round stop
+                losses.append(trainer.train_step())  # raises Interrupted on a stop request
+                if pending is not None and channel.answer_ready():
+                    _settle(channel, trainer, inbound, writer, pending, pending_number)
+                    pending = None
+                if time.monotonic() - last_report > PROGRESS_EVERY_S:
+                    last_report = time.monotonic()
+                    channel.send(
+                        {
+                            "type": "progress",
+                            "round": number,
+                            "inner_step": trainer.inner_step,
+                            "train_loss": losses[-1],
+                        }
+                    )
+            if pending is not None:  # the round trained faster than the last one swapped: wait for it
+                _settle(channel, trainer, inbound, writer, pending, pending_number)
+                pending = None
+            own = trainer.message()
+            nbytes = outbound.write(trainer.outgoing(own))
+            channel.send(
+                {
+                    "type": "payload",
+                    "round": number,
+                    "nbytes": nbytes,
+                    "inner_step": trainer.inner_step,
+                    "train_loss": sum(losses) / len(losses) if losses else None,
+                }
+            )
+            # While the daemon swaps, nothing changes the inner optimizer: its state goes to disk now, as it
+            # is, for this round's checkpoint (no copy of it held while the next round trains).
+            optimizer_file = writer.write_optimizer(trainer.optimizer.state_dict())
+            if settings.overlap and (settings.rounds is None or number < settings.rounds):
+                pending, pending_number = overlap.begin(trainer, own, optimizer_file), number
+                channel.expecting_answer = True
+                continue
+            reply = channel.receive()
+            if reply is None or reply.get("type") == "stop":
+                # The message is made (sparse methods folded it into their error feedback): end the round as
+                # one without a partner, as a skip would, so that the checkpoint holds a whole outer state.
+                trainer.outer_step(own, None)
+                log.info("stopping after round %d, ended without a partner", trainer.round)
+                return _stop(channel, trainer, writer, optimizer_file)
+            # The daemon may move us to the run's round when we joined late or fell behind.
+            number = max(number, int(reply.get("round", number)))
+            partner = inbound.read(int(reply["nbytes"])) if reply.get("type") == "partner" else None
+            trainer.round = number - 1
+            trainer.inner_step = max(trainer.inner_step, number * settings.inner_steps)  # the run's schedule
+            partner_id = reply.get("peer") if isinstance(reply.get("peer"), str) else None
+            excluded_before = set(trainer.guard.excluded) if trainer.guard is not None else set()
+            outcome = trainer.outer_step(own, partner, partner_id)
+            # Every round, written while the next round trains; before anything is sent, so that a daemon
+            # that dies now (a broken pipe below) still leaves this round saved.
+            writer.write(trainer.state_dict(optimizer_file))
+            _after_step(channel, trainer, writer, number, outcome, partner_id, excluded_before)
+    except Interrupted:
+        if pending is None:
+            raise
+        # Stopped before the swap's answer: the round ends as one without a partner, as without overlap.
+        overlap.abandon(trainer, pending)
+        log.info("stopping after round %d, ended without a partner (overlapped)", trainer.round)
+        return _stop(channel, trainer, writer, pending.optimizer_file)
     writer.wait()  # the last round's checkpoint is the final one
     channel.send({"type": "done", "round": trainer.round, "checkpoint": str(writer.path)})
     return 0
+
+
+def _settle(
+    channel: ControlChannel,
+    trainer: Trainer,
+    inbound: SharedBuffer,
+    writer: CheckpointWriter,
+    pending: overlap.Overlap,
+    number: int,
+) -> None:
+    """An overlapped round's answer is in (or awaited now): its real outer step, its checkpoint and its
+    reports, as `_train` does for a round without overlap. A stop instead of the answer raises Interrupted."""
+    reply = channel.receive()
+    channel.expecting_answer = False
+    if reply is None or reply.get("type") == "stop":
+        raise Interrupted("stopped while the round was being swapped")
+    number = max(number, int(reply.get("round", number)))
+    partner = inbound.read(int(reply["nbytes"])) if reply.get("type") == "partner" else None
+    partner_id = reply.get("peer") if isinstance(reply.get("peer"), str) else None
+    excluded_before = set(trainer.guard.excluded) if trainer.guard is not None else set()
+    outcome = overlap.settle(trainer, pending, number, partner, partner_id)
+    writer.write(overlap.round_start_state(trainer, pending))
+    # How far the next round trained before this one's answer came: what overlap saved of the swap's time.
+    ahead = {"overlapped_steps": trainer.round_steps}
+    _after_step(channel, trainer, writer, number, outcome, partner_id, excluded_before, ahead)
+
+
+def _after_step(
+    channel: ControlChannel,
+    trainer: Trainer,
+    writer: CheckpointWriter,
+    number: int,
+    outcome: str,
+    partner_id: str | None,
+    excluded_before: set[str],
+    about: dict[str, Any] | None = None,
+) -> None:
+    """What follows a round's outer step: its verdict, the snapshot a joiner may fetch, the evaluation
+    (with `about`'s fields)."""
+    if outcome.startswith("partner message refused"):
+        log.warning("round %d: %s", number, outcome)
+    if trainer.verdict is not None and partner_id is not None:
+        channel.send(_verdict_message(trainer, number, partner_id, excluded_before))
+    path, nbytes, sha256 = write_snapshot(writer.path.parent, trainer.round, trainer.slow_chunks())
+    channel.send(
+        {
+            "type": "snapshot",
+            "round": trainer.round,
+            "path": str(path),
+            "nbytes": nbytes,
+            "sha256": sha256,
+        }
+    )
+    channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate(), **(about or {})})
 
 
 def _verdict_message(trainer: Trainer, number: int, peer: str, excluded_before: set[str]) -> dict:

@@ -79,6 +79,9 @@ class TrainSettings:
     init_seed: int  # the model's initial weights: the same for every peer of a run
     data_seed: int  # this peer's batch order
     peer_id: str
+    # Train the next round while the daemon swaps this one (peer/worker/overlap.py): the partner's part of
+    # the outer step reaches the fast weights one round late.
+    overlap: bool = False
     # Test-only: the hostile behaviour this worker plays (gossip/outer/byzantine.py ATTACKS), for the live
     # Byzantine benchmark; None for every real peer.
     behave: str | None = None
@@ -272,7 +275,7 @@ class Trainer:
         fresh = dict(zip(self.names, flat.split([p.numel() for p in self.model.parameters()]), strict=True))
         shaped = {name: fresh[name].view_as(param) for name, param in self.model.named_parameters()}
         self.outer = OuterState.fresh(self.settings.peer_id, shaped, round_, self.error_feedback)
-        self._load(self.slow)
+        self.load_weights(self.slow)
         self.inner_step = max(self.inner_step, round_ * self.settings.inner_steps)
         # A resumed peer that fell behind drops its own round under way (its fast weights are replaced);
         # it keeps AdamW's moments: per-parameter gradient scales that change slowly over a few rounds,
@@ -305,10 +308,21 @@ class Trainer:
         The partner's message is validated in full, then judged by the guard (when `partner_id` names the
         partner), before anything changes: refused, the round proceeds as one without a partner and the
         reason is returned; clipped, its pull is down-weighted. `self.verdict` keeps the guard's verdict."""
+        outcome = self.step_outer(own, partner, partner_id, self.fast())
+        self.load_weights(self.slow)
+        self.round_steps = 0
+        return outcome
+
+    @torch.no_grad()
+    def step_outer(
+        self, own: bytes, partner: bytes | None, partner_id: str | None, fast: dict[str, torch.Tensor]
+    ) -> str:
+        """`outer_step` without loading the new φ into the model: `fast` are this round's fast weights (the
+        guard compares the partner's with them), which an overlapped round keeps aside (worker/overlap.py)."""
         outcome = "swapped" if partner is not None else "alone"
         self.verdict, weight = None, 1.0
         if partner is not None and self.guard is not None and partner_id is not None:
-            self.verdict = self._judge(own, partner, partner_id)
+            self.verdict = self._judge(own, partner, partner_id, fast)
             weight = self.verdict.weight
             if self.verdict.action == REFUSE:
                 outcome = f"partner message refused by the guard: {self.verdict.reason}"
@@ -322,14 +336,11 @@ class Trainer:
         except OuterError as error:
             outcome = f"partner message refused by the worker: {error}"
             outer_step(self.outer_config, self.outer, own, [])
-        self._load(self.slow)
-        self.round_steps = 0
         return outcome
 
-    def _judge(self, own: bytes, partner: bytes, partner_id: str) -> Verdict:
+    def _judge(self, own: bytes, partner: bytes, partner_id: str, fast: dict[str, torch.Tensor]) -> Verdict:
         """The guard's verdict on the partner's message (self.round: the rounds finished before this one)."""
         assert self.guard is not None
-        fast = self.fast()
         try:
             message, theta_p, wrapped = partner_fast(self.outer_config, self.outer, own, partner, fast)
         except OuterMessageError as error:
@@ -340,14 +351,14 @@ class Trainer:
         # finished: judged as this round's. Out of range is another round's message: refused, no strike.
         if not self.round - MAX_ROUND_LAG <= message.round <= self.round:
             return Verdict(REFUSE, 0.0, f"round {message.round}, not this round's ({self.round})", {})
-        probe = self._probe(theta_p)
+        probe = self._probe(fast, theta_p)
         this_round = replace(message, round=self.round)  # the digest ignores the header
         return self.guard.judge(
             self.round, partner_id, this_round, self.outer.slow, fast, theta_p, wrapped, probe
         )
 
     @torch.no_grad()
-    def _probe(self, partner: dict[str, torch.Tensor]) -> Probe:
+    def _probe(self, own: dict[str, torch.Tensor], partner: dict[str, torch.Tensor]) -> Probe:
         """Loss of φ, of our θ and of the partner's θ on PROBE_WINDOWS fixed windows of our own shard (a
         cheap Gauntlet). Short and not interruptible: a stop waits for it, as for the outer step."""
         self.model.eval()
@@ -355,19 +366,18 @@ class Trainer:
         try:
             x, y = self.probe_x.to(self.device), self.probe_y.to(self.device)
 
-            def loss(weights: dict[str, torch.Tensor] | None) -> float:
+            def loss(weights: dict[str, torch.Tensor]) -> float:
                 with self._autocast():
-                    if weights is None:
-                        return float(self.model(x, y)[1])
                     on_device = {n: t.to(self.device) for n, t in weights.items()}
                     return float(torch.func.functional_call(self.model, on_device, (x, y))[1])
 
-            return Probe(slow=loss(self.outer.slow), own=loss(None), partner=loss(partner))
+            return Probe(slow=loss(self.outer.slow), own=loss(own), partner=loss(partner))
         finally:
             self.should_stop = polling
 
     @torch.no_grad()
-    def _load(self, weights: list[torch.Tensor]) -> None:
+    def load_weights(self, weights: list[torch.Tensor]) -> None:
+        """The model's weights ← `weights` (model order), copied in place."""
         for p, w in zip(self.model.parameters(), weights, strict=True):
             p.copy_(w)
 
@@ -413,7 +423,7 @@ class Trainer:
         except OuterError as error:
             raise CheckpointError(str(error)) from error
         with torch.no_grad():
-            self._load(state["fast"])
+            self.load_weights(state["fast"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.generator.set_state(state["sampler_rng"])
         if self.guard is not None:  # absent from checkpoints written before the guard: a fresh one

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,9 +11,10 @@ import torch
 from bench.convergence import cache
 from bench.convergence.__main__ import main, method_specs, parse_spec, pick_across, pick_at
 from bench.convergence.jobs import run_key, run_method, sim_config
-from bench.convergence.runs import exchange_pairs
-from bench.convergence.sim import Batches, initial_weights
+from bench.convergence.runs import exchange_pairs, settle, step_alone
+from bench.convergence.sim import Batches, Replicas, initial_weights
 from shoal.gossip.outer.methods import DEFAULT_METHOD, OuterConfig, OuterState, make_message, outer_step
+from shoal.gossip.outer.pairing import partner_index
 from shoal.peer.worker.data import load_stdlib_corpus
 
 KEYS = {"eval_loss", "spread", "bytes_per_peer_per_round", "bits_per_param", "peers", "skipped_pairs"}
@@ -140,3 +142,28 @@ def test_the_modules_left_out_of_the_code_version_are_not_imported_by_a_run():
     ).stdout
     for name in cache.NOT_RUN:
         assert name not in loaded, f"{name} is imported by a simulated run but left out of the code version"
+
+
+def test_an_overlapped_round_settles_to_the_exchange_it_stands_for():
+    """`default:overlap=true`: each replica trains on from its own step; once settled, φ is what the plain
+    exchange gives, and the replicas' fast weights moved by exactly the difference."""
+    cfg = sim_config("smoke", 0)
+    init = initial_weights(cfg)
+    outer = replace(OuterConfig.tuned(DEFAULT_METHOD), n_peers=cfg.replicas, overlap=True)
+    plain = [OuterState.fresh(f"{i:08d}", init) for i in range(cfg.replicas)]
+    over = [OuterState.fresh(f"{i:08d}", init) for i in range(cfg.replicas)]
+    torch.manual_seed(0)
+    fast = [{k: v + 1e-3 * torch.randn_like(v) for k, v in init.items()} for _ in range(cfg.replicas)]
+    messages = [make_message(outer, s, f) for s, f in zip(plain, fast, strict=True)]
+    partners = [partner_index(cfg.replicas, i, 0, cfg.seed) for i in range(cfg.replicas)]
+    exchange_pairs(outer, plain, messages, partners)
+    reps = Replicas(cfg, init, cfg.replicas)
+    pending = step_alone(outer, over, messages, partners)
+    alone = [dict(s.slow) for s in over]
+    before = {k: p.detach().clone() for k, p in reps.params.items()}
+    assert settle(outer, reps, over, pending) == 0
+    for i in range(cfg.replicas):
+        for name in init:
+            assert torch.equal(over[i].slow[name], plain[i].slow[name])
+            moved = reps.params[name].detach()[i] - before[name][i]
+            assert torch.allclose(moved, plain[i].slow[name] - alone[i][name], atol=1e-7)

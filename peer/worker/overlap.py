@@ -1,0 +1,117 @@
+"""Overlapped rounds (`peer join --overlap`): the next round trains while the daemon swaps this one.
+
+Without overlap the worker waits for the swap, takes its outer step and only then trains the next round, so
+the link's time and the outer step's are training time lost. With overlap, once the round's message is made
+the worker takes the outer step it could take alone (its own message, as a round without a partner does),
+loads that φ' and trains on. When the swap's answer comes (between two inner steps, or at the end of the
+next round at the latest) it takes the round's real outer step from the state it had saved, with the partner's
+message and the guard as usual, and adds the difference between the two φ to the fast weights trained
+meanwhile: the partner's part of the step lands one round late, and φ is exactly what it would have been
+without overlap. `python -m bench.convergence --methods default:overlap=true` measures what the late
+partner part costs in loss (docs/benchmarks.md).
+
+What an overlapped round keeps until it settles: the outer state before its step (its tensors, not copies:
+outer steps replace them), this round's fast weights for the guard (a copy: training goes on in the model),
+and where the inner loop stood (for a checkpoint at the round's start and for a stop before the answer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shoal.gossip.outer.methods import outer_step
+from shoal.peer.worker.train import Trainer
+
+
+@dataclass
+class Overlap:
+    """One round whose swap is still under way while the next round trains."""
+
+    own: bytes  # this round's message, as sent
+    saved: tuple  # the outer state before the round's step (see `_outer_parts`)
+    fast: dict[str, torch.Tensor]  # this round's fast weights (CPU copies), for the guard
+    alone: list[torch.Tensor]  # φ' the next round started from (own message only)
+    inner_step: int  # the inner-step count and the sampler's state at the round's end
+    sampler_rng: torch.Tensor
+    optimizer_file: str | None  # the round's inner-optimizer state on disk, for its checkpoint
+
+
+def _outer_parts(trainer: Trainer) -> tuple:
+    o = trainer.outer
+    return (o.slow, o.momentum, o.error, o.round, dict(o.drift), dict(o.counters))
+
+
+def _restore(trainer: Trainer, saved: tuple) -> None:
+    o = trainer.outer
+    o.slow, o.momentum, o.error, o.round, o.drift, o.counters = saved
+
+
+@torch.no_grad()
+def begin(trainer: Trainer, own: bytes, optimizer_file: str | None) -> Overlap:
+    """The round's step alone, φ' into the model, and what `settle` needs; the next round trains from here."""
+    fast = {name: t.clone() for name, t in trainer.fast().items()}
+    overlap = Overlap(
+        own,
+        _outer_parts(trainer),
+        fast,
+        [],
+        trainer.inner_step,
+        trainer.sampler.generator.get_state(),
+        optimizer_file,
+    )
+    outer_step(trainer.outer_config, trainer.outer, own, [])
+    overlap.alone = trainer.slow
+    trainer.load_weights(overlap.alone)
+    trainer.round_steps = 0
+    return overlap
+
+
+@torch.no_grad()
+def settle(
+    trainer: Trainer, overlap: Overlap, number: int, partner: bytes | None, partner_id: str | None
+) -> str:
+    """Round `number`'s real outer step (the daemon may have moved us to the run's round): the partner's
+    message judged and pulled toward as without overlap, or alone when the swap failed; its difference from
+    φ' goes into the fast weights. Returns the outcome."""
+    overlap.inner_step = max(overlap.inner_step, number * trainer.settings.inner_steps)  # the run's schedule
+    if partner is None:  # a skipped round: the step taken alone was the round's step
+        trainer.verdict = None
+        trainer.round = number
+        return "alone"
+    _restore(trainer, overlap.saved)
+    trainer.round = number - 1
+    outcome = trainer.step_outer(overlap.own, partner, partner_id, overlap.fast)
+    for p, new, old in zip(trainer.model.parameters(), trainer.slow, overlap.alone, strict=True):
+        p.add_((new - old).to(p.device, p.dtype))
+    return outcome
+
+
+def round_start_state(trainer: Trainer, overlap: Overlap) -> dict[str, Any]:
+    """The settled round's checkpoint: as if the next round had not begun (its inner steps are not kept; a
+    resumed peer trains that round again from the settled φ, drawing the same batches)."""
+    steps, trainer.round_steps = trainer.round_steps, 0  # so that the model's weights are not copied in
+    try:
+        state = trainer.state_dict(overlap.optimizer_file)
+    finally:
+        trainer.round_steps = steps
+    state.update(
+        inner_step=overlap.inner_step,
+        round_steps=0,
+        fast=list(trainer.slow),
+        sampler_rng=overlap.sampler_rng,
+    )
+    return state
+
+
+@torch.no_grad()
+def abandon(trainer: Trainer, overlap: Overlap) -> None:
+    """A stop before the swap's answer: the round ends as one without a partner (what φ' is), and the next
+    round's inner steps are dropped, so that a checkpoint now holds a whole round. The inner optimizer's
+    moments in memory have moved on; the checkpoint takes the round's own (`optimizer_file`)."""
+    trainer.load_weights(overlap.alone)
+    trainer.round_steps = 0
+    trainer.inner_step = overlap.inner_step
+    trainer.sampler.generator.set_state(overlap.sampler_rng)

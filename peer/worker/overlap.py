@@ -76,7 +76,9 @@ def settle(
     """Round `number`'s real outer step (the daemon may have moved us to the run's round): the partner's
     message judged and pulled toward as without overlap, or alone when the swap failed; its difference from
     φ' goes into the fast weights. Returns the outcome."""
-    overlap.inner_step = max(overlap.inner_step, number * trainer.settings.inner_steps)  # the run's schedule
+    schedule = number * trainer.settings.inner_steps  # the run's, when the daemon moved us to its round
+    overlap.inner_step = max(overlap.inner_step, schedule)
+    trainer.inner_step = max(trainer.inner_step, schedule + trainer.round_steps)
     if partner is None:  # a skipped round: the step taken alone was the round's step
         trainer.verdict = None
         trainer.round = number

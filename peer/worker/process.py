@@ -126,7 +126,7 @@ def _train(
                 losses.append(trainer.train_step())  # raises Interrupted on a stop request
                 if pending is not None and channel.answer_ready():
                     _settle(channel, trainer, inbound, writer, pending, pending_number)
-                    pending = None
+                    pending, number = None, trainer.round + 1  # the daemon may have moved us on
                 if time.monotonic() - last_report > PROGRESS_EVERY_S:
                     last_report = time.monotonic()
                     channel.send(
@@ -139,7 +139,7 @@ def _train(
                     )
             if pending is not None:  # the round trained faster than the last one swapped: wait for it
                 _settle(channel, trainer, inbound, writer, pending, pending_number)
-                pending = None
+                pending, number = None, trainer.round + 1
             own = trainer.message()
             nbytes = outbound.write(trainer.outgoing(own))
             channel.send(

@@ -29,6 +29,13 @@ peers from it: never two trees in one run, their run protocols may differ): `PYT
 PATH. Each result is labelled with its tree's commit (`+dirty` when tracked files are modified). Each
 peer's stdout events and stderr log are kept under the run directory (`--dir`, default a new one in
 /tmp). Needs root; prints why and exits 2 otherwise.
+
+Matrix mode (`--peers`, `--rates` or `--models`; `bench/link_matrix.py`, topology in
+`bench/link_topology.py`): N peers on one segment with tbf and a 50 ms RTT, per model, peer count and
+rate: rounds swapped, link and compute utilization, peak memory, against an unshaped baseline:
+
+    sudo python -m bench.link --peers 2,4 --rates 10mbit,25mbit,100mbit --rtt-ms 50 --models base \
+        --rounds 5 [--inner-steps auto|N] --json PATH
 """
 
 from __future__ import annotations
@@ -372,7 +379,7 @@ def add_ratios(result: dict[str, Any], line_rate: float, kernel_two_way: float) 
         row["ratio_vs_kernel_two_way"] = round(row["two_way_bytes_per_s"] / kernel_two_way, 3)
         both = row["bytes_a_to_b"] + row["bytes_b_to_a"]
         row["done_ratio_vs_one_way_line"] = round(both / row["done_s"] / (2 * line_rate), 3)
-    keys = ("bytes_a_to_b", "bytes_b_to_a", "transfer_s", "two_way_bytes_per_s", "stagger_s")
+    keys: tuple[str, ...] = ("bytes_a_to_b", "bytes_b_to_a", "transfer_s", "two_way_bytes_per_s", "stagger_s")
     keys += ("ratio_vs_one_way_line", "one_way_ratio", "ratio_vs_kernel_two_way", "done_s")
     keys += ("done_ratio_vs_one_way_line",)
     aligned = [row for row in swapped if row["aligned"]]
@@ -492,8 +499,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (1)")
     parser.add_argument("--exchange-timeout", type=float, default=300.0, help="the peers' (300 s)")
     parser.add_argument("--dir", default=None, help="run directory: state dirs, logs (default: a new one)")
-    parser.add_argument("--guard-s", type=int, default=WALL_CLOCK_GUARD_S, help="wall-clock guard (1200 s)")
+    parser.add_argument("--guard-s", type=int, default=None, help="wall-clock guard (1200 s; matrix: 5400 s)")
+    matrix = parser.add_argument_group("matrix mode (bench.link_matrix): N peers, rates, models")
+    matrix.add_argument("--peers", default=None, help="peer counts, a comma list (e.g. 2,4)")
+    matrix.add_argument("--rates", default=None, help="tbf rates, a comma list (e.g. 10mbit,25mbit,100mbit)")
+    matrix.add_argument("--models", default=None, help="model presets, a comma list (e.g. base,gpt2-small)")
+    matrix.add_argument("--rtt-ms", type=float, default=50.0, help="RTT between any two peers (50)")
+    matrix.add_argument(
+        "--inner-steps", default="auto", help="auto (compute ~ --compute-ratio x exchange) or N"
+    )
+    matrix.add_argument("--compute-ratio", type=float, default=2.0, help="round compute over exchange (2)")
+    matrix.add_argument("--overlap", action="store_true", help="the peers run with --overlap")
+    matrix.add_argument("--calibration-steps", type=int, default=4, help="inner steps of the calibration (4)")
+    matrix.add_argument("--calibration-rounds", type=int, default=3, help="rounds of the calibration (3)")
     args = parser.parse_args()
+    if args.peers or args.rates or args.models:
+        main_matrix(args)
+        return
+    args.guard_s = args.guard_s or WALL_CLOCK_GUARD_S
     reason = unavailable_reason()
     if reason:
         print(f"bench.link: cannot run: {reason}", file=sys.stderr)
@@ -516,6 +539,35 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as out:
             json.dump(result, out, indent=2)
+
+
+def main_matrix(args: argparse.Namespace) -> None:
+    from bench import link_matrix  # it imports this module
+
+    args.peers, args.rates, args.models = (
+        args.peers or "2",
+        args.rates or args.rate,
+        args.models or args.model,
+    )
+    if args.code:
+        raise SystemExit("bench.link: --code is for the two-peer mode only")
+    if args.inner_steps != "auto" and not args.inner_steps.isdigit():
+        raise SystemExit("bench.link: --inner-steps is auto or a positive integer")
+    reason = unavailable_reason()
+    if reason:
+        print(f"bench.link: cannot run: {reason}", file=sys.stderr)
+        sys.exit(2)
+    run_dir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="shoal-link-matrix-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"run directory (logs): {run_dir}", flush=True)
+    result = run_guarded("bench.link", args.guard_s or 5400, lambda: link_matrix.run_matrix(args, run_dir))
+    link_matrix.print_matrix(result)
+    print(f"wall {result['wall_s']} s")
+    for state in run_dir.glob("*/p*"):  # checkpoints; the logs stay
+        if state.is_dir():
+            shutil.rmtree(state, ignore_errors=True)
+    if args.json:
+        link_matrix.write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -622,6 +622,7 @@ class Daemon:
             bytes_received=report.bytes_received,
             inner_step=message.get("inner_step"),
             train_loss=message.get("train_loss"),
+            train_seconds=message.get("train_seconds"),
             seconds=round(seconds, 3),
             bits_per_param=round(8 * sent_bytes / max(1, self.parameters), 3),
         )

@@ -120,10 +120,12 @@ def _train(
             number = trainer.round + 1
             losses: list[float] = []
             last_report = time.monotonic()
-            while (
-                trainer.round_steps < settings.inner_steps
-            ):  # fewer in a round resumed from a mid-round stop
+            training = 0.0  # seconds in inner steps this round: what the round's wall time went to training
+            # (fewer steps in a round resumed from a mid-round stop)
+            while trainer.round_steps < settings.inner_steps:
+                began = time.monotonic()
                 losses.append(trainer.train_step())  # raises Interrupted on a stop request
+                training += time.monotonic() - began
                 if pending is not None and channel.answer_ready():
                     _settle(channel, trainer, inbound, writer, pending, pending_number)
                     pending, number = None, trainer.round + 1  # the daemon may have moved us on
@@ -149,6 +151,7 @@ def _train(
                     "nbytes": nbytes,
                     "inner_step": trainer.inner_step,
                     "train_loss": sum(losses) / len(losses) if losses else None,
+                    "train_seconds": round(training, 3),
                 }
             )
             # While the daemon swaps, nothing changes the inner optimizer: its state goes to disk now, as it

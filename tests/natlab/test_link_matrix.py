@@ -1,0 +1,113 @@
+"""bench.link's matrix mode, the pure parts (no root, no peers): how the inner steps are chosen and how
+the utilizations come out of the peers' events."""
+
+import pytest
+
+from bench.link_matrix import (
+    RunSpec,
+    choose_inner_steps,
+    compute_utilization,
+    pair_rows,
+    rate_bytes_per_s,
+    summarize,
+    training_windows,
+)
+
+
+def test_rates_are_read_as_tc_spells_them():
+    assert rate_bytes_per_s("10mbit") == 1.25e6
+    assert rate_bytes_per_s("500kbit") == 62_500
+    assert rate_bytes_per_s("1gbit") == 1.25e8
+    with pytest.raises(ValueError):
+        rate_bytes_per_s("10MB")
+
+
+def test_inner_steps_make_compute_about_twice_the_exchange():
+    # 5 MB each way at 10 Mbit/s is 4 s, plus two 50 ms round trips: 4.1 s; twice that over 0.5 s steps.
+    assert choose_inner_steps(0.5, 5e6, "10mbit", 50.0) == 17
+    assert choose_inner_steps(0.5, 5e6, "100mbit", 50.0) == 2  # 0.5 s exchange: 1 s of compute
+    assert choose_inner_steps(10.0, 1e3, "100mbit", 0.0) == 1  # never fewer than one
+    assert choose_inner_steps(0.5, 5e6, "10mbit", 50.0, ratio=1.0) == 9
+    with pytest.raises(ValueError):
+        choose_inner_steps(0.0, 5e6, "10mbit", 50.0)
+
+
+def _peer(peer_id, partner, rounds, train_s, swap_s, start=1000.0, outcome="swapped", sent=4_000_000):
+    """Events of one peer: an eval before round 1, then per round `train_s` of training, a swap of
+    `swap_s`, and 0.5 s of outer step, checkpoint and evaluation."""
+    events = [{"event": "worker", "peer": peer_id, "parameters": 1_000_000}]
+    events.append({"event": "eval", "peer": peer_id, "round": 0, "t": start})
+    t = start
+    for number in range(1, rounds + 1):
+        t += train_s + swap_s
+        events.append(
+            {
+                "event": "round",
+                "peer": peer_id,
+                "round": number,
+                "partner": partner,
+                "outcome": outcome,
+                "bytes_sent": sent,
+                "bytes_received": sent,
+                "seconds": swap_s,
+                "t": t,
+            }
+        )
+        t += 0.5
+        events.append({"event": "eval", "peer": peer_id, "round": number, "t": t})
+    return events
+
+
+def test_training_time_runs_from_the_last_evaluation_to_the_payload():
+    events = _peer("A", "B", 3, train_s=8.0, swap_s=4.0)
+    assert training_windows(events) == pytest.approx({1: 8.0, 2: 8.0, 3: 8.0})
+    measured = compute_utilization(events)
+    assert measured is not None
+    # Rounds 2 and 3: 2 x 8 s of training in 2 x 12.5 s of wall time.
+    assert measured["train_s"] == pytest.approx(16.0)
+    assert measured["wall_s"] == pytest.approx(25.0)
+    assert measured["utilization"] == pytest.approx(0.64)
+    assert compute_utilization(events[:3]) is None  # one round: nothing after the first to measure
+
+
+def test_a_round_without_its_evaluation_is_not_measured():
+    events = [e for e in _peer("A", "B", 3, 8.0, 4.0) if not (e["event"] == "eval" and e["round"] == 1)]
+    assert 2 not in training_windows(events)
+    assert compute_utilization(events) is None
+
+
+def test_link_utilization_per_pair_of_partners_and_unswapped_rounds_counted():
+    # 4 MB each way in 4 s on each side at 10 Mbit/s (1.25 MB/s): 8 MB / (2 x 1.25 MB/s x 4 s) = 0.8.
+    by_peer = {
+        "p0": _peer("A", "B", 3, 8.0, 4.0),
+        "p1": _peer("B", "A", 3, 8.0, 4.0),
+        "p2": _peer("C", "D", 3, 8.0, 4.0),
+        "p3": _peer("D", "C", 3, 8.0, 4.0, outcome="skipped: partner busy"),
+    }
+    rows = pair_rows(by_peer)
+    assert len(rows) == 6  # two pairs in each of three rounds
+    assert {(r["a"], r["b"]) for r in rows} == {("p0", "p1"), ("p2", "p3")}
+    spec = RunSpec("base", 4, "10mbit", 50.0, 3, 16)
+    rss = {"worker_kb": {"p0": 40_000, "p1": 50_000}, "daemon_kb": {"p0": 100_000}}
+    result = summarize(spec, by_peer, rss)
+    assert result["rate_mbit"] == 10.0
+    assert (result["rounds"], result["peer_rounds"], result["swapped"]) == (3, 12, 9)
+    assert result["rounds_all_swapped"] == 0
+    assert {item["outcome"] for item in result["not_swapped"]} == {"skipped: partner busy"}
+    assert result["swapped_pairs"] == 3 and result["link_utilization"] == pytest.approx(0.8)
+    assert result["link_utilization_done"] == pytest.approx(0.8)  # aligned: both ready at once
+    assert result["compute_utilization"] == pytest.approx(0.64)
+    assert result["worker_peak_rss_over_model"] == pytest.approx(50_000 * 1024 / 4e6, abs=0.01)
+    assert result["daemon_peak_rss_mb"] == pytest.approx(97.7, abs=0.1)
+    assert result["encode_mb_s"] is None and result["decode_mb_s"] is None and result["codec_note"]
+
+
+def test_the_workers_own_count_of_training_seconds_is_used_where_the_peers_report_it():
+    # An overlapped peer trains while its round is swapped: the events' windows would miss that time.
+    events = _peer("A", "B", 3, train_s=8.0, swap_s=4.0)
+    for e in events:
+        if e["event"] == "round":
+            e["train_seconds"] = 11.0
+    measured = compute_utilization(events)
+    assert measured is not None and measured["train_s"] == pytest.approx(22.0)
+    assert measured["utilization"] == pytest.approx(22.0 / 25.0)

@@ -41,12 +41,10 @@ rate: rounds swapped, link and compute utilization, peak memory, against an unsh
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import queue
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -56,13 +54,11 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from bench.link_topology import Namespaces, run_command
 from bench.natlab import SINK
 from bench.peer_runs import REPO_ROOT, BenchError, parse_code, pump_events, run_guarded, tree_env, tree_label
-from natlab.lab import stop_process
 
 WALL_CLOCK_GUARD_S = 1200  # the whole benchmark: a hung run is killed (and the namespaces removed)
-COMMAND_TIMEOUT_S = 30
-STOP_GRACE_S = 20.0
 LISTEN_TIMEOUT_S = 180.0  # for the first peer's `listening` event (its worker loads torch and the model)
 ADDRESS_A, ADDRESS_B = "10.231.0.1", "10.231.0.2"
 VETH_A, VETH_B = "link-a", "link-b"
@@ -99,77 +95,28 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _run(argv: list[str], *, check: bool = True, **kwargs: Any) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, **kwargs)
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"{' '.join(argv)} hung for {COMMAND_TIMEOUT_S} s") from exc
-    if check and done.returncode != 0:
-        raise BenchError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
-    return done.stdout
-
-
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    stop_process(proc, STOP_GRACE_S)  # a peer gets the time it needs to stop cleanly
-
-
-class Link:
+class Link(Namespaces):
     """Namespaces a and b, one veth pair between them, each end's egress shaped to `rate` with tbf."""
 
     def __init__(self, rate: str):
+        super().__init__()
         self.rate = rate
         self.ns_a = f"shoal-link-a-{os.getpid()}"
         self.ns_b = f"shoal-link-b-{os.getpid()}"
-        self._made: list[str] = []
-        self._procs: list[subprocess.Popen[Any]] = []
-
-    def __enter__(self) -> Link:
-        try:
-            self.up()
-        except BaseException:
-            self.down()
-            raise
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.down()
 
     def up(self) -> None:
         for ns in (self.ns_a, self.ns_b):
-            _run(["ip", "netns", "add", ns])
+            run_command(["ip", "netns", "add", ns])
             self._made.append(ns)
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            run_command(["ip", "-n", ns, "link", "set", "lo", "up"])
         pair = ["type", "veth", "peer", "name", VETH_B, "netns", self.ns_b]
-        _run(["ip", "link", "add", VETH_A, "netns", self.ns_a, *pair])
+        run_command(["ip", "link", "add", VETH_A, "netns", self.ns_a, *pair])
         for ns, dev, address in ((self.ns_a, VETH_A, ADDRESS_A), (self.ns_b, VETH_B, ADDRESS_B)):
-            _run(["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", dev])
-            _run(["ip", "-n", ns, "link", "set", dev, "up"])
+            run_command(["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", dev])
+            run_command(["ip", "-n", ns, "link", "set", dev, "up"])
             tbf = ["tbf", "rate", self.rate, "burst", "64kb", "latency", "100ms"]
-            _run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", *tbf])
-        _run(["ip", "netns", "exec", self.ns_a, "ping", "-c", "1", "-W", "2", ADDRESS_B], check=False)
-
-    def down(self) -> None:
-        """Stop our processes, then any left in our namespaces, then delete the namespaces."""
-        for proc in self._procs:
-            _stop(proc)
-        self._procs.clear()
-        for ns in self._made:
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        self._made.clear()
-
-    def spawn(self, ns: str, argv: list[str], **popen: Any) -> subprocess.Popen[Any]:
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], **popen)
-        self._procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[Any]) -> None:
-        _stop(proc)
-        with contextlib.suppress(ValueError):
-            self._procs.remove(proc)
+            run_command(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", *tbf])
+        run_command(["ip", "netns", "exec", self.ns_a, "ping", "-c", "1", "-W", "2", ADDRESS_B], check=False)
 
 
 # ---------------------------------------------------------------------------------------- kernel baselines
@@ -517,13 +464,7 @@ def main() -> None:
         main_matrix(args)
         return
     args.guard_s = args.guard_s or WALL_CLOCK_GUARD_S
-    reason = unavailable_reason()
-    if reason:
-        print(f"bench.link: cannot run: {reason}", file=sys.stderr)
-        sys.exit(2)
-    run_dir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="shoal-link-"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"run directory (logs): {run_dir}", flush=True)
+    run_dir = _run_dir(args, "shoal-link-")
 
     result = run_guarded("bench.link", args.guard_s, lambda: run(args, run_dir))
     print_table(result)
@@ -553,13 +494,7 @@ def main_matrix(args: argparse.Namespace) -> None:
         raise SystemExit("bench.link: --code is for the two-peer mode only")
     if args.inner_steps != "auto" and not args.inner_steps.isdigit():
         raise SystemExit("bench.link: --inner-steps is auto or a positive integer")
-    reason = unavailable_reason()
-    if reason:
-        print(f"bench.link: cannot run: {reason}", file=sys.stderr)
-        sys.exit(2)
-    run_dir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="shoal-link-matrix-"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"run directory (logs): {run_dir}", flush=True)
+    run_dir = _run_dir(args, "shoal-link-matrix-")
     result = run_guarded("bench.link", args.guard_s or 5400, lambda: link_matrix.run_matrix(args, run_dir))
     link_matrix.print_matrix(result)
     print(f"wall {result['wall_s']} s")
@@ -568,6 +503,18 @@ def main_matrix(args: argparse.Namespace) -> None:
             shutil.rmtree(state, ignore_errors=True)
     if args.json:
         link_matrix.write_json(result, args.json)
+
+
+def _run_dir(args: argparse.Namespace, prefix: str) -> Path:
+    """Exits 2 with the reason when this machine cannot run the benchmark; else the run directory."""
+    reason = unavailable_reason()
+    if reason:
+        print(f"bench.link: cannot run: {reason}", file=sys.stderr)
+        sys.exit(2)
+    run_dir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix=prefix))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"run directory (logs): {run_dir}", flush=True)
+    return run_dir
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from bench.peer_runs import BenchError
 from natlab.lab import stop_process
@@ -141,6 +141,21 @@ def stop(proc: subprocess.Popen[Any]) -> None:
     stop_process(proc, STOP_GRACE_S)  # a peer gets the time it needs to stop cleanly
 
 
+def tear_down(procs: list[subprocess.Popen[Any]], namespaces: list[str]) -> None:
+    """Stop our processes, then any left in our namespaces, then delete the namespaces (both lists end
+    empty)."""
+    for proc in procs:
+        stop(proc)
+    procs.clear()
+    for ns in namespaces:
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    namespaces.clear()
+
+
 def build_switch(directory: Path) -> Path:
     """The delay switch, compiled into `directory`."""
     if shutil.which("cc") is None:
@@ -151,22 +166,15 @@ def build_switch(directory: Path) -> Path:
     return binary
 
 
-class Segment:
-    """`peers` namespaces on one hub; each peer's egress shaped to `rate` (tbf), `rtt_ms` between peers."""
+class Namespaces:
+    """Network namespaces this process makes (`up`) and removes with every process it started in them
+    (`down`, also when `up` fails half-way): a context manager."""
 
-    def __init__(self, peers: int, rate: str | None, rtt_ms: float):
-        if not 2 <= peers <= 16:
-            raise ValueError("2 to 16 peers")
-        self.peers, self.rate, self.rtt_ms = peers, rate, rtt_ms
-        prefix = f"shoal-lm{os.getpid()}"
-        self.hub = f"{prefix}-hub"
-        self.namespaces = [f"{prefix}-p{i}" for i in range(peers)]
-        self.addresses = [f"{SUBNET}.{i + 1}" for i in range(peers)]
+    def __init__(self) -> None:
         self._made: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
-        self._tmp: Path | None = None
 
-    def __enter__(self) -> Segment:
+    def __enter__(self) -> Self:
         try:
             self.up()
         except BaseException:
@@ -176,6 +184,37 @@ class Segment:
 
     def __exit__(self, *_: object) -> None:
         self.down()
+
+    def up(self) -> None:
+        raise NotImplementedError
+
+    def down(self) -> None:
+        tear_down(self._procs, self._made)
+
+    def spawn(self, ns: str, argv: list[str], **popen: Any) -> subprocess.Popen[Any]:
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], **popen)
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[Any]) -> None:
+        stop(proc)
+        with contextlib.suppress(ValueError):
+            self._procs.remove(proc)
+
+
+class Segment(Namespaces):
+    """`peers` namespaces on one hub; each peer's egress shaped to `rate` (tbf), `rtt_ms` between peers."""
+
+    def __init__(self, peers: int, rate: str | None, rtt_ms: float):
+        super().__init__()
+        if not 2 <= peers <= 16:
+            raise ValueError("2 to 16 peers")
+        self.peers, self.rate, self.rtt_ms = peers, rate, rtt_ms
+        prefix = f"shoal-lm{os.getpid()}"
+        self.hub = f"{prefix}-hub"
+        self.namespaces = [f"{prefix}-p{i}" for i in range(peers)]
+        self.addresses = [f"{SUBNET}.{i + 1}" for i in range(peers)]
+        self._tmp: Path | None = None
 
     @property
     def delayed(self) -> bool:
@@ -246,27 +285,7 @@ class Segment:
             self.stop(echo)
 
     def down(self) -> None:
-        """Stop our processes, then any left in our namespaces, then delete the namespaces."""
-        for proc in self._procs:
-            stop(proc)
-        self._procs.clear()
-        for ns in self._made:
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        self._made.clear()
+        tear_down(self._procs, self._made)
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
-
-    def spawn(self, ns: str, argv: list[str], **popen: Any) -> subprocess.Popen[Any]:
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], **popen)
-        self._procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[Any]) -> None:
-        stop(proc)
-        with contextlib.suppress(ValueError):
-            self._procs.remove(proc)

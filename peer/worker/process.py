@@ -127,8 +127,10 @@ def _train(
                 losses.append(trainer.train_step())  # raises Interrupted on a stop request
                 training += time.monotonic() - began
                 if pending is not None and channel.answer_ready():
-                    _settle(channel, trainer, inbound, writer, pending, pending_number)
-                    pending, number = None, trainer.round + 1  # the daemon may have moved us on
+                    # Settled from here on: a stop during its evaluation is an ordinary mid-round stop.
+                    settling, pending = pending, None
+                    _settle(channel, trainer, inbound, writer, settling, pending_number)
+                    number = trainer.round + 1  # the daemon may have moved us on
                 if time.monotonic() - last_report > PROGRESS_EVERY_S:
                     last_report = time.monotonic()
                     channel.send(
@@ -140,8 +142,9 @@ def _train(
                         }
                     )
             if pending is not None:  # the round trained faster than the last one swapped: wait for it
-                _settle(channel, trainer, inbound, writer, pending, pending_number)
-                pending, number = None, trainer.round + 1
+                settling, pending = pending, None
+                _settle(channel, trainer, inbound, writer, settling, pending_number)
+                number = trainer.round + 1
             own = trainer.message()
             nbytes = outbound.write(trainer.outgoing(own))
             channel.send(
@@ -201,7 +204,8 @@ def _settle(
     number: int,
 ) -> None:
     """An overlapped round's answer is in (or awaited now): its real outer step, its checkpoint and its
-    reports, as `_train` does for a round without overlap. A stop instead of the answer raises Interrupted."""
+    reports, as `_train` does for a round without overlap. A stop instead of the answer raises Interrupted:
+    the round stays the one taken alone, and the next round's steps so far are kept (a mid-round stop)."""
     reply = channel.receive()
     channel.expecting_answer = False
     if reply is None or reply.get("type") == "stop":

@@ -20,7 +20,7 @@ KEY_BITS = KEY_BYTES * 8
 _RUN_TAG = b"shoal/dht/run/v1\x00"
 _RECORD_TAG = b"shoal/dht/record/v1\x00"
 _NODE_TAG = b"shoal/dht/node/v2\x00"
-# Identity work every DHT contact proves: about 65,000 hashes once per key (0.03 s of one core), while an
+# Identity work every DHT contact proves: about 65,000 hashes once per key (0.07 s of one core), while an
 # id chosen near a key costs 2^16 times what it did. The whole network must agree on it; a run asks for
 # its own bits on top (`peer join --identity-bits`, 20 by default), and one nonce proves both.
 DHT_WORK_BITS = 16

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -49,8 +50,9 @@ WRITE_CHUNK = 128 * 1024
 # the partner's stream, an answer) leaves within about this many bytes' time: measured on a 20 Mbit/s
 # shaped link, both directions of a 5.5 MB swap at once finished in 2.6 s instead of 3.3 (line: 2.3).
 UNSENT_LOWAT = 128 * 1024
-# socket.TCP_NOTSENT_LOWAT where Python names it; Linux's value otherwise (the option exists since 3.12).
-TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+# socket.TCP_NOTSENT_LOWAT where Python names it; Linux's number otherwise (Linux has it since 3.12); None
+# where neither is known (the number means something else elsewhere).
+TCP_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform == "linux" else None)
 # Receive buffer once the session runs: room for a partial frame plus at least one whole frame per read;
 # bulk transfers get the large one (fewer, bigger reads: ~16 frames per read).
 RECV_BUFFER_SMALL = 3 * (noise.MAX_FRAME_LENGTH + 2)
@@ -659,7 +661,7 @@ def _enable_keepalive(sock: socket.socket | None) -> None:
 def cap_unsent(sock: socket.socket | None) -> None:
     """Keep the kernel's unsent queue shallow (UNSENT_LOWAT): where the option is missing (not Linux),
     only the user-space buffer is small, and control frames may wait behind the kernel's buffer."""
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+    if TCP_NOTSENT_LOWAT is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, UNSENT_LOWAT)

@@ -152,7 +152,7 @@ def main() -> None:
     is_flag=True,
     default=None,
     help="Train the next round while this one is swapped: no time lost to the link, for the partner's part "
-    "of each outer step landing a round late (about 0.5-1 % higher loss per token in the benchmark).",
+    "of each outer step landing a round late (0.5-1.3 % higher loss per token in the benchmark).",
 )
 @click.option("--json-events", is_flag=True, help="Print one JSON object per event on stdout (for tools).")
 @click.option(

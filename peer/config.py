@@ -58,7 +58,7 @@ class PeerConfig:
     total_steps: int = 2000  # the cosine schedule's length in inner steps, when rounds is not given
     weight_decay: float = 0.1
     shard: tuple[int, int] | None = None  # (index, count); None: picked from the peer id among 16
-    eval_windows: int = 64
+    eval_windows: int | None = None  # None: EVAL_TOKENS' worth of the model's windows (peer/worker/train.py)
     seed: int = 0
     threads: int = 0  # torch CPU threads in the worker; 0: torch's default
     # The outer method (gossip/outer): "default" is the one bench/convergence chose; its tuned values apply.
@@ -95,7 +95,7 @@ class PeerConfig:
                 "or hf:PATH for a Hugging Face causal LM saved in a local folder"
             )
         for name in ("inner_steps", "batch_size", "eval_windows", "wait_peers", "total_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.rounds is not None and self.rounds < 1:
             raise ConfigError(f"rounds must be at least 1, got {self.rounds}")

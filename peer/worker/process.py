@@ -155,6 +155,7 @@ def _train(
                     "inner_step": trainer.inner_step,
                     "train_loss": sum(losses) / len(losses) if losses else None,
                     "train_seconds": round(training, 3),
+                    "encode_seconds": round(trainer.seconds["encode"], 3),
                 }
             )
             # While the daemon swaps, nothing changes the inner optimizer: its state goes to disk now, as it
@@ -237,7 +238,9 @@ def _after_step(
         log.warning("round %d: %s", number, outcome)
     if trainer.verdict is not None and partner_id is not None:
         channel.send(_verdict_message(trainer, number, partner_id, excluded_before))
+    began = time.monotonic()
     path, nbytes, sha256 = write_snapshot(writer.path.parent, trainer.round, trainer.slow_chunks())
+    snapshot_seconds = time.monotonic() - began
     channel.send(
         {
             "type": "snapshot",
@@ -247,7 +250,12 @@ def _after_step(
             "sha256": sha256,
         }
     )
-    channel.send({"type": "eval", "round": trainer.round, "eval_loss": trainer.evaluate(), **(about or {})})
+    began = time.monotonic()
+    loss = trainer.evaluate()
+    # Where the round's time went besides training (bench.link reads these from the `eval` event).
+    seconds = {**trainer.seconds, "snapshot": snapshot_seconds, "eval": time.monotonic() - began}
+    timing = {f"{name}_seconds": round(value, 3) for name, value in seconds.items() if name != "encode"}
+    channel.send({"type": "eval", "round": trainer.round, "eval_loss": loss, **timing, **(about or {})})
 
 
 def _verdict_message(trainer: Trainer, number: int, peer: str, excluded_before: set[str]) -> dict:

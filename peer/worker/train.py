@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import pickle
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,6 +47,9 @@ from shoal.peer.worker.presets import peer_number
 
 CHECKPOINT_FORMAT = 2  # 2: the outer method's whole state (phi, error feedback, momentum)
 EVAL_SEED = 1234  # the same evaluation windows on every peer of every run on this corpus
+# A round's evaluation unless `eval_windows` is set: 64 windows, or EVAL_TOKENS' worth of longer ones (16 of
+# gpt2-small's 1,024 tokens: 64 of those took 250 s a round on a 2-core machine, longer than its training).
+EVAL_WINDOWS, EVAL_TOKENS = 64, 16384
 DEFAULT_SHARDS = 16
 # The guard's loss probe: this many fixed windows of the peer's own shard, on which its own θ, its φ and the
 # partner's θ are evaluated before it pulls toward the partner (three forward passes of a small batch).
@@ -69,7 +73,7 @@ class TrainSettings:
     warmup_steps: int
     total_steps: int
     weight_decay: float
-    eval_windows: int
+    eval_windows: int | None  # None: EVAL_TOKENS' worth
     seed: int
     threads: int
     method: str
@@ -121,7 +125,8 @@ class Trainer:
         )
         probe_block = min(block, PROBE_TOKENS)
         self.probe_x, self.probe_y = fixed_windows(self.sampler.data, probe_block, PROBE_WINDOWS, PROBE_SEED)
-        self.eval_x, self.eval_y = fixed_windows(corpus.validation, block, settings.eval_windows, EVAL_SEED)
+        windows = settings.eval_windows or min(EVAL_WINDOWS, max(8, EVAL_TOKENS // block))
+        self.eval_x, self.eval_y = fixed_windows(corpus.validation, block, windows, EVAL_SEED)
 
         params = dict(self.model.named_parameters())
         self.names = list(params)
@@ -148,6 +153,8 @@ class Trainer:
         # toward it; `verdict` is the last round's, for the daemon to report and publish.
         self.guard = Guard() if method in JUDGED else None
         self.verdict: Verdict | None = None
+        # Seconds of this round's encode, guard and outer step (decode and apply), for the round's events.
+        self.seconds: dict[str, float] = {"encode": 0.0, "guard": 0.0, "outer": 0.0}
         self.attack: byzantine.Memory | None = None
         self.cipher: torch.Tensor | None = None
         if settings.behave is not None:
@@ -285,8 +292,11 @@ class Trainer:
     # --- outer step -------------------------------------------------------------------------------
     def message(self) -> bytes:
         """This round's message for the partner (sparse methods also fold it into error feedback)."""
+        began = time.monotonic()
         with torch.no_grad():
-            return make_message(self.outer_config, self.outer, self.fast())
+            message = make_message(self.outer_config, self.outer, self.fast())
+        self.seconds["encode"] = time.monotonic() - began
+        return message
 
     @torch.no_grad()
     def outgoing(self, own: bytes) -> bytes:
@@ -321,8 +331,11 @@ class Trainer:
         guard compares the partner's with them), which an overlapped round keeps aside (worker/overlap.py)."""
         outcome = "swapped" if partner is not None else "alone"
         self.verdict, weight = None, 1.0
+        began = time.monotonic()
+        self.seconds["guard"] = 0.0
         if partner is not None and self.guard is not None and partner_id is not None:
             self.verdict = self._judge(own, partner, partner_id, fast)
+            self.seconds["guard"] = time.monotonic() - began
             weight = self.verdict.weight
             if self.verdict.action == REFUSE:
                 outcome = f"partner message refused by the guard: {self.verdict.reason}"
@@ -336,6 +349,8 @@ class Trainer:
         except OuterError as error:
             outcome = f"partner message refused by the worker: {error}"
             outer_step(self.outer_config, self.outer, own, [])
+        # The decode of the partner's message and the step: the outer step's own cost, the guard's apart.
+        self.seconds["outer"] = time.monotonic() - began - self.seconds["guard"]
         return outcome
 
     def _judge(self, own: bytes, partner: bytes, partner_id: str, fast: dict[str, torch.Tensor]) -> Verdict:

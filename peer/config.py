@@ -28,8 +28,9 @@ class ConfigError(ShoalError):
 
 
 # Test-only hostile behaviours the daemon plays (`behave`): "silent" keeps its signed heartbeats (and the
-# run-state and membership gossip) going but never answers a partner's status or offer, nor offers itself.
-DAEMON_BEHAVIOURS = ("silent",)
+# run-state and membership gossip) going but never answers a partner's status or offer, nor offers itself;
+# "made_up_weights" trains and swaps as usual but serves joiners (and probes) noise of its weights' norm.
+DAEMON_BEHAVIOURS = ("silent", "made_up_weights")
 
 
 @dataclass(frozen=True)

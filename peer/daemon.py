@@ -22,11 +22,14 @@ import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+import numpy as np
+
 from shoal.dht.keys import DHT_WORK_BITS
 from shoal.dht.node import DHTNode
 from shoal.errors import ShoalError
 from shoal.gossip.membership import MAX_ADDRS, Membership
 from shoal.gossip.rounds import payload as dense
+from shoal.gossip.runstate import evidence
 from shoal.peer import deadlines
 from shoal.peer.addresses import advertised_host, listen_multiaddr, parse_address
 from shoal.peer.commands import handlers as control_handlers
@@ -37,10 +40,11 @@ from shoal.peer.events import Events
 from shoal.peer.guard_reports import GuardReports
 from shoal.peer.identity_proof import prove_identity
 from shoal.peer.ipc import SharedBuffer, WorkerGone, WorkerProcess
+from shoal.peer.join_fetch import ROUND_SLACK, FetchFailed, JoinFetch
 from shoal.peer.keys import resolve_identity
 from shoal.peer.metrics import MetricsServer
 from shoal.peer.offers import send_while_answered
-from shoal.peer.progress import progress_bar
+from shoal.peer.progress import progress_bar, transfer_bar
 from shoal.peer.reach import PeerReach, TransferTimer
 from shoal.peer.request_slots import RequestSlots
 from shoal.peer.round_swap import CONTROL_MESSAGE_LIMIT, RoundReport, RoundSwap, until_stopped
@@ -49,7 +53,7 @@ from shoal.peer.run_settings import run_settings, settings_mismatch, valid_setti
 from shoal.peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of, peer_id_of
 from shoal.peer.silence import SilenceWatch
 from shoal.peer.status import LogTail, StatusBoard
-from shoal.peer.weights import Fetch, Snapshots, WeightsError, WeightsServer, fetch_resuming
+from shoal.peer.weights import Snapshots, WeightsServer
 from shoal.peer.weights_fetch import WeightsFetcher
 from shoal.peer.worker.presets import peer_number
 from shoal.peer.worker.sources import resolve_data
@@ -64,8 +68,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# 2: signed membership entries; 3: full-duplex swaps; 4: weights streamed, resumable; 5: offers streamed
-PROTOCOL_VERSION = 5
+# 2: signed membership entries; 3: full-duplex swaps; 4: weights streamed, resumable; 5: offers streamed;
+# 6: weights in spans from several members, checked by probes
+PROTOCOL_VERSION = 6
 RUN_PROTOCOL = "/shoal/run/1.0.0"  # membership, status and the round swap, one request per stream
 # Seconds a peer has to send a request's length prefix once the stream is open; the body then gets the
 # time its size needs at the path's measured rate, and is cut after IDLE_TIMEOUT without a byte
@@ -87,8 +92,7 @@ MEMBERS_TIMEOUT = 2.0  # one membership swap
 READY_FANOUT = 8  # members told at once that we are ready; gossip tells the rest
 WAIT_PEERS_PATIENCE = 60.0
 DHT_TABLE_FILE = "dht-table.json"
-WEIGHT_SOURCES = 3  # members a joiner asks for the run's weights, most advanced first
-WEIGHT_RESUMES = 3  # times a cut weights fetch is resumed from the same member, when the last try got bytes
+WEIGHT_SOURCES = 6  # members a joiner may ask for the run's weights (3 at once), most advanced first
 RESUME_BEHIND_ROUNDS = 2  # rounds a resumed peer may lag the run and still go on from its own checkpoint
 DHT_LOOKUP_TIMEOUT = 10.0
 DHT_LOOKUPS_BEFORE_STARTING = 2  # empty run lookups in a live DHT before a joiner starts the run itself
@@ -468,8 +472,10 @@ class Daemon:
                     if not self.stopping.is_set():  # a stopping worker was told so and no longer listens
                         await worker.send(begin)
                 elif kind == "snapshot":  # the file a joining peer's fetch streams our weights from
-                    number, nbytes = int(message["round"]), int(message["nbytes"])
-                    self.snapshots.add(number, str(message["path"]), nbytes, str(message["sha256"]))
+                    number, nbytes, path = int(message["round"]), int(message["nbytes"]), str(message["path"])
+                    if self.config.behave == "made_up_weights":  # test only: what a lying member would serve
+                        path = _made_up_weights(path)
+                    self.snapshots.add(number, path, nbytes, str(message["sha256"]))
                 elif kind == "verdict":
                     self.guard_reports.on_verdict(message)
                 elif kind in ("progress", "eval"):
@@ -526,57 +532,63 @@ class Daemon:
         if resumed:  # it was down a while: the run's weights are worth more than its own older ones
             log.info("[%s] resumed at round %d, the run is at round %d: fetching the run's weights",
                      self.peer_id, resumed, run_round)  # fmt: skip
-        self.board.set_activity("joining", "fetching the run's current weights from a member")
-        reasons: list[str] = []  # why each member asked did not send them, for the one warning below
+        self.board.set_activity("joining", "fetching the run's current weights from members")
         nbytes = 4 * dense.spec_size(self.swap.spec)
         into = _shared(worker.inbound).view(nbytes)  # the weights land in the worker's segment as they arrive
-
-        def showing(peer: str, text: str) -> None:
-            self.board.set_activity("joining", f"fetching the run's weights from {peer}: {text}")
-
         fetcher = WeightsFetcher(
             self.peer_id,
             self._open_run_stream,
             self._message,
             self._peer_reach,
-            showing,
-            bars=not self.events.json_lines,
             connect_timeout=CONNECT_TIMEOUT,
         )
+        excluded = self.guard_reports.excluded()
+        members = [p for p in others if p not in excluded and p not in self.swap.banned]
+        rounds = {p: self._membership.members[p].round for p in members}
+        # Most advanced first, but not a member whose round is past what the run's members say (one that
+        # claims round 2^62 would otherwise be asked first, and its round believed).
+        believable = evidence.run_round(list(rounds.values())) + ROUND_SLACK
+        ranked = sorted(members, key=lambda p: (rounds[p] > believable, -rounds[p]))
+        with transfer_bar("the run's weights", enabled=not self.events.json_lines) as bar:
 
-        def resuming(fetch: Fetch, error: BaseException) -> None:
-            at = f"{deadlines.megabytes(fetch.done)} of {deadlines.megabytes(nbytes)}"
-            log.info("[%s] the weights fetch was cut (%s); resuming at %s", self.peer_id, error, at)
+            def progress(done: int, total: int) -> None:
+                bar(done, total)
+                text = f"{done / 1e6:.1f} of {total / 1e6:.1f} MB"
+                self.board.set_activity("joining", f"fetching the run's weights from members: {text}")
 
-        try:
-            for peer in sorted(others, key=lambda p: -self._membership.members[p].round)[:WEIGHT_SOURCES]:
-
-                async def attempt(fetch: Fetch, peer: str = peer) -> int:
-                    return await fetcher.attempt(peer, into, fetch)
-
-                try:
-                    fetched = await self._unless_stopping(
-                        fetch_resuming(attempt, nbytes, WEIGHT_RESUMES, resuming)
-                    )
-                except (OSError, TimeoutError, asyncio.IncompleteReadError, TransportError, MessageError,
-                        WeightsError, ValueError) as error:  # fmt: skip
-                    log.info("[%s] could not fetch weights from %s: %s", self.peer_id, peer, error)
-                    reasons.append(f"{peer}: {error or type(error).__name__}")
-                    continue
-                if fetched is None:  # Ctrl-C or SIGTERM: the worker is told to stop, not to begin
-                    log.info("[%s] stopped while fetching the run's weights from %s", self.peer_id, peer)
-                    return {"type": "begin", "weights_nbytes": 0}
-                assert fetched.partial is not None  # a fetch that returned read a header
-                number = fetched.partial.round
-                self.swap.book.last_finished = number
-                self.events.emit("weights", source=peer, round=number, bytes_received=fetched.received)
-                return {"type": "begin", "weights_nbytes": nbytes, "round": number}
-        finally:
-            into.release()
-        start = f"its checkpoint of round {resumed}" if resumed else "the run's initial weights"
-        log.warning("[%s] no member sent its weights (%s); starting from %s",
-                    self.peer_id, "; ".join(reasons) or "none answered", start)  # fmt: skip
-        return {"type": "begin", "weights_nbytes": 0}
+            join = JoinFetch(
+                [(p, rounds[p]) for p in ranked[:WEIGHT_SOURCES]],
+                ranked,
+                fetcher.attempt,
+                fetcher.probe,
+                progress,
+            )
+            try:
+                fetched = await self._unless_stopping(join.run(into))
+            except FetchFailed as error:
+                start = f"its checkpoint of round {resumed}" if resumed else "the run's initial weights"
+                log.warning(
+                    "[%s] could not fetch the run's weights: %s; starting from %s", self.peer_id, error, start
+                )
+                return {"type": "begin", "weights_nbytes": 0}
+            finally:
+                into.release()
+        if fetched is None:  # Ctrl-C or SIGTERM: the worker is told to stop, not to begin
+            log.info("[%s] stopped while fetching the run's weights", self.peer_id)
+            return {"type": "begin", "weights_nbytes": 0}
+        number = min(fetched.round, max(rounds.values()))
+        self.swap.book.last_finished = number
+        for peer, why in fetched.checks.items():
+            log.info("[%s] the weights from %s: %s", self.peer_id, peer, why)
+        self.events.emit(
+            "weights",
+            source=max(fetched.senders, key=lambda p: fetched.senders[p]),
+            sources=fetched.senders,
+            refused=fetched.refused,
+            round=number,
+            bytes_received=fetched.received,
+        )
+        return {"type": "begin", "weights_nbytes": nbytes, "round": number}
 
     async def _check_run_settings(self, others: list[str]) -> None:
         """Refuses to join a run that trains something else (another method, model, schedule or corpus)
@@ -950,10 +962,23 @@ class Daemon:
         elif kind == "weights":
             member = self.membership is not None and sender in self.membership.members
             await self.weights_server.serve(sender, member, request, writer)
+        elif kind == "probe":
+            member = self.membership is not None and sender in self.membership.members
+            await write_message(writer, await self.weights_server.probe(sender, member, request))
         elif kind == "offer":
             await self.swap.answer_offer(sender, request, size, writer)
         else:
             raise MessageError(f"unknown request type {kind!r}")
+
+
+def _made_up_weights(path: str) -> str:
+    """Test only (`--behave made_up_weights`): noise of the norm of the weights at `path`, in a file beside
+    it (replaced, as the worker's own, round after round)."""
+    weights = np.fromfile(path, dtype="<f4")
+    noise = np.random.default_rng().standard_normal(weights.size)
+    made_up = path + ".made-up"
+    (noise * np.linalg.norm(weights) / np.sqrt(max(1, weights.size))).astype("<f4").tofile(made_up)
+    return made_up
 
 
 def _worker_error(message: dict[str, Any]) -> WorkerError:

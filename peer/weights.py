@@ -1,29 +1,31 @@
-"""Our slow weights for peers joining the run: streamed from the worker's snapshot files, in chunks.
+"""Our slow weights for peers joining the run: streamed from the worker's snapshot files, a span at a time.
 
 The worker writes φ after every round to a file (peer/worker/snapshots.py) and tells the daemon its round,
 size and SHA-256. `Snapshots` holds the last HELD_SNAPSHOTS of them open; the daemon keeps no copy of the
-model in memory. A `weights` answer is a header frame `{round, nbytes, sha256, offset}` followed by the raw
-bytes from `offset` to the end, read from the file a chunk at a time as the stream drains. A request may
-name a round and an offset: a joiner whose fetch was cut resumes where it stopped, from the same round's
-file while this peer still holds it. The joiner writes each chunk straight into the worker's inbound
-segment (`receive_into`), hashing as it goes, and accepts the weights only when the hash matches the
-header's and every value is finite.
+model in memory. A `weights` request names a span of the model's bytes (`offset`, `length`; the rest of
+the file without a length); the answer is a header frame `{round, nbytes, offset, length}` followed by
+those raw bytes, read from the file a chunk at a time as the stream drains. A joiner asks several members
+for different spans at once (peer/join_fetch.py) and writes each chunk straight into the worker's inbound
+segment (`receive_span`), refusing non-finite values as they arrive.
+
+Replicas differ (each member's φ is its own), so a hash of the bytes from the member that sends them
+proves nothing the transport's authenticated encryption does not. What is checked is the values: a
+`probe` asks other members for theirs at coordinates the sender could not know in advance, and for the
+sum of squares of each span, and the joiner compares (peer/join_fetch.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from shoal.transport.errors import TransportError
 from shoal.transport.messages import MessageError, write_message
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,11 @@ HELD_SNAPSHOTS = 2  # rounds a fetch may resume in; a fetch in progress keeps it
 WEIGHT_COPIES_PER_HOUR = 4
 BUDGET_WINDOW_S = 3600.0
 CHUNK = 1 << 20  # bytes read from the file, written to the stream, and checked, at a time
+# A probe: coordinates whose values one answer carries, spans whose sums of squares it reads (a span's sum
+# reads the span from disk, in a thread), and probes answered per member per hour (a joiner needs one or two).
+PROBE_VALUES = 4096
+PROBE_SPANS = 64
+PROBES_PER_HOUR = 16
 
 
 class WeightsError(Exception):
@@ -47,10 +54,10 @@ class Snapshot:
     sha256: str  # hex
     fd: int  # the file, open for reading
 
-    def serve(self, offset: int) -> Served:
+    def serve(self, offset: int, end: int) -> Served:
         """A handle of its own on the file for one answer: closing the snapshot (a newer round) or
         unlinking the file leaves an answer in progress reading the same bytes to the end."""
-        return Served(os.dup(self.fd), self.round, self.nbytes, offset)
+        return Served(os.dup(self.fd), self.round, end, offset)
 
 
 @dataclass
@@ -59,7 +66,7 @@ class Served:
 
     fd: int
     round: int
-    nbytes: int
+    nbytes: int  # where the answer ends (the file's size for the rest of it)
     offset: int
 
     def close(self) -> None:
@@ -119,6 +126,7 @@ class WeightsServer:
         self._message = message
         self._served: dict[str, list[tuple[float, int]]] = {}  # member -> (time, bytes) in the window
         self._fetching: set[str] = set()  # members whose fetch is being answered
+        self._probed: dict[str, list[float]] = {}  # member -> times of its probes in the window
 
     async def serve(self, sender: str, is_member: bool, request: dict[str, Any], writer: Any) -> None:
         """Writes the answer: a header, then the bytes from the asked offset, or a refusal. MessageError
@@ -141,36 +149,70 @@ class WeightsServer:
     def answer(
         self, sender: str, is_member: bool, request: dict[str, Any]
     ) -> tuple[dict[str, Any], Served | None]:
-        """The answer to a weights request: a header, and the file to stream from the asked offset (a
-        descriptor of its own, which the caller closes), for a member within its hourly budget; a refusal
-        and None otherwise."""
+        """The answer to a weights request: a header, and the file to stream (a descriptor of its own, which
+        the caller closes) from the asked offset for the asked length (to the end without one), for a
+        member within its hourly budget; a refusal and None otherwise."""
 
         def refuse(reason: str) -> tuple[dict[str, Any], None]:
             return self._message("refuse", reason=reason), None
 
         if not is_member:
             return refuse("the run's weights go to its members; join the run first")
-        asked, offset = request.get("round"), request.get("offset", 0)
+        asked, offset, length = request.get("round"), request.get("offset", 0), request.get("length")
         if (asked is not None and not isinstance(asked, int)) or not isinstance(offset, int) or offset < 0:
             raise MessageError("a weights request with a bad round or offset")
+        if length is not None and (not isinstance(length, int) or length < 1):
+            raise MessageError("a weights request with a bad length")
         snapshot = self.snapshots.latest() if asked is None else self.snapshots.of_round(asked)
         if snapshot is None:
             if asked is None:
                 return refuse("no weights yet: the first round is not over")
             return refuse(f"the weights of round {asked} are gone (held: {self.snapshots.rounds()})")
-        if offset > snapshot.nbytes or (asked is None and offset):
-            raise MessageError(f"a weights request from byte {offset} of {snapshot.nbytes}")
+        end = snapshot.nbytes if length is None else offset + length
+        if offset % 4 or end > snapshot.nbytes or offset >= end:
+            raise MessageError(f"a weights request for bytes {offset}-{end} of {snapshot.nbytes}")
         now = time.monotonic()
         self._forget_before(now - BUDGET_WINDOW_S)
         served = self._served.setdefault(sender, [])
-        size = snapshot.nbytes - offset
+        size = end - offset
         if sum(n for _, n in served) + size > WEIGHT_COPIES_PER_HOUR * snapshot.nbytes:
-            return refuse(f"this member fetched the weights {len(served)} times in the last hour")
+            return refuse(f"this member fetched {WEIGHT_COPIES_PER_HOUR} copies of the weights this hour")
         served.append((now, size))
         header = self._message(
-            "weights", round=snapshot.round, nbytes=snapshot.nbytes, sha256=snapshot.sha256, offset=offset
+            "weights", round=snapshot.round, nbytes=snapshot.nbytes, offset=offset, length=size
         )
-        return header, snapshot.serve(offset)
+        return header, snapshot.serve(offset, end)
+
+    async def probe(self, sender: str, is_member: bool, request: dict[str, Any]) -> dict[str, Any]:
+        """The answer to a probe: our latest weights' values at the asked coordinates (fp32, little-endian)
+        and the sum of squares of each asked span of bytes; to members, PROBES_PER_HOUR an hour each."""
+        if not is_member:
+            return self._message("refuse", reason="probes are for the run's members")
+        snapshot = self.snapshots.latest()
+        if snapshot is None:
+            return self._message("refuse", reason="no weights yet: the first round is not over")
+        indices, spans = request.get("indices"), request.get("spans")
+        count = snapshot.nbytes // 4
+        if not isinstance(indices, list) or not isinstance(spans, list):
+            raise MessageError("a probe without its coordinates and spans")
+        if len(indices) > PROBE_VALUES or len(spans) > PROBE_SPANS:
+            raise MessageError(f"a probe of {len(indices)} values and {len(spans)} spans")
+        if not all(isinstance(i, int) and 0 <= i < count for i in indices):
+            raise MessageError("a probe with a coordinate outside the model")
+        if not all(_is_span(span, snapshot.nbytes) for span in spans):
+            raise MessageError("a probe with a span outside the model")
+        now = time.monotonic()
+        recent = [t for t in self._probed.get(sender, []) if t >= now - BUDGET_WINDOW_S]
+        if len(recent) >= PROBES_PER_HOUR:
+            self._probed[sender] = recent
+            return self._message("refuse", reason=f"{PROBES_PER_HOUR} probes in the last hour")
+        self._probed[sender] = [*recent, now]
+        served = snapshot.serve(0, snapshot.nbytes)
+        try:  # reading spans from disk may take a second for a large model: not on the event loop
+            values, sums = await asyncio.to_thread(_read_probe, served.fd, indices, spans)
+        finally:
+            served.close()
+        return self._message("probe", round=snapshot.round, values=values, sumsq=sums)
 
     def _forget_before(self, start: float) -> None:
         """Drops fetches older than the budget's window, and members with none left (the map stays as
@@ -181,6 +223,9 @@ class WeightsServer:
                 self._served[member] = recent
             else:
                 del self._served[member]
+        for member in list(self._probed):
+            if not any(t >= start for t in self._probed[member]):
+                del self._probed[member]
 
 
 async def send_from(writer: _Writer, served: Served) -> int:
@@ -197,94 +242,85 @@ async def send_from(writer: _Writer, served: Served) -> int:
     return position - served.offset
 
 
+def _is_span(span: Any, nbytes: int) -> bool:
+    return (
+        isinstance(span, list)
+        and len(span) == 2
+        and all(isinstance(x, int) for x in span)
+        and 0 <= span[0] < span[1] <= nbytes
+        and span[0] % 4 == 0
+        and span[1] % 4 == 0
+    )
+
+
+def _read_probe(fd: int, indices: list[int], spans: list[list[int]]) -> tuple[bytes, list[float]]:
+    """The values at `indices` and the sums of squares of `spans`, read from the file a chunk at a time."""
+    values = b"".join(os.pread(fd, 4, 4 * i) for i in indices)
+    sums = []
+    for start, end in spans:
+        total = 0.0
+        for at in range(start, end, CHUNK):
+            chunk = np.frombuffer(os.pread(fd, min(CHUNK, end - at), at), dtype="<f4").astype(np.float64)
+            total += float(chunk @ chunk)
+        sums.append(total)
+    return values, sums
+
+
+def sum_of_squares(weights: memoryview, start: int, end: int) -> float:
+    """The sum of squares of the fp32 values in bytes [start, end) of `weights`, a chunk at a time."""
+    total = 0.0
+    for at in range(start, end, CHUNK):
+        chunk = np.frombuffer(weights[at : min(end, at + CHUNK)], dtype="<f4").astype(np.float64)
+        total += float(chunk @ chunk)
+    return total
+
+
 class _Reader(Protocol):
     async def readexactly(self, n: int) -> bytes: ...
 
 
 @dataclass
-class Partial:
-    """A fetch in progress from one member: enough to resume it after a cut."""
+class Span:
+    """A span of the model's bytes one weights answer carries; `done` moves up from `start` as they arrive
+    (always by whole chunks, or to `end`), so that a cut span's rest can be asked of any member."""
 
-    round: int
-    nbytes: int
-    sha256: str
-    done: int  # bytes received and hashed, from the start
-    hasher: Any  # hashlib's running SHA-256 over the first `done` bytes
+    start: int
+    end: int
+    done: int = -1
 
-
-@dataclass
-class Fetch:
-    """One joiner's fetch from one member, across the attempts that resume it."""
-
-    partial: Partial | None = None  # set once a header arrived; its `done` grows as bytes arrive
-    received: int = 0  # bytes off the wire, headers included, over all attempts
-
-    @property
-    def done(self) -> int:
-        return 0 if self.partial is None else self.partial.done
+    def __post_init__(self) -> None:
+        if self.done < 0:
+            self.done = self.start
 
     def request_fields(self) -> dict[str, int]:
-        """What a weights request asks: the newest weights, or the rest of those it began to receive."""
-        if self.partial is None:
-            return {}
-        return {"round": self.partial.round, "offset": self.partial.done}
+        return {"offset": self.done, "length": self.end - self.done}
 
 
-async def fetch_resuming(
-    attempt: Callable[[Fetch], Awaitable[Any]],
-    nbytes: int,
-    resumes: int,
-    on_resume: Callable[[Fetch, BaseException], None] | None = None,
-) -> Fetch:
-    """Runs `attempt(fetch)` until the weights are in, resuming after a cut (a connection lost, a deadline
-    passed) that brought new bytes, at most `resumes` times; raises the error that ended it otherwise. A bad
-    answer (a refusal, a wrong header, a bad hash) is never resumed: the caller asks another member."""
-    fetch = Fetch()
-    for tries in range(1 + resumes):
-        before = fetch.done
-        try:
-            await attempt(fetch)
-            return fetch
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, TransportError) as error:
-            if tries == resumes or fetch.partial is None or not before < fetch.done < nbytes:
-                raise
-            if on_resume is not None:
-                on_resume(fetch, error)
-    raise AssertionError("unreachable: the last try returns or raises")
-
-
-def check_header(reply: dict[str, Any], expected_nbytes: int, resuming: Partial | None) -> Partial:
-    """The header of a weights answer, checked against the model's size (and the fetch it resumes)."""
-    number, nbytes, sha256, offset = (reply.get(k) for k in ("round", "nbytes", "sha256", "offset"))
-    if not isinstance(number, int) or not isinstance(nbytes, int) or not isinstance(offset, int):
-        raise WeightsError("a weights answer without its round, size or offset")
-    if not isinstance(sha256, str) or len(sha256) != 64:
-        raise WeightsError("a weights answer without its SHA-256")
+def check_header(reply: dict[str, Any], expected_nbytes: int, span: Span) -> int:
+    """The header of a weights answer, checked against the model's size and the asked span; its round."""
+    number, nbytes, offset, length = (reply.get(k) for k in ("round", "nbytes", "offset", "length"))
+    if not all(isinstance(x, int) for x in (number, nbytes, offset, length)):
+        raise WeightsError("a weights answer without its round, size, offset or length")
+    assert isinstance(number, int)
     if nbytes != expected_nbytes:
         raise WeightsError(f"weights of {nbytes} bytes do not fit the model's {expected_nbytes}")
-    if resuming is None:
-        if offset != 0:
-            raise WeightsError(f"a fresh fetch answered from byte {offset}")
-        return Partial(number, nbytes, sha256, 0, hashlib.sha256())
-    if (number, sha256, offset) != (resuming.round, resuming.sha256, resuming.done):
-        raise WeightsError(f"a resumed fetch answered with round {number} from byte {offset}")
-    return resuming
+    if (offset, length) != (span.done, span.end - span.done):
+        raise WeightsError(f"asked for bytes {span.done}-{span.end}, answered {offset} and {length} more")
+    return number
 
 
-async def receive_into(
-    reader: _Reader, into: memoryview, partial: Partial, progress: Callable[[int, int], None] | None = None
+async def receive_span(
+    reader: _Reader, into: memoryview, span: Span, progress: Callable[[int], None] | None = None
 ) -> None:
-    """Reads the rest of the weights into `into` (the whole model's bytes), hashing as they arrive;
-    `partial.done` follows, so that a cut fetch can be resumed. WeightsError: a bad hash or bad values."""
-    while partial.done < partial.nbytes:
-        chunk = await reader.readexactly(min(CHUNK, partial.nbytes - partial.done))
-        into[partial.done : partial.done + len(chunk)] = chunk
-        partial.hasher.update(chunk)
-        partial.done += len(chunk)
+    """Reads the rest of `span` into `into` (the whole model's bytes), a chunk at a time; `span.done`
+    follows. WeightsError when a chunk carries a non-finite value. progress(bytes): each chunk's size."""
+    while span.done < span.end:
+        chunk = await reader.readexactly(min(CHUNK - span.done % CHUNK, span.end - span.done))
+        if not np.isfinite(np.frombuffer(chunk, dtype="<f4")).all():
+            raise WeightsError(
+                f"the weights carry non-finite values (bytes {span.done}-{span.done + len(chunk)})"
+            )
+        into[span.done : span.done + len(chunk)] = chunk
+        span.done += len(chunk)
         if progress is not None:
-            progress(partial.done, partial.nbytes)
-    if partial.hasher.hexdigest() != partial.sha256:
-        raise WeightsError("the weights do not match their SHA-256")
-    for start in range(0, partial.nbytes, CHUNK):  # a chunk at a time: no model-sized temporary
-        if not np.isfinite(np.frombuffer(into[start : start + CHUNK], dtype="<f4")).all():
-            raise WeightsError("the weights carry non-finite values")
+            progress(len(chunk))

@@ -84,3 +84,29 @@ def test_a_peer_restarted_behind_the_run_fetches_its_weights(start_peer):
     # Its own checkpoint is of a round it finished (every round is saved; one the daemon jumped to and the
     # worker never heard of before the kill is not), and the run's weights are more than 2 rounds newer.
     assert resumed >= 1 and fetched["round"] > resumed + 2
+
+
+def test_a_late_joiner_refuses_made_up_weights_and_takes_the_honest_members(start_peer):
+    """One member serves noise of its weights' norm to joiners (test-only `--behave made_up_weights`): the
+    joiner's probes of the other members show it, the lying member's spans come again from honest ones,
+    and the joiner starts from the run's weights."""
+    # `small` (7 MB): four spans, so that each of the three members sends one at the start.
+    common = ["--run", "liar", "--listen", "127.0.0.1:0", "--rounds", "1000", "--inner-steps", "5",
+              "--threads", "1", "--wait-peers", "3", "--model", "small"]  # fmt: skip
+    first = start_peer("first", *common)
+    address = first.wait_for(lambda e: e["event"] == "listening")["address"]
+    liar = start_peer("liar", *common, "--bootstrap", address, "--behave", "made_up_weights")
+    start_peer("third", *common, "--bootstrap", address)
+    liar_id = liar.wait_for(lambda e: e["event"] == "listening")["address"].rsplit("/p2p/", 1)[1]
+    first.wait_for(
+        lambda e: e["event"] == "round" and e["round"] >= 3 and e["outcome"] == "swapped", timeout=240
+    )
+    initial_loss = first.of_kind("eval")[0]["eval_loss"]
+
+    late = start_peer("late", *common, "--bootstrap", address)
+    fetched = late.wait_for(lambda e: e["event"] == "weights", timeout=180)
+    assert liar_id in fetched["refused"], fetched
+    assert liar_id not in fetched["sources"] and len(fetched["sources"]) >= 1, fetched
+    first_eval = late.wait_for(lambda e: e["event"] == "eval", timeout=60)
+    assert first_eval["eval_loss"] < 0.9 * initial_loss, (first_eval, initial_loss)
+    assert "were refused: its values are" in late.log_path.read_text()

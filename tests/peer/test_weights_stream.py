@@ -1,10 +1,10 @@
 """Weights for joining peers (peer/weights.py, peer/worker/snapshots.py): streamed from the worker's snapshot
-files over real sockets, resumed after a cut without resending what arrived, checked by hash and values."""
+files a span at a time, to members only within a budget; what arrives is checked against the span asked and
+for non-finite values; probes answer other members' values. Fetches from several members: test_join_fetch."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from pathlib import Path
 
@@ -14,18 +14,19 @@ import pytest
 from shoal.peer.weights import (
     BUDGET_WINDOW_S,
     CHUNK,
+    PROBE_VALUES,
+    PROBES_PER_HOUR,
     WEIGHT_COPIES_PER_HOUR,
-    Fetch,
     Snapshots,
+    Span,
     WeightsError,
     WeightsServer,
     check_header,
-    fetch_resuming,
-    receive_into,
+    receive_span,
     send_from,
 )
 from shoal.peer.worker.snapshots import KEEP_SNAPSHOTS, snapshot_path, write_snapshot
-from shoal.transport.messages import MessageError, read_frame, read_message, write_message
+from shoal.transport.messages import MessageError
 
 NBYTES = 3 * CHUNK + 4 * 1000  # a few chunks and a short last one
 
@@ -53,112 +54,11 @@ class AsyncWriter:
         self.sent += len(data)
 
 
-async def serve(snapshots: Snapshots, cut_after: list[int]):
-    """A server answering weights requests from `snapshots`; the n-th answer is cut (the connection
-    dropped) after cut_after[n] bytes of weights, when given. Returns the server and the bytes it sent."""
-    sent: list[int] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await read_message(reader)
-        asked, offset = request.get("round"), request.get("offset", 0)
-        snapshot = snapshots.latest() if asked is None else snapshots.of_round(asked)
-        if snapshot is None:
-            await write_message(writer, {"type": "refuse", "reason": "gone"})
-            writer.close()
-            return
-        header = {"type": "weights", "round": snapshot.round, "nbytes": snapshot.nbytes}
-        await write_message(writer, {**header, "sha256": snapshot.sha256, "offset": offset})
-        served = snapshot.serve(offset)
-        out = AsyncWriter(writer)
-        cut = cut_after[len(sent)] if len(sent) < len(cut_after) else None
-        try:
-            if cut is None:
-                await send_from(out, served)
-            else:
-                served.nbytes = offset + cut  # stop there, then end the connection
-                await send_from(out, served)
-        finally:
-            served.close()
-            sent.append(out.sent)
-            writer.close()
-            await writer.wait_closed()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, sent
-
-
-async def request_weights(port: int, into: memoryview, fetch: Fetch) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        await write_message(writer, {"type": "weights", **fetch.request_fields()})
-        reply, size = await read_frame(reader, 1 << 16)
-        fetch.received += size
-        if reply["type"] != "weights":
-            raise WeightsError(f"refused: {reply['reason']}")
-        fetch.partial = check_header(reply, len(into), fetch.partial)
-        before = fetch.partial.done
-        try:
-            await receive_into(reader, into, fetch.partial)
-        finally:
-            fetch.received += fetch.partial.done - before
-    finally:
-        writer.close()
-
-
-def test_a_cut_fetch_resumes_where_it_stopped_and_gets_exactly_the_served_round(tmp_path: Path):
-    async def main() -> None:
-        snapshots = Snapshots()
-        data = weights(1)
-        publish(snapshots, tmp_path, 7, data)
-        server, sent = await serve(snapshots, cut_after=[CHUNK + 123, CHUNK])
-        port = server.sockets[0].getsockname()[1]
-        into = memoryview(bytearray(NBYTES))
-        resumed: list[int] = []
-        try:
-            async with server:
-                fetch = await fetch_resuming(
-                    lambda f: request_weights(port, into, f), NBYTES, 3, lambda f, _: resumed.append(f.done)
-                )
-        finally:
-            snapshots.close()
-        assert bytes(into) == data
-        # Each try went on from the last whole chunk the one before received: the 123 bytes of a chunk
-        # cut short were sent again, nothing else was.
-        assert resumed == [CHUNK, 2 * CHUNK]
-        assert sum(sent) == NBYTES + 123
-        assert fetch.partial is not None and fetch.partial.round == 7
-        assert NBYTES < fetch.received < NBYTES + 3 * 200  # the weights once, plus three short headers
-
-    asyncio.run(main())
-
-
-def test_a_fetch_cut_too_often_fails_and_one_without_progress_is_not_resumed(tmp_path: Path):
-    async def main() -> None:
-        snapshots = Snapshots()
-        publish(snapshots, tmp_path, 3, weights(2))
-        into = memoryview(bytearray(NBYTES))
-        server, sent = await serve(snapshots, cut_after=[CHUNK, CHUNK, CHUNK])
-        port = server.sockets[0].getsockname()[1]
-        async with server:
-            with pytest.raises((asyncio.IncompleteReadError, OSError)):
-                await fetch_resuming(lambda f: request_weights(port, into, f), NBYTES, 1)
-        assert sent == [CHUNK, CHUNK]  # one resume, then it gave up
-        server, sent = await serve(snapshots, cut_after=[1000])  # less than a chunk: no progress to resume
-        port = server.sockets[0].getsockname()[1]
-        async with server:
-            with pytest.raises((asyncio.IncompleteReadError, OSError)):
-                await fetch_resuming(lambda f: request_weights(port, into, f), NBYTES, 5)
-        assert sent == [1000]
-        snapshots.close()
-
-    asyncio.run(main())
-
-
 def test_an_answer_in_progress_reads_its_round_to_the_end_while_newer_rounds_replace_it(tmp_path: Path):
     snapshots = Snapshots()
     first = weights(3)
     publish(snapshots, tmp_path, 1, first)
-    served = snapshots.latest().serve(0)  # a joiner's fetch began on round 1
+    served = snapshots.latest().serve(0, NBYTES)  # a joiner's fetch began on round 1
     for number in range(2, 2 + KEEP_SNAPSHOTS + 2):  # newer rounds: round 1's file is unlinked and closed
         publish(snapshots, tmp_path, number, weights(number + 10))
     assert not snapshot_path(tmp_path, 1).exists()
@@ -182,44 +82,124 @@ def test_an_answer_in_progress_reads_its_round_to_the_end_while_newer_rounds_rep
     assert bytes(sink.data) == first
 
 
-def test_wrong_hashes_values_sizes_and_resumes_are_refused(tmp_path: Path):
-    data = bytearray(weights(4))
-    sha256 = hashlib.sha256(data).hexdigest()
-    header = {"type": "weights", "round": 5, "nbytes": NBYTES, "sha256": sha256, "offset": 0}
+class Reader:
+    def __init__(self, body: bytes) -> None:
+        self.body, self.at = body, 0
 
-    class Reader:
-        def __init__(self, body: bytes) -> None:
-            self.body, self.at = body, 0
+    async def readexactly(self, n: int) -> bytes:
+        if self.at + n > len(self.body):
+            raise asyncio.IncompleteReadError(self.body[self.at :], n)
+        self.at += n
+        return self.body[self.at - n : self.at]
 
-        async def readexactly(self, n: int) -> bytes:
-            self.at += n
-            return self.body[self.at - n : self.at]
 
-    def receive(body: bytes, head: dict) -> bytes:
-        into = memoryview(bytearray(NBYTES))
-        asyncio.run(receive_into(Reader(body), into, check_header(head, NBYTES, None)))
-        return bytes(into)
+def test_a_span_lands_in_place_by_whole_chunks_and_bad_headers_and_values_are_refused():
+    data = weights(4)
+    header = {"type": "weights", "round": 5, "nbytes": NBYTES, "offset": CHUNK, "length": 2 * CHUNK}
+    span = Span(CHUNK, 3 * CHUNK)
+    assert check_header(header, NBYTES, span) == 5
+    into = memoryview(bytearray(NBYTES))
+    asyncio.run(receive_span(Reader(data[CHUNK : 3 * CHUNK]), into, span))
+    assert span.done == 3 * CHUNK and bytes(into[CHUNK : 3 * CHUNK]) == data[CHUNK : 3 * CHUNK]
+    assert bytes(into[:CHUNK]) == bytes(CHUNK)  # nothing outside the span was touched
 
-    assert receive(bytes(data), header) == bytes(data)
-    flipped = bytearray(data)
-    flipped[CHUNK + 5] ^= 1
-    with pytest.raises(WeightsError, match="SHA-256"):
-        receive(bytes(flipped), header)
-    nan = bytearray(data)
-    nan[-4:] = np.array([np.nan], dtype="<f4").tobytes()
+    # Cut after a chunk and a half: the whole chunk counts, the half is asked again.
+    span = Span(0, 3 * CHUNK)
+    with pytest.raises(asyncio.IncompleteReadError):
+        asyncio.run(receive_span(Reader(data[: CHUNK + CHUNK // 2]), into, span))
+    assert span.done == CHUNK and span.request_fields() == {"offset": CHUNK, "length": 2 * CHUNK}
+
+    nan = bytearray(data[: 2 * CHUNK])
+    nan[CHUNK + 8 : CHUNK + 12] = np.array([np.nan], dtype="<f4").tobytes()
+    span = Span(0, 2 * CHUNK)
     with pytest.raises(WeightsError, match="non-finite"):
-        receive(bytes(nan), {**header, "sha256": hashlib.sha256(nan).hexdigest()})
+        asyncio.run(receive_span(Reader(bytes(nan)), into, span))
+    assert span.done == CHUNK  # the bad chunk was not taken
     with pytest.raises(WeightsError, match="do not fit"):
-        check_header({**header, "nbytes": NBYTES + 4}, NBYTES, None)
-    with pytest.raises(WeightsError, match="fresh fetch"):
-        check_header({**header, "offset": 8}, NBYTES, None)
-    with pytest.raises(WeightsError, match="SHA-256"):
-        check_header({**header, "sha256": "00"}, NBYTES, None)
-    partial = check_header(header, NBYTES, None)
-    partial.done = 4096
-    with pytest.raises(WeightsError, match="resumed"):  # another round's bytes would not go on these
-        check_header({**header, "round": 6, "offset": 4096}, NBYTES, partial)
-    assert check_header({**header, "offset": 4096}, NBYTES, partial) is partial
+        check_header({**header, "nbytes": NBYTES + 4}, NBYTES, Span(CHUNK, 3 * CHUNK))
+    with pytest.raises(WeightsError, match="asked for bytes"):
+        check_header({**header, "offset": 0}, NBYTES, Span(CHUNK, 3 * CHUNK))
+    with pytest.raises(WeightsError, match="asked for bytes"):
+        check_header({**header, "length": CHUNK}, NBYTES, Span(CHUNK, 3 * CHUNK))
+    with pytest.raises(WeightsError, match="without its round"):
+        check_header({**header, "round": "5"}, NBYTES, Span(CHUNK, 3 * CHUNK))
+
+
+def test_a_span_is_served_from_its_offset_to_its_length_and_bad_spans_are_malformed(tmp_path):
+    snapshots = Snapshots()
+    data = weights(6)
+    publish(snapshots, tmp_path, 2, data)
+    server = WeightsServer(snapshots, lambda kind, **fields: {"type": kind, **fields})
+
+    class Sink:
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        async def write(self, chunk: bytes) -> None:
+            self.data += chunk
+
+    try:
+        header, served = server.answer("m", True, {"offset": CHUNK, "length": CHUNK + 40})
+        assert header == {
+            "type": "weights",
+            "round": 2,
+            "nbytes": NBYTES,
+            "offset": CHUNK,
+            "length": CHUNK + 40,
+        }
+        assert served is not None
+        sink = Sink()
+        asyncio.run(send_from(sink, served))
+        served.close()
+        assert bytes(sink.data) == data[CHUNK : 2 * CHUNK + 40]
+        header, served = server.answer("m", True, {"offset": NBYTES - 8})  # no length: to the end
+        assert header["length"] == 8 and served is not None
+        served.close()
+        for bad in ({"offset": 2}, {"offset": 0, "length": NBYTES + 4}, {"offset": 0, "length": 0},
+                    {"offset": NBYTES}, {"offset": -4}, {"length": "all"}):  # fmt: skip
+            with pytest.raises(MessageError):
+                server.answer("m", True, bad)
+    finally:
+        snapshots.close()
+
+
+def test_a_probe_answers_values_and_sums_of_squares_to_members_within_a_budget(tmp_path):
+    snapshots = Snapshots()
+    data = weights(7)
+    publish(snapshots, tmp_path, 3, data)
+    server = WeightsServer(snapshots, lambda kind, **fields: {"type": kind, **fields})
+    values = np.frombuffer(data, dtype="<f4")
+
+    def probe(sender: str, request: dict, member: bool = True) -> dict:
+        return asyncio.run(server.probe(sender, member, request))
+
+    try:
+        indices, spans = [0, 5, NBYTES // 4 - 1], [[0, CHUNK], [CHUNK, NBYTES]]
+        answer = probe("m", {"indices": indices, "spans": spans})
+        assert answer["type"] == "probe" and answer["round"] == 3
+        assert np.array_equal(np.frombuffer(answer["values"], dtype="<f4"), values[indices])
+        expected = [float(values[: CHUNK // 4].astype(np.float64) @ values[: CHUNK // 4]),
+                    float(values[CHUNK // 4 :].astype(np.float64) @ values[CHUNK // 4 :])]  # fmt: skip
+        assert answer["sumsq"] == pytest.approx(expected, rel=1e-9)
+        assert probe("stranger", {"indices": [0], "spans": []}, member=False)["type"] == "refuse"
+        malformed = [
+            {"indices": [NBYTES // 4], "spans": []},
+            {"indices": [-1], "spans": []},
+            {"indices": list(range(PROBE_VALUES + 1)), "spans": []},
+            {"indices": [0], "spans": [[0, 6]]},
+            {"indices": [0], "spans": [[0, NBYTES + 4]]},
+            {"indices": [0.5], "spans": []},
+            {},
+        ]
+        for bad in malformed:
+            with pytest.raises(MessageError):
+                probe("m", bad)
+        for _ in range(PROBES_PER_HOUR - 1):
+            assert probe("m", {"indices": [1], "spans": []})["type"] == "probe"
+        assert probe("m", {"indices": [1], "spans": []})["type"] == "refuse"
+        assert probe("other", {"indices": [1], "spans": []})["type"] == "probe"  # a budget each
+    finally:
+        snapshots.close()
 
 
 def test_snapshot_files_of_a_later_round_from_an_earlier_life_are_removed(tmp_path: Path):
@@ -244,7 +224,7 @@ def test_the_weights_go_to_members_only_within_a_budget_and_the_budget_map_forge
             assert header["type"] == "weights" and header["nbytes"] == NBYTES and served is not None
             served.close()
         header, served = answers[-1]
-        assert header["type"] == "refuse" and "times in the last hour" in header["reason"]
+        assert header["type"] == "refuse" and "copies of the weights this hour" in header["reason"]
         # Another member has its own budget; an hour later the first has its budget back, and members
         # that fetched nothing in the last hour are not kept.
         header, served = server.answer("other", True, {})

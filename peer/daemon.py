@@ -756,8 +756,8 @@ class Daemon:
     async def _open_run_stream(self, target: str) -> Stream:
         """A fresh run-protocol stream to `target` (a peer id or an address, see `_reach`)."""
         peer = await self._reach(target)
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            return await self._host.new_stream(peer, RUN_PROTOCOL)
+        async with asyncio.timeout(CONNECT_TIMEOUT):  # lazy: our first bytes go without a round trip
+            return await self._host.new_stream(peer, RUN_PROTOCOL, lazy=True)
 
     async def _exchange_members(self, target: str, timeout: float = MEMBERS_TIMEOUT) -> bool:
         """Swaps membership tables with `target` (a peer id or an address); False if it did not answer."""

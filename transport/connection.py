@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from . import multistream, noise, yamux
 from .errors import (
     ConnectionClosedError,
+    NegotiationError,
     ProtocolError,
     StreamClosedError,
     StreamResetError,
@@ -106,6 +107,9 @@ class Stream:
         self._write_closed = False
         self._readable = _Waiter()
         self._writable = _Waiter()
+        # A lazy dialer's negotiation (Host.new_stream(lazy=True)): the listener's echo, read before any
+        # of the protocol's bytes. None once agreed, and on every other stream.
+        self._negotiating: multistream.MultistreamDialer | None = None
 
     @property
     def remote_addr(self) -> Multiaddr | None:
@@ -160,9 +164,31 @@ class Stream:
 
     # ------------------------------------------------------------------ reading
 
+    def negotiate_on_first_read(self, dialer: multistream.MultistreamDialer) -> None:
+        """The stream's protocol was proposed and its first bytes may be written at once; the listener's
+        answer is checked at the first read (NegotiationError when it refused or closed)."""
+        self._negotiating = dialer
+
+    async def _agree(self) -> None:
+        dialer = self._negotiating
+        assert dialer is not None
+        self._negotiating = None
+        peer = self.remote_peer_id.short()
+        while not dialer.done:
+            data = await self.read()
+            if not data:
+                raise NegotiationError(f"{peer} closed the stream while negotiating {self.protocol}")
+            try:
+                dialer.receive_data(data)
+            except NegotiationError as exc:
+                raise NegotiationError(f"peer {peer} does not speak {self.protocol}: {exc}") from exc
+        self.unread(dialer.unused_data)
+
     async def read(self, n: int = -1) -> bytes:
         """Up to `n` bytes, or for n < 0 the next chunk that arrived (at most one yamux frame, returned
         without a copy); b"" once the peer closed its side and everything was read."""
+        if self._negotiating is not None:
+            await self._agree()
         if n == 0:
             return b""
         while not self._chunks:
@@ -204,7 +230,7 @@ class Stream:
         Consumes as data arrives (not once all `n` are buffered), so `n` may exceed the flow-control
         window without deadlocking the sender.
         """
-        if self._buffered >= n:
+        if self._buffered >= n and self._negotiating is None:
             return await self.read(n)
         parts: list[bytes] = []
         got = 0

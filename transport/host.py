@@ -296,13 +296,26 @@ class Host:
                 log.debug("identity check: %s is not us (%s)", maddr, exc)
 
     async def new_stream(
-        self, peer_id: PeerID, protocol: str, addrs: Sequence[Multiaddr | str] = ()
+        self, peer_id: PeerID, protocol: str, addrs: Sequence[Multiaddr | str] = (), lazy: bool = False
     ) -> Stream:
-        """Open a stream to `peer_id` speaking `protocol`, dialing one of `addrs` if not yet connected."""
+        """Open a stream to `peer_id` speaking `protocol`, dialing one of `addrs` if not yet connected.
+
+        `lazy`: for a peer known to speak `protocol`: returns once the proposal is written, without waiting
+        a round trip for the answer, which the stream's first read checks (NegotiationError there)."""
         conn = self._conns.get(peer_id)
         if conn is None or conn.closed.done() or (conn.session and conn.session.go_away_received):
             conn = await self._connect_any(peer_id, addrs)
         stream = conn.open_stream()
+        if lazy:
+            dialer = multistream.MultistreamDialer([protocol])
+            try:
+                await stream.write(dialer.data_to_send())
+            except BaseException:
+                await stream.reset()
+                raise
+            stream.protocol = protocol
+            stream.negotiate_on_first_read(dialer)
+            return stream
         try:
             async with asyncio.timeout(self.limits.negotiate_timeout_s):
                 ms = multistream.MultistreamDialer([protocol])

@@ -4,8 +4,10 @@ Spec: https://github.com/multiformats/multistream-select. Every message is a uva
 text ending in "\\n". Both sides first send the header "/multistream/1.0.0"; the dialer proposes protocol
 ids one at a time; the listener echoes the one it accepts or answers "na".
 
-The dialer pipelines its header with its first proposal (saves a round trip, as go-multistream does).
-Bytes received after the agreement are kept in `unused_data` for the negotiated protocol.
+The dialer pipelines its header with its first proposal (saves a round trip, as go-multistream does). A
+dialer sure of its one protocol may go further and send the protocol's first bytes before the listener's
+echo (lazy negotiation, `Host.new_stream(lazy=True)`): the echo is checked at its first read. Bytes
+received after the agreement are kept in `unused_data` for the negotiated protocol.
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ class _MessageReader:
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
-        # A message is at most MAX_MESSAGE_LENGTH plus its varint; never hold more than a few of them.
+
+    def check_unparsed(self) -> None:
+        """After parsing what it could: a message is at most MAX_MESSAGE_LENGTH plus its varint, so never
+        hold more than a few of them. (Before parsing, a buffer may hold a lazy dialer's first bytes of
+        the protocol too: a flow-control window's worth at most.)"""
         if len(self._buffer) > 4 * (MAX_MESSAGE_LENGTH + 2) + 65536:
             raise ProtocolError("peer sent too much data during multistream negotiation")
 
@@ -98,6 +104,8 @@ class _Negotiation:
                 self._header_seen = True
             else:
                 self._on_message(message)
+        if not self.done:
+            self._reader.check_unparsed()
 
     def _on_message(self, message: str) -> None:
         raise NotImplementedError

@@ -205,6 +205,26 @@ async def test_unknown_protocol_is_refused_cleanly():
             await a.new_stream(b.peer_id, "/nope/1", [full_addr(b)])
 
 
+async def test_a_lazy_stream_sends_its_first_bytes_before_the_answer_and_checks_it_at_the_first_read():
+    """A lazy dialer writes a payload larger than a negotiation may buffer (256 KiB) at once; the listener
+    still agrees and hands all of it to its handler, and the echo comes back intact."""
+    async with two_hosts() as (a, b):
+        await a.connect(full_addr(b))
+        stream = await a.new_stream(b.peer_id, "/echo/1", lazy=True)
+        assert stream.protocol == "/echo/1"
+        payload = os.urandom(256 * 1024)
+        writer = asyncio.create_task(stream.write(payload))
+        assert await stream.readexactly(len(payload)) == payload
+        await writer
+        await stream.close()
+        # Refused: the first read says so (the bytes written before it were sent for nothing).
+        refused = await a.new_stream(b.peer_id, "/nope/1", lazy=True)
+        with contextlib.suppress(TransportError):  # the listener may already have reset the stream
+            await refused.write(b"x" * 1000)
+        with pytest.raises(TransportError, match="/nope/1|negotiat|reset"):
+            await refused.read()
+
+
 async def test_identify_and_ping():
     async with two_hosts() as (a, b):
         await a.connect(full_addr(b))

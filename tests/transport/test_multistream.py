@@ -47,6 +47,17 @@ def test_bytes_after_agreement_are_kept_for_the_protocol():
     assert listener.selected == "/p" and listener.unused_data == b"payload"
 
 
+def test_a_lazy_dialers_first_bytes_may_come_with_its_proposal_but_unparsed_junk_is_bounded():
+    listener = MultistreamListener(["/p"])
+    first = bytes(range(256)) * 1024  # 256 KiB of the protocol, in the same read as the proposal
+    listener.receive_data(encode_message("/multistream/1.0.0") + encode_message("/p") + first)
+    assert listener.selected == "/p" and listener.unused_data == first
+    # Before an agreement, a large read is parsed as messages: junk is refused, not held.
+    junk = MultistreamListener(["/p"])
+    with pytest.raises(ProtocolError):
+        junk.receive_data(encode_message("/multistream/1.0.0") + b"\x80" * 100_000)
+
+
 def test_wrong_header_is_refused():
     with pytest.raises(NegotiationError):
         MultistreamListener(["/p"]).receive_data(encode_message("/multistream/2.0.0"))

@@ -40,7 +40,7 @@ from shoal.peer.events import Events
 from shoal.peer.guard_reports import GuardReports
 from shoal.peer.identity_proof import prove_identity
 from shoal.peer.ipc import SharedBuffer, WorkerGone, WorkerProcess
-from shoal.peer.join_fetch import ROUND_SLACK, FetchFailed, JoinFetch
+from shoal.peer.join_fetch import FetchFailed, JoinFetch
 from shoal.peer.keys import resolve_identity
 from shoal.peer.metrics import MetricsServer
 from shoal.peer.offers import send_while_answered
@@ -93,6 +93,7 @@ READY_FANOUT = 8  # members told at once that we are ready; gossip tells the res
 WAIT_PEERS_PATIENCE = 60.0
 DHT_TABLE_FILE = "dht-table.json"
 WEIGHT_SOURCES = 6  # members a joiner may ask for the run's weights (3 at once), most advanced first
+BELIEVABLE_LEAD = 10  # rounds past the run's (the third-highest published) a member's round is believed
 RESUME_BEHIND_ROUNDS = 2  # rounds a resumed peer may lag the run and still go on from its own checkpoint
 DHT_LOOKUP_TIMEOUT = 10.0
 DHT_LOOKUPS_BEFORE_STARTING = 2  # empty run lookups in a live DHT before a joiner starts the run itself
@@ -546,8 +547,9 @@ class Daemon:
         members = [p for p in others if p not in excluded and p not in self.swap.banned]
         rounds = {p: self._membership.members[p].round for p in members}
         # Most advanced first, but not a member whose round is past what the run's members say (one that
-        # claims round 2^62 would otherwise be asked first, and its round believed).
-        believable = evidence.run_round(list(rounds.values())) + ROUND_SLACK
+        # claims round 2^62 would otherwise be asked first, and its round believed). Gossip lags fast rounds
+        # (a member sent round 26 while the joiner had its round 19): a round a few past is believable.
+        believable = evidence.run_round(list(rounds.values())) + BELIEVABLE_LEAD
         ranked = sorted(members, key=lambda p: (rounds[p] > believable, -rounds[p]))
         with transfer_bar("the run's weights", enabled=not self.events.json_lines) as bar:
 
@@ -557,7 +559,7 @@ class Daemon:
                 self.board.set_activity("joining", f"fetching the run's weights from members: {text}")
 
             join = JoinFetch(
-                [(p, rounds[p]) for p in ranked[:WEIGHT_SOURCES]],
+                ranked[:WEIGHT_SOURCES],
                 ranked,
                 fetcher.attempt,
                 fetcher.probe,
@@ -576,7 +578,7 @@ class Daemon:
         if fetched is None:  # Ctrl-C or SIGTERM: the worker is told to stop, not to begin
             log.info("[%s] stopped while fetching the run's weights", self.peer_id)
             return {"type": "begin", "weights_nbytes": 0}
-        number = min(fetched.round, max(rounds.values()))
+        number = min(fetched.round, believable)  # a lower round is caught up by the run's round clock
         self.swap.book.last_finished = number
         for peer, why in fetched.checks.items():
             log.info("[%s] the weights from %s: %s", self.peer_id, peer, why)

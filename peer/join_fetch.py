@@ -36,7 +36,6 @@ log = logging.getLogger("shoal.peer.daemon")
 SPAN = 16 * CHUNK  # bytes one request asks for: a few seconds at home-uplink rates, a fraction at 100 Mbit/s
 PARALLEL = 3  # members sending at once
 RESUMES = 3  # cuts a member may have (each after delivering bytes) before it is dropped
-ROUND_SLACK = 2  # rounds a member's weights may be ahead of the round it published (gossip lags)
 CHECKERS = 3  # members that judge each sender's spans: CHECKERS + 1 are probed, a sender may be among them
 CHECK_VALUES = 1024  # coordinates checked per member that sent spans
 # `judge`'s bounds, relative to the norm of the checkers' values. Measured on live runs: `tiny` (4 peers,
@@ -111,7 +110,6 @@ def judge(
 @dataclass
 class Sender:
     peer: str
-    published: int  # its round in the membership
     spans: list[tuple[int, int]] = field(default_factory=list)  # the bytes it delivered, [start, end)
     round: int = 0  # the newest round it sent
     cuts: int = 0
@@ -123,7 +121,7 @@ class Sender:
 
 @dataclass
 class Fetched:
-    round: int  # the newest round of the weights that make it up
+    round: int  # the newest round of the weights that make it up, by the senders' word
     senders: dict[str, int]  # member -> bytes of the weights it sent
     refused: dict[str, str]  # member whose weights were refused -> why
     checks: dict[str, str]  # member that sent weights -> how they compared
@@ -131,7 +129,7 @@ class Fetched:
 
 
 class JoinFetch:
-    """Fills `into` (the model's bytes) from `candidates` ((member, its published round), best first),
+    """Fills `into` (the model's bytes) from `candidates` (members, best first),
     checked against `checkers` (members to probe, best first).
 
     fetch_span(peer, into, span, progress): fetches the rest of `span` from `peer`, returns its round;
@@ -140,13 +138,13 @@ class JoinFetch:
 
     def __init__(
         self,
-        candidates: list[tuple[str, int]],
+        candidates: list[str],
         checkers: list[str],
         fetch_span: FetchSpan,
         probe: Probe,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
-        self._candidates: Iterator[Sender] = (Sender(peer, number) for peer, number in candidates)
+        self._candidates: Iterator[Sender] = (Sender(peer) for peer in candidates)
         self._checkers = checkers
         self._fetch_span = fetch_span
         self._probe = probe
@@ -248,10 +246,6 @@ class JoinFetch:
             self._done -= span.done - start
             pending.appendleft(Span(start, span.end))
             return str(error) or type(error).__name__
-        if number > sender.published + ROUND_SLACK:
-            self._done -= span.end - start
-            pending.appendleft(Span(start, span.end))
-            return f"it sent round {number} but published round {sender.published}"
         sender.spans.append((start, span.end))
         sender.round = max(sender.round, number)
         return None

@@ -221,7 +221,7 @@ async def test_a_lazy_stream_sends_its_first_bytes_before_the_answer_and_checks_
         refused = await a.new_stream(b.peer_id, "/nope/1", lazy=True)
         with contextlib.suppress(TransportError):  # the listener may already have reset the stream
             await refused.write(b"x" * 1000)
-        with pytest.raises(TransportError, match="/nope/1|negotiat|reset"):
+        with pytest.raises(TransportError, match=r"/nope/1|negotiat|reset"):
             await refused.read()
 
 

@@ -55,6 +55,7 @@ DEFAULT_SHARDS = 16
 # tokens (whole windows, at least one), gradients summed. At `base`'s batch of 16 x 256 tokens the
 # activations were 0.8 GB, 19 times the model; the step's matmuls stay large enough to run at full speed.
 MICRO_BATCH_TOKENS = 1024
+EVAL_BATCH_TOKENS = 4096  # the same for an evaluation (no gradients: four times as many)
 # The guard's loss probe: this many fixed windows of the peer's own shard, on which its own θ, its φ and the
 # partner's θ are evaluated before it pulls toward the partner (three forward passes of a small batch).
 PROBE_WINDOWS = 8
@@ -272,8 +273,12 @@ class Trainer:
             return float(torch.func.functional_call(self.model, on_device, batch)[1])
 
         with self._autocast():
-            losses = [loss(x, y) for x, y in zip(self.eval_x.split(16), self.eval_y.split(16), strict=True)]
-        return float(np.mean(losses))
+            # EVAL_BATCH_TOKENS at a time (16 of base's windows, 4 of gpt2-small's): 16 of gpt2-small's at
+            # once held 1.5 models of activations.
+            step = max(1, EVAL_BATCH_TOKENS // self.eval_x.shape[1])
+            parts = zip(self.eval_x.split(step), self.eval_y.split(step), strict=True)
+            losses = [(loss(x, y), len(x)) for x, y in parts]
+        return float(sum(value * n for value, n in losses) / sum(n for _, n in losses))
 
     # --- the run's weights, for joiners --------------------------------------------------------------
     def slow_chunks(self) -> Iterator[memoryview]:

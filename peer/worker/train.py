@@ -255,6 +255,9 @@ class Trainer:
             raise
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
+        # Gradients freed now, not at the next step: the outer step, checkpoint and evaluation that may
+        # come first would hold a model of dead gradients.
+        self.optimizer.zero_grad(set_to_none=True)
         self.inner_step += 1
         self.round_steps += 1
         return loss

@@ -22,8 +22,6 @@ import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-import numpy as np
-
 from shoal.dht.keys import DHT_WORK_BITS
 from shoal.dht.node import DHTNode
 from shoal.errors import ShoalError
@@ -53,7 +51,7 @@ from shoal.peer.run_settings import run_settings, settings_mismatch, valid_setti
 from shoal.peer.runstate_link import RUNSTATE_PROTOCOL, RunStateLink, key_of, peer_id_of
 from shoal.peer.silence import SilenceWatch
 from shoal.peer.status import LogTail, StatusBoard
-from shoal.peer.weights import Snapshots, WeightsServer
+from shoal.peer.weights import Snapshots, WeightsServer, made_up_weights
 from shoal.peer.weights_fetch import WeightsFetcher
 from shoal.peer.worker.presets import peer_number
 from shoal.peer.worker.sources import resolve_data
@@ -475,7 +473,7 @@ class Daemon:
                 elif kind == "snapshot":  # the file a joining peer's fetch streams our weights from
                     number, nbytes, path = int(message["round"]), int(message["nbytes"]), str(message["path"])
                     if self.config.behave == "made_up_weights":  # test only: what a lying member would serve
-                        path = _made_up_weights(path)
+                        path = made_up_weights(path)
                     self.snapshots.add(number, path, nbytes, str(message["sha256"]))
                 elif kind == "verdict":
                     self.guard_reports.on_verdict(message)
@@ -971,16 +969,6 @@ class Daemon:
             await self.swap.answer_offer(sender, request, size, writer)
         else:
             raise MessageError(f"unknown request type {kind!r}")
-
-
-def _made_up_weights(path: str) -> str:
-    """Test only (`--behave made_up_weights`): noise of the norm of the weights at `path`, in a file beside
-    it (replaced, as the worker's own, round after round)."""
-    weights = np.fromfile(path, dtype="<f4")
-    noise = np.random.default_rng().standard_normal(weights.size)
-    made_up = path + ".made-up"
-    (noise * np.linalg.norm(weights) / np.sqrt(max(1, weights.size))).astype("<f4").tofile(made_up)
-    return made_up
 
 
 def _worker_error(message: dict[str, Any]) -> WorkerError:

@@ -275,6 +275,19 @@ def sum_of_squares(weights: memoryview, start: int, end: int) -> float:
     return total
 
 
+def made_up_weights(path: str) -> str:
+    """Test only (`--behave made_up_weights`): noise of the norm of the weights at `path`, in one file beside
+    it, replaced round after round (renamed over: a file held open keeps its bytes)."""
+    weights = np.fromfile(path, dtype="<f4")
+    noise = np.random.default_rng().standard_normal(weights.size)
+    made_up = os.path.join(os.path.dirname(path), "made-up-weights.bin")
+    (noise * np.linalg.norm(weights) / np.sqrt(max(1, weights.size))).astype("<f4").tofile(
+        made_up + ".partial"
+    )
+    os.replace(made_up + ".partial", made_up)
+    return made_up
+
+
 class _Reader(Protocol):
     async def readexactly(self, n: int) -> bytes: ...
 

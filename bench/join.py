@@ -39,7 +39,6 @@ import json
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.link import PeerRun, unavailable_reason
+from bench.link import PeerRun, start_peer, unavailable_reason
 from bench.link_matrix import kernel_tcp_mbit, rate_bytes_per_s
 from bench.link_topology import Segment
 from bench.peer_runs import REPO_ROOT, BenchError, parse_code, run_guarded, tree_env, tree_label
@@ -291,14 +290,7 @@ def run_config(args: argparse.Namespace, spec: JoinSpec, run_dir: Path) -> dict[
             argv = peer_argv(args, address, shard, run_dir / name) + extra
             if bootstrap:
                 argv += ["--bootstrap", bootstrap]
-            stderr = open(run_dir / f"{name}.log", "w")  # noqa: SIM115 (the process keeps it)
-            events_log = open(run_dir / f"{name}.events.jsonl", "w")  # noqa: SIM115
-            proc = seg.spawn(
-                ns, argv, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=root,
-                start_new_session=True,  # Ctrl-C reaches the bench only; it stops the peers itself
-            )  # fmt: skip
-            stderr.close()
-            return PeerRun(name, proc, events_log)
+            return start_peer(seg, ns, name, argv, run_dir / name, env, root)
 
         names = [f"m{i}" for i in range(spec.members)] + (["liar"] if spec.liar else [])
         try:

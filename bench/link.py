@@ -35,7 +35,7 @@ Matrix mode (`--peers`, `--rates` or `--models`; `bench/link_matrix.py`, topolog
 rate: rounds swapped, link and compute utilization, peak memory, against an unshaped baseline:
 
     sudo python -m bench.link --peers 2,4 --rates 10mbit,25mbit,100mbit --rtt-ms 50 --models base \
-        --rounds 5 [--inner-steps auto|N] --json PATH
+        --rounds 5 [--inner-steps auto|N] [--batch-size N] --json PATH
 """
 
 from __future__ import annotations
@@ -206,6 +206,20 @@ class PeerRun:
         return {int(e["round"]): e for e in self.events if e.get("event") == "round"}
 
 
+def start_peer(
+    space: Namespaces, ns: str, name: str, argv: list[str], logs: Path, env: dict[str, str], cwd: Path
+) -> PeerRun:
+    """`argv` (a `peer join --json-events`) started in namespace `ns`: its stderr to LOGS.log, its events
+    to LOGS.events.jsonl, in a session of its own (Ctrl-C reaches the bench only; it stops the peers)."""
+    stderr = open(f"{logs}.log", "w")  # noqa: SIM115 (the process keeps it)
+    events_log = open(f"{logs}.events.jsonl", "w")  # noqa: SIM115
+    proc = space.spawn(
+        ns, argv, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=cwd, start_new_session=True
+    )
+    stderr.close()
+    return PeerRun(name, proc, events_log)
+
+
 def peer_command(args: argparse.Namespace, listen: str, shard: str, state: Path) -> list[str]:
     return [
         sys.executable,
@@ -253,20 +267,7 @@ def run_peers(link: Link, args: argparse.Namespace, code: Path | None, run_dir: 
             argv = peer_command(args, listen, shard, run_dir / name)
             if bootstrap:
                 argv += ["--bootstrap", bootstrap]
-            stderr = open(run_dir / f"peer-{name}.log", "w")  # noqa: SIM115 (the process keeps it)
-            events_log = open(run_dir / f"peer-{name}.events.jsonl", "w")  # noqa: SIM115
-            proc = link.spawn(
-                ns,
-                argv,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-                env=env,
-                cwd=root,
-                start_new_session=True,  # Ctrl-C reaches the bench only; it stops the peers itself
-            )
-            stderr.close()
-            peers.append(PeerRun(name, proc, events_log))
+            peers.append(start_peer(link, ns, name, argv, run_dir / f"peer-{name}", env, root))
             if not bootstrap:
                 bootstrap = str(peers[0].wait_for("listening", LISTEN_TIMEOUT_S)["address"])
         for peer in peers:
@@ -457,12 +458,17 @@ def main() -> None:
     )
     matrix.add_argument("--compute-ratio", type=float, default=2.0, help="round compute over exchange (2)")
     matrix.add_argument("--overlap", action="store_true", help="the peers run with --overlap")
+    matrix.add_argument(
+        "--batch-size", type=int, default=None, help="the peers' --batch-size (default: theirs, 16)"
+    )
     matrix.add_argument("--calibration-steps", type=int, default=4, help="inner steps of the calibration (4)")
     matrix.add_argument("--calibration-rounds", type=int, default=3, help="rounds of the calibration (3)")
     args = parser.parse_args()
     if args.peers or args.rates or args.models:
         main_matrix(args)
         return
+    if args.batch_size is not None:
+        raise SystemExit("bench.link: --batch-size is for the matrix mode only")
     args.guard_s = args.guard_s or WALL_CLOCK_GUARD_S
     run_dir = _run_dir(args, "shoal-link-")
 
@@ -494,6 +500,8 @@ def main_matrix(args: argparse.Namespace) -> None:
         raise SystemExit("bench.link: --code is for the two-peer mode only")
     if args.inner_steps != "auto" and not args.inner_steps.isdigit():
         raise SystemExit("bench.link: --inner-steps is auto or a positive integer")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise SystemExit("bench.link: --batch-size is a positive integer")
     run_dir = _run_dir(args, "shoal-link-matrix-")
     result = run_guarded("bench.link", args.guard_s or 5400, lambda: link_matrix.run_matrix(args, run_dir))
     link_matrix.print_matrix(result)

@@ -1,7 +1,7 @@
 """bench.link's matrix mode: 2..N real peers on a shaped, delayed segment, per (model, peers, rate).
 
     sudo python -m bench.link --peers 2,4 --rates 10mbit,25mbit,100mbit --rtt-ms 50 --models base \
-        --rounds 5 [--inner-steps auto|N] --json PATH
+        --rounds 5 [--inner-steps auto|N] [--batch-size N] --json PATH
 
 For each model and peer count: first an unshaped run (Linux bridge, no tbf, no delay) of
 `--calibration-steps` inner steps a round, which gives the time of one inner step and the payload's
@@ -24,7 +24,16 @@ Per run, from the peers' events (`--json-events`):
   `round` event to round R's.
 - `worker_peak_rss_over_model`: the worker's VmHWM (a child of the daemon, sampled every second) over
   the model's fp32 bytes; `daemon_peak_rss_mb`: the daemon's VmHWM.
-- `encode_mb_s`, `decode_mb_s`: null: no event carries the codec's timing (see `codec_note`).
+- `batch_size`: `--batch-size`, passed to every peer's `peer join` (the calibration's too); null: the
+  peers' default (16).
+- `encode_mb_s`: the model's fp32 bytes (4 x parameters) / 1e6 over the median `encode_seconds` of the
+  swapped peer-rounds (all peers; the worker's making of the round's message, from the `round` event).
+  `decode_mb_s`: the same over the median `outer_seconds` of those rounds (from the worker's `eval` event
+  after each round): the partner's message decoded *and* the outer step applied, the guard's probe apart.
+- `round_seconds_median`: per swapped peer-round (all peers), the median seconds of `train` (the inner
+  steps), `encode`, `guard` (the guard's verdict on the partner's message), `outer` (decode + outer step),
+  `snapshot` (the weights file for joiners) and `eval` (the evaluation): where a round's wall time goes
+  besides the swap (`transfer_s_median`). `timed_peer_rounds`: how many peer-rounds those medians cover.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.link import SOURCE, PeerRun, round_rows
+from bench.link import SOURCE, PeerRun, round_rows, start_peer
 from bench.link_topology import Segment
 from bench.natlab import SINK
 from bench.peer_runs import REPO_ROOT, BenchError, tree_env
@@ -49,8 +58,18 @@ RUN_ID = "link-matrix"
 LISTEN_TIMEOUT_S = 300.0
 KERNEL_PORT = 5995
 CODEC_NOTE = (
-    "no peer event carries encode or decode timing (round: seconds and bytes of the swap; progress and "
-    "eval: losses); bench.codec measures the codec on its own"
+    "MB/s of the model's fp32 bytes (4 x parameters / 1e6) over the median seconds of the swapped "
+    "peer-rounds: encode_mb_s over the round event's encode_seconds (making the message); decode_mb_s "
+    "over the eval event's outer_seconds (decoding the partner's message plus applying the outer step)"
+)
+# The phases of a round the worker times (`round_seconds_median`): (phase, event, field).
+ROUND_PHASES = (
+    ("train", "round", "train_seconds"),
+    ("encode", "round", "encode_seconds"),
+    ("guard", "eval", "guard_seconds"),
+    ("outer", "eval", "outer_seconds"),
+    ("snapshot", "eval", "snapshot_seconds"),
+    ("eval", "eval", "eval_seconds"),
 )
 
 
@@ -62,6 +81,7 @@ class RunSpec:
     rtt_ms: float
     rounds: int
     inner_steps: int
+    batch_size: int | None = None  # the peers' --batch-size; None: their default
 
 
 def rate_bytes_per_s(rate: str) -> float:
@@ -123,6 +143,29 @@ def compute_utilization(events: list[dict[str, Any]], skip: int = 1) -> dict[str
     if wall <= 0:
         return None
     return {"train_s": train, "wall_s": wall, "utilization": train / wall, "rounds": float(len(measured))}
+
+
+def round_phases(by_peer: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """Per phase of `ROUND_PHASES`, its seconds in each swapped peer-round (all peers) that reports it:
+    the `round` event's fields, and those of the `eval` event the worker sends after that round."""
+    phases: dict[str, list[float]] = {name: [] for name, _, _ in ROUND_PHASES}
+    for events in by_peer.values():
+        evals = {int(e["round"]): e for e in events if e.get("event") == "eval" and "round" in e}
+        for event in events:
+            if event.get("event") != "round" or event.get("outcome") != "swapped":
+                continue
+            found = {"round": event, "eval": evals.get(int(event["round"]))}
+            for name, source, field in ROUND_PHASES:
+                value = (found[source] or {}).get(field)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    phases[name].append(float(value))
+    return phases
+
+
+def codec_mb_s(parameters: int, seconds: list[float]) -> float | None:
+    """The model's fp32 megabytes (4 x parameters / 1e6) over the median of `seconds`."""
+    middle = statistics.median(seconds) if seconds else 0.0
+    return round(4 * parameters / 1e6 / middle, 1) if parameters and middle > 0 else None
 
 
 def pair_rows(by_peer: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -222,12 +265,14 @@ def summarize(spec: RunSpec, by_peer: dict[str, list[dict[str, Any]]], rss: dict
     )
     worker_hwm = max(rss.get("worker_kb", {}).values(), default=0)
     daemon_hwm = max(rss.get("daemon_kb", {}).values(), default=0)
+    phases = round_phases(by_peer)
     result: dict[str, Any] = {
         "model": spec.model,
         "peers": spec.peers,
         "rate_mbit": rate_bytes_per_s(spec.rate) * 8 / 1e6 if spec.rate else None,
         "rtt_ms": spec.rtt_ms,
         "inner_steps": spec.inner_steps,
+        "batch_size": spec.batch_size,
         "rounds": len(numbers),
         "peer_rounds": peer_rounds,
         "swapped": swapped,
@@ -244,9 +289,11 @@ def summarize(spec: RunSpec, by_peer: dict[str, list[dict[str, Any]]], rss: dict
         else None,
         "worker_peak_rss_mb": round(worker_hwm / 1024, 1) if worker_hwm else None,
         "daemon_peak_rss_mb": round(daemon_hwm / 1024, 1) if daemon_hwm else None,
-        "encode_mb_s": None,
-        "decode_mb_s": None,
+        "encode_mb_s": codec_mb_s(params, phases["encode"]),
+        "decode_mb_s": codec_mb_s(params, phases["outer"]),  # decode + the outer step's apply
         "codec_note": CODEC_NOTE,
+        "round_seconds_median": {name: _median(values) for name, values in phases.items()},
+        "timed_peer_rounds": max((len(values) for values in phases.values()), default=0),
     }
     rows = pair_rows(by_peer)
     sent = [
@@ -309,13 +356,15 @@ def peer_argv(spec: RunSpec, listen: str, shard: str, state: Path, args: argpars
         "--threads", str(args.threads),
         "--state-dir", str(state),
         "--exchange-timeout", str(args.exchange_timeout),
+        *(["--batch-size", str(spec.batch_size)] if spec.batch_size else []),
         *(["--overlap"] if getattr(args, "overlap", False) else []),
     ]  # fmt: skip
 
 
 def run_spec(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
-    """One run on a fresh segment: the segment's checks (RTT, kernel TCP), the peers, the figures."""
-    env = tree_env(None)
+    """One run on a fresh segment: the segment's checks (RTT, kernel TCP), the peers, the figures. The
+    peers run this tree's code (PYTHONPATH, checked), also from a copy of the tree that is not installed."""
+    env = tree_env(REPO_ROOT)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     checks: dict[str, Any] = {}
@@ -332,14 +381,7 @@ def run_spec(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> dict[str
                 argv = peer_argv(spec, address, f"{i}/{spec.peers}", run_dir / name, args)
                 if bootstrap:
                     argv += ["--bootstrap", bootstrap]
-                stderr = open(run_dir / f"peer-{name}.log", "w")  # noqa: SIM115 (the process keeps it)
-                events_log = open(run_dir / f"peer-{name}.events.jsonl", "w")  # noqa: SIM115
-                proc = seg.spawn(
-                    ns, argv, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=REPO_ROOT,
-                    start_new_session=True,  # Ctrl-C reaches the bench only; it stops the peers itself
-                )  # fmt: skip
-                stderr.close()
-                peers.append(PeerRun(name, proc, events_log))
+                peers.append(start_peer(seg, ns, name, argv, run_dir / f"peer-{name}", env, REPO_ROOT))
                 if not bootstrap:
                     bootstrap = str(peers[0].wait_for("listening", LISTEN_TIMEOUT_S)["address"])
             pids = {peer.name: peer.proc.pid for peer in peers}  # `ip netns exec` execs: the daemon's pid
@@ -398,12 +440,15 @@ def run_matrix(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     baselines: list[dict[str, Any]] = []
     calibrations: list[dict[str, Any]] = []
     rates = [r.strip() for r in args.rates.split(",") if r.strip()]
+    batch = getattr(args, "batch_size", None)
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         for peers in [int(p) for p in args.peers.split(",") if p.strip()]:
             tag = f"{model}-{peers}p"
             steps: dict[str, int] = {}
             if args.inner_steps == "auto":
-                spec = RunSpec(model, peers, None, 0.0, args.calibration_rounds, args.calibration_steps)
+                spec = RunSpec(
+                    model, peers, None, 0.0, args.calibration_rounds, args.calibration_steps, batch
+                )
                 _say(f"{tag}: calibration, unshaped, {spec.inner_steps} inner steps ...")
                 calibration = run_spec(spec, args, run_dir / f"{tag}-calibration")
                 calibrations.append(_brief(calibration))
@@ -419,11 +464,11 @@ def run_matrix(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
             for rate in rates:
                 count = steps[rate]
                 if count not in baseline_of:
-                    spec = RunSpec(model, peers, None, 0.0, args.rounds, count)
+                    spec = RunSpec(model, peers, None, 0.0, args.rounds, count, batch)
                     _say(f"{tag}: unshaped baseline, {count} inner steps ...")
                     baseline_of[count] = _guarded_run(spec, args, run_dir / f"{tag}-unshaped-h{count}")
                     baselines.append(baseline_of[count])
-                spec = RunSpec(model, peers, rate, args.rtt_ms, args.rounds, count)
+                spec = RunSpec(model, peers, rate, args.rtt_ms, args.rounds, count, batch)
                 _say(f"{tag}: {rate}, RTT {args.rtt_ms} ms, {count} inner steps ...")
                 result = _guarded_run(spec, args, run_dir / f"{tag}-{rate}")
                 base = baseline_of[count].get("compute_utilization")
@@ -450,6 +495,8 @@ def _matrix(
             "rounds": args.rounds,
             "inner_steps": args.inner_steps,
             "compute_ratio": args.compute_ratio,
+            "batch_size": getattr(args, "batch_size", None),
+            "code": str(REPO_ROOT),
             "overlap": bool(getattr(args, "overlap", False)),
             "threads": args.threads,
             "tbf": "rate R burst 64kb latency 100ms on each peer's egress",
@@ -486,8 +533,14 @@ def row_text(r: dict[str, Any]) -> str:
         f"rounds {r['rounds']} swapped {r['swapped']}/{r['peer_rounds']} link {r.get('link_utilization')} "
         f"(done {r.get('link_utilization_done')}) compute {r['compute_utilization']} "
         f"(baseline {r.get('baseline_compute_utilization')}) worker/model {r['worker_peak_rss_over_model']} "
-        f"daemon {r['daemon_peak_rss_mb']} MB rtt {r.get('rtt_ms_measured')} tcp {r.get('kernel_tcp_mbit')}"
+        f"daemon {r['daemon_peak_rss_mb']} MB rtt {r.get('rtt_ms_measured')} tcp {r.get('kernel_tcp_mbit')}\n"
+        f"           encode {r.get('encode_mb_s')} MB/s decode+outer {r.get('decode_mb_s')} MB/s; median s a "
+        f"round: {phases_text(r.get('round_seconds_median') or {})}"
     )
+
+
+def phases_text(medians: dict[str, float | None]) -> str:
+    return " ".join(f"{name} {medians.get(name)}" for name, _, _ in ROUND_PHASES)
 
 
 def print_matrix(result: dict[str, Any]) -> None:

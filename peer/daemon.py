@@ -635,6 +635,7 @@ class Daemon:
             inner_step=message.get("inner_step"),
             train_loss=message.get("train_loss"),
             train_seconds=message.get("train_seconds"),
+            encode_seconds=message.get("encode_seconds"),
             seconds=round(seconds, 3),
             bits_per_param=round(8 * sent_bytes / max(1, self.parameters), 3),
         )

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.link import PeerRun, start_peer, unavailable_reason
+from bench.link import PeerRun, join_argv, start_peer, unavailable_reason
 from bench.link_matrix import kernel_tcp_mbit, rate_bytes_per_s
 from bench.link_topology import Segment
 from bench.peer_runs import REPO_ROOT, BenchError, parse_code, run_guarded, tree_env, tree_label
@@ -236,22 +236,10 @@ def load_average() -> list[float]:
 
 
 def peer_argv(args: argparse.Namespace, listen: str, shard: str | None, state: Path) -> list[str]:
-    argv = [
-        sys.executable, "-P", "-m", "shoal.peer", "join",
-        "--run", RUN_ID,
-        "--listen", f"/ip4/{listen}/tcp/0",
-        "--json-events",
-        "--rounds", str(args.rounds),
-        "--inner-steps", str(args.inner_steps),
-        "--model", args.model,
-        "--threads", str(args.threads),
-        "--state-dir", str(state),
-        "--exchange-timeout", str(args.exchange_timeout),
-        *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
-    ]  # fmt: skip
-    if shard is not None:
-        argv += ["--shard", shard]
-    return argv
+    return join_argv(
+        RUN_ID, listen, state, args, rounds=args.rounds, inner_steps=args.inner_steps, model=args.model,
+        batch_size=args.batch_size or None, shard=shard,
+    )  # fmt: skip
 
 
 def _wait(what: str, timeout_s: float, done: Any, peers: list[PeerRun]) -> None:

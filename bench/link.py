@@ -220,35 +220,40 @@ def start_peer(
     return PeerRun(name, proc, events_log)
 
 
-def peer_command(args: argparse.Namespace, listen: str, shard: str, state: Path) -> list[str]:
-    return [
+def join_argv(run: str, listen: str, state: Path, args: argparse.Namespace, **options: object) -> list[str]:
+    """`peer join --json-events` on `listen` (an IPv4 address, any port), with the bench's `--threads` and
+    `--exchange-timeout` and `options` (`inner_steps=2` -> `--inner-steps 2`; None: left out)."""
+    argv = [
         sys.executable,
         "-P",
         "-m",
         "shoal.peer",
         "join",
         "--run",
-        RUN_ID,
+        run,
         "--listen",
         f"/ip4/{listen}/tcp/0",
-        "--json-events",
-        "--rounds",
-        str(args.rounds),
-        "--inner-steps",
-        "1",
-        "--model",
-        args.model,
-        "--shard",
-        shard,
-        "--wait-peers",
-        "2",
-        "--threads",
-        str(args.threads),
-        "--state-dir",
-        str(state),
-        "--exchange-timeout",
-        str(args.exchange_timeout),
     ]
+    argv += ["--json-events", "--threads", str(args.threads), "--state-dir", str(state)]
+    argv += ["--exchange-timeout", str(args.exchange_timeout)]
+    for name, value in options.items():
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
+
+
+def peer_command(args: argparse.Namespace, listen: str, shard: str, state: Path) -> list[str]:
+    return join_argv(
+        RUN_ID,
+        listen,
+        state,
+        args,
+        rounds=args.rounds,
+        inner_steps=1,
+        model=args.model,
+        shard=shard,
+        wait_peers=2,
+    )
 
 
 def run_peers(link: Link, args: argparse.Namespace, code: Path | None, run_dir: Path) -> dict[str, Any]:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.link import SOURCE, PeerRun, round_rows, start_peer
+from bench.link import SOURCE, PeerRun, join_argv, round_rows, start_peer
 from bench.link_topology import Segment
 from bench.natlab import SINK
 from bench.peer_runs import REPO_ROOT, BenchError, tree_env
@@ -343,22 +343,11 @@ def sample_rss(pids: dict[str, int], rss: dict[str, dict[str, int]]) -> None:
 
 
 def peer_argv(spec: RunSpec, listen: str, shard: str, state: Path, args: argparse.Namespace) -> list[str]:
-    return [
-        sys.executable, "-P", "-m", "shoal.peer", "join",
-        "--run", RUN_ID,
-        "--listen", f"/ip4/{listen}/tcp/0",
-        "--json-events",
-        "--rounds", str(spec.rounds),
-        "--inner-steps", str(spec.inner_steps),
-        "--model", spec.model,
-        "--shard", shard,
-        "--wait-peers", str(spec.peers),
-        "--threads", str(args.threads),
-        "--state-dir", str(state),
-        "--exchange-timeout", str(args.exchange_timeout),
-        *(["--batch-size", str(spec.batch_size)] if spec.batch_size else []),
-        *(["--overlap"] if getattr(args, "overlap", False) else []),
-    ]  # fmt: skip
+    argv = join_argv(
+        RUN_ID, listen, state, args, rounds=spec.rounds, inner_steps=spec.inner_steps, model=spec.model,
+        shard=shard, wait_peers=spec.peers, batch_size=spec.batch_size or None,
+    )  # fmt: skip
+    return argv + (["--overlap"] if getattr(args, "overlap", False) else [])
 
 
 def run_spec(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:

@@ -23,9 +23,8 @@ from shoal.transport.messages import MessageError, read_frame, write_message
 
 log = logging.getLogger("shoal.peer.daemon")
 
-ANSWER_HEADER_LIMIT = (
-    1 << 20
-)  # a weights answer's header frame (the bytes follow it raw), or a probe's answer
+# A weights answer's header frame (the bytes follow it raw), or a probe's answer.
+ANSWER_HEADER_LIMIT = 1 << 20
 PROBE_TIMEOUT = 30.0  # a probe's answer: 16 KB, after the member read the asked spans from its disk
 
 

@@ -1,0 +1,141 @@
+"""Where a training worker's memory goes, phase by phase, in one process.
+
+    python -m bench.worker_memory --model gpt2-small --batch-size 1 [--threads 2] [--json PATH]
+
+Builds the worker's `Trainer` on a small generated corpus and runs one round's phases as the worker does:
+two inner steps, the round's message, the outer step (the own message as the partner's: decode, guard and
+apply), the round's checkpoint state (its optimizer state in a file, as the worker writes it), the snapshot
+for joiners, the evaluation. Before each phase the peak resident set (`VmHWM`) is reset through
+/proc/self/clear_refs; after it the peak is read. Each phase's peak is given in MB and in models above the
+baseline measured in the same process before the model was built (the interpreter and torch), so that it
+compares with the issue's target: the training footprint (weights, gradients, two AdamW moments, φ, outer
+momentum: 6 models) plus one model of scratch. Linux only (/proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+FOOTPRINT_MODELS = 6  # weights, gradients, two AdamW moments, φ, outer momentum
+TARGET_MODELS = FOOTPRINT_MODELS + 1  # plus one model of scratch
+
+
+def status_mb() -> dict[str, float]:
+    """VmRSS and VmHWM of this process, in MiB."""
+    values = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) / 1024
+    return values
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def corpus(directory: Path) -> Path:
+    """A text file large enough for the model's windows (bytes are the tokens)."""
+    path = directory / "corpus.txt"
+    path.write_text(("the quick brown fox jumps over the lazy dog; " * 200 + "\n") * 400)
+    return path
+
+
+def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
+    import torch
+
+    from shoal.peer.worker.checkpoints import CheckpointWriter
+    from shoal.peer.worker.snapshots import write_snapshot
+    from shoal.peer.worker.train import Trainer, TrainSettings
+
+    torch.set_num_threads(args.threads)
+    baseline = status_mb()["VmRSS"]  # the interpreter and torch, before any model
+    settings = TrainSettings(
+        model=args.model, inner_steps=2, batch_size=args.batch_size, lr=3e-3, warmup_steps=2,
+        total_steps=100, weight_decay=0.1, eval_windows=None, seed=0, threads=args.threads,
+        method="default", data=str(corpus(directory)), rounds=None, shard=[0, 1], init_seed=7, data_seed=7,
+        peer_id="peer-a", overlap=False,
+    )  # fmt: skip
+    phases: list[dict[str, Any]] = []
+    model_mb = 0.0
+
+    def phase(name: str, run: Any) -> Any:
+        reset_peak()
+        start = status_mb()["VmRSS"]
+        began = time.perf_counter()
+        result = run()
+        seconds = time.perf_counter() - began
+        peak = status_mb()["VmHWM"]
+        row = {"phase": name, "seconds": round(seconds, 2), "start_mb": round(start), "peak_mb": round(peak)}
+        phases.append(row)
+        if model_mb:
+            show(row)
+        return result
+
+    def show(row: dict[str, Any]) -> None:
+        row["peak_models_above_baseline"] = round((row["peak_mb"] - baseline) / model_mb, 2)
+        models, seconds = row["peak_models_above_baseline"], row["seconds"]
+        line = f"{row['phase']:11s} peak {row['peak_mb']:6d} MB  {models:5.2f} models  ({seconds:.1f} s)"
+        print(line, flush=True)
+
+    trainer = phase("build", lambda: Trainer(settings))
+    parameters = sum(p.numel() for p in trainer.model.parameters())
+    model_mb = 4 * parameters / 2**20
+    show(phases[0])
+    phase("inner step", trainer.train_step)
+    phase("inner step", trainer.train_step)
+    own = phase("message", trainer.message)
+    writer = CheckpointWriter(directory / "checkpoint.pt")
+    try:
+        optimizer_file = writer.write_optimizer(trainer.optimizer.state_dict())
+        phase("outer step", lambda: trainer.outer_step(own, own, "peer-b"))
+        phase("checkpoint", lambda: (writer.write(trainer.state_dict(optimizer_file)), writer.wait()))
+    finally:
+        writer.close()
+    phase("snapshot", lambda: write_snapshot(directory, 1, trainer.slow_chunks()))
+    phase("evaluation", trainer.evaluate)
+    worst = max(phases, key=lambda row: row["peak_mb"])
+    return {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "parameters": parameters,
+        "model_mb": round(model_mb, 1),
+        "baseline_mb": round(baseline),
+        "phases": phases,
+        "peak_mb": worst["peak_mb"],
+        "peak_phase": worst["phase"],
+        "peak_models_above_baseline": worst["peak_models_above_baseline"],
+        "target_models_above_baseline": TARGET_MODELS,
+        "ratio_to_target": round(worst["peak_models_above_baseline"] / TARGET_MODELS, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="base", help="model preset (base)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per inner step (16)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    parser.add_argument("--json", metavar="PATH", help="write the result here")
+    args = parser.parse_args()
+    if not Path("/proc/self/clear_refs").exists():
+        print("bench.worker_memory needs Linux's /proc/self/clear_refs", file=sys.stderr)
+        sys.exit(2)
+    with tempfile.TemporaryDirectory(prefix="worker-memory-") as directory:
+        result = measure(args, Path(directory))
+    print(f"peak {result['peak_mb']} MB in the {result['peak_phase']}: "
+          f"{result['peak_models_above_baseline']} models above the {result['baseline_mb']} MB baseline; "
+          f"target {TARGET_MODELS}: ratio {result['ratio_to_target']}")  # fmt: skip
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

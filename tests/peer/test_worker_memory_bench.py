@@ -1,0 +1,36 @@
+"""`python -m bench.worker_memory` runs a worker's round phase by phase and reports each phase's peak."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+def test_the_benchmark_reports_every_phase_against_the_target(tmp_path):
+    out = tmp_path / "memory.json"
+    command = [
+        sys.executable,
+        "-m",
+        "bench.worker_memory",
+        "--model",
+        "nano",
+        "--batch-size",
+        "4",
+        "--json",
+        str(out),
+    ]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    names = [row["phase"] for row in result["phases"]]
+    assert names == ["build", "inner step", "inner step", "message", "outer step", "checkpoint", "snapshot",
+                     "evaluation"]  # fmt: skip
+    assert all(row["peak_mb"] >= result["baseline_mb"] for row in result["phases"])
+    assert result["peak_mb"] == max(row["peak_mb"] for row in result["phases"])
+    assert result["target_models_above_baseline"] == 7 and result["ratio_to_target"] > 0

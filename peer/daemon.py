@@ -474,7 +474,7 @@ class Daemon:
                     number, nbytes, path = int(message["round"]), int(message["nbytes"]), str(message["path"])
                     if self.config.behave == "made_up_weights":  # test only: what a lying member would serve
                         path = made_up_weights(path)
-                    self.snapshots.add(number, path, nbytes, str(message["sha256"]))
+                    self.snapshots.add(number, path, nbytes)
                 elif kind == "verdict":
                     self.guard_reports.on_verdict(message)
                 elif kind in ("progress", "eval"):

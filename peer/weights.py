@@ -1,7 +1,7 @@
 """Our slow weights for peers joining the run: streamed from the worker's snapshot files, a span at a time.
 
-The worker writes φ after every round to a file (peer/worker/snapshots.py) and tells the daemon its round,
-size and SHA-256. `Snapshots` holds the last HELD_SNAPSHOTS of them open; the daemon keeps no copy of the
+The worker writes φ after every round to a file (peer/worker/snapshots.py) and tells the daemon its round
+and size. `Snapshots` holds the last HELD_SNAPSHOTS of them open; the daemon keeps no copy of the
 model in memory. A `weights` request names a span of the model's bytes (`offset`, `length`; the rest of
 the file without a length); the answer is a header frame `{round, nbytes, offset, length}` followed by
 those raw bytes, read from the file a chunk at a time as the stream drains. A joiner asks several members
@@ -51,7 +51,6 @@ class WeightsError(Exception):
 class Snapshot:
     round: int
     nbytes: int
-    sha256: str  # hex
     fd: int  # the file, open for reading
 
     def serve(self, offset: int, end: int) -> Served:
@@ -81,7 +80,7 @@ class Snapshots:
     def __init__(self) -> None:
         self._held: list[Snapshot] = []
 
-    def add(self, round_: int, path: str, nbytes: int, sha256: str) -> None:
+    def add(self, round_: int, path: str, nbytes: int) -> None:
         """Opens the worker's file of round `round_` (an absent or short file is logged and skipped)."""
         try:
             fd = os.open(path, os.O_RDONLY)  # held open until newer rounds replace it
@@ -92,7 +91,7 @@ class Snapshots:
             log.warning("the worker's weights of round %d are not %d bytes: not served", round_, nbytes)
             os.close(fd)
             return
-        self._held.append(Snapshot(round_, nbytes, sha256, fd))
+        self._held.append(Snapshot(round_, nbytes, fd))
         while len(self._held) > HELD_SNAPSHOTS:
             os.close(self._held.pop(0).fd)
 

@@ -7,7 +7,7 @@ It talks to its daemon over a control channel (stdin/stdout) and passes payloads
     worker -> daemon: payload {round, nbytes}         (our fast weights are in the outbound segment)
     daemon -> worker: partner {round, nbytes, peer} | skip {round, reason}
     worker -> daemon: verdict {round, peer, action, reason, weight, scores, excluded, strikes}  (the guard's)
-    worker -> daemon: snapshot {round, path, nbytes, sha256}  (φ after the round, in a file for joiners)
+    worker -> daemon: snapshot {round, path, nbytes}  (φ after the round, in a file for joiners)
     daemon -> worker: stop                            (any time it trains or evaluates, or as the reply)
     worker -> daemon: done {round}                    (after the last round; also on a closed channel)
     worker -> daemon: error {message, bug, traceback}  (it cannot go on: bad data, a damaged checkpoint, ...)
@@ -239,7 +239,7 @@ def _after_step(
     if trainer.verdict is not None and partner_id is not None:
         channel.send(_verdict_message(trainer, number, partner_id, excluded_before))
     began = time.monotonic()
-    path, nbytes, sha256 = write_snapshot(writer.path.parent, trainer.round, trainer.slow_chunks())
+    path, nbytes = write_snapshot(writer.path.parent, trainer.round, trainer.slow_chunks())
     snapshot_seconds = time.monotonic() - began
     channel.send(
         {
@@ -247,7 +247,6 @@ def _after_step(
             "round": trainer.round,
             "path": str(path),
             "nbytes": nbytes,
-            "sha256": sha256,
         }
     )
     began = time.monotonic()

@@ -9,7 +9,6 @@ reads one round's weights to its end, and neither process keeps a copy of the mo
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,24 +21,21 @@ def snapshot_path(directory: Path, round_: int) -> Path:
     return directory / f"{PREFIX}{round_:08d}{SUFFIX}"
 
 
-def write_snapshot(
-    directory: Path, round_: int, chunks: Iterable[bytes | memoryview]
-) -> tuple[Path, int, str]:
-    """Writes round `round_`'s weights, given a piece at a time (no model-sized buffer); returns the file,
-    its size and its SHA-256 (hex). Unlinks the files of rounds before the last KEEP_SNAPSHOTS, and any of
-    later rounds (left by an earlier life of this peer)."""
+def write_snapshot(directory: Path, round_: int, chunks: Iterable[bytes | memoryview]) -> tuple[Path, int]:
+    """Writes round `round_`'s weights, given a piece at a time (no model-sized buffer); returns the file
+    and its size. No hash: replicas differ, and a joiner checks the values against other members
+    (peer/join_fetch.py). Unlinks the files of rounds before the last KEEP_SNAPSHOTS, and any of later
+    rounds (left by an earlier life of this peer)."""
     path = snapshot_path(directory, round_)
     partial = path.with_suffix(".partial")
-    hasher, nbytes = hashlib.sha256(), 0
+    nbytes = 0
     with open(partial, "wb") as out:
         for chunk in chunks:
             out.write(chunk)
-            hasher.update(chunk)
             nbytes += len(chunk)
     os.replace(partial, path)
-    digest = hasher.hexdigest()
     for other in directory.glob(f"{PREFIX}*{SUFFIX}"):
         number = other.name[len(PREFIX) : -len(SUFFIX)]
         if not number.isdigit() or not round_ - KEEP_SNAPSHOTS < int(number) <= round_:
             other.unlink(missing_ok=True)
-    return path, nbytes, digest
+    return path, nbytes

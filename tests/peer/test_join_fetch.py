@@ -88,8 +88,8 @@ async def serving(members: list[Member], directory: Path) -> AsyncIterator[None]
     for member in members:
         held = Snapshots()
         (directory / member.name).mkdir(exist_ok=True)
-        path, nbytes, sha256 = write_snapshot(directory / member.name, member.round, [member.data.tobytes()])
-        held.add(member.round, str(path), nbytes, sha256)
+        path, nbytes = write_snapshot(directory / member.name, member.round, [member.data.tobytes()])
+        held.add(member.round, str(path), nbytes)
         snapshots.append(held)
         member.server = WeightsServer(held, lambda kind, **fields: {"type": kind, **fields})  # type: ignore[attr-defined]
         server = await asyncio.start_server(member.handle, "127.0.0.1", 0)

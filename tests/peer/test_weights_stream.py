@@ -37,8 +37,8 @@ def weights(seed: int) -> bytes:
 
 def publish(snapshots: Snapshots, directory: Path, round_: int, data: bytes) -> None:
     """What the worker and its daemon do after a round: the file written, then held open."""
-    path, nbytes, sha256 = write_snapshot(directory, round_, [data])
-    snapshots.add(round_, str(path), nbytes, sha256)
+    path, nbytes = write_snapshot(directory, round_, [data])
+    snapshots.add(round_, str(path), nbytes)
 
 
 class AsyncWriter:

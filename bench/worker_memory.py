@@ -60,7 +60,7 @@ def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         model=args.model, inner_steps=2, batch_size=args.batch_size, lr=3e-3, warmup_steps=2,
         total_steps=100, weight_decay=0.1, eval_windows=None, seed=0, threads=args.threads,
         method="default", data=str(corpus(directory)), rounds=None, shard=[0, 1], init_seed=7, data_seed=7,
-        peer_id="peer-a", overlap=False,
+        peer_id="peer-a", overlap=False, activation_checkpointing=args.activation_checkpointing,
     )  # fmt: skip
     phases: list[dict[str, Any]] = []
     model_mb = 0.0
@@ -105,6 +105,7 @@ def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         "model": args.model,
         "batch_size": args.batch_size,
         "threads": args.threads,
+        "activation_checkpointing": trainer.checkpointing,
         "parameters": parameters,
         "model_mb": round(model_mb, 1),
         "baseline_mb": round(baseline),
@@ -122,6 +123,9 @@ def main() -> None:
     parser.add_argument("--model", default="base", help="model preset (base)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per inner step (16)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    parser.add_argument(
+        "--activation-checkpointing", choices=("auto", "on", "off"), default="auto", help="as peer join's"
+    )
     parser.add_argument("--json", metavar="PATH", help="write the result here")
     args = parser.parse_args()
     if not Path("/proc/self/clear_refs").exists():

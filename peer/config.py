@@ -67,6 +67,10 @@ class PeerConfig:
     # Train the next round while this one is swapped (peer/worker/overlap.py): no training time lost to the
     # link or the outer step, for the partner's part of each step landing one round late.
     overlap: bool = False
+    # Recompute each block's activations during backward instead of keeping them: "auto" does it where one
+    # micro-batch's activations would exceed the model and half a GiB (gpt2-small: 2 models less for about
+    # a quarter more compute), "on" and "off" always and never.
+    activation_checkpointing: str = "auto"
     # Network
     exchange_timeout: float = 30.0  # seconds a peer waits for its partner in one round
     gossip_interval: float = 1.0
@@ -137,6 +141,10 @@ class PeerConfig:
             _host_port(":".join(parts[:2]), "TURN server")
         if self.behave is not None and not re.fullmatch(r"[a-z_]{1,32}", self.behave):
             raise ConfigError(f"behave {self.behave!r} is not an attack name")  # the worker knows the list
+        if self.activation_checkpointing not in ("auto", "on", "off"):
+            raise ConfigError(
+                f"activation_checkpointing must be auto, on or off, got {self.activation_checkpointing!r}"
+            )
         if self.serve_stun is not None and not 0 <= self.serve_stun < 65536:
             raise ConfigError(f"serve_stun must be a port number, got {self.serve_stun}")
 
@@ -145,6 +153,7 @@ class PeerConfig:
         names = (
             *("model", "inner_steps", "batch_size", "lr", "warmup_steps", "total_steps", "weight_decay"),
             *("eval_windows", "seed", "threads", "method", "data", "rounds", "behave", "overlap"),
+            "activation_checkpointing",
         )
         values = {name: getattr(self, name) for name in names}
         if self.behave in DAEMON_BEHAVIOURS:  # the daemon plays it; the worker trains as usual

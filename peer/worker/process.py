@@ -63,6 +63,8 @@ def run(channel: ControlChannel) -> int:
     settings = TrainSettings.from_dict(start["settings"])
     checkpoint = Path(start["checkpoint"])
     trainer = Trainer(settings)
+    if trainer.checkpointing:
+        log.info("activation checkpointing on: each layer's activations are recomputed during backward")
     resume(trainer, checkpoint)  # where it stopped; a damaged checkpoint is set aside, the previous one used
     writer = CheckpointWriter(checkpoint)
     spec = trainer.spec()

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 # Partners on the same data distribution and schedule move by similar amounts per round: a lattice step
 # more than this many times this peer's own is refused (pitfall P17: norm checks on what arrives).
 ERROR_FEEDBACK = False  # the lattice code sends θ itself each round: no residual carried over
+CONSUMES = True  # outer_step can let the old state go tensor by tensor (methods.outer_step's `consume`)
 MAX_STEP_RATIO = 16.0
 MIN_STEP_ALLOWANCE = 1e-6  # tensors this peer did not move (zero Δ) still accept a small partner step
 # OuterState.drift forgets this fraction a round, so the step narrows again as the replicas come together.
@@ -95,14 +96,17 @@ def abs_max(a: np.ndarray, b: np.ndarray | None, scratch: quant.Scratch) -> floa
     return float(np.max(peaks))
 
 
-def outer_step(config: OuterConfig, state: OuterState, own: bytes, received: Sequence[bytes]) -> Named:
+def outer_step(
+    config: OuterConfig, state: OuterState, own: bytes, received: Sequence[bytes], consume: bool = False
+) -> Named:
     """NoLoCo's step on θ decoded with this peer's φ as side information; sets state.slow, state.momentum.
 
     In the partner's blocks whose check fails (wrapped), this peer's own θ stands in: no pull there.
     The same results, bit for bit, as `read_lattice` of both messages then `noloco.noloco_step_from_fast`,
     but one pass per message, a chunk at a time: this peer's θ is decoded into the new φ's buffer (checked
     whole before the partner's message is read), then each chunk of the partner's θ is decoded, tracked and
-    stepped; nothing else the size of the model is allocated.
+    stepped; nothing else the size of the model is allocated. With `consume` (methods.outer_step) each
+    tensor's old φ and momentum leave the state's dicts once its step is done.
     """
     mine = unpack(own, config.method)
     theirs = [unpack(m, config.method) for m in received]
@@ -126,6 +130,7 @@ def outer_step(config: OuterConfig, state: OuterState, own: bytes, received: Seq
     if partner is not None:
         check_steps(partner, mine.steps)
         _check_codes(partner, sides, peaks, config)  # raises before anything changes
+    dtypes = {name: slow[name].dtype for name in names}
     new_momentum: Named = {}
     for index, name in enumerate(names):
         new_momentum[name] = torch.empty(slow[name].shape, dtype=torch.float32)
@@ -134,18 +139,18 @@ def outer_step(config: OuterConfig, state: OuterState, own: bytes, received: Seq
         if partner is None:
             for start, stop in quant.chunk_bounds(theta.size):
                 pull.step(start, stop, None)
-            continue
-        n_wrapped, gaps = 0, [np.float32(0.0)]
-        for start, stop, values, wrapped in _decode(
-            partner, index, sides[name], peaks[name], config, scratch, None
-        ):
-            n_wrapped += _gap_and_patch(values, theta[start:stop], sides[name][start:stop], wrapped, gaps)
-            pull.step(start, stop, values)
-        _track(config, state, name, partner.steps[index], theta.size, n_wrapped, float(np.max(gaps)))
+        else:
+            n_wrapped, gaps = 0, [np.float32(0.0)]
+            for start, stop, values, wrapped in _decode(
+                partner, index, sides[name], peaks[name], config, scratch, None
+            ):
+                n_wrapped += _gap_and_patch(values, theta[start:stop], sides[name][start:stop], wrapped, gaps)
+                pull.step(start, stop, values)
+            _track(config, state, name, partner.steps[index], theta.size, n_wrapped, float(np.max(gaps)))
+        if consume:  # nothing refers to this tensor's old φ and momentum any more
+            del pull, sides[name], slow[name], state.momentum[name]
     state.momentum = new_momentum
-    state.slow = {
-        n: t if slow[n].dtype == torch.float32 else t.to(slow[n].dtype) for n, t in new_slow.items()
-    }
+    state.slow = {n: t if dtypes[n] == torch.float32 else t.to(dtypes[n]) for n, t in new_slow.items()}
     return state.slow
 
 
@@ -217,6 +222,36 @@ def read_lattice(message: Message, slow: Mapping[str, torch.Tensor], config: Out
         per_block = torch.from_numpy(np.concatenate(blocks)) if blocks else torch.zeros(0, dtype=torch.bool)
         wrapped[name] = quant.block_mask(per_block, flat.size).view(out.shape)
     return Decoded(values, wrapped)
+
+
+def read_partner(
+    message: Message,
+    slow: Mapping[str, torch.Tensor],
+    own_fast: Mapping[str, torch.Tensor],
+    config: OuterConfig,
+) -> tuple[Named, float]:
+    """θ of the sender decoded with this peer's φ as side information, its wrapped blocks replaced by this
+    peer's own θ (`own_fast`: no pull there, as `outer_step` does), and the fraction of values that wrapped.
+    `read_lattice` with that patch applied a block at a time: no mask the size of the model."""
+    names = sorted(slow)
+    scratch = quant.Scratch()
+    sides = {name: flat32(slow[name]) for name in names}
+    peaks = {name: abs_max(sides[name], None, scratch) for name in names}
+    _check_codes(message, sides, peaks, config)
+    values: Named = {}
+    wrapped = total = 0
+    for index, name in enumerate(names):
+        out = values[name] = torch.empty(slow[name].shape, dtype=torch.float32)
+        flat, own = out.view(-1).numpy(), flat32(own_fast[name])
+        for start, stop, _, blocks in _decode(
+            message, index, sides[name], peaks[name], config, scratch, flat
+        ):
+            for block in np.flatnonzero(blocks).tolist():
+                lo, hi = start + block * CHECK_BLOCK, min(stop, start + (block + 1) * CHECK_BLOCK)
+                flat[lo:hi] = own[lo:hi]
+                wrapped += hi - lo
+        total += flat.size
+    return values, wrapped / max(1, total)
 
 
 def _check_codes(

@@ -51,25 +51,22 @@ def partner_fast(
             0.0,
         )
     compressed_noloco.check_steps(parsed, unpack(own, config.method).steps)
-    decoded = compressed_noloco.read_lattice(parsed, state.slow, config)
-    wrapped = total = 0
-    for name, values in decoded.values.items():
-        mask = decoded.wrapped[name]
-        values[mask] = own_fast[name].detach().float()[mask]
-        wrapped += int(mask.sum())
-        total += mask.numel()
-    return parsed, decoded.values, wrapped / max(1, total)
+    values, wrapped = compressed_noloco.read_partner(parsed, state.slow, own_fast, config)
+    return parsed, values, wrapped
 
 
-def weighted_step(config: OuterConfig, state: OuterState, own: bytes, partner: bytes, weight: float) -> None:
+def weighted_step(
+    config: OuterConfig, state: OuterState, own: bytes, partner: bytes, weight: float, consume: bool = False
+) -> None:
     """The outer step with the partner's pull weighted by `weight` (1: the method's step, 0: alone).
 
-    A message the method refuses raises OuterMessageError and leaves `state` as it was."""
+    A message the method refuses raises OuterMessageError and leaves `state` as it was. `consume`: as
+    methods.outer_step's, where one step is all it takes (a weight of 0 or 1)."""
     if weight <= 0.0:
-        outer_step(config, state, own, [])
+        outer_step(config, state, own, [], consume)
         return
     if weight >= 1.0:
-        outer_step(config, state, own, [partner])
+        outer_step(config, state, own, [partner], consume)
         return
     saved = (state.slow, state.momentum, state.round, dict(state.drift), dict(state.counters))
     outer_step(config, state, own, [partner])  # raises before anything changes

@@ -118,13 +118,24 @@ def wire_bytes(config: OuterConfig, message: bytes) -> int:
     return MODULES[config.method].wire_bytes(config, message)
 
 
-def outer_step(config: OuterConfig, state: OuterState, own: bytes, received: Sequence[bytes]) -> Named:
+def outer_step(
+    config: OuterConfig, state: OuterState, own: bytes, received: Sequence[bytes], consume: bool = False
+) -> Named:
     """Combine this peer's own message with what arrived; returns (and stores) the new slow weights φ.
 
     Every received message is parsed and validated before any weight changes; OuterMessageError otherwise.
     The round counter advances, so the next `make_message` belongs to the next round.
+
+    `consume`: the caller keeps no reference to `state.slow` and `state.momentum` (the dicts; a checkpoint's
+    `state_dict` has its own): a method that can (CONSUMES) lets each tensor's old φ and momentum go as soon
+    as its step is done, emptying those dicts as it goes, instead of holding the whole old state until the
+    new one is complete (a model less at the outer step's peak).
     """
-    MODULES[config.method].outer_step(config, state, own, received)
+    module = MODULES[config.method]
+    if consume and getattr(module, "CONSUMES", False):
+        module.outer_step(config, state, own, received, consume=True)
+    else:
+        module.outer_step(config, state, own, received)
     state.round += 1
     return state.slow
 

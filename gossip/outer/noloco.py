@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 # NoLoCo reference hyper-parameters (gensyn-ai/noloco configs): outer momentum α, outer lr β, averaging γ.
 ERROR_FEEDBACK = False  # dense: everything is sent every round, nothing left over for later
+CONSUMES = True  # outer_step can let the old state go tensor by tensor (methods.outer_step's `consume`)
 DEFAULT_ALPHA = 0.5
 DEFAULT_BETA = 0.7
 DEFAULT_GAMMA = 0.7
@@ -97,11 +98,14 @@ def wire_bytes(config: OuterConfig, message: bytes) -> int:
     return len(message)
 
 
-def outer_step(config: OuterConfig, state: OuterState, own: bytes, received: Sequence[bytes]) -> Named:
+def outer_step(
+    config: OuterConfig, state: OuterState, own: bytes, received: Sequence[bytes], consume: bool = False
+) -> Named:
     """δ ← α·δ + β·(θ̄ − φ); φ ← φ + δ with the partner's θ (own values when sitting out). Sets state.
 
     Read in place from the messages' bytes and stepped a chunk at a time (`ChunkStep`): the same bits as
-    `noloco_step_from_fast`, and nothing the size of the model but the new φ and δ.
+    `noloco_step_from_fast`, and nothing the size of the model but the new φ and δ. With `consume`
+    (methods.outer_step) each tensor's old φ and δ leave the state's dicts once its step is done.
     """
     mine = unpack(own, config.method)
     theirs = [unpack(m, config.method) for m in received]
@@ -109,9 +113,11 @@ def outer_step(config: OuterConfig, state: OuterState, own: bytes, received: Seq
         raise OuterMessageError(f"noloco pairs with one partner, got {len(theirs)} messages")
     fast = dense_views(mine, state.slow)
     partner = dense_views(theirs[0], state.slow) if theirs else None
+    dtypes = {name: phi.dtype for name, phi in state.slow.items()}
     new_slow: Named = {}
     new_momentum: Named = {}
-    for name, phi in state.slow.items():
+    for name in list(state.slow):
+        phi = state.slow[name]
         new_slow[name] = torch.empty(phi.shape, dtype=torch.float32)
         new_momentum[name] = torch.empty(phi.shape, dtype=torch.float32)
         out = new_slow[name].view(-1).numpy()
@@ -119,11 +125,10 @@ def outer_step(config: OuterConfig, state: OuterState, own: bytes, received: Seq
         pull = ChunkStep(new_momentum[name], out, flat32(phi), flat32(state.momentum[name]), config)
         for start, stop in chunk_bounds(out.size):
             pull.step(start, stop, None if partner is None else partner[name][start:stop])
+        if consume:  # nothing refers to this tensor's old φ and δ any more
+            del pull, phi, state.slow[name], state.momentum[name]
     state.momentum = new_momentum
-    state.slow = {
-        n: t if state.slow[n].dtype == torch.float32 else t.to(state.slow[n].dtype)
-        for n, t in new_slow.items()
-    }
+    state.slow = {n: t if dtypes[n] == torch.float32 else t.to(dtypes[n]) for n, t in new_slow.items()}
     return state.slow
 
 

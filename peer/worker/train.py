@@ -401,14 +401,17 @@ class Trainer:
                 outcome = f"partner message refused by the guard: {self.verdict.reason}"
             elif self.verdict.action == CLIP:
                 outcome = f"swapped, the partner's pull clipped to {weight:.2f} ({self.verdict.reason})"
+        # consume: nothing here keeps the old φ's and momentum's dicts (a checkpoint holds its own dicts;
+        # an overlapped round restored them from what it saved for this step alone), so each tensor of
+        # the old state goes as soon as its step is done: a model less at the outer step's peak.
         try:
             if partner is None or weight <= 0.0:
-                outer_step(self.outer_config, self.outer, own, [])
+                outer_step(self.outer_config, self.outer, own, [], consume=True)
             else:
-                weighted_step(self.outer_config, self.outer, own, partner, weight)
+                weighted_step(self.outer_config, self.outer, own, partner, weight, consume=True)
         except OuterError as error:
             outcome = f"partner message refused by the worker: {error}"
-            outer_step(self.outer_config, self.outer, own, [])
+            outer_step(self.outer_config, self.outer, own, [], consume=True)
         release_free_memory()  # the guard's decode and the old φ and momentum
         # The decode of the partner's message and the step: the outer step's own cost, the guard's apart.
         self.seconds["outer"] = time.monotonic() - began - self.seconds["guard"]

@@ -108,3 +108,50 @@ def test_a_checkpoint_holding_the_outer_state_is_not_changed_by_later_outer_step
         assert not torch.equal(a.slow["w"], frozen["slow"]["w"])  # the state itself moved on
         restored = OuterState.from_state_dict(held)  # a checkpoint without an EF buffer loads
         assert restored.error == {} and restored.round == 0
+
+
+def test_a_consuming_outer_step_lets_the_old_state_go_as_it_steps(monkeypatch):
+    # The worker's outer step lets each tensor's old φ and momentum go once its step is done (`consume`):
+    # the same new state, bit for bit, and while the second tensor steps the first one's old φ and momentum
+    # are freed already (without `consume` they live until the whole step is over).
+    import gc
+    import weakref
+
+    from shoal.gossip.outer import compressed_noloco
+
+    torch.manual_seed(6)
+    for method, module in (("noloco", noloco), ("compressed-noloco", compressed_noloco)):
+        config = OuterConfig.tuned(method)
+        init = {"w": torch.randn(64, 32), "b": torch.randn(32)}
+        stepped_first = "w" if module is noloco else "b"  # noloco steps in the dict's order, V-C sorted
+        plain, consumed = (OuterState.fresh("a", init, error_feedback=False) for _ in range(2))
+        partner = OuterState.fresh("b", {k: v + 0.01 * torch.randn_like(v) for k, v in init.items()})
+        for _ in range(3):
+            fast = {k: v + 0.05 * torch.randn_like(v) for k, v in plain.slow.items()}
+            own = make_message(config, plain, fast)
+            assert own == make_message(config, consumed, fast)
+            theirs = make_message(
+                config, partner, {k: v + 0.05 * torch.randn_like(v) for k, v in init.items()}
+            )
+            alive_at_second_step = {}
+            for state, consume in ((plain, False), (consumed, True)):
+                first = [weakref.ref(getattr(state, part)[stepped_first]) for part in ("slow", "momentum")]
+                steps: list[int] = []
+                real = module.ChunkStep
+
+                def counting(
+                    *args, steps=steps, first=first, consume=consume, real=real, seen=alive_at_second_step
+                ):
+                    if len(steps) == 1:  # the second tensor's step begins
+                        gc.collect()
+                        seen[consume] = sum(ref() is not None for ref in first)
+                    steps.append(1)
+                    return real(*args)
+
+                monkeypatch.setattr(module, "ChunkStep", counting)
+                outer_step(config, state, own, [theirs], consume=consume)
+                monkeypatch.setattr(module, "ChunkStep", real)
+            assert alive_at_second_step == {False: 2, True: 0}, method
+            for part in ("slow", "momentum"):
+                for k, v in getattr(plain, part).items():
+                    assert torch.equal(getattr(consumed, part)[k], v), (method, part, k)

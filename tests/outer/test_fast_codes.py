@@ -140,3 +140,22 @@ def test_read_lattice_matches_the_reference_including_wrapped_values():
     for n in a.slow:
         assert torch.equal(got.values[n], want.values[n]) and torch.equal(got.wrapped[n], want.wrapped[n])
     assert bool(got.wrapped["w"].any())
+
+
+def test_the_guards_decode_patches_wrapped_blocks_with_our_own_values():
+    # read_partner (the guard's decode): read_lattice's values with every wrapped block's values replaced
+    # by this peer's own θ, and the fraction that wrapped, without a model-sized mask.
+    config = OuterConfig.tuned("compressed-noloco")
+    a, b, fast_a, fast_b = states(5)
+    for t in (b.slow, fast_b):
+        t["w"].view(-1)[[0, 700]] += 1.0
+    message = unpack(MODULES["compressed-noloco"].make_message(config, b, fast_b), config.method)
+    values, wrapped = MODULES["compressed-noloco"].read_partner(message, a.slow, fast_a, config)
+    decoded = ref.read_lattice(message, a.slow, config)
+    count = 0
+    for n in a.slow:
+        mask = decoded.wrapped[n]
+        want = torch.where(mask, fast_a[n].float(), decoded.values[n])
+        assert torch.equal(values[n], want), n
+        count += int(mask.sum())
+    assert count > 0 and wrapped == count / sum(t.numel() for t in a.slow.values())

@@ -354,16 +354,15 @@ class RoundSwap:
                 elif loop.time() - heard > SILENT_PARTNER_S:
                     return f"partner {partner} answered nothing for {SILENT_PARTNER_S:.0f} s"
                 try:
-                    async with asyncio.timeout(ROUND_QUERY_TIMEOUT):
-                        status, _, _ = await self._request(
-                            partner, self._message("status", round=number), CONTROL_MESSAGE_LIMIT
-                        )
+                    status = await self._status_unless(arrival, partner, number)
                 except TimeoutError:  # no news, not bad news: its offer may fill a slow link
                     continue
                 except (OSError, asyncio.IncompleteReadError, TransportError):
                     if arrival.done():  # its offer came in meanwhile (it may be gone since: its last round)
                         continue
                     raise
+                if status is None:  # the offer came in while we asked: no need for the answer
+                    continue
                 heard, report.heard = loop.time(), True
                 reason = should_stop_waiting(status, self.peer_id, number)
                 if reason is not None and not arrival.done():
@@ -374,6 +373,27 @@ class RoundSwap:
         report.payload_bytes = arrived.payload_bytes
         report.bytes_received = arrived.wire_bytes
         return None
+
+    async def _status_unless(
+        self, arrival: asyncio.Future[Arrival], partner: str, number: int
+    ) -> dict[str, Any] | None:
+        """The partner's status answer (TimeoutError after ROUND_QUERY_TIMEOUT), or None as soon as its
+        offer arrives meanwhile: on a full link the answer waits behind the payloads, and the round would
+        wait for it although the swap was done (0.4 s of a 0.55 s swap at 100 Mbit/s)."""
+        asking = asyncio.ensure_future(
+            self._request(partner, self._message("status", round=number), CONTROL_MESSAGE_LIMIT)
+        )
+        try:
+            async with asyncio.timeout(ROUND_QUERY_TIMEOUT):
+                pending: set[asyncio.Future[Any]] = {asking, arrival}
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if not asking.done():
+                return None
+            status, _, _ = asking.result()
+            return status
+        finally:
+            asking.cancel()
+            await asyncio.gather(asking, return_exceptions=True)
 
     def exchange_deadline(self, partner: str, nbytes: int) -> tuple[float, str]:
         """The round's deadline for `nbytes` each way with `partner` (`deadlines.exchange_deadline`) and,
@@ -498,6 +518,7 @@ class RoundSwap:
             current = self.book.current
             return current is not None and current.number == number
 
+        stream.expect(nbytes)  # read as it comes: the sender need not wait for the window to grow
         try:
             with self.inbox(nbytes) as into:
                 async with deadlines.paced(deadlines.transfer_deadline(nbytes, rate, ceiling)) as pace:

@@ -85,6 +85,8 @@ class WeightsFetcher:
         """One weights request on a fresh stream: the header, then the bytes, written into `into`."""
         stream = await self._open_stream(peer)
         try:
+            # The span's bytes are read as they come: open the window for them with the request itself.
+            stream.expect(span.end - span.done)
             await write_message(stream, self._message("weights", **span.request_fields()))
             await stream.close()  # our side is done: half-close
             pace.restart_idle()

@@ -217,6 +217,23 @@ class YamuxSession:
             state.recv_credit = 0
             self._out.append(HEADER.pack(VERSION, TYPE_WINDOW_UPDATE, 0, stream_id, delta))
 
+    def expect(self, stream_id: int, size: int) -> None:
+        """The application will read `size` more bytes of the stream as they come (a transfer of known
+        length, read straight into its destination): open the window to that much at once, up to the
+        configured maximum, instead of letting it double from 256 KiB a round trip at a time. On a 50 ms,
+        100 Mbit/s path the doubling costs two or three round trips of a 5 MB transfer."""
+        state = self._streams.get(stream_id)
+        if state is None or state.remote_closed:
+            return
+        target = min(max(size, INITIAL_WINDOW), self._window)
+        if target <= state.window:
+            return
+        delta = target - state.window + state.recv_credit
+        state.window = target
+        state.recv_window += delta
+        state.recv_credit = 0
+        self._out.append(HEADER.pack(VERSION, TYPE_WINDOW_UPDATE, 0, stream_id, delta))
+
     def ping(self) -> int:
         self._ping_id = (self._ping_id + 1) & 0xFFFFFFFF
         self._out.append(HEADER.pack(VERSION, TYPE_PING, FLAG_SYN, 0, self._ping_id))

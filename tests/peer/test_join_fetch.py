@@ -126,6 +126,9 @@ class StreamOf:
     async def readexactly(self, n: int) -> bytes:
         return await self.reader.readexactly(n)
 
+    def expect(self, n: int) -> None:
+        """A TCP connection has no per-stream window to open."""
+
 
 class NoReach:
     def rate_bps(self, peer: str) -> None:

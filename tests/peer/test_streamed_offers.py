@@ -266,3 +266,35 @@ async def test_a_partner_that_answers_nothing_is_given_up_early_and_one_that_ans
         assert not with_honest.done(), with_honest.report.outcome
         with_honest.cancel()
         await asyncio.gather(with_honest, return_exceptions=True)
+
+
+async def test_an_offer_that_arrives_while_the_partner_is_asked_how_it_is_ends_the_wait_at_once(monkeypatch):
+    """Waiting for the partner's offer, a peer asks the partner how it is doing every PROBE_INTERVAL. On a
+    full link the answer waits behind the payloads; an offer that arrives meanwhile must end the round at
+    once, not once the answer comes (that cost 0.4 s of a 0.55 s swap at 100 Mbit/s)."""
+    monkeypatch.setattr(round_swap, "PROBE_INTERVAL", 0.05)
+    monkeypatch.setattr(round_swap, "ROUND_QUERY_TIMEOUT", 3600.0)  # the answer never comes
+    asked = asyncio.Event()
+
+    async def partner(stream: Stream) -> None:
+        request, _ = await read_frame(stream, CONTROL_MESSAGE_LIMIT)
+        if request["type"] == "status":
+            asked.set()
+            await asyncio.sleep(3600)
+        await stream.readexactly(request["nbytes"])  # our offer, taken whole
+        await write_message(stream, {"type": "accept", "round": request["round"]})
+        await stream.close()
+
+    async with (
+        await Host.create(generate_key(), ["/ip4/127.0.0.1/tcp/0"]) as me,
+        await Host.create(generate_key(), ["/ip4/127.0.0.1/tcp/0"]) as other,
+    ):
+        other.set_stream_handler(PROTOCOL, partner)
+        await me.connect(f"{other.listen_addrs[0]}/p2p/{other.peer_id}")
+        waiter = Waiter(me)
+        swapping = waiter.round_with(str(other.peer_id), 1)
+        await asyncio.wait_for(asked.wait(), 10)  # the question is out and will not be answered
+        waiter.swap.incoming[1].set_result(Arrival(payload_bytes=100, wire_bytes=120))  # its offer is in
+        await asyncio.wait_for(swapping, 10)
+        assert swapping.report.outcome == "swapped"  # type: ignore[attr-defined]
+        assert swapping.report.payload_bytes == 100  # type: ignore[attr-defined]

@@ -95,6 +95,35 @@ def test_window_grows_to_the_maximum_only_while_the_reader_drains_it():
     assert total > 4 * WINDOW
 
 
+def test_a_reader_expecting_a_transfer_opens_the_window_for_it_at_once():
+    # A transfer of known length read as it comes (a round's payload, a weights span): the reader grants
+    # it whole in one window update instead of doubling the window a round trip at a time, up to the
+    # configured maximum; data already sent stays counted, and flow control still holds beyond it.
+    client, server = pair()
+    sid = client.open_stream()
+    assert client.send_data(sid, b"a" * 1000) == 1000
+    pump(client, server)
+    server.expect(sid, 600 * 1024)
+    pump(server, client)
+    assert client.send_window(sid) == 600 * 1024 - 1000
+    assert client.send_data(sid, b"b" * WINDOW) == 600 * 1024 - 1000  # exactly what was granted
+    events = pump(client, server)
+    assert len(received(events, sid)) == 600 * 1024 - 1000
+    server.consumed(sid, 600 * 1024)  # the reader drains it: the window keeps its size, and grows on
+    pump(server, client)
+    assert 600 * 1024 <= client.send_window(sid) <= WINDOW
+    # Never more than the maximum, and never less than what is already granted.
+    other = client.open_stream()
+    pump(client, server)
+    server.expect(other, 10 * WINDOW)
+    server.expect(other, 1)
+    pump(server, client)
+    assert client.send_window(other) == WINDOW
+    header = HEADER.pack(0, TYPE_DATA, 0, other, WINDOW + 1)
+    with pytest.raises(ProtocolError):
+        server.receive_data(header)
+
+
 def test_peer_ignoring_flow_control_is_a_protocol_error():
     client, server = pair()
     sid = client.open_stream()

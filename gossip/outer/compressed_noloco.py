@@ -113,11 +113,7 @@ def outer_step(
     if len(theirs) > 1:
         raise OuterMessageError(f"compressed-noloco pairs with one partner, got {len(theirs)} messages")
     slow = state.slow
-    names = sorted(slow)
-    scratch = quant.Scratch()
-    sides = {name: flat32(slow[name]) for name in names}
-    peaks = {name: abs_max(sides[name], None, scratch) for name in names}
-    _check_codes(mine, sides, peaks, config)
+    names, scratch, sides, peaks = _sides(mine, slow, config)
     new_slow = {name: torch.empty(slow[name].shape, dtype=torch.float32) for name in names}
     for index, name in enumerate(names):
         theta = new_slow[name].view(-1).numpy()
@@ -208,11 +204,7 @@ class Decoded:
 
 def read_lattice(message: Message, slow: Mapping[str, torch.Tensor], config: OuterConfig) -> Decoded:
     """θ of the sender, decoded with this peer's φ as side information, and the blocks that wrapped."""
-    names = sorted(slow)
-    scratch = quant.Scratch()
-    sides = {name: flat32(slow[name]) for name in names}
-    peaks = {name: abs_max(sides[name], None, scratch) for name in names}
-    _check_codes(message, sides, peaks, config)
+    names, scratch, sides, peaks = _sides(message, slow, config)
     values: Named = {}
     wrapped: dict[str, torch.Tensor] = {}
     for index, name in enumerate(names):
@@ -233,11 +225,7 @@ def read_partner(
     """θ of the sender decoded with this peer's φ as side information, its wrapped blocks replaced by this
     peer's own θ (`own_fast`: no pull there, as `outer_step` does), and the fraction of values that wrapped.
     `read_lattice` with that patch applied a block at a time: no mask the size of the model."""
-    names = sorted(slow)
-    scratch = quant.Scratch()
-    sides = {name: flat32(slow[name]) for name in names}
-    peaks = {name: abs_max(sides[name], None, scratch) for name in names}
-    _check_codes(message, sides, peaks, config)
+    names, scratch, sides, peaks = _sides(message, slow, config)
     values: Named = {}
     wrapped = total = 0
     for index, name in enumerate(names):
@@ -252,6 +240,20 @@ def read_partner(
                 wrapped += hi - lo
         total += flat.size
     return values, wrapped / max(1, total)
+
+
+def _sides(
+    message: Message, slow: Mapping[str, torch.Tensor], config: OuterConfig
+) -> tuple[list[str], quant.Scratch, dict[str, np.ndarray], dict[str, float]]:
+    """The tensors' names in wire order, a decode scratch, this peer's φ as the decode's side information
+    (flat float32 views) and each tensor's peak |φ|, once `message`'s codes are checked against them
+    (OuterMessageError otherwise)."""
+    names = sorted(slow)
+    scratch = quant.Scratch()
+    sides = {name: flat32(slow[name]) for name in names}
+    peaks = {name: abs_max(sides[name], None, scratch) for name in names}
+    _check_codes(message, sides, peaks, config)
+    return names, scratch, sides, peaks
 
 
 def _check_codes(

@@ -49,8 +49,10 @@ WRITE_CHUNK = 128 * 1024
 # bytes in flight are not counted, so it does not cap the congestion window). Bulk data then waits in our
 # small user-space buffer, not seconds deep in the kernel's, and what we send next (a window update for
 # the partner's stream, an answer) leaves within about this many bytes' time: measured on a 20 Mbit/s
-# shaped link, both directions of a 5.5 MB swap at once finished in 2.6 s instead of 3.3 (line: 2.3).
-UNSENT_LOWAT = 128 * 1024
+# shaped link, both directions of a 5.5 MB swap at once finished in 2.6 s instead of 3.3 (line: 2.3). 64 KiB
+# rather than 128 (with write_buffer_high): requests beside a 10 MB swap at 10 Mbit/s were answered in 0.85 s
+# instead of 1.29 (bench.link_control), the swaps took as long, loopback throughput stayed 0.68 of raw TCP.
+UNSENT_LOWAT = 64 * 1024
 # socket.TCP_NOTSENT_LOWAT where Python names it; Linux's number otherwise (Linux has it since 3.12); None
 # where neither is known (the number means something else elsewhere).
 TCP_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform == "linux" else None)

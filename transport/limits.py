@@ -47,7 +47,7 @@ class HostLimits:
     # capped by connection.UNSENT_LOWAT). Small on purpose: a window update, a protocol answer or a small
     # message waits behind everything queued before it, so a deep queue of one direction's bulk data
     # stalls the other direction's flow control (a full-duplex swap then runs at 0.6 of the link, not 0.9).
-    write_buffer_high: int = 128 * 1024
+    write_buffer_high: int = 64 * 1024
 
     def __post_init__(self) -> None:
         if not yamux.INITIAL_WINDOW <= self.stream_window <= yamux.MAX_WINDOW:

@@ -97,7 +97,12 @@ def abs_max(a: np.ndarray, b: np.ndarray | None, scratch: quant.Scratch) -> floa
 
 
 def outer_step(
-    config: OuterConfig, state: OuterState, own: bytes, received: Sequence[bytes], consume: bool = False
+    config: OuterConfig,
+    state: OuterState,
+    own: bytes,
+    received: Sequence[bytes],
+    consume: bool = False,
+    weight: float = 1.0,
 ) -> Named:
     """NoLoCo's step on θ decoded with this peer's φ as side information; sets state.slow, state.momentum.
 
@@ -106,7 +111,8 @@ def outer_step(
     but one pass per message, a chunk at a time: this peer's θ is decoded into the new φ's buffer (checked
     whole before the partner's message is read), then each chunk of the partner's θ is decoded, tracked and
     stepped; nothing else the size of the model is allocated. With `consume` (methods.outer_step) each
-    tensor's old φ and momentum leave the state's dicts once its step is done.
+    tensor's old φ and momentum leave the state's dicts once its step is done; `weight`: the partner's
+    pull, as methods.outer_step's.
     """
     mine = unpack(own, config.method)
     theirs = [unpack(m, config.method) for m in received]
@@ -131,7 +137,7 @@ def outer_step(
     for index, name in enumerate(names):
         new_momentum[name] = torch.empty(slow[name].shape, dtype=torch.float32)
         theta = new_slow[name].view(-1).numpy()
-        pull = ChunkStep(new_momentum[name], theta, sides[name], flat32(state.momentum[name]), config)
+        pull = ChunkStep(new_momentum[name], theta, sides[name], flat32(state.momentum[name]), config, weight)
         if partner is None:
             for start, stop in quant.chunk_bounds(theta.size):
                 pull.step(start, stop, None)

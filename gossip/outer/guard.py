@@ -57,6 +57,7 @@ from shoal.gossip.outer.wire import Message
 
 ACCEPT, CLIP, REFUSE = "accept", "clip", "refuse"
 HISTORY_KEYS = ("log_norm", "cos", "probe", "progress")
+MEASURE_CHUNK = 1 << 20  # values measured at a time (Guard.measure): 8 MiB of float64 scratch per update
 
 
 @dataclass(frozen=True)
@@ -196,20 +197,32 @@ class Guard:
         own: Mapping[str, torch.Tensor],
         partner: Mapping[str, torch.Tensor],
     ) -> Measures:
-        """Norm ratio and cosine of the implied updates over all tensors (float64 sums), and the sketches."""
+        """Norm ratio and cosine of the implied updates over all tensors (float64 sums), and the sketches.
+
+        A chunk of MEASURE_CHUNK values at a time, in scratch reused throughout: whole-tensor temporaries
+        interleaved with the sketches' small lasting tensors fragmented glibc's heap, and gpt2-small's worker
+        peaked 2.3 models higher here than anywhere else in its round."""
         dot = own_sq = partner_sq = 0.0
         total = sum(t.numel() for t in slow.values())
+        largest = min(MEASURE_CHUNK, max((t.numel() for t in slow.values()), default=1))
+        u_i, u_p = torch.empty(largest, dtype=torch.float64), torch.empty(largest, dtype=torch.float64)
+        step = torch.empty(largest, dtype=torch.float32)
         own_parts, parts, slow_parts = [], [], []
         for position, name in enumerate(sorted(slow)):
             phi = slow[name].detach().float().reshape(-1)
-            u_i = own[name].detach().float().reshape(-1) - phi
+            theta_i = own[name].detach().float().reshape(-1)
             theta_p = partner[name].detach().float().reshape(-1)
-            u_p = theta_p - phi
-            dot += float(torch.dot(u_p.double(), u_i.double()))
-            own_sq += float(u_i.double().pow(2).sum())
-            partner_sq += float(u_p.double().pow(2).sum())
+            for start in range(0, phi.numel(), MEASURE_CHUNK):
+                stop = min(phi.numel(), start + MEASURE_CHUNK)
+                n = stop - start
+                # θ − φ in float32 (as the updates are), then widened for the sums
+                u_i[:n].copy_(torch.sub(theta_i[start:stop], phi[start:stop], out=step[:n]))
+                u_p[:n].copy_(torch.sub(theta_p[start:stop], phi[start:stop], out=step[:n]))
+                dot += float(torch.dot(u_p[:n], u_i[:n]))
+                own_sq += float(torch.dot(u_i[:n], u_i[:n]))
+                partner_sq += float(torch.dot(u_p[:n], u_p[:n]))
             idx = self._coords(name, phi.numel(), total, position)
-            own_parts.append(u_i[idx])
+            own_parts.append(theta_i[idx] - phi[idx])
             parts.append(theta_p[idx])
             slow_parts.append(phi[idx])
         own_norm, partner_norm = math.sqrt(own_sq), math.sqrt(partner_sq)

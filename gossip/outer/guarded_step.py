@@ -4,8 +4,9 @@ verdict's weight (issue 18, "Poisoned updates"; the verdict itself is `guard.Gua
 `partner_fast` decodes a partner's message into the θ_p this peer's step would pull toward (for the lattice
 code: against this peer's φ, with this peer's own θ in the blocks that wrapped), which the guard measures and
 probes. `weighted_step` then applies the verdict: the method's step with weight 1, the step alone with 0, and
-in between (1 − w)·alone + w·with-partner, exact for the NoLoCo methods, whose step is affine in θ_p. Only the
-NoLoCo methods are judged (JUDGED): pair-sparseloco's partners apply a shared contributor-mean, not a pull.
+in between (1 − w)·alone + w·with-partner, exact for the NoLoCo methods, whose step is affine in θ_p (the
+partner's θ moved w of the way from this peer's own before the step). Only the NoLoCo methods are judged
+(JUDGED): pair-sparseloco's partners apply a shared contributor-mean, not a pull.
 Pure tensor math, no I/O: the worker and `bench.byzantine` share it.
 """
 
@@ -13,17 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 
 from shoal.gossip.outer import compressed_noloco, noloco
 from shoal.gossip.outer.config import OuterConfig, OuterState
-from shoal.gossip.outer.methods import outer_step
+from shoal.gossip.outer.methods import PULLS, outer_step
 from shoal.gossip.outer.tensors import Named
 from shoal.gossip.outer.wire import Message, unpack
 
 # The methods whose partner messages the guard judges: a pull toward the partner's θ, affine in θ.
-JUDGED = ("compressed-noloco", "noloco")
+JUDGED = PULLS
 # A partner that jumped to the run's round after it made its message (it had skipped rounds) stamps it with
 # the round it had finished, a round or two back; older than this is not this round's message. (At 16, the
 # live replay of a message 8 rounds old passed as this round's and cost the honest peers 1.9 %.)
@@ -58,36 +58,13 @@ def partner_fast(
 def weighted_step(
     config: OuterConfig, state: OuterState, own: bytes, partner: bytes, weight: float, consume: bool = False
 ) -> None:
-    """The outer step with the partner's pull weighted by `weight` (1: the method's step, 0: alone).
+    """The outer step with the partner's pull weighted by `weight` (1: the method's step, 0: alone), in one
+    pass (methods.outer_step's `weight`: a clipped round holds no more than an accepted one; computing both
+    steps and mixing them held four models more at the peak).
 
     A message the method refuses raises OuterMessageError and leaves `state` as it was. `consume`: as
-    methods.outer_step's, where one step is all it takes (a weight of 0 or 1)."""
+    methods.outer_step's."""
     if weight <= 0.0:
         outer_step(config, state, own, [], consume)
         return
-    if weight >= 1.0:
-        outer_step(config, state, own, [partner], consume)
-        return
-    saved = (state.slow, state.momentum, state.round, dict(state.drift), dict(state.counters))
-    outer_step(config, state, own, [partner])  # raises before anything changes
-    with_slow, with_momentum, with_drift, with_counters = (
-        state.slow,
-        state.momentum,
-        state.drift,
-        state.counters,
-    )
-    state.slow, state.momentum, state.round, state.drift, state.counters = saved
-    outer_step(config, state, own, [])
-    state.drift, state.counters = with_drift, with_counters  # what the partner's decode measured
-    for name, alone in state.slow.items():
-        _mix_into(alone, with_slow[name], weight)
-        _mix_into(state.momentum[name], with_momentum[name], weight)
-
-
-def _mix_into(alone: torch.Tensor, partnered: torch.Tensor, weight: float) -> None:
-    """alone ← alone + w·(partnered − alone), in place, a float32 chunk at a time."""
-    a, p = alone.view(-1).numpy(), partnered.view(-1).numpy()
-    for start, stop in noloco.chunk_bounds(a.size):
-        d = np.subtract(p[start:stop], a[start:stop])
-        d *= np.float32(weight)
-        a[start:stop] += d
+    outer_step(config, state, own, [partner], consume, weight=min(weight, 1.0))

@@ -100,6 +100,8 @@ METHODS = ("noloco", "pair-sparseloco", "compressed-noloco")
 # The composition with the fewest bytes among those within 1 % of DiLoCo's loss at R = 4, 8 and 16 at --quick
 # (bench.convergence --scaling: `bench_pick`).
 DEFAULT_METHOD = "compressed-noloco"
+# The methods whose step pulls toward one partner's θ, affine in it: `outer_step` can weight the pull.
+PULLS = ("noloco", "compressed-noloco")
 
 
 def uses_error_feedback(method: str) -> bool:
@@ -119,7 +121,12 @@ def wire_bytes(config: OuterConfig, message: bytes) -> int:
 
 
 def outer_step(
-    config: OuterConfig, state: OuterState, own: bytes, received: Sequence[bytes], consume: bool = False
+    config: OuterConfig,
+    state: OuterState,
+    own: bytes,
+    received: Sequence[bytes],
+    consume: bool = False,
+    weight: float = 1.0,
 ) -> Named:
     """Combine this peer's own message with what arrived; returns (and stores) the new slow weights φ.
 
@@ -130,12 +137,20 @@ def outer_step(
     `state_dict` has its own): a method that can (CONSUMES) lets each tensor's old φ and momentum go as soon
     as its step is done, emptying those dicts as it goes, instead of holding the whole old state until the
     new one is complete (a model less at the outer step's peak).
+
+    `weight`: how far the partner pulls, for the methods that pull toward one partner (PULLS: the partner
+    guard's clip, gossip/outer/guarded_step.py): 1 is the method's step, w < 1 the step alone moved w of the
+    way toward it, in the same single pass.
     """
     module = MODULES[config.method]
+    options: dict[str, object] = {}
+    if weight < 1.0:
+        if config.method not in PULLS:
+            raise ValueError(f"outer method {config.method!r} takes no partner weight")
+        options["weight"] = weight
     if consume and getattr(module, "CONSUMES", False):
-        module.outer_step(config, state, own, received, consume=True)
-    else:
-        module.outer_step(config, state, own, received)
+        options["consume"] = True
+    module.outer_step(config, state, own, received, **options)
     state.round += 1
     return state.slow
 

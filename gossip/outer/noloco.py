@@ -99,13 +99,19 @@ def wire_bytes(config: OuterConfig, message: bytes) -> int:
 
 
 def outer_step(
-    config: OuterConfig, state: OuterState, own: bytes, received: Sequence[bytes], consume: bool = False
+    config: OuterConfig,
+    state: OuterState,
+    own: bytes,
+    received: Sequence[bytes],
+    consume: bool = False,
+    weight: float = 1.0,
 ) -> Named:
     """δ ← α·δ + β·(θ̄ − φ); φ ← φ + δ with the partner's θ (own values when sitting out). Sets state.
 
     Read in place from the messages' bytes and stepped a chunk at a time (`ChunkStep`): the same bits as
     `noloco_step_from_fast`, and nothing the size of the model but the new φ and δ. With `consume`
-    (methods.outer_step) each tensor's old φ and δ leave the state's dicts once its step is done.
+    (methods.outer_step) each tensor's old φ and δ leave the state's dicts once its step is done; `weight`:
+    the partner's pull, as methods.outer_step's.
     """
     mine = unpack(own, config.method)
     theirs = [unpack(m, config.method) for m in received]
@@ -122,7 +128,7 @@ def outer_step(
         new_momentum[name] = torch.empty(phi.shape, dtype=torch.float32)
         out = new_slow[name].view(-1).numpy()
         np.copyto(out, fast[name])  # θ, which the step overwrites with the new φ a chunk at a time
-        pull = ChunkStep(new_momentum[name], out, flat32(phi), flat32(state.momentum[name]), config)
+        pull = ChunkStep(new_momentum[name], out, flat32(phi), flat32(state.momentum[name]), config, weight)
         for start, stop in chunk_bounds(out.size):
             pull.step(start, stop, None if partner is None else partner[name][start:stop])
         if consume:  # nothing refers to this tensor's old φ and δ any more
@@ -173,7 +179,9 @@ def dense_views(message: Message, like: Mapping[str, torch.Tensor]) -> dict[str,
 
 class ChunkStep:
     """δ ← α·δ + β·(θ̄ − φ); φ ← φ + δ, θ̄ = (θ + θ_partner)/2, on a chunk: `noloco_step_from_fast`'s float32
-    operations in its order (the same bits). The new φ is written over θ's chunk, which is read first."""
+    operations in its order (the same bits). The new φ is written over θ's chunk, which is read first.
+    With a pull `weight` w < 1 (the guard's clip), θ̄ = θ + w·(θ_partner − θ)/2: the step alone moved w of
+    the way toward the step with the partner, in one pass (the step is affine in θ_partner)."""
 
     def __init__(
         self,
@@ -182,9 +190,11 @@ class ChunkStep:
         phi: np.ndarray,
         momentum: np.ndarray,
         config: OuterConfig,
+        weight: float = 1.0,
     ) -> None:
         self.m_out, self.theta, self.phi, self.m = momentum_out.view(-1).numpy(), theta, phi, momentum
         self.alpha, self.beta = config.momentum, config.lr
+        self.half_weight = np.float32(weight / 2) if weight < 1.0 else None
         self.buf = np.empty(CHUNK, np.float32)
 
     def step(self, start: int, stop: int, partner: np.ndarray | None) -> None:
@@ -194,9 +204,14 @@ class ChunkStep:
         bar = self.buf[: stop - start]
         if partner is None:
             np.subtract(theta, phi, out=bar)
-        else:
+        elif self.half_weight is None:
             np.add(theta, partner, out=bar)
             bar /= 2
+            bar -= phi
+        else:
+            np.subtract(partner, theta, out=bar)
+            bar *= self.half_weight
+            bar += theta
             bar -= phi
         bar *= self.beta
         m = np.multiply(self.m[start:stop], self.alpha, out=self.m_out[start:stop])

@@ -155,3 +155,39 @@ def test_a_consuming_outer_step_lets_the_old_state_go_as_it_steps(monkeypatch):
             for part in ("slow", "momentum"):
                 for k, v in getattr(plain, part).items():
                     assert torch.equal(getattr(consumed, part)[k], v), (method, part, k)
+
+
+def test_a_clipped_pull_moves_the_step_alone_that_share_of_the_way_toward_the_full_step():
+    # The guard's clip (weight w) applied in one pass must be the step alone moved w of the way toward the
+    # step with the partner, for φ and momentum alike; w = 1 is the method's step to the bit, w = 0 alone.
+    from shoal.gossip.outer.guarded_step import weighted_step
+
+    torch.manual_seed(8)
+    for method in ("noloco", "compressed-noloco"):
+        config = OuterConfig.tuned(method)
+        init = {"w": torch.randn(300, 70), "b": torch.randn(70)}
+        states = {}
+        for weight in ("alone", "full", 1.0, 0.3, 0.0):
+            a = OuterState.fresh("a", init)
+            a.momentum = {k: 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(3))
+                          for k, v in init.items()}  # fmt: skip
+            b = OuterState.fresh("b", {k: v + 0.01 for k, v in init.items()})
+            g = torch.Generator().manual_seed(4)
+            fa = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in a.slow.items()}
+            fb = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in b.slow.items()}
+            ma, mb = make_message(config, a, fa), make_message(config, b, fb)
+            if weight == "alone":
+                outer_step(config, a, ma, [])
+            elif weight == "full":
+                outer_step(config, a, ma, [mb])
+            else:
+                weighted_step(config, a, ma, mb, weight, consume=True)
+            states[weight] = a
+        for part in ("slow", "momentum"):
+            alone, full = getattr(states["alone"], part), getattr(states["full"], part)
+            for k in init:
+                assert torch.equal(getattr(states[1.0], part)[k], full[k])
+                assert torch.equal(getattr(states[0.0], part)[k], alone[k])
+                expected = alone[k] + 0.3 * (full[k] - alone[k])
+                assert torch.allclose(getattr(states[0.3], part)[k], expected, atol=1e-6), (method, part)
+                assert not torch.allclose(expected, full[k], atol=1e-4)  # the clip does move it

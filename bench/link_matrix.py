@@ -22,8 +22,10 @@ Per run, from the peers' events (`--json-events`):
   step, the checkpoint and the evaluation) to the moment its payload reached the daemon (its `round`
   event's `t` less `seconds`): the inner steps plus the payload's encoding. Wall time is from round 1's
   `round` event to round R's.
-- `worker_peak_rss_over_model`: the worker's VmHWM (a child of the daemon, sampled every second) over
-  the model's fp32 bytes; `daemon_peak_rss_mb`: the daemon's VmHWM.
+- `worker_peak_rss_over_model`: the worker's peak RSS over the model's fp32 bytes: the larger of its
+  VmHWM (a child of the daemon, sampled every second) and the peaks the worker reports for each phase of
+  its rounds (`worker_peak_mb_by_phase`, from the `eval` events: the worker resets its VmHWM as each
+  phase begins); `daemon_peak_rss_mb`: the daemon's VmHWM.
 - `batch_size`: `--batch-size`, passed to every peer's `peer join` (the calibration's too); null: the
   peers' default (16).
 - `encode_mb_s`: the model's fp32 bytes (4 x parameters) / 1e6 over the median `encode_seconds` of the
@@ -53,6 +55,7 @@ from bench.link import SOURCE, PeerRun, join_argv, round_rows, start_peer
 from bench.link_topology import Segment
 from bench.natlab import SINK
 from bench.peer_runs import REPO_ROOT, BenchError, tree_env
+from shoal.peer.worker.memory import PHASE_PEAKS_ENV
 
 RUN_ID = "link-matrix"
 LISTEN_TIMEOUT_S = 300.0
@@ -237,6 +240,19 @@ def _median(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
 
+def worker_phase_peaks(by_peer: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """Per phase of a round (inner, message, wait, outer, snapshot, eval, overlap), the highest peak RSS
+    in MB any worker reported for it (`peak_mb` of the `eval` events)."""
+    peaks: dict[str, int] = {}
+    for events in by_peer.values():
+        for event in events:
+            if event.get("event") == "eval" and isinstance(event.get("peak_mb"), dict):
+                for phase, mb in event["peak_mb"].items():
+                    if isinstance(mb, int):
+                        peaks[phase] = max(peaks.get(phase, 0), mb)
+    return peaks
+
+
 def summarize(spec: RunSpec, by_peer: dict[str, list[dict[str, Any]]], rss: dict[str, Any]) -> dict[str, Any]:
     """The per-config figures from each peer's events and the sampled peak RSS."""
     round_events = {n: [e for e in evs if e.get("event") == "round"] for n, evs in by_peer.items()}
@@ -263,7 +279,12 @@ def summarize(spec: RunSpec, by_peer: dict[str, list[dict[str, Any]]], rss: dict
     params = next(
         (int(e["parameters"]) for evs in by_peer.values() for e in evs if e.get("event") == "worker"), 0
     )
-    worker_hwm = max(rss.get("worker_kb", {}).values(), default=0)
+    phase_peaks = worker_phase_peaks(by_peer)
+    # The worker resets its VmHWM at each phase's start, so a 1-s sample can miss a phase's peak: the
+    # phases' own peaks (the `eval` events' `peak_mb`) count too.
+    worker_hwm = max(
+        max(rss.get("worker_kb", {}).values(), default=0), 1024 * max(phase_peaks.values(), default=0)
+    )
     daemon_hwm = max(rss.get("daemon_kb", {}).values(), default=0)
     phases = round_phases(by_peer)
     result: dict[str, Any] = {
@@ -288,6 +309,7 @@ def summarize(spec: RunSpec, by_peer: dict[str, list[dict[str, Any]]], rss: dict
         if params and worker_hwm
         else None,
         "worker_peak_rss_mb": round(worker_hwm / 1024, 1) if worker_hwm else None,
+        "worker_peak_mb_by_phase": phase_peaks,
         "daemon_peak_rss_mb": round(daemon_hwm / 1024, 1) if daemon_hwm else None,
         "encode_mb_s": codec_mb_s(params, phases["encode"]),
         "decode_mb_s": codec_mb_s(params, phases["outer"]),  # decode + the outer step's apply
@@ -353,7 +375,8 @@ def peer_argv(spec: RunSpec, listen: str, shard: str, state: Path, args: argpars
 def run_spec(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     """One run on a fresh segment: the segment's checks (RTT, kernel TCP), the peers, the figures. The
     peers run this tree's code (PYTHONPATH, checked), also from a copy of the tree that is not installed."""
-    env = tree_env(REPO_ROOT)
+    # The workers report each phase's peak memory (`worker_peak_mb_by_phase`).
+    env = {**tree_env(REPO_ROOT), PHASE_PEAKS_ENV: "1"}
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     checks: dict[str, Any] = {}

@@ -9,10 +9,15 @@ or base, and the inner steps that follow took the same time (2.13 against 2.06 s
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+PHASE_PEAKS_ENV = "SHOAL_WORKER_PHASE_PEAKS"
 
 
 @functools.cache
@@ -34,3 +39,54 @@ def release_free_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+class PhasePeaks:
+    """The resident set's peak (VmHWM) in each phase of a round, for the round's `eval` event: which phase
+    decides the worker's peak. Only where PHASE_PEAKS_ENV is "1" (benchmarks set it): the peak is reset
+    through /proc/self/clear_refs as each phase begins, so that the process's own VmHWM, which monitoring
+    tools read, then tells only the current phase's. Elsewhere, and where /proc is read-only, `peaks` stays
+    empty."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, int] = {}  # phase -> MiB, the highest since the last `take`
+        self._on = os.environ.get(PHASE_PEAKS_ENV) == "1" and _reset_peak()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Measures the peak from now to the phase's end (what a background thread allocates meanwhile,
+        such as the checkpoint writer, counts in it)."""
+        if not self._on:
+            yield
+            return
+        _reset_peak()
+        try:
+            yield
+        finally:
+            peak = _peak_mib()
+            if peak is not None:
+                self.peaks[name] = max(self.peaks.get(name, 0), peak)
+
+    def take(self) -> dict[str, int]:
+        """The peaks since the last call, and a fresh start."""
+        peaks, self.peaks = self.peaks, {}
+        return peaks
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_mib() -> int | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    return None

@@ -40,6 +40,7 @@ from shoal.peer import logs
 from shoal.peer.ipc import ControlChannel, SharedBuffer
 from shoal.peer.worker import overlap
 from shoal.peer.worker.checkpoints import CheckpointWriter, resume
+from shoal.peer.worker.memory import PhasePeaks
 from shoal.peer.worker.snapshots import write_snapshot
 from shoal.peer.worker.train import Interrupted, Trainer, TrainSettings
 
@@ -51,6 +52,8 @@ STOP_POLL_S = 0.05  # how often the running model looks for a stop request (a se
 STOP = threading.Event()
 ERROR_MESSAGE_CHARS = 4000  # an error's one line, and its traceback (for --debug), within MAX_CONTROL_BYTES
 ERROR_TRACEBACK_CHARS = 24000
+# The resident set's peak in each phase of the round, sent with the round's `eval` event (`peak_mb`).
+PEAKS = PhasePeaks()
 
 
 def run(channel: ControlChannel) -> int:
@@ -126,7 +129,8 @@ def _train(
             # (fewer steps in a round resumed from a mid-round stop)
             while trainer.round_steps < settings.inner_steps:
                 began = time.monotonic()
-                losses.append(trainer.train_step())  # raises Interrupted on a stop request
+                with PEAKS.phase("inner"):
+                    losses.append(trainer.train_step())  # raises Interrupted on a stop request
                 training += time.monotonic() - began
                 if pending is not None and channel.answer_ready():
                     # Settled from here on: a stop during its evaluation is an ordinary mid-round stop.
@@ -147,8 +151,9 @@ def _train(
                 settling, pending = pending, None
                 _settle(channel, trainer, inbound, writer, settling, pending_number)
                 number = trainer.round + 1
-            own = trainer.message()
-            nbytes = outbound.write(trainer.outgoing(own))
+            with PEAKS.phase("message"):
+                own = trainer.message()
+                nbytes = outbound.write(trainer.outgoing(own))
             channel.send(
                 {
                     "type": "payload",
@@ -164,10 +169,12 @@ def _train(
             # is, for this round's checkpoint (no copy of it held while the next round trains).
             optimizer_file = writer.write_optimizer(trainer.optimizer.state_dict())
             if settings.overlap and (settings.rounds is None or number < settings.rounds):
-                pending, pending_number = overlap.begin(trainer, own, optimizer_file), number
+                with PEAKS.phase("overlap"):
+                    pending, pending_number = overlap.begin(trainer, own, optimizer_file), number
                 channel.expecting_answer = True
                 continue
-            reply = channel.receive()
+            with PEAKS.phase("wait"):  # the optimizer's file is written meanwhile
+                reply = channel.receive()
             if reply is None or reply.get("type") == "stop":
                 # The message is made (sparse methods folded it into their error feedback): end the round as
                 # one without a partner, as a skip would, so that the checkpoint holds a whole outer state.
@@ -181,10 +188,11 @@ def _train(
             trainer.inner_step = max(trainer.inner_step, number * settings.inner_steps)  # the run's schedule
             partner_id = reply.get("peer") if isinstance(reply.get("peer"), str) else None
             excluded_before = set(trainer.guard.excluded) if trainer.guard is not None else set()
-            outcome = trainer.outer_step(own, partner, partner_id)
-            # Every round, written while the next round trains; before anything is sent, so that a daemon
-            # that dies now (a broken pipe below) still leaves this round saved.
-            writer.write(trainer.state_dict(optimizer_file))
+            with PEAKS.phase("outer"):
+                outcome = trainer.outer_step(own, partner, partner_id)
+                # Every round, written while the next round trains; before anything is sent, so that a
+                # daemon that dies now (a broken pipe below) still leaves this round saved.
+                writer.write(trainer.state_dict(optimizer_file))
             _after_step(channel, trainer, writer, number, outcome, partner_id, excluded_before)
     except Interrupted:
         if pending is None:
@@ -209,7 +217,8 @@ def _settle(
     """An overlapped round's answer is in (or awaited now): its real outer step, its checkpoint and its
     reports, as `_train` does for a round without overlap. A stop instead of the answer raises Interrupted:
     the round stays the one taken alone, and the next round's steps so far are kept (a mid-round stop)."""
-    reply = channel.receive()
+    with PEAKS.phase("wait"):
+        reply = channel.receive()
     channel.expecting_answer = False
     if reply is None or reply.get("type") == "stop":
         raise Interrupted("stopped while the round was being swapped")
@@ -217,8 +226,9 @@ def _settle(
     partner = inbound.read(int(reply["nbytes"])) if reply.get("type") == "partner" else None
     partner_id = reply.get("peer") if isinstance(reply.get("peer"), str) else None
     excluded_before = set(trainer.guard.excluded) if trainer.guard is not None else set()
-    outcome = overlap.settle(trainer, pending, number, partner, partner_id)
-    writer.write(overlap.round_start_state(trainer, pending))
+    with PEAKS.phase("outer"):
+        outcome = overlap.settle(trainer, pending, number, partner, partner_id)
+        writer.write(overlap.round_start_state(trainer, pending))
     # How far the next round trained before this one's answer came: what overlap saved of the swap's time.
     ahead = {"overlapped_steps": trainer.round_steps}
     _after_step(channel, trainer, writer, number, outcome, partner_id, excluded_before, ahead)
@@ -241,7 +251,8 @@ def _after_step(
     if trainer.verdict is not None and partner_id is not None:
         channel.send(_verdict_message(trainer, number, partner_id, excluded_before))
     began = time.monotonic()
-    path, nbytes = write_snapshot(writer.path.parent, trainer.round, trainer.slow_chunks())
+    with PEAKS.phase("snapshot"):
+        path, nbytes = write_snapshot(writer.path.parent, trainer.round, trainer.slow_chunks())
     snapshot_seconds = time.monotonic() - began
     channel.send(
         {
@@ -252,11 +263,16 @@ def _after_step(
         }
     )
     began = time.monotonic()
-    loss = trainer.evaluate()
-    # Where the round's time went besides training (bench.link reads these from the `eval` event).
+    with PEAKS.phase("eval"):
+        loss = trainer.evaluate()
+    # Where the round's time and memory went (bench.link reads these from the `eval` event): the peaks
+    # are since the last round's evaluation, an overlapped round's inner steps included.
     seconds = {**trainer.seconds, "snapshot": snapshot_seconds, "eval": time.monotonic() - began}
     timing = {f"{name}_seconds": round(value, 3) for name, value in seconds.items() if name != "encode"}
-    channel.send({"type": "eval", "round": trainer.round, "eval_loss": loss, **timing, **(about or {})})
+    peaks = {"peak_mb": PEAKS.take()} if PEAKS.peaks else {}
+    channel.send(
+        {"type": "eval", "round": trainer.round, "eval_loss": loss, **timing, **peaks, **(about or {})}
+    )
 
 
 def _verdict_message(trainer: Trainer, number: int, peer: str, excluded_before: set[str]) -> dict:

@@ -195,3 +195,21 @@ def test_the_batch_size_reaches_every_peer_or_is_left_to_their_default():
     assert "--batch-size" not in peer_argv(
         RunSpec("base", 2, None, 0.0, 3, 4), "10.0.0.1", "0/2", Path("/s"), args
     )
+
+
+def test_the_workers_phase_peaks_count_toward_its_peak_where_the_samples_missed_them():
+    # The worker resets its VmHWM as each phase begins: a 1-s sample may have missed the outer step's peak.
+    by_peer = {"p0": _peer("A", "B", 2, 8.0, 4.0), "p1": _peer("B", "A", 2, 8.0, 4.0)}
+    peaks = {
+        ("p1", 1): {"inner": 2400, "outer": 2600},
+        ("p1", 2): {"inner": 2450, "outer": 2500},
+        ("p0", 1): {"eval": 2550, "bad": "x"},
+    }
+    for name, events in by_peer.items():
+        for event in events:
+            if event["event"] == "eval" and (name, event["round"]) in peaks:
+                event["peak_mb"] = peaks[name, event["round"]]
+    rss = {"worker_kb": {"p0": 2_000 * 1024, "p1": 2_100 * 1024}, "daemon_kb": {}}
+    result = summarize(RunSpec("base", 2, "10mbit", 50.0, 2, 16), by_peer, rss)
+    assert result["worker_peak_mb_by_phase"] == {"inner": 2450, "outer": 2600, "eval": 2550}
+    assert result["worker_peak_rss_mb"] == 2600.0

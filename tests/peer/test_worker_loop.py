@@ -3,11 +3,16 @@ worker just finished is saved, and φ is left as a snapshot file for joiners."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
 from shoal.gossip.rounds import payload as dense
 from shoal.peer.ipc import SharedBuffer
+from shoal.peer.worker import process
 from shoal.peer.worker.checkpoints import CheckpointWriter, resume
+from shoal.peer.worker.memory import PHASE_PEAKS_ENV, PhasePeaks
 from shoal.peer.worker.process import _train
 from shoal.peer.worker.snapshots import snapshot_path
 from shoal.peer.worker.train import Trainer
@@ -57,3 +62,58 @@ def test_a_round_finished_as_the_daemon_dies_is_saved(corpus, tmp_path):
     resume(resumed, path)
     assert resumed.round == 1  # not 0: the swapped round was not lost with the daemon
     assert not snapshot_path(tmp_path, 1).exists()  # nobody was told of one: none was written
+
+
+class DaemonForRounds:
+    """The control channel as the daemon drives `rounds` swapped rounds with the same partner message."""
+
+    def __init__(self, nbytes: int, partner: str, rounds: int) -> None:
+        self.nbytes, self.partner, self.rounds = nbytes, partner, rounds
+        self.sent: list[dict] = []
+        self.answered = 0
+
+    def send(self, message: dict) -> None:
+        self.sent.append(message)
+
+    def receive(self) -> dict:
+        self.answered += 1
+        return {"type": "partner", "round": self.answered, "nbytes": self.nbytes, "peer": self.partner}
+
+    def stop_requested(self) -> bool:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+@pytest.mark.parametrize("asked", [True, False])
+def test_each_rounds_evaluation_reports_the_peak_memory_of_its_phases_when_asked(
+    corpus, tmp_path, monkeypatch, asked
+):
+    # Benchmarks ask for each phase's peak (the worker then resets its VmHWM as a phase begins); a peer
+    # run by a user keeps its VmHWM whole for its monitoring and reports none.
+    if asked:
+        monkeypatch.setenv(PHASE_PEAKS_ENV, "1")
+    else:
+        monkeypatch.delenv(PHASE_PEAKS_ENV, raising=False)
+    monkeypatch.setattr(process, "PEAKS", PhasePeaks())
+    worker = Trainer(replace(settings(corpus, "a"), rounds=2))
+    partner = Trainer(settings(corpus, "b"))
+    capacity = dense.max_payload_bytes(worker.spec())
+    outbound, inbound = SharedBuffer.create(capacity), SharedBuffer.create(capacity)
+    writer = CheckpointWriter(tmp_path / "checkpoint.pt")
+    try:
+        nbytes = inbound.write(partner.outgoing(train_round(partner)))
+        channel = DaemonForRounds(nbytes, partner.settings.peer_id, 2)
+        assert process._train(channel, worker, outbound, inbound, writer) == 0  # type: ignore[arg-type]
+    finally:
+        writer.close()
+        outbound.close()
+        inbound.close()
+    evals = [m for m in channel.sent if m["type"] == "eval"]
+    assert [m["round"] for m in evals] == [1, 2]
+    for message in evals:
+        if not asked:
+            assert "peak_mb" not in message
+            continue
+        peaks = message["peak_mb"]
+        assert set(peaks) == {"inner", "message", "wait", "outer", "snapshot", "eval"}
+        assert all(isinstance(mb, int) and mb > 0 for mb in peaks.values())

@@ -21,6 +21,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -74,12 +75,27 @@ def write_checkpoint(path: Path, state: dict[str, Any], keep_previous: bool = Tr
         _fsync_folder(path.parent)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):
+        # torch.save reports a failed write (a full disk, a file-size limit) as a RuntimeError of its own
+        if isinstance(error, OSError) or (isinstance(error, RuntimeError) and _write_failed(error)):
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
             raise CheckpointError(
-                f"cannot write the checkpoint {path}: {error.strerror or error}; free some disk space or "
-                "choose another --state-dir"
+                f"cannot write the checkpoint {path}: {reason.splitlines()[0][:200]} ({_free(path.parent)} "
+                "free there); free some disk space or choose another --state-dir"
             ) from error
         raise
+
+
+def _write_failed(error: RuntimeError) -> bool:
+    """Is this torch.save's RuntimeError for a write that did not go through (its zip writer's words)?"""
+    text = str(error)
+    return any(words in text for words in ("failed writing", "unexpected pos", "file write failed"))
+
+
+def _free(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:,.0f} MB"
+    except OSError:
+        return "unknown space"
 
 
 def _fsync_folder(folder: Path) -> None:

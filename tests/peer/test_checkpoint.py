@@ -6,6 +6,9 @@ are in test_worker_restarts.py."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -281,3 +284,28 @@ def test_a_stop_inside_an_inner_step_drops_that_step_whole(corpus, polls):
     for p, q in zip(stopped.model.parameters(), straight.model.parameters(), strict=True):
         assert torch.equal(p, q)
     assert stopped.evaluate() == straight.evaluate()
+
+
+def test_a_checkpoint_that_does_not_fit_on_the_disk_says_so_and_leaves_the_last_one(tmp_path):
+    # A file-size limit stands in for a full disk: torch.save's write fails part way (it raises a
+    # RuntimeError of its own, which the worker used to report as a bug in Shoal).
+    script = textwrap.dedent(
+        f"""
+        import resource, signal, torch
+        from pathlib import Path
+        from shoal.peer.worker.checkpoints import CheckpointError, write_checkpoint
+        path = Path({str(tmp_path / "checkpoint.pt")!r})
+        write_checkpoint(path, {{"w": torch.zeros(1000)}})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        try:
+            write_checkpoint(path, {{"w": torch.ones(1 << 20)}})
+        except CheckpointError as error:
+            print("CheckpointError:", error)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "CheckpointError: cannot write the checkpoint" in done.stdout, done.stdout + done.stderr
+    assert "free some disk space" in done.stdout
+    assert torch.load(tmp_path / "checkpoint.pt")["w"].shape == (1000,)  # the last whole one stays
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no partial file left behind

@@ -387,13 +387,16 @@ class Trainer:
         self, own: bytes, partner: bytes | None, partner_id: str | None, fast: dict[str, torch.Tensor]
     ) -> str:
         """`outer_step` without loading the new φ into the model: `fast` are this round's fast weights (the
-        guard compares the partner's with them), which an overlapped round keeps aside (worker/overlap.py)."""
+        guard compares the partner's with them), which an overlapped round keeps aside (worker/overlap.py).
+        `fast` is emptied once the guard is done with it: the step needs only the messages, and an
+        overlapped round's copy of the model then goes before the step allocates the new φ and momentum."""
         outcome = "swapped" if partner is not None else "alone"
         self.verdict, weight = None, 1.0
         began = time.monotonic()
         self.seconds["guard"] = 0.0
         if partner is not None and self.guard is not None and partner_id is not None:
             self.verdict = self._judge(own, partner, partner_id, fast)
+            fast.clear()
             release_free_memory()  # the partner's decoded θ, before the step allocates the new φ and momentum
             self.seconds["guard"] = time.monotonic() - began
             weight = self.verdict.weight

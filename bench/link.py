@@ -464,6 +464,12 @@ def main() -> None:
     matrix.add_argument("--compute-ratio", type=float, default=2.0, help="round compute over exchange (2)")
     matrix.add_argument("--overlap", action="store_true", help="the peers run with --overlap")
     matrix.add_argument(
+        "--sysctl",
+        action="append",
+        metavar="KEY=VALUE",
+        help="set in each peer's namespace (repeatable), e.g. net.ipv4.tcp_slow_start_after_idle=0",
+    )
+    matrix.add_argument(
         "--batch-size", type=int, default=None, help="the peers' --batch-size (default: theirs, 16)"
     )
     matrix.add_argument("--calibration-steps", type=int, default=4, help="inner steps of the calibration (4)")

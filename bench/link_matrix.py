@@ -381,7 +381,8 @@ def run_spec(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> dict[str
     started = time.monotonic()
     checks: dict[str, Any] = {}
     rss: dict[str, dict[str, int]] = {"daemon_kb": {}, "worker_kb": {}}
-    with Segment(spec.peers, spec.rate, spec.rtt_ms if spec.rate else 0.0) as seg:
+    sysctls = dict(item.split("=", 1) for item in getattr(args, "sysctl", None) or [])
+    with Segment(spec.peers, spec.rate, spec.rtt_ms if spec.rate else 0.0, sysctls) as seg:
         checks["rtt_ms_measured"] = seg.rtt_ms_measured(0, spec.peers - 1)
         if spec.rate:
             checks["kernel_tcp_mbit"] = kernel_tcp_mbit(seg, round(rate_bytes_per_s(spec.rate) * 4))
@@ -510,6 +511,7 @@ def _matrix(
             "batch_size": getattr(args, "batch_size", None),
             "code": str(REPO_ROOT),
             "overlap": bool(getattr(args, "overlap", False)),
+            "sysctl": list(getattr(args, "sysctl", None) or []),
             "threads": args.threads,
             "tbf": "rate R burst 64kb latency 100ms on each peer's egress",
             "delay": "a userspace switch in the hub holds each frame RTT/2 (this kernel has no netem)",

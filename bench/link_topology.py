@@ -203,10 +203,12 @@ class Namespaces:
 
 
 class Segment(Namespaces):
-    """`peers` namespaces on one hub; each peer's egress shaped to `rate` (tbf), `rtt_ms` between peers."""
+    """`peers` namespaces on one hub; each peer's egress shaped to `rate` (tbf), `rtt_ms` between peers;
+    `sysctls` ({"net.ipv4.tcp_slow_start_after_idle": "0"}) set in each peer's namespace."""
 
-    def __init__(self, peers: int, rate: str | None, rtt_ms: float):
+    def __init__(self, peers: int, rate: str | None, rtt_ms: float, sysctls: dict[str, str] | None = None):
         super().__init__()
+        self.sysctls = dict(sysctls or {})
         if not 2 <= peers <= 16:
             raise ValueError("2 to 16 peers")
         self.peers, self.rate, self.rtt_ms = peers, rate, rtt_ms
@@ -230,6 +232,8 @@ class Segment(Namespaces):
             pair = ["type", "veth", "peer", "name", hub_dev, "netns", self.hub]
             run_command(["ip", "link", "add", peer_dev, "netns", ns, *pair])
             run_command(["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", peer_dev])
+            for key, value in self.sysctls.items():
+                run_command(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{key}={value}"])
             if self.delayed:  # the switch copies frames one by one: no GSO frames, no unfinished checksums
                 for where, dev in ((ns, peer_dev), (self.hub, hub_dev)):
                     off = ["tx", "off", "rx", "off", "gso", "off", "tso", "off", "gro", "off"]

@@ -1,4 +1,5 @@
-"""Hands the memory a round's phase freed back to the OS before the next phase starts.
+"""Hands the memory a round's phase freed back to the OS before the next phase starts, and (for benchmarks)
+measures each phase's peak.
 
 glibc keeps freed heap memory for reuse, and torch's tensors of a few MiB come from that heap once glibc's
 mmap threshold has risen past them: after an inner step, an outer step and an evaluation the worker held

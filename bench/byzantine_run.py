@@ -23,7 +23,7 @@ import torch
 
 from bench.convergence.runs import OutOfTime
 from bench.convergence.sim import Batches, Replicas, SimConfig, evaluate, lr_at
-from shoal.gossip.outer import byzantine, compressed_noloco
+from shoal.gossip.outer import byzantine, compressed_noloco, guarded_step
 from shoal.gossip.outer.errors import OuterMessageError
 from shoal.gossip.outer.guard import REFUSE, Guard, GuardConfig, Probe, Verdict
 from shoal.gossip.outer.methods import OuterConfig, OuterState, make_message, outer_step
@@ -51,29 +51,13 @@ def step_alone(outer: OuterConfig, state: OuterState, own: bytes) -> None:
 
 
 def weighted_step(outer: OuterConfig, state: OuterState, own: bytes, partner: bytes, weight: float) -> None:
-    """The step with the partner's θ mixed toward this peer's own by `weight` (1: the method's step, 0:
-    alone); exact for the NoLoCo methods, whose step is affine in the partner's θ. A message the method
-    refuses leaves the state as it was and steps alone."""
-    saved = _snapshot(state)
-    if weight <= 0.0:
-        step_alone(outer, state, own)
-        return
+    """The worker's guarded step (`guarded_step.weighted_step`: the partner's pull weighted by `weight` in
+    one pass; 1: the method's step, 0: alone). A message the method refuses leaves the state as it was and
+    steps alone."""
     try:
-        if weight >= 1.0:
-            outer_step(outer, state, own, [partner])
-            return
-        step_alone(outer, state, own)
-        alone_slow, alone_momentum = state.slow, state.momentum
-        _restore(state, saved)
-        outer_step(outer, state, own, [partner])
+        guarded_step.weighted_step(outer, state, own, partner, weight)
     except OuterMessageError:
-        _restore(state, saved)
         step_alone(outer, state, own)
-        return
-    state.slow = {k: alone_slow[k] + weight * (v - alone_slow[k]) for k, v in state.slow.items()}
-    state.momentum = {
-        k: alone_momentum[k] + weight * (v - alone_momentum[k]) for k, v in state.momentum.items()
-    }
 
 
 def product_exchange(

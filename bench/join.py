@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import re
 import shutil
 import statistics
@@ -50,7 +49,7 @@ from typing import Any
 from bench.link import PeerRun, join_argv, start_peer, unavailable_reason
 from bench.link_matrix import kernel_tcp_mbit, rate_bytes_per_s
 from bench.link_topology import Segment
-from bench.peer_runs import REPO_ROOT, BenchError, parse_code, run_guarded, tree_env, tree_label
+from bench.peer_runs import REPO_ROOT, BenchError, parse_code, run_guarded, tree_env, tree_label, write_json
 
 RUN_ID = "join-bench"
 WALL_CLOCK_GUARD_S = 3300  # the whole benchmark: a hung run is stopped (its namespaces removed)
@@ -387,12 +386,6 @@ def _result(
         "load_average_now": load_average(),
         "note": "2 shared CPU cores (other benchmarks may run): seconds are noisy; see each config's loads",
     }
-
-
-def write_json(result: dict[str, Any], path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as out:
-        json.dump(result, out, indent=2)
 
 
 # ---------------------------------------------------------------------------------------- output

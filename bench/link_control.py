@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.peer_runs import write_json
+
 SWAP_PROTOCOL = "/bench/swap/1"
 REQUEST_PROTOCOL = "/bench/request/1"
 REQUEST_BYTES = 64
@@ -226,8 +228,7 @@ def main() -> None:
         print(f"this tree / baseline: swap {result['swap_s_ratio']}, request median "
               f"{result.get('request_s_median_ratio')}")  # fmt: skip
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ Per run, from the peers' events (`--json-events`):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import subprocess
@@ -54,7 +53,7 @@ from typing import Any
 from bench.link import SOURCE, PeerRun, join_argv, round_rows, start_peer
 from bench.link_topology import Segment
 from bench.natlab import SINK
-from bench.peer_runs import REPO_ROOT, BenchError, tree_env
+from bench.peer_runs import REPO_ROOT, BenchError, tree_env, write_json
 from shoal.peer.worker.memory import PHASE_PEAKS_ENV
 
 RUN_ID = "link-matrix"
@@ -562,9 +561,3 @@ def print_matrix(result: dict[str, Any]) -> None:
         print(row_text(r))
         for item in r.get("not_swapped", []):
             print(f"    {item['peer']} round {item['round']}: {item['outcome']!r}")
-
-
-def write_json(result: dict[str, Any], path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as out:
-        json.dump(result, out, indent=2)

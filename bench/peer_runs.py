@@ -107,3 +107,9 @@ def pump_events(
                 if stamp:
                     event.setdefault("t", time.time())
                 deliver(event)
+
+
+def write_json(result: dict[str, Any], path: str) -> None:
+    """A benchmark's result as JSON at `path`, its folder made if need be."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")

@@ -19,12 +19,13 @@ long run repeats. Linux only (/proc).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.peer_runs import write_json
 
 FOOTPRINT_MODELS = 6  # weights, gradients, two AdamW moments, φ, outer momentum
 TARGET_MODELS = FOOTPRINT_MODELS + 1  # plus one model of scratch
@@ -190,8 +191,7 @@ def main() -> None:
           f"{result['peak_models_above_baseline']} models above the {result['baseline_mb']} MB baseline; "
           f"target {TARGET_MODELS}: ratio {result['ratio_to_target']}")  # fmt: skip
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(result, args.json)
 
 
 if __name__ == "__main__":

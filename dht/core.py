@@ -94,7 +94,7 @@ class DHTCore:
             nodes = [] if rec else self.table.closest(key_int, self.k, exclude=req.sender.peer_id)
             return Response(req.rid, nodes, rec)
         if req.type == GET_PROVIDERS:
-            provs = self.store.get_providers(req.key, now, MAX_PROVIDERS_RETURNED)
+            provs = self.store.get_providers(req.key, now, MAX_PROVIDERS_RETURNED, withdrawals=True)
             return Response(
                 req.rid, self.table.closest(key_int, self.k, exclude=req.sender.peer_id), providers=provs
             )
@@ -149,7 +149,7 @@ class Query:
             target, seeds, own_peer_id=core.peer_id, k=core.k, alpha=alpha, paths=paths, want=want
         )
         self.value: Record | None = None
-        self.providers: dict[bytes, Record] = {}
+        self.provider_records: dict[bytes, Record] = {}  # publisher -> newest record, withdrawals too
         self.rejected = 0  # answers carrying records that failed verification
 
     @property
@@ -196,12 +196,18 @@ class Query:
         return True
 
     def _take_provider(self, rec: Record, contact: Contact, now: float) -> bool:
-        if not rec.addrs or not self._valid(rec, PROVIDER, contact, now):
+        if not self._valid(rec, PROVIDER, contact, now):
             return False
-        old = self.providers.get(rec.publisher)
+        # A withdrawal is kept too: newer than an announcement another holder still keeps, it wins.
+        old = self.provider_records.get(rec.publisher)
         if old is None or rec.seq > old.seq:
-            self.providers[rec.publisher] = rec
-        return True
+            self.provider_records[rec.publisher] = rec
+        return bool(rec.addrs)
+
+    @property
+    def providers(self) -> dict[bytes, Record]:
+        """The publishers whose newest record seen is an announcement (not a withdrawal)."""
+        return {p: r for p, r in self.provider_records.items() if r.addrs}
 
     def closest(self) -> list[Contact]:
         return self.lookup.closest()

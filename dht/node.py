@@ -18,7 +18,7 @@ import os
 import random
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -44,7 +44,7 @@ from shoal.dht.protocol import (
     encode_request,
     encode_response,
 )
-from shoal.dht.records import MAX_TTL_S, Record, public_bytes
+from shoal.dht.records import MAX_TTL_S, PROVIDER, Record, public_bytes
 from shoal.dht.routing import REFRESH_S, Contact
 from shoal.errors import ShoalError
 from shoal.transport.host import Host
@@ -190,6 +190,9 @@ class DHTNode:
         self._serving: dict[asyncio.Task, _Inbound] = {}
         self._values: dict[bytes, Record] = {}  # our own value records, by key: republished until close
         self._runs: dict[str, list[str]] = {}
+        # Where our last announcement of each run key went: a withdrawal goes there too, so that a
+        # holder no longer among the closest (the network changed meanwhile) does not keep us listed.
+        self._holders: dict[bytes, list[Contact]] = {}
         self._seq = 0
         self._tasks: set[asyncio.Task] = set()
         self._main: asyncio.Task | None = None
@@ -510,9 +513,14 @@ class DHTNode:
         self.core.table.touch(q.lookup.target, time.time())
         return q
 
-    async def _store_at_closest(self, rec: Record, type_: int) -> int:
+    async def _store_at_closest(self, rec: Record, type_: int, also: Iterable[Contact] = ()) -> int:
+        """Store `rec` at the key's closest nodes found now, and at `also`; returns how many stored it."""
         q = await self._run_query(self.core.query(FIND_NODE, rec.key))
         targets = q.closest()
+        if rec.kind == PROVIDER and rec.addrs:
+            self._holders[rec.key] = list(targets)
+        seen = {c.peer_id for c in targets}
+        targets += [c for c in also if c.peer_id not in seen]
         calls = (self._call(c, self.core.request(type_, record=rec)) for c in targets)
         results = await asyncio.gather(*calls)
         stored = sum(1 for _, r in results if r is not None and r.ok)
@@ -553,18 +561,18 @@ class DHTNode:
         self._runs[run_id] = list(addrs)
         return await self._provide(run_id, addrs)
 
-    async def _provide(self, run_id: str, addrs: list[str]) -> int:
+    async def _provide(self, run_id: str, addrs: list[str], also: Iterable[Contact] = ()) -> int:
         rec = Record.provider_record(
             self.core.key, run_key(run_id), addrs, self._next_seq(), time.time() + RECORD_TTL_S
         )
-        return await self._store_at_closest(rec, ADD_PROVIDER)
+        return await self._store_at_closest(rec, ADD_PROVIDER, also)
 
     async def find_run_peers(self, run_id: str) -> list[tuple[bytes, list[str]]]:
         """The peers (peer id, addresses) that announced themselves in `run_id`, us excluded."""
         key = run_key(run_id)
         q = await self._run_query(self.core.query(GET_PROVIDERS, key))
-        provs = dict(q.providers)
-        for rec in self.core.store.get_providers(key, time.time(), limit=1 << 16):
+        provs = dict(q.provider_records)
+        for rec in self.core.store.get_providers(key, time.time(), limit=1 << 16, withdrawals=True):
             if rec.publisher not in provs or rec.seq > provs[rec.publisher].seq:
                 provs[rec.publisher] = rec
         return [(p, list(r.addrs)) for p, r in provs.items() if p != self.peer_id and r.addrs]
@@ -572,7 +580,7 @@ class DHTNode:
     def withdraw_run(self, run_id: str) -> None:
         """Stop announcing `run_id`, and tell the key's holders (in the background) that we left."""
         if self._runs.pop(run_id, None) is not None:
-            self._spawn(self._provide(run_id, []))
+            self._spawn(self._provide(run_id, [], also=self._holders.pop(run_key(run_id), [])))
 
     # --- maintenance -----------------------------------------------------------------------------
 

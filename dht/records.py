@@ -245,12 +245,17 @@ class RecordStore:
                 return rec
         return None
 
-    def get_providers(self, key: bytes, now: float, limit: int) -> list[Record]:
-        """Up to `limit` live provider records at `key`, the freshest first; withdrawals are not returned."""
+    def get_providers(self, key: bytes, now: float, limit: int, withdrawals: bool = False) -> list[Record]:
+        """Up to `limit` unexpired provider records at `key`, the freshest first.
+
+        Withdrawals (records without addresses) are left out unless `withdrawals`; then they follow the
+        live records, so that a lookup can let a newer withdrawal beat an older announcement held
+        elsewhere.
+        """
         recs = [self._records[(key, pub)][0] for pub in self._providers.get(key, ())]
-        live = [r for r in recs if r.kind == PROVIDER and r.addrs and r.expires > now]
-        live.sort(key=lambda r: r.expires, reverse=True)
-        return live[:limit]
+        recs = [r for r in recs if r.kind == PROVIDER and r.expires > now and (withdrawals or r.addrs)]
+        recs.sort(key=lambda r: (bool(r.addrs), r.expires), reverse=True)
+        return recs[:limit]
 
     def expire(self, now: float) -> int:
         """Drop expired records; returns how many."""

@@ -15,6 +15,7 @@ from shoal.dht.keys import DHT_WORK_BITS
 from shoal.dht.node import MAX_INBOUND_PER_PEER, DHTNode
 from shoal.dht.protocol import PING, PROTOCOL_ID, STORE
 from shoal.dht.records import Record
+from shoal.dht.routing import RoutingTable
 from shoal.transport.host import Host
 from shoal.transport.identity import PeerID, b58encode
 from shoal.transport.identity_work import meets, mine
@@ -64,6 +65,33 @@ def test_thirty_daemons_each_find_every_record_and_a_newcomer_finds_the_run() ->
                     break
             left = dict(await nodes[7].find_run_peers("run-x"))
             assert set(left) == {p.peer_id for p in run[1:]} - {nodes[7].peer_id}
+        finally:
+            await close_all(nodes)
+
+    asyncio.run(main())
+
+
+def test_a_withdrawal_reaches_the_holders_of_the_announcement_even_after_the_network_changed() -> None:
+    async def main() -> None:
+        nodes = await swarm(4)
+        try:
+            leaver, watcher = nodes[1], nodes[3]
+            await leaver.announce_run("run-y", leaver.addrs)
+            assert leaver.peer_id in dict(await watcher.find_run_peers("run-y"))
+            # Every contact the leaver had is gone from its table (they timed out, say): the lookup
+            # for the key's closest nodes finds nobody, yet the holders still hear the withdrawal.
+            leaver.core.table = RoutingTable(leaver.core.peer_id, leaver.core.k, leaver.core.work)
+            leaver.withdraw_run("run-y")
+
+            async def still_listed() -> list[bool]:
+                others = (nodes[0], *nodes[2:])
+                return [leaver.peer_id in dict(await n.find_run_peers("run-y")) for n in others]
+
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if not any(await still_listed()):
+                    break
+            assert await still_listed() == [False, False, False]
         finally:
             await close_all(nodes)
 

@@ -152,6 +152,33 @@ def test_core_answers_provider_lookups_with_closer_nodes_and_providers() -> None
     assert len(resp.nodes) == 20 and asker not in resp.nodes
 
 
+def test_a_newer_withdrawal_from_one_holder_beats_an_older_announcement_from_another() -> None:
+    # The network changed between a peer's announcement and its withdrawal: one holder kept the
+    # announcement, another got the withdrawal. A lookup that hears both must not list the peer.
+    k = Ed25519PrivateKey.generate()
+    announced = Record.provider_record(k, run_key("r"), ["/ip4/1.2.3.4/tcp/5"], 1, NOW + 60)
+    withdrawn = Record.provider_record(k, run_key("r"), [], 2, NOW + 60)
+    stale, fresh = DHTCore(Ed25519PrivateKey.generate()), DHTCore(Ed25519PrivateKey.generate())
+    for holder, rec in ((stale, announced), (fresh, announced), (fresh, withdrawn)):
+        assert holder.handle(
+            Request(ADD_PROVIDER, 1, Contact.of(rec.publisher), record=rec), "1.2.3.4", NOW
+        ).ok
+    asker = DHTCore(Ed25519PrivateKey.generate())
+    answers = [
+        (
+            Contact.of(h.peer_id, ["/ip4/127.0.0.1/tcp/9"]),
+            h.handle(Request(GET_PROVIDERS, 2, me(), run_key("r")), "10.0.0.1", NOW),
+        )
+        for h in (fresh, stale)
+    ]
+    assert [r.addrs for r in answers[0][1].providers] == [()]  # the withdrawal is part of the answer
+    for order in (answers, answers[::-1]):
+        q = asker.query(GET_PROVIDERS, run_key("r"))
+        for contact, resp in order:
+            q.on_response(contact, resp, NOW)
+        assert q.providers == {}
+
+
 def test_a_sender_without_addresses_is_answered_but_not_routed_to() -> None:
     holder = DHTCore(Ed25519PrivateKey.generate())
     client, server = Contact.of(me().peer_id), me()  # a NATed peer in client mode gives no address

@@ -46,7 +46,7 @@ class GuardReports:
         key = key_of(peer)  # the partner's id, as the daemon told the worker: a valid peer id
         if key is None:
             return
-        why = f"guard: {fields['strikes']} strikes by round {fields['round']}, last {fields['reason']}"
+        why = f"guard: {message.get('why') or str(fields['strikes']) + ' strikes'}"
         log.warning("[%s] %s sent poisoned updates (%s): publishing the evidence", self.peer_id, peer, why)
         link = self._runstate()
         if link is not None:

@@ -28,11 +28,16 @@ u_p = θ_p − φ against this peer's own u_i = θ_i − φ (see docs/outer-meth
   beyond suspect_clip, at most suspect_weight while the history is too short to judge; refused only by the
   same rules as anyone, so that a mistaken refusal cannot snowball into an exclusion) and its values are
   kept out of the history, so that an attacker caught once cannot hide in the honest spread afterwards;
-* strikes: `strikes_to_exclude` refusals of one origin within `strike_rounds` rounds exclude it locally
-  (every later message refused; the live worker will publish that as evidence).
+* strikes: `strikes_to_exclude` refusals of one origin within `strike_rounds` rounds by the rules whose
+  word holds alone (`strike_rules`) exclude it locally (every later message refused; the live worker
+  publishes that as evidence);
+* conduct: so does a record where most of the origin's last messages were bad, refused by any rule or
+  clipped hard by the ordinary threshold (`conduct_*`): a robust rule's single word is no proof, since
+  honest partners are now and then outliers, but an origin judged bad nearly every time it is met is not
+  one of them.
 
-What the guard keeps per origin (strikes, suspects, exclusions) is bounded by `origin_cap`, the oldest
-forgotten first; the rest by `window` and `replay_rounds`.
+What the guard keeps per origin (strikes, suspects, conduct, exclusions) is bounded by `origin_cap`, the
+oldest forgotten first; the rest by `window` and `replay_rounds`.
 
 The fraction of the partner's lattice values that wrapped is reported, not judged: the method already
 applies no pull in wrapped blocks.
@@ -113,6 +118,18 @@ class GuardConfig:
     strike_rules: tuple[str, ...] = ("header", "replay", "repeat", "non-finite", "no-update", "direction")
     strikes_to_exclude: int = 3  # refusals (not clips) of one origin ...
     strike_rounds: int = 20  # ... within this many rounds exclude it locally
+    # Conduct: what the robust rules say once is no proof, what they say every time is. An origin whose last
+    # conduct_window judged messages (within conduct_rounds rounds) held conduct_bad that were bad is
+    # excluded locally as if struck out. Bad: refused by any rule, or clipped to below conduct_weight of its
+    # pull by the ordinary threshold, for another measure than the probe gap (see `_note_conduct`). Judged
+    # as any origin would be, not by the stricter suspect threshold, so that one mistaken refusal cannot make
+    # the next messages of an honest partner count against it.
+    # Calibrated on bench.byzantine's guarded runs and 500 honest rounds (bench.byzantine_long): three bad in
+    # a row excluded stale and other data within 10-14 rounds of their first refusal and no honest peer.
+    conduct_window: int = 3
+    conduct_bad: int = 3
+    conduct_rounds: int = 40
+    conduct_weight: float = 0.5
     seed: int = 0  # the sketch's coordinates
 
 
@@ -179,6 +196,8 @@ class Guard:
         self.strikes: dict[str, list[int]] = {}  # origin -> rounds it was refused
         self.excluded: dict[str, int] = {}  # origin -> round it was excluded
         self.suspects: dict[str, int] = {}  # origin -> the last round this peer refused it
+        self.conduct: dict[str, deque[tuple[int, bool]]] = {}  # origin -> (round, bad) of its last messages
+        self.why: dict[str, str] = {}  # origin -> why it was excluded (the evidence a live peer publishes)
         self._index: dict[tuple[str, int], torch.Tensor] = {}
 
     # -- measures ------------------------------------------------------------------------------------------
@@ -293,8 +312,10 @@ class Guard:
         origin = message.origin if message.origin == expected_origin else expected_origin
         suspect = self._suspect(origin, round_)
         verdict = self._rules(round_, expected_origin, message, m, digest, scores, suspect)
+        if verdict.reason not in ("header", "excluded"):  # another's message, or one no longer judged
+            self._note_conduct(origin, round_, verdict)
         if verdict.action == REFUSE and verdict.reason in self.config.strike_rules:
-            self._strike(origin, round_)
+            self._strike(origin, round_, verdict.reason)
         elif verdict.action == REFUSE:
             self._suspect_now(origin, round_)
         elif not suspect:
@@ -315,7 +336,7 @@ class Guard:
     def refuse_malformed(self, round_: int, expected_origin: str, reason: str) -> Verdict:
         """The verdict on a message the method itself refused (format, layout, lattice step): a strike."""
         self._forget(round_)
-        self._strike(expected_origin, round_)
+        self._strike(expected_origin, round_, reason)
         return Verdict(REFUSE, 0.0, reason, {})
 
     def _rules(
@@ -405,18 +426,48 @@ class Guard:
         while len(self.suspects) > self.config.origin_cap:
             del self.suspects[next(iter(self.suspects))]
 
-    def _strike(self, origin: str, round_: int) -> None:
+    def _strike(self, origin: str, round_: int, reason: str) -> None:
         rounds = [r for r in self.strikes.pop(origin, []) if r > round_ - self.config.strike_rounds]
         rounds.append(round_)
         self.strikes[origin] = rounds  # re-inserted: the dicts are in the order origins were last refused
         self.suspects.pop(origin, None)
         self.suspects[origin] = round_
         if len(rounds) >= self.config.strikes_to_exclude:
-            self.excluded.setdefault(origin, round_)
+            self._exclude(origin, round_, f"{len(rounds)} strikes by round {round_}, last {reason}")
+        self._cap()
+
+    def _note_conduct(self, origin: str, round_: int, verdict: Verdict) -> None:
+        """Keeps the origin's last judged messages, bad or not, and excludes it when most were bad."""
+        cfg = self.config
+        suspicion = verdict.scores.get("suspicion", 0.0)
+        ordinary = (cfg.suspicion_clip / suspicion) ** 2 if suspicion > cfg.suspicion_clip else 1.0
+        z = {k: v for k, v in verdict.scores.items() if k.startswith("z_")}
+        # A clip for the probe gap above all does not count: an honest partner whose shard differs from this
+        # peer's looks worse on this peer's data every time it is met (bench.byzantine's honest runs: 3 of 4
+        # meetings of one pair clipped that hard). Poisoned data shows as refusals.
+        by_probe = bool(z) and max(z, key=lambda k: z[k]) == "z_probe"
+        bad = verdict.action == REFUSE or (ordinary < cfg.conduct_weight and not by_probe)
+        record = self.conduct.pop(origin, None) or deque(maxlen=cfg.conduct_window)
+        record.append((round_, bad))
+        self.conduct[origin] = record  # re-inserted: the dict is in the order origins were last judged
+        recent = [(r, b) for r, b in record if r > round_ - cfg.conduct_rounds]
+        if bad and sum(b for _, b in recent) >= cfg.conduct_bad:
+            why = f"{sum(b for _, b in recent)} of its last {len(recent)} messages bad, last {verdict.reason}"
+            self._exclude(origin, round_, why)
+        self._cap()
+
+    def _exclude(self, origin: str, round_: int, why: str) -> None:
+        if origin not in self.excluded:
+            self.excluded[origin] = round_
+            self.why[origin] = why
+
+    def _cap(self) -> None:
         cap = self.config.origin_cap
-        for table in (self.strikes, self.suspects, self.excluded):
+        for table in (self.strikes, self.suspects, self.excluded, self.conduct):
             while len(table) > cap:
                 del table[next(iter(table))]
+        for origin in [o for o in self.why if o not in self.excluded]:
+            del self.why[origin]
 
     def _forget(self, round_: int) -> None:
         horizon = round_ - self.config.replay_rounds
@@ -440,6 +491,8 @@ class Guard:
             "strikes": {o: list(r) for o, r in self.strikes.items()},
             "excluded": dict(self.excluded),
             "suspects": dict(self.suspects),
+            "conduct": {o: [[r, b] for r, b in record] for o, record in self.conduct.items()},
+            "why": dict(self.why),
         }
 
     @classmethod
@@ -455,6 +508,12 @@ class Guard:
         guard.strikes = {str(o): [int(r) for r in rs] for o, rs in saved["strikes"].items()}
         guard.excluded = {str(o): int(r) for o, r in saved["excluded"].items()}
         guard.suspects = {str(o): int(r) for o, r in saved.get("suspects", {}).items()}
+        window = guard.config.conduct_window
+        guard.conduct = {
+            str(o): deque(((int(r), bool(b)) for r, b in record), maxlen=window)
+            for o, record in saved.get("conduct", {}).items()
+        }
+        guard.why = {str(o): str(w) for o, w in saved.get("why", {}).items() if o in guard.excluded}
         return guard
 
 

@@ -6,7 +6,7 @@ It talks to its daemon over a control channel (stdin/stdout) and passes payloads
     worker -> daemon: eval {round, eval_loss}; progress {round, inner_step, train_loss}
     worker -> daemon: payload {round, nbytes}         (our fast weights are in the outbound segment)
     daemon -> worker: partner {round, nbytes, peer} | skip {round, reason}
-    worker -> daemon: verdict {round, peer, action, reason, weight, scores, excluded, strikes}  (the guard's)
+    worker -> daemon: verdict {round, peer, action, reason, weight, scores, excluded, strikes, why}
     worker -> daemon: snapshot {round, path, nbytes}  (φ after the round, in a file for joiners)
     daemon -> worker: stop                            (any time it trains or evaluates, or as the reply)
     worker -> daemon: done {round}                    (after the last round; also on a closed channel)
@@ -290,6 +290,7 @@ def _verdict_message(trainer: Trainer, number: int, peer: str, excluded_before: 
         "scores": {k: round(v, 4) for k, v in verdict.scores.items() if math.isfinite(v)},
         "excluded": peer in trainer.guard.excluded and peer not in excluded_before,
         "strikes": len(trainer.guard.strikes.get(peer, [])),
+        "why": trainer.guard.why.get(peer, ""),
     }
 
 

@@ -99,13 +99,15 @@ def test_a_free_rider_and_a_worse_loss_are_refused_and_repeat_offenders_excluded
             verdict = judge(guard, t, slow, own, partner, partner_fast, Probe(2.0, 1.9, 2.3))
             assert verdict.action == REFUSE and verdict.reason == "outlier-probe"
             assert guard.strikes == {}
-        else:
+        elif t < 13:
             verdict = judge(guard, t, slow, own, partner, dict(partner.slow))
             assert verdict.action == REFUSE and verdict.reason == "no-update"
-    assert guard.excluded == {"partner": 13}
+    # Two strikes, but three bad messages in a row: excluded by its conduct.
+    assert guard.excluded == {"partner": 12} and len(guard.strikes["partner"]) == 2
+    assert guard.why["partner"] == "3 of its last 3 messages bad, last no-update"
     _, slow, own, partner, partner_fast = next(iter(rounds(1)))
-    partner.round = 14
-    verdict = judge(guard, 14, slow, own, partner, partner_fast)
+    partner.round = 13
+    verdict = judge(guard, 13, slow, own, partner, partner_fast)
     assert verdict.reason == "excluded"
 
 
@@ -157,7 +159,7 @@ def test_a_small_simulated_run_accepts_its_honest_partners():
     assert [e for e in res["exchanges"] if e["action"] != ACCEPT] == []
 
 
-def test_a_consistently_flipped_partner_is_refused_every_round_but_its_outliers_do_not_strike():
+def test_a_consistently_flipped_partner_is_refused_and_excluded_by_its_record_not_by_strikes():
     guard = Guard()
     memory = byzantine.Memory()
     verdicts = []
@@ -170,9 +172,10 @@ def test_a_consistently_flipped_partner_is_refused_every_round_but_its_outliers_
         verdicts.append(judge(guard, t, slow, own, partner, forged.fast))
     assert [v.action for v in verdicts] == [REFUSE] * len(verdicts)
     # Refused by the robust rules, which do not strike (over 500 honest rounds their rare refusals of honest
-    # partners cascaded into exclusions): a suspect, not excluded.
-    assert all(v.reason not in guard.config.strike_rules for v in verdicts)
-    assert guard.excluded == {} and "partner" in guard.suspects
+    # partners cascaded into exclusions); but refused every time: excluded by its record after three.
+    assert all(v.reason not in guard.config.strike_rules for v in verdicts[:3])
+    assert [v.reason for v in verdicts[3:]] == ["excluded"] * 3
+    assert guard.strikes == {} and guard.excluded == {"partner": 12}
 
 
 def test_an_origin_once_refused_is_judged_more_strictly_afterwards():
@@ -202,6 +205,25 @@ def test_an_origin_once_refused_is_judged_more_strictly_afterwards():
     assert warned.strikes == {"partner": [10]} and warned.excluded == {}
 
 
+def test_an_honest_partner_refused_once_by_mistake_is_not_excluded_by_the_stricter_clips_after():
+    """After one refusal an origin is a suspect, and mildly unusual messages from it are clipped hard by the
+    suspect threshold; its record counts them by the ordinary threshold, which accepts them."""
+    guard = Guard()
+    same = Probe(2.0, 1.9, 1.9)
+    for t, slow, own, partner, partner_fast in rounds(16):
+        if t < 10:
+            judge(guard, t, slow, own, partner, partner_fast, same)
+        elif t == 10:
+            assert judge(guard, t, slow, own, partner, partner_fast, Probe(2.0, 1.9, 2.3)).action == REFUSE
+        else:
+            # A longer update than the partners' before: about 5 robust MADs of the log norm.
+            longer = {k: slow[k] + 1.45 * (partner_fast[k] - slow[k]) for k in slow}
+            verdict = judge(guard, t, slow, own, partner, longer, same)
+            assert verdict.reason == "suspect-log_norm" and verdict.weight < guard.config.conduct_weight
+            assert verdict.scores["suspicion"] < guard.config.suspicion_clip
+    assert guard.excluded == {} and [bad for _, bad in guard.conduct["partner"]] == [False] * 3
+
+
 def test_a_stale_theta_re_encoded_is_refused_when_the_stale_rule_is_on():
     """A θ of 8 rounds ago sent as this round's: behind this peer's own φ of 8 rounds ago. (Not the one this
     peer was sent then, which the repeat rule refuses: another replica's θ of that round.)"""
@@ -215,9 +237,9 @@ def test_a_stale_theta_re_encoded_is_refused_when_the_stale_rule_is_on():
             assert verdict.action == ACCEPT and verdict.scores.get("lag", 0.0) > -0.3
             continue
         verdicts.append(judge(guard, t, slow, own, partner, past[t - 8]))
-    assert [v.reason for v in verdicts] == ["stale"] * 4
-    assert all(v.scores.get("lag", -1.0) < -guard.config.lag_refuse for v in verdicts)
-    assert guard.excluded == {}  # the stale rule does not strike
+    assert [v.reason for v in verdicts] == ["stale"] * 3 + ["excluded"]
+    assert all(v.scores.get("lag", -1.0) < -guard.config.lag_refuse for v in verdicts[:3])
+    assert guard.strikes == {} and guard.excluded == {"partner": 14}  # no strike: excluded by its record
 
 
 def test_honest_partners_over_a_long_run_are_never_excluded_and_the_memory_stays_bounded():
@@ -244,6 +266,7 @@ def test_state_dict_round_trips_the_per_origin_state():
     saved = guard.state_dict()
     copy = Guard.from_state_dict(saved)
     assert copy.suspects == guard.suspects == {"partner": 10}
+    assert copy.conduct == guard.conduct and len(copy.conduct["partner"]) == 3
     assert [r for r, _ in copy.slow_sketches] == [r for r, _ in guard.slow_sketches]
     assert all(
         torch.equal(a, b) for (_, a), (_, b) in zip(copy.slow_sketches, guard.slow_sketches, strict=True)

@@ -1,16 +1,19 @@
 """Where a training worker's memory goes, phase by phase, in one process.
 
-    python -m bench.worker_memory --model gpt2-small --batch-size 2 [--rounds 3] [--threads 2] [--json PATH]
+    python -m bench.worker_memory --model gpt2-small --batch-size 2 [--rounds 3] [--threads 2]
+        [--overlap off|memory|spill] [--json PATH]
 
 Builds the worker's `Trainer` on a small generated corpus and runs `--rounds` rounds' phases in the order the
 worker runs them (peer/worker/process.py): the inner steps, the round's message, the outer step against a
 partner's message (another replica's θ: the guard decodes, probes and judges it, then the step pulls toward
 it; in the last round the pull is clipped to half, the guard's down-weighting of a suspect partner), the
 round's checkpoint (its optimizer state in a file of its own, then the rest, written in the background while
-the next phases run, as the worker does), the snapshot for joiners and the evaluation. Before each phase the
-peak resident set (`VmHWM`) is reset through /proc/self/clear_refs; after it the peak is read. Each phase's
-peak is given in MB and in models above the baseline measured in the same process before the model was
-built (the interpreter and torch), so that it compares with the issue's target: the training footprint
+the next phases run, as the worker does), the snapshot for joiners and the evaluation; with `--overlap`, in
+`peer join --overlap`'s order (the step alone, the next round's inner steps, then the round's real step,
+"settle"). Before each phase the peak resident set (`VmHWM`) is reset through /proc/self/clear_refs; after
+it the peak is read. Each phase's peak is given in MB and in models above the baseline measured in the same
+process before the model was built (the interpreter and torch), so that it compares with the issue's
+target: the training footprint
 (weights, gradients, two AdamW moments, φ, outer momentum: 6 models) plus one model of scratch. The first
 round allocates AdamW's moments and the outer momentum for the first time; the rounds after it are what a
 long run repeats. Linux only (/proc).
@@ -22,6 +25,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +65,8 @@ def partner_message(trainer: Any, number: int) -> bytes:
     return make_message(trainer.outer_config, trainer.outer, fast)
 
 
-def clipped_step(trainer: Any, own: bytes, partner: bytes) -> None:
-    """The worker's outer step with the guard's verdict forced to a clip at half weight."""
+def clipped(trainer: Any, step: Callable[[], Any]) -> Any:
+    """`step` (the worker's outer step) with the guard's verdict forced to a clip at half weight."""
     from shoal.gossip.outer.guard import CLIP, Verdict
 
     judge = trainer._judge
@@ -73,7 +77,7 @@ def clipped_step(trainer: Any, own: bytes, partner: bytes) -> None:
 
     trainer._judge = half
     try:
-        trainer.outer_step(own, partner, "peer-b")
+        return step()
     finally:
         del trainer._judge
 
@@ -88,6 +92,7 @@ def corpus(directory: Path) -> Path:
 def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     import torch
 
+    from shoal.peer.worker import overlap
     from shoal.peer.worker.checkpoints import CheckpointWriter
     from shoal.peer.worker.memory import release_free_memory
     from shoal.peer.worker.snapshots import write_snapshot
@@ -131,23 +136,41 @@ def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     writer = CheckpointWriter(directory / "checkpoint.pt")
 
     def run_round(number: int) -> None:
-        for _ in range(settings.inner_steps):
-            phase("inner step", trainer.train_step, number)
         own = phase("message", trainer.message, number)
         partner = partner_message(trainer, number)
         release_free_memory()  # the bench's own copy of θ, made for the partner's message
         optimizer_file = writer.write_optimizer(trainer.optimizer.state_dict())
         writer.wait()  # the worker writes it while the daemon swaps the round
-        if number == args.rounds and args.rounds > 1:
-            phase("outer step, clipped", lambda: clipped_step(trainer, own, partner), number)
-        else:
-            phase("outer step", lambda: trainer.outer_step(own, partner, "peer-b"), number)
+        clip = number == args.rounds and args.rounds > 1
+        if args.overlap != "off":
+            return overlapped(number, own, partner, optimizer_file, clip)
+        step = lambda: trainer.outer_step(own, partner, "peer-b")  # noqa: E731
+        name = "outer step" + (", clipped" if clip else "")
+        phase(name, (lambda: clipped(trainer, step)) if clip else step, number)
         phase("checkpoint", lambda: writer.write(trainer.state_dict(optimizer_file)), number)
+        after(number)
+
+    def overlapped(number: int, own: bytes, partner: bytes, optimizer_file: str | None, clip: bool) -> None:
+        """`peer join --overlap`'s order: the step alone, the next round's inner steps, then the real step."""
+        spill = directory / overlap.SPILL_NAME if args.overlap == "spill" else None
+        pending = phase("overlap begin", lambda: overlap.begin(trainer, own, optimizer_file, spill), number)
+        for _ in range(settings.inner_steps):
+            phase("inner step, overlapped", trainer.train_step, number + 1)
+        step = lambda: overlap.settle(trainer, pending, number, partner, "peer-b")  # noqa: E731
+        name = "settle" + (", clipped" if clip else "")
+        phase(name, (lambda: clipped(trainer, step)) if clip else step, number)
+        phase("checkpoint", lambda: writer.write(overlap.round_start_state(trainer, pending)), number)
+        after(number)
+
+    def after(number: int) -> None:
         phase("snapshot", lambda: write_snapshot(directory, number, trainer.slow_chunks()), number)
         phase("evaluation", trainer.evaluate, number)
 
     try:
         for number in range(1, args.rounds + 1):
+            if number == 1 or args.overlap == "off":
+                for _ in range(settings.inner_steps):
+                    phase("inner step", trainer.train_step, number)
             run_round(number)
     finally:
         writer.close()
@@ -157,6 +180,7 @@ def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "threads": args.threads,
         "activation_checkpointing": trainer.checkpointing,
+        "overlap": args.overlap,
         "parameters": parameters,
         "model_mb": round(model_mb, 1),
         "baseline_mb": round(baseline),
@@ -180,6 +204,11 @@ def main() -> None:
     parser.add_argument(
         "--activation-checkpointing", choices=("auto", "on", "off"), default="auto", help="as peer join's"
     )
+    parser.add_argument(
+        "--overlap", choices=("off", "memory", "spill"), default="off",
+        help="peer join --overlap's order: the round's saved state in memory, or spilled to disk as the "
+        "worker does (off)",
+    )  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="write the result here")
     args = parser.parse_args()
     if not Path("/proc/self/clear_refs").exists():

@@ -170,7 +170,8 @@ def _train(
             optimizer_file = writer.write_optimizer(trainer.optimizer.state_dict())
             if settings.overlap and (settings.rounds is None or number < settings.rounds):
                 with PEAKS.phase("overlap"):
-                    pending, pending_number = overlap.begin(trainer, own, optimizer_file), number
+                    spill = writer.path.parent / overlap.SPILL_NAME
+                    pending, pending_number = overlap.begin(trainer, own, optimizer_file, spill), number
                 channel.expecting_answer = True
                 continue
             with PEAKS.phase("wait"):  # the optimizer's file is written meanwhile

@@ -30,7 +30,10 @@ def train_round(*trainers: Trainer) -> None:
             trainer.train_step()
 
 
-def test_an_overlapped_round_settles_to_exactly_the_slow_weights_of_a_round_without_overlap(corpus):
+@pytest.mark.parametrize("spilled", [False, True], ids=["in-memory", "spilled"])
+def test_an_overlapped_round_settles_to_exactly_the_slow_weights_of_a_round_without_overlap(
+    corpus, tmp_path, spilled
+):
     plain_a, plain_b = Trainer(settings(corpus, "a")), Trainer(settings(corpus, "b"))
     over_a, over_b = Trainer(settings(corpus, "a")), Trainer(settings(corpus, "b"))
     train_round(plain_a, plain_b, over_a, over_b)
@@ -39,8 +42,14 @@ def test_an_overlapped_round_settles_to_exactly_the_slow_weights_of_a_round_with
     expected = plain_a.outer_step(own_a, own_b, "peer-b")
     plain_b.outer_step(own_b, own_a, "peer-a")
 
-    pending = overlap.begin(over_a, own_a, None)
+    (tmp_path / "state").mkdir()
+    spill = tmp_path / "state" / overlap.SPILL_NAME if spilled else None
+    pending = overlap.begin(over_a, own_a, None, spill)
     overlap.begin(over_b, own_b, None)
+    if spilled:
+        # While the next round trains, the old outer state and this round's fast weights are on disk only.
+        assert spill is not None and spill.stat().st_size > 3 * 4 * over_a.parameter_count()
+        assert pending.fast == {} and pending.saved[: len(overlap.SPILLED)] == (None,) * len(overlap.SPILLED)
     alone = [t.clone() for t in over_a.slow]
     assert not all(torch.equal(x, y) for x, y in zip(alone, plain_a.slow, strict=True))  # φ' is not φ
     over_a.train_step()  # the next round trains while the swap runs
@@ -48,6 +57,7 @@ def test_an_overlapped_round_settles_to_exactly_the_slow_weights_of_a_round_with
     trained = [p.detach().clone() for p in over_a.model.parameters()]
 
     assert overlap.settle(over_a, pending, 1, own_b, "peer-b") == expected
+    assert not any((tmp_path / "state").iterdir())  # the spill file went once read
     # φ and the outer momentum are those of the round without overlap, bit for bit; so is the guard's verdict.
     assert over_a.round == plain_a.round == 1
     for name in over_a.names:

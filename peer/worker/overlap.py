@@ -14,21 +14,22 @@ What an overlapped round keeps until it settles: the outer state before its step
 outer steps replace them), this round's fast weights for the guard, and where the inner loop stood (for a
 checkpoint at the round's start and for a stop before the answer). The tensors, three models' worth, go to
 a spill file beside the checkpoint (`spill`) while the next round trains, and come back memory-mapped for
-the settling step: held in memory they were gpt2-small's worker's peak, 4 models above a round without
-overlap. Without a spill file they stay in memory (the fast weights as a copy: training goes on in the
-model).
+the settling step (worker/spill.py): held in memory they were gpt2-small's worker's peak, 4 models above a
+round without overlap. Without a spill file they stay in memory (the fast weights as a copy: training goes
+on in the model).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from shoal.gossip.outer.methods import outer_step
+from shoal.peer.worker import spill as spill_file
 from shoal.peer.worker.train import Trainer
 
 
@@ -44,6 +45,7 @@ class Overlap:
     sampler_rng: torch.Tensor
     optimizer_file: str | None  # the round's inner-optimizer state on disk, for its checkpoint
     spill: Path | None = None  # where `saved`'s tensors and `fast` wait for the answer
+    spans: list[spill_file.Span] = field(default_factory=list)  # where in `spill`
 
 
 SPILL_NAME = "overlap-spill.pt"  # in the worker's state folder, beside its checkpoint
@@ -80,7 +82,8 @@ def begin(trainer: Trainer, own: bytes, optimizer_file: str | None, spill: Path 
     outer_step(trainer.outer_config, trainer.outer, own, [])
     if spill is not None:
         # The model still holds this round's fast weights: written as they are, no copy.
-        torch.save({**dict(zip(SPILLED, saved, strict=False)), "fast": trainer.fast()}, spill)
+        groups = {**dict(zip(SPILLED, saved, strict=False)), "fast": trainer.fast()}
+        overlap.spans = spill_file.write(spill, groups)
         overlap.saved = (None,) * len(SPILLED) + saved[len(SPILLED) :]
     overlap.alone = trainer.slow
     trainer.load_weights(overlap.alone)
@@ -89,12 +92,13 @@ def begin(trainer: Trainer, own: bytes, optimizer_file: str | None, spill: Path 
 
 
 def _unspill(overlap: Overlap) -> tuple[tuple, dict[str, torch.Tensor]]:
-    """The saved outer state and fast weights, memory-mapped from the spill file (which goes at once)."""
+    """The saved outer state and fast weights, mapped back from the spill file (which goes at once)."""
     if overlap.spill is None:
         return overlap.saved, overlap.fast
-    spilled = torch.load(overlap.spill, mmap=True, weights_only=True)
+    spilled = spill_file.read(overlap.spill, overlap.spans)
     _drop_spill(overlap)
-    return tuple(spilled[k] for k in SPILLED) + overlap.saved[len(SPILLED) :], spilled["fast"]
+    parts = tuple(spilled.get(k, {}) for k in SPILLED)
+    return parts + overlap.saved[len(SPILLED) :], spilled.get("fast", {})
 
 
 def _drop_spill(overlap: Overlap) -> None:
@@ -123,10 +127,15 @@ def settle(
     overlap.saved, overlap.fast = (), {}  # the step consumes the old state: nothing else may hold it
     _restore(trainer, saved)
     del saved
+    # The fast weights trained meanwhile minus φ' now, φ' let go, plus the new φ after the step: a model
+    # less at the step's peak than adding (new φ − φ') at the end.
+    for p, old in zip(trainer.model.parameters(), overlap.alone, strict=True):
+        p.sub_(old.to(p.device, p.dtype))
+    overlap.alone = []
     trainer.round = number - 1
     outcome = trainer.step_outer(overlap.own, partner, partner_id, fast)
-    for p, new, old in zip(trainer.model.parameters(), trainer.slow, overlap.alone, strict=True):
-        p.add_((new - old).to(p.device, p.dtype))
+    for p, new in zip(trainer.model.parameters(), trainer.slow, strict=True):
+        p.add_(new.to(p.device, p.dtype))
     return outcome
 
 

@@ -48,7 +48,7 @@ def test_an_overlapped_round_settles_to_exactly_the_slow_weights_of_a_round_with
     overlap.begin(over_b, own_b, None)
     if spilled:
         # While the next round trains, the old outer state and this round's fast weights are on disk only.
-        assert spill is not None and spill.stat().st_size > 3 * 4 * over_a.parameter_count()
+        assert spill is not None and spill.stat().st_size >= 3 * 4 * over_a.parameter_count()
         assert pending.fast == {} and pending.saved[: len(overlap.SPILLED)] == (None,) * len(overlap.SPILLED)
     alone = [t.clone() for t in over_a.slow]
     assert not all(torch.equal(x, y) for x, y in zip(alone, plain_a.slow, strict=True))  # φ' is not φ

@@ -79,12 +79,15 @@ def begin(trainer: Trainer, own: bytes, optimizer_file: str | None, spill: Path 
     )
     if spill is None:
         overlap.fast = {name: t.clone() for name, t in trainer.fast().items()}
-    outer_step(trainer.outer_config, trainer.outer, own, [])
-    if spill is not None:
-        # The model still holds this round's fast weights: written as they are, no copy.
+        outer_step(trainer.outer_config, trainer.outer, own, [])
+    else:
+        # On disk first (the model still holds this round's fast weights: written as they are, no copy);
+        # then nothing here holds the old state, and the step alone consumes it tensor by tensor.
         groups = {**dict(zip(SPILLED, saved, strict=False)), "fast": trainer.fast()}
         overlap.spans = spill_file.write(spill, groups)
         overlap.saved = (None,) * len(SPILLED) + saved[len(SPILLED) :]
+        del saved, groups
+        outer_step(trainer.outer_config, trainer.outer, own, [], consume=True)
     overlap.alone = trainer.slow
     trainer.load_weights(overlap.alone)
     trainer.round_steps = 0

@@ -31,10 +31,9 @@ u_p = θ_p − φ against this peer's own u_i = θ_i − φ (see docs/outer-meth
 * strikes: `strikes_to_exclude` refusals of one origin within `strike_rounds` rounds by the rules whose
   word holds alone (`strike_rules`) exclude it locally (every later message refused; the live worker
   publishes that as evidence);
-* conduct: so does a record where most of the origin's last messages were bad, refused by any rule or
-  clipped hard by the ordinary threshold (`conduct_*`): a robust rule's single word is no proof, since
-  honest partners are now and then outliers, but an origin judged bad nearly every time it is met is not
-  one of them.
+* conduct: so does a record of bad messages, its last 3 all refused by any rule or clipped hard by the
+  ordinary threshold (`conduct_*`): a robust rule's single word is no proof, since honest partners are now
+  and then outliers, but an origin judged bad every time it is met is not one of them.
 
 What the guard keeps per origin (strikes, suspects, conduct, exclusions) is bounded by `origin_cap`, the
 oldest forgotten first; the rest by `window` and `replay_rounds`.
@@ -437,7 +436,7 @@ class Guard:
         self._cap()
 
     def _note_conduct(self, origin: str, round_: int, verdict: Verdict) -> None:
-        """Keeps the origin's last judged messages, bad or not, and excludes it when most were bad."""
+        """Keeps the origin's last judged messages, bad or not, and excludes it when conduct_bad were bad."""
         cfg = self.config
         suspicion = verdict.scores.get("suspicion", 0.0)
         ordinary = (cfg.suspicion_clip / suspicion) ** 2 if suspicion > cfg.suspicion_clip else 1.0

@@ -22,6 +22,7 @@ on in the model).
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ import torch
 from shoal.gossip.outer.methods import outer_step
 from shoal.peer.worker import spill as spill_file
 from shoal.peer.worker.train import Trainer
+
+log = logging.getLogger("shoal.peer.worker")
 
 
 @dataclass
@@ -77,17 +80,22 @@ def begin(trainer: Trainer, own: bytes, optimizer_file: str | None, spill: Path 
         optimizer_file,
         spill,
     )
-    if spill is None:
-        overlap.fast = {name: t.clone() for name, t in trainer.fast().items()}
-        outer_step(trainer.outer_config, trainer.outer, own, [])
-    else:
+    if spill is not None:
         # On disk first (the model still holds this round's fast weights: written as they are, no copy);
         # then nothing here holds the old state, and the step alone consumes it tensor by tensor.
         groups = {**dict(zip(SPILLED, saved, strict=False)), "fast": trainer.fast()}
-        overlap.spans = spill_file.write(spill, groups)
-        overlap.saved = (None,) * len(SPILLED) + saved[len(SPILLED) :]
-        del saved, groups
-        outer_step(trainer.outer_config, trainer.outer, own, [], consume=True)
+        try:
+            overlap.spans = spill_file.write(spill, groups)
+        except OSError as error:  # a full disk, say: this round keeps them in memory, as without a file
+            log.warning("could not write %s (%s): the overlapped round's state stays in memory", spill, error)
+            _drop_spill(overlap)
+        else:
+            overlap.saved = (None,) * len(SPILLED) + saved[len(SPILLED) :]
+            del saved, groups
+            outer_step(trainer.outer_config, trainer.outer, own, [], consume=True)
+    if overlap.spill is None:
+        overlap.fast = {name: t.clone() for name, t in trainer.fast().items()}
+        outer_step(trainer.outer_config, trainer.outer, own, [])
     overlap.alone = trainer.slow
     trainer.load_weights(overlap.alone)
     trainer.round_steps = 0

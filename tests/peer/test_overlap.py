@@ -30,7 +30,7 @@ def train_round(*trainers: Trainer) -> None:
             trainer.train_step()
 
 
-@pytest.mark.parametrize("spilled", [False, True], ids=["in-memory", "spilled"])
+@pytest.mark.parametrize("spilled", [False, True, "unwritable"], ids=["in-memory", "spilled", "unwritable"])
 def test_an_overlapped_round_settles_to_exactly_the_slow_weights_of_a_round_without_overlap(
     corpus, tmp_path, spilled
 ):
@@ -44,9 +44,13 @@ def test_an_overlapped_round_settles_to_exactly_the_slow_weights_of_a_round_with
 
     (tmp_path / "state").mkdir()
     spill = tmp_path / "state" / overlap.SPILL_NAME if spilled else None
+    if spilled == "unwritable":  # the file cannot be written (a full disk, here a missing folder)
+        spill = tmp_path / "no-such-folder" / overlap.SPILL_NAME
     pending = overlap.begin(over_a, own_a, None, spill)
     overlap.begin(over_b, own_b, None)
-    if spilled:
+    if spilled == "unwritable":  # the round's state stays in memory
+        assert pending.spill is None and len(pending.fast) == len(over_a.names)
+    elif spilled:
         # While the next round trains, the old outer state and this round's fast weights are on disk only.
         assert spill is not None and spill.stat().st_size >= 3 * 4 * over_a.parameter_count()
         assert pending.fast == {} and pending.saved[: len(overlap.SPILLED)] == (None,) * len(overlap.SPILLED)

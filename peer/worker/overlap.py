@@ -51,7 +51,7 @@ class Overlap:
     spans: list[spill_file.Span] = field(default_factory=list)  # where in `spill`
 
 
-SPILL_NAME = "overlap-spill.pt"  # in the worker's state folder, beside its checkpoint
+SPILL_NAME = "overlap-spill.bin"  # in the worker's state folder, beside its checkpoint
 SPILLED = ("slow", "momentum", "error")  # the outer state's tensor dicts, `_outer_parts`' first three
 
 

@@ -5,7 +5,9 @@ compressed-noloco) with replica 0 running each attack of `gossip.outer.byzantine
 partner guard (`gossip.outer.guard`), against the all-honest run (with and without the guard) on the same
 tokens. Per attack: the honest peers' mean held-out loss at the end over the same peers' loss in the
 all-honest unguarded run (guarded and unguarded), the first round an honest receiver refused or clipped the
-attacker's message, and the honest messages the guard refused or clipped. The false-positive figure counts
+attacker's message, the round the run excluded it (the run state's rule on the strikes and local
+exclusions the honest guards publish; excluded peers leave the pairing), and the honest messages the guard
+refused or clipped. The false-positive figure counts
 every honest receiver's verdict on an honest partner over all guarded runs (the all-honest run and the
 honest pairs of the attack runs). Runs are cached in bench/convergence/cache/ (keyed by config, attack,
 guard, data and code version): an interrupted benchmark resumes.
@@ -48,7 +50,7 @@ RUN_FILES = (
     "peer/worker/model.py",
     "peer/worker/data.py",
 )
-GUARD_FILES = ("gossip/outer/guard.py",)
+GUARD_FILES = ("gossip/outer/guard.py", "gossip/runstate/evidence.py", "gossip/runstate/limits.py")
 
 
 def code_digest(guarded: bool) -> str:
@@ -193,6 +195,11 @@ def summarise(results: dict[Run, dict], attacks: list[str]) -> dict:
             "false_flags": _flags(guarded["exchanges"]),
             "excluded_by": [x for x in guarded["excluded"] if x["origin"] == f"{ATTACKER:08d}"],
             "honest_excluded": [x for x in guarded["excluded"] if x["origin"] != f"{ATTACKER:08d}"],
+            "strikes": sum(bool(e.get("strike")) for e in guarded["exchanges"] if e["hostile"]),
+            "run_excluded_round": guarded.get("run_excluded", {}).get(f"{ATTACKER:08d}"),
+            "honest_run_excluded": {
+                o: t for o, t in guarded.get("run_excluded", {}).items() if o != f"{ATTACKER:08d}"
+            },
         }
         out["attacks"][name] = row
     if base is not None and base_guarded is not None:
@@ -211,9 +218,18 @@ def summarise(results: dict[Run, dict], attacks: list[str]) -> dict:
         for x in res["excluded"]
         if a is None or x["origin"] != f"{ATTACKER:08d}"
     ]
+    honest_run = [
+        o
+        for (a, g), res in results.items()
+        if g
+        for o in res.get("run_excluded", {})
+        if a is None or o != f"{ATTACKER:08d}"
+    ]
     out["false_positives_all_guarded_runs"] = {
         **_flags(honest_all),
         "honest_exclusions": len(excluded),
+        "honest_run_exclusions": len(honest_run),
+        "honest_strikes": sum(bool(e.get("strike")) for e in honest_all),
         "what": "every honest receiver's verdict on an honest partner, all guarded runs (honest and attack)",
     }
     out["honest_scores"] = _percentiles(honest_all)
@@ -235,7 +251,7 @@ def _percentiles(exchanges: list[dict]) -> dict:
 def table(summary: dict) -> None:
     print(
         f"{'attack':12s} {'guarded':>8s} {'unguarded':>9s} {'detected':>8s} {'after':>5s} {'flagged':>8s} "
-        f"{'weight':>6s} {'false flags':>16s}  reasons"
+        f"{'weight':>6s} {'false flags':>16s} {'run excl':>8s}  reasons"
     )
     for name, row in summary["attacks"].items():
         if row is None:
@@ -246,8 +262,8 @@ def table(summary: dict) -> None:
             f"{name:12s} {row['loss_ratio_vs_honest']:8.4f} {row['loss_ratio_vs_honest_unguarded']:9.4f} "
             f"{row['detected_round']!s:>8s} {row['detected_after_rounds']!s:>5s} "
             f"{row['attacker_refused'] + row['attacker_clipped']:>3d}/{row['attacker_exchanges']:<4d} "
-            f"{row['mean_weight']:6.2f} {ff['refused']:>4d}+{ff['clipped']:<3d}of {ff['of']:<5d}  "
-            f"{row['reasons']}"
+            f"{row['mean_weight']:6.2f} {ff['refused']:>4d}+{ff['clipped']:<3d}of {ff['of']:<5d} "
+            f"{row['run_excluded_round']!s:>8s}  {row['reasons']}"
         )
     if "honest" in summary:
         h = summary["honest"]
@@ -259,7 +275,8 @@ def table(summary: dict) -> None:
     print(
         f"honest verdicts over all guarded runs: {fp['refused']} refused, {fp['clipped']} clipped "
         f"of {fp['of']}; "
-        f"honest exclusions {fp['honest_exclusions']}"
+        f"honest exclusions {fp['honest_exclusions']} (by the run: {fp['honest_run_exclusions']}), "
+        f"honest strikes {fp['honest_strikes']}"
     )
 
 

@@ -5,8 +5,9 @@ simulation (`bench.byzantine_run.run_byzantine`: the `--quick` model, R = 8 peer
 every peer honest and guarded for `--rounds` outer rounds (the schedule stretched to that many rounds of
 H = 12 inner steps), and, in a second process at the same time, the same run unguarded: the guard's cost
 is the ratio of the two final losses. Reported: every honest verdict's action (accepted, clipped, refused),
-the peers each guard excluded locally, the accusations a live run would publish (local exclusions) and
-whether they reach the run state's quorum (RunState.excluded's rule), and the loss curves.
+the peers each guard excluded locally, the accusations and strikes a live run would publish, the run's
+exclusions the run state's rule draws from them round by round (excluded peers leave the pairing), and
+the loss curves.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from bench.convergence.jobs import job_init, outer_config, sim_config
 from bench.convergence.sim import Batches, initial_weights
 from shoal.gossip.outer.guard import GuardConfig
 from shoal.gossip.outer.methods import DEFAULT_METHOD
-from shoal.gossip.runstate.evidence import exclusions, quorum
+from shoal.gossip.runstate.evidence import quorum
 from shoal.peer.worker.data import load_stdlib_corpus
 
 PEERS = 8
@@ -48,7 +49,7 @@ def summarise(guarded: dict, unguarded: dict | None, rounds: int) -> dict:
     by_round: Counter[int] = Counter(
         e["round"] // max(1, rounds // 10) for e in verdicts if e["action"] != "accept"
     )
-    # A local exclusion is what a live peer publishes as evidence; the run state's rule decides.
+    # A local exclusion is what a live peer publishes as evidence.
     evidence: dict[bytes, dict[bytes, dict]] = {}
     for x in guarded["excluded"]:
         accuser, accused = str(x["receiver"]).encode(), str(x["origin"]).encode()
@@ -66,7 +67,10 @@ def summarise(guarded: dict, unguarded: dict | None, rounds: int) -> dict:
         "local_exclusions": guarded["excluded"],
         "accused_by": {k.decode(): sorted(a.decode() for a in by) for k, by in evidence.items()},
         "quorum": quorum(member_rounds),
-        "run_exclusions": sorted(k.decode() for k in exclusions(evidence, member_rounds)),
+        "strikes": sum(bool(e.get("strike")) for e in verdicts),
+        # The run's exclusions as they happened, round by round (strikes and local exclusions published as
+        # live peers publish them, `run_exclusions`' rule): origin -> the round it was excluded.
+        "run_exclusions": guarded["run_excluded"],
         "loss_guarded": guarded["honest_loss"],
         "curve_guarded": guarded["curve"],
         "seconds_guarded": guarded["seconds"],

@@ -8,6 +8,11 @@ to keep attacking), and, when `guarded`, every honest receiver judges its partne
 as it is: the method's own checks (format, lattice step at most MAX_STEP_RATIO x this peer's) and, as in
 `exchange_pairs`, a refused message skips the pair's exchange for both partners.
 
+Guarded runs also keep the run's evidence as live peers publish it: each guard's local exclusions
+(`RunState.accuse`) and each strike (`RunState.report_strike`), turned into the run's exclusions by the run
+state's own rule (`gossip.runstate.evidence.run_exclusions`); an excluded peer is left out of the pairing
+from the next round on, as live daemons leave it out.
+
 Guarded refusals are one-sided: the receiver steps alone, the sender still pulls toward the receiver's θ
 (docs/outer-methods.md, "The partner guard"). The loss probe evaluates φ_i, θ_i and the partner's decoded θ_p
 on PROBE_WINDOWS fixed windows of receiver i's own training shard (one vmapped call for all receivers).
@@ -27,8 +32,9 @@ from shoal.gossip.outer import byzantine, compressed_noloco, guarded_step
 from shoal.gossip.outer.errors import OuterMessageError
 from shoal.gossip.outer.guard import REFUSE, Guard, GuardConfig, Probe, Verdict
 from shoal.gossip.outer.methods import OuterConfig, OuterState, make_message, outer_step
-from shoal.gossip.outer.pairing import partner_index
+from shoal.gossip.outer.pairing import pairing, partner_index
 from shoal.gossip.outer.wire import unpack
+from shoal.gossip.runstate.evidence import note_strike, run_exclusions
 from shoal.peer.worker.data import fixed_windows
 
 PROBE_WINDOWS = 16  # per receiver: 1,024 bytes of its own shard, three forward passes each
@@ -89,6 +95,37 @@ def product_exchange(
                 _restore(states[peer], before)
                 step_alone(outer, states[peer], own[peer])
     return refused
+
+
+class RunEvidence:
+    """What the honest guards would publish in the run state, and the exclusions the run draws from it."""
+
+    def __init__(self, replicas: int) -> None:
+        self.replicas = replicas
+        self.struck: dict[bytes, dict[bytes, dict]] = {}  # accused -> striker -> {"round", "strikes", "why"}
+        self.excluded: dict[int, int] = {}  # replica -> the round the run excluded it
+
+    def note(self, t: int, receiver: int, sender: int, verdict: Verdict) -> None:
+        if verdict.strike:
+            by = self.struck.setdefault(_key(sender), {})
+            by[_key(receiver)] = note_strike(by.get(_key(receiver)), t, verdict.reason)
+
+    def update(self, t: int, guards: Sequence[Guard | None]) -> None:
+        evidence: dict[bytes, dict[bytes, dict]] = {}  # a local exclusion is what a live peer accuses
+        for i, g in enumerate(guards):
+            for origin, r in g.excluded.items() if g is not None else ():
+                evidence.setdefault(_key(int(origin)), {})[_key(i)] = {"round": r, "why": "guard"}
+        for key in run_exclusions(evidence, self.struck, {}, [t] * self.replicas):
+            self.excluded.setdefault(int(key), t)
+
+    def partners(self, t: int, seed: int) -> list[int | None]:
+        names = [f"{i:08d}" for i in range(self.replicas) if i not in self.excluded]
+        paired = pairing(names, t, seed)
+        return [None if (q := paired.get(f"{i:08d}")) is None else int(q) for i in range(self.replicas)]
+
+
+def _key(replica: int) -> bytes:
+    return f"{replica:08d}".encode()
 
 
 def _decode(
@@ -176,6 +213,7 @@ def run_byzantine(
     hostile = attacker if attack is not None else None
     guards: list[Guard | None] = [Guard(guard_config) if guarded and i != hostile else None for i in range(r)]
     memory = byzantine.Memory(seed=cfg.seed)
+    run = RunEvidence(r) if guarded else None
     xs, ys = batches.x, batches.y
     if attack == "other_data":
         cipher = byzantine.byte_cipher(cfg.seed)
@@ -196,7 +234,10 @@ def run_byzantine(
         fast = [reps.replica(i) for i in range(r)]
         own = [make_message(outer, states[i], fast[i]) for i in range(r)]
         sent = list(own)
-        partners = [partner_index(r, i, t, cfg.seed) for i in range(r)]
+        if run is not None:  # the run's exclusions leave the pairing, as live daemons leave them out
+            partners = run.partners(t, cfg.seed)
+        else:
+            partners = [partner_index(r, i, t, cfg.seed) for i in range(r)]
         if hostile is not None and attack is not None:
             forged = byzantine.forge(attack, t, states[hostile].slow, fast[hostile], memory)
             if forged.raw is not None:
@@ -210,7 +251,7 @@ def run_byzantine(
                     memory.received = _decode(outer, states[hostile], own[hostile], sent[p], fast[hostile])[0]
                 except OuterMessageError:
                     memory.received = None
-        if guarded:
+        if run is not None:
             verdicts = judge_all(outer, reps, t, states, guards, own, sent, fast, partners, probe)
             for i, p in enumerate(partners):
                 if p is None:
@@ -220,6 +261,9 @@ def run_byzantine(
                 weighted_step(outer, states[i], own[i], sent[p], 1.0 if v is None else v.weight)
                 if v is not None:
                     exchanges.append(_record(t, i, p, hostile, v.action, v.reason, v.weight, v.scores))
+                    exchanges[-1]["strike"] = v.strike
+                    run.note(t, i, p, v)
+            run.update(t, guards)
         else:
             refused = product_exchange(outer, states, own, sent, partners)
             for i, p in enumerate(partners):
@@ -261,6 +305,7 @@ def run_byzantine(
         "curve": curve,
         "exchanges": exchanges,
         "excluded": excluded,
+        "run_excluded": {f"{i:08d}": t for i, t in sorted(run.excluded.items())} if run is not None else {},
         "seconds": time.monotonic() - start,
     }
 

@@ -1,8 +1,9 @@
 """What the daemon does with its worker's partner-guard verdicts, and with the run's exclusions (issue 18).
 
 The worker judges each partner's message (gossip/outer/guard.py) and sends the verdict. Here it is logged
-and emitted as a `verdict` event; when the guard excluded the partner (refused again and again), the
-evidence goes into this peer's signed run-state document (`RunState.accuse`). The run state turns a quorum
+and emitted as a `verdict` event; each strike (a refusal by a rule whose word holds alone) and, when the
+guard excluded the partner (refused again and again), the evidence go into this peer's signed run-state
+document (`RunState.report_strike`, `RunState.accuse`). The run state turns a quorum
 of members' evidence into exclusions every member computes alike (`RunState.excluded`); `excluded()` is
 what the round swap leaves out of the pairing, and the daemon says when the run excludes a peer, and when
 an exclusion lapses. Silence evidence (peer/silence.py) takes the same road.
@@ -41,16 +42,18 @@ class GuardReports:
                 "[%s] round %s: the guard %s %s's update (%s, weight %s)",
                 *(self.peer_id, fields["round"], verb, peer, fields["reason"], fields["weight"]),
             )
-        if not message.get("excluded"):
-            return
         key = key_of(peer)  # the partner's id, as the daemon told the worker: a valid peer id
-        if key is None:
-            return
-        why = f"guard: {message.get('why') or str(fields['strikes']) + ' strikes'}"
-        log.warning("[%s] %s sent poisoned updates (%s): publishing the evidence", self.peer_id, peer, why)
         link = self._runstate()
-        if link is not None:
-            link.change("accuse", key, int(message.get("round") or 0), why)
+        if key is None or link is None:
+            return
+        number = int(message.get("round") or 0)
+        if message.get("struck"):  # one strike: the run adds up its members' (gossip/runstate/evidence.py)
+            link.change("report_strike", key, number, f"guard: {fields['reason']}")
+        if message.get("excluded"):
+            why = f"guard: {message.get('why') or str(fields['strikes']) + ' strikes'}"
+            log.warning("[%s] %s sent poisoned updates (%s): publishing the evidence", self.peer_id, peer,
+                        why)  # fmt: skip
+            link.change("accuse", key, number, why)
 
     def excluded(self) -> set[str]:
         """Peers no member pairs with: excluded on its members' published evidence, or banned from the run

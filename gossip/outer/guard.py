@@ -30,7 +30,8 @@ u_p = θ_p − φ against this peer's own u_i = θ_i − φ (see docs/outer-meth
   kept out of the history, so that an attacker caught once cannot hide in the honest spread afterwards;
 * strikes: `strikes_to_exclude` refusals of one origin within `strike_rounds` rounds by the rules whose
   word holds alone (`strike_rules`) exclude it locally (every later message refused; the live worker
-  publishes that as evidence);
+  publishes that as evidence); the live worker also publishes each strike, and the run adds up its
+  members' strikes (gossip/runstate/evidence.py), since one guard meets a given partner only now and then;
 * conduct: so does a record of bad messages, its last 3 all refused by any rule or clipped hard by the
   ordinary threshold (`conduct_*`): a robust rule's single word is no proof, since honest partners are now
   and then outliers, but an origin judged bad every time it is met is not one of them.
@@ -53,7 +54,7 @@ import hashlib
 import math
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -152,6 +153,7 @@ class Verdict:
     weight: float  # 1, in (0, 1) or 0: how much of the partner's pull to apply (see the module docstring)
     reason: str  # the rule that decided ("ok" when accepted)
     scores: dict[str, float]  # ratio, cos, probe, wrapped, z: the evidence the live worker can publish
+    strike: bool = False  # refused by a rule whose word holds alone: the live worker publishes each strike
 
     @property
     def flagged(self) -> bool:
@@ -315,6 +317,7 @@ class Guard:
             self._note_conduct(origin, round_, verdict)
         if verdict.action == REFUSE and verdict.reason in self.config.strike_rules:
             self._strike(origin, round_, verdict.reason)
+            verdict = replace(verdict, strike=True)
         elif verdict.action == REFUSE:
             self._suspect_now(origin, round_)
         elif not suspect:
@@ -336,7 +339,7 @@ class Guard:
         """The verdict on a message the method itself refused (format, layout, lattice step): a strike."""
         self._forget(round_)
         self._strike(expected_origin, round_, reason)
-        return Verdict(REFUSE, 0.0, reason, {})
+        return Verdict(REFUSE, 0.0, reason, {}, strike=True)
 
     def _rules(
         self,

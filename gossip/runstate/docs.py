@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # The root maps each kind of document may hold; an update touching anything else is rejected.
 ROOTS = {
-    KIND_PEER: frozenset({"member", "bans", "votes", "evidence", "silent"}),
+    KIND_PEER: frozenset({"member", "bans", "votes", "evidence", "silent", "struck"}),
     KIND_RUN: frozenset({"config", "manifest", "bans", "delegates"}),
 }
 

@@ -35,7 +35,7 @@ from . import wire
 from .docs import DocReplica
 from .envelope import KIND_PEER, KIND_RUN, Entry, MetricsRecord, public_bytes
 from .errors import NotAuthorized, Rejected
-from .evidence import exclusions, silence_exclusions
+from .evidence import note_strike, run_exclusions
 from .limiter import Limiter
 from .limits import (
     ANTI_ENTROPY_FANOUT,
@@ -44,6 +44,7 @@ from .limits import (
     COMPACT_GROWTH,
     COMPACT_MIN_BYTES,
     DEAD_AFTER_S,
+    EVIDENCE_TTL_ROUNDS,
     HEARTBEAT_INTERVAL_S,
     MAX_DOCUMENTS,
     MAX_ITEMS_PER_PUSH,
@@ -51,6 +52,7 @@ from .limits import (
     MAX_PENDING_TOTAL,
     MAX_REASON_CHARS,
     MAX_SILENCE_ENTRIES,
+    MAX_STRIKE_ENTRIES,
     MAX_SYNC_MESSAGE_BYTES,
     PUSH_FANOUT,
     SILENCE_TTL_ROUNDS,
@@ -269,6 +271,13 @@ class RunState:
             "silence", (self._docs_version, self._run_version), lambda: self._accusations("silent")
         )
 
+    def strikes(self) -> dict[bytes, dict[bytes, dict[str, Any]]]:
+        """Published strikes (refusals by a guard rule whose word holds alone): accused key -> striker key ->
+        {"round", "strikes", "why"}, read as `evidence`."""
+        return self._memo(
+            "struck", (self._docs_version, self._run_version), lambda: self._accusations("struck")
+        )
+
     def _accusations(self, root: str) -> dict[bytes, dict[bytes, dict[str, Any]]]:
         banned = self.bans()
         out: dict[bytes, dict[bytes, dict[str, Any]]] = {}
@@ -281,14 +290,15 @@ class RunState:
                     out.setdefault(bytes.fromhex(h), {})[accuser] = {
                         "round": _int(item.get("round")),
                         "why": why[:MAX_REASON_CHARS] if isinstance(why, str) else "",
+                        **({"strikes": _int(item.get("strikes"))} if "strikes" in item else {}),
                     }
         return out
 
     def excluded(self) -> dict[bytes, str]:
-        """Peers excluded from pairing on the members' evidence, with the reason (`evidence.exclusions`:
-        a quorum of accusers, never one; an accuser nobody backs loses its voice; and, for a while,
-        `evidence.silence_exclusions`). Deterministic in the state, so every replica that holds the same
-        documents pairs the same peers."""
+        """Peers excluded from pairing on the members' evidence, with the reason (`evidence.run_exclusions`:
+        a quorum of accusers, never one; an accuser nobody backs loses its voice; strikes by a quorum of
+        members adding up to three; and, for a while, silence). Deterministic in the state, so every
+        replica that holds the same documents pairs the same peers."""
         return dict(self._memo("excluded", (self._docs_version, self._run_version), self._excluded))
 
     def _excluded(self) -> dict[bytes, str]:
@@ -298,13 +308,7 @@ class RunState:
             for k, o in self.docs
             if k == KIND_PEER and o not in banned and self.admitted(o)
         ]
-        poisoned = exclusions(self.evidence(), rounds)
-        # A member excluded for poisoned updates has no voice about silence either.
-        silence = {
-            accused: {a: item for a, item in by.items() if a not in poisoned}
-            for accused, by in self.silence().items()
-        }
-        return {**silence_exclusions(silence, rounds), **poisoned}
+        return run_exclusions(self.evidence(), self.strikes(), self.silence(), rounds)
 
     def liveness(self, key: bytes, now: float) -> Liveness:
         if key == self.me:
@@ -384,23 +388,20 @@ class RunState:
         """Publish that `key`, this peer's partner in `round_`, stayed in the run but never answered; this
         peer's accusations older than SILENCE_TTL_ROUNDS, or beyond the MAX_SILENCE_ENTRIES newest, go."""
         item = {"round": int(round_), "why": why[:MAX_REASON_CHARS]}
+        return self._write(
+            KIND_PEER,
+            lambda r: _put_newest(r["silent"], key, item, round_ - SILENCE_TTL_ROUNDS, MAX_SILENCE_ENTRIES),
+        )
+
+    def report_strike(self, key: bytes, round_: int, why: str) -> list[Outgoing]:
+        """Publish that this peer's guard struck `key`, its partner in `round_` (refused it by a rule whose
+        word holds alone); strike records older than EVIDENCE_TTL_ROUNDS, or beyond the MAX_STRIKE_ENTRIES
+        newest, go."""
 
         def mutate(roots: dict[str, Map]) -> None:
-            silent = roots["silent"]
-            silent[key.hex()] = item
-            kept = sorted(
-                (
-                    (_int(v.get("round")), h)
-                    for h, v in silent.items()
-                    if isinstance(v, dict) and h != key.hex()
-                ),
-                reverse=True,
-            )
-            keep = {key.hex()} | {
-                h for r, h in kept[: MAX_SILENCE_ENTRIES - 1] if r >= round_ - SILENCE_TTL_ROUNDS
-            }
-            for h in set(silent.keys()) - keep:
-                del silent[h]
+            struck = roots["struck"]
+            item = note_strike(struck.get(key.hex()), round_, why)
+            _put_newest(struck, key, item, round_ - EVIDENCE_TTL_ROUNDS, MAX_STRIKE_ENTRIES)
 
         return self._write(KIND_PEER, mutate)
 
@@ -972,6 +973,18 @@ def _skip_bad(fn: Callable[..., Any]) -> Any:
 
 def _is_key_hex(h: str) -> bool:
     return len(h) == 64 and all(c in "0123456789abcdef" for c in h)
+
+
+def _put_newest(entries: Map, key: bytes, item: dict[str, Any], oldest_round: int, cap: int) -> None:
+    """Sets `entries[key]`, keeping beside it only the cap − 1 newest others from `oldest_round` on."""
+    entries[key.hex()] = item
+    kept = sorted(
+        ((_int(v.get("round")), h) for h, v in entries.items() if isinstance(v, dict) and h != key.hex()),
+        reverse=True,
+    )
+    keep = {key.hex()} | {h for r, h in kept[: cap - 1] if r >= oldest_round}
+    for h in set(entries.keys()) - keep:
+        del entries[h]
 
 
 def _int(v: Any) -> int:

@@ -6,7 +6,7 @@ It talks to its daemon over a control channel (stdin/stdout) and passes payloads
     worker -> daemon: eval {round, eval_loss}; progress {round, inner_step, train_loss}
     worker -> daemon: payload {round, nbytes}         (our fast weights are in the outbound segment)
     daemon -> worker: partner {round, nbytes, peer} | skip {round, reason}
-    worker -> daemon: verdict {round, peer, action, reason, weight, scores, excluded, strikes, why}
+    worker -> daemon: verdict {round, peer, action, reason, weight, scores, excluded, struck, strikes, why}
     worker -> daemon: snapshot {round, path, nbytes}  (φ after the round, in a file for joiners)
     daemon -> worker: stop                            (any time it trains or evaluates, or as the reply)
     worker -> daemon: done {round}                    (after the last round; also on a closed channel)
@@ -278,7 +278,7 @@ def _after_step(
 
 def _verdict_message(trainer: Trainer, number: int, peer: str, excluded_before: set[str]) -> dict:
     """The guard's verdict on this round's partner, for the daemon's log and events; `excluded` when this
-    verdict excluded the partner here (its strikes), which the daemon publishes as evidence."""
+    verdict excluded the partner here, `struck` when it was a strike: the daemon publishes both."""
     verdict = trainer.verdict
     assert verdict is not None and trainer.guard is not None
     return {
@@ -290,6 +290,7 @@ def _verdict_message(trainer: Trainer, number: int, peer: str, excluded_before: 
         "weight": round(verdict.weight, 4),
         "scores": {k: round(v, 4) for k, v in verdict.scores.items() if math.isfinite(v)},
         "excluded": peer in trainer.guard.excluded and peer not in excluded_before,
+        "struck": verdict.strike,
         "strikes": len(trainer.guard.strikes.get(peer, [])),
         "why": trainer.guard.why.get(peer, ""),
     }

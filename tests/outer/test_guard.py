@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.byzantine_run import run_byzantine
+from bench.byzantine_run import RunEvidence, run_byzantine
 from bench.convergence.jobs import outer_config, sim_config
 from bench.convergence.sim import Batches, initial_weights
 from shoal.gossip.outer import byzantine
-from shoal.gossip.outer.guard import ACCEPT, REFUSE, Guard, GuardConfig, Probe, mix
+from shoal.gossip.outer.guard import ACCEPT, CLIP, REFUSE, Guard, GuardConfig, Probe, Verdict, mix
 from shoal.gossip.outer.methods import OuterConfig, OuterState, make_message
 from shoal.gossip.outer.wire import pack, unpack
 from shoal.peer.worker.data import load_stdlib_corpus
@@ -70,6 +70,7 @@ def test_a_scaled_or_sign_flipped_update_is_refused(attack):
         verdict = judge(guard, t, slow, own, partner, forged.fast)
         assert verdict.action == REFUSE and verdict.weight == 0.0
         assert verdict.reason in (("norm",) if attack == "scale" else ("direction", "outlier-cos"))
+        assert verdict.strike == (verdict.reason == "direction")  # a robust rule's word is no strike
 
 
 def test_an_exact_replay_is_refused_and_restamping_it_does_not_help():
@@ -157,6 +158,25 @@ def test_a_small_simulated_run_accepts_its_honest_partners():
     res = run_byzantine(cfg, batches, initial_weights(cfg), outer_config("compressed-noloco"), None, True)
     assert len(res["exchanges"]) == 40
     assert [e for e in res["exchanges"] if e["action"] != ACCEPT] == []
+
+
+def test_the_simulated_run_adds_up_strikes_by_different_receivers_and_unpairs_the_struck_peer():
+    """A guard meets a given partner only now and then: the run adds up what each publishes, strike by
+    strike (gossip/runstate/evidence.py's rule), and from then on pairs without the struck peer."""
+    run = RunEvidence(8)
+    strike, clip = Verdict(REFUSE, 0.0, "no-update", {}, strike=True), Verdict(CLIP, 0.3, "outlier-cos", {})
+    no_guards = [None] * 8
+    for t, receiver, verdict in [(0, 1, strike), (3, 2, clip), (5, 1, strike), (6, 4, clip)]:
+        run.note(t, receiver, 0, verdict)
+        run.update(t, no_guards)
+    assert run.excluded == {}  # two strikes, by one receiver
+    run.note(9, 3, 0, strike)
+    run.update(9, no_guards)
+    assert run.excluded == {0: 9}
+    for t in range(10, 20):
+        partners = run.partners(t, seed=0)
+        assert partners[0] is None and 0 not in partners
+        assert sum(p is None for p in partners[1:]) == 1  # 7 left: one sits out, the rest are paired
 
 
 def test_a_consistently_flipped_partner_is_refused_and_excluded_by_its_record_not_by_strikes():

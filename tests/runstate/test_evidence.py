@@ -153,3 +153,56 @@ def test_a_member_excluded_for_poisoned_updates_has_no_voice_about_silence():
     s.do(7, st[7].report_silence(st[3].me, 5, "no answer"))
     assert s.settle()
     assert set(st[0].excluded()) == {st[6].me}  # one honest voice left against st[3]: no quorum
+
+
+def test_three_strikes_from_two_members_exclude_and_one_member_alone_never_does():
+    """A guard meets a partner about once in R−1 rounds: the run adds up its members' strikes. One member's
+    count is capped, so its strikes alone exclude nobody however many it publishes."""
+    s = Swarm(8, seed=51)
+    st = s.states
+    for r in (3, 11, 19, 27):
+        s.do(1, st[1].report_strike(st[7].me, r, "guard: direction"))
+    assert s.settle()
+    assert st[1].strikes()[st[7].me][st[1].me]["strikes"] == 4
+    assert st[0].excluded() == {}
+    s.do(2, st[2].report_strike(st[7].me, 30, "guard: no-update"))
+    assert s.settle()
+    for x in st:
+        assert set(x.excluded()) == {st[7].me}
+        assert "3 strikes by 2 members' guards" in x.excluded()[st[7].me]
+
+
+def test_strikes_by_members_are_counted_within_their_lifetime_and_lone_strikers_pay_nothing():
+    from shoal.gossip.runstate.limits import EVIDENCE_TTL_ROUNDS
+
+    s = Swarm(8, seed=52)
+    st = s.states
+    s.do(1, st[1].report_strike(st[7].me, 5, "guard: direction"))
+    s.do(2, st[2].report_strike(st[7].me, 6, "guard: direction"))
+    for target in st[2:7]:  # lone strikes of five peers: no exclusion, and st[3] keeps its voice
+        s.do(3, st[3].report_strike(target.me, 7, "guard: no-update"))
+    assert s.settle()
+    assert st[0].excluded() == {}  # 2 strikes: not enough
+    s.do(3, st[3].report_strike(st[7].me, 8, "guard: direction"))
+    assert s.settle()
+    assert set(st[0].excluded()) == {st[7].me}
+    for i, x in enumerate(st):
+        s.do(i, x.set_round(6 + EVIDENCE_TTL_ROUNDS))
+    assert s.settle()
+    assert st[0].excluded() == {}  # st[1]'s strike aged out: 2 strikes left
+
+
+def test_a_strike_after_the_lifetime_starts_the_count_again_and_the_list_is_bounded():
+    from shoal.gossip.runstate.limits import EVIDENCE_TTL_ROUNDS, MAX_STRIKE_ENTRIES
+
+    s = Swarm(2, seed=53)
+    me = s.states[0]
+    other = s.states[1].me
+    s.do(0, me.report_strike(other, 10, "guard: direction"))
+    s.do(0, me.report_strike(other, 11 + EVIDENCE_TTL_ROUNDS, "guard: direction"))
+    assert me.strikes()[other][me.me]["strikes"] == 1
+    keys = [bytes([i]) * 32 for i in range(1, MAX_STRIKE_ENTRIES + 6)]
+    for n, key in enumerate(keys):
+        s.do(0, me.report_strike(key, 300 + n, "guard: no-update"))
+    assert len(me.strikes()) == MAX_STRIKE_ENTRIES
+    assert keys[0] not in me.strikes() and keys[-1] in me.strikes()

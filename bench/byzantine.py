@@ -1,16 +1,16 @@
-"""`python -m bench.byzantine --json PATH [--jobs 2] [--attacks a,b]`: 1 hostile peer of R (issue 18).
+"""`python -m bench.byzantine --json PATH [--jobs 2] [--attacks a,b] [--peers R]`: 1 hostile peer of R.
 
-The convergence simulation (`bench.convergence`, `--quick` config, R = 8, the default method
-compressed-noloco) with replica 0 running each attack of `gossip.outer.byzantine`, with and without the
-partner guard (`gossip.outer.guard`), against the all-honest run (with and without the guard) on the same
-tokens. Per attack: the honest peers' mean held-out loss at the end over the same peers' loss in the
-all-honest unguarded run (guarded and unguarded), the first round an honest receiver refused or clipped the
-attacker's message, the round the run excluded it (the run state's rule on the strikes and local
-exclusions the honest guards publish; excluded peers leave the pairing), and the honest messages the guard
-refused or clipped. The false-positive figure counts
-every honest receiver's verdict on an honest partner over all guarded runs (the all-honest run and the
-honest pairs of the attack runs). Runs are cached in bench/convergence/cache/ (keyed by config, attack,
-guard, data and code version): an interrupted benchmark resumes.
+Issue 18. The convergence simulation (`bench.convergence`, `--quick` config, R = 8 unless `--peers`, the
+default method compressed-noloco) with replica 0 running each attack of `gossip.outer.byzantine`, with and
+without the partner guard (`gossip.outer.guard`), against the all-honest run (with and without the guard)
+on the same tokens. Per attack: the honest peers' mean held-out loss at the end over the same peers' loss
+in the all-honest unguarded run (guarded and unguarded), the first round an honest receiver refused or
+clipped the attacker's message, the round the run excluded it (the run state's rule on the strikes and
+local exclusions the honest guards publish; excluded peers leave the pairing), and the honest messages the
+guard refused or clipped. The false-positive figure counts every honest receiver's verdict on an honest
+partner over all guarded runs (the all-honest run and the honest pairs of the attack runs). Runs are cached
+in bench/convergence/cache/ (keyed by config, attack, guard, data and code version): an interrupted
+benchmark resumes.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def code_digest(guarded: bool) -> str:
     return h.hexdigest()[:16]
 
 
-def key_of(mode: str, attack: str | None, guarded: bool) -> str:
-    cfg, _, _, data = run_data(mode, 0, PEERS)
+def key_of(mode: str, peers: int, attack: str | None, guarded: bool) -> str:
+    cfg, _, _, data = run_data(mode, 0, peers)
     what = {
         "config": {**asdict(cfg), "model": asdict(cfg.model)},
         "bench": "byzantine",
@@ -78,8 +78,10 @@ def key_of(mode: str, attack: str | None, guarded: bool) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def job(mode: str, attack: str | None, guarded: bool, key: str, deadline: float | None) -> dict | None:
-    cfg, batches, init, _ = run_data(mode, 0, PEERS)
+def job(
+    mode: str, peers: int, attack: str | None, guarded: bool, key: str, deadline: float | None
+) -> dict | None:
+    cfg, batches, init, _ = run_data(mode, 0, peers)
     try:
         res = run_byzantine(
             cfg, batches, init, outer_config(DEFAULT_METHOD), attack, guarded, ATTACKER, None, deadline
@@ -93,11 +95,13 @@ def job(mode: str, attack: str | None, guarded: bool, key: str, deadline: float 
 Run = tuple[str | None, bool]  # (attack or None for all-honest, guarded)
 
 
-def run_all(mode: str, runs: list[Run], jobs: int, budget: float | None, use_cache: bool) -> dict[Run, dict]:
+def run_all(
+    mode: str, peers: int, runs: list[Run], jobs: int, budget: float | None, use_cache: bool
+) -> dict[Run, dict]:
     out: dict[Run, dict] = {}
     todo: dict[Run, str] = {}
     for run in runs:
-        key = key_of(mode, *run)
+        key = key_of(mode, peers, *run)
         hit = cache.load(key) if use_cache else None
         if hit is not None:
             out[run] = hit
@@ -109,7 +113,7 @@ def run_all(mode: str, runs: list[Run], jobs: int, budget: float | None, use_cac
     if todo:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=job_init) as pool:
-            futures = {run: pool.submit(job, mode, *run, key, deadline) for run, key in todo.items()}
+            futures = {run: pool.submit(job, mode, peers, *run, key, deadline) for run, key in todo.items()}
             for run, fut in futures.items():
                 fut.add_done_callback(lambda f, run=run: _report(run, f.result()))
             for run, fut in futures.items():
@@ -285,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--attacks", help=f"comma-separated, of {', '.join(ATTACKS)} (default: all)")
     parser.add_argument("--smoke", action="store_true", help="the seconds-long config (measures nothing)")
+    parser.add_argument("--peers", type=int, default=PEERS, help=f"R, one of them hostile (default {PEERS})")
     parser.add_argument("--jobs", type=int, default=2, help="processes, one torch thread each (default 2)")
     parser.add_argument(
         "--budget", type=float, help="stop runs after this many seconds (they are not cached)"
@@ -304,18 +309,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         runs = [run for run in runs if run[1] == (args.only == "guarded")]
     print(
-        f"{len(runs)} runs, mode {mode}, R = {PEERS}, attacker replica {ATTACKER}, {args.jobs} processes",
+        f"{len(runs)} runs, mode {mode}, R = {args.peers}, attacker replica {ATTACKER}, "
+        f"{args.jobs} processes",
         flush=True,
     )
-    results = run_all(mode, runs, args.jobs, args.budget, not args.no_cache)
+    results = run_all(mode, args.peers, runs, args.jobs, args.budget, not args.no_cache)
     summary = summarise(results, attacks)
     table(summary)
-    cfg = run_data(mode, 0, PEERS)[0]
+    cfg = run_data(mode, 0, args.peers)[0]
     summary.update(
         {
             "method": DEFAULT_METHOD,
             "mode": mode,
-            "peers": PEERS,
+            "peers": args.peers,
             "attacker": ATTACKER,
             "guard": asdict(GuardConfig()),
             "config": {**asdict(cfg), "model": asdict(cfg.model)},

@@ -462,7 +462,15 @@ def main() -> None:
         "--inner-steps", default="auto", help="auto (compute ~ --compute-ratio x exchange) or N"
     )
     matrix.add_argument("--compute-ratio", type=float, default=2.0, help="round compute over exchange (2)")
-    matrix.add_argument("--overlap", action="store_true", help="the peers run with --overlap")
+    matrix.add_argument(
+        "--overlap",
+        choices=("auto", "on", "off"),
+        nargs="?",
+        const="on",
+        default="auto",
+        help="the peers' overlap: auto (peer join's default), on (--overlap; the flag alone) or off "
+        "(--no-overlap)",
+    )
     matrix.add_argument(
         "--sysctl",
         action="append",

@@ -368,7 +368,8 @@ def peer_argv(spec: RunSpec, listen: str, shard: str, state: Path, args: argpars
         RUN_ID, listen, state, args, rounds=spec.rounds, inner_steps=spec.inner_steps, model=spec.model,
         shard=shard, wait_peers=spec.peers, batch_size=spec.batch_size or None,
     )  # fmt: skip
-    return argv + (["--overlap"] if getattr(args, "overlap", False) else [])
+    mode = getattr(args, "overlap", "auto")
+    return argv + {"on": ["--overlap"], "off": ["--no-overlap"]}.get(mode, [])
 
 
 def run_spec(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
@@ -509,7 +510,7 @@ def _matrix(
             "compute_ratio": args.compute_ratio,
             "batch_size": getattr(args, "batch_size", None),
             "code": str(REPO_ROOT),
-            "overlap": bool(getattr(args, "overlap", False)),
+            "overlap": getattr(args, "overlap", "auto"),
             "sysctl": list(getattr(args, "sysctl", None) or []),
             "threads": args.threads,
             "tbf": "rate R burst 64kb latency 100ms on each peer's egress",

@@ -104,7 +104,7 @@ def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         model=args.model, inner_steps=args.inner_steps, batch_size=args.batch_size, lr=3e-3, warmup_steps=2,
         total_steps=100, weight_decay=0.1, eval_windows=None, seed=0, threads=args.threads,
         method="default", data=str(corpus(directory)), rounds=None, shard=[0, 1], init_seed=7, data_seed=7,
-        peer_id="peer-a", overlap=False, activation_checkpointing=args.activation_checkpointing,
+        peer_id="peer-a", overlap="off", activation_checkpointing=args.activation_checkpointing,
     )  # fmt: skip
     phases: list[dict[str, Any]] = []
     model_mb = 0.0

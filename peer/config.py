@@ -65,8 +65,9 @@ class PeerConfig:
     # The outer method (gossip/outer): "default" is the one bench/convergence chose; its tuned values apply.
     method: str = "default"
     # Train the next round while this one is swapped (peer/worker/overlap.py): no training time lost to the
-    # link or the outer step, for the partner's part of each step landing one round late.
-    overlap: bool = False
+    # link or the outer step, for the partner's part of each step landing one round late. "on", "off", or
+    # "auto": while the link is slow for the model (overlap.Policy).
+    overlap: str = "auto"
     # Recompute each block's activations during backward instead of keeping them: "auto" does it where one
     # micro-batch's activations would exceed the model and half a GiB (gpt2-small: 2 models less for about
     # a quarter more compute), "on" and "off" always and never.
@@ -145,6 +146,8 @@ class PeerConfig:
             raise ConfigError(
                 f"activation_checkpointing must be auto, on or off, got {self.activation_checkpointing!r}"
             )
+        if self.overlap not in ("auto", "on", "off"):
+            raise ConfigError(f"overlap must be auto, on or off, got {self.overlap!r}")
         if self.serve_stun is not None and not 0 <= self.serve_stun < 65536:
             raise ConfigError(f"serve_stun must be a port number, got {self.serve_stun}")
 

@@ -1,4 +1,5 @@
-"""Overlapped rounds (`peer join --overlap`): the next round trains while the daemon swaps this one.
+"""Overlapped rounds: the next round trains while the daemon swaps this one (`peer join --overlap`, or on
+its own while the link is slow for the model: `Policy`).
 
 Without overlap the worker waits for the swap, takes its outer step and only then trains the next round, so
 the link's time and the outer step's are training time lost. With overlap, once the round's message is made
@@ -49,6 +50,60 @@ class Overlap:
     optimizer_file: str | None  # the round's inner-optimizer state on disk, for its checkpoint
     spill: Path | None = None  # where `saved`'s tensors and `fast` wait for the answer
     spans: list[spill_file.Span] = field(default_factory=list)  # where in `spill`
+
+
+OVERLAP_MODES = ("auto", "on", "off")  # `peer join --overlap` / `--no-overlap` / neither
+# "auto" overlaps while the last swap's bytes took, at the link's measured rate, at least this share of a
+# round's training and at least AUTO_MIN_LINK_S: then the link costs more training time than overlap's
+# late partner part costs in loss (0.5-1.3 % per token in bench.convergence) and its own work costs in
+# time (an outer step more, the spill file's write and read: gpt2-small 4-16 s a round on this project's
+# VMs). On loopback or a LAN a round's bytes take milliseconds and rounds run as without overlap. Payloads
+# under AUTO_MIN_BYTES never count: they cross any home link in well under a second, and their measured
+# rate says more about a busy event loop than about the link.
+AUTO_LINK_SHARE = 0.25
+AUTO_MIN_LINK_S = 1.0
+AUTO_MIN_BYTES = 2 << 20
+
+
+class Policy:
+    """Whether the next round overlaps: always ("on"), never ("off"), or, "auto", while the link is slow for
+    the model (see AUTO_LINK_SHARE). Says when "auto" starts or stops overlapping."""
+
+    def __init__(self, mode: str) -> None:
+        if mode not in OVERLAP_MODES:
+            raise ValueError(f"overlap must be one of {', '.join(OVERLAP_MODES)}, got {mode!r}")
+        self.mode = mode
+        self.train_seconds: float | None = None  # the last full round's inner steps
+        self.link_seconds: float | None = None  # the last swap's bytes at the link's measured rate
+        self.active = mode == "on"
+
+    def note_training(self, seconds: float, full_round: bool) -> None:
+        if full_round:
+            self.train_seconds = seconds
+
+    def note_answer(self, reply: dict[str, Any]) -> None:
+        """The daemon's answer to a round's payload: `link_seconds` when it swapped on a measured path."""
+        value, nbytes = reply.get("link_seconds"), reply.get("nbytes")
+        if reply.get("type") == "partner" and isinstance(value, (int, float)) and value >= 0:
+            big = isinstance(nbytes, int) and nbytes >= AUTO_MIN_BYTES
+            self.link_seconds = float(value) if big else 0.0
+
+    def next_round(self) -> bool:
+        if self.mode != "auto":
+            return self.active
+        link, train = self.link_seconds, self.train_seconds
+        if link is None or train is None:
+            return self.active
+        slow = link >= max(AUTO_MIN_LINK_S, AUTO_LINK_SHARE * train)
+        if slow and not self.active:
+            log.info(
+                "overlapping rounds: a swap's bytes take %.1f s on this link, %.0f %% of a round's training "
+                "(--no-overlap turns this off)", link, 100 * link / max(train, 1e-9),
+            )  # fmt: skip
+        elif self.active and not slow:
+            log.info("no longer overlapping rounds: the link now carries a round's bytes in %.1f s", link)
+        self.active = slow
+        return self.active
 
 
 SPILL_NAME = "overlap-spill.bin"  # in the worker's state folder, beside its checkpoint

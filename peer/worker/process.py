@@ -5,7 +5,7 @@ It talks to its daemon over a control channel (stdin/stdout) and passes payloads
     worker -> daemon: hello {spec, shared-memory names, parameters, corpus hash}
     worker -> daemon: eval {round, eval_loss}; progress {round, inner_step, train_loss}
     worker -> daemon: payload {round, nbytes}         (our fast weights are in the outbound segment)
-    daemon -> worker: partner {round, nbytes, peer} | skip {round, reason}
+    daemon -> worker: partner {round, nbytes, peer, link_seconds} | skip {round, reason}
     worker -> daemon: verdict {round, peer, action, reason, weight, scores, excluded, struck, strikes, why}
     worker -> daemon: snapshot {round, path, nbytes}  (φ after the round, in a file for joiners)
     daemon -> worker: stop                            (any time it trains or evaluates, or as the reply)
@@ -118,8 +118,9 @@ def _train(
     writer: CheckpointWriter,
 ) -> int:
     settings = trainer.settings
-    pending: overlap.Overlap | None = None  # --overlap: the round being swapped while this one trains
+    pending: overlap.Overlap | None = None  # an overlapped round, swapped while this one trains
     pending_number = 0
+    policy = overlap.Policy(settings.overlap)
     try:
         while settings.rounds is None or trainer.round < settings.rounds:
             number = trainer.round + 1
@@ -127,6 +128,7 @@ def _train(
             last_report = time.monotonic()
             training = 0.0  # seconds in inner steps this round: what the round's wall time went to training
             # (fewer steps in a round resumed from a mid-round stop)
+            full_round = trainer.round_steps == 0
             while trainer.round_steps < settings.inner_steps:
                 began = time.monotonic()
                 with PEAKS.phase("inner"):
@@ -135,7 +137,7 @@ def _train(
                 if pending is not None and channel.answer_ready():
                     # Settled from here on: a stop during its evaluation is an ordinary mid-round stop.
                     settling, pending = pending, None
-                    _settle(channel, trainer, inbound, writer, settling, pending_number)
+                    _settle(channel, trainer, inbound, writer, settling, pending_number, policy)
                     number = trainer.round + 1  # the daemon may have moved us on
                 if time.monotonic() - last_report > PROGRESS_EVERY_S:
                     last_report = time.monotonic()
@@ -149,8 +151,9 @@ def _train(
                     )
             if pending is not None:  # the round trained faster than the last one swapped: wait for it
                 settling, pending = pending, None
-                _settle(channel, trainer, inbound, writer, settling, pending_number)
+                _settle(channel, trainer, inbound, writer, settling, pending_number, policy)
                 number = trainer.round + 1
+            policy.note_training(training, full_round)
             with PEAKS.phase("message"):
                 own = trainer.message()
                 nbytes = outbound.write(trainer.outgoing(own))
@@ -168,7 +171,7 @@ def _train(
             # While the daemon swaps, nothing changes the inner optimizer: its state goes to disk now, as it
             # is, for this round's checkpoint (no copy of it held while the next round trains).
             optimizer_file = writer.write_optimizer(trainer.optimizer.state_dict())
-            if settings.overlap and (settings.rounds is None or number < settings.rounds):
+            if policy.next_round() and (settings.rounds is None or number < settings.rounds):
                 with PEAKS.phase("overlap"):
                     spill = writer.path.parent / overlap.SPILL_NAME
                     pending, pending_number = overlap.begin(trainer, own, optimizer_file, spill), number
@@ -182,6 +185,7 @@ def _train(
                 trainer.outer_step(own, None)
                 log.info("stopping after round %d, ended without a partner", trainer.round)
                 return _stop(channel, trainer, writer, optimizer_file)
+            policy.note_answer(reply)
             # The daemon may move us to the run's round when we joined late or fell behind.
             number = max(number, int(reply.get("round", number)))
             partner = inbound.read(int(reply["nbytes"])) if reply.get("type") == "partner" else None
@@ -214,6 +218,7 @@ def _settle(
     writer: CheckpointWriter,
     pending: overlap.Overlap,
     number: int,
+    policy: overlap.Policy,
 ) -> None:
     """An overlapped round's answer is in (or awaited now): its real outer step, its checkpoint and its
     reports, as `_train` does for a round without overlap. A stop instead of the answer raises Interrupted:
@@ -223,6 +228,7 @@ def _settle(
     channel.expecting_answer = False
     if reply is None or reply.get("type") == "stop":
         raise Interrupted("stopped while the round was being swapped")
+    policy.note_answer(reply)
     number = max(number, int(reply.get("round", number)))
     partner = inbound.read(int(reply["nbytes"])) if reply.get("type") == "partner" else None
     partner_id = reply.get("peer") if isinstance(reply.get("peer"), str) else None

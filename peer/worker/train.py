@@ -107,8 +107,8 @@ class TrainSettings:
     data_seed: int  # this peer's batch order
     peer_id: str
     # Train the next round while the daemon swaps this one (peer/worker/overlap.py): the partner's part of
-    # the outer step reaches the fast weights one round late.
-    overlap: bool = False
+    # the outer step reaches the fast weights one round late. "on", "off", or "auto" (overlap.Policy).
+    overlap: str = "auto"
     # "auto", "on" or "off" (CHECKPOINTING_MODES): recompute each block's activations during backward.
     activation_checkpointing: str = "auto"
     # Test-only: the hostile behaviour this worker plays (gossip/outer/byzantine.py ATTACKS), for the live

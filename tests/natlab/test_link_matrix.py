@@ -189,7 +189,7 @@ def test_an_eval_event_of_an_unswapped_round_or_a_missing_one_leaves_the_round_o
 
 
 def test_the_batch_size_reaches_every_peer_or_is_left_to_their_default():
-    args = argparse.Namespace(threads=1, exchange_timeout=300.0, overlap=False)
+    args = argparse.Namespace(threads=1, exchange_timeout=300.0, overlap="off")
     with_batch = peer_argv(RunSpec("gpt2-small", 2, None, 0.0, 3, 4, 1), "10.0.0.1", "0/2", Path("/s"), args)
     assert with_batch[with_batch.index("--batch-size") + 1] == "1"
     assert "--batch-size" not in peer_argv(

@@ -17,7 +17,7 @@ def settings(data: Path) -> TrainSettings:
         model="nano", inner_steps=3, batch_size=32, lr=3e-3, warmup_steps=2, total_steps=100,
         weight_decay=0.1,
         eval_windows=8, seed=0, threads=1, method="default", data=str(data), rounds=None, shard=[0, 1],
-        init_seed=7, data_seed=7, peer_id="peer-a", overlap=False,
+        init_seed=7, data_seed=7, peer_id="peer-a", overlap="off",
     )  # fmt: skip
 
 

@@ -4,6 +4,7 @@ without a partner; the worker's control channel holds the answer that arrives wh
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def settings(data: Path, peer: str) -> TrainSettings:
     return TrainSettings(
         model="nano", inner_steps=3, batch_size=4, lr=3e-3, warmup_steps=2, total_steps=100, weight_decay=0.1,
         eval_windows=8, seed=0, threads=1, method="default", data=str(data), rounds=None, shard=[0, 1],
-        init_seed=7, data_seed=7 if peer == "a" else 8, peer_id=f"peer-{peer}", overlap=True,
+        init_seed=7, data_seed=7 if peer == "a" else 8, peer_id=f"peer-{peer}", overlap="on",
     )  # fmt: skip
 
 
@@ -131,3 +132,29 @@ def test_an_answer_nobody_waits_for_breaks_the_protocol():
     daemon.write(encode_message({"type": "partner", "round": 1, "nbytes": 10}))  # type: ignore[attr-defined]
     with pytest.raises(MessageError, match="while the worker was training"):
         channel.stop_requested()
+
+
+def test_the_overlap_policy_follows_the_link_and_says_so(caplog):
+    caplog.set_level(logging.INFO, logger="shoal.peer.worker")
+    assert overlap.Policy("on").next_round() and not overlap.Policy("off").next_round()
+    policy = overlap.Policy("auto")
+    assert not policy.next_round()  # nothing measured yet
+    big = overlap.AUTO_MIN_BYTES
+    policy.note_training(20.0, full_round=True)
+    policy.note_answer({"type": "partner", "nbytes": big, "link_seconds": 4.0})  # under a quarter
+    assert not policy.next_round()
+    policy.note_answer({"type": "partner", "nbytes": big - 1, "link_seconds": 6.0})  # too small to tell
+    assert not policy.next_round()
+    policy.note_answer({"type": "partner", "nbytes": big, "link_seconds": 6.0})
+    assert policy.next_round()
+    policy.note_answer({"type": "skip", "reason": "no partner"})  # nothing new about the link
+    policy.note_training(2.0, full_round=False)  # a round resumed mid-way says nothing of a round's length
+    assert policy.next_round()
+    policy.note_training(3.6, full_round=True)
+    policy.note_answer({"type": "partner", "nbytes": big, "link_seconds": 0.9})  # a quarter, but under 1 s
+    assert not policy.next_round()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("overlapping rounds: a swap's bytes take 6.0 s") for line in lines)
+    assert any(line.startswith("no longer overlapping rounds") for line in lines)
+    with pytest.raises(ValueError, match="overlap must be one of"):
+        overlap.Policy("sometimes")

@@ -10,7 +10,7 @@ import pytest
 
 from shoal.gossip.rounds import payload as dense
 from shoal.peer.ipc import SharedBuffer
-from shoal.peer.worker import process
+from shoal.peer.worker import overlap, process
 from shoal.peer.worker.checkpoints import CheckpointWriter, resume
 from shoal.peer.worker.memory import PHASE_PEAKS_ENV, PhasePeaks
 from shoal.peer.worker.process import _train
@@ -117,3 +117,43 @@ def test_each_rounds_evaluation_reports_the_peak_memory_of_its_phases_when_asked
         peaks = message["peak_mb"]
         assert set(peaks) == {"inner", "message", "wait", "outer", "snapshot", "eval"}
         assert all(isinstance(mb, int) and mb > 0 for mb in peaks.values())
+
+
+class DaemonOnALink(DaemonForRounds):
+    """DaemonForRounds whose answers say what the round's bytes took on the link (`link_seconds`); the
+    answer of an overlapped round is there when the worker next waits for one."""
+
+    def __init__(self, nbytes: int, partner: str, rounds: int, link_seconds: float | None) -> None:
+        super().__init__(nbytes, partner, rounds)
+        self.link_seconds = link_seconds
+        self.expecting_answer = False
+
+    def receive(self) -> dict:
+        return {**super().receive(), "link_seconds": self.link_seconds}
+
+    def answer_ready(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("link_seconds", [600.0, 0.01, None])
+def test_by_default_rounds_overlap_only_while_the_link_takes_a_large_share_of_a_round(
+    corpus, tmp_path, monkeypatch, link_seconds
+):
+    monkeypatch.setattr(overlap, "AUTO_MIN_BYTES", 0)  # this test's model is far smaller than any that counts
+    worker = Trainer(replace(settings(corpus, "a"), rounds=3, overlap="auto"))
+    partner = Trainer(settings(corpus, "b"))
+    capacity = dense.max_payload_bytes(worker.spec())
+    outbound, inbound = SharedBuffer.create(capacity), SharedBuffer.create(capacity)
+    writer = CheckpointWriter(tmp_path / "checkpoint.pt")
+    try:
+        nbytes = inbound.write(partner.outgoing(train_round(partner)))
+        channel = DaemonOnALink(nbytes, partner.settings.peer_id, 3, link_seconds)
+        assert process._train(channel, worker, outbound, inbound, writer) == 0  # type: ignore[arg-type]
+    finally:
+        writer.close()
+        outbound.close()
+        inbound.close()
+    overlapped = [m["round"] for m in channel.sent if m["type"] == "eval" and "overlapped_steps" in m]
+    # Round 1 has nothing measured yet, and the last round has no next round to train meanwhile.
+    assert overlapped == ([2] if link_seconds == 600.0 else [])
+    assert worker.round == 3

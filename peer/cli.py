@@ -152,7 +152,7 @@ def main() -> None:
     default=None,
     help="Train the next round while this one is swapped: no time lost to the link, for the partner's part "
     "of each outer step landing a round late (0.5-1.3 % higher loss per token in the benchmark). Default: "
-    "on its own while a round's bytes take at least a quarter of its training time (and 1 s) on the link.",
+    "on its own while a round's swap (2 MiB payloads and up) takes a quarter of its training time and 1 s.",
 )
 @click.option(
     "--activation-checkpointing",

@@ -656,17 +656,15 @@ class Daemon:
             return
         if report.outcome == "swapped":
             assert report.partner is not None  # a swapped round had a partner
-            # What the round's bytes took at the path's measured rate: the worker overlaps its rounds while
+            # What the swap took, waiting for the partner included: the worker overlaps its rounds while
             # that is a large share of its training (peer/worker/overlap.py Policy).
-            rate = self._peer_reach.rate_bps(report.partner)
-            link = deadlines.transfer_seconds(max(sent_bytes, report.payload_bytes), rate) if rate else None
             await worker.send(
                 {
                     "type": "partner",
                     "round": number,
                     "nbytes": report.payload_bytes,
                     "peer": report.partner,
-                    "link_seconds": None if link is None else round(link, 3),
+                    "swap_seconds": round(seconds, 3),
                 }
             )
             await self._peer_reach.measure_rtt(report.partner, number)

@@ -1,5 +1,5 @@
 """Overlapped rounds: the next round trains while the daemon swaps this one (`peer join --overlap`, or on
-its own while the link is slow for the model: `Policy`).
+its own while swaps are long for the model: `Policy`).
 
 Without overlap the worker waits for the swap, takes its outer step and only then trains the next round, so
 the link's time and the outer step's are training time lost. With overlap, once the round's message is made
@@ -53,28 +53,28 @@ class Overlap:
 
 
 OVERLAP_MODES = ("auto", "on", "off")  # `peer join --overlap` / `--no-overlap` / neither
-# "auto" overlaps while the last swap's bytes took, at the link's measured rate, at least this share of a
-# round's training and at least AUTO_MIN_LINK_S: then the link costs more training time than overlap's
-# late partner part costs in loss (0.5-1.3 % per token in bench.convergence) and its own work costs in
-# time (an outer step more, the spill file's write and read: gpt2-small 4-16 s a round on this project's
-# VMs). On loopback or a LAN a round's bytes take milliseconds and rounds run as without overlap. Payloads
-# under AUTO_MIN_BYTES never count: they cross any home link in well under a second, and their measured
-# rate says more about a busy event loop than about the link.
-AUTO_LINK_SHARE = 0.25
-AUTO_MIN_LINK_S = 1.0
+# "auto" overlaps while the last swap (our payload handed to the daemon until the partner's is in: the link,
+# and the wait for a late partner) took at least this share of a round's training and AUTO_MIN_SWAP_S: time
+# the worker would idle, which costs more than overlap's late partner part costs in loss (0.5-1.3 % per
+# token in bench.convergence) and its own work costs in time (an outer step more, the spill file's write and
+# read: gpt2-small 4-16 s a round on this project's VMs). Payloads under AUTO_MIN_BYTES never count: they
+# cross any home link in well under a second, and a small model's round is short enough that a partner's
+# ordinary lateness would make every round overlap.
+AUTO_SWAP_SHARE = 0.25
+AUTO_MIN_SWAP_S = 1.0
 AUTO_MIN_BYTES = 2 << 20
 
 
 class Policy:
-    """Whether the next round overlaps: always ("on"), never ("off"), or, "auto", while the link is slow for
-    the model (see AUTO_LINK_SHARE). Says when "auto" starts or stops overlapping."""
+    """Whether the next round overlaps: always ("on"), never ("off"), or, "auto", while the swap is long for
+    the model (see AUTO_SWAP_SHARE). Says when "auto" starts or stops overlapping."""
 
     def __init__(self, mode: str) -> None:
         if mode not in OVERLAP_MODES:
             raise ValueError(f"overlap must be one of {', '.join(OVERLAP_MODES)}, got {mode!r}")
         self.mode = mode
         self.train_seconds: float | None = None  # the last full round's inner steps
-        self.link_seconds: float | None = None  # the last swap's bytes at the link's measured rate
+        self.swap_seconds: float | None = None  # the last swap's, as the daemon timed it
         self.active = mode == "on"
 
     def note_training(self, seconds: float, full_round: bool) -> None:
@@ -82,26 +82,26 @@ class Policy:
             self.train_seconds = seconds
 
     def note_answer(self, reply: dict[str, Any]) -> None:
-        """The daemon's answer to a round's payload: `link_seconds` when it swapped on a measured path."""
-        value, nbytes = reply.get("link_seconds"), reply.get("nbytes")
+        """The daemon's answer to a round's payload: `swap_seconds` when it swapped."""
+        value, nbytes = reply.get("swap_seconds"), reply.get("nbytes")
         if reply.get("type") == "partner" and isinstance(value, (int, float)) and value >= 0:
             big = isinstance(nbytes, int) and nbytes >= AUTO_MIN_BYTES
-            self.link_seconds = float(value) if big else 0.0
+            self.swap_seconds = float(value) if big else 0.0
 
     def next_round(self) -> bool:
         if self.mode != "auto":
             return self.active
-        link, train = self.link_seconds, self.train_seconds
-        if link is None or train is None:
+        swap, train = self.swap_seconds, self.train_seconds
+        if swap is None or train is None:
             return self.active
-        slow = link >= max(AUTO_MIN_LINK_S, AUTO_LINK_SHARE * train)
+        slow = swap >= max(AUTO_MIN_SWAP_S, AUTO_SWAP_SHARE * train)
         if slow and not self.active:
             log.info(
-                "overlapping rounds: a swap's bytes take %.1f s on this link, %.0f %% of a round's training "
-                "(--no-overlap turns this off)", link, 100 * link / max(train, 1e-9),
+                "overlapping rounds: a swap takes %.1f s, %.0f %% of a round's training (--no-overlap "
+                "turns this off)", swap, 100 * swap / max(train, 1e-9),
             )  # fmt: skip
         elif self.active and not slow:
-            log.info("no longer overlapping rounds: the link now carries a round's bytes in %.1f s", link)
+            log.info("no longer overlapping rounds: a swap now takes %.1f s", swap)
         self.active = slow
         return self.active
 

@@ -5,7 +5,7 @@ It talks to its daemon over a control channel (stdin/stdout) and passes payloads
     worker -> daemon: hello {spec, shared-memory names, parameters, corpus hash}
     worker -> daemon: eval {round, eval_loss}; progress {round, inner_step, train_loss}
     worker -> daemon: payload {round, nbytes}         (our fast weights are in the outbound segment)
-    daemon -> worker: partner {round, nbytes, peer, link_seconds} | skip {round, reason}
+    daemon -> worker: partner {round, nbytes, peer, swap_seconds} | skip {round, reason}
     worker -> daemon: verdict {round, peer, action, reason, weight, scores, excluded, struck, strikes, why}
     worker -> daemon: snapshot {round, path, nbytes}  (φ after the round, in a file for joiners)
     daemon -> worker: stop                            (any time it trains or evaluates, or as the reply)

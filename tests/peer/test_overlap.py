@@ -141,20 +141,20 @@ def test_the_overlap_policy_follows_the_link_and_says_so(caplog):
     assert not policy.next_round()  # nothing measured yet
     big = overlap.AUTO_MIN_BYTES
     policy.note_training(20.0, full_round=True)
-    policy.note_answer({"type": "partner", "nbytes": big, "link_seconds": 4.0})  # under a quarter
+    policy.note_answer({"type": "partner", "nbytes": big, "swap_seconds": 4.0})  # under a quarter
     assert not policy.next_round()
-    policy.note_answer({"type": "partner", "nbytes": big - 1, "link_seconds": 6.0})  # too small to tell
+    policy.note_answer({"type": "partner", "nbytes": big - 1, "swap_seconds": 6.0})  # too small to tell
     assert not policy.next_round()
-    policy.note_answer({"type": "partner", "nbytes": big, "link_seconds": 6.0})
+    policy.note_answer({"type": "partner", "nbytes": big, "swap_seconds": 6.0})
     assert policy.next_round()
     policy.note_answer({"type": "skip", "reason": "no partner"})  # nothing new about the link
     policy.note_training(2.0, full_round=False)  # a round resumed mid-way says nothing of a round's length
     assert policy.next_round()
     policy.note_training(3.6, full_round=True)
-    policy.note_answer({"type": "partner", "nbytes": big, "link_seconds": 0.9})  # a quarter, but under 1 s
+    policy.note_answer({"type": "partner", "nbytes": big, "swap_seconds": 0.9})  # a quarter, but under 1 s
     assert not policy.next_round()
     lines = [r.getMessage() for r in caplog.records]
-    assert any(line.startswith("overlapping rounds: a swap's bytes take 6.0 s") for line in lines)
+    assert any(line.startswith("overlapping rounds: a swap takes 6.0 s") for line in lines)
     assert any(line.startswith("no longer overlapping rounds") for line in lines)
     with pytest.raises(ValueError, match="overlap must be one of"):
         overlap.Policy("sometimes")

@@ -119,25 +119,25 @@ def test_each_rounds_evaluation_reports_the_peak_memory_of_its_phases_when_asked
         assert all(isinstance(mb, int) and mb > 0 for mb in peaks.values())
 
 
-class DaemonOnALink(DaemonForRounds):
-    """DaemonForRounds whose answers say what the round's bytes took on the link (`link_seconds`); the
+class DaemonOnASlowLink(DaemonForRounds):
+    """DaemonForRounds whose answers say how long the round's swap took (`swap_seconds`); the
     answer of an overlapped round is there when the worker next waits for one."""
 
-    def __init__(self, nbytes: int, partner: str, rounds: int, link_seconds: float | None) -> None:
+    def __init__(self, nbytes: int, partner: str, rounds: int, swap_seconds: float | None) -> None:
         super().__init__(nbytes, partner, rounds)
-        self.link_seconds = link_seconds
+        self.swap_seconds = swap_seconds
         self.expecting_answer = False
 
     def receive(self) -> dict:
-        return {**super().receive(), "link_seconds": self.link_seconds}
+        return {**super().receive(), "swap_seconds": self.swap_seconds}
 
     def answer_ready(self) -> bool:
         return False
 
 
-@pytest.mark.parametrize("link_seconds", [600.0, 0.01, None])
+@pytest.mark.parametrize("swap_seconds", [600.0, 0.01, None])
 def test_by_default_rounds_overlap_only_while_the_link_takes_a_large_share_of_a_round(
-    corpus, tmp_path, monkeypatch, link_seconds
+    corpus, tmp_path, monkeypatch, swap_seconds
 ):
     monkeypatch.setattr(overlap, "AUTO_MIN_BYTES", 0)  # this test's model is far smaller than any that counts
     worker = Trainer(replace(settings(corpus, "a"), rounds=3, overlap="auto"))
@@ -147,7 +147,7 @@ def test_by_default_rounds_overlap_only_while_the_link_takes_a_large_share_of_a_
     writer = CheckpointWriter(tmp_path / "checkpoint.pt")
     try:
         nbytes = inbound.write(partner.outgoing(train_round(partner)))
-        channel = DaemonOnALink(nbytes, partner.settings.peer_id, 3, link_seconds)
+        channel = DaemonOnASlowLink(nbytes, partner.settings.peer_id, 3, swap_seconds)
         assert process._train(channel, worker, outbound, inbound, writer) == 0  # type: ignore[arg-type]
     finally:
         writer.close()
@@ -155,5 +155,5 @@ def test_by_default_rounds_overlap_only_while_the_link_takes_a_large_share_of_a_
         inbound.close()
     overlapped = [m["round"] for m in channel.sent if m["type"] == "eval" and "overlapped_steps" in m]
     # Round 1 has nothing measured yet, and the last round has no next round to train meanwhile.
-    assert overlapped == ([2] if link_seconds == 600.0 else [])
+    assert overlapped == ([2] if swap_seconds == 600.0 else [])
     assert worker.round == 3

@@ -66,7 +66,7 @@ class PeerConfig:
     method: str = "default"
     # Train the next round while this one is swapped (peer/worker/overlap.py): no training time lost to the
     # link or the outer step, for the partner's part of each step landing one round late. "on", "off", or
-    # "auto": while the link is slow for the model (overlap.Policy).
+    # "auto": while swaps are long for the model (overlap.Policy).
     overlap: str = "auto"
     # Recompute each block's activations during backward instead of keeping them: "auto" does it where one
     # micro-batch's activations would exceed the model and half a GiB (gpt2-small: 2 models less for about

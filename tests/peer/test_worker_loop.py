@@ -3,8 +3,10 @@ worker just finished is saved, and φ is left as a snapshot file for joiners."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,6 +66,22 @@ def test_a_round_finished_as_the_daemon_dies_is_saved(corpus, tmp_path):
     assert not snapshot_path(tmp_path, 1).exists()  # nobody was told of one: none was written
 
 
+def train_rounds(worker: Trainer, partner: Trainer, tmp_path: Path, daemon: Callable[[int, str], Any]) -> Any:
+    """Runs the worker's round loop to its last round against `daemon(nbytes, partner id)`, which answers
+    every round with the partner's message of one trained round; returns that daemon."""
+    capacity = dense.max_payload_bytes(worker.spec())
+    outbound, inbound = SharedBuffer.create(capacity), SharedBuffer.create(capacity)
+    writer = CheckpointWriter(tmp_path / "checkpoint.pt")
+    try:
+        channel = daemon(inbound.write(partner.outgoing(train_round(partner))), partner.settings.peer_id)
+        assert process._train(channel, worker, outbound, inbound, writer) == 0
+    finally:
+        writer.close()
+        outbound.close()
+        inbound.close()
+    return channel
+
+
 class DaemonForRounds:
     """The control channel as the daemon drives `rounds` swapped rounds with the same partner message."""
 
@@ -96,18 +114,9 @@ def test_each_rounds_evaluation_reports_the_peak_memory_of_its_phases_when_asked
         monkeypatch.delenv(PHASE_PEAKS_ENV, raising=False)
     monkeypatch.setattr(process, "PEAKS", PhasePeaks())
     worker = Trainer(replace(settings(corpus, "a"), rounds=2))
-    partner = Trainer(settings(corpus, "b"))
-    capacity = dense.max_payload_bytes(worker.spec())
-    outbound, inbound = SharedBuffer.create(capacity), SharedBuffer.create(capacity)
-    writer = CheckpointWriter(tmp_path / "checkpoint.pt")
-    try:
-        nbytes = inbound.write(partner.outgoing(train_round(partner)))
-        channel = DaemonForRounds(nbytes, partner.settings.peer_id, 2)
-        assert process._train(channel, worker, outbound, inbound, writer) == 0  # type: ignore[arg-type]
-    finally:
-        writer.close()
-        outbound.close()
-        inbound.close()
+    channel = train_rounds(
+        worker, Trainer(settings(corpus, "b")), tmp_path, lambda n, p: DaemonForRounds(n, p, 2)
+    )
     evals = [m for m in channel.sent if m["type"] == "eval"]
     assert [m["round"] for m in evals] == [1, 2]
     for message in evals:
@@ -136,23 +145,13 @@ class DaemonOnASlowLink(DaemonForRounds):
 
 
 @pytest.mark.parametrize("swap_seconds", [600.0, 0.01, None])
-def test_by_default_rounds_overlap_only_while_the_link_takes_a_large_share_of_a_round(
+def test_by_default_rounds_overlap_only_while_the_swap_takes_a_large_share_of_a_round(
     corpus, tmp_path, monkeypatch, swap_seconds
 ):
     monkeypatch.setattr(overlap, "AUTO_MIN_BYTES", 0)  # this test's model is far smaller than any that counts
     worker = Trainer(replace(settings(corpus, "a"), rounds=3, overlap="auto"))
     partner = Trainer(settings(corpus, "b"))
-    capacity = dense.max_payload_bytes(worker.spec())
-    outbound, inbound = SharedBuffer.create(capacity), SharedBuffer.create(capacity)
-    writer = CheckpointWriter(tmp_path / "checkpoint.pt")
-    try:
-        nbytes = inbound.write(partner.outgoing(train_round(partner)))
-        channel = DaemonOnASlowLink(nbytes, partner.settings.peer_id, 3, swap_seconds)
-        assert process._train(channel, worker, outbound, inbound, writer) == 0  # type: ignore[arg-type]
-    finally:
-        writer.close()
-        outbound.close()
-        inbound.close()
+    channel = train_rounds(worker, partner, tmp_path, lambda n, p: DaemonOnASlowLink(n, p, 3, swap_seconds))
     overlapped = [m["round"] for m in channel.sent if m["type"] == "eval" and "overlapped_steps" in m]
     # Round 1 has nothing measured yet, and the last round has no next round to train meanwhile.
     assert overlapped == ([2] if swap_seconds == 600.0 else [])

@@ -76,7 +76,8 @@ MAX_SILENCE_ENTRIES = 64
 # each member's count capped at MAX_STRIKES_COUNTED (so one member never makes the count alone). A
 # receiver meets a given partner about once in R−1 rounds, so a guard alone rarely strikes one 3 times
 # within its strike window; the run, which meets it every round, does. Honest partners were struck 0 times
-# in 8,000 honest verdicts (bench.byzantine_long, two seeds) and 11 live swarms (bench.byzantine_live).
+# in 8,000 honest verdicts at R = 8 (bench.byzantine_long, two seeds) and 11 live swarms
+# (bench.byzantine_live); 2 times in 5,680 at R = 16 (bench.byzantine --peers 16), under the quorum.
 STRIKES_TO_EXCLUDE = 3
 MAX_STRIKES_COUNTED = 2
 MAX_STRIKE_ENTRIES = 64  # strike records one member keeps in its own document (the newest)

@@ -5,6 +5,12 @@ from shoal.gossip.runstate.limits import MAX_LONE_ACCUSATIONS
 from shoal.gossip.runstate.sim import Swarm
 
 
+def every_member_at(s: Swarm, round_: int) -> None:
+    """Every member publishes that it finished `round_`: the run's round, which sets evidence's clocks."""
+    for i, x in enumerate(s.states):
+        s.do(i, x.set_round(round_))
+
+
 def test_one_accuser_excludes_nobody_and_two_exclude_everywhere():
     s = Swarm(8, seed=41)
     st = s.states
@@ -68,12 +74,10 @@ def test_evidence_expires_so_an_exclusion_heals_by_itself():
     st = s.states
     for i in (1, 2):
         s.do(i, st[i].accuse(st[7].me, 10, "3 refusals"))
-    for i, x in enumerate(st):
-        s.do(i, x.set_round(10 + EVIDENCE_TTL_ROUNDS))
+    every_member_at(s, 10 + EVIDENCE_TTL_ROUNDS)
     assert s.settle()
     assert set(st[0].excluded()) == {st[7].me}  # the evidence is as old as it may be: it still counts
-    for i, x in enumerate(st):
-        s.do(i, x.set_round(11 + EVIDENCE_TTL_ROUNDS))
+    every_member_at(s, 11 + EVIDENCE_TTL_ROUNDS)
     assert s.settle()
     assert st[0].excluded() == {}
 
@@ -85,8 +89,7 @@ def test_a_member_silent_to_two_partners_is_excluded_for_a_while_and_then_paired
 
     s = Swarm(8, seed=46)
     st = s.states
-    for i, x in enumerate(st):
-        s.do(i, x.set_round(20))
+    every_member_at(s, 20)
     s.do(1, st[1].report_silence(st[7].me, 20, "no answer for 15 s"))
     assert s.settle()
     assert st[0].excluded() == {}
@@ -95,12 +98,10 @@ def test_a_member_silent_to_two_partners_is_excluded_for_a_while_and_then_paired
     for x in st:
         assert set(x.excluded()) == {st[7].me}
         assert "silent to 2 partners" in x.excluded()[st[7].me]
-    for i, x in enumerate(st):
-        s.do(i, x.set_round(20 + SILENCE_TTL_ROUNDS))
+    every_member_at(s, 20 + SILENCE_TTL_ROUNDS)
     assert s.settle()
     assert set(st[0].excluded()) == {st[7].me}  # the older accusation is as old as it may be
-    for i, x in enumerate(st):
-        s.do(i, x.set_round(21 + SILENCE_TTL_ROUNDS))
+    every_member_at(s, 21 + SILENCE_TTL_ROUNDS)
     assert s.settle()
     assert st[0].excluded() == {}  # it lapsed: one voice is left
 
@@ -135,8 +136,7 @@ def test_one_made_up_round_does_not_age_out_the_evidence():
     cannot make every piece of evidence (and every other member's activity) look ancient."""
     s = Swarm(8, seed=49)
     st = s.states
-    for i, x in enumerate(st):
-        s.do(i, x.set_round(10))
+    every_member_at(s, 10)
     for i in (1, 2):
         s.do(i, st[i].accuse(st[7].me, 10, "3 refusals"))
     s.do(5, st[5].set_round(2**62))
@@ -186,8 +186,7 @@ def test_strikes_by_members_are_counted_within_their_lifetime_and_lone_strikers_
     s.do(3, st[3].report_strike(st[7].me, 8, "guard: direction"))
     assert s.settle()
     assert set(st[0].excluded()) == {st[7].me}
-    for i, x in enumerate(st):
-        s.do(i, x.set_round(6 + EVIDENCE_TTL_ROUNDS))
+    every_member_at(s, 6 + EVIDENCE_TTL_ROUNDS)
     assert s.settle()
     assert st[0].excluded() == {}  # st[1]'s strike aged out: 2 strikes left
 
